@@ -1,0 +1,21 @@
+"""One search result. Its own module so the merge and its tests need no FAISS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A row found by a search.
+
+    ``score`` is the inner product (higher is better) for the ``"ip"`` metric and the squared L2
+    distance (lower is better) for ``"l2"``: exact (from the stored float16 vectors) after rerank,
+    the index's approximation without it. ``shard`` is filled in by ``ShardIndex.search``
+    (-1 when unknown) so a gatherer can report where a hit came from.
+    """
+
+    id: str
+    uri: str
+    score: float
+    shard: int = -1
