@@ -1,0 +1,410 @@
+"""The HTTP contract: request parsing and validation, response models, and the error model.
+
+Everything a client can get wrong is checked here, in the ingress, before any replica sees it:
+a replica never receives bytes it could choke on. Every refusal is a JSON body
+``{"error": "<reason_code>", "detail": "<human text>"}`` with the status below.
+
+======  =========================  ==========================================================
+status  error                      when
+======  =========================  ==========================================================
+400     invalid_json               the body is not a JSON object
+400     invalid_multipart          the multipart body cannot be parsed
+400     missing_query              none of ``file`` / ``vector`` / ``id`` was given
+400     ambiguous_query            more than one of them was given
+404     unknown_id                 ``id`` names no row of the catalogue
+413     too_large                  the upload is over ``max_upload_bytes`` (checked while read)
+413     decompression_bomb         the image header claims more than ``max_pixels`` pixels
+415     not_an_image, unsupported  the file is not an image format we can decode
+415     unsupported_media_type     the request is neither multipart/form-data nor JSON
+422     empty, truncated           an empty file, or an image whose data ends early
+422     wrong_vector_length        ``vector`` does not have the catalogue's dimension
+422     non_finite_vector          ``vector`` holds NaN or +-Infinity
+422     zero_vector                ``vector`` is all zeros (no direction to compare, metric ip)
+422     invalid_vector             ``vector`` is not a flat list of numbers
+422     invalid_id                 ``id`` is not a non-empty string of at most 256 characters
+422     k_out_of_range             ``k`` is not in 1..1000
+422     nprobe_out_of_range        ``nprobe`` is not in 1..max_nprobe
+422     candidates_out_of_range    ``candidates`` is not in 1..max_candidates
+422     invalid_parameter          a parameter of the wrong type (``k=abc``, ``rerank=maybe``)
+503     embedder_unavailable       the query embedder did not answer in time
+503     shard_unavailable          the shard owning ``id`` did not answer in time
+503     no_shard_answered          no shard answered in time (some did: 200, ``partial: true``)
+======  =========================  ==========================================================
+
+Parameters ``k``, ``nprobe``, ``rerank``, ``candidates`` come from the query string; a JSON body
+or multipart form fields of the same names override them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+
+from embedding import ImageError, decode_image, prepare
+from serve.config import MAX_K
+
+MAX_JSON_BYTES = 4 * 1024 * 1024  # a 4096-d vector as JSON text is ~100 KB
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and small form fields around the file
+MAX_ID_CHARS = 256
+
+IMAGE_ERROR_STATUS = {
+    "empty": 422,
+    "truncated": 422,
+    "too_large": 413,
+    "decompression_bomb": 413,
+    "not_an_image": 415,
+    "unsupported": 415,
+}
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status and machine-readable reason; becomes the JSON error body."""
+
+    def __init__(self, status: int, error: str, detail: str, extra: dict | None = None):
+        super().__init__(f"{status} {error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.extra = extra or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.error, "detail": self.detail, **self.extra}
+
+
+# ---- response models (also the OpenAPI schema) ---------------------------------------------------
+class Result(BaseModel):
+    id: str = Field(description="stable row id (hash of the source URI)")
+    uri: str = Field(description="where the catalogue image came from")
+    score: float = Field(description="inner product (cosine; higher is closer) or squared L2")
+    shard: int
+
+
+class MissingShard(BaseModel):
+    shard: int
+    reason: str = Field(description="'timeout' or 'error: <type>'")
+
+
+class SearchResponse(BaseModel):
+    results: list[Result]
+    took_ms: float
+    shards_answered: int
+    shards_total: int
+    partial: bool = Field(description="true when some shard did not answer before the deadline")
+    missing_shards: list[MissingShard] = Field(default_factory=list)
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="machine-readable reason code")
+    detail: str = Field(description="human-readable explanation")
+
+
+class SearchBody(BaseModel):
+    """The JSON form of a query: exactly one of ``vector`` or ``id``."""
+
+    vector: list[float] | None = Field(None, description="query vector, length = catalogue dim")
+    id: str | None = Field(None, description="id of a catalogue row: find its neighbours")
+    k: int | None = Field(None, description=f"results to return, 1..{MAX_K} (default 10)")
+    nprobe: int | None = Field(None, description="IVF lists probed per shard (index default)")
+    rerank: bool | None = Field(None, description="exact rerank of candidates (default true)")
+    candidates: int | None = Field(None, description="per-shard candidates before rerank")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in (
+        (400, "malformed request: invalid_json, invalid_multipart, missing/ambiguous_query"),
+        (404, "unknown_id"),
+        (413, "too_large, decompression_bomb"),
+        (415, "not_an_image, unsupported, unsupported_media_type"),
+        (422, "bad vector, id or parameter (see the reason code)"),
+        (503, "embedder_unavailable, shard_unavailable, no_shard_answered"),
+    )
+}
+
+# Serve's ingress hides the body from FastAPI's signature parsing (we read it ourselves, with a
+# size limit), so the two accepted bodies are described to OpenAPI here.
+SEARCH_OPENAPI_EXTRA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
+                        "nprobe": {"type": "integer", "minimum": 1},
+                        "rerank": {"type": "boolean"},
+                        "candidates": {"type": "integer", "minimum": 1},
+                    },
+                }
+            },
+            "application/json": {"schema": SearchBody.model_json_schema()},
+        },
+    }
+}
+
+
+# ---- parsed request -----------------------------------------------------------------------------
+@dataclass
+class SearchParams:
+    k: int
+    nprobe: int | None
+    rerank: bool
+    candidates: int | None
+
+
+@dataclass
+class ParsedQuery:
+    kind: str  # "image", "vector" or "id"
+    params: SearchParams
+    image: bytes | None = None
+    vector: np.ndarray | None = None
+    row_id: str | None = None
+
+
+@dataclass
+class Limits:
+    default_k: int = 10
+    max_nprobe: int = 65536
+    max_candidates: int = 10000
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000
+
+
+def _int_param(name: str, value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ApiError(422, "invalid_parameter", f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ApiError(422, "invalid_parameter", f"{name} must be an integer, got {value!r}")
+
+
+def _bool_param(name: str, value: Any) -> bool | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ApiError(422, "invalid_parameter", f"{name} must be true or false, got {value!r}")
+
+
+def validate_params(raw: dict[str, Any], limits: Limits) -> SearchParams:
+    """k, nprobe, rerank, candidates from strings or JSON values, range-checked."""
+    k = _int_param("k", raw.get("k"))
+    k = limits.default_k if k is None else k
+    if not 1 <= k <= MAX_K:
+        raise ApiError(422, "k_out_of_range", f"k must be in 1..{MAX_K}, got {k}")
+    nprobe = _int_param("nprobe", raw.get("nprobe"))
+    if nprobe is not None and not 1 <= nprobe <= limits.max_nprobe:
+        raise ApiError(
+            422, "nprobe_out_of_range", f"nprobe must be in 1..{limits.max_nprobe}, got {nprobe}"
+        )
+    candidates = _int_param("candidates", raw.get("candidates"))
+    if candidates is not None and not 1 <= candidates <= limits.max_candidates:
+        raise ApiError(
+            422,
+            "candidates_out_of_range",
+            f"candidates must be in 1..{limits.max_candidates}, got {candidates}",
+        )
+    rerank = _bool_param("rerank", raw.get("rerank"))
+    return SearchParams(k, nprobe, True if rerank is None else rerank, candidates)
+
+
+def validate_vector(value: Any, dim: int, normalise: bool) -> np.ndarray:
+    """A JSON list -> (dim,) float32; unit length when the metric is inner product (cosine)."""
+    if not isinstance(value, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        raise ApiError(422, "invalid_vector", "vector must be a flat JSON list of numbers")
+    if len(value) != dim:
+        raise ApiError(
+            422,
+            "wrong_vector_length",
+            f"vector has {len(value)} values; this catalogue's embeddings have {dim}",
+        )
+    # Python's json reads NaN/Infinity (and 1e999 -> inf); float32 overflow is non-finite too
+    if not all(math.isfinite(v) for v in value):
+        raise ApiError(422, "non_finite_vector", "vector holds NaN or Infinity")
+    with np.errstate(over="ignore"):
+        vector = np.asarray(value, dtype=np.float32)
+    if not np.isfinite(vector).all():
+        raise ApiError(422, "non_finite_vector", "vector values overflow float32")
+    if normalise:
+        norm = float(np.linalg.norm(vector.astype(np.float64)))
+        if norm == 0.0:
+            raise ApiError(422, "zero_vector", "vector is all zeros: it has no direction")
+        vector = vector / np.float32(norm)
+    return vector
+
+
+def validate_id(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise ApiError(
+            422, "invalid_id", f"id must be a non-empty string of at most {MAX_ID_CHARS} chars"
+        )
+    return value
+
+
+def image_crop(data: bytes, image_size: int, limits: Limits) -> np.ndarray:
+    """Uploaded bytes -> the model's uint8 centre crop, exactly as the batch job prepares it."""
+    try:
+        img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_upload_bytes)
+    except ImageError as e:
+        raise ApiError(IMAGE_ERROR_STATUS[e.reason], e.reason, e.detail) from None
+    return prepare(img, image_size)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` (never buffered whole)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "too_large", f"request body of {declared} bytes > limit {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "too_large", f"request body passed the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse_multipart(request: Request, body: bytes) -> dict[str, Any]:
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=2, max_fields=20)
+    except Exception as e:  # python-multipart / starlette parse errors have no common base
+        raise ApiError(400, "invalid_multipart", f"cannot parse multipart body: {e}") from None
+    fields: dict[str, Any] = {}
+    try:
+        for key, value in form.multi_items():
+            if key in fields:
+                raise ApiError(400, "invalid_multipart", f"field {key!r} given more than once")
+            fields[key] = await value.read() if isinstance(value, UploadFile) else value
+    finally:
+        await form.close()
+    return fields
+
+
+async def parse_search(request: Request, limits: Limits, dim: int, normalise: bool) -> ParsedQuery:
+    """One of: multipart ``file``, JSON ``vector``, JSON ``id`` (or ``?id=``), validated."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw: dict[str, Any] = {key: request.query_params.get(key) for key in _PARAM_KEYS}
+    query_id = request.query_params.get("id")
+    if content_type == "multipart/form-data":
+        body = await read_body(request, limits.max_upload_bytes + MULTIPART_OVERHEAD)
+        fields = await _parse_multipart(request, body)
+        raw.update({k: v for k, v in fields.items() if k in _PARAM_KEYS})
+        image = fields.get("file")
+        if isinstance(image, str):
+            image = image.encode()
+        if image is not None and query_id is not None:
+            raise ApiError(400, "ambiguous_query", "give a file or an id, not both")
+        if image is None:
+            if query_id is None:
+                raise ApiError(400, "missing_query", "multipart body has no 'file' field")
+            return ParsedQuery("id", validate_params(raw, limits), row_id=validate_id(query_id))
+        if len(image) > limits.max_upload_bytes:
+            raise ApiError(
+                413, "too_large", f"file of {len(image)} bytes > limit {limits.max_upload_bytes}"
+            )
+        return ParsedQuery("image", validate_params(raw, limits), image=image)
+    if content_type in ("application/json", "") or content_type.endswith("+json"):
+        body = await read_body(request, MAX_JSON_BYTES)
+        if not body.strip():
+            if query_id is None:
+                raise ApiError(
+                    400, "missing_query", "send a multipart 'file', or JSON 'vector' or 'id'"
+                )
+            return ParsedQuery("id", validate_params(raw, limits), row_id=validate_id(query_id))
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_json", "body must be a JSON object")
+        unknown = sorted(set(data) - {"vector", "id", *_PARAM_KEYS})
+        if unknown:
+            raise ApiError(422, "invalid_parameter", f"unknown fields: {', '.join(unknown)}")
+        raw.update({k: data[k] for k in _PARAM_KEYS if k in data})
+        row_id = data.get("id", query_id)
+        candidates = (("vector", data.get("vector")), ("id", row_id))
+        given = [name for name, value in candidates if value is not None]
+        if not given:
+            raise ApiError(400, "missing_query", "send a multipart 'file', or JSON 'vector'/'id'")
+        if len(given) > 1:
+            raise ApiError(400, "ambiguous_query", "give a vector or an id, not both")
+        params = validate_params(raw, limits)
+        if given == ["id"]:
+            return ParsedQuery("id", params, row_id=validate_id(row_id))
+        return ParsedQuery("vector", params, vector=validate_vector(data["vector"], dim, normalise))
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {content_type!r}: send multipart/form-data (file) or application/json",
+    )
+
+
+_PARAM_KEYS = ("k", "nprobe", "rerank", "candidates")
+
+
+# ---- the FastAPI app and its error handlers --------------------------------------------------
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="Visual search",
+        version="0.1.0",
+        description=(
+            "Find the catalogue images most similar to an uploaded image, a vector or a catalogue "
+            "id. The query is scattered to every shard and the per-shard top candidates, "
+            "reranked with full-precision vectors, are merged. Errors are JSON "
+            '`{"error": "<reason_code>", "detail": "..."}`.'
+        ),
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
+            for err in exc.errors()
+        )
+        return JSONResponse({"error": "invalid_parameter", "detail": problems}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            {"error": "internal", "detail": f"{type(exc).__name__}: {exc}"}, status_code=500
+        )
+
+    return app

@@ -1,0 +1,267 @@
+"""Typed configuration of the Serve application, validated once at the edge.
+
+One ``ServeConfig`` describes everything the deployment graph needs: where the store is, which
+model embeds queries (it must be the model that embedded the catalogue, checked against the
+manifest at start), the resources and replica counts of each deployment, the shard deadline and
+the request limits. It is read from a YAML file, from a plain dict (the ``args`` of a ``serve
+deploy`` config, or ``serve run serve.app:app_builder key=value``) and from the environment:
+
+- ``VISUAL_SEARCH_STORE``: the store root URI (overrides nothing that was given explicitly).
+- ``VISUAL_SEARCH_SERVE_CONFIG``: a YAML file in this schema, read by ``serve run serve.app:app``.
+
+Defaults suit a 2-core laptop: fractional CPUs so five-plus deployments schedule on two cores,
+one replica each, no GPU unless the cluster has one (``num_gpus: auto`` on the embedder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from embedding import ModelConfig
+
+ENV_STORE = "VISUAL_SEARCH_STORE"
+ENV_CONFIG = "VISUAL_SEARCH_SERVE_CONFIG"
+MAX_K = 1000  # the HTTP contract: k in 1..1000
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field."""
+
+
+@dataclass
+class DeploymentSettings:
+    """Replicas and resources of one deployment (for ShardSearcher: of each shard's deployment).
+
+    ``num_replicas`` is fixed unless ``max_replicas`` is set, which turns on Serve's autoscaling
+    between ``min_replicas`` and ``max_replicas`` (target ``target_ongoing_requests`` per replica).
+    ``num_gpus``: a number, or ``"auto"`` = 1 when the cluster has a GPU at build time, else 0.
+    """
+
+    num_replicas: int = 1
+    num_cpus: float = 0.25
+    num_gpus: float | str = 0
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 2.0
+    max_ongoing_requests: int = 32
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+
+    def validate(self, name: str) -> None:
+        if self.num_replicas < 1:
+            raise ConfigError(f"{name}.num_replicas must be >= 1, got {self.num_replicas}")
+        if self.num_cpus < 0:
+            raise ConfigError(f"{name}.num_cpus must be >= 0, got {self.num_cpus}")
+        if isinstance(self.num_gpus, str):
+            if self.num_gpus != "auto":
+                raise ConfigError(f"{name}.num_gpus must be a number or 'auto'")
+        elif self.num_gpus < 0:
+            raise ConfigError(f"{name}.num_gpus must be >= 0, got {self.num_gpus}")
+        if self.max_replicas is not None:
+            low = self.min_replicas if self.min_replicas is not None else 1
+            if not 0 <= low <= self.max_replicas or self.max_replicas < 1:
+                raise ConfigError(
+                    f"{name}: need 0 <= min_replicas ({low}) <= max_replicas "
+                    f"({self.max_replicas}) and max_replicas >= 1"
+                )
+        elif self.min_replicas is not None:
+            raise ConfigError(f"{name}.min_replicas needs max_replicas (autoscaling bounds)")
+        if self.max_ongoing_requests < 1:
+            raise ConfigError(f"{name}.max_ongoing_requests must be >= 1")
+        if self.health_check_period_s <= 0 or self.health_check_timeout_s <= 0:
+            raise ConfigError(f"{name}: health check period and timeout must be > 0")
+
+    def resolved_gpus(self, cluster_gpus: float) -> float:
+        if self.num_gpus == "auto":
+            return 1.0 if cluster_gpus >= 1 else 0.0
+        return float(self.num_gpus)
+
+    def deployment_options(self, cluster_gpus: float = 0.0) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options(...)``."""
+        options: dict[str, Any] = {
+            "ray_actor_options": {
+                "num_cpus": self.num_cpus,
+                "num_gpus": self.resolved_gpus(cluster_gpus),
+            },
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+        if self.max_replicas is not None:
+            low = self.min_replicas if self.min_replicas is not None else 1
+            options["autoscaling_config"] = {
+                "min_replicas": low,
+                "initial_replicas": max(low, min(self.num_replicas, self.max_replicas)),
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+def _ingress_defaults() -> DeploymentSettings:
+    return DeploymentSettings(num_cpus=0.25, max_ongoing_requests=64)
+
+
+def _embedder_defaults() -> DeploymentSettings:
+    return DeploymentSettings(num_cpus=0.5, num_gpus="auto", max_ongoing_requests=64)
+
+
+def _searcher_defaults() -> DeploymentSettings:
+    return DeploymentSettings(num_cpus=0.25, max_ongoing_requests=64)
+
+
+@dataclass
+class ServeConfig:
+    """Everything the Serve graph needs. ``store`` is required (argument, YAML or env)."""
+
+    store: str = ""
+    app_name: str = "visual-search"
+    route_prefix: str = "/"
+    # the query model: must be the catalogue's model (refused at start otherwise)
+    model: str = "efficientnet_lite0"
+    weights: str = "default"
+    device: str = "auto"
+    embed_threads: int | None = None  # torch threads per embedder replica (None: torch default)
+    max_batch_size: int = 16  # @serve.batch of the embedder
+    batch_wait_timeout_s: float = 0.005
+    search_threads: int = 1  # FAISS OpenMP threads per searcher replica (many replicas share CPUs)
+    # per-request behaviour
+    shard_deadline_ms: float = 1000.0  # a shard slower than this is left out: partial answer
+    embed_deadline_ms: float = 15000.0  # embedding a query image on a busy CPU can take a while
+    default_k: int = 10
+    max_nprobe: int = 65536
+    max_candidates: int = 10000
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    reload_interval_s: float = 30.0  # searchers poll the manifest for a new live version; 0 = off
+    # deployments
+    ingress: DeploymentSettings = field(default_factory=_ingress_defaults)
+    embedder: DeploymentSettings = field(default_factory=_embedder_defaults)
+    searcher: DeploymentSettings = field(default_factory=_searcher_defaults)
+
+    def __post_init__(self) -> None:
+        for name in ("ingress", "embedder", "searcher"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _settings_from_dict(name, value))
+        if not self.store:
+            self.store = os.environ.get(ENV_STORE, "")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            name=self.model, weights=self.weights, device=self.device, threads=self.embed_threads
+        )
+
+    def validate(self) -> ServeConfig:
+        if not self.store:
+            raise ConfigError(
+                f"no store: pass store=... (YAML, serve args, --store) or set ${ENV_STORE}"
+            )
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+        if not 1 <= self.default_k <= MAX_K:
+            raise ConfigError(f"default_k must be in 1..{MAX_K}, got {self.default_k}")
+        for name in (
+            "max_batch_size",
+            "search_threads",
+            "max_nprobe",
+            "max_candidates",
+            "max_upload_bytes",
+            "max_pixels",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("shard_deadline_ms", "embed_deadline_ms"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.batch_wait_timeout_s < 0 or self.reload_interval_s < 0:
+            raise ConfigError("batch_wait_timeout_s and reload_interval_s must be >= 0")
+        self.ingress.validate("ingress")
+        self.embedder.validate("embedder")
+        self.searcher.validate("searcher")
+        return self
+
+    # ---- readers ------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ServeConfig:
+        data = dict(data or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown serve config keys: {', '.join(unknown)}")
+        values = {}
+        for key, value in data.items():
+            if key in ("ingress", "embedder", "searcher"):
+                values[key] = _settings_from_dict(key, value or {})
+            else:
+                values[key] = _coerce(key, value, known[key].type)
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> ServeConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> ServeConfig:
+        """``$VISUAL_SEARCH_SERVE_CONFIG`` (YAML) if set, then ``overrides``, then the env store."""
+        path = os.environ.get(ENV_CONFIG)
+        base = yaml.safe_load(Path(path).read_text()) if path else {}
+        return cls.from_dict({**(base or {}), **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _settings_from_dict(name: str, value: Any) -> DeploymentSettings:
+    """Deployment settings over that deployment's defaults (unknown keys refused)."""
+    if isinstance(value, DeploymentSettings):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a mapping of deployment settings")
+    base = {
+        "ingress": _ingress_defaults,
+        "embedder": _embedder_defaults,
+        "searcher": _searcher_defaults,
+    }[name]()
+    known = {f.name: f for f in dataclasses.fields(DeploymentSettings)}
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {name} settings: {', '.join(unknown)}")
+    for key, raw in value.items():
+        setattr(base, key, _coerce(f"{name}.{key}", raw, known[key].type))
+    return base
+
+
+def _coerce(name: str, value: Any, type_text: Any) -> Any:
+    """Strings from ``serve run ... key=value`` or env become the field's declared type."""
+    if value is None or not isinstance(value, str):
+        return value
+    type_text = str(type_text)
+    try:
+        if type_text.startswith("bool"):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if type_text.startswith("int"):
+            return None if value.lower() == "none" else int(value)
+        if type_text.startswith("float | str"):
+            return value if value == "auto" else float(value)
+        if type_text.startswith("float"):
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"{name}: cannot read {value!r} as {type_text}") from None
+    return value
