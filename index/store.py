@@ -20,6 +20,7 @@ import io
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable
@@ -166,11 +167,21 @@ class Store:
         if self.is_local:
             return Path(path)
         cache = Path(cache_dir or os.environ.get("VISUAL_SEARCH_CACHE", tempfile.gettempdir()))
-        target = cache / "visual-search-cache" / path.replace("/", "_")
-        if not (target / ".complete").exists():
-            target.mkdir(parents=True, exist_ok=True)
-            self.fs.get(path.rstrip("/") + "/", str(target), recursive=True)
-            (target / ".complete").touch()
+        target = cache / "visual-search-cache" / path.strip("/").replace("/", "_")
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Two replicas on one node may fetch the same version at once: each copies into its own
+        # temporary folder and renames it into place; the loser discards its copy.
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
+        try:
+            self.fs.get(path.rstrip("/") + "/", str(staging), recursive=True)
+            os.rename(staging, target)
+        except OSError:
+            if not target.exists():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return target
 
 
