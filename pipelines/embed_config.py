@@ -1,0 +1,175 @@
+"""Settings of the embedding job: one typed dataclass, from CLI flags and an optional YAML file.
+
+Precedence: built-in defaults < ``--config job.yaml`` < explicit CLI flags. Everything is checked
+here, at the edge, so a typo fails in a second with a message naming the setting, not an hour
+into a cluster run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from embedding.backbones import BACKBONES, DEFAULT_BACKBONE
+from embedding.model import ModelConfig
+from embedding.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+DEFAULT_NUM_SHARDS = 4
+CPU_ACTOR_CPUS = 0.5  # fractional: a pool holding whole CPUs starves the decode tasks (RAY-HERE)
+GPU_ACTOR_CPUS = 1.0
+CPU_BATCH_SIZE = 32
+GPU_BATCH_SIZE = 256  # fp16 224 px convnet activations at 256 fit in ~2 GiB: any 8 GiB GPU
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, with a message naming it."""
+
+
+@dataclass
+class EmbedJobConfig:
+    """What to embed, where to write it, and how the Ray job is shaped.
+
+    ``None`` means "decide from the store or the cluster": ``num_shards`` from an existing
+    manifest (else 4), ``num_gpus`` 1 per actor when the cluster has GPUs, ``actor_cpus`` 0.5 on
+    CPU and 1 on GPU, ``batch_size`` 32 on CPU and 256 on GPU, ``threads`` = the actor machine's
+    cores divided by ``actors``.
+    """
+
+    input: list[str] = field(default_factory=list)  # folders, globs, list files, fsspec URIs
+    store: str = "./store"
+    num_shards: int | None = None
+    model: str = DEFAULT_BACKBONE
+    weights: str = "default"  # "default", "none" (random, plumbing tests) or a .pth path
+    batch_size: int | None = None
+    actors: int = 1  # embedding actor pool size
+    actor_cpus: float | None = None  # CPUs reserved per actor (fractions allowed)
+    num_gpus: float | None = None  # GPUs per actor; 0 forces CPU actors
+    threads: int | None = None  # torch threads per actor
+    decode_cpus: float = 1.0  # CPUs reserved per read+decode task
+    read_batch: int | None = None  # inputs per read+decode task (default: batch_size)
+    dedup: bool = False  # id = hash of the bytes, so one picture under two URIs is one row
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger declared images are decompression bombs
+    max_bytes: int = DEFAULT_MAX_BYTES  # larger files are refused unread past this size
+    retry_errors: bool = False  # re-try inputs already recorded in the errors Parquet
+    limit: int | None = None  # embed at most this many new inputs (trials, benchmarks)
+    address: str | None = None  # Ray address; default RAY_ADDRESS, else a new local Ray
+    ray_temp_dir: str | None = None  # temp dir of a local Ray this job starts itself
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input, (str, os.PathLike)):
+            self.input = [self.input]
+        if not isinstance(self.input, (list, tuple)):
+            raise ConfigError(f"input: expected a path or a list of paths, got {self.input!r}")
+        self.input = [os.fspath(i) if isinstance(i, os.PathLike) else str(i) for i in self.input]
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.input:
+            raise ConfigError("input: give at least one folder, glob, list file or URI")
+        if any(not str(i).strip() for i in self.input):
+            raise ConfigError("input: empty string")
+        if not str(self.store).strip():
+            raise ConfigError("store: empty")
+        if self.model not in BACKBONES:
+            raise ConfigError(f"model: unknown {self.model!r}; known: {', '.join(BACKBONES)}")
+        for name in ("num_shards", "batch_size", "threads", "read_batch", "limit"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name))
+        for name in ("actors", "max_pixels", "max_bytes"):
+            _check_int(name, getattr(self, name))
+        for name in ("actor_cpus", "decode_cpus", "num_gpus"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name}: must be a number, got {value!r}")
+            if value < 0 or (value == 0 and name != "num_gpus"):
+                raise ConfigError(f"{name}: must be > 0 (fractions allowed), got {value!r}")
+        for name in ("dedup", "retry_errors"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+
+    def model_config(self, threads: int | None = None) -> ModelConfig:
+        return ModelConfig(name=self.model, weights=self.weights, threads=threads or self.threads)
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
+
+
+# ---- reading it -------------------------------------------------------------------------------
+_FIELDS = {f.name: f for f in dataclasses.fields(EmbedJobConfig)}
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Settings from a YAML mapping; keys are field names (``-`` and ``_`` both accepted)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            body = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
+    if not isinstance(body, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of settings")
+    out = {}
+    for key, value in body.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS:
+            known = ", ".join(_FIELDS)
+            raise ConfigError(f"config: unknown setting {key!r} in {path}; known: {known}")
+        out[name] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="embed.py",
+        description="Embed images (folder, glob, list file or fsspec URI) into sharded Parquet.",
+    )
+    # Every default is None so we can tell "given on the command line" from "not given".
+    p.add_argument("input", nargs="*", default=None, help="folders, globs, list files, URIs")
+    p.add_argument("--config", help="YAML file with any of these settings (flags win)")
+    p.add_argument("--store", help="store root URI (default ./store)")
+    p.add_argument("--num-shards", type=int, help="shards of a new store (default 4)")
+    p.add_argument("--model", help=f"backbone (default {DEFAULT_BACKBONE}): {', '.join(BACKBONES)}")
+    p.add_argument("--weights", help="'default', 'none' or a .pth path")
+    p.add_argument("--batch-size", type=int, help="images per model call (32 CPU / 256 GPU)")
+    p.add_argument("--actors", type=int, help="embedding actors in the pool (default 1)")
+    p.add_argument("--actor-cpus", type=float, help="CPUs per actor (0.5 CPU / 1 GPU)")
+    p.add_argument("--num-gpus", type=float, help="GPUs per actor (default 1 if any)")
+    p.add_argument("--threads", type=int, help="torch threads per actor (default cores/actors)")
+    p.add_argument("--decode-cpus", type=float, help="CPUs per read+decode task (default 1)")
+    p.add_argument("--read-batch", type=int, help="inputs per read+decode task (default batch)")
+    p.add_argument("--dedup", action="store_const", const=True, help="content-hash ids")
+    p.add_argument("--max-pixels", type=int, help=f"bomb limit ({DEFAULT_MAX_PIXELS})")
+    p.add_argument("--max-bytes", type=int, help=f"largest input file ({DEFAULT_MAX_BYTES})")
+    p.add_argument(
+        "--retry-errors", action="store_const", const=True, help="re-try recorded failures"
+    )
+    p.add_argument("--limit", type=int, help="embed at most N new inputs")
+    p.add_argument("--address", help="Ray address (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--ray-temp-dir", help="temp dir for a local Ray started by this job")
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> EmbedJobConfig:
+    """CLI flags over an optional YAML file over the defaults; ConfigError names what is wrong."""
+    args = vars(build_parser().parse_args(argv))
+    settings: dict[str, Any] = {}
+    config_path = args.pop("config")
+    if config_path:
+        settings.update(load_yaml(config_path))
+    if args.get("input") == []:
+        args["input"] = None
+    settings.update({k: v for k, v in args.items() if v is not None})
+    try:
+        return EmbedJobConfig(**settings)
+    except TypeError as e:  # a YAML value of the wrong shape
+        raise ConfigError(f"config: {e}") from None

@@ -1,0 +1,132 @@
+"""Turn what the user named (folders, globs, list files, fsspec URIs) into a sorted list of URIs.
+
+The URI string is what a row's id is hashed from (``index.sharding.uri_id``), so it must be the
+same however the user spelled the input: local files become absolute paths (``./imgs``,
+``/abs/imgs`` and ``file:///abs/imgs`` all give ``/abs/imgs/a.jpg``), remote ones keep their
+scheme (``s3://bucket/key``). Listing happens once, on the driver; reading happens in Ray tasks.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import os
+import posixpath
+import re
+
+import fsspec
+
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico".split()
+)
+LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
+_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_LOCAL_SCHEMES = ("file", "local")
+
+
+class InputError(ValueError):
+    """An input spec that names nothing, or a filesystem whose package is missing."""
+
+
+def scheme_of(uri: str) -> str | None:
+    m = _SCHEME_RE.match(uri)
+    return m.group(1).lower() if m else None
+
+
+def is_local(uri: str) -> bool:
+    return scheme_of(uri) in (None, *_LOCAL_SCHEMES)
+
+
+def canonical_uri(uri: str) -> str:
+    """One spelling per file: local -> absolute path without scheme, remote -> unchanged."""
+    uri = uri.strip()
+    if is_local(uri):
+        path = _SCHEME_RE.sub("", uri) if scheme_of(uri) else uri
+        return os.path.abspath(os.path.expanduser(path))
+    return uri
+
+
+def is_image_name(name: str) -> bool:
+    return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def expand_inputs(specs: list[str]) -> list[str]:
+    """Every input URI, in order of the specs (each spec's matches sorted), without repeats.
+
+    - a folder: every file below it (recursively) with an image extension;
+    - a glob (``*``, ``?``, ``[``; ``**`` recurses): every matching file, any extension;
+    - a list file (``.txt``, ``.lst``, ``.list``): one URI or path per line, taken as-is
+      (blank lines and ``#`` comments skipped; relative paths are relative to the list file);
+    - any other file: itself, whatever its extension (a bad one becomes an error row).
+    """
+    seen: set[str] = set()
+    out: list[str] = []
+    for spec in specs:
+        for uri in _expand_one(spec):
+            if uri not in seen:
+                seen.add(uri)
+                out.append(uri)
+    return out
+
+
+def _filesystem(spec: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(canonical_uri(spec) if is_local(spec) else spec)
+    except (ImportError, ValueError) as e:
+        raise InputError(
+            f"{spec}: cannot open its filesystem ({e}); install its fsspec package "
+            "(s3fs for s3://, gcsfs for gs://, adlfs for az://)"
+        ) from None
+
+
+def _to_uri(fs: fsspec.AbstractFileSystem, spec: str, path: str) -> str:
+    if is_local(spec):
+        return canonical_uri(path)
+    return fs.unstrip_protocol(path)
+
+
+def _expand_one(spec: str) -> list[str]:
+    fs, path = _filesystem(spec)
+    if _glob.has_magic(path):
+        found = fs.glob(path, detail=True)
+        files = sorted(p for p, info in found.items() if info.get("type") != "directory")
+        if not files:
+            raise InputError(f"{spec}: the glob matches no file")
+        return [_to_uri(fs, spec, p) for p in files]
+    if fs.isdir(path):
+        files = sorted(p for p in fs.find(path) if is_image_name(p))
+        return [_to_uri(fs, spec, p) for p in files]
+    if fs.isfile(path):
+        if posixpath.splitext(path)[1].lower() in LIST_EXTENSIONS:
+            return _read_list_file(fs, spec, path)
+        return [_to_uri(fs, spec, path)]
+    raise InputError(f"{spec}: no such file or folder")
+
+
+def _read_list_file(fs: fsspec.AbstractFileSystem, spec: str, path: str) -> list[str]:
+    base = posixpath.dirname(path)
+    with fs.open(path, "rt", encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    out = []
+    for line in lines:
+        if not line or line.startswith("#"):
+            continue
+        if scheme_of(line) and not is_local(line):
+            out.append(line)
+        elif is_local(spec):
+            entry = _SCHEME_RE.sub("", line) if scheme_of(line) else line
+            out.append(canonical_uri(entry if os.path.isabs(entry) else os.path.join(base, entry)))
+        else:  # a relative entry of a remote list file lives next to it, on the same store
+            out.append(fs.unstrip_protocol(posixpath.join(base, line)))
+    return out
+
+
+def read_uri(uri: str, max_bytes: int) -> bytes:
+    """The bytes of one input, reading at most ``max_bytes + 1`` (a huge file is not loaded).
+
+    Exceptions (missing file, permission, network) propagate: the caller records them per input.
+    """
+    if is_local(uri):
+        with open(canonical_uri(uri), "rb") as f:
+            return f.read(max_bytes + 1)
+    with fsspec.open(uri, "rb") as f:
+        return f.read(max_bytes + 1)
