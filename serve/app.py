@@ -1,0 +1,110 @@
+"""Compose the Serve graph: Ingress -> QueryEmbedder, Ingress -> ShardSearcher0..S-1.
+
+Three ways in, one builder:
+
+- Python: ``serve.run(build_app(ServeConfig(store=...)))``.
+- ``serve run serve.app:app`` with ``VISUAL_SEARCH_STORE`` (and optionally
+  ``VISUAL_SEARCH_SERVE_CONFIG``, a YAML in ``ServeConfig``'s schema) in the environment;
+  ``serve run serve.app:app_builder store=/path/to/store k=v ...`` passes arguments instead.
+- ``serve deploy serve/serve_config.yaml``: ``import_path: serve.app:app_builder`` with ``args``.
+
+The number of shards, the dimension and the model come from the store's manifest, read here once:
+a query model that differs from the catalogue's is refused before anything is deployed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from index.manifest import Manifest, load_manifest
+from index.store import Store
+from serve.config import ConfigError, ServeConfig
+from serve.embedder import ModelMismatch, QueryEmbedder, check_model
+from serve.ingress import Ingress
+from serve.searcher import ShardSearcher
+
+
+def load_store_manifest(config: ServeConfig) -> Manifest:
+    manifest = load_manifest(Store(config.store))
+    if manifest is None:
+        raise ConfigError(
+            f"store {config.store!r} has no manifest: embed a collection into it first "
+            "(python -m pipelines.embed --input DIR --store ROOT) and build its indexes"
+        )
+    return manifest
+
+
+def check_model_config(config: ServeConfig, manifest: Manifest) -> None:
+    """Refuse, before deploying, a query model other than the one that embedded the catalogue.
+
+    The name is compared at once; the weights tag needs the backbone loaded (it names the weights
+    by their file or content), which is done here too unless ``weights`` already disagrees with
+    an obviously different tag. The embedder replica checks again, with the dimension.
+    """
+    if config.model != manifest.model:
+        raise ModelMismatch(
+            f"serve config model {config.model!r} differs from the catalogue's "
+            f"{manifest.model_tag!r}; set model: {manifest.model} (and its weights)"
+        )
+    from embedding.backbones import load_backbone
+
+    backbone = load_backbone(config.model, config.weights)
+    check_model(backbone.name, backbone.weights_tag, None, {**_expected(manifest), "dim": None})
+
+
+def _expected(manifest: Manifest) -> dict[str, Any]:
+    return {"model": manifest.model, "weights": manifest.weights, "dim": manifest.dim}
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True) -> Application:
+    """The application for ``config``; nothing is deployed until ``serve.run``/``serve deploy``."""
+    if isinstance(config, dict):
+        config = ServeConfig.from_dict(config)
+    config.validate()
+    manifest = load_store_manifest(config)
+    if verify_model:
+        check_model_config(config, manifest)
+    gpus = _cluster_gpus()
+    embedder = QueryEmbedder.options(**config.embedder.deployment_options(gpus)).bind(
+        config.model_config,
+        _expected(manifest),
+        config.max_batch_size,
+        config.batch_wait_timeout_s,
+    )
+    searchers = [
+        ShardSearcher.options(
+            name=f"ShardSearcher{shard}", **config.searcher.deployment_options(gpus)
+        ).bind(config.store, shard, config.reload_interval_s, config.search_threads)
+        for shard in range(manifest.num_shards)
+    ]
+    return Ingress.options(**config.ingress.deployment_options(gpus)).bind(
+        config, embedder, searchers
+    )
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """For ``serve deploy`` (``import_path: serve.app:app_builder`` + ``args``) and
+    ``serve run serve.app:app_builder store=... key=value``: args are ``ServeConfig`` fields."""
+    base = ServeConfig.from_env().to_dict()
+    args = dict(args or {})
+    for name in ("ingress", "embedder", "searcher"):  # nested settings merge key by key
+        if name in args:
+            args[name] = {**base[name], **(args[name] or {})}
+    return build_app(ServeConfig.from_dict({**base, **args}))
+
+
+def __getattr__(name: str) -> Any:
+    """``serve.app:app`` is built on first access, from the environment (no import-time I/O)."""
+    if name == "app":
+        return build_app(ServeConfig.from_env())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
