@@ -267,12 +267,20 @@ def validate_id(value: Any) -> str:
 
 
 def image_crop(data: bytes, image_size: int, limits: Limits) -> np.ndarray:
-    """Uploaded bytes -> the model's uint8 centre crop, exactly as the batch job prepares it."""
+    """Uploaded bytes -> the model's uint8 centre crop, exactly as the batch job prepares it
+    (``pipelines.embed_stages.read_decode_batch``: JPEG draft decode at the resize size, then
+    ``prepare``), so a catalogue image uploaded as a query gets the catalogue's own vector."""
+    resize_size = round(image_size * 256 / 224)  # prepare()'s default short side
     try:
-        img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_upload_bytes)
+        img = decode_image(
+            data,
+            max_pixels=limits.max_pixels,
+            max_bytes=limits.max_upload_bytes,
+            draft_size=resize_size,
+        )
+        return prepare(img, image_size, resize_size)
     except ImageError as e:
         raise ApiError(IMAGE_ERROR_STATUS[e.reason], e.reason, e.detail) from None
-    return prepare(img, image_size)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

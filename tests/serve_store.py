@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from embedding import Embedder, ModelConfig, decode_image
+from embedding import Embedder, ModelConfig
 from index.build import build_shard, commit_results
 from index.sharding import uri_id
 from index.store import Store
+from serve.api import Limits, image_crop
 from tests.helpers import write_store
 
 
@@ -32,9 +33,10 @@ def caltech_sample(caltech_dir: Path, classes: int, per_class: int) -> list[Path
 
 
 def embed_files(paths: list[Path], embedder: Embedder) -> np.ndarray:
-    images = [decode_image(p.read_bytes()) for p in paths]
-    out = [embedder.embed_images(images[i : i + 32]) for i in range(0, len(images), 32)]
-    return np.concatenate(out)
+    """Vectors of image files, with the query path's crop (the batch job's, see the contract
+    test ``test_query_crop_is_the_batch_jobs_crop``)."""
+    crops = np.stack([image_crop(p.read_bytes(), embedder.image_size, Limits()) for p in paths])
+    return np.concatenate([embedder.embed(crops[i : i + 32]) for i in range(0, len(crops), 32)])
 
 
 def write_caltech_store(

@@ -31,7 +31,7 @@ def _raises(status: int, error: str, fn, *args, **kwargs) -> ApiError:
     return info.value
 
 
-# ---- parameters ---------------------------------------------------------------------------------
+# ---- parameters ----------------------------------------------------------------------------------
 def test_params_defaults_strings_and_ranges():
     limits = Limits(default_k=7, max_nprobe=64, max_candidates=100)
     p = validate_params({}, limits)
@@ -48,7 +48,7 @@ def test_params_defaults_strings_and_ranges():
         _raises(422, "invalid_parameter", validate_params, bad, limits)
 
 
-# ---- vectors and ids ----------------------------------------------------------------------------
+# ---- vectors and ids -----------------------------------------------------------------------------
 def test_vector_validation_names_each_problem():
     v = validate_vector([3.0, 4.0, 0.0], 3, normalise=True)
     assert v.dtype == np.float32 and np.allclose(v, [0.6, 0.8, 0.0])
@@ -96,7 +96,7 @@ def test_image_crop_and_error_statuses():
     _raises(413, "decompression_bomb", image_crop, bomb, 224, limits)
 
 
-# ---- config ---------------------------------------------------------------------------------------
+# ---- config --------------------------------------------------------------------------------------
 def test_config_from_dict_env_and_strings(monkeypatch):
     monkeypatch.setenv("VISUAL_SEARCH_STORE", "/tmp/some-store")
     cfg = ServeConfig.from_dict({"shard_deadline_ms": "250", "searcher": {"num_replicas": "2"}})
@@ -145,7 +145,7 @@ def test_serve_deploy_config_is_valid_for_ray_and_for_our_builder():
     assert cfg.ingress.deployment_options()["autoscaling_config"]["min_replicas"] == 1
 
 
-# ---- scatter-gather -------------------------------------------------------------------------------
+# ---- scatter-gather ------------------------------------------------------------------------------
 def test_gather_keeps_answers_and_names_slow_and_failed_shards():
     async def answer(value, delay=0.0):
         await asyncio.sleep(delay)
@@ -165,3 +165,21 @@ def test_gather_keeps_answers_and_names_slow_and_failed_shards():
     assert gathered.missing[1] == "timeout"
     assert gathered.missing[2].startswith("error: RuntimeError")
     assert gathered.took_ms < 2000  # the slow shard did not hold the answer back
+
+
+def test_query_crop_is_the_batch_jobs_crop(caltech_dir):
+    """Same bytes, same pixels: the query path and the embedding job prepare images alike."""
+    import pyarrow as pa
+
+    from pipelines.embed_stages import CROP, read_decode_batch
+
+    files = sorted((caltech_dir / "101_ObjectCategories" / "airplanes").glob("*.jpg"))[:3]
+    files.append(caltech_dir / "101_ObjectCategories" / "car_side" / "image_0001.jpg")  # grey
+    uris = [f.as_uri() for f in files]
+    table = pa.table({"id": [str(i) for i in range(len(uris))], "uri": uris})
+    out = read_decode_batch(
+        table, image_size=224, resize_size=256, max_pixels=50_000_000, max_bytes=1 << 25
+    )
+    for i, f in enumerate(files):
+        batch_crop = np.asarray(out[CROP][i].as_py(), np.uint8).reshape(224, 224, 3)
+        np.testing.assert_array_equal(image_crop(f.read_bytes(), 224, Limits()), batch_crop)

@@ -1,0 +1,53 @@
+"""The README demo, as a user runs it (minus the install): a subprocess, its own local Ray."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_embeds_builds_serves_and_answers(scratch_root):
+    workdir = scratch_root / "demo"
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.demo",
+        "--exit",
+        "--workdir",
+        str(workdir),
+        "--port",
+        str(port),
+        "--ray-temp-dir",
+        str(scratch_root / "demo-ray"),
+    ]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = run.stdout
+    assert run.returncode == 0, out[-3000:] + run.stderr[-3000:]
+    # every catalogue image embedded, both shards built, Serve answered the held-out query
+    assert re.search(r"embedded 153 images .* 0 errors", out), out[-3000:]
+    assert "shard 0: built version 1" in out and "shard 1: built version 1" in out
+    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+(\d+)\s+(\S+)\s+\[(same photo|other)\]$", out, re.M)
+    assert len(rows) == 5 and rows[0][4] == "same photo", out[-3000:]
+    assert "chelsea_cat__" in rows[0][3]
+    precision = float(re.search(r"precision@5 over 16 held-out edits.*: ([\d.]+)", out).group(1))
+    assert precision >= 0.9
+    assert f"curl -s -F file=@{workdir}/queries/chelsea_cat__query.jpg" in out
+    assert f"http://127.0.0.1:{port}/search?k=5" in out
+    assert (workdir / "serve_config.yaml").exists()
