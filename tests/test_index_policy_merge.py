@@ -1,0 +1,125 @@
+"""The index rules (policy.py) and the top-k merge (merge.py): pure functions, no FAISS build."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from index.hits import Hit
+from index.merge import merge_topk
+from index.policy import ID_BYTES, MIN_NLIST, IndexSpec, choose_index, parse_memory
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("4G", 4 * 2**30),
+        ("512M", 512 * 2**20),
+        ("16GB", 16 * 2**30),
+        ("1.5g", int(1.5 * 2**30)),
+        ("2GiB", 2 * 2**30),
+        ("100k", 100 * 2**10),
+        ("123", 123),
+        (1024, 1024),
+    ],
+)
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "G", "4X", "-1G", "four", True, -5])
+def test_parse_memory_refuses_garbage(bad):
+    with pytest.raises(ValueError):
+        parse_memory(bad)
+
+
+def test_tiny_shards_get_an_exact_flat_index():
+    spec = choose_index(100, 1280, "ip")
+    assert spec.kind == "flat" and spec.factory == "Flat" and spec.nlist == 0
+    assert any("Flat" in r for r in spec.reasons)
+    assert choose_index(30 * MIN_NLIST - 1, 64).kind == "flat"
+    assert choose_index(0, 64).kind == "flat"
+    assert choose_index(30 * MIN_NLIST, 64).kind == "ivfpq"
+
+
+@pytest.mark.parametrize("n", [480, 2_000, 8_177, 125_000, 1_000_000, 20_000_000])
+@pytest.mark.parametrize("dim", [128, 256, 1280])
+def test_ivfpq_rules_hold(n, dim):
+    spec = choose_index(n, dim, "l2", "4G")
+    assert spec.kind == "ivfpq"
+    # nlist: a power of two, >= 30 training rows per list, near 4..8 sqrt(n) unless capped
+    assert spec.nlist & (spec.nlist - 1) == 0 and spec.nlist >= MIN_NLIST
+    assert spec.train_size >= 30 * spec.nlist and spec.train_size <= n
+    if 30 * 8 * math.sqrt(n) <= n:
+        assert 4 * math.sqrt(n) <= spec.nlist < 8 * math.sqrt(n)
+    # PQ: m divides dim, the code fits the factory string, the shard fits the budget
+    assert dim % spec.pq_m == 0
+    assert f"PQ{spec.pq_m}x{spec.nbits}" in spec.factory and f"IVF{spec.nlist}," in spec.factory
+    assert n * (spec.code_bytes + ID_BYTES) + spec.nlist * dim * 4 <= parse_memory("4G")
+    assert 1 <= spec.nprobe <= spec.nlist
+    assert IndexSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_budget_shrinks_the_code_and_refuses_the_impossible():
+    roomy = choose_index(10_000_000, 256, "ip", "16G")
+    tight = choose_index(10_000_000, 256, "ip", "300M")
+    assert tight.code_bytes < roomy.code_bytes
+    assert 10_000_000 * (tight.code_bytes + ID_BYTES) <= parse_memory("300M")
+    assert any("halving" in r for r in tight.reasons)
+    with pytest.raises(ValueError, match="more shards"):
+        choose_index(100_000_000, 256, "ip", "500M")
+    with pytest.raises(ValueError):
+        choose_index(100, 8, "cosine")
+
+
+def test_the_benchmark_shape_stays_under_80_bytes_per_vector():
+    spec = choose_index(1_000_000, 256, "ip", "4G")
+    assert spec.code_bytes + ID_BYTES <= 80
+
+
+# ---- merge ------------------------------------------------------------------------------------
+def _brute(per_shard, k, metric):
+    union = {}
+    for hits in per_shard:
+        for h in hits:
+            old = union.get(h.id)
+            if old is None or (h.score > old.score if metric == "ip" else h.score < old.score):
+                union[h.id] = h
+    sign = -1 if metric == "ip" else 1
+    return sorted(union.values(), key=lambda h: (sign * h.score, h.id))[:k]
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_merge_matches_brute_force_over_the_union(metric):
+    rng = random.Random(7)
+    for trial in range(200):
+        shards = rng.randint(1, 6)
+        per_shard = []
+        for s in range(shards):
+            size = rng.randint(0, 12)  # some shards give fewer than k, some nothing
+            # few distinct scores: many ties, across and within shards
+            hits = [Hit(f"s{s}-{i}", f"u{s}-{i}", float(rng.randint(0, 5)), s) for i in range(size)]
+            best_first = sorted(hits, key=lambda h: -h.score if metric == "ip" else h.score)
+            per_shard.append(best_first)
+        k = rng.randint(1, 15)
+        got = merge_topk(per_shard, k, metric)
+        assert got == _brute(per_shard, k, metric), trial
+        # the order the shards answered in does not matter
+        for perm in itertools.islice(itertools.permutations(per_shard), 5):
+            assert merge_topk(list(perm), k, metric) == got
+
+
+def test_merge_direction_dedup_and_edge_cases():
+    a = [Hit("x", "ux", 0.9), Hit("y", "uy", 0.5)]
+    b = [Hit("z", "uz", 0.7), Hit("x", "ux", 0.8), Hit("n", "un", float("nan"))]
+    assert [h.id for h in merge_topk([a, b], 3, "ip")] == ["x", "z", "y"]
+    assert merge_topk([a, b], 3, "ip")[0].score == 0.9  # duplicate id: best score kept
+    assert [h.id for h in merge_topk([a, b], 2, "l2")] == ["y", "z"]
+    assert merge_topk([], 5, "ip") == [] and merge_topk([[], []], 5, "l2") == []
+    assert merge_topk([a], 0, "ip") == []
+    assert len(merge_topk([a, b], 100, "ip")) == 3
+    with pytest.raises(ValueError):
+        merge_topk([a], 3, "cosine")
