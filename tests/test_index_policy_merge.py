@@ -10,7 +10,14 @@ import pytest
 
 from index.hits import Hit
 from index.merge import merge_topk
-from index.policy import ID_BYTES, MIN_NLIST, IndexSpec, choose_index, parse_memory
+from index.policy import (
+    FASTSCAN_MIN_LIST,
+    ID_BYTES,
+    MIN_NLIST,
+    IndexSpec,
+    choose_index,
+    parse_memory,
+)
 
 
 @pytest.mark.parametrize(
@@ -50,10 +57,14 @@ def test_tiny_shards_get_an_exact_flat_index():
 def test_ivfpq_rules_hold(n, dim):
     spec = choose_index(n, dim, "l2", "4G")
     assert spec.kind == "ivfpq"
-    # nlist: a power of two, >= 30 training rows per list, near 4..8 sqrt(n) unless capped
+    # nlist: a power of two in [4 sqrt(n), 8 sqrt(n)) unless capped by the training rule (>= 30
+    # rows per list) or fast-scan padding (>= 128 codes per list on average)
     assert spec.nlist & (spec.nlist - 1) == 0 and spec.nlist >= MIN_NLIST
     assert spec.train_size >= 30 * spec.nlist and spec.train_size <= n
-    if 30 * 8 * math.sqrt(n) <= n:
+    band = 1 << math.ceil(math.log2(4 * math.sqrt(n)))
+    caps = [1 << int(math.log2(n / 30)), 1 << int(math.log2(n / FASTSCAN_MIN_LIST))]
+    assert spec.nlist == max(MIN_NLIST, min([band, *caps]))
+    if n >= 1_000_000:
         assert 4 * math.sqrt(n) <= spec.nlist < 8 * math.sqrt(n)
     # PQ: m divides dim, the code fits the factory string, the shard fits the budget
     assert dim % spec.pq_m == 0
