@@ -1,0 +1,254 @@
+"""Ray job: build the shard indexes of a store, one Ray task per shard, in parallel.
+
+    python pipelines/build_index.py --store /data/store [--memory-budget 4G] [--shards 0,3]
+        [--force] [--num-cpus 1] [--address auto] [--config build.yaml]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python pipelines/build_index.py --store /abs/path/or/s3://bucket/store
+
+What it does: for every shard whose Parquet parts differ from what its live index covers, a task
+(``num_cpus`` and a ``memory=`` request estimated from the shard's row count) builds a new
+immutable version (``index.build.build_shard``); the driver then makes it live with a manifest
+commit. Shards already up to date cost one directory listing: re-running with no new data is a
+no-op that starts no tasks (and no Ray).
+
+Commit granularity: one manifest commit per finished shard. Shards are independent (a row lives
+in exactly one), so there is no cross-shard invariant a single commit would protect, while
+per-shard commits make each shard live as soon as it is ready and keep finished work when a later
+shard fails or the job is killed (the re-run skips it). Each commit is atomic, and a crash before
+it leaves the previous version live: a version directory nobody names is invisible.
+
+The store must be readable by every node (a shared path, or an object store URI).
+YAML config keys are the ``BuildConfig`` field names; command-line flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (python pipelines/build_index.py, ray job submit)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow.parquet as pq  # noqa: E402
+import yaml  # noqa: E402
+
+from index.build import ShardBuildResult, build_shard, commit_results  # noqa: E402
+from index.manifest import load_manifest  # noqa: E402
+from index.policy import estimate_build_memory, parse_memory  # noqa: E402
+from index.store import Store  # noqa: E402
+
+log = logging.getLogger("build_index")
+
+
+@dataclass
+class BuildConfig:
+    """Everything the job takes; validated by ``validate`` before anything runs."""
+
+    store: str = ""
+    memory_budget: str = "4G"  # RAM a loaded shard index may use (codes + ids + centroids)
+    shards: list[int] | None = None  # None: every shard
+    force: bool = False  # rebuild even when the live version covers every part
+    address: str | None = None  # Ray address; None: RAY_ADDRESS / a job's cluster / local
+    num_cpus: float = 1.0  # Ray CPUs per shard task (fractional is fine on small machines)
+    threads: int | None = None  # FAISS threads per task; None: max(1, round(num_cpus))
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> BuildConfig:
+        if not self.store:
+            raise ValueError("store is required (--store URI)")
+        parse_memory(self.memory_budget)
+        if self.num_cpus <= 0:
+            raise ValueError(f"num_cpus must be > 0, got {self.num_cpus}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.shards is not None and any(s < 0 for s in self.shards):
+            raise ValueError(f"shards must be >= 0, got {self.shards}")
+        return self
+
+    @property
+    def task_threads(self) -> int:
+        return self.threads or max(1, round(self.num_cpus))
+
+
+@dataclass
+class BuildSummary:
+    built: dict[int, int] = field(default_factory=dict)  # shard -> new live version
+    skipped: list[int] = field(default_factory=list)  # already up to date
+    failed: dict[int, str] = field(default_factory=dict)  # shard -> error
+    vectors: int = 0
+    seconds: float = 0.0
+    shard_seconds: dict[int, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        text = (
+            f"built {len(self.built)} shard(s) ({self.vectors:,} vectors) in {self.seconds:.1f}s; "
+            f"{len(self.skipped)} up to date; {len(self.failed)} failed"
+        )
+        if self.built:
+            text += "; versions " + ", ".join(f"{s}:v{v}" for s, v in sorted(self.built.items()))
+        return text
+
+
+def plan(store: Store, config: BuildConfig) -> tuple[dict[int, int], list[int]]:
+    """Shards to build (shard -> rows in its parts) and shards already up to date."""
+    manifest = load_manifest(store)
+    if manifest is None:
+        raise ValueError(f"{store} has no manifest: run the embedding job first")
+    shards = config.shards if config.shards is not None else list(range(manifest.num_shards))
+    todo, fresh = {}, []
+    for shard in shards:
+        if shard >= manifest.num_shards:
+            raise ValueError(f"shard {shard} out of range: the store has {manifest.num_shards}")
+        state = manifest.shards[shard]
+        parts = store.list_parts(shard)
+        if not config.force and state.version is not None and sorted(state.parts) == parts:
+            fresh.append(shard)
+            continue
+        todo[shard] = sum(
+            pq.read_metadata(store.path(p), filesystem=store.fs).num_rows for p in parts
+        )
+    return todo, fresh
+
+
+def _build_task(
+    store_uri: str, shard: int, memory_budget: str, seed: int, force: bool, threads: int
+) -> ShardBuildResult | None:
+    import faiss
+
+    faiss.omp_set_num_threads(threads)  # the worker may be reused with another task's count
+    return build_shard(Store(store_uri), shard, memory_budget=memory_budget, seed=seed, force=force)
+
+
+def run(config: BuildConfig) -> BuildSummary:
+    """Build what is out of date, committing each shard as it finishes. Needs Ray only when
+    something is to be built; uses the connected Ray if there is one."""
+    config.validate()
+    t0 = time.perf_counter()
+    store = Store(config.store)
+    todo, fresh = plan(store, config)
+    summary = BuildSummary(skipped=fresh)
+    if not todo:
+        summary.seconds = time.perf_counter() - t0
+        return summary
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.address, log_to_driver=False)
+    dim = load_manifest(store).dim
+    largest_node = max(
+        (n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0
+    )
+    remote = ray.remote(_build_task)
+    pending = {}
+    for shard, rows in sorted(todo.items(), key=lambda kv: -kv[1]):  # biggest first
+        memory = estimate_build_memory(rows, dim)
+        if largest_node and memory > largest_node:
+            log.warning(
+                "shard %d needs ~%.1f GiB to build, more than any node offers (%.1f GiB); "
+                "asking for the largest node",
+                shard,
+                memory / 2**30,
+                largest_node / 2**30,
+            )
+            memory = int(largest_node)
+        ref = remote.options(
+            num_cpus=config.num_cpus, memory=memory, name=f"build-index-shard-{shard}"
+        ).remote(
+            store.uri, shard, config.memory_budget, config.seed, config.force, config.task_threads
+        )
+        pending[ref] = shard
+
+    bar = _progress(len(pending), config.progress)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        shard = pending.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except Exception as e:  # one shard failing must not lose the others' work
+            summary.failed[shard] = f"{type(e).__name__}: {e}"
+            log.error("shard %d failed: %s", shard, e)
+        else:
+            if result is None:  # became up to date meanwhile (another build committed it)
+                summary.skipped.append(shard)
+            else:
+                commit_results(store, [result])
+                summary.built[shard] = result.version
+                summary.vectors += result.count
+                summary.shard_seconds[shard] = result.meta["build_seconds"]["total"]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"shard {shard} done")
+    if bar is not None:
+        bar.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="shard indexes", unit="shard")
+
+
+def load_config(argv: list[str] | None = None) -> BuildConfig:
+    """BuildConfig from an optional YAML file, overridden by command-line flags."""
+    parser = argparse.ArgumentParser(description="Build per-shard FAISS indexes on Ray.")
+    parser.add_argument("--config", help="YAML file with BuildConfig fields")
+    parser.add_argument("--store", help="store root URI")
+    parser.add_argument("--memory-budget", help="RAM per loaded shard index, e.g. 4G")
+    parser.add_argument("--shards", help="comma-separated subset, e.g. 0,3")
+    parser.add_argument("--force", action="store_true", default=None, help="rebuild all")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or local)")
+    parser.add_argument("--num-cpus", type=float, help="Ray CPUs per shard task")
+    parser.add_argument("--threads", type=int, help="FAISS threads per task")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    args = parser.parse_args(argv)
+
+    values: dict = {}
+    if args.config:
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        known = {f.name for f in dataclasses.fields(BuildConfig)}
+        unknown = set(loaded) - known
+        if unknown:
+            parser.error(f"unknown keys in {args.config}: {sorted(unknown)}")
+        values.update(loaded)
+    for name in ("store", "memory_budget", "force", "address", "num_cpus", "threads", "seed"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.progress is not None:
+        values["progress"] = args.progress
+    if args.shards is not None:
+        values["shards"] = [int(s) for s in args.shards.split(",") if s.strip()]
+    if isinstance(values.get("shards"), int):
+        values["shards"] = [values["shards"]]
+    try:
+        return BuildConfig(**values).validate()
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = load_config(argv)
+    summary = run(config)
+    print(summary.line(), flush=True)
+    for shard, error in sorted(summary.failed.items()):
+        print(f"shard {shard} failed: {error}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
