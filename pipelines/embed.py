@@ -5,10 +5,10 @@
 
 Shape of the job (see ``embed_stages``): the driver lists the inputs and drops those already in
 the store; CPU tasks read, decode and crop; an actor pool (one GPU each when the cluster has
-GPUs) embeds and writes one Parquet part per (batch, shard). Bad inputs become rows of
-``<store>/errors/``; the job only fails for job-level reasons (bad settings, another model's
-store, an unreachable cluster), never for one file. Exit status: 0 done (even with error rows),
-1 job failure, 2 bad settings or inputs.
+GPUs) embeds; CPU tasks write one Parquet part per shard for every ``part_rows`` rows. Bad
+inputs become rows of ``<store>/errors/``; the job only fails for job-level reasons (bad
+settings, another model's store, an unreachable cluster), never for one file.
+Exit status: 0 done (even with error rows), 1 job failure, 2 bad settings or inputs.
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ from index.store import Store  # noqa: E402
 from pipelines import embed_config as cfg  # noqa: E402
 from pipelines.embed_config import ConfigError, EmbedJobConfig  # noqa: E402
 from pipelines.embed_stages import (  # noqa: E402
-    EmbedWriter,
+    EmbedBatch,
     hash_batch,
     part_key,
     read_decode_batch,
+    write_parts,
 )
 from pipelines.inputs import InputError, expand_inputs  # noqa: E402
 
@@ -57,12 +58,23 @@ class EmbedSummary:
     deferred: int = 0  # left for a later run by --limit
     parts: int = 0
     seconds: float = 0.0  # Ray Data execution, actor start-up and model load included
+    first_batch_seconds: float = 0.0  # start until the model's first batch: the start-up cost
+    first_batch_images: int = 0
+    model_span_seconds: float = 0.0  # the model's first batch done -> its last batch done
     error_stages: dict[str, int] = field(default_factory=dict)
     store_duplicates: int = 0  # ids stored more than once before this run (should stay 0)
 
     @property
     def images_per_s(self) -> float:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_s(self) -> float:
+        """Images/s after the first batch: the rate once actors are up and the model loaded."""
+        images = self.embedded - self.first_batch_images
+        if self.model_span_seconds > 0 and images > 0:
+            return images / self.model_span_seconds
+        return self.images_per_s
 
     def line(self) -> str:
         skipped = [f"{self.skipped_present} skipped as already present"]
@@ -78,7 +90,11 @@ class EmbedSummary:
         )
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "images_per_s": self.images_per_s}
+        return {
+            **asdict(self),
+            "images_per_s": self.images_per_s,
+            "steady_images_per_s": self.steady_images_per_s,
+        }
 
 
 # ---- the store's side ------------------------------------------------------------------------
@@ -124,7 +140,7 @@ def failed_uris(store: Store) -> set[str]:
 
 
 # ---- Ray ---------------------------------------------------------------------------------------
-def connect_ray(config: EmbedJobConfig):
+def connect_ray(address: str | None = None, temp_dir: str | None = None):
     """Join ``--address`` or $RAY_ADDRESS (as under ``ray job submit``), else start a local Ray.
 
     A local Ray's workers find this repository through PYTHONPATH (inherited from the driver);
@@ -134,14 +150,14 @@ def connect_ray(config: EmbedJobConfig):
 
     if ray.is_initialized():
         return ray
-    address = config.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         path = os.environ.get("PYTHONPATH", "")
         if str(ROOT) not in path.split(os.pathsep):
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), path) if p)
-        ray.init(address="local", include_dashboard=False, _temp_dir=config.ray_temp_dir)
+        ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir)
     return ray
 
 
@@ -203,7 +219,7 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
     batch_size = config.batch_size
     ray = None
     if config.dedup:
-        ray = connect_ray(config)
+        ray = connect_ray(config.address, config.ray_temp_dir)
         rows = config.read_batch or batch_size or cfg.CPU_BATCH_SIZE
         ids_by_uri, read_errors = content_ids(ray, todo, config, rows)
         if read_errors:
@@ -241,7 +257,7 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
     if not pending:
         return summary
 
-    ray = ray or connect_ray(config)
+    ray = ray or connect_ray(config.address, config.ray_temp_dir)
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if has_gpu else 0.0)
     actor_cpus = config.actor_cpus or (cfg.GPU_ACTOR_CPUS if num_gpus else cfg.CPU_ACTOR_CPUS)
@@ -268,33 +284,53 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
         },
     )
     ds = ds.map_batches(
-        EmbedWriter,
+        EmbedBatch,
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_cpus=actor_cpus,
         num_gpus=num_gpus or None,
-        fn_constructor_kwargs={
-            "model": model,
-            "store_uri": store.uri,
-            "num_shards": num_shards,
-            "actors": config.actors,
-        },
+        fn_constructor_kwargs={"model": model, "actors": config.actors},
     )
+    ds = ds.map_batches(
+        write_parts,
+        batch_size=config.part_rows,
+        batch_format="pyarrow",
+        num_cpus=config.write_cpus,
+        fn_kwargs={"store_uri": store.uri, "num_shards": num_shards},
+    )
+    each = f"{num_gpus:g} GPU" if num_gpus else f"{actor_cpus:g} CPU"
     log(
-        f"embedding {len(pending)} images with {config.actors} x {name} "
-        f"({'%g GPU' % num_gpus if num_gpus else '%g CPU' % actor_cpus} each, "
+        f"embedding {len(pending)} images with {config.actors} x {name} ({each} each, "
         f"batch {batch_size}) into {num_shards} shards of {store.uri}"
     )
     stages: Counter[str] = Counter(summary.error_stages)
-    started = time.perf_counter()
+    started, started_wall = time.perf_counter(), time.time()
+    first, first_n, last = float("inf"), 0, 0.0
     for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for t0, n0, t1 in zip(
+            out["first_embedded_at"].to_pylist(),
+            out["first_embedded_n"].to_pylist(),
+            out["last_embedded_at"].to_pylist(),
+            strict=True,
+        ):
+            if t0 is None:
+                continue
+            if t0 < first:  # an earlier model batch (rows of one batch may span two writes)
+                first, first_n = t0, n0
+            elif t0 == first:
+                first_n += n0
+            last = max(last, t1)
         summary.embedded += sum(out["embedded"].to_pylist())
         summary.errors += sum(out["errors"].to_pylist())
         summary.parts += sum(out["parts"].to_pylist())
         for joined in out["error_stages"].to_pylist():
             stages.update(s for s in joined.split(",") if s)
     summary.seconds = time.perf_counter() - started
+    if first_n:
+        summary.first_batch_seconds = first - started_wall
+        summary.first_batch_images = first_n
+        summary.model_span_seconds = last - first
     summary.error_stages = dict(stages)
     return summary
 

@@ -50,6 +50,8 @@ class EmbedJobConfig:
     threads: int | None = None  # torch threads per actor
     decode_cpus: float = 1.0  # CPUs reserved per read+decode task
     read_batch: int | None = None  # inputs per read+decode task (default: batch_size)
+    part_rows: int = 2048  # rows per write task: one Parquet part per shard per write
+    write_cpus: float = 0.25  # CPUs reserved per write task (it mostly waits on I/O)
     dedup: bool = False  # id = hash of the bytes, so one picture under two URIs is one row
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger declared images are decompression bombs
     max_bytes: int = DEFAULT_MAX_BYTES  # larger files are refused unread past this size
@@ -78,9 +80,9 @@ class EmbedJobConfig:
         for name in ("num_shards", "batch_size", "threads", "read_batch", "limit"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name))
-        for name in ("actors", "max_pixels", "max_bytes"):
+        for name in ("actors", "max_pixels", "max_bytes", "part_rows"):
             _check_int(name, getattr(self, name))
-        for name in ("actor_cpus", "decode_cpus", "num_gpus"):
+        for name in ("actor_cpus", "decode_cpus", "write_cpus", "num_gpus"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -147,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads per actor (default cores/actors)")
     p.add_argument("--decode-cpus", type=float, help="CPUs per read+decode task (default 1)")
     p.add_argument("--read-batch", type=int, help="inputs per read+decode task (default batch)")
+    p.add_argument(
+        "--part-rows", type=int, help="rows per write: one part per shard each (default 2048)"
+    )
+    p.add_argument("--write-cpus", type=float, help="CPUs per write task (default 0.25)")
     p.add_argument("--dedup", action="store_const", const=True, help="content-hash ids")
     p.add_argument("--max-pixels", type=int, help=f"bomb limit ({DEFAULT_MAX_PIXELS})")
     p.add_argument("--max-bytes", type=int, help=f"largest input file ({DEFAULT_MAX_BYTES})")

@@ -1,7 +1,8 @@
 """The work inside the embedding job's Ray Data stages; plain functions and one class, no driver.
 
     URIs ──read_decode_batch (CPU tasks)──> uint8 crops + error rows
-         ──EmbedWriter (actor pool, GPU or CPU)──> Parquet parts per shard + errors parts
+         ──EmbedBatch (actor pool, GPU or CPU)──> vectors + error rows
+         ──write_parts (CPU tasks, part_rows at a time)──> one part per shard + an errors part
 
 Failure of one input never fails a batch: every exception while reading, decoding or embedding
 one image becomes an error row (uri, id, stage, error) that ends in ``<store>/errors/``.
@@ -34,6 +35,7 @@ from pipelines.inputs import read_uri
 log = logging.getLogger(__name__)
 
 CROP = "crop"  # fixed_size_list<uint8>[S*S*3]: 4x smaller than float32 on the wire
+EMBEDDED_AT = "embedded_at"  # wall time the row's model batch finished (not stored)
 READ, DECODE, EMBED = "read", "decode", "embed"
 
 
@@ -122,111 +124,117 @@ def hash_batch(batch: pa.Table, *, max_bytes: int) -> pa.Table:
     )
 
 
-# ---- stage 2: embed + write (actor pool) -------------------------------------------------------
-class EmbedWriter:
-    """One model per actor; embeds a batch of crops and writes its rows, shard by shard.
+# ---- stage 2: embed (actor pool) ---------------------------------------------------------------
+class EmbedBatch:
+    """One model per actor: crops in, vectors out; rows that already failed pass through.
 
-    Writing here (not in a further stage) keeps the float vectors out of the object store; one
-    Parquet part per (batch, shard) costs a few ms against a model call of a second on CPU.
+    Keeps the GPU (or the CPU cores) busy with nothing but the model: decoding happened in CPU
+    tasks before, writing happens in tasks after.
     """
 
-    def __init__(
-        self,
-        model: dict[str, Any],
-        store_uri: str,
-        num_shards: int,
-        actors: int = 1,
-    ):
+    def __init__(self, model: dict[str, Any], actors: int = 1):
         model = dict(model)
         if model.get("threads") is None and model.get("device", "cpu") == "cpu":
             # the pool shares this machine: split its cores between the actors on it
             model["threads"] = max(1, len(os.sched_getaffinity(0)) // max(1, actors))
         self.embedder = Embedder(ModelConfig(**model))
-        self.store = Store(store_uri)
-        self.num_shards = num_shards
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        started = time.perf_counter()
-        failed = pc.is_valid(batch[schema.STAGE])
-        good = batch.filter(pc.invert(failed))
-        bad = batch.filter(failed)
-        err_uris = bad[schema.URI].to_pylist()
-        err_ids = bad[schema.ID].to_pylist()
-        err_stages = bad[schema.STAGE].to_pylist()
-        err_msgs = bad[schema.ERROR].to_pylist()
-
-        ids = good[schema.ID].to_pylist()
-        uris = good[schema.URI].to_pylist()
-        widths = good[schema.WIDTH].to_pylist()
-        heights = good[schema.HEIGHT].to_pylist()
-        vectors, failures = self._embed(good)
-        for i, reason in sorted(failures.items()):
-            err_uris.append(uris[i])
-            err_ids.append(ids[i])
-            err_stages.append(EMBED)
-            err_msgs.append(reason)
-        kept = [i for i in range(len(ids)) if i not in failures]
-        written = 0
-        if kept:
-            ids = [ids[i] for i in kept]
-            uris = [uris[i] for i in kept]
-            widths = [widths[i] for i in kept]
-            heights = [heights[i] for i in kept]
-            vectors = vectors[kept]
-            written = self._write_embeddings(ids, uris, vectors, widths, heights)
-        if err_uris:
-            table = schema.errors_table(err_uris, err_msgs, err_stages, err_ids)
-            key = part_key([f"{u}\t{i}" for u, i in zip(err_uris, err_ids, strict=True)])
-            path = posixpath.join(self.store.errors_dir, self.store.new_part_name(key))
-            self.store.write_parquet(table, path)
-        return pa.table(
-            {
-                "embedded": pa.array([len(kept)], pa.int64()),
-                "errors": pa.array([len(err_uris)], pa.int64()),
-                "parts": pa.array([written], pa.int64()),
-                "seconds": pa.array([time.perf_counter() - started], pa.float64()),
-                "error_stages": pa.array([",".join(err_stages)], pa.string()),
-            }
+        n = batch.num_rows
+        stages = batch[schema.STAGE].to_pylist()
+        errors = batch[schema.ERROR].to_pylist()
+        good = [i for i in range(n) if stages[i] is None]
+        vectors = np.zeros((n, self.embedder.dim), np.float32)
+        if good:
+            crops = self._crops(batch.take(pa.array(good, pa.int64())))
+            embedded, failures = self._embed(crops)
+            vectors[good] = embedded
+            for j, reason in failures.items():
+                stages[good[j]], errors[good[j]] = EMBED, reason
+        ok = np.array([s is None for s in stages], bool)
+        column = pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.reshape(-1), pa.float32()), self.embedder.dim, mask=pa.array(~ok)
+        )
+        out = batch.drop_columns([CROP, schema.STAGE, schema.ERROR])
+        done = pa.array([time.time() if good else None] * n, pa.float64())
+        return (
+            out.append_column(schema.EMBEDDING, column)
+            .append_column(schema.STAGE, pa.array(stages, pa.string()))
+            .append_column(schema.ERROR, pa.array(errors, pa.string()))
+            .append_column(EMBEDDED_AT, done)  # for the driver's start-up / steady-rate split
         )
 
-    def _embed(self, good: pa.Table) -> tuple[np.ndarray, dict[int, str]]:
-        """Vectors of the decoded rows, and {row: reason} for rows the model failed on."""
-        n = good.num_rows
+    def _crops(self, good: pa.Table) -> np.ndarray:
         size = self.embedder.image_size
-        if n == 0:
-            return np.zeros((0, self.embedder.dim), np.float32), {}
         flat = good[CROP].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        crops = flat.reshape(n, size, size, 3)
+        # Arrow memory is read-only and torch wants writable arrays: one cheap copy per batch
+        return np.require(flat.reshape(good.num_rows, size, size, 3), requirements="W")
+
+    def _embed(self, crops: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+        """Vectors of the crops, and {row: reason} for rows the model failed on."""
         try:
             return self.embedder.embed(crops), {}
         except Exception as batch_error:  # find the culprit instead of losing the batch
-            log.warning("batch of %d failed to embed (%s); retrying one by one", n, batch_error)
-        vectors = np.zeros((n, self.embedder.dim), np.float32)
+            log.warning(
+                "batch of %d failed to embed (%s); retrying one by one", len(crops), batch_error
+            )
+        vectors = np.zeros((len(crops), self.embedder.dim), np.float32)
         failures: dict[int, str] = {}
-        for i in range(n):
+        for i in range(len(crops)):
             try:
                 vectors[i] = self.embedder.embed(crops[i : i + 1])[0]
             except Exception as e:
                 failures[i] = _describe(e)
         return vectors, failures
 
-    def _write_embeddings(self, ids, uris, vectors, widths, heights) -> int:
-        shards = shards_of(ids, self.num_shards)
+
+# ---- stage 3: write (CPU tasks) ----------------------------------------------------------------
+def write_parts(batch: pa.Table, *, store_uri: str, num_shards: int) -> pa.Table:
+    """Write a batch's vectors as one Parquet part per shard, and its failures as an errors part.
+
+    Batches here are larger than model batches (``part_rows``), so parts are not tiny files.
+    Returns one row of counts for the driver's summary.
+    """
+    store = Store(store_uri)
+    failed = pc.is_valid(batch[schema.STAGE])
+    good = batch.filter(pc.invert(failed))
+    bad = batch.filter(failed)
+    parts = 0
+    if good.num_rows:
+        ids = good[schema.ID].to_pylist()
+        vectors = schema.arrow_to_vectors(good[schema.EMBEDDING])
+        shards = shards_of(ids, num_shards)
         now = schema.now_ms()
-        parts = 0
         for shard in np.unique(shards):
-            rows = np.flatnonzero(shards == shard)
-            shard_ids = [ids[i] for i in rows]
+            rows = pa.array(np.flatnonzero(shards == shard), pa.int64())
+            part = good.take(rows)
+            shard_ids = part[schema.ID].to_pylist()
             table = schema.embeddings_table(
                 shard_ids,
-                [uris[i] for i in rows],
-                vectors[rows],
-                [widths[i] for i in rows],
-                [heights[i] for i in rows],
+                part[schema.URI].to_pylist(),
+                vectors[rows.to_numpy()],
+                part[schema.WIDTH].to_pylist(),
+                part[schema.HEIGHT].to_pylist(),
                 ingested_at=now,
             )
-            name = self.store.new_part_name(part_key(shard_ids))
-            directory = self.store.embeddings_dir(int(shard))
-            self.store.write_parquet(table, posixpath.join(directory, name))
+            name = store.new_part_name(part_key(shard_ids))
+            store.write_parquet(table, posixpath.join(store.embeddings_dir(int(shard)), name))
             parts += 1
-        return parts
+    times = good[EMBEDDED_AT].to_numpy(zero_copy_only=False) if good.num_rows else np.zeros(0)
+    err_stages = bad[schema.STAGE].to_pylist()
+    if bad.num_rows:
+        uris, ids = bad[schema.URI].to_pylist(), bad[schema.ID].to_pylist()
+        table = schema.errors_table(uris, bad[schema.ERROR].to_pylist(), err_stages, ids)
+        key = part_key([f"{u}\t{i}" for u, i in zip(uris, ids, strict=True)])
+        store.write_parquet(table, posixpath.join(store.errors_dir, store.new_part_name(key)))
+    return pa.table(
+        {
+            "embedded": pa.array([good.num_rows], pa.int64()),
+            "errors": pa.array([bad.num_rows], pa.int64()),
+            "parts": pa.array([parts], pa.int64()),
+            "error_stages": pa.array([",".join(err_stages)], pa.string()),
+            "first_embedded_at": pa.array([times.min() if len(times) else None], pa.float64()),
+            "first_embedded_n": pa.array([int((times == times.min()).sum()) if len(times) else 0]),
+            "last_embedded_at": pa.array([times.max() if len(times) else None], pa.float64()),
+        }
+    )
