@@ -17,6 +17,7 @@ gives the same row keys whatever order the parts were listed or written in.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ from index import schema
 from index.manifest import Manifest, ShardState, commit_manifest, load_manifest
 from index.policy import IndexSpec, choose_index
 from index.store import Store
+from index.tune import tune_defaults
 
 META_FORMAT = 1
 INDEX_FILE = "index.faiss"
@@ -83,14 +85,17 @@ def build_arrays(
     extra: pa.Table | None = None,
     memory_budget: str | int = "4G",
     seed: int = 0,
+    tune: bool = True,
     extra_meta: dict | None = None,
     on_stage: Stage | None = None,
 ) -> dict:
     """Write a complete version directory for these rows into the local directory ``out_dir``.
 
     Row key ``i`` is row ``i`` of the arrays. ``spec=None`` applies the policy rules.
-    ``extra`` (same length) holds metadata columns stored in ``rows.parquet``. ``on_stage`` is
-    called with "rows", "trained", "added" and "index" as each step finishes (progress reports;
+    ``extra`` (same length) holds metadata columns stored in ``rows.parquet``. ``tune`` measures
+    the built index for its default nprobe and rerank candidates (``index.tune``); without it
+    the spec's defaults stand. ``on_stage`` is called with "rows", "trained", "added", "tuned"
+    and "index" as each step finishes (progress reports;
     the crash tests use it to stop a build at a known point). Returns the meta dict written.
     """
     t0 = time.perf_counter()
@@ -115,7 +120,8 @@ def build_arrays(
         for name in extra.column_names:
             rows = rows.append_column(extra.schema.field(name), extra[name])
     pq.write_table(rows, out / ROWS_FILE, compression="zstd")
-    _save_npy(out / VECTORS_FILE, vectors.astype(np.float16))
+    vectors16 = vectors.astype(np.float16)
+    _save_npy(out / VECTORS_FILE, vectors16)
     stage("rows")
 
     index = faiss.index_factory(dim, spec.factory, faiss_metric(metric))
@@ -137,6 +143,17 @@ def build_arrays(
     add_s = time.perf_counter() - t_add
     stage("added")
 
+    tuning = tune_defaults(index, vectors, vectors16, metric, spec, seed=seed) if tune else None
+    del vectors16
+    if tuning is not None:
+        spec = dataclasses.replace(
+            spec,
+            nprobe=tuning["nprobe"],
+            candidates=tuning["candidates"],
+            reasons=[*spec.reasons, tuning["reason"]],
+        )
+    stage("tuned")
+
     faiss.write_index(index, str(out / INDEX_FILE))
     _fsync(out / INDEX_FILE)
     stage("index")
@@ -153,13 +170,16 @@ def build_arrays(
         "nbits": spec.nbits,
         "train_size": min(spec.train_size, n) if spec.kind != "flat" else 0,
         "nprobe": spec.nprobe,
+        "candidates": spec.candidates,
         "spec": spec.to_dict(),
+        "tuning": tuning,
         "seed": seed,
         "faiss_version": faiss.__version__,
         "created_at": time.time(),
         "build_seconds": {
             "train": round(train_s, 3),
             "add": round(add_s, 3),
+            "tune": tuning["seconds"] if tuning else 0.0,
             "total": round(time.perf_counter() - t0, 3),
         },
         "files": {name: file_digest(out / name) for name in DATA_FILES},

@@ -30,20 +30,29 @@ from index import schema
 from index.build import INDEX_FILE, KEY, META_FILE, ROWS_FILE, VECTORS_FILE, file_digest
 from index.hits import Hit
 from index.manifest import load_manifest
+from index.rerank import rerank
 from index.store import Store
 
 __all__ = ["Hit", "IndexLoadError", "ShardIndex", "index_memory"]
 
-RERANK_CHUNK_ELEMENTS = 4_000_000  # float32 elements gathered per rerank step (~16 MB)
+EXACT_CHUNK_ELEMENTS = 4_000_000  # float32 elements per brute-force step (~16 MB)
+MAX_DEFAULT_CANDIDATES = 10_000
 
 
 class IndexLoadError(RuntimeError):
     """A version directory is missing, incomplete or corrupt; it is refused, never half-used."""
 
 
-def default_candidates(k: int) -> int:
-    """Per-shard candidates fetched from the compressed index for exact rerank."""
-    return max(4 * k, 100)
+def default_candidates(k: int, tuned: int | None = None) -> int:
+    """Per-shard candidates fetched from the compressed index for exact rerank.
+
+    ``tuned`` is what the build measured for k=10 (meta.json ``candidates``); it scales with k.
+    Without it: ``max(4k, 100)``.
+    """
+    if not tuned:
+        return max(4 * k, 100)
+    scaled = tuned * max(1, -(-k // 10))
+    return max(4 * k, min(scaled, max(tuned, MAX_DEFAULT_CANDIDATES)))
 
 
 @dataclass
@@ -167,8 +176,9 @@ class ShardIndex:
         """Top ``k`` hits of each query (one list per query, best first, up to ``k`` long).
 
         ``nprobe`` (default: the version's ``meta.nprobe``) is the number of IVF lists visited;
-        ``candidates`` (default ``max(4k, 100)``) how many compressed-index results are rescored
-        exactly when ``rerank``. Without rerank, scores are the index's approximations.
+        ``candidates`` (default: the number the build measured for recall, see ``index.tune``,
+        scaled with k; ``max(4k, 100)`` for older versions) how many compressed-index results are
+        rescored exactly when ``rerank``. Without rerank, scores are the index's approximations.
         """
         q = self._check_queries(queries)
         if k < 1:
@@ -176,7 +186,10 @@ class ShardIndex:
         if self.count == 0 or len(q) == 0:
             return [[] for _ in range(len(q))]
         exact_index = self._ivf is None  # Flat: the index's scores are already exact
-        fetch = max(k, candidates or default_candidates(k)) if rerank and not exact_index else k
+        if rerank and not exact_index:
+            fetch = max(k, candidates or default_candidates(k, self.meta.get("candidates")))
+        else:
+            fetch = k
         fetch = min(fetch, self.count)
         scores, keys = self._candidates(q, fetch, nprobe)
         if rerank and not exact_index:
@@ -205,38 +218,9 @@ class ShardIndex:
         return params
 
     def rerank(self, q: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of candidate row keys from the float16 vectors; best ``k`` per query.
-
-        Scores are computed row by row (multiply and pairwise sum, no BLAS blocking), so a
-        (query, row) pair gets the same float32 score whatever batch or shard it is scored in.
-        Ties are broken by row key, which is id order (the build sorts rows by id).
-        """
-        nq, n = keys.shape
-        k = min(k, n)
-        out_scores = np.empty((nq, k), np.float32)
-        out_keys = np.empty((nq, k), np.int64)
-        worst = -np.inf if self.metric == "ip" else np.inf
-        step = max(1, RERANK_CHUNK_ELEMENTS // max(1, n * self.dim))
-        for start in range(0, nq, step):
-            block = keys[start : start + step]
-            valid = block >= 0
-            gathered = self._vectors[np.where(valid, block, 0).ravel()]
-            x = gathered.astype(np.float32).reshape(len(block), n, self.dim)
-            qb = q[start : start + step, None, :]
-            if self.metric == "ip":
-                s = (x * qb).sum(axis=2)
-            else:
-                s = np.square(x - qb).sum(axis=2)
-            s[~valid] = worst
-            # sort by (score, key): lexsort's last key is primary
-            primary = -s if self.metric == "ip" else s
-            order = np.lexsort((np.where(valid, block, np.iinfo(np.int64).max), primary), axis=1)
-            order = order[:, :k]
-            out_scores[start : start + step] = np.take_along_axis(s, order, axis=1)
-            out_keys[start : start + step] = np.where(
-                np.take_along_axis(valid, order, axis=1), np.take_along_axis(block, order, 1), -1
-            )
-        return out_scores, out_keys
+        """Exact scores of candidate row keys from the float16 vectors; best ``k`` per query
+        (``index.rerank``: row-by-row arithmetic, ties by row key = id order)."""
+        return rerank(self._vectors, self.metric, q, keys, k)
 
     def search_exact(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Brute-force top ``k`` over every stored (float16) vector: the reference the recall
@@ -249,7 +233,7 @@ class ShardIndex:
         k = min(k, self.count)
         best_s = np.full((len(q), 0), 0, np.float32)
         best_k = np.full((len(q), 0), 0, np.int64)
-        step = max(1, RERANK_CHUNK_ELEMENTS // self.dim)
+        step = max(1, EXACT_CHUNK_ELEMENTS // self.dim)
         q_norm = np.square(q).sum(axis=1, keepdims=True)
         for start in range(0, self.count, step):
             x = np.asarray(self._vectors[start : start + step], dtype=np.float32)
@@ -349,7 +333,8 @@ def index_memory(index: faiss.Index) -> dict:
         out["other"] += index.ntotal * index.d * 4 if hasattr(index, "get_xb") else 0
     else:
         out["centroids"] += ivf.quantizer.ntotal * ivf.d * 4
-        out["other"] += ivf.d * 256 * 4  # PQ tables: at most dim x 2**nbits floats
+        pq = getattr(ivf, "pq", None)
+        out["other"] += pq.centroids.size() * 4 if pq is not None else 0  # PQ codebooks
         invlists = ivf.invlists
         block = faiss.downcast_InvertedLists(invlists)
         block = block if isinstance(block, faiss.BlockInvertedLists) else None

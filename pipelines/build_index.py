@@ -181,7 +181,9 @@ def run(config: BuildConfig) -> BuildSummary:
                 commit_results(store, [result])
                 summary.built[shard] = result.version
                 summary.vectors += result.count
-                summary.shard_seconds[shard] = result.meta["build_seconds"]["total"]
+                summary.shard_seconds[shard] = result.meta["build_seconds"][
+                    "total"
+                ] + result.meta.get("read_seconds", 0.0)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"shard {shard} done")

@@ -41,7 +41,8 @@ def test_caltech_sharded_recall_and_same_ids_as_one_unsharded_index(ann_dir, tmp
     ids as one unsharded index built with the same parameters.
 
     "Same parameters" means the same IndexSpec (factory, nlist, PQ m/nbits, training rule), the
-    same nprobe and the same number of rerank candidates per index. The two systems still train
+    same nprobe and the same number of rerank candidates per index (given explicitly: each build
+    tunes its own defaults, which would otherwise differ). The two systems still train
     different k-means and PQ codebooks (each shard on its own rows), so *which* candidates each
     retrieves is approximate and may differ; *how* retrieved candidates are ranked is exact in
     both (float16 rescoring computed row by row, ties broken by id, exact top-k merge). So the
@@ -68,7 +69,10 @@ def test_caltech_sharded_recall_and_same_ids_as_one_unsharded_index(ann_dir, tmp
     ids = [str(i) for i in order]
     build_arrays(data["train"][order], ids, ids, tmp_path / "one", spec, "ip")
     one = ShardIndex.open_dir(tmp_path / "one")
-    one_hits = one.search(queries, k)
+    same = {"nprobe": 8, "candidates": 100}
+    one_hits = one.search(queries, k, **same)
+    per_shard = [s.search(queries, k, **same) for s in shards]
+    sharded_hits = [merge_topk([p[q] for p in per_shard], k, "ip") for q in range(len(queries))]
     exact16 = [[h.id for h in row] for row in one.search_exact(queries, k)]
     # float16 storage costs nothing worth noting against float32 ground truth
     assert recall_at_k(exact16, truth, k) >= 0.995
