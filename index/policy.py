@@ -12,9 +12,10 @@ flat or IVF+PQ         IVF needs >= 30 training vectors per list and at least ``
 nlist                  the smallest power of two >= ``4 * sqrt(n)`` (DESIGN's 4..16 sqrt(n)),
                        capped to the largest power of two <= ``n / 30`` (training rule), to
                        <= ``n / FASTSCAN_MIN_LIST`` (fast-scan stores lists in blocks of 32
-                       codes: lists averaging >= 128 codes keep the padding <= ~12%, e.g.
-                       76 instead of 89 B/vector at 125k x 256-d) and to ``MAX_NLIST``. The
-                       fast-scan cap is the binding one below ~262k rows per shard.
+                       codes: lists averaging >= 128 codes keep the padding <= ~12%; measured
+                       76 B/vector with ~244 codes per list (index_build.json) against 83 with
+                       ~98 (pq_choice.json), both 64 B codes + 8 B ids at 256-d) and to
+                       ``MAX_NLIST``. The fast-scan cap binds below ~262k rows per shard.
 training sample        ``min(n, max(TRAIN_PER_LIST * nlist, 39 * 2**nbits))`` rows drawn at
                        random (>= 30 per list; FAISS k-means wants 39 per centroid).
 code size              target ``dim / CODE_DIM_RATIO`` bytes per vector (64 B at 256-d); halved
@@ -22,11 +23,13 @@ code size              target ``dim / CODE_DIM_RATIO`` bytes per vector (64 B at
                        fixed is centroids + PQ tables. Refused when even ``MIN_CODE_BYTES``
                        does not fit (use more shards).
 PQ bits                4-bit fast-scan with residuals (``PQ{m}x4fsr``, m = 2 * code bytes).
-                       Measured (benchmarks/pq_choice.json, 200k x 256-d, equal code size):
-                       recall@10 after rerank 0.949 vs 0.959 for 8-bit ``PQ{m/2}`` at 64 B
-                       (0.823 vs 0.836 at 32 B), search without rerank 2-3x faster, build 3-5x
-                       faster (8-bit PQ training dominates: 71 s vs 13 s; on 1280-d, minutes).
-                       Residual encoding (``fsr``) is worth +0.07 recall over ``fs``.
+                       Measured (benchmarks/pq_choice.json, 200k x 256-d, equal code size,
+                       100 rerank candidates): recall@10 after rerank 0.949 vs 0.959 for 8-bit
+                       ``PQ{m/2}`` at 64 B (0.823 vs 0.836 at 32 B) - a gap the tuned rerank
+                       candidates below close; search without rerank faster (0.04 vs 0.16
+                       ms/query at nprobe 64, noisy shared box); build 5x faster (13 s vs 71 s:
+                       8-bit PQ training dominates, and takes minutes on 1280-d). Residual
+                       encoding (``fsr``) is worth +0.07 recall over plain ``fs``.
 PQ m                   must divide dim: the largest divisor of dim <= the target m.
 OPQ / PCA              not chosen: an OPQ rotation gained +0.003 recall at 8x the build time
                        on 256-d and took > 5 minutes to train on 1280-d; PCA is not used

@@ -71,11 +71,3 @@ def load_ann(path: str | Path) -> dict:
         train /= np.linalg.norm(train, axis=1, keepdims=True)
         test /= np.linalg.norm(test, axis=1, keepdims=True)
     return {"train": train, "test": test, "neighbors": neighbors, "metric": metric}
-
-
-def recall_at_k(found: Sequence[Sequence[str]], truth: np.ndarray, k: int) -> float:
-    """Mean |found[:k] & truth[:k]| / k over queries (ids compared as strings)."""
-    total = 0
-    for got, want in zip(found, truth, strict=True):
-        total += len({str(g) for g in got[:k]} & {str(w) for w in want[:k]})
-    return total / (k * len(found))

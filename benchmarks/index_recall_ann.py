@@ -1,0 +1,61 @@
+"""Recall of sharded IVF+PQ (+ rerank) on real vectors with exact ground truth.
+
+Builds a store from each ann-benchmarks file in ``../shared/data/ann`` (caltech101-mnv2-1280:
+real MobileNetV2 embeddings of Caltech-101 photos, 4 shards; sift5k-128: real SIFT, 2 shards) with
+the index policy's defaults, then runs the recall tool (``python -m index.recall``) on it:
+
+    flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/index_recall_ann.py
+
+Writes benchmarks/results/index_recall_<dataset>.json and .png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS_DIR, machine_info  # noqa: E402
+from benchmarks.index_build import write_embeddings  # noqa: E402
+from index import recall  # noqa: E402
+from index.build import build_shard, commit_results  # noqa: E402
+
+DATA = Path(
+    os.environ.get("VISUAL_SEARCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+DATASETS = {"caltech101-mnv2-1280-angular": 4, "sift5k-128-euclidean": 2}
+
+
+def main() -> None:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    for name, num_shards in DATASETS.items():
+        path = DATA / "ann" / f"{name}.hdf5"
+        with h5py.File(path, "r") as f:
+            train = np.asarray(f["train"], dtype=np.float32)
+            angular = f.attrs["distance"] in ("angular", b"angular")
+        if angular:
+            train /= np.linalg.norm(train, axis=1, keepdims=True)
+        ids = np.array([str(i) for i in range(len(train))], dtype=object)
+        with tempfile.TemporaryDirectory(prefix="vs-recall-") as tmp:
+            store = write_embeddings(Path(tmp), ids, train, num_shards, "ip" if angular else "l2")
+            t = time.perf_counter()
+            commit_results(store, [build_shard(store, s) for s in range(num_shards)])
+            build_s = time.perf_counter() - t
+            out = RESULTS_DIR / f"index_recall_{name.split('-')[0]}"
+            result = recall.main(
+                ["--store", str(store.root), "--queries", str(path), "--out", str(out)]
+            )
+        result.update(build_seconds=round(build_s, 2), machine=machine_info(), store=None)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
