@@ -49,7 +49,7 @@ def run_variant(name, factory, nlist, base, queries, truth, metric, workdir) -> 
     spec = IndexSpec("ivfpq", factory, nlist, 0, 0, min(n, 64 * nlist), 8, [])
     t0 = time.perf_counter()
     out = Path(tempfile.mkdtemp(dir=workdir))
-    build_arrays(base, ids, ids, out, spec, metric)
+    build_arrays(base, ids, ids, out, spec, metric, tune=False)  # fixed 100 candidates here
     build_s = time.perf_counter() - t0
     shard = ShardIndex.open_dir(out, verify=False)
     mem = shard.memory_breakdown()
