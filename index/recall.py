@@ -168,6 +168,10 @@ def plot(result: dict, path: str | Path, title: str = "") -> None:
     ax.plot(xs, [p["recall_ivfpq_rerank"] for p in curve], "o-", label="IVF+PQ + exact rerank")
     if result.get("recall_exact") is not None:
         ax.axhline(result["recall_exact"], color="grey", ls=":", label="exact (float16 vectors)")
+    defaults = result.get("default_nprobe")
+    for d in defaults if isinstance(defaults, list) else [defaults]:
+        if d:
+            ax.axvline(d, color="green", ls="-.", alpha=0.5, label=f"default nprobe {d}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("nprobe (lists visited per shard)")
     ax.set_ylabel(f"recall@{result['k']}")

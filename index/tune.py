@@ -8,7 +8,8 @@ So every build measures it, autofaiss-style:
 
 - ``queries`` rows of the shard, drawn at random, serve as queries; their exact top-k
   (float32, leaving the query row itself out) is the ground truth;
-- for nprobe in 1, 2, 4, ... up to ``4 x`` the policy's nprobe (at most nlist) and each number
+- for nprobe in 1, 2, 4, ... up to ``4 x`` the policy's nprobe (at most nlist; stopping early
+  once doubling nprobe gains < 0.002 recall at every candidate count) and each number
   of candidates in ``CANDIDATE_LADDER`` up to n/8 (rescoring more is no longer a shortcut over
   a flat scan), recall@k after exact rerank with the stored float16
   vectors (as served);
@@ -32,6 +33,7 @@ from index.rerank import best_k, exact_scores
 TARGET_RECALL = 0.98
 TUNE_QUERIES = 200
 CANDIDATE_LADDER = (50, 100, 200, 400, 800, 1600)
+SATURATED = 0.002  # stop raising nprobe once no candidate count gains more recall than this
 MIN_ROWS = 1000  # below this the policy's defaults stand (the sample would be most of the shard)
 
 
@@ -74,10 +76,16 @@ def tune_defaults(
         _, found = index.search(q, top + 1, params=params)
         found = np.stack([_drop_self(r, row)[:top] for r, row in zip(found, rows, strict=True)])
         scores = exact_scores(vectors16, metric, q, found)  # once; each ladder step is a prefix
+        measured = []
         for c in ladder:
             _, keys = best_k(scores[:, :c], found[:, :c], metric, k)
             hits = sum(len(truth[i] & set(keys[i].tolist())) for i in range(len(rows)))
-            table.append({"nprobe": nprobe, "candidates": c, "recall": hits / (k * len(rows))})
+            measured.append({"nprobe": nprobe, "candidates": c, "recall": hits / (k * len(rows))})
+        before = table[-len(measured) :] or [{"recall": -1.0}] * len(measured)
+        gain = max(m["recall"] - b["recall"] for m, b in zip(measured, before, strict=True))
+        table.extend(measured)
+        if gain < SATURATED:  # probing more lists no longer finds more neighbours
+            break
 
     reached = [t for t in table if t["recall"] >= target]
     if reached:

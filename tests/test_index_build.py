@@ -29,7 +29,7 @@ from index.build import (
     list_versions,
 )
 from index.manifest import load_manifest
-from index.shard_index import IndexLoadError, ShardIndex
+from index.shard_index import IndexLoadError, ShardIndex, default_candidates
 from index.store import Store
 from tests.helpers import write_store
 
@@ -270,3 +270,24 @@ def test_object_store_versions_become_visible_only_through_the_manifest(tmp_path
     assert result.version == 3  # never reuses the orphaned number
     commit_results(store, [result])
     assert ShardIndex.load(store, 0).count == 850
+
+
+def test_build_measures_default_nprobe_and_candidates(tmp_path):
+    ids, uris, vectors = _rows(3000)
+    meta = build_arrays(vectors, ids, uris, tmp_path / "tuned", None, "ip")
+    tuning = meta["tuning"]
+    assert meta["nprobe"] == tuning["nprobe"] and meta["candidates"] == tuning["candidates"]
+    assert tuning["reason"] in meta["spec"]["reasons"]
+    reached = [t for t in tuning["table"] if t["recall"] >= tuning["target"]]
+    assert reached, "this easy data reaches the target"
+    fewest = min(t["candidates"] for t in reached)
+    assert tuning["candidates"] == fewest
+    assert tuning["nprobe"] == min(t["nprobe"] for t in reached if t["candidates"] == fewest)
+    shard = ShardIndex.open_dir(tmp_path / "tuned")
+    assert shard.default_nprobe == tuning["nprobe"]
+
+    plain = build_arrays(vectors, ids, uris, tmp_path / "plain", None, "ip", tune=False)
+    assert plain["tuning"] is None and plain["candidates"] == 0
+    assert default_candidates(10) == 100 and default_candidates(50) == 200
+    assert default_candidates(10, 400) == 400 and default_candidates(100, 400) == 4000
+    assert default_candidates(1000, 800) == 10_000  # scaled with k, capped
