@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ray-temp-dir", help="temp dir of the local Ray (keep the path short)")
     p.add_argument(
+        "--serve-mode",
+        choices=("throughput", "default"),
+        default="throughput",
+        help="Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode (default) or Serve as installed",
+    )
+    p.add_argument(
         "--exit",
         "--no-serve-forever",
         dest="exit",
@@ -221,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         str(workdir / "queries" / "chelsea_cat__query.jpg") if held_out else _first_image(images)
     )
 
-    step("starting a local Ray on 127.0.0.1")
+    step(f"starting a local Ray on 127.0.0.1 (Serve mode: {args.serve_mode})")
+    from serve.local import set_serve_mode
+
+    set_serve_mode(args.serve_mode)  # before Ray starts: its processes read the flags
     ray = start_ray(args)
     try:
         step(f"embedding {images} into {store}")
@@ -231,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         step(f"starting Serve on http://{args.host}:{args.port}")
         start_serve(store, args.host, args.port)
         base_url = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
+        from serve.local import direct_ingress_port
+
+        direct = direct_ingress_port()
         step("sample query")
         sample_query(base_url, query, args.k, label_of)
         if held_out:
@@ -245,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nready in {time.perf_counter() - started:.0f} s. Try:\n")
         print(f"  curl -s -F file=@{query_path} '{base_url}/search?k=5'")
         print(f"  curl -s {base_url}/stats    # and {base_url}/docs for the API")
+        if direct is not None:
+            print(
+                f"\n(the ingress replica also answers on its own port, skipping Serve's proxy: "
+                f"http://127.0.0.1:{direct}/search, the lowest latency)"
+            )
         print(f"\n(`serve deploy {deploy_file}` deploys the same app on a running cluster)")
         if args.exit:
             return 0

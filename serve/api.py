@@ -12,6 +12,7 @@ status  error                      when
 400     missing_query              none of ``file`` / ``vector`` / ``id`` was given
 400     ambiguous_query            more than one of them was given
 404     unknown_id                 ``id`` names no row of the catalogue
+501     image_queries_disabled     a file was sent to an app run with ``image_queries: false``
 413     too_large                  the upload is over ``max_upload_bytes`` (checked while read)
 413     decompression_bomb         the image header claims more than ``max_pixels`` pixels
 415     not_an_image, unsupported  the file is not an image format we can decode
@@ -126,6 +127,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "too_large, decompression_bomb"),
         (415, "not_an_image, unsupported, unsupported_media_type"),
         (422, "bad vector, id or parameter (see the reason code)"),
+        (501, "image_queries_disabled (an app of vectors only)"),
         (503, "embedder_unavailable, shard_unavailable, no_shard_answered"),
     )
 }
@@ -176,6 +178,8 @@ class ParsedQuery:
 @dataclass
 class Limits:
     default_k: int = 10
+    default_nprobe: int | None = None
+    default_candidates: int | None = None
     max_nprobe: int = 65536
     max_candidates: int = 10000
     max_upload_bytes: int = 20 * 1024 * 1024
@@ -228,7 +232,12 @@ def validate_params(raw: dict[str, Any], limits: Limits) -> SearchParams:
             f"candidates must be in 1..{limits.max_candidates}, got {candidates}",
         )
     rerank = _bool_param("rerank", raw.get("rerank"))
-    return SearchParams(k, nprobe, True if rerank is None else rerank, candidates)
+    return SearchParams(
+        k,
+        limits.default_nprobe if nprobe is None else nprobe,
+        True if rerank is None else rerank,
+        limits.default_candidates if candidates is None else candidates,
+    )
 
 
 def validate_vector(value: Any, dim: int, normalise: bool) -> np.ndarray:

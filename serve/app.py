@@ -72,22 +72,26 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
         config = ServeConfig.from_dict(config)
     config.validate()
     manifest = load_store_manifest(config)
-    if verify_model:
-        check_model_config(config, manifest)
     gpus = _cluster_gpus()
-    embedder = QueryEmbedder.options(**config.embedder.deployment_options(gpus)).bind(
-        config.model_config,
-        _expected(manifest),
-        config.max_batch_size,
-        config.batch_wait_timeout_s,
-    )
+    logging = {"logging_config": {"enable_access_log": config.access_log}}
+    embedder = None
+    if config.image_queries:
+        if verify_model:
+            check_model_config(config, manifest)
+        options = {**config.embedder.deployment_options(gpus), **logging}
+        embedder = QueryEmbedder.options(**options).bind(
+            config.model_config,
+            _expected(manifest),
+            config.max_batch_size,
+            config.batch_wait_timeout_s,
+        )
     searchers = [
         ShardSearcher.options(
-            name=f"ShardSearcher{shard}", **config.searcher.deployment_options(gpus)
+            name=f"ShardSearcher{shard}", **config.searcher.deployment_options(gpus), **logging
         ).bind(config.store, shard, config.reload_interval_s, config.search_threads)
         for shard in range(manifest.num_shards)
     ]
-    return Ingress.options(**config.ingress.deployment_options(gpus)).bind(
+    return Ingress.options(**config.ingress.deployment_options(gpus), **logging).bind(
         config, embedder, searchers
     )
 

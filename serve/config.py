@@ -125,6 +125,9 @@ class ServeConfig:
     store: str = ""
     app_name: str = "visual-search"
     route_prefix: str = "/"
+    # image queries need the catalogue's model; false = vectors/ids only, no QueryEmbedder (for
+    # stores of vectors that no image model made: synthetic benchmarks, external embeddings)
+    image_queries: bool = True
     # the query model: must be the catalogue's model (refused at start otherwise)
     model: str = "efficientnet_lite0"
     weights: str = "default"
@@ -137,11 +140,17 @@ class ServeConfig:
     shard_deadline_ms: float = 1000.0  # a shard slower than this is left out: partial answer
     embed_deadline_ms: float = 15000.0  # embedding a query image on a busy CPU can take a while
     default_k: int = 10
+    default_nprobe: int | None = None  # None: each index version's own default (meta.json)
+    default_candidates: int | None = None  # per-shard rerank candidates; None: the index's default
     max_nprobe: int = 65536
     max_candidates: int = 10000
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
     reload_interval_s: float = 30.0  # searchers poll the manifest for a new live version; 0 = off
+    access_log: bool = True  # Serve's per-request access log lines (every replica, every call)
+    # how the ingress calls the embedder and searchers: "ray" (actor tasks, Serve's default) or
+    # "grpc" (DeploymentHandle.options(_by_reference=False): direct gRPC to the replica)
+    handle_transport: str = "ray"
     # deployments
     ingress: DeploymentSettings = field(default_factory=_ingress_defaults)
     embedder: DeploymentSettings = field(default_factory=_embedder_defaults)
@@ -180,9 +189,21 @@ class ServeConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.default_nprobe is not None and not 1 <= self.default_nprobe <= self.max_nprobe:
+            raise ConfigError(f"default_nprobe must be in 1..max_nprobe, got {self.default_nprobe}")
+        if self.default_candidates is not None and not (
+            1 <= self.default_candidates <= self.max_candidates
+        ):
+            raise ConfigError(
+                f"default_candidates must be in 1..max_candidates, got {self.default_candidates}"
+            )
         for name in ("shard_deadline_ms", "embed_deadline_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.handle_transport not in ("ray", "grpc"):
+            raise ConfigError(
+                f"handle_transport must be 'ray' or 'grpc', got {self.handle_transport!r}"
+            )
         if self.batch_wait_timeout_s < 0 or self.reload_interval_s < 0:
             raise ConfigError("batch_wait_timeout_s and reload_interval_s must be >= 0")
         self.ingress.validate("ingress")

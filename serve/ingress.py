@@ -54,7 +54,7 @@ class Ingress:
     def __init__(
         self,
         config: ServeConfig,
-        embedder: DeploymentHandle,
+        embedder: DeploymentHandle | None,
         searchers: list[DeploymentHandle],
     ):
         self.config = config
@@ -67,10 +67,15 @@ class Ingress:
         self.dim = manifest.dim
         self.metric = manifest.metric
         self.num_shards = manifest.num_shards
+        if config.handle_transport == "grpc":
+            embedder = embedder.options(_by_reference=False) if embedder is not None else None
+            searchers = [h.options(_by_reference=False) for h in searchers]
         self.embedder = embedder
         self.searchers = searchers
         self.limits = Limits(
             default_k=config.default_k,
+            default_nprobe=config.default_nprobe,
+            default_candidates=config.default_candidates,
             max_nprobe=config.max_nprobe,
             max_candidates=config.max_candidates,
             max_upload_bytes=config.max_upload_bytes,
@@ -90,9 +95,7 @@ class Ingress:
         shards = await gather_with_deadline(
             {s: h.ready.remote for s, h in enumerate(self.searchers)}, self.shard_timeout_s
         )
-        ok_embed, embedder = await call_with_deadline(
-            self.embedder.info.remote(), self.embed_timeout_s
-        )
+        ok_embed, embedder = await self._embedder_info()
         rows = [
             shards.answers.get(s) or {"shard": s, "loaded": False, "error": shards.missing[s]}
             for s in range(self.num_shards)
@@ -112,9 +115,7 @@ class Ingress:
         gathered = await gather_with_deadline(
             {s: h.stats.remote for s, h in enumerate(self.searchers)}, self.shard_timeout_s
         )
-        ok_embed, embedder = await call_with_deadline(
-            self.embedder.info.remote(), self.embed_timeout_s
-        )
+        ok_embed, embedder = await self._embedder_info()
         shards = [
             gathered.answers.get(s) or {"shard": s, "error": gathered.missing[s]}
             for s in range(self.num_shards)
@@ -205,6 +206,13 @@ class Ingress:
             if vector is None:
                 raise ApiError(404, "unknown_id", f"no catalogue row has id {query.row_id!r}")
             return np.asarray(vector, dtype=np.float32)
+        if self.embedder is None:
+            raise ApiError(
+                501,
+                "image_queries_disabled",
+                "this app serves vectors that no image model made (image_queries: false); "
+                "send a JSON vector or id",
+            )
         image_size = await self._embedder_image_size()
         crop = await asyncio.to_thread(image_crop, query.image, image_size, self.limits)
         ok, vector = await call_with_deadline(
@@ -213,6 +221,12 @@ class Ingress:
         if not ok:
             raise ApiError(503, "embedder_unavailable", f"the query embedder failed: {vector}")
         return vector
+
+    async def _embedder_info(self) -> tuple[bool, dict | str | None]:
+        """``(ok, info)``; ``(True, None)`` when the app takes no image queries."""
+        if self.embedder is None:
+            return True, None
+        return await call_with_deadline(self.embedder.info.remote(), self.embed_timeout_s)
 
     async def _embedder_image_size(self) -> int:
         if self._image_size is None:

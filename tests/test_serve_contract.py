@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from serve.config import ConfigError, DeploymentSettings, ServeConfig
 from serve.scatter import gather_with_deadline
 
 ROOT = Path(__file__).resolve().parents[1]
+_ORIGINAL_THROUGHPUT_FLAG = os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED")
 
 
 def _raises(status: int, error: str, fn, *args, **kwargs) -> ApiError:
@@ -183,3 +185,36 @@ def test_query_crop_is_the_batch_jobs_crop(caltech_dir):
     for i, f in enumerate(files):
         batch_crop = np.asarray(out[CROP][i].as_py(), np.uint8).reshape(224, 224, 3)
         np.testing.assert_array_equal(image_crop(f.read_bytes(), 224, Limits()), batch_crop)
+
+
+def test_search_defaults_from_config_and_transport_choice():
+    limits = Limits(default_k=5, default_nprobe=32, default_candidates=400)
+    p = validate_params({}, limits)
+    assert (p.k, p.nprobe, p.candidates) == (5, 32, 400)
+    p = validate_params({"nprobe": 8, "candidates": 50}, limits)  # a request overrides them
+    assert (p.nprobe, p.candidates) == (8, 50)
+    ServeConfig(store="x", default_nprobe=16, default_candidates=400).validate()
+    with pytest.raises(ConfigError, match="default_candidates"):
+        ServeConfig(store="x", default_candidates=0).validate()
+    with pytest.raises(ConfigError, match="handle_transport"):
+        ServeConfig(store="x", handle_transport="carrier-pigeon").validate()
+    assert ServeConfig.from_dict({"store": "x", "image_queries": "false"}).image_queries is False
+
+
+def test_serve_modes_only_fill_unset_flags(monkeypatch):
+    from serve.local import SERVE_MODES, set_serve_mode
+
+    for key in SERVE_MODES["throughput"]:
+        monkeypatch.setenv(key, "x")  # records the original state, restored after the test
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "7")
+    set_serve_mode("throughput")
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "7"  # user's wins
+    with pytest.raises(ValueError):
+        set_serve_mode("warp-speed")
+
+
+def test_serve_mode_flags_did_not_leak_into_the_session():
+    # the Ray started for this session must run Serve as the environment asked, not as a test set
+    assert os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == _ORIGINAL_THROUGHPUT_FLAG
