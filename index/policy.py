@@ -39,7 +39,8 @@ default nprobe         ``clamp(nlist / NPROBE_DIVISOR, NPROBE_MIN, nlist)`` as t
                        point; the build then measures the index (``index.tune``): recall@10
                        after rerank over nprobe <= 4x that and 50..1600 candidates, on sample
                        rows with exact ground truth, and records the cheapest defaults reaching
-                       recall 0.98 (fewest candidates first, then the smallest nprobe).
+                       recall 0.98 (fewest candidates first, then the smallest nprobe, but at
+                       least 8 lists).
 =====================  ==========================================================================
 
 The memory budget covers what a loaded shard holds in RAM: codes, ids, centroids and tables.
