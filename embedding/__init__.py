@@ -5,7 +5,17 @@
 backbone on batches of crops and returns L2-normalised float32 vectors.
 """
 
-from embedding.model import Embedder, ModelConfig
 from embedding.preprocess import ImageError, decode_image, prepare
 
 __all__ = ["Embedder", "ModelConfig", "ImageError", "decode_image", "prepare"]
+
+
+def __getattr__(name: str):
+    """``Embedder`` and ``ModelConfig`` import torch only when asked for: a process that only
+    decodes (a Ray Data decode task, an HTTP ingress) then starts ~2 s faster and ~300 MB lighter.
+    """
+    if name in ("Embedder", "ModelConfig"):
+        from embedding import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'embedding' has no attribute {name!r}")

@@ -92,6 +92,16 @@ class Embedder:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _malloc_tuned = False
 
+# The same settings as environment variables, for processes started to run a model (a Ray
+# actor's runtime_env). Needed there: Ray Data calls a UDF on a thread that already has its own
+# malloc arena when the actor's __init__ runs, and mallopt cannot move it to the main one
+# (measured in a Ray Data actor: 65 img/s with mallopt alone, 109 with these variables).
+MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+}
+
 
 def tune_malloc() -> bool:
     """Keep freed activation memory in the process instead of returning it to the kernel.

@@ -28,6 +28,7 @@ import pyarrow as pa  # noqa: E402
 
 from embedding import Embedder  # noqa: E402
 from embedding.backbones import WeightsUnavailable  # noqa: E402
+from embedding.model import MALLOC_ENV  # noqa: E402
 from index import schema  # noqa: E402
 from index.manifest import Manifest, ManifestMismatch, commit_manifest, load_manifest  # noqa: E402
 from index.sharding import uri_id  # noqa: E402
@@ -61,6 +62,7 @@ class EmbedSummary:
     first_batch_seconds: float = 0.0  # start until the model's first batch: the start-up cost
     first_batch_images: int = 0
     model_span_seconds: float = 0.0  # the model's first batch done -> its last batch done
+    model_seconds: float = 0.0  # time spent inside the model, all actors together
     error_stages: dict[str, int] = field(default_factory=dict)
     store_duplicates: int = 0  # ids stored more than once before this run (should stay 0)
 
@@ -159,6 +161,13 @@ def connect_ray(address: str | None = None, temp_dir: str | None = None):
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), path) if p)
         ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir)
     return ray
+
+
+def malloc_env() -> dict[str, str]:
+    """``embedding.model.MALLOC_ENV`` unless turned off (VISUAL_SEARCH_MALLOC_TUNE=0)."""
+    if os.environ.get("VISUAL_SEARCH_MALLOC_TUNE", "1") == "0":
+        return {"VISUAL_SEARCH_MALLOC_TUNE": "0"}
+    return dict(MALLOC_ENV)
 
 
 def _blocks(columns: dict[str, list], rows_per_block: int) -> list[pa.Table]:
@@ -291,6 +300,8 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
         num_cpus=actor_cpus,
         num_gpus=num_gpus or None,
         fn_constructor_kwargs={"model": model, "actors": config.actors},
+        # glibc malloc settings from process start: the model thread page-faults otherwise
+        runtime_env={"env_vars": malloc_env()},
     )
     ds = ds.map_batches(
         write_parts,
@@ -322,6 +333,7 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
                 first_n += n0
             last = max(last, t1)
         summary.embedded += sum(out["embedded"].to_pylist())
+        summary.model_seconds += sum(out["model_seconds"].to_pylist())
         summary.errors += sum(out["errors"].to_pylist())
         summary.parts += sum(out["parts"].to_pylist())
         for joined in out["error_stages"].to_pylist():

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedding import Embedder, ImageError, ModelConfig, decode_image, prepare
+from embedding import ImageError, decode_image, prepare  # no torch: decode tasks stay light
 from index import schema
 from index.sharding import content_id, shards_of
 from index.store import Store
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CROP = "crop"  # fixed_size_list<uint8>[S*S*3]: 4x smaller than float32 on the wire
 EMBEDDED_AT = "embedded_at"  # wall time the row's model batch finished (not stored)
+MODEL_SECONDS = "model_seconds"  # the row's share of its batch's model time (not stored)
 READ, DECODE, EMBED = "read", "decode", "embed"
 
 
@@ -133,6 +134,8 @@ class EmbedBatch:
     """
 
     def __init__(self, model: dict[str, Any], actors: int = 1):
+        from embedding.model import Embedder, ModelConfig  # torch: only in the actors
+
         model = dict(model)
         if model.get("threads") is None and model.get("device", "cpu") == "cpu":
             # the pool shares this machine: split its cores between the actors on it
@@ -145,9 +148,12 @@ class EmbedBatch:
         errors = batch[schema.ERROR].to_pylist()
         good = [i for i in range(n) if stages[i] is None]
         vectors = np.zeros((n, self.embedder.dim), np.float32)
+        model_s = 0.0
         if good:
             crops = self._crops(batch.take(pa.array(good, pa.int64())))
+            started = time.perf_counter()
             embedded, failures = self._embed(crops)
+            model_s = (time.perf_counter() - started) / len(good)
             vectors[good] = embedded
             for j, reason in failures.items():
                 stages[good[j]], errors[good[j]] = EMBED, reason
@@ -162,6 +168,7 @@ class EmbedBatch:
             .append_column(schema.STAGE, pa.array(stages, pa.string()))
             .append_column(schema.ERROR, pa.array(errors, pa.string()))
             .append_column(EMBEDDED_AT, done)  # for the driver's start-up / steady-rate split
+            .append_column(MODEL_SECONDS, pa.array(np.where(ok, model_s, 0.0), pa.float64()))
         )
 
     def _crops(self, good: pa.Table) -> np.ndarray:
@@ -236,5 +243,6 @@ def write_parts(batch: pa.Table, *, store_uri: str, num_shards: int) -> pa.Table
             "first_embedded_at": pa.array([times.min() if len(times) else None], pa.float64()),
             "first_embedded_n": pa.array([int((times == times.min()).sum()) if len(times) else 0]),
             "last_embedded_at": pa.array([times.max() if len(times) else None], pa.float64()),
+            "model_seconds": pa.array([pc.sum(batch[MODEL_SECONDS]).as_py() or 0.0], pa.float64()),
         }
     )
