@@ -98,27 +98,13 @@ def embed(images: str, store: str, num_shards: int) -> None:
 
 
 def build_indexes(store_uri: str) -> None:
-    """Build every shard whose parts changed and make the new versions live (one commit)."""
-    from index.build import build_shard, commit_results
-    from index.manifest import load_manifest
-    from index.store import Store
+    """The index build job (one Ray task per out-of-date shard; each commit makes it live)."""
+    from pipelines.build_index import BuildConfig, run
 
-    store = Store(store_uri)
-    manifest = load_manifest(store)
-    results = []
-    for shard in range(manifest.num_shards):
-        result = build_shard(store, shard)
-        if result is None:
-            print(f"shard {shard}: up to date (version {manifest.shards[shard].version})")
-            continue
-        meta = result.meta
-        print(
-            f"shard {shard}: built version {result.version}, {result.count} rows, "
-            f"{meta.get('factory')}"
-        )
-        results.append(result)
-    if results:
-        commit_results(store, results)
+    summary = run(BuildConfig(store=store_uri, num_cpus=0.5, progress=False))
+    print(summary.line(), flush=True)
+    if summary.failed:
+        raise SystemExit(f"demo: index build failed for shards {summary.failed}")
 
 
 def start_serve(store: str, host: str, port: int):

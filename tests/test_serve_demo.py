@@ -42,7 +42,9 @@ def test_demo_embeds_builds_serves_and_answers(scratch_root):
     assert run.returncode == 0, out[-3000:] + run.stderr[-3000:]
     # every catalogue image embedded, both shards built, Serve answered the held-out query
     assert re.search(r"embedded 153 images .* 0 errors", out), out[-3000:]
-    assert "shard 0: built version 1" in out and "shard 1: built version 1" in out
+    assert re.search(r"built 2 shard\(s\) \(153 vectors\).*0 failed; versions 0:v1, 1:v1", out), (
+        out[-3000:]
+    )
     rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+(\d+)\s+(\S+)\s+\[(same photo|other)\]$", out, re.M)
     assert len(rows) == 5 and rows[0][4] == "same photo", out[-3000:]
     assert "chelsea_cat__" in rows[0][3]
