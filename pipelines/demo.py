@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         write_deploy_config(deploy_file, store, args.host, args.port)
         query_path = Path(query).resolve() if Path(query).exists() else query
         print(f"\nready in {time.perf_counter() - started:.0f} s. Try:\n")
-        print(f"  curl -s -F file=@{query_path} '{base_url}/search?k=5'")
+        print(f"  curl -s -F file=@{query_path} '{base_url}/search?k={args.k}'")
         print(f"  curl -s {base_url}/stats    # and {base_url}/docs for the API")
         if direct is not None:
             print(
