@@ -15,6 +15,7 @@ Writes benchmarks/results/index_build.json (headline keys at top level) and inde
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -146,10 +147,14 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--work-dir", default=None, help="scratch for the stores (deleted)")
     parser.add_argument("--name", default=None, help="result name (default index_build)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     args = parser.parse_args()
     n = args.n or (100_000 if args.quick else 1_000_000)
     shard_counts = [int(s) for s in args.shards.split(",")]
     name = args.name or ("index_build_quick" if args.quick else "index_build")
+    if args.plot_only:
+        plot(json.loads((RESULTS_DIR / f"{name}.json").read_text()), RESULTS_DIR / f"{name}.png")
+        return
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -245,6 +250,7 @@ def plot(result: dict, path: Path) -> None:
             va="bottom",
             fontsize=8,
         )
+    ax1.set_ylim(0, 1.2 * max(r["build_wall_seconds"] for r in rows))
     ax1.set_xlabel("shards")
     ax1.set_ylabel("build seconds")
     ax1.set_title(f"build: {result['n_vectors']:,} x {result['dim']}-d, Ray tasks on 2 cores")
