@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import RESULTS_DIR, machine_info, write_result  # noqa: E402
 from embedding import Embedder, ModelConfig, decode_image, prepare  # noqa: E402
 from embedding.model import default_threads  # noqa: E402
-from pipelines.embed import connect_ray, run_job  # noqa: E402
+from pipelines.embed import connect_ray, default_actors, run_job  # noqa: E402
 from pipelines.embed_config import EmbedJobConfig  # noqa: E402
 
 NAME = "embed_throughput"
@@ -77,6 +77,49 @@ def bare_model(embedder: Embedder, crops: np.ndarray, batch_size: int) -> float:
     for start in range(0, len(crops), batch_size):
         embedder.embed(crops[start : start + batch_size])
     return len(crops) / (time.perf_counter() - started)
+
+
+def _bare_process(path, model, threads, batch_size, part, parts, barrier, results) -> None:
+    """One of ``parts`` model processes: its share of the crops, timed from a common start."""
+    crops = np.load(path)[part::parts]
+    embedder = Embedder(ModelConfig(name=model, threads=threads))
+    embedder.embed(crops[:batch_size])  # warm-up
+    barrier.wait()
+    started = time.time()
+    for start in range(0, len(crops), batch_size):
+        embedder.embed(crops[start : start + batch_size])
+    results.put((started, time.time(), len(crops)))
+
+
+def bare_models(path: Path, model: str, processes: int, threads: int, batch_size: int) -> float:
+    """Images/s of ``processes`` bare models side by side (the layout of an actor pool)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # a forked torch/OpenMP runtime can hang
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_bare_process,
+            args=(str(path), model, threads, batch_size, i, processes, barrier, results),
+        )
+        for i in range(processes)
+    ]
+    for proc in procs:
+        proc.start()
+    runs = [results.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return sum(n for _, _, n in runs) / (max(e for _, e, _ in runs) - min(s for s, _, _ in runs))
+
+
+def bare_best(embedder, crops, path, model, actors, threads, batch_size) -> dict:
+    """The bare model in one process with all threads, and laid out like the actor pool; the
+    job is compared with the faster of the two, so no layout flatters it."""
+    out = {f"1x{threads}": bare_model(embedder, crops, batch_size)}
+    if actors > 1:
+        per = max(1, threads // actors)
+        out[f"{actors}x{per}"] = bare_models(path, model, actors, per, batch_size)
+    return out
 
 
 def pipeline(listing: Path, work: Path, batch_size: int, actors: int, threads: int) -> dict:
@@ -167,28 +210,32 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def paired_round(embedder, crops, listing, work, batch_size, actors, threads) -> dict:
-    """Bare model, job, bare model again: the job is compared with the bare mean around it."""
-    before = bare_model(embedder, crops, batch_size)
+def paired_round(embedder, crops, path, listing, work, batch_size, actors, threads, model):
+    """Bare model, job, bare model again: the job against the best bare mean around it."""
+    before = bare_best(embedder, crops, path, model, actors, threads, batch_size)
     load_before = load()
     job = pipeline(listing, work, batch_size, actors, threads)
-    after = bare_model(embedder, crops, batch_size)
-    bare = (before + after) / 2
+    load_after = load()
+    after = bare_best(embedder, crops, path, model, actors, threads, batch_size)
+    layouts = {k: (before[k] + after[k]) / 2 for k in before}
+    best = max(layouts, key=layouts.get)
+    bare = layouts[best]
     return {
         "batch_size": batch_size,
         "actors": actors,
         "threads_per_actor": max(1, threads // actors),
-        "images": len(crops),
         "bare_model_images_per_s": bare,
-        "bare_model_runs_images_per_s": [before, after],
+        "bare_model_layout": best,  # processes x threads of the faster bare run
+        "bare_model_layouts_images_per_s": {k: [before[k], after[k]] for k in before},
         "images_per_s": job["images_per_s"],
         "steady_images_per_s": job["steady_images_per_s"],
         "model_in_job_images_per_s": job["embedded"] / job["model_seconds"],
         "first_batch_seconds": job["first_batch_seconds"],
         "job_seconds": job["seconds"],
+        "job_images": job["embedded"],
         "ratio_to_bare_model": job["images_per_s"] / bare,
         "steady_ratio_to_bare_model": job["steady_images_per_s"] / bare,
-        "load_1min": [load_before, load()],
+        "load_1min": [load_before, load_after],
     }
 
 
@@ -199,9 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, help="headline rounds, median taken (default 3)")
     ap.add_argument("--sweep-images", type=int, help="photos per sweep point (default 500)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument(
-        "--actors", type=int, default=1, help="headline actors (threads split between them)"
-    )
+    ap.add_argument("--actors", type=int, help="headline actors (default: the job's own)")
+    ap.add_argument("--bare-images", type=int, default=1000, help="crops per bare-model run")
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--model", default="efficientnet_lite0")
     args = ap.parse_args(argv)
@@ -225,9 +271,14 @@ def main(argv: list[str] | None = None) -> dict:
         crops = decode_all(photos, embedder.image_size)
         decode_s = time.perf_counter() - started
         print(f"{len(photos)} photos decoded in {decode_s:.1f} s ({len(photos) / decode_s:.0f}/s)")
+        bare_crops = crops[: args.bare_images]
+        bare_path, sweep_path = work / "bare.npy", work / "sweep.npy"
+        np.save(bare_path, bare_crops)
+        np.save(sweep_path, crops[:sweep_images])
         ray_started = time.perf_counter()
-        connect_ray(temp_dir=str(work / "ray"))  # what the CLI does: a local Ray, all cores
+        ray = connect_ray(temp_dir=str(work / "ray"))  # as the CLI does: a local Ray, all cores
         ray_start_s = time.perf_counter() - ray_started
+        actors = args.actors or default_actors(ray.cluster_resources(), 0)
 
         header = (
             f"{'batch':>5} {'actors':>6} {'bare/s':>7} {'job/s':>6} {'steady/s':>8} "
@@ -248,7 +299,17 @@ def main(argv: list[str] | None = None) -> dict:
         headline = []
         for _ in range(rounds):
             headline.append(
-                paired_round(embedder, crops, listing, work, args.batch_size, 1, args.threads)
+                paired_round(
+                    embedder,
+                    bare_crops,
+                    bare_path,
+                    listing,
+                    work,
+                    args.batch_size,
+                    actors,
+                    args.threads,
+                    args.model,
+                )
             )
             show(headline[-1])
 
@@ -256,21 +317,21 @@ def main(argv: list[str] | None = None) -> dict:
         print(header)
         sweep = []
         for batch_size in batches:
-            for actors in actor_counts:
+            for sweep_actors in actor_counts:
                 sweep.append(
                     paired_round(
                         embedder,
                         crops[:sweep_images],
+                        sweep_path,
                         sweep_listing,
                         work,
                         batch_size,
-                        actors,
+                        sweep_actors,
                         args.threads,
+                        args.model,
                     )
                 )
                 show(sweep[-1])
-        import ray
-
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -290,23 +351,29 @@ def main(argv: list[str] | None = None) -> dict:
         "images": len(photos),
         "batch_size": args.batch_size,
         "threads": args.threads,
-        "actors": args.actors,
-        "threads_per_actor": max(1, args.threads // args.actors),
+        "actors": actors,
+        "threads_per_actor": max(1, args.threads // actors),
+        "bare_images": len(bare_crops),
         "rounds": headline,
         "ray_start_seconds": ray_start_s,
         "decode_images_per_s_one_process": len(photos) / decode_s,
         "sweep_images": sweep_images,
         "sweep": sweep,
         "quick": args.quick,
-        "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/embed_throughput.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(
+            ["flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/embed_throughput.py"]
+            + (sys.argv[1:] if argv is None else argv)
+        ),
+        "bare_model_layout": median["bare_model_layout"],
         "definitions": {
             "pipeline_images_per_s": "images / job execution seconds (read, decode, embed, "
             "write; actor start-up and model load included; Ray start excluded)",
             "steady_pipeline_images_per_s": "images after the model's first batch / seconds "
             "from its first to its last batch (start-up excluded)",
-            "bare_model_images_per_s": "Embedder.embed on pre-decoded crops in one process, "
-            "same batch size and threads, mean of a run just before and just after the job",
+            "bare_model_images_per_s": "Embedder.embed on pre-decoded crops, same batch size "
+            "and total threads, mean of a run just before and just after the job; the faster "
+            "of two layouts: one process with all threads, and the actor pool's layout "
+            "(actors processes x threads/actors), run side by side",
             "ratio_to_bare_model": "median over the headline rounds of job / bare",
             "load_1min": "1-minute load average before and after the job: above ~3 other "
             "processes shared the 2 cores and the round is noisy",

@@ -63,6 +63,7 @@ class EmbedSummary:
     first_batch_images: int = 0
     model_span_seconds: float = 0.0  # the model's first batch done -> its last batch done
     model_seconds: float = 0.0  # time spent inside the model, all actors together
+    actors: int = 0
     error_stages: dict[str, int] = field(default_factory=dict)
     store_duplicates: int = 0  # ids stored more than once before this run (should stay 0)
 
@@ -161,6 +162,18 @@ def connect_ray(address: str | None = None, temp_dir: str | None = None):
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), path) if p)
         ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir)
     return ray
+
+
+def default_actors(resources: dict, num_gpus: float) -> int:
+    """One actor per GPU; on CPU one single-threaded actor per CPU of the cluster.
+
+    Measured on 2 cores (benchmarks/embed_throughput.py): two 1-thread actors kept ~100% of the
+    bare 2-thread model's rate once started, one 2-thread actor ~80%: a multi-threaded forward
+    stalls whenever decode or Ray takes one of its cores; single-threaded models do not.
+    """
+    if num_gpus:
+        return max(1, int(resources.get("GPU", 0) // num_gpus))
+    return max(1, int(resources.get("CPU", 1)))
 
 
 def malloc_env() -> dict[str, str]:
@@ -267,8 +280,10 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
         return summary
 
     ray = ray or connect_ray(config.address, config.ray_temp_dir)
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if has_gpu else 0.0)
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if gpus else 0.0)
+    actors = config.actors or default_actors(resources, num_gpus)
     actor_cpus = config.actor_cpus or (cfg.GPU_ACTOR_CPUS if num_gpus else cfg.CPU_ACTOR_CPUS)
     batch_size = batch_size or (cfg.GPU_BATCH_SIZE if num_gpus else cfg.CPU_BATCH_SIZE)
     rows = config.read_batch or batch_size
@@ -296,10 +311,10 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
         EmbedBatch,
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=actor_cpus,
         num_gpus=num_gpus or None,
-        fn_constructor_kwargs={"model": model, "actors": config.actors},
+        fn_constructor_kwargs={"model": model, "actors": actors},
         # glibc malloc settings from process start: the model thread page-faults otherwise
         runtime_env={"env_vars": malloc_env()},
     )
@@ -311,10 +326,12 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
         fn_kwargs={"store_uri": store.uri, "num_shards": num_shards},
     )
     each = f"{num_gpus:g} GPU" if num_gpus else f"{actor_cpus:g} CPU"
+    threads = config.threads or ("auto" if num_gpus else "cores/actors")
     log(
-        f"embedding {len(pending)} images with {config.actors} x {name} ({each} each, "
-        f"batch {batch_size}) into {num_shards} shards of {store.uri}"
+        f"embedding {len(pending)} images with {actors} x {name} ({each}, {threads} threads "
+        f"each, batch {batch_size}) into {num_shards} shards of {store.uri}"
     )
+    summary.actors = actors
     stages: Counter[str] = Counter(summary.error_stages)
     started, started_wall = time.perf_counter(), time.time()
     first, first_n, last = float("inf"), 0, 0.0

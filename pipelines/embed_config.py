@@ -33,9 +33,9 @@ class EmbedJobConfig:
     """What to embed, where to write it, and how the Ray job is shaped.
 
     ``None`` means "decide from the store or the cluster": ``num_shards`` from an existing
-    manifest (else 4), ``num_gpus`` 1 per actor when the cluster has GPUs, ``actor_cpus`` 0.5 on
-    CPU and 1 on GPU, ``batch_size`` 32 on CPU and 256 on GPU, ``threads`` = the actor machine's
-    cores divided by ``actors``.
+    manifest (else 4), ``num_gpus`` 1 per actor when the cluster has GPUs, ``actors`` one per GPU
+    (else one per CPU of the cluster), ``actor_cpus`` 0.5 on CPU and 1 on GPU, ``batch_size`` 32
+    on CPU and 256 on GPU, ``threads`` = the actor machine's cores divided by ``actors``.
     """
 
     input: list[str] = field(default_factory=list)  # folders, globs, list files, fsspec URIs
@@ -44,7 +44,7 @@ class EmbedJobConfig:
     model: str = DEFAULT_BACKBONE
     weights: str = "default"  # "default", "none" (random, plumbing tests) or a .pth path
     batch_size: int | None = None
-    actors: int = 1  # embedding actor pool size
+    actors: int | None = None  # embedding actor pool size
     actor_cpus: float | None = None  # CPUs reserved per actor (fractions allowed)
     num_gpus: float | None = None  # GPUs per actor; 0 forces CPU actors
     threads: int | None = None  # torch threads per actor
@@ -77,10 +77,10 @@ class EmbedJobConfig:
             raise ConfigError("store: empty")
         if self.model not in BACKBONES:
             raise ConfigError(f"model: unknown {self.model!r}; known: {', '.join(BACKBONES)}")
-        for name in ("num_shards", "batch_size", "threads", "read_batch", "limit"):
+        for name in ("num_shards", "batch_size", "threads", "read_batch", "limit", "actors"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name))
-        for name in ("actors", "max_pixels", "max_bytes", "part_rows"):
+        for name in ("max_pixels", "max_bytes", "part_rows"):
             _check_int(name, getattr(self, name))
         for name in ("actor_cpus", "decode_cpus", "write_cpus", "num_gpus"):
             value = getattr(self, name)
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=f"backbone (default {DEFAULT_BACKBONE}): {', '.join(BACKBONES)}")
     p.add_argument("--weights", help="'default', 'none' or a .pth path")
     p.add_argument("--batch-size", type=int, help="images per model call (32 CPU / 256 GPU)")
-    p.add_argument("--actors", type=int, help="embedding actors in the pool (default 1)")
+    p.add_argument("--actors", type=int, help="model actors (default: 1 per GPU, else per CPU)")
     p.add_argument("--actor-cpus", type=float, help="CPUs per actor (0.5 CPU / 1 GPU)")
     p.add_argument("--num-gpus", type=float, help="GPUs per actor (default 1 if any)")
     p.add_argument("--threads", type=int, help="torch threads per actor (default cores/actors)")

@@ -72,7 +72,7 @@ def processes_of(pgid: int, marker: str, known: set[int] = frozenset()) -> list[
     return alive
 
 
-def stop_processes(pgid: int, marker: str, grace_s: float = 10.0, known=frozenset()) -> None:
+def stop_processes(pgid: int, marker: str, grace_s: float = 3.0, known=frozenset()) -> None:
     """SIGTERM them all, SIGKILL what is left after ``grace_s``; fail if anything survives."""
     known = set(known) | {p.pid for p in processes_of(pgid, marker, known)}
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 15.0)):
@@ -134,7 +134,9 @@ def test_killed_job_rerun_ends_with_every_input_exactly_once(
     killed_at = count_rows(root)
     assert 0 < killed_at < len(photos), killed_at
 
-    summary = run_job(EmbedJobConfig(input=[str(listing)], store=str(root), batch_size=16))
+    summary = run_job(
+        EmbedJobConfig(input=[str(listing)], store=str(root), batch_size=16, actors=2)
+    )
     assert summary.skipped_present == killed_at
     assert summary.embedded == len(photos) - killed_at and summary.errors == 0
     rows, _ = read_store(root)
@@ -170,7 +172,7 @@ def test_ray_job_submit_against_a_local_head(ray_local, caltech_dir, tmp_path, s
             "ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
             "--working-dir", ".", "--",
             "python", "pipelines/embed.py", str(tmp_path / "photos"), "--store", str(root),
-            "--batch-size", "8",
+            "--batch-size", "8", "--actors", "2",
         ]  # fmt: skip
         done = subprocess.run(
             submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300

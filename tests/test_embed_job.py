@@ -54,7 +54,9 @@ def test_caltech_photos_end_to_end_and_rerun_is_a_no_op(ray_local, caltech_dir, 
     listing = tmp_path / "photos.txt"
     listing.write_text("".join(f"{p}\n" for p in photos))
     root = tmp_path / "store"
-    config = EmbedJobConfig(input=[str(listing)], store=str(root), num_shards=3, batch_size=16)
+    config = EmbedJobConfig(
+        input=[str(listing)], store=str(root), num_shards=3, batch_size=16, actors=2
+    )
     summary = run_job(config)
     assert (summary.embedded, summary.errors, summary.skipped_present) == (N_PHOTOS, 0, 0)
     assert summary.images_per_s > 0 and "embedded 240 images" in summary.line()
@@ -115,7 +117,9 @@ def test_bad_inputs_are_counted_recorded_and_never_fail_the_job(ray_local, calte
     listing = tmp_path / "more.txt"
     listing.write_text("vanished.jpg\na-folder.jpg\n")
     root = tmp_path / "store"
-    config = EmbedJobConfig(input=[str(folder), str(listing)], store=str(root), batch_size=8)
+    config = EmbedJobConfig(
+        input=[str(folder), str(listing)], store=str(root), batch_size=8, actors=1
+    )
     summary = run_job(config)
     n_bad = len(bad) + 2
     assert summary.inputs == len(bad) + len(odd) + 5 + 2
@@ -153,7 +157,7 @@ def test_dedup_gives_one_row_per_picture(ray_local, caltech_dir, tmp_path):
         (folder / f"{i}.jpg").write_bytes(path.read_bytes())
     (folder / "copy-of-0.jpg").write_bytes(real[0].read_bytes())
     root = tmp_path / "store"
-    summary = run_job(EmbedJobConfig(input=[str(folder)], store=str(root), dedup=True))
+    summary = run_job(EmbedJobConfig(input=[str(folder)], store=str(root), dedup=True, actors=1))
     assert (summary.embedded, summary.duplicates, summary.errors) == (3, 1, 0)
     rows, _ = read_store(root)
     assert sorted(rows["id"]) == sorted(content_id(p.read_bytes()) for p in real)

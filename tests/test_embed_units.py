@@ -26,7 +26,7 @@ def test_config_defaults_yaml_and_flags_precedence(tmp_path):
     assert config.input == ["a", "b"] and config.store == "s3://bucket/x"
     assert (config.batch_size, config.actors, config.dedup) == (16, 2, True)  # flag wins
     plain = config_from_args(["imgs"])
-    assert plain.store == "./store" and plain.num_shards is None and plain.actors == 1
+    assert plain.store == "./store" and plain.num_shards is None and plain.actors is None
     assert plain.model == "efficientnet_lite0" and plain.batch_size is None
 
 
