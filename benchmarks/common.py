@@ -99,3 +99,14 @@ def gaussian_mixture(
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         out[start:stop] = block
     return out
+
+
+def pareto(points: list[dict], cost: str, value: str) -> list[dict]:
+    """The points no other point beats on both ``cost`` (lower better) and ``value`` (higher
+    better), cheapest first: a system's best trade-off curve over its knobs."""
+    front, best = [], float("-inf")
+    for p in sorted(points, key=lambda p: (p[cost], -p[value])):
+        if p[value] > best:
+            front.append(p)
+            best = p[value]
+    return front

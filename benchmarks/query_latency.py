@@ -71,6 +71,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="throughput/direct_ingress",
         help="path whose c=1 numbers are the headline keys (mode/entry, see http_paths)",
     )
+    p.add_argument("--searcher-replicas", type=int, default=1, help="replicas per shard")
+    p.add_argument("--nprobe", type=int, default=None, help="server default nprobe (None: index)")
+    p.add_argument(
+        "--entries",
+        nargs="+",
+        default=["proxy", "direct_ingress"],
+        choices=["proxy", "direct_ingress"],
+        help="HTTP entry points to measure (where the mode has them)",
+    )
+    # operating points (JSON list of {"label", "body": {nprobe, candidates...}, "concurrency",
+    # "requests"}): each is measured on one running app; used by peers.py and query_scaling.py
+    p.add_argument("--points", help=argparse.SUPPRESS)
     p.add_argument("--http-worker", choices=list(MODES), help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -257,7 +269,7 @@ def http_worker(args) -> int:
     from ray import serve
 
     from serve.app import build_app
-    from serve.config import ServeConfig
+    from serve.config import DeploymentSettings, ServeConfig
     from serve.local import direct_ingress_port
 
     queries = np.load(args.workdir / "queries.npy")
@@ -275,6 +287,10 @@ def http_worker(args) -> int:
         image_queries=False,
         reload_interval_s=0,
         default_candidates=args.candidates,
+        default_nprobe=args.nprobe,
+        searcher=DeploymentSettings(
+            num_replicas=args.searcher_replicas, num_cpus=0.25, max_ongoing_requests=64
+        ),
     )
     t = time.perf_counter()
     serve.run(build_app(config), name=config.app_name, route_prefix="/")
@@ -283,11 +299,14 @@ def http_worker(args) -> int:
     direct = direct_ingress_port()
     if direct is not None:
         entries["direct_ingress"] = direct
-    bodies = [json.dumps({"vector": q.tolist(), "k": K}).encode() for q in queries]
+    entries = {e: p for e, p in entries.items() if e in args.entries} or entries
+    vectors = [q.tolist() for q in queries]
     local = threading.local()
     server_ms: list[float] = []
 
-    def caller(url):
+    def caller(url, extra=None):
+        bodies = [json.dumps({"vector": v, "k": K, **(extra or {})}).encode() for v in vectors]
+
         def call(i):
             client = getattr(local, url, None)
             if client is None:
@@ -305,25 +324,41 @@ def http_worker(args) -> int:
 
         return call
 
+    def measure(call, label, concurrency, requests) -> dict:
+        rows = {}
+        for c in concurrency:
+            server_ms.clear()
+            load_before = os.getloadavg()[0]
+            stats, _ = run_load(call, requests, c)
+            stats["loadavg_1m_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+            stats["ingress_took_p50_ms"] = round(statistics.median(server_ms), 3)
+            rows[str(c)] = stats
+            print(f"HTTP {args.http_worker}/{label} c={c:>2}: {stats}", flush=True)
+        rows["found"] = [call(i) for i in range(len(queries))]
+        return rows
+
+    points = json.loads(args.points) if args.points else None
     try:
         for entry, entry_port in entries.items():
-            call = caller(f"http://127.0.0.1:{entry_port}/search")
+            url = f"http://127.0.0.1:{entry_port}/search"
+            call = caller(url)
             for i in range(100):  # warm-up: connections, replicas' first calls
                 call(i)
-            rows = {"port": entry_port}
-            for c in args.concurrency:
-                server_ms.clear()
-                load_before = os.getloadavg()[0]
-                stats, _ = run_load(call, args.requests, c)
-                stats["loadavg_1m_before_after"] = [
-                    round(load_before, 2),
-                    round(os.getloadavg()[0], 2),
-                ]
-                stats["ingress_took_p50_ms"] = round(statistics.median(server_ms), 3)
-                rows[str(c)] = stats
-                print(f"HTTP {args.http_worker}/{entry} c={c:>2}: {stats}", flush=True)
-            rows["found"] = [call(i) for i in range(len(queries))]
-            out[entry] = rows
+            if points is None:
+                out[entry] = {
+                    "port": entry_port,
+                    **measure(call, entry, args.concurrency, args.requests),
+                }
+                continue
+            out[entry] = {"port": entry_port, "points": []}
+            for point in points:
+                rows = measure(
+                    caller(url, point.get("body")),
+                    f"{entry} {point.get('label', '')}",
+                    point.get("concurrency", args.concurrency),
+                    point.get("requests", args.requests),
+                )
+                out[entry]["points"].append({**point, **rows})
         out["stats"] = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=30).json()
         out["processes_rss_mb"] = {
             p.info["name"]: round(p.info["memory_info"].rss / 2**20)
@@ -362,15 +397,24 @@ def over_http(args, store_uri: str, queries: np.ndarray, truth, ids) -> dict:
             str(args.candidates),
             "--concurrency",
             *map(str, args.concurrency),
+            "--searcher-replicas",
+            str(getattr(args, "searcher_replicas", 1)),
+            "--entries",
+            *getattr(args, "entries", ["proxy", "direct_ingress"]),
         ]
+        if getattr(args, "nprobe", None):
+            cmd += ["--nprobe", str(args.nprobe)]
+        if getattr(args, "points", None):
+            cmd += ["--points", args.points]
         # Ray runs workers at nice 15 (drivers stay responsive); the in-process baseline runs at
         # nice 0, so for a fair comparison on a shared box Serve's workers run at 0 too
         env = {**os.environ, **MODES[mode], "RAY_worker_niceness": "0"}
         subprocess.run(cmd, env=env, check=True)
         body = json.loads(out.read_text())
         for entry in ("proxy", "direct_ingress"):
-            if entry in body:
-                body[entry]["recall_at_10"] = round(recall(body[entry].pop("found"), truth, ids), 4)
+            for rows in [body[entry], *body[entry].get("points", [])] if entry in body else []:
+                if "found" in rows:
+                    rows["recall_at_10"] = round(recall(rows.pop("found"), truth, ids), 4)
         results[mode] = body
     return results
 

@@ -1,0 +1,439 @@
+"""Peers on the same vectors and queries, in the same run, at equal recall@10.
+
+    flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/peers.py [--quick | --n N]
+    (needs the benchmark extra: pip install -e '.[bench]' for lancedb)
+
+Three systems answer the same held-out queries over the same ``gaussian_mixture`` vectors
+(256-d, L2-normalised, inner product):
+
+- ours: the real Serve app over HTTP (``throughput`` mode, direct ingress port) on a store of
+  ``--shards`` (4) shards built by ``index.build.build_shard`` (the store and the HTTP worker are
+  ``benchmarks/query_latency.py``'s), each shard reranking its candidates with its float16 vectors;
+- FAISS in-process: ONE index over all N vectors, the single-index architecture of
+  clip-retrieval/autofaiss, built with the factory string our policy picks for N
+  (``index.policy.choose_index``) by the same ``index.build.build_arrays`` and searched with the
+  same float16 rerank (``ShardIndex``): the same algorithm, no scatter-gather, no HTTP;
+- LanceDB (embedded) IVF_PQ with the same code size (64 sub-vectors x 8 bits = 64 B/vector at
+  256-d, as ours: 128 x 4 bits) and ~sqrt(N) partitions (LanceDB's documented default), its
+  ``refine_factor`` rescoring candidates with the stored float32 vectors.
+
+Each system's knobs (nprobe x rerank candidates / refine factor) are swept on ``--tune-queries``
+single-query searches; the cheapest point (lowest p50) reaching ``--target-recall`` is the
+equal-recall operating point, measured again on every query: p50/p99 at concurrency 1 and QPS at
+concurrency 16 (client threads in this process; the load generator shares the 2 cores with the
+server). Ground truth: exact float32 search (``IndexFlatIP``) of all N vectors, computed once.
+
+``--phase build`` builds (and caches under ``--workdir``) the three indexes; ``--phase measure``
+measures them; the default does both. Writes benchmarks/results/peers.json (headline keys at top
+level) and peers.png (recall@10 vs p99 latency, and QPS at the operating point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import query_latency as ql  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_info, pareto, write_result  # noqa: E402
+
+K = ql.K
+OURS_GRID = {"nprobe": (4, 8, 16, 32, 64), "candidates": (20, 50, 100, 200, 400)}  # per shard
+SINGLE_GRID = {"nprobe": (8, 16, 32, 64, 128), "candidates": (50, 100, 200, 400, 800, 1600)}
+LANCE_GRID = {"nprobe": (8, 16, 32, 64, 128), "refine_factor": (0, 2, 5, 10, 20)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--quick", action="store_true", help="100k vectors, fewer requests")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--queries", type=int, default=1000, help="held-out queries (ground truth)")
+    p.add_argument("--tune-queries", type=int, default=200, help="single queries per grid point")
+    p.add_argument("--requests", type=int, default=1000, help="requests per measurement")
+    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-scale"))
+    p.add_argument("--memory-budget", default="4G")
+    p.add_argument("--phase", choices=("build", "measure", "all"), default="all")
+    p.add_argument("--name", default="peers")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.requests, args.tune_queries = min(args.n, 100_000), 300, 100
+    # what query_latency's store / ground truth / HTTP worker read from args
+    args.candidates, args.modes, args.entries = 400, ["throughput"], ["direct_ingress"]
+    return args
+
+
+# ---- the three indexes ---------------------------------------------------------------------------
+def build_single(args, base: np.ndarray, ids: list[str], uris: list[str]) -> dict:
+    """One FAISS index over all N with the factory our rules pick for N (cached)."""
+    from index.build import build_arrays
+    from index.policy import choose_index
+
+    out = args.workdir / f"single-{args.n}-{args.dim}"
+    if (out / "meta.json").exists():
+        return json.loads((out / "meta.json").read_text())
+    spec = choose_index(args.n, args.dim, "ip", args.memory_budget)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    t = time.perf_counter()
+    meta = build_arrays(base, ids, uris, tmp, spec, "ip", memory_budget=args.memory_budget)
+    meta["wall_seconds"] = round(time.perf_counter() - t, 2)
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    tmp.rename(out)
+    print(f"FAISS single index {spec.factory}: {meta['wall_seconds']} s", flush=True)
+    return meta
+
+
+def lance_partitions(n: int) -> int:
+    """~sqrt(n), LanceDB's documented default, as a power of two."""
+    return 2 ** round(math.log2(max(1, math.sqrt(n))))
+
+
+def build_lance(args, base: np.ndarray) -> dict:
+    """A LanceDB table (row number, vector) with an IVF_PQ index (cached)."""
+    import lancedb
+    import pyarrow as pa
+    from lancedb.index import IvfPq
+
+    path = args.workdir / f"lance-{args.n}-{args.dim}"
+    info_path = path / "bench-build.json"
+    if info_path.exists():
+        return json.loads(info_path.read_text())
+    shutil.rmtree(path, ignore_errors=True)
+    db = lancedb.connect(str(path))
+    t = time.perf_counter()
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(base.reshape(-1)), args.dim)
+    table = pa.table({"row": pa.array(np.arange(len(base), dtype=np.int64)), "vector": vectors})
+    tbl = db.create_table("vectors", data=table, mode="overwrite")
+    write_s = time.perf_counter() - t
+    params = {
+        "distance_type": "dot",
+        "num_partitions": lance_partitions(args.n),
+        "num_sub_vectors": args.dim // 4,  # 8-bit codes: dim/4 bytes per vector, as ours
+        "num_bits": 8,
+    }
+    t = time.perf_counter()
+    tbl.create_index("vector", config=IvfPq(**params))
+    info = {
+        "params": params,
+        "write_seconds": round(write_s, 2),
+        "index_seconds": round(time.perf_counter() - t, 2),
+        "lancedb": lancedb.__version__,
+    }
+    info_path.write_text(json.dumps(info))
+    params["index_type"] = "IVF_PQ"
+    print(f"LanceDB IVF_PQ {params}: {info['index_seconds']} s", flush=True)
+    return info
+
+
+def build_all(args, base, ids, uris) -> dict:
+    """Build (or reuse) the three indexes; build timings are kept next to them."""
+    import faiss
+
+    faiss.omp_set_num_threads(len(os.sched_getaffinity(0)))  # builds use every core
+    path = args.workdir / f"peers-build-{args.n}-{args.dim}-{args.shards}.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    ours = ql.build_store(args, base, ids, uris)
+    if not ours.get("reused"):
+        saved["ours"] = ours
+    saved.setdefault("ours", ours)
+    single = build_single(args, base, ids, uris)
+    saved["faiss_single"] = {
+        "factory": single["factory"],
+        "nlist": single.get("nlist"),
+        "build_seconds": single.get("build_seconds"),
+        "wall_seconds": single.get("wall_seconds"),
+        "tuned_nprobe": single.get("nprobe"),
+        "tuned_candidates": single.get("candidates"),
+    }
+    saved["lancedb"] = build_lance(args, base)
+    path.write_text(json.dumps(saved))
+    return saved
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+def faiss_searcher(shards):
+    """``search(q, nprobe, candidates) -> ids``: scatter over ``shards`` in-process and merge."""
+    from index.merge import merge_topk
+
+    def search(q, nprobe, candidates):
+        per_shard = [
+            s.search(q[None, :], K, nprobe=nprobe, candidates=candidates)[0] for s in shards
+        ]
+        return [h.id for h in merge_topk(per_shard, K, "ip")]
+
+    return search
+
+
+def lance_searcher(args, ids: list[str]):
+    import lancedb
+
+    tbl = lancedb.connect(str(args.workdir / f"lance-{args.n}-{args.dim}")).open_table("vectors")
+
+    def search(q, nprobe, refine_factor):
+        query = tbl.search(q).distance_type("dot").nprobes(nprobe).select(["row"]).limit(K)
+        if refine_factor:
+            query = query.refine_factor(refine_factor)
+        return [ids[r] for r in query.to_arrow()["row"].to_pylist()]
+
+    return search
+
+
+def sweep(name, search, grid: dict, queries, truth, ids, args) -> list[dict]:
+    """Every grid point on ``--tune-queries`` single queries: recall@10, p50/p99 (c=1)."""
+    (knob_a, values_a), (knob_b, values_b) = grid.items()
+    subset = slice(0, args.tune_queries)
+    points = []
+    for a in values_a:
+        for b in values_b:
+            for i in range(5):  # warm caches
+                search(queries[i], a, b)
+            stats, found = ql.run_load(
+                lambda i, a=a, b=b: search(queries[i], a, b), args.tune_queries, 1
+            )
+            found = [found[i] for i in range(args.tune_queries)]
+            point = {knob_a: a, knob_b: b, **stats}
+            point["recall_at_10"] = round(ql.recall(found, truth[subset], ids), 4)
+            points.append(point)
+        print(f"{name}: {points[-len(values_b) :]}", flush=True)
+    return points
+
+
+def operating_point(points: list[dict], target: float) -> dict:
+    """The lowest-p50 point reaching ``target`` (else the most accurate one)."""
+    ok = [p for p in points if p["recall_at_10"] >= target]
+    if not ok:
+        return max(points, key=lambda p: (p["recall_at_10"], -p["p50_ms"]))
+    return min(ok, key=lambda p: p["p50_ms"])
+
+
+def measure_point(search, point: dict, knobs, queries, truth, ids, args) -> dict:
+    """The operating point on every query: recall, then each concurrency level."""
+    a, b = (point[k] for k in knobs)
+    n = len(queries)
+    out = {k: point[k] for k in knobs}
+    out["recall_at_10"] = round(ql.recall([search(q, a, b) for q in queries], truth, ids), 4)
+    for c in args.concurrency:
+        load = os.getloadavg()[0]
+        stats, _ = ql.run_load(lambda i: search(queries[i % n], a, b), args.requests, c)
+        stats["loadavg_1m_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+        out[str(c)] = stats
+    return out
+
+
+def http_points(args, frontier: list[dict], chosen: dict) -> list[dict]:
+    """Ours over HTTP: the in-process frontier at c=1, then the chosen point at every level."""
+    pts = [
+        {
+            "label": f"nprobe={p['nprobe']} candidates={p['candidates']}",
+            "body": {"nprobe": p["nprobe"], "candidates": p["candidates"]},
+            "concurrency": [1],
+            "requests": args.tune_queries,
+        }
+        for p in frontier
+    ]
+    step = max(1, len(pts) // 4)  # at most ~5 frontier points: each costs a pass over the queries
+    pts = pts[::step]
+    pts.append(
+        {
+            "label": "operating point",
+            "body": {"nprobe": chosen["nprobe"], "candidates": chosen["candidates"]},
+            "concurrency": args.concurrency,
+            "requests": args.requests,
+        }
+    )
+    return pts
+
+
+def measure_all(args, build: dict, queries, truth, ids) -> dict:
+    import faiss
+
+    from index.shard_index import ShardIndex
+    from index.store import Store
+
+    faiss.omp_set_num_threads(1)  # one query, one thread: as each Serve searcher replica
+    store = Store(build["ours"]["store"])
+    shards = [ShardIndex.load(store, s) for s in range(args.shards)]
+    single = ShardIndex.open_dir(args.workdir / f"single-{args.n}-{args.dim}")
+    systems = {
+        "ours_inprocess": (faiss_searcher(shards), OURS_GRID),
+        "faiss_inprocess": (faiss_searcher([single]), SINGLE_GRID),
+        "lancedb": (lance_searcher(args, ids), LANCE_GRID),
+    }
+    out: dict = {}
+    for name, (search, grid) in systems.items():
+        points = sweep(name, search, grid, queries, truth, ids, args)
+        chosen = operating_point(points, args.target_recall)
+        out[name] = {
+            "grid": points,
+            "frontier": pareto(points, "p50_ms", "recall_at_10"),
+            "operating_point": measure_point(search, chosen, grid, queries, truth, ids, args),
+        }
+        print(f"{name} operating point: {out[name]['operating_point']}", flush=True)
+    del shards, single
+    # ours over HTTP at the in-process frontier and at our operating point
+    ours = out["ours_inprocess"]
+    near = [p for p in ours["frontier"] if p["recall_at_10"] >= args.target_recall - 0.15]
+    args.points = json.dumps(http_points(args, near, ours["operating_point"]))
+    http = ql.over_http(args, store.uri, queries, truth, ids)["throughput"]
+    measured = http["direct_ingress"]["points"]
+    out["ours_http"] = {
+        "frontier": measured[:-1],
+        "operating_point": measured[-1],
+        "serve": {k: v for k, v in http.items() if k not in ("proxy", "direct_ingress")},
+    }
+    return out
+
+
+def headline(result: dict) -> dict:
+    ours, faiss_, lance = (
+        result[k]["operating_point"] for k in ("ours_http", "faiss_inprocess", "lancedb")
+    )
+    c1, top = str(result["concurrency"][0]), str(max(result["concurrency"]))
+    return {
+        "recall_at_10": min(p["recall_at_10"] for p in (ours, faiss_, lance)),
+        "ours_http_p99_ms": ours[c1]["p99_ms"],
+        "faiss_inprocess_p99_ms": faiss_[c1]["p99_ms"],
+        "lancedb_p99_ms": lance[c1]["p99_ms"],
+        "ours_qps": ours[top]["qps"],
+        "lancedb_qps": lance[top]["qps"],
+        "faiss_inprocess_qps": faiss_[top]["qps"],
+        "ours_http_p50_ms": ours[c1]["p50_ms"],
+        "faiss_inprocess_p50_ms": faiss_[c1]["p50_ms"],
+        "lancedb_p50_ms": lance[c1]["p50_ms"],
+        "recall_at_10_each": {
+            "ours_http": ours["recall_at_10"],
+            "faiss_inprocess": faiss_["recall_at_10"],
+            "lancedb": lance["recall_at_10"],
+        },
+        "ours_http_p99_over_faiss": round(ours[c1]["p99_ms"] / faiss_[c1]["p99_ms"], 2),
+        "goal": {
+            "ours_http_p99_within_2x_faiss": ours[c1]["p99_ms"] <= 2 * faiss_[c1]["p99_ms"],
+            "ours_p99_below_lancedb": ours[c1]["p99_ms"] < lance[c1]["p99_ms"],
+            "ours_qps_above_lancedb": ours[top]["qps"] > lance[top]["qps"],
+        },
+    }
+
+
+COLOURS = {
+    "ours_http": "C0",
+    "ours_inprocess": "C9",
+    "faiss_inprocess": "C2",
+    "lancedb": "C3",
+}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c1, top = str(result["concurrency"][0]), str(max(result["concurrency"]))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for name, colour in COLOURS.items():
+        body = result["systems"][name]
+        front = sorted(body["frontier"], key=lambda p: p["recall_at_10"])
+        key = c1 if name == "ours_http" else "p99_ms"
+        p99 = [p[key]["p99_ms"] if name == "ours_http" else p[key] for p in front]
+        ax1.plot([p["recall_at_10"] for p in front], p99, "o-", color=colour, alpha=0.6, label=name)
+        op = body["operating_point"]
+        ax1.plot(op["recall_at_10"], op[c1]["p99_ms"], "*", color=colour, ms=16, mec="k")
+    ax1.axvline(result["target_recall"], color="k", ls=":", lw=0.8)
+    ax1.set_yscale("log")
+    ax1.set_xlabel(f"recall@10 vs exact (stars: operating points, {result['requests']} requests)")
+    ax1.set_ylabel("p99 latency at concurrency 1 (ms)")
+    ax1.set_title(f"{result['n_vectors']:,} x {result['dim']}: frontier over each system's knobs")
+    ax1.legend(fontsize=8)
+    names = ["ours_http", "faiss_inprocess", "lancedb"]
+    qps = [result["systems"][n]["operating_point"][top]["qps"] for n in names]
+    bars = ax2.bar(names, qps, color=[COLOURS[n] for n in names])
+    builds = result["build_seconds"]
+    for bar, n in zip(bars, names, strict=True):
+        ax2.annotate(
+            f"{bar.get_height():.0f} QPS\nbuild {builds[n]:.0f} s",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax2.set_ylim(0, 1.3 * max(qps))
+    ax2.set_ylabel(f"queries / s at concurrency {top}")
+    ax2.set_title(f"at equal recall@10 >= {result['target_recall']} (measured on every query)")
+    m = result["machine"]
+    fig.suptitle(f"peers on the same vectors, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TMPDIR", str(args.workdir))
+    base, queries = ql.make_data(args)
+    ids, uris = ql.ids_uris(args.n)
+    build = build_all(args, base, ids, uris)
+    truth = ql.ground_truth(args, base, queries)
+    del base
+    if args.phase == "build":
+        print(json.dumps(build, indent=1))
+        return 0
+    systems = measure_all(args, build, queries, truth, ids)
+    ours_build = build["ours"].get("build_s", {})
+    result = {
+        "n_vectors": args.n,
+        "dim": args.dim,
+        "k": K,
+        "shards": args.shards,
+        "target_recall": args.target_recall,
+        "concurrency": args.concurrency,
+        "requests": args.requests,
+        "tune_queries": args.tune_queries,
+        "machine": machine_info(),
+        "build_seconds": {
+            # ours: the shards built one after another in one process (index_build.json has
+            # the Ray-parallel wall); FAISS single: build_arrays wall; LanceDB: create_index
+            "ours_http": round(sum(ours_build.values()), 1) if ours_build else None,
+            "faiss_inprocess": build["faiss_single"]["wall_seconds"],
+            "lancedb": build["lancedb"]["index_seconds"],
+        },
+        "build": build,
+        "systems": systems,
+        "notes": [
+            "ours: Serve throughput mode, direct ingress port, JSON vector queries; each shard "
+            "reranks its candidates with float16 vectors; knobs per shard",
+            "faiss_inprocess: one index over all N, our policy's factory for N, same float16 "
+            "rerank (ShardIndex), 1 OpenMP thread per query, client threads for concurrency",
+            "lancedb: embedded, IVF_PQ 8-bit codes of the same size, refine_factor rescoring "
+            "with float32 vectors; LanceDB uses its own thread pool",
+            "operating point: lowest p50 reaching target_recall on the first tune_queries "
+            "queries; its recall here is re-measured on all queries",
+        ],
+        "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/peers.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    result = {**headline({**result, **systems}), **result}
+    path = write_result(args.name, result)
+    plot(json.loads(path.read_text()), RESULTS_DIR / f"{args.name}.png")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("systems", "build")}, indent=1))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
