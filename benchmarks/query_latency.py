@@ -273,9 +273,11 @@ def http_worker(args) -> int:
     from serve.local import direct_ingress_port
 
     queries = np.load(args.workdir / "queries.npy")
+    # logical CPUs: room for every searcher replica (0.25 each) next to the ingress
+    replicas = args.searcher_replicas * args.shards
     ray.init(
         address="local",
-        num_cpus=4,
+        num_cpus=max(4, int(0.25 * replicas + 2)),
         include_dashboard=False,
         _temp_dir=str(args.workdir / "ray"),
         log_to_driver=False,
@@ -324,7 +326,7 @@ def http_worker(args) -> int:
 
         return call
 
-    def measure(call, label, concurrency, requests) -> dict:
+    def measure(call, label, concurrency, requests, with_recall=True) -> dict:
         rows = {}
         for c in concurrency:
             server_ms.clear()
@@ -334,7 +336,8 @@ def http_worker(args) -> int:
             stats["ingress_took_p50_ms"] = round(statistics.median(server_ms), 3)
             rows[str(c)] = stats
             print(f"HTTP {args.http_worker}/{label} c={c:>2}: {stats}", flush=True)
-        rows["found"] = [call(i) for i in range(len(queries))]
+        if with_recall:
+            rows["found"] = [call(i) for i in range(len(queries))]
         return rows
 
     points = json.loads(args.points) if args.points else None
@@ -357,6 +360,7 @@ def http_worker(args) -> int:
                     f"{entry} {point.get('label', '')}",
                     point.get("concurrency", args.concurrency),
                     point.get("requests", args.requests),
+                    point.get("recall", True),
                 )
                 out[entry]["points"].append({**point, **rows})
         out["stats"] = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=30).json()
@@ -397,6 +401,8 @@ def over_http(args, store_uri: str, queries: np.ndarray, truth, ids) -> dict:
             str(args.candidates),
             "--concurrency",
             *map(str, args.concurrency),
+            "--shards",
+            str(args.shards),
             "--searcher-replicas",
             str(getattr(args, "searcher_replicas", 1)),
             "--entries",

@@ -1,0 +1,319 @@
+"""Query scaling over HTTP: p50/p99 and QPS vs shards, replicas per shard and nprobe, with recall.
+
+    flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/query_scaling.py [--quick] \
+        [--shards 1 2] [--replicas 1 2]     # split runs merge into one results file
+
+The same ``gaussian_mixture`` vectors (default 1M x 256) and held-out queries as
+``query_latency.py`` and ``peers.py``, written as a store of S shards (S = 1, 2, 4, 8; the stores
+are cached under ``--workdir`` and shared with peers.py) and served by the real Serve app
+(``throughput`` mode, direct ingress port; R replicas of every ShardSearcher). Per (S, R):
+
+- the index's own defaults (nprobe and rerank candidates tuned per shard at build time) at
+  concurrency 1, 4 and 16: p50/p99, QPS, recall@10 against exact float32 search of all N;
+- an nprobe sweep at concurrency 1 (HTTP latency; recall measured in-process on the same shard
+  indexes: the searchers run the same ``ShardIndex.search``).
+
+Per S, in-process: one shard's single-query search cost at its size N/S (the per-shard cost
+curve of the billion-vector extrapolation) and the whole scatter done sequentially; the HTTP p50
+minus one shard's cost is what scatter-gather, HTTP and Serve add at S shards.
+
+On this 2-core box every replica, the ingress and the load generator share the same 2 cores,
+so more shards or replicas cannot add capacity: the curves show the fixed cost of fanning out,
+not the speedup a cluster with a core (or node) per replica would see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import query_latency as ql  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_info, write_result  # noqa: E402
+
+K = ql.K
+SINGLE_QUERIES = 200  # single-query timings in-process
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--quick", action="store_true", help="100k vectors, 1/4 shards, fewer requests")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--nprobes", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--requests", type=int, default=500, help="per concurrency level")
+    p.add_argument("--sweep-requests", type=int, default=200, help="per nprobe point")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-scale"))
+    p.add_argument("--memory-budget", default="4G")
+    p.add_argument("--keep-stores", action="store_true", help="keep stores other than 4 shards")
+    p.add_argument("--fresh", action="store_true", help="do not merge with an earlier result")
+    p.add_argument("--name", default=None)
+    p.add_argument("--plot-only", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n = min(args.n, 100_000)
+        args.requests, args.sweep_requests = 200, 100
+        if args.shards == [1, 2, 4, 8]:
+            args.shards = [1, 4]
+    args.name = args.name or ("query_scaling_quick" if args.quick else "query_scaling")
+    args.modes, args.entries = ["throughput"], ["direct_ingress"]
+    return args
+
+
+def single_query_p50(search, queries) -> float:
+    times = []
+    for q in queries[:SINGLE_QUERIES]:
+        t = time.perf_counter()
+        search(q[None, :])
+        times.append(time.perf_counter() - t)
+    return round(float(np.median(times)) * 1000, 3)
+
+
+def in_process(store_uri: str, num_shards: int, queries, truth, ids, nprobes) -> dict:
+    """One shard's cost at its size, the sequential scatter, and recall over nprobe."""
+    import faiss
+
+    from index.merge import merge_topk
+    from index.recall import recall_at_k, search_all
+    from index.shard_index import ShardIndex
+    from index.store import Store
+
+    faiss.omp_set_num_threads(1)  # as each searcher replica
+    shards = [ShardIndex.load(Store(store_uri), s) for s in range(num_shards)]
+    truth_ids = [[ids[r] for r in row] for row in truth]
+    out = {
+        "rows_per_shard": [s.count for s in shards],
+        "factory": sorted({s.meta["factory"] for s in shards}),
+        "default_nprobe": sorted({s.default_nprobe for s in shards}),
+        "default_candidates": sorted({s.meta.get("candidates") for s in shards}),
+        "per_shard_p50_ms": round(
+            float(
+                np.mean([single_query_p50(lambda q, s=s: s.search(q, K), queries) for s in shards])
+            ),
+            3,
+        ),
+        "sequential_scatter_p50_ms": single_query_p50(
+            lambda q: merge_topk([s.search(q, K)[0] for s in shards], K, "ip"), queries
+        ),
+        "recall_at_10": round(recall_at_k(search_all(shards, queries, K), truth_ids, K), 4),
+        "nprobe_sweep": [],
+    }
+    for nprobe in nprobes:
+        out["nprobe_sweep"].append(
+            {
+                "nprobe": nprobe,
+                "recall_at_10": round(
+                    recall_at_k(search_all(shards, queries, K, nprobe=nprobe), truth_ids, K), 4
+                ),
+                "per_shard_p50_ms": single_query_p50(
+                    lambda q, p=nprobe: shards[0].search(q, K, nprobe=p), queries
+                ),
+            }
+        )
+    return out
+
+
+def http(args, store_uri: str, replicas: int, candidates: int, queries, truth, ids) -> dict:
+    """The Serve app with ``replicas`` per shard: defaults at every level, then the sweep."""
+    run = copy.copy(args)
+    run.searcher_replicas, run.candidates = replicas, candidates
+    points = [{"label": "defaults", "body": {}, "requests": args.requests}]
+    points += [
+        {
+            "label": f"nprobe={p}",
+            "body": {"nprobe": p},
+            "concurrency": [1],
+            "requests": args.sweep_requests,
+            "recall": False,
+        }
+        for p in args.nprobes
+    ]
+    run.points = json.dumps(points)
+    body = ql.over_http(run, store_uri, queries, truth, ids)["throughput"]
+    measured = body["direct_ingress"]["points"]
+    return {
+        "defaults": measured[0],
+        "nprobe_sweep": measured[1:],
+        "serve_start_s": body.get("serve_start_s"),
+        "processes_rss_mb": body.get("processes_rss_mb"),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    path = RESULTS_DIR / f"{args.name}.json"
+    if args.plot_only:
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        return 0
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    base, queries = ql.make_data(args)
+    ids, uris = ql.ids_uris(args.n)
+    truth = ql.ground_truth(args, base, queries)
+    rows = {}
+    if path.exists() and not args.fresh:  # merge split runs of the same data
+        old = json.loads(path.read_text())
+        if (old.get("n_vectors"), old.get("dim")) == (args.n, args.dim):
+            rows = {int(s): r for s, r in old["by_shards"].items()}
+    for num_shards in args.shards:
+        run = copy.copy(args)
+        run.shards = num_shards
+        build = ql.build_store(run, base, ids, uris)
+        row = {
+            "shards": num_shards,
+            "build": build,
+            "inprocess": in_process(build["store"], num_shards, queries, truth, ids, args.nprobes),
+            "http": {},
+        }
+        candidates = max(c for c in row["inprocess"]["default_candidates"] if c) or 400
+        for replicas in args.replicas:
+            row["http"][str(replicas)] = http(
+                run, build["store"], replicas, candidates, queries, truth, ids
+            )
+        old_http = rows.get(num_shards, {}).get("http", {})
+        row["http"] = {**old_http, **row["http"]}
+        rows[num_shards] = row
+        print(summary_line(row, args.concurrency), flush=True)
+        if num_shards != 4 and not args.keep_stores:  # peers.py reuses the 4-shard store
+            shutil.rmtree(build["store"], ignore_errors=True)
+    result = {
+        "n_vectors": args.n,
+        "dim": args.dim,
+        "k": K,
+        "concurrency": args.concurrency,
+        "requests": args.requests,
+        "machine": machine_info(),
+        "serve_path": "throughput mode, direct ingress port, JSON vector queries",
+        "by_shards": {str(s): rows[s] for s in sorted(rows)},
+        "table": table(rows, args.concurrency),
+        "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/query_scaling.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    write_result(args.name, result)
+    plot(json.loads(path.read_text()), path.with_suffix(".png"))
+    print_table(result["table"])
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def table(rows: dict, levels: list[int]) -> list[dict]:
+    """One flat row per (shards, replicas): what the README table shows."""
+    out = []
+    for s in sorted(rows):
+        row = rows[s]
+        for r, h in sorted(row["http"].items(), key=lambda kv: int(kv[0])):
+            d = h["defaults"]
+            line = {
+                "shards": s,
+                "replicas": int(r),
+                "rows_per_shard": max(row["inprocess"]["rows_per_shard"]),
+                "recall_at_10": d.get("recall_at_10"),
+                "per_shard_p50_ms": row["inprocess"]["per_shard_p50_ms"],
+                "sequential_scatter_p50_ms": row["inprocess"]["sequential_scatter_p50_ms"],
+            }
+            for c in levels:
+                if str(c) in d:
+                    line[f"p50_ms_c{c}"] = d[str(c)]["p50_ms"]
+                    line[f"p99_ms_c{c}"] = d[str(c)]["p99_ms"]
+                    line[f"qps_c{c}"] = d[str(c)]["qps"]
+            line["overhead_p50_ms_c1"] = round(
+                line.get("p50_ms_c1", float("nan")) - line["per_shard_p50_ms"], 3
+            )
+            out.append(line)
+    return out
+
+
+def summary_line(row: dict, levels) -> str:
+    parts = [f"S={row['shards']}: per-shard {row['inprocess']['per_shard_p50_ms']} ms"]
+    for r, h in row["http"].items():
+        d = h["defaults"]
+        parts.append(
+            f"R={r}: "
+            + ", ".join(f"c{c} p50 {d[str(c)]['p50_ms']} QPS {d[str(c)]['qps']}" for c in levels)
+            + f", recall {d.get('recall_at_10')}"
+        )
+    return "; ".join(parts)
+
+
+def print_table(rows: list[dict]) -> None:
+    keys = list(rows[0]) if rows else []
+    print(" ".join(f"{k:>12}" for k in keys))
+    for r in rows:
+        print(" ".join(f"{r.get(k)!s:>12}" for k in keys))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["table"]
+    levels = result["concurrency"]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
+    for r in sorted({x["replicas"] for x in rows}):
+        sel = [x for x in rows if x["replicas"] == r]
+        s = [x["shards"] for x in sel]
+        (line,) = ax1.plot(s, [x["p50_ms_c1"] for x in sel], "o-", label=f"HTTP p50, {r} repl.")
+        ax1.plot(s, [x["p99_ms_c1"] for x in sel], "x--", color=line.get_color(), alpha=0.6)
+        for c in levels[1:]:
+            ax2.plot(s, [x[f"qps_c{c}"] for x in sel], "o-", label=f"c={c}, {r} repl./shard")
+    one = [x for x in rows if x["replicas"] == min(x["replicas"] for x in rows)]
+    s = [x["shards"] for x in one]
+    ax1.plot(s, [x["per_shard_p50_ms"] for x in one], "k^-", label="one shard in-process")
+    ax1.plot(s, [x["sequential_scatter_p50_ms"] for x in one], "kv:", label="all shards in-process")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(s, [str(v) for v in s])
+        ax.set_xlabel("shards")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("ms at concurrency 1 (dashed: HTTP p99)")
+    ax1.set_title(f"{result['n_vectors']:,} x {result['dim']}: latency vs shards", fontsize=10)
+    ax1.legend(fontsize=7)
+    ax2.set_ylabel("queries / s")
+    ax2.set_title("throughput vs shards and replicas (2 cores shared)", fontsize=10)
+    ax2.legend(fontsize=7)
+    for key, row in result["by_shards"].items():
+        sweep = row["inprocess"]["nprobe_sweep"]
+        http = {
+            p["body"]["nprobe"]: p for p in row["http"][min(row["http"], key=int)]["nprobe_sweep"]
+        }
+        pts = [
+            (p["recall_at_10"], http[p["nprobe"]]["1"]["p50_ms"])
+            for p in sweep
+            if p["nprobe"] in http
+        ]
+        ax3.plot(*zip(*pts, strict=True), "o-", label=f"{key} shards")
+        for p in sweep:
+            if p["nprobe"] in http:
+                ax3.annotate(
+                    str(p["nprobe"]),
+                    (p["recall_at_10"], http[p["nprobe"]]["1"]["p50_ms"]),
+                    fontsize=6,
+                )
+    ax3.set_xlabel("recall@10 vs exact (labels: nprobe per shard)")
+    ax3.set_ylabel("HTTP p50 ms at concurrency 1")
+    ax3.set_title("nprobe sweep (tuned rerank candidates)", fontsize=10)
+    ax3.legend(fontsize=7)
+    m = result["machine"]
+    fig.suptitle(f"query scaling over HTTP, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
