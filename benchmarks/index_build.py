@@ -10,6 +10,13 @@ against exact float32 search on the same data (1,000 queries), scattered and mer
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/index_build.py [--quick]
 
 Writes benchmarks/results/index_build.json (headline keys at top level) and index_build.png.
+
+    flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/index_build.py --sizes 100000
+    flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/index_build.py --sizes 4000000 --shards 4,8
+
+``--sizes`` runs the same measurement at each N (1M writes index_build.json, other sizes
+index_build_<N>.json), then ``index_build_sizes.json``/``.png`` gathers every size measured so far:
+build seconds, bytes per vector and parallel speedup (sum of shard builds / wall) vs N and shards.
 """
 
 from __future__ import annotations
@@ -136,7 +143,7 @@ def bench_shards(
     return row
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100k vectors instead of 1M")
     parser.add_argument("--n", type=int, default=None)
@@ -147,15 +154,29 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--work-dir", default=None, help="scratch for the stores (deleted)")
     parser.add_argument("--name", default=None, help="result name (default index_build)")
+    parser.add_argument(
+        "--sizes", default=None, help="comma-separated N values, e.g. 100000,4000000"
+    )
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
-    args = parser.parse_args()
-    n = args.n or (100_000 if args.quick else 1_000_000)
+    args = parser.parse_args(argv)
     shard_counts = [int(s) for s in args.shards.split(",")]
+    if args.sizes:
+        for n in [int(v) for v in args.sizes.split(",")]:
+            name = "index_build" if n == 1_000_000 else f"index_build_{n}"
+            if not args.plot_only:
+                run_size(args, n, shard_counts, name)
+        summarise_sizes()
+        return
+    n = args.n or (100_000 if args.quick else 1_000_000)
     name = args.name or ("index_build_quick" if args.quick else "index_build")
     if args.plot_only:
         plot(json.loads((RESULTS_DIR / f"{name}.json").read_text()), RESULTS_DIR / f"{name}.png")
         return
+    run_size(args, n, shard_counts, name)
 
+
+def run_size(args, n: int, shard_counts: list[int], name: str) -> None:
+    """Build and measure ``n`` vectors in each shard count; write ``<name>.json`` and PNG."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -221,6 +242,75 @@ def main() -> None:
         f"{result['recall_at_10_rerank']:.3f} with rerank; {result['bytes_per_vector_ram']:.1f} "
         f"B/vector RAM (codes + ids); wrote {path}"
     )
+
+
+def summarise_sizes() -> dict:
+    """Gather every ``index_build*.json`` of the full benchmark into one table over N."""
+    rows = []
+    for path in sorted(RESULTS_DIR.glob("index_build*.json")):
+        if path.stem in ("index_build_sizes", "index_build_quick"):
+            continue
+        body = json.loads(path.read_text())
+        for r in body.get("configs", []):
+            rows.append(
+                {
+                    "n_vectors": body["n_vectors"],
+                    "shards": r["shards"],
+                    "factory": r["factory"],
+                    "build_wall_seconds": r["build_wall_seconds"],
+                    "build_seconds_sum_of_shards": r["build_seconds_sum_of_shards"],
+                    "parallel_speedup": round(
+                        r["build_seconds_sum_of_shards"] / r["build_wall_seconds"], 2
+                    ),
+                    "seconds_per_million": round(
+                        r["build_wall_seconds"] / body["n_vectors"] * 1e6, 2
+                    ),
+                    "bytes_per_vector_ram": r["bytes_per_vector_ram"],
+                    "bytes_per_vector_disk_version": r["bytes_per_vector_disk_version"],
+                    "recall_at_10_rerank": r["recall_at_10_rerank"],
+                    "ms_per_query_rerank": r["ms_per_query_rerank"],
+                    "source": path.name,
+                    "when": body["machine"]["when"],
+                }
+            )
+    rows.sort(key=lambda r: (r["n_vectors"], r["shards"]))
+    result = {"configs": rows, "note": "gathered from the index_build*.json files listed"}
+    write_result("index_build_sizes", result)
+    plot_sizes(rows, RESULTS_DIR / "index_build_sizes.png")
+    for r in rows:
+        print({k: v for k, v in r.items() if k not in ("source", "when")})
+    return result
+
+
+def plot_sizes(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for shards in sorted({r["shards"] for r in rows}):
+        sel = [r for r in rows if r["shards"] == shards]
+        ns = [r["n_vectors"] for r in sel]
+        ax1.plot(ns, [r["build_wall_seconds"] for r in sel], "o-", label=f"{shards} shards")
+        ax2.plot(ns, [r["bytes_per_vector_ram"] for r in sel], "o-", label=f"{shards} shards")
+        ax3.plot(ns, [r["parallel_speedup"] for r in sel], "o-", label=f"{shards} shards")
+    for ax, label in (
+        (ax1, "build wall seconds (Ray tasks)"),
+        (ax2, "bytes/vector in RAM (codes + ids)"),
+        (ax3, "parallel speedup (sum of shard builds / wall)"),
+    ):
+        ax.set_xscale("log")
+        ax.set_xlabel("vectors (N)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax1.set_yscale("log")
+    ax3.axhline(2, color="k", ls=":", lw=0.8)
+    fig.suptitle("index build vs N and shards (256-d Gaussian mixture, 2 cores)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(result: dict, path: Path) -> None:
