@@ -88,6 +88,7 @@ def build_arrays(
     tune: bool = True,
     extra_meta: dict | None = None,
     on_stage: Stage | None = None,
+    trained: faiss.Index | None = None,
 ) -> dict:
     """Write a complete version directory for these rows into the local directory ``out_dir``.
 
@@ -96,7 +97,10 @@ def build_arrays(
     the built index for its default nprobe and rerank candidates (``index.tune``); without it
     the spec's defaults stand. ``on_stage`` is called with "rows", "trained", "added", "tuned"
     and "index" as each step finishes (progress reports;
-    the crash tests use it to stop a build at a known point). Returns the meta dict written.
+    the crash tests use it to stop a build at a known point). ``trained`` is an already trained
+    index of ``spec``'s structure (a rebuild reusing the live version's quantizer and codebooks,
+    ``pipelines.rebuild``): it is copied, emptied and filled, with no training. Returns the meta
+    dict written.
     """
     t0 = time.perf_counter()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -124,7 +128,11 @@ def build_arrays(
     _save_npy(out / VECTORS_FILE, vectors16)
     stage("rows")
 
-    index = faiss.index_factory(dim, spec.factory, faiss_metric(metric))
+    if trained is not None:
+        index = faiss.clone_index(trained)
+        index.reset()  # keeps the coarse quantizer and PQ codebooks, drops the codes
+    else:
+        index = faiss.index_factory(dim, spec.factory, faiss_metric(metric))
     t_train = time.perf_counter()
     if not index.is_trained:
         rng = np.random.default_rng(seed)
@@ -198,6 +206,10 @@ def build_shard(
     seed: int = 0,
     force: bool = False,
     on_stage: Stage | None = None,
+    parts: list[str] | None = None,
+    deleted: dict[str, int] | None = None,
+    trained: faiss.Index | None = None,
+    extra_meta: dict | None = None,
 ) -> ShardBuildResult | None:
     """Build a new version of ``shard`` from all its Parquet parts, if any are new.
 
@@ -205,6 +217,11 @@ def build_shard(
     ``force`` is false. The new version is complete and immutable when this returns, but is not
     live until ``commit_results`` puts it in the manifest. A shard with no rows yet gets an empty
     flat version, so every shard of a store can be loaded and served.
+
+    For background rebuilds (``pipelines.rebuild``): ``parts`` fixes the parts to read (default:
+    all listed now); ``deleted`` (id -> deleted_at in ms, from tombstones) drops rows whose id was
+    deleted at or after their ``ingested_at``; ``trained`` reuses a trained index (see
+    ``build_arrays``); ``extra_meta`` is recorded in ``meta.json``.
     """
     manifest = load_manifest(store)
     if manifest is None:
@@ -212,12 +229,12 @@ def build_shard(
     if not 0 <= shard < manifest.num_shards:
         raise ValueError(f"shard {shard} out of range for {manifest.num_shards} shards")
     state = manifest.shards[shard]
-    parts = store.list_parts(shard)
+    parts = store.list_parts(shard) if parts is None else sorted(parts)
     if not force and state.version is not None and sorted(state.parts) == parts:
         return None
 
     t0 = time.perf_counter()
-    vectors, ids, uris, extra, dropped = read_shard(store, manifest, parts)
+    vectors, ids, uris, extra, dropped = read_shard(store, manifest, parts, deleted=deleted)
     _clean_stale_tmp(store, shard)
     extra_meta = {
         "shard": shard,
@@ -225,9 +242,12 @@ def build_shard(
         "model": manifest.model_tag,
         "duplicates_dropped": dropped,
         "read_seconds": round(time.perf_counter() - t0, 3),
+        **(extra_meta or {}),
     }
     version = _next_version(store, shard, state)
-    kwargs = dict(extra=extra, memory_budget=memory_budget, seed=seed, on_stage=on_stage)
+    kwargs = dict(
+        extra=extra, memory_budget=memory_budget, seed=seed, on_stage=on_stage, trained=trained
+    )
     if store.is_local:
         tmp = Path(store.shard_index_dir(shard)) / f".tmp-v{version:06d}-{uuid.uuid4().hex[:8]}"
         try:
@@ -264,10 +284,15 @@ def build_shard(
 
 
 def read_shard(
-    store: Store, manifest: Manifest, parts: list[str]
+    store: Store,
+    manifest: Manifest,
+    parts: list[str],
+    deleted: dict[str, int] | None = None,
 ) -> tuple[np.ndarray, pa.Array, pa.Array, pa.Table | None, int]:
     """All rows of these parts ordered by id, one row per id (the newest ``ingested_at``).
 
+    ``deleted`` (id -> deleted_at ms) drops the kept row of an id deleted at or after its
+    ``ingested_at`` (the tombstone rule of ``index.delta``; counted with the duplicates).
     Returns (float32 vectors, ids, uris, metadata columns or None, duplicates dropped).
     """
     if not parts:
@@ -282,6 +307,8 @@ def read_shard(
     keep = np.ones(len(ids), dtype=bool)
     if len(ids) > 1:
         keep[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    if deleted:
+        keep &= _not_deleted(table, deleted)
     dropped = int((~keep).sum())
     if dropped:
         table = table.filter(pa.array(keep))
@@ -297,6 +324,27 @@ def read_shard(
         extra,
         dropped,
     )
+
+
+def _not_deleted(table: pa.Table, deleted: dict[str, int]) -> np.ndarray:
+    """False for rows whose id has a tombstone at or after the row's ``ingested_at``."""
+    ids = table[schema.ID]
+    hit = pc.is_in(ids, value_set=pa.array(list(deleted), pa.string()))
+    hit = np.asarray(hit.to_numpy(zero_copy_only=False), dtype=bool)
+    out = np.ones(len(hit), dtype=bool)
+    rows = np.flatnonzero(hit)
+    if len(rows) == 0:
+        return out
+    if schema.INGESTED_AT in table.column_names:
+        ts = table[schema.INGESTED_AT].take(pa.array(rows)).cast(schema.TIMESTAMP)
+        ingested = ts.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+    else:
+        ingested = np.zeros(len(rows), np.int64)
+    row_ids = ids.take(pa.array(rows)).to_pylist()
+    for row, row_id, t in zip(rows, row_ids, ingested, strict=True):
+        if deleted[row_id] >= int(t):
+            out[row] = False
+    return out
 
 
 def apply_results(manifest: Manifest, results: Sequence[ShardBuildResult]) -> Manifest:

@@ -20,6 +20,7 @@ HEIGHT = "height"
 INGESTED_AT = "ingested_at"
 ERROR = "error"
 STAGE = "stage"
+DELETED_AT = "deleted_at"
 
 CORE_COLUMNS = (ID, URI, EMBEDDING, WIDTH, HEIGHT, INGESTED_AT)
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
@@ -49,6 +50,17 @@ ERRORS_SCHEMA = pa.schema(
         pa.field(STAGE, pa.string()),  # "read", "decode" or "embed"
         pa.field(ERROR, pa.string()),
         pa.field(INGESTED_AT, TIMESTAMP),
+    ]
+)
+
+
+# ``tombstones/shard=NNNNN/part-*.parquet``: a delete of ``id`` at ``deleted_at``. A row is hidden
+# when a tombstone for its id is at least as new as the row's ``ingested_at`` (so an id deleted
+# and then added again is visible again); see ``index.delta``.
+TOMBSTONES_SCHEMA = pa.schema(
+    [
+        pa.field(ID, pa.string(), nullable=False),
+        pa.field(DELETED_AT, TIMESTAMP, nullable=False),
     ]
 )
 
@@ -119,4 +131,12 @@ def errors_table(
             INGESTED_AT: [ts] * n,
         },
         schema=ERRORS_SCHEMA,
+    )
+
+
+def tombstones_table(ids: Sequence[str], deleted_at: pa.Scalar | None = None) -> pa.Table:
+    """Tombstones for ``ids``, all deleted at ``deleted_at`` (default: now)."""
+    ts = (deleted_at if deleted_at is not None else now_ms()).as_py()
+    return pa.Table.from_pydict(
+        {ID: list(ids), DELETED_AT: [ts] * len(ids)}, schema=TOMBSTONES_SCHEMA
     )

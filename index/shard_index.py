@@ -172,6 +172,7 @@ class ShardIndex:
         nprobe: int | None = None,
         candidates: int | None = None,
         rerank: bool = True,
+        exclude: faiss.IDSelector | None = None,
     ) -> list[list[Hit]]:
         """Top ``k`` hits of each query (one list per query, best first, up to ``k`` long).
 
@@ -179,6 +180,8 @@ class ShardIndex:
         ``candidates`` (default: the number the build measured for recall, see ``index.tune``,
         scaled with k; ``max(4k, 100)`` for older versions) how many compressed-index results are
         rescored exactly when ``rerank``. Without rerank, scores are the index's approximations.
+        ``exclude`` selects row keys to hide (deleted or superseded rows, ``index.delta``); it is
+        applied inside the FAISS search, so up to ``k`` visible rows still come back.
         """
         q = self._check_queries(queries)
         if k < 1:
@@ -191,7 +194,7 @@ class ShardIndex:
         else:
             fetch = k
         fetch = min(fetch, self.count)
-        scores, keys = self._candidates(q, fetch, nprobe)
+        scores, keys = self._candidates(q, fetch, nprobe, exclude)
         if rerank and not exact_index:
             scores, keys = self.rerank(q, keys, k)
         else:
@@ -199,18 +202,26 @@ class ShardIndex:
         return self._hits(scores, keys)
 
     def _candidates(
-        self, q: np.ndarray, n: int, nprobe: int | None
+        self,
+        q: np.ndarray,
+        n: int,
+        nprobe: int | None,
+        exclude: faiss.IDSelector | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Approximate (scores, row keys) from the compressed index; -1 keys pad short lists."""
-        return self._index.search(q, n, params=self._params(nprobe))
+        return self._index.search(q, n, params=self._params(nprobe, exclude))
 
-    def _params(self, nprobe: int | None) -> faiss.SearchParameters | None:
+    def _params(
+        self, nprobe: int | None, exclude: faiss.IDSelector | None = None
+    ) -> faiss.SearchParameters | None:
         if self._ivf is None:
-            return None
+            return None if exclude is None else faiss.SearchParameters(sel=exclude)
         nprobe = self.default_nprobe if nprobe is None else int(nprobe)
         if nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {nprobe}")
         params = faiss.SearchParametersIVF(nprobe=min(nprobe, self._ivf.nlist))
+        if exclude is not None:
+            params.sel = exclude
         if isinstance(self._index, faiss.IndexPreTransform):
             wrapper = faiss.SearchParametersPreTransform(index_params=params)
             wrapper.referenced = params  # keep the inner object alive as long as the wrapper

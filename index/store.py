@@ -12,6 +12,7 @@ Layout (see DESIGN.md)::
     <root>/embeddings/shard=NNNNN/part-*.parquet
     <root>/errors/part-*.parquet              inputs that could not be embedded, with the reason
     <root>/indexes/shard=NNNNN/vNNNNNN/       one immutable directory per built index version
+    <root>/tombstones/shard=NNNNN/part-*.parquet  deletes (id, deleted_at), see index.delta
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class Store:
 
     def embeddings_dir(self, shard: int) -> str:
         return self.path("embeddings", shard_dir_name(shard))
+
+    def tombstones_dir(self, shard: int) -> str:
+        return self.path("tombstones", shard_dir_name(shard))
 
     def shard_index_dir(self, shard: int) -> str:
         return self.path("indexes", shard_dir_name(shard))
@@ -145,6 +149,15 @@ class Store:
     def list_parts(self, shard: int) -> list[str]:
         """Relative paths of a shard's committed Parquet parts, sorted (temporary files skipped)."""
         directory = self.embeddings_dir(shard)
+        return [
+            self.relative(posixpath.join(directory, name))
+            for name in self.ls(directory)
+            if _PART_RE.search(name)
+        ]
+
+    def list_tombstone_parts(self, shard: int) -> list[str]:
+        """Relative paths of a shard's tombstone parts, sorted (temporary files skipped)."""
+        directory = self.tombstones_dir(shard)
         return [
             self.relative(posixpath.join(directory, name))
             for name in self.ls(directory)

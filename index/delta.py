@@ -1,0 +1,403 @@
+"""A shard as it is *now*: its live index version, plus the rows added since, minus deletes.
+
+Three things make up the live view of one shard (``LiveShard``):
+
+- the **base**: the live ``ShardIndex`` version (IVF+PQ or Flat) the manifest names;
+- the **delta**: every row of a Parquet part under ``embeddings/shard=NNNNN/`` that the base
+  version was not built from (``meta.json`` ``parts``): rows written by ``POST /images`` or by a
+  re-run of the embedding job. They are held in memory as float32 (rounded through float16, as
+  the base stores them, so a row scores the same before and after the rebuild that folds it in)
+  and searched exactly;
+- the **tombstones**: ``tombstones/shard=NNNNN/part-*.parquet`` rows ``(id, deleted_at)``.
+
+Visibility rules (the one place that decides them):
+
+- a delta row is hidden when a tombstone for its id has ``deleted_at >= ingested_at``, or when a
+  newer delta row has the same id (the newest ``ingested_at`` wins, as in ``index.build``), so an
+  id deleted and then added again is visible again;
+- a base row is hidden when its id has a delta row (the delta row supersedes it) or a tombstone
+  from a part the base version did not apply (``meta.json`` ``tombstone_parts``: the rebuild
+  lists the embedding parts *before* the tombstone parts, so a tombstone it did not see is newer
+  than every row it built from). Hidden base rows are excluded inside FAISS with an
+  ``IDSelector`` over their row keys, so a search still returns ``k`` visible rows.
+
+Base hits (reranked) and delta hits (exact) are merged by ``index.merge.merge_topk``.
+
+Refreshing is incremental: ``refresh`` lists the two folders and reads only part files it has
+not seen; a writer in the same process hands its rows over directly (``add_rows``,
+``add_tombstones``) so they are searchable before its HTTP response returns. ``rebased`` carries
+the delta rows and tombstones over to a newly built base version, dropping rows it covers.
+
+Thread safety: mutations hold a lock; searches read one immutable ``_Snapshot`` reference, so a
+search never sees a half-applied change and never waits for a refresh.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from index import schema
+from index.hits import Hit
+from index.merge import merge_topk
+from index.shard_index import ShardIndex
+from index.store import Store
+
+_INITIAL_CAPACITY = 256
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    base: ShardIndex | None
+    exclude: faiss.IDSelector | None  # hidden base row keys (IDSelectorNot of a batch)
+    hidden_base: int
+    vectors: np.ndarray  # (n, dim) float32 view of the delta buffer
+    ids: list[str]  # append-only; the first n belong to this snapshot
+    uris: list[str]
+    alive: np.ndarray  # (n,) bool, a private copy
+    alive_count: int
+
+
+def _ms(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Timestamps -> int64 milliseconds (nulls count as 0: older than any delete)."""
+    arr = column.cast(schema.TIMESTAMP).cast(pa.int64())
+    return np.asarray(arr.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _part_name(kind: str, ms: int) -> str:
+    """``part-<kind>-<ms>-<random>.parquet``: unique, sorts by time, and never equal to the
+    embedding job's ``part-<hash of ids>.parquet`` names."""
+    return f"part-{kind}-{ms:013d}-{uuid.uuid4().hex[:12]}.parquet"
+
+
+def write_rows(store: Store, shard: int, table: pa.Table) -> str:
+    """Write an embeddings table (``schema.embeddings_table``) as a new part of ``shard``,
+    atomically and durably (fsync on a local store); returns its relative path."""
+    path = posixpath.join(store.embeddings_dir(shard), _part_name("api", int(time.time() * 1000)))
+    store.write_parquet(table, path)
+    return store.relative(path)
+
+
+def write_tombstones(store: Store, shard: int, ids: list[str]) -> tuple[str, int]:
+    """Durably delete ``ids`` of ``shard`` now; returns (relative part path, deleted_at ms)."""
+    ts = schema.now_ms()
+    ms = int(ts.value)
+    path = posixpath.join(store.tombstones_dir(shard), _part_name("del", ms))
+    store.write_parquet(schema.tombstones_table(ids, ts), path)
+    return store.relative(path), ms
+
+
+def read_tombstones(store: Store, part: str) -> tuple[list[str], np.ndarray]:
+    table = pq.read_table(store.path(part), filesystem=store.fs)
+    return table[schema.ID].to_pylist(), _ms(table[schema.DELETED_AT])
+
+
+def read_rows(store: Store, part: str) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(ids, uris, float32 vectors, ingested_at ms) of one embeddings part."""
+    table = pq.read_table(
+        store.path(part),
+        columns=[schema.ID, schema.URI, schema.EMBEDDING, schema.INGESTED_AT],
+        filesystem=store.fs,
+    )
+    return (
+        table[schema.ID].to_pylist(),
+        table[schema.URI].to_pylist(),
+        schema.arrow_to_vectors(table[schema.EMBEDDING]),
+        _ms(table[schema.INGESTED_AT]),
+    )
+
+
+class LiveShard:
+    """One shard's base version + delta + tombstones; ``search`` and ``vector_of`` see them all."""
+
+    def __init__(
+        self, store: Store, shard: int, base: ShardIndex | None, dim: int, metric: str
+    ) -> None:
+        if base is not None and (base.dim != dim or base.metric != metric):
+            raise ValueError(f"base is {base.dim}-d {base.metric}, shard is {dim}-d {metric}")
+        self.store = store
+        self.shard = shard
+        self.base = base
+        self.dim = dim
+        self.metric = metric
+        meta = base.meta if base is not None else {}
+        self.base_parts: frozenset[str] = frozenset(meta.get("parts") or ())
+        self.applied_tombstones: frozenset[str] = frozenset(meta.get("tombstone_parts") or ())
+        self._lock = threading.RLock()
+        # delta rows (append-only buffer; rows are marked dead, never removed)
+        self._buf = np.zeros((0, dim), np.float32)
+        self._n = 0
+        self._ids: list[str] = []
+        self._uris: list[str] = []
+        self._ingested: list[int] = []
+        self._alive = np.zeros(0, bool)
+        self._newest: dict[str, int] = {}  # id -> its newest delta row
+        self._part_rows: dict[str, tuple[int, int]] = {}  # delta part -> [start, stop) rows
+        # tombstones
+        self._deleted: dict[str, int] = {}  # id -> newest deleted_at (ms)
+        self._tomb_parts: dict[str, tuple[list[str], np.ndarray]] = {}
+        self._hidden_keys: set[int] = set()
+        self._snap = self._snapshot(rebuild_selector=True)
+
+    # ---- reading the store --------------------------------------------------------------------
+    def refresh(self) -> int:
+        """Read embedding and tombstone parts not seen yet; returns how many parts were read."""
+        parts = [
+            p
+            for p in self.store.list_parts(self.shard)
+            if p not in self.base_parts and p not in self._part_rows
+        ]
+        tombs = [
+            p for p in self.store.list_tombstone_parts(self.shard) if p not in self._tomb_parts
+        ]
+        loaded_rows = [(p, read_rows(self.store, p)) for p in parts]
+        loaded_tombs = [(p, read_tombstones(self.store, p)) for p in tombs]
+        with self._lock:
+            for part, (ids, uris, vectors, ingested) in loaded_rows:
+                self._add_rows(part, ids, uris, vectors, ingested)
+            for part, (ids, deleted) in loaded_tombs:
+                self._add_tombstones(part, ids, deleted)
+            if loaded_rows or loaded_tombs:
+                self._publish()
+        return len(loaded_rows) + len(loaded_tombs)
+
+    def add_rows(
+        self,
+        part: str,
+        ids: list[str],
+        uris: list[str],
+        vectors: np.ndarray,
+        ingested_at_ms: np.ndarray | list[int],
+    ) -> None:
+        """Rows its writer just wrote durably as ``part`` (relative path): searchable on return."""
+        with self._lock:
+            self._add_rows(part, ids, uris, vectors, np.asarray(ingested_at_ms, np.int64))
+            self._publish()
+
+    def add_tombstones(self, part: str, ids: list[str], deleted_at_ms: np.ndarray | list[int]):
+        """Tombstones its writer just wrote durably as ``part``: hidden on return."""
+        with self._lock:
+            self._add_tombstones(part, ids, np.asarray(deleted_at_ms, np.int64))
+            self._publish()
+
+    def rebased(self, base: ShardIndex) -> LiveShard:
+        """A view over a new base version that keeps what it does not cover (delta rows of parts
+        it was not built from) and every tombstone; the caller swaps it in as one reference."""
+        with self._lock:
+            new = LiveShard(self.store, self.shard, base, self.dim, self.metric)
+            for part, (start, stop) in self._part_rows.items():
+                if part not in new.base_parts:
+                    new._add_rows(
+                        part,
+                        self._ids[start:stop],
+                        self._uris[start:stop],
+                        self._buf[start:stop],
+                        np.asarray(self._ingested[start:stop], np.int64),
+                    )
+            for part, (ids, deleted) in self._tomb_parts.items():
+                new._add_tombstones(part, ids, deleted)
+            new._publish()
+            return new
+
+    # ---- mutations (hold the lock) ------------------------------------------------------------
+    def _add_rows(self, part, ids, uris, vectors, ingested) -> None:
+        if part in self._part_rows or part in self.base_parts:
+            return  # already here (a writer's hand-over and the poll raced)
+        vectors = np.asarray(vectors, np.float32).reshape(-1, self.dim)
+        n = len(ids)
+        if not (len(uris) == n == len(vectors) == len(ingested)):
+            raise ValueError("ids, uris, vectors and ingested_at differ in length")
+        self._reserve(self._n + n)
+        start = self._n
+        # float16 rounding: the same numbers the base version will hold after a rebuild
+        self._buf[start : start + n] = vectors.astype(np.float16).astype(np.float32)
+        self._ids.extend(ids)
+        self._uris.extend(uris)
+        self._ingested.extend(int(t) for t in ingested)
+        self._n += n
+        self._part_rows[part] = (start, start + n)
+        alive = self._alive
+        for row in range(start, start + n):
+            row_id, t = self._ids[row], self._ingested[row]
+            visible = self._deleted.get(row_id, -1) < t
+            old = self._newest.get(row_id)
+            if old is not None and self._ingested[old] > t:
+                visible = False  # an older copy arrived late: the newer row stays
+            else:
+                if old is not None:
+                    alive[old] = False
+                self._newest[row_id] = row
+                self._hide_base(row_id)
+            alive[row] = visible
+
+    def _add_tombstones(self, part, ids, deleted) -> None:
+        if part in self._tomb_parts:
+            return
+        self._tomb_parts[part] = (list(ids), np.asarray(deleted, np.int64))
+        applied = part in self.applied_tombstones
+        for row_id, t in zip(ids, deleted, strict=True):
+            t = int(t)
+            if t > self._deleted.get(row_id, -1):
+                self._deleted[row_id] = t
+            row = self._newest.get(row_id)
+            if row is not None and self._ingested[row] <= t:
+                self._alive[row] = False
+            if not applied:
+                self._hide_base(row_id)
+
+    def _hide_base(self, row_id: str) -> None:
+        if self.base is not None:
+            key = self.base.row_key(row_id)
+            if key is not None:
+                self._hidden_keys.add(key)
+
+    def _reserve(self, rows: int) -> None:
+        if rows <= len(self._buf):
+            return
+        capacity = max(_INITIAL_CAPACITY, 2 * len(self._buf), rows)
+        buf = np.zeros((capacity, self.dim), np.float32)
+        buf[: self._n] = self._buf[: self._n]
+        alive = np.zeros(capacity, bool)
+        alive[: self._n] = self._alive[: self._n]
+        self._buf, self._alive = buf, alive  # old snapshots keep the old arrays
+
+    def _publish(self) -> None:
+        self._snap = self._snapshot(
+            rebuild_selector=len(self._hidden_keys) != self._snap.hidden_base
+        )
+
+    def _snapshot(self, rebuild_selector: bool) -> _Snapshot:
+        exclude = None if rebuild_selector else self._snap.exclude
+        if rebuild_selector and self._hidden_keys:
+            keys = np.fromiter(self._hidden_keys, np.int64, len(self._hidden_keys))
+            batch = faiss.IDSelectorBatch(keys)
+            exclude = faiss.IDSelectorNot(batch)
+            exclude.referenced = batch  # keep the inner selector alive with the outer one
+        alive = self._alive[: self._n].copy()
+        return _Snapshot(
+            base=self.base,
+            exclude=exclude,
+            hidden_base=len(self._hidden_keys),
+            vectors=self._buf[: self._n],
+            ids=self._ids,
+            uris=self._uris,
+            alive=alive,
+            alive_count=int(alive.sum()),
+        )
+
+    # ---- reading ------------------------------------------------------------------------------
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        nprobe: int | None = None,
+        candidates: int | None = None,
+        rerank: bool = True,
+    ) -> list[list[Hit]]:
+        """Top ``k`` visible rows per query over base (reranked) and delta (exact), merged."""
+        snap = self._snap
+        q = np.asarray(queries, np.float32)
+        q = q[None, :] if q.ndim == 1 else q
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (n, {self.dim}), got shape {np.shape(queries)}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if snap.base is not None:
+            base_hits = snap.base.search(
+                q, k, nprobe=nprobe, candidates=candidates, rerank=rerank, exclude=snap.exclude
+            )
+        else:
+            base_hits = [[] for _ in range(len(q))]
+        delta_hits = self._search_delta(snap, q, k)
+        return [
+            merge_topk([b, d], k, self.metric) for b, d in zip(base_hits, delta_hits, strict=True)
+        ]
+
+    def _search_delta(self, snap: _Snapshot, q: np.ndarray, k: int) -> list[list[Hit]]:
+        if snap.alive_count == 0:
+            return [[] for _ in range(len(q))]
+        x = snap.vectors
+        dots = q @ x.T  # (nq, n): one BLAS call over the whole delta, dead rows masked after
+        if self.metric == "ip":
+            scores, worst = dots, -np.inf
+        else:
+            scores = np.square(q).sum(1, keepdims=True) - 2 * dots + np.square(x).sum(1)[None, :]
+            scores, worst = np.maximum(scores, 0), np.inf
+        scores[:, ~snap.alive] = worst
+        order_key = -scores if self.metric == "ip" else scores
+        kk = min(k, snap.alive_count)
+        if kk < scores.shape[1]:
+            top = np.argpartition(order_key, kk - 1, axis=1)[:, :kk]
+        else:
+            top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+        out = []
+        for i in range(len(q)):
+            out.append(
+                [
+                    Hit(snap.ids[j], snap.uris[j], float(scores[i, j]), self.shard)
+                    for j in top[i]
+                    if snap.alive[j]
+                ]
+            )
+        return out
+
+    def vector_of(self, row_id: str) -> np.ndarray | None:
+        """The visible vector of ``row_id`` (delta first, then base), or None."""
+        snap = self._snap
+        with self._lock:
+            row = self._newest.get(row_id)
+        if row is not None and row < len(snap.alive):
+            return snap.vectors[row].copy() if snap.alive[row] else None
+        if snap.base is None:
+            return None
+        key = snap.base.row_key(row_id)
+        if key is None or key in self._hidden_keys:
+            return None
+        return snap.base.vector_of(row_id)
+
+    def is_visible(self, row_id: str) -> bool:
+        return self.vector_of(row_id) is not None
+
+    # ---- accounting ---------------------------------------------------------------------------
+    @property
+    def version(self) -> int | None:
+        return None if self.base is None else self.base.version
+
+    @property
+    def count(self) -> int:
+        """Visible rows: base rows not hidden + live delta rows."""
+        snap = self._snap
+        base = 0 if snap.base is None else snap.base.count - snap.hidden_base
+        return base + snap.alive_count
+
+    def stats(self) -> dict:
+        snap = self._snap
+        return {
+            "delta": snap.alive_count,
+            "delta_rows": len(snap.alive),
+            "delta_parts": len(self._part_rows),
+            "delta_bytes": int(snap.vectors.nbytes),
+            "tombstones": len(self._deleted),
+            "hidden_base_rows": snap.hidden_base,
+        }
+
+    def delta_parts(self) -> list[str]:
+        with self._lock:
+            return sorted(self._part_rows)
+
+
+def load_live_shard(store: Store, shard: int, version: int | None, dim: int, metric: str):
+    """The live view of ``shard`` at ``version`` (None: no index yet, delta only), refreshed."""
+    base = ShardIndex.load(store, shard, version) if version is not None else None
+    view = LiveShard(store, shard, base, dim, metric)
+    view.refresh()
+    return view
