@@ -1,0 +1,411 @@
+"""Render the benchmark tables and the billion-vector extrapolation from results/*.json.
+
+    .venv/bin/python benchmarks/report.py            # markdown on stdout
+    .venv/bin/python benchmarks/report.py --write    # also rewrite benchmarks/README.md
+
+Nothing here is typed by hand: every figure comes from the JSON files the benchmarks wrote, so
+the README table matches them. The extrapolation fits the measured curves (one shard's search
+cost against its size; what scatter-gather adds against the shard count) and applies the
+stated assumptions (``ASSUME``) to 100M and 1B vectors, printing the arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent / "README.md"
+
+# assumptions of the extrapolation, in one place (everything else is measured)
+ASSUME = {
+    "shard_vectors": 10_000_000,  # vectors per shard (the unit of placement)
+    "target_qps": 1000,  # queries/s the whole system must serve
+    "utilisation": 0.5,  # plan cores at 50% busy (p99 headroom)
+    "node_cores": 32,
+    "node_ram_gib": 256,
+    "node_reserved_cores": 2,  # ingress + Ray/OS per node
+    "id_bytes": 8,
+}
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def md_table(rows: list[list], header: list[str]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def fmt(v, nd=1):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:,.{nd}f}" if isinstance(v, float) else f"{v:,}"
+
+
+# ---- sections ----------------------------------------------------------------------------------
+def machine_line() -> str:
+    for name in ("peers", "query_scaling", "index_build", "embed_throughput"):
+        body = load(name)
+        if body:
+            m = body["machine"]
+            return (
+                f"Machine: {m['cores']} cores ({m['cpu_model']}), {m['ram_gib']} GiB RAM, GPU "
+                f"{m['gpu']}; Python {m['python']}, faiss {m.get('faiss')}, ray {m.get('ray')}, "
+                f"torch {m.get('torch')}. Each JSON records its own machine, versions and load."
+            )
+    return ""
+
+
+def section_peers() -> str:
+    p = load("peers")
+    if not p:
+        return ""
+    s, c1 = p["systems"], str(p["concurrency"][0])
+    top = str(max(p["concurrency"]))
+    b = p["build_seconds"]
+    rows = []
+    for key, label in (
+        ("ours_http", f"ours: Serve over HTTP, {p['shards']} shards"),
+        ("ours_inprocess", f"ours in-process ({p['shards']} shards, no HTTP)"),
+        ("faiss_inprocess", "FAISS in-process, one index (clip-retrieval/autofaiss shape)"),
+        ("lancedb", "LanceDB IVF_PQ, embedded"),
+    ):
+        op = s[key]["operating_point"]
+        knobs = ", ".join(
+            f"{k} {op[k]}" for k in ("nprobe", "candidates", "refine_factor") if k in op
+        )
+        rows.append(
+            [
+                label,
+                knobs,
+                fmt(op["recall_at_10"], 3),
+                fmt(op[c1]["p50_ms"], 2),
+                fmt(op[c1]["p99_ms"], 2),
+                fmt(op[top]["qps"], 0),
+                fmt(b.get(key), 0) if key in b else "(same)",
+            ]
+        )
+    goal = p["goal"]
+    return (
+        f"### Peers at equal recall (`peers.json`, {p['n_vectors']:,} x {p['dim']}, "
+        f"target recall@10 >= {p['target_recall']})\n\n"
+        + md_table(
+            rows,
+            [
+                "system",
+                "knobs",
+                "recall@10",
+                f"p50 ms (c={c1})",
+                f"p99 ms (c={c1})",
+                f"QPS (c={top})",
+                "build s",
+            ],
+        )
+        + f"\n\nHeadline: recall@10 {p['recall_at_10']}; ours over HTTP p99 "
+        f"{p['ours_http_p99_ms']} ms vs FAISS in-process {p['faiss_inprocess_p99_ms']} ms "
+        f"(**{p['ours_http_p99_over_faiss']}x**; goal <= 2x: "
+        f"{'met' if goal['ours_http_p99_within_2x_faiss'] else 'not met'}) and LanceDB "
+        f"{p['lancedb_p99_ms']} ms ({'ahead' if goal['ours_p99_below_lancedb'] else 'behind'}); "
+        f"{p['ours_qps']} QPS vs LanceDB {p['lancedb_qps']} at concurrency {top} "
+        f"({'ahead' if goal['ours_qps_above_lancedb'] else 'behind'}).\n\n"
+        "![peers](results/peers.png)\n"
+    )
+
+
+def section_scaling() -> str:
+    q = load("query_scaling")
+    if not q:
+        return ""
+    levels = q["concurrency"]
+    rows = []
+    for r in q["table"]:
+        rows.append(
+            [
+                r["shards"],
+                r["replicas"],
+                fmt(r["rows_per_shard"]),
+                fmt(r["recall_at_10"], 3),
+                fmt(r["per_shard_p50_ms"], 2),
+                *[
+                    f"{fmt(r.get(f'p50_ms_c{c}'), 1)} / {fmt(r.get(f'p99_ms_c{c}'), 1)}"
+                    for c in levels
+                ],
+                *[fmt(r.get(f"qps_c{c}"), 0) for c in levels],
+            ]
+        )
+    header = [
+        "shards",
+        "replicas/shard",
+        "rows/shard",
+        "recall@10",
+        "one shard in-process p50 ms",
+        *[f"p50 / p99 ms c={c}" for c in levels],
+        *[f"QPS c={c}" for c in levels],
+    ]
+    sweep_rows = []
+    for s, row in q["by_shards"].items():
+        http = row["http"][min(row["http"], key=int)]["nprobe_sweep"]
+        by_nprobe = {pt["body"]["nprobe"]: pt for pt in http}
+        for pt in row["inprocess"]["nprobe_sweep"]:
+            h = by_nprobe.get(pt["nprobe"])
+            sweep_rows.append(
+                [
+                    s,
+                    pt["nprobe"],
+                    fmt(pt["recall_at_10"], 3),
+                    fmt(pt["per_shard_p50_ms"], 2),
+                    fmt(h["1"]["p50_ms"], 1) if h else "-",
+                    fmt(h["1"]["p99_ms"], 1) if h else "-",
+                ]
+            )
+    return (
+        f"### Query scaling (`query_scaling.json`, {q['n_vectors']:,} x {q['dim']}, "
+        f"{q['serve_path']}, each index's tuned nprobe and rerank candidates)\n\n"
+        + md_table(rows, header)
+        + "\n\nnprobe sweep (concurrency 1, 1 replica per shard; tuned rerank candidates):\n\n"
+        + md_table(
+            sweep_rows,
+            ["shards", "nprobe", "recall@10", "one shard p50 ms", "HTTP p50 ms", "HTTP p99 ms"],
+        )
+        + "\n\n![query scaling](results/query_scaling.png)\n"
+    )
+
+
+def section_build() -> str:
+    b = load("index_build_sizes")
+    if not b:
+        return ""
+    rows = [
+        [
+            fmt(r["n_vectors"]),
+            r["shards"],
+            ", ".join(r["factory"]),
+            fmt(r["build_wall_seconds"], 1),
+            fmt(r["build_seconds_sum_of_shards"], 1),
+            fmt(r["parallel_speedup"], 2),
+            fmt(r["bytes_per_vector_ram"], 1),
+            fmt(r["bytes_per_vector_disk_version"], 0),
+            fmt(r["recall_at_10_rerank"], 3),
+        ]
+        for r in b["configs"]
+    ]
+    return (
+        "### Index build vs N and shards (`index_build_sizes.json`, from `index_build*.json`)\n\n"
+        + md_table(
+            rows,
+            [
+                "N",
+                "shards",
+                "factory",
+                "wall s",
+                "sum of shard builds s",
+                "parallel speedup",
+                "B/vector RAM",
+                "B/vector on disk",
+                "recall@10 (rerank)",
+            ],
+        )
+        + "\n\nOne shard's task uses both cores (speedup ~1 by construction); 2+ shards run one "
+        "single-threaded task per core, so 2 cores cap the speedup at 2.\n\n"
+        "![index build vs N](results/index_build_sizes.png)\n"
+    )
+
+
+def section_embed() -> str:
+    e = load("embed_throughput")
+    if not e:
+        return ""
+    rows = [
+        [
+            s["batch_size"],
+            s["actors"],
+            s["threads_per_actor"],
+            fmt(s["images_per_s"], 1),
+            fmt(s.get("steady_images_per_s"), 1),
+            fmt(s["bare_model_images_per_s"], 1),
+            fmt(s["ratio_to_bare_model"], 2),
+            fmt(s.get("steady_ratio_to_bare_model"), 2),
+        ]
+        for s in e.get("sweep", [])
+    ]
+    return (
+        f"### Embedding throughput (`embed_throughput.json`, {e['model']})\n\n"
+        f"Headline: {fmt(e['pipeline_images_per_s'], 1)} images/s end to end vs "
+        f"{fmt(e['bare_model_images_per_s'], 1)} for the bare model: ratio "
+        f"**{fmt(e['ratio_to_bare_model'], 2)}** ({fmt(e['steady_ratio_to_bare_model'], 2)} in "
+        f"steady state; goal {e['goal_ratio']}).\n\n"
+        + md_table(
+            rows,
+            [
+                "batch",
+                "actors",
+                "threads/actor",
+                "images/s",
+                "steady images/s",
+                "bare model images/s",
+                "ratio",
+                "steady ratio",
+            ],
+        )
+        + "\n\n![embedding throughput](results/embed_throughput.png)\n"
+    )
+
+
+# ---- the extrapolation -------------------------------------------------------------------------
+def fit_power(xs, ys) -> tuple[float, float]:
+    """y = c * x**alpha, least squares in log-log."""
+    alpha, logc = np.polyfit(np.log(xs), np.log(ys), 1)
+    return float(math.exp(logc)), float(alpha)
+
+
+def section_extrapolation() -> str:
+    q, b = load("query_scaling"), load("index_build")
+    if not q or not b:
+        return ""
+    a = ASSUME
+    rows = [(int(s), r) for s, r in q["by_shards"].items()]
+    n_shard = [max(r["inprocess"]["rows_per_shard"]) for _, r in rows]
+    cost = [r["inprocess"]["per_shard_p50_ms"] for _, r in rows]
+    c, alpha = fit_power(n_shard, cost)
+    first_r = {s: r["http"][min(r["http"], key=int)]["defaults"] for s, r in rows}
+    overhead = [
+        (s, first_r[s]["1"]["p50_ms"] - r["inprocess"]["per_shard_p50_ms"]) for s, r in rows
+    ]
+    slope, intercept = np.polyfit([s for s, _ in overhead], [o for _, o in overhead], 1)
+    bpv_256 = b["bytes_per_vector_ram"]
+    pad = bpv_256 / (256 / 4 + a["id_bytes"])  # fast-scan block padding measured at 256-d
+    dim_in = q["dim"]
+    lines = [
+        "## The billion-vector extrapolation (from the measured curves)\n",
+        "Measured on this box (2 cores; `query_scaling.json`, `index_build.json`):\n",
+        f"- one shard's single-query search cost (tuned nprobe + rerank, 1 thread) at "
+        f"{', '.join(f'{n / 1e6:g}M -> {ms:.2f} ms' for n, ms in zip(n_shard, cost, strict=True))}"
+        f" fits **cost(n) = {c:.3g} ms x n^{alpha:.2f}** "
+        f"(= {c * 1e6**alpha:.2f} ms at 1M; IVF lists grow ~sqrt(n), so the scan grows ~n^0.5).",
+        "- what HTTP + Serve + scatter-gather adds over one shard's search, at concurrency 1: "
+        + ", ".join(f"S={s}: {o:.1f} ms" for s, o in overhead)
+        + f"; linear fit **{intercept:.1f} ms + {slope:.2f} ms x S**. On 2 cores the S shard "
+        "searches cannot run side by side, so the slope here includes their queueing; on a "
+        "cluster with a core per replica the slope is the ingress's own cost per shard call.",
+        f"- codes + ids: **{bpv_256:.1f} B/vector** at {dim_in}-d (PQ {dim_in // 2}x4-bit = "
+        f"{dim_in // 4} B + 8 B id; x{pad:.3f} fast-scan block padding).\n",
+    ]
+    target_ms = cost_at = c * a["shard_vectors"] ** alpha
+    lines.append(
+        f"Assumptions: {a['shard_vectors'] / 1e6:g}M vectors per shard; "
+        f"{a['target_qps']:,} QPS; cores planned at {a['utilisation']:.0%} busy; nodes of "
+        f"{a['node_cores']} cores / {a['node_ram_gib']} GiB with {a['node_reserved_cores']} cores "
+        f"reserved; search cost scales with the code bytes scanned and the rerank dot products, "
+        f"i.e. ~linearly in d (x d/{dim_in}). One shard at {a['shard_vectors'] / 1e6:g}M and "
+        f"{dim_in}-d: {c:.3g} x ({a['shard_vectors']:.0e})^{alpha:.2f} = **{cost_at:.2f} ms**.\n"
+    )
+    table = []
+    for total in (100_000_000, 1_000_000_000):
+        for dim, label, code in (
+            (512, "512-d, DESIGN's PQ64", 64),
+            (512, "512-d, policy dim/4", 128),
+            (1280, "1280-d default model, dim/4", 320),
+        ):
+            shards = math.ceil(total / a["shard_vectors"])
+            bpv = (code + a["id_bytes"]) * pad
+            ram_codes = total * bpv / 1e9
+            f16 = total * dim * 2 / 1e12
+            sq8 = total * dim / 1e12
+            ms = target_ms * dim / dim_in
+            core_s = a["target_qps"] * shards * ms / 1000  # each query touches every shard
+            cores = core_s / a["utilisation"]
+            replicas = max(1, math.ceil(cores / shards))
+            per_node = a["node_cores"] - a["node_reserved_cores"]
+            shard_gb = a["shard_vectors"] * bpv / 1e9
+            nodes_cpu = math.ceil(shards * replicas / per_node)
+            # RAM per node: its replicas' codes (shared page cache when the same shard repeats is
+            # not assumed) + room to cache SQ8 rerank vectors of its distinct shards
+            nodes_ram = math.ceil(shards * replicas * shard_gb / (a["node_ram_gib"] * 0.8))
+            nodes = max(nodes_cpu, nodes_ram)
+            sg = intercept + slope * shards
+            table.append(
+                [
+                    f"{total / 1e9:g}B" if total >= 1e9 else f"{total / 1e6:g}M",
+                    label,
+                    f"({code}+8) x {pad:.3f} = {bpv:.0f} B -> {ram_codes:,.0f} GB",
+                    f"{f16:,.2f} TB / {sq8:,.2f} TB",
+                    shards,
+                    f"{ms:.2f} ms",
+                    f"{a['target_qps']} x {shards} x {ms:.2f} ms / {a['utilisation']} = "
+                    f"{cores:,.0f} cores",
+                    replicas,
+                    f"{nodes} ({nodes_cpu} by cores, {nodes_ram} by RAM)",
+                    f"{sg:,.0f} ms",
+                ]
+            )
+    lines.append(
+        md_table(
+            table,
+            [
+                "N",
+                "vectors",
+                "codes + ids in RAM",
+                "rerank vectors float16 / SQ8",
+                "shards S",
+                "one shard's search",
+                "cores for the QPS",
+                "replicas R per shard",
+                "nodes",
+                "scatter-gather add-on (this box's fit)",
+            ],
+        )
+    )
+    lines.append(
+        "\nReading it: codes + ids stay in RAM (the memory budget of `index/policy.py`); the "
+        "float16 rerank vectors (2 x d bytes each) do not fit RAM at 1B and live on local NVMe, "
+        "memory-mapped: a query reranks `candidates` rows per shard (200-800 here), i.e. that many "
+        "random 1-2.5 KB reads per shard per query, ~2-8 MB/s per QPS per shard, within one NVMe "
+        "drive's IOPS at these rates; SQ8 (d bytes each) halves that and fits the page cache of "
+        "more nodes, for ~0.001-0.003 recall (float16 vs float32 lost <0.001 here). The "
+        "scatter-gather column is this 2-core box's fitted line carried to S shards: it is the "
+        "figure that does not extrapolate honestly (here the S searches queue on 2 cores); on a "
+        "cluster it should be replaced by a measurement of the ingress alone, and beyond ~50 "
+        "shards a two-level gather (an aggregator per group of shards) or fewer, larger shards "
+        "keep the fan-out per process bounded.\n"
+    )
+    return "\n".join(lines)
+
+
+def render() -> str:
+    parts = [
+        "# Benchmarks\n",
+        "Generated by `python benchmarks/report.py --write` from `benchmarks/results/*.json`; "
+        "run everything with `python benchmarks/run_all.py` (`--quick` for a few-minute pass, "
+        "`--size N` for another size; LanceDB from `pip install -e '.[bench]'`).\n",
+        machine_line() + "\n",
+        section_peers(),
+        section_scaling(),
+        section_build(),
+        section_embed(),
+        section_extrapolation(),
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--write", action="store_true", help=f"rewrite {README}")
+    args = p.parse_args(argv)
+    text = render()
+    print(text)
+    if args.write:
+        README.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
