@@ -34,8 +34,11 @@ ASSUME = {
 }
 
 
+SUFFIX = ""  # "_quick" renders the --quick results (for checking the report itself)
+
+
 def load(name: str) -> dict | None:
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / f"{name}{SUFFIX if name in ('peers', 'query_scaling') else ''}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -80,8 +83,9 @@ def section_peers() -> str:
         ("lancedb", "LanceDB IVF_PQ, embedded"),
     ):
         op = s[key]["operating_point"]
+        params = {**op, **op.get("body", {})}  # HTTP points carry their knobs in the body
         knobs = ", ".join(
-            f"{k} {op[k]}" for k in ("nprobe", "candidates", "refine_factor") if k in op
+            f"{k} {params[k]}" for k in ("nprobe", "candidates", "refine_factor") if k in params
         )
         rows.append(
             [
@@ -364,6 +368,19 @@ def section_extrapolation() -> str:
             ],
         )
     )
+    sizes = (2_500_000, 5_000_000, 10_000_000, 25_000_000, 50_000_000)
+    lines.append(
+        "\nShard size trade-off (1B, 512-d): every query visits every shard, so the CPU a query "
+        "costs is S x cost(N/S) ~ N^a x S^(1-a) and fewer, larger shards are cheaper while a "
+        "shard fits one replica's RAM and builds in reasonable time: "
+        + "; ".join(
+            f"{v / 1e6:g}M/shard: S={math.ceil(1e9 / v)}, "
+            f"{math.ceil(1e9 / v) * c * v**alpha * 512 / dim_in:,.0f} core-ms/query, "
+            f"{v * (128 + a['id_bytes']) * pad / 2**30:.1f} GiB codes/shard"
+            for v in sizes
+        )
+        + ". (cost(n) is measured up to 1M rows per shard; beyond that it is the fitted curve.)\n"
+    )
     lines.append(
         "\nReading it: codes + ids stay in RAM (the memory budget of `index/policy.py`); the "
         "float16 rerank vectors (2 x d bytes each) do not fit RAM at 1B and live on local NVMe, "
@@ -399,7 +416,10 @@ def render() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--write", action="store_true", help=f"rewrite {README}")
+    p.add_argument("--quick", action="store_true", help="render peers/query_scaling *_quick")
     args = p.parse_args(argv)
+    global SUFFIX
+    SUFFIX = "_quick" if args.quick else ""
     text = render()
     print(text)
     if args.write:
