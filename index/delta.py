@@ -86,9 +86,12 @@ def write_rows(store: Store, shard: int, table: pa.Table) -> str:
     return store.relative(path)
 
 
-def write_tombstones(store: Store, shard: int, ids: list[str]) -> tuple[str, int]:
-    """Durably delete ``ids`` of ``shard`` now; returns (relative part path, deleted_at ms)."""
-    ts = schema.now_ms()
+def write_tombstones(
+    store: Store, shard: int, ids: list[str], deleted_at_ms: int | None = None
+) -> tuple[str, int]:
+    """Durably delete ``ids`` of ``shard`` (at ``deleted_at_ms``, default now); returns
+    (relative part path, deleted_at ms)."""
+    ts = schema.now_ms() if deleted_at_ms is None else pa.scalar(deleted_at_ms, schema.TIMESTAMP)
     ms = int(ts.value)
     path = posixpath.join(store.tombstones_dir(shard), _part_name("del", ms))
     store.write_parquet(schema.tombstones_table(ids, ts), path)
@@ -371,6 +374,19 @@ class LiveShard:
     @property
     def version(self) -> int | None:
         return None if self.base is None else self.base.version
+
+    @property
+    def meta(self) -> dict:
+        return {} if self.base is None else self.base.meta
+
+    def memory_bytes(self) -> int:
+        """The base version's RAM (``ShardIndex.memory_bytes``) plus the delta buffer."""
+        base = 0 if self.base is None else self.base.memory_bytes()
+        return base + int(self._buf.nbytes)
+
+    def fetch_size(self, k: int, candidates: int | None = None, rerank: bool = True) -> int:
+        """Rows taken from the compressed base index for a top-``k`` search (0 without one)."""
+        return 0 if self.base is None else self.base.fetch_size(k, candidates, rerank)
 
     @property
     def count(self) -> int:

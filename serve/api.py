@@ -30,7 +30,18 @@ status  error                      when
 503     embedder_unavailable       the query embedder did not answer in time
 503     shard_unavailable          the shard owning ``id`` did not answer in time
 503     no_shard_answered          no shard answered in time (some did: 200, ``partial: true``)
+401     unauthorized               a write/admin call without the API key (``api_key`` is set)
+403     writes_disabled            a write/admin call to an app run with ``writes: false``
+400     missing_image              ``POST /images`` with neither ``file`` nor ``vector``
+422     invalid_metadata           ``metadata`` is not a JSON object (or over 64 KiB)
+422     invalid_uri                ``uri`` is not a string of at most 2048 characters
 ======  =========================  ==========================================================
+
+Writes (issue #5): ``POST /images`` takes a multipart ``file`` (or JSON ``vector`` for apps of
+external embeddings) with optional ``id`` (default: the content hash of the bytes), ``uri`` and
+``metadata`` (a JSON object, stored as JSON text); ``DELETE /images/{id}`` deletes; both answer
+only after the row or tombstone is durable in the store. ``POST /admin/rebuild`` starts rebuilds.
+When the app has an ``api_key`` these need ``Authorization: Bearer <key>`` or ``X-API-Key``.
 
 Parameters ``k``, ``nprobe``, ``rerank``, ``candidates`` come from the query string; a JSON body
 or multipart form fields of the same names override them.
@@ -38,6 +49,7 @@ or multipart form fields of the same names override them.
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 from dataclasses import dataclass
@@ -129,6 +141,20 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (422, "bad vector, id or parameter (see the reason code)"),
         (501, "image_queries_disabled (an app of vectors only)"),
         (503, "embedder_unavailable, shard_unavailable, no_shard_answered"),
+    )
+}
+
+WRITE_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in (
+        (400, "invalid_json, invalid_multipart, missing_image, ambiguous_query"),
+        (401, "unauthorized: the app has an api_key and the request did not carry it"),
+        (403, "writes_disabled"),
+        (413, "too_large, decompression_bomb"),
+        (415, "not_an_image, unsupported, unsupported_media_type"),
+        (422, "bad vector, id, uri, metadata or parameter (see the reason code)"),
+        (501, "image_queries_disabled (send a vector)"),
+        (503, "embedder_unavailable"),
     )
 }
 
@@ -391,6 +417,120 @@ async def parse_search(request: Request, limits: Limits, dim: int, normalise: bo
 
 
 _PARAM_KEYS = ("k", "nprobe", "rerank", "candidates")
+
+MAX_METADATA_BYTES = 64 * 1024
+MAX_URI_CHARS = 2048
+
+
+@dataclass
+class ParsedAdd:
+    """A validated ``POST /images``: an image to embed or a ready vector, plus its row fields."""
+
+    kind: str  # "image" or "vector"
+    image: bytes | None = None
+    vector: np.ndarray | None = None
+    row_id: str | None = None  # None: the content hash
+    uri: str | None = None
+    metadata: str | None = None  # JSON text of an object
+
+
+def _validate_metadata(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ApiError(422, "invalid_metadata", f"metadata is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_metadata", "metadata must be a JSON object")
+    text = json.dumps(value, sort_keys=True, allow_nan=False, default=str)
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise ApiError(422, "invalid_metadata", f"metadata is over {MAX_METADATA_BYTES} bytes")
+    return text
+
+
+def _validate_uri(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str) or len(value) > MAX_URI_CHARS:
+        raise ApiError(422, "invalid_uri", f"uri must be a string of <= {MAX_URI_CHARS} chars")
+    return value
+
+
+def _text_field(value: Any) -> Any:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+async def parse_add(request: Request, limits: Limits, dim: int, normalise: bool) -> ParsedAdd:
+    """``POST /images``: multipart ``file`` (+ ``id``, ``uri``, ``metadata`` fields) or JSON
+    ``{"vector", "id", "uri", "metadata"}``; ``id``/``uri`` may also come in the query string."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    fields: dict[str, Any]
+    if content_type == "multipart/form-data":
+        body = await read_body(request, limits.max_upload_bytes + MULTIPART_OVERHEAD)
+        fields = await _parse_multipart(request, body)
+        unknown = sorted(set(fields) - {"file", "id", "uri", "metadata"})
+        if unknown:
+            raise ApiError(422, "invalid_parameter", f"unknown fields: {', '.join(unknown)}")
+    elif content_type in ("application/json", "") or content_type.endswith("+json"):
+        body = await read_body(request, MAX_JSON_BYTES)
+        try:
+            fields = json.loads(body) if body.strip() else {}
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+        if not isinstance(fields, dict):
+            raise ApiError(400, "invalid_json", "body must be a JSON object")
+        unknown = sorted(set(fields) - {"vector", "id", "uri", "metadata"})
+        if unknown:
+            raise ApiError(422, "invalid_parameter", f"unknown fields: {', '.join(unknown)}")
+    else:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {content_type!r}: send multipart/form-data (file) or JSON (vector)",
+        )
+    row_id = _text_field(fields.get("id", request.query_params.get("id")))
+    parsed = ParsedAdd(
+        kind="image",
+        row_id=None if row_id in (None, "") else validate_id(row_id),
+        uri=_validate_uri(fields.get("uri", request.query_params.get("uri"))),
+        metadata=_validate_metadata(fields.get("metadata")),
+    )
+    image, vector = fields.get("file"), fields.get("vector")
+    if image is not None and vector is not None:
+        raise ApiError(400, "ambiguous_query", "give a file or a vector, not both")
+    if vector is not None:
+        parsed.kind, parsed.vector = "vector", validate_vector(vector, dim, normalise)
+        return parsed
+    if image is None:
+        raise ApiError(400, "missing_image", "send a multipart 'file' (or a JSON 'vector')")
+    parsed.image = image.encode() if isinstance(image, str) else image
+    if len(parsed.image) > limits.max_upload_bytes:
+        raise ApiError(
+            413,
+            "too_large",
+            f"file of {len(parsed.image)} bytes > limit {limits.max_upload_bytes}",
+        )
+    return parsed
+
+
+def check_api_key(request: Request, api_key: str) -> None:
+    """Refuse (401) a write/admin request without the app's key; no key configured = open."""
+    if not api_key:
+        return
+    given = request.headers.get("x-api-key", "")
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = given or auth[7:].strip()
+    if not given or not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise ApiError(
+            401, "unauthorized", "this endpoint needs Authorization: Bearer <key> or X-API-Key"
+        )
 
 
 # ---- the FastAPI app and its error handlers --------------------------------------------------

@@ -23,6 +23,7 @@ from index.store import Store
 from serve.config import ConfigError, ServeConfig
 from serve.embedder import ModelMismatch, QueryEmbedder, check_model
 from serve.ingress import Ingress
+from serve.rebuilder import Rebuilder
 from serve.searcher import ShardSearcher
 
 
@@ -88,11 +89,19 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
     searchers = [
         ShardSearcher.options(
             name=f"ShardSearcher{shard}", **config.searcher.deployment_options(gpus), **logging
-        ).bind(config.store, shard, config.reload_interval_s, config.search_threads)
+        ).bind(
+            config.store,
+            shard,
+            config.reload_interval_s,
+            config.search_threads,
+            config.delta_poll_s,
+        )
         for shard in range(manifest.num_shards)
     ]
+    # one replica decides rebuilds (serve.rebuilder); none for a read-only app
+    rebuilder = Rebuilder.options(**logging).bind(config) if config.writes else None
     return Ingress.options(**config.ingress.deployment_options(gpus), **logging).bind(
-        config, embedder, searchers
+        config, embedder, searchers, rebuilder
     )
 
 

@@ -8,6 +8,7 @@ deploy`` config, or ``serve run serve.app:app_builder key=value``) and from the 
 
 - ``VISUAL_SEARCH_STORE``: the store root URI (overrides nothing that was given explicitly).
 - ``VISUAL_SEARCH_SERVE_CONFIG``: a YAML file in this schema, read by ``serve run serve.app:app``.
+- ``VISUAL_SEARCH_API_KEY``: the key write and admin endpoints require (``api_key``), if set.
 
 Defaults suit a 2-core laptop: fractional CPUs so five-plus deployments schedule on two cores,
 one replica each, no GPU unless the cluster has one (``num_gpus: auto`` on the embedder).
@@ -27,6 +28,7 @@ from embedding import ModelConfig
 
 ENV_STORE = "VISUAL_SEARCH_STORE"
 ENV_CONFIG = "VISUAL_SEARCH_SERVE_CONFIG"
+ENV_API_KEY = "VISUAL_SEARCH_API_KEY"
 MAX_K = 1000  # the HTTP contract: k in 1..1000
 
 
@@ -147,6 +149,22 @@ class ServeConfig:
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
     reload_interval_s: float = 30.0  # searchers poll the manifest for a new live version; 0 = off
+    # freshness (issue #5): searchers list the store for new parts/tombstones every delta_poll_s
+    # (0 = off: only writes routed to a replica reach it); writes need api_key when it is set
+    delta_poll_s: float = 0.5
+    api_key: str = ""  # "" = writes open; else Authorization: Bearer <key> or X-API-Key
+    writes: bool = True  # POST /images, DELETE /images/{id}, POST /admin/rebuild
+    # background rebuilds (serve.rebuilder, pipelines.rebuild): a shard is rebuilt when its
+    # delta (new rows + new tombstones) reaches rebuild_delta_rows or rebuild_delta_fraction of
+    # its built rows (0 = that rule off), checked every rebuild_check_s (0 = on request only)
+    rebuild_delta_rows: int = 100_000
+    rebuild_delta_fraction: float = 0.1
+    rebuild_check_s: float = 10.0
+    rebuild_gc_grace_s: float = 60.0  # the previous version is deleted this long after a swap
+    rebuild_drift_ratio: float = 1.5  # retrain when new rows sit this much farther from centroids
+    rebuild_num_cpus: float = 1.0  # Ray CPUs of a rebuild task
+    rebuild_threads: int = 1  # FAISS threads of a rebuild task
+    rebuild_memory_budget: str = "4G"
     access_log: bool = True  # Serve's per-request access log lines (every replica, every call)
     # how the ingress calls the embedder and searchers: "ray" (actor tasks, Serve's default) or
     # "grpc" (DeploymentHandle.options(_by_reference=False): direct gRPC to the replica)
@@ -163,6 +181,8 @@ class ServeConfig:
                 setattr(self, name, _settings_from_dict(name, value))
         if not self.store:
             self.store = os.environ.get(ENV_STORE, "")
+        if not self.api_key:
+            self.api_key = os.environ.get(ENV_API_KEY, "")
 
     @property
     def model_config(self) -> ModelConfig:
@@ -206,6 +226,27 @@ class ServeConfig:
             )
         if self.batch_wait_timeout_s < 0 or self.reload_interval_s < 0:
             raise ConfigError("batch_wait_timeout_s and reload_interval_s must be >= 0")
+        for name in (
+            "delta_poll_s",
+            "rebuild_delta_rows",
+            "rebuild_check_s",
+            "rebuild_gc_grace_s",
+            "rebuild_num_cpus",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.rebuild_delta_fraction <= 1:
+            raise ConfigError(
+                f"rebuild_delta_fraction must be in 0..1, got {self.rebuild_delta_fraction}"
+            )
+        if self.rebuild_threads < 1:
+            raise ConfigError(f"rebuild_threads must be >= 1, got {self.rebuild_threads}")
+        from index.policy import parse_memory
+
+        try:
+            parse_memory(self.rebuild_memory_budget)
+        except ValueError as e:
+            raise ConfigError(f"rebuild_memory_budget: {e}") from None
         self.ingress.validate("ingress")
         self.embedder.validate("embedder")
         self.searcher.validate("searcher")

@@ -4,32 +4,46 @@ The ingress holds DeploymentHandles to the QueryEmbedder and to one ShardSearche
 shard. Each shard call gets the same deadline (``shard_deadline_ms``); a shard that misses it or
 whose replica died is left out and the answer says ``partial: true``. The merge of per-shard
 top-k lists is ``index.merge.merge_topk``, the same one the in-process search uses.
+
+Writes (issue #5): ``POST /images`` embeds the image (or takes a vector), writes the row as a
+new Parquet part of its shard (``index.delta.write_rows``: atomic, fsynced) and then hands it
+to that shard's searcher, so the 201 means durable *and* searchable; ``DELETE /images/{id}``
+does the same with a tombstone. Other replicas of the shard see the write within
+``delta_poll_s``. ``POST /admin/rebuild`` asks the Rebuilder deployment for rebuilds.
 """
 
 import asyncio
+import threading
 import time
 
 import numpy as np
+import pyarrow as pa
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from index import schema
+from index.delta import write_rows, write_tombstones
 from index.hits import Hit
 from index.manifest import load_manifest
 from index.merge import merge_topk
-from index.sharding import shard_of
+from index.sharding import content_id, shard_of
 from index.store import Store
 from serve.api import (
     ERROR_RESPONSES,
     SEARCH_OPENAPI_EXTRA,
+    WRITE_ERROR_RESPONSES,
     ApiError,
     Limits,
     ParsedQuery,
     SearchResponse,
+    check_api_key,
     create_app,
     image_crop,
+    parse_add,
     parse_search,
+    validate_id,
 )
 from serve.config import ServeConfig
 from serve.scatter import call_with_deadline, gather_with_deadline
@@ -48,6 +62,20 @@ def _json(body: dict, status: int) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+class _MonotonicMs:
+    """Wall-clock milliseconds that never repeat or go back in this process, so an add after a
+    delete of the same id (through this replica) is always newer than the tombstone."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        with self._lock:
+            self._last = max(int(time.time() * 1000), self._last + 1)
+            return self._last
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
@@ -56,8 +84,12 @@ class Ingress:
         config: ServeConfig,
         embedder: DeploymentHandle | None,
         searchers: list[DeploymentHandle],
+        rebuilder: DeploymentHandle | None = None,
     ):
         self.config = config
+        self.store = Store(config.store)
+        self.rebuilder = rebuilder
+        self._clock = _MonotonicMs()
         manifest = load_manifest(Store(config.store))
         if manifest is None:
             raise RuntimeError(f"store {config.store} has no manifest")
@@ -190,6 +222,114 @@ class Ingress:
             "partial": bool(gathered.missing),
             "missing_shards": _missing(gathered.missing),
         }
+
+    # ---- writes -------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if not self.config.writes:
+            raise ApiError(403, "writes_disabled", "this app is read-only (writes: false)")
+        check_api_key(request, self.config.api_key)
+
+    @api.post(
+        "/images",
+        status_code=201,
+        summary="Add an image (durable and searchable when this returns)",
+        responses=WRITE_ERROR_RESPONSES,
+    )
+    async def add_image(self, request: Request) -> dict:
+        self._authorize(request)
+        add = await parse_add(request, self.limits, self.dim, self.metric == "ip")
+        if add.kind == "image":
+            vector = await self._embed_image(add.image)
+            row_id = add.row_id or content_id(add.image)
+        else:
+            vector = add.vector
+            row_id = add.row_id or content_id(np.asarray(vector, np.float32).tobytes())
+        uri = add.uri or f"upload:{row_id}"
+        shard = shard_of(row_id, self.num_shards)
+        ms = self._clock()
+        extra = {"metadata": pa.array([add.metadata], pa.string())} if add.metadata else None
+        vectors = np.asarray(vector, np.float32).reshape(1, -1)
+        table = schema.embeddings_table(
+            [row_id], [uri], vectors, ingested_at=pa.scalar(ms, schema.TIMESTAMP), extra=extra
+        )
+        part = await asyncio.to_thread(write_rows, self.store, shard, table)
+        ok, answer = await call_with_deadline(
+            self.searchers[shard].add_rows.remote(part, [row_id], [uri], vectors, [ms]),
+            self.shard_timeout_s,
+        )
+        return {
+            "id": row_id,
+            "uri": uri,
+            "shard": shard,
+            "part": part,
+            "ingested_at_ms": ms,
+            # false: durable, but the shard did not answer in time; every replica of the shard
+            # reads the part on its next store poll (delta_poll_s)
+            "searchable": bool(ok and answer.get("applied")),
+        }
+
+    @api.delete(
+        "/images/{image_id}",
+        summary="Delete an image (durable and hidden when this returns)",
+        responses=WRITE_ERROR_RESPONSES,
+    )
+    async def delete_image(self, request: Request, image_id: str) -> dict:
+        self._authorize(request)
+        row_id = validate_id(image_id)
+        shard = shard_of(row_id, self.num_shards)
+        ms = self._clock()
+        part, ms = await asyncio.to_thread(write_tombstones, self.store, shard, [row_id], ms)
+        ok, answer = await call_with_deadline(
+            self.searchers[shard].add_tombstones.remote(part, [row_id], [ms]),
+            self.shard_timeout_s,
+        )
+        return {
+            "id": row_id,
+            "shard": shard,
+            "deleted": True,
+            "part": part,
+            "deleted_at_ms": ms,
+            "hidden": bool(ok and answer.get("applied")),
+        }
+
+    @api.post(
+        "/admin/rebuild",
+        status_code=202,
+        summary="Rebuild shards now (a Ray task per shard; searchers swap when it commits)",
+        responses=WRITE_ERROR_RESPONSES,
+    )
+    async def rebuild(self, request: Request, shard: int | None = None, force: bool = True):
+        self._authorize(request)
+        if self.rebuilder is None:
+            raise ApiError(501, "rebuilds_disabled", "this app runs no Rebuilder")
+        if shard is not None and not 0 <= shard < self.num_shards:
+            raise ApiError(422, "invalid_parameter", f"shard must be in 0..{self.num_shards - 1}")
+        shards = None if shard is None else [shard]
+        return await self.rebuilder.request.remote(shards, force)
+
+    @api.get("/admin/rebuild", summary="Running, queued and recent rebuilds")
+    async def rebuild_status(self, request: Request):
+        self._authorize(request)
+        if self.rebuilder is None:
+            raise ApiError(501, "rebuilds_disabled", "this app runs no Rebuilder")
+        return await self.rebuilder.status.remote()
+
+    async def _embed_image(self, image: bytes) -> np.ndarray:
+        if self.embedder is None:
+            raise ApiError(
+                501,
+                "image_queries_disabled",
+                "this app serves vectors that no image model made (image_queries: false); "
+                "send a JSON vector",
+            )
+        image_size = await self._embedder_image_size()
+        crop = await asyncio.to_thread(image_crop, image, image_size, self.limits)
+        ok, vector = await call_with_deadline(
+            self.embedder.embed.remote(crop), self.embed_timeout_s
+        )
+        if not ok:
+            raise ApiError(503, "embedder_unavailable", f"the query embedder failed: {vector}")
+        return vector
 
     async def _query_vector(self, query: ParsedQuery) -> np.ndarray:
         if query.kind == "vector":

@@ -5,6 +5,13 @@ worker thread (FAISS releases the GIL) so one replica serves concurrent requests
 with plain lists (cheap to serialise back to the ingress). A background thread polls the
 manifest; when a rebuild commits a new live version the replica loads it beside the old one and
 swaps a single reference, so no query sees a half-loaded index or fails during the swap.
+
+What a replica serves is the shard's live view (``index.delta.LiveShard``): the live version,
+plus the rows written since (the delta, searched exactly), minus deletes (tombstones). The same
+thread polls the store listing every ``delta_poll_s`` for parts and tombstones other writers
+added; the replica a write was routed to gets it handed over (``add_rows``, ``add_tombstones``)
+before the write's HTTP response, so it is searchable at once there and on every other replica
+of the shard within ``delta_poll_s`` (plus the time to read the part).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import time
 import numpy as np
 from ray import serve
 
+from index.delta import LiveShard, load_live_shard
 from index.manifest import load_manifest
 from index.shard_index import ShardIndex
 from index.store import Store
@@ -32,21 +40,26 @@ class ShardSearcher:
         shard: int,
         reload_interval_s: float = 30.0,
         threads: int = 1,
+        delta_poll_s: float = 0.5,
     ):
         import faiss
 
         faiss.omp_set_num_threads(threads)  # several replicas share the CPUs
         self.store = Store(store_uri)
         self.shard = shard
-        self.index: ShardIndex | None = None
+        self.index: LiveShard | None = None  # base version + delta - tombstones
+        self._swap_lock = threading.Lock()  # hand-overs vs. the swap to a new version
         self.loaded_at: float | None = None
         self.reloads = 0
         self.load_error: str | None = None
         self._load_live()
         self._stop = threading.Event()
-        if reload_interval_s > 0:
+        if reload_interval_s > 0 or delta_poll_s > 0:
             threading.Thread(
-                target=self._poll, args=(reload_interval_s,), daemon=True, name="reload"
+                target=self._poll,
+                args=(reload_interval_s, delta_poll_s),
+                daemon=True,
+                name="reload",
             ).start()
 
     # ---- loading ------------------------------------------------------------------------------
@@ -57,20 +70,42 @@ class ShardSearcher:
         return manifest.shards[self.shard].version
 
     def _load_live(self) -> bool:
-        """Load the manifest's live version if it differs from ours; True when swapped."""
-        version = self._live_version()
-        if version is None or (self.index is not None and self.index.version == version):
+        """Load the manifest's live version if it differs from ours; True when swapped.
+
+        The new version is loaded while the old view keeps serving; the delta rows and
+        tombstones carry over (``LiveShard.rebased``) and one reference is swapped.
+        """
+        manifest = load_manifest(self.store)
+        if manifest is None or self.shard not in manifest.shards:
             return False
-        index = ShardIndex.load(self.store, self.shard, version)
-        self.index, self.loaded_at = index, time.time()  # one reference swap: atomic for readers
+        version = manifest.shards[self.shard].version
+        current = self.index
+        if current is not None and (version is None or current.version == version):
+            return False
+        if current is None:
+            view = load_live_shard(self.store, self.shard, version, manifest.dim, manifest.metric)
+        else:
+            base = ShardIndex.load(self.store, self.shard, version)  # the slow part, unlocked
+            with self._swap_lock:
+                view = current.rebased(base)
+                self.index = view  # one reference swap: atomic for readers
+        self.index, self.loaded_at = view, time.time()
+        view.refresh()  # parts written while the version loaded
         return True
 
-    def _poll(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
+    def _poll(self, reload_s: float, delta_s: float) -> None:
+        tick = min(t for t in (reload_s, delta_s) if t > 0)
+        next_reload = time.monotonic() + reload_s
+        while not self._stop.wait(tick):
             try:
-                if self._load_live():
-                    self.reloads += 1
-                    log.info("shard %d now serves version %d", self.shard, self.index.version)
+                if reload_s > 0 and time.monotonic() >= next_reload:
+                    next_reload = time.monotonic() + reload_s
+                    if self._load_live():
+                        self.reloads += 1
+                        log.info("shard %d now serves version %s", self.shard, self.index.version)
+                view = self.index
+                if delta_s > 0 and view is not None:
+                    view.refresh()
                 self.load_error = None
             except Exception as e:  # keep serving the version we have
                 self.load_error = f"{type(e).__name__}: {e}"
@@ -106,6 +141,31 @@ class ShardSearcher:
             "scores": [float(h.score) for h in hits],
             "version": index.version,
         }
+
+    async def add_rows(
+        self,
+        part: str,
+        ids: list[str],
+        uris: list[str],
+        vectors: np.ndarray,
+        ingested_ms: list[int],
+    ) -> dict:
+        """Rows the ingress just wrote durably as ``part``: searchable when this returns."""
+        return await asyncio.to_thread(
+            self._hand_over, "add_rows", part, ids, uris, np.asarray(vectors), ingested_ms
+        )
+
+    async def add_tombstones(self, part: str, ids: list[str], deleted_ms: list[int]) -> dict:
+        """Deletes the ingress just wrote durably as ``part``: hidden when this returns."""
+        return await asyncio.to_thread(self._hand_over, "add_tombstones", part, ids, deleted_ms)
+
+    def _hand_over(self, method: str, *args) -> dict:
+        with self._swap_lock:  # never into a view that is being replaced
+            view = self.index
+            if view is None:
+                return {"applied": False, "version": None}
+            getattr(view, method)(*args)
+            return {"applied": True, "version": view.version}
 
     async def vector_of(self, row_id: str) -> np.ndarray | None:
         index = self.index
@@ -144,6 +204,6 @@ class ShardSearcher:
                 memory_bytes=int(index.memory_bytes()),
                 kind=meta.get("kind"),
                 factory=meta.get("factory"),
-                delta=meta.get("delta_count", meta.get("delta")),
+                **index.stats(),  # delta, delta_rows, tombstones, hidden_base_rows
             )
         return body

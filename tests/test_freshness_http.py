@@ -1,0 +1,287 @@
+"""Fresh images over real HTTP: adds and deletes while queries run and two rebuilds swap in.
+
+One real Serve app on 127.0.0.1 (Ingress, QueryEmbedder with the real model, two ShardSearchers,
+the Rebuilder) over a small store of real Caltech photos. A thread queries continuously the whole
+time; the main thread adds rows (random unit vectors as JSON, and real photos as multipart),
+deletes rows, asks for one rebuild and provokes a second one by the delta threshold, then
+restarts the whole app. Every wait is a poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+
+from index.build import list_versions
+from index.sharding import content_id, uri_id
+from serve.config import DeploymentSettings, ServeConfig
+from tests.serve_store import caltech_sample, write_caltech_store
+
+pytestmark = pytest.mark.slow
+
+NUM_SHARDS = 2
+DIM = 1280
+KEY = "sekret-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+THRESHOLD_ROWS = 50  # automatic rebuild of a shard at this delta (rows + tombstone parts)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
+    """Poll ``predicate`` until it returns a truthy value (returned) or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval_s)  # pacing between polls, not synchronisation
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last: {last!r}")
+
+
+def _config(store_uri: str) -> ServeConfig:
+    return ServeConfig(
+        store=store_uri,
+        embed_threads=1,
+        shard_deadline_ms=3000,
+        reload_interval_s=0.5,
+        delta_poll_s=0.2,
+        api_key=KEY,
+        rebuild_delta_rows=THRESHOLD_ROWS,
+        rebuild_delta_fraction=0,
+        rebuild_check_s=1.0,
+        rebuild_gc_grace_s=2.0,
+        rebuild_num_cpus=0.5,
+        access_log=False,
+        searcher=DeploymentSettings(num_cpus=0.25),
+    )
+
+
+def _start(config: ServeConfig) -> None:
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app(config), name=config.app_name, route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, scratch_root, caltech_dir):
+    from ray import serve
+
+    paths = caltech_sample(caltech_dir, classes=3, per_class=10)
+    extra = caltech_sample(caltech_dir, classes=5, per_class=2)[-4:]  # not in the catalogue
+    store, vectors = write_caltech_store(scratch_root / "fresh-http-store", paths, NUM_SHARDS)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = _config(store.uri)
+    _start(config)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        yield SimpleNamespace(
+            client=client, port=port, store=store, vectors=vectors, extra=extra, config=config
+        )
+    finally:
+        client.close()
+        serve.shutdown()
+
+
+class Querier(threading.Thread):
+    """Queries without pause; records failures and any acknowledged delete that comes back."""
+
+    def __init__(self, port: int, probes: list[np.ndarray], deleted: dict[str, float]):
+        super().__init__(daemon=True)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        self.probes = probes  # the main thread appends; reading a list while appending is safe
+        self.deleted = deleted  # id -> monotonic time its delete was acknowledged
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.resurrected: list[str] = []
+        self.latencies: list[float] = []
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            vector = self.probes[i % len(self.probes)]
+            i += 1
+            started = time.monotonic()
+            try:
+                r = self.client.post("/search", json={"vector": vector.tolist(), "k": 10})
+            except httpx.HTTPError as e:
+                self.failures.append(f"{type(e).__name__}: {e}")
+                continue
+            self.latencies.append(time.monotonic() - started)
+            if r.status_code != 200 or r.json().get("partial"):
+                self.failures.append(f"{r.status_code}: {r.text[:200]}")
+                continue
+            self.ok += 1
+            for hit in r.json()["results"]:
+                acked = self.deleted.get(hit["id"])
+                if acked is not None and acked < started:
+                    self.resurrected.append(hit["id"])
+        self.client.close()
+
+
+def unit_vectors(rng, n: int) -> np.ndarray:
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def top1(client: httpx.Client, vector: np.ndarray, k: int = 10) -> list[str]:
+    r = client.post("/search", json={"vector": vector.tolist(), "k": k})
+    assert r.status_code == 200, r.text
+    return [h["id"] for h in r.json()["results"]]
+
+
+def versions(client: httpx.Client) -> list[int | None]:
+    return [row.get("version") for row in client.get("/stats").json()["shards"]]
+
+
+def test_adds_deletes_and_two_rebuilds_under_continuous_queries(app):
+    client, rng = app.client, np.random.default_rng(7)
+    catalogue = {uri_id(u): v for u, v in app.vectors.items()}
+    added: dict[str, np.ndarray] = {}  # acknowledged adds still expected
+    deleted: dict[str, float] = {}
+    found_ms: list[float] = []
+
+    def add_vector(row_id: str, vector: np.ndarray) -> None:
+        r = client.post("/images", json={"id": row_id, "vector": vector.tolist()}, headers=AUTH)
+        assert r.status_code == 201, r.text
+        acked = time.monotonic()
+        assert r.json()["searchable"] is True and r.json()["id"] == row_id
+        wait_for(lambda: top1(client, vector)[0] == row_id, 1.0, f"{row_id} searchable", 0.01)
+        found_ms.append((time.monotonic() - acked) * 1000)
+        added[row_id] = vector
+        querier.probes.append(vector)
+
+    def delete(row_id: str) -> None:
+        r = client.delete(f"/images/{row_id}", headers=AUTH)
+        assert r.status_code == 200 and r.json()["hidden"] is True, r.text
+        deleted[row_id] = time.monotonic()
+        vector = added.pop(row_id, None)
+        vector = catalogue.pop(row_id) if vector is None else vector
+        assert row_id not in top1(client, vector)
+        assert client.post("/search", json={"id": row_id}).status_code == 404
+
+    # writes are closed without the key; reads are open
+    probe = next(iter(catalogue.values()))
+    body = {"vector": probe.tolist()}
+    assert client.post("/images", json=body).status_code == 401
+    r = client.post("/images", json=body, headers={"X-API-Key": "wrong"})
+    assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+    assert client.delete("/images/abc").status_code == 401
+    assert client.post("/admin/rebuild").status_code == 401
+    assert client.post("/search", json=body).status_code == 200
+    assert client.post("/images", json={"vector": [0.1] * 3}, headers=AUTH).status_code == 422
+    r = client.post("/images", headers=AUTH, files={"file": ("x.jpg", b"not an image")})
+    assert r.status_code == 415 and r.json()["error"] == "not_an_image"
+
+    start_versions = versions(client)
+    querier = Querier(app.port, list(catalogue.values()), deleted)
+    querier.start()
+    try:
+        # --- adds and deletes against the built versions: the delta and tombstones ---------------
+        for i in range(40):
+            add_vector(f"add-{i:03d}", unit_vectors(rng, 1)[0])
+        photo = app.extra[0].read_bytes()
+        r = client.post(
+            "/images",
+            headers=AUTH,
+            files={"file": ("new.jpg", photo, "image/jpeg")},
+            data={"uri": "s3://bucket/new.jpg", "metadata": '{"sku": 42}'},
+        )
+        assert r.status_code == 201 and r.json()["id"] == content_id(photo), r.text
+        assert r.json()["uri"] == "s3://bucket/new.jpg"
+        files = {"file": ("q.jpg", photo, "image/jpeg")}
+        hits = client.post("/search", files=files, params={"k": 1}).json()["results"]
+        assert hits[0]["id"] == content_id(photo) and hits[0]["score"] > 0.99
+        for row_id in list(catalogue)[:5] + [f"add-{i:03d}" for i in range(5)]:
+            delete(row_id)
+        stats = client.get("/stats").json()
+        assert sum(row["delta"] for row in stats["shards"]) == 36  # 40 + photo - 5 deleted
+        assert sum(row["tombstones"] for row in stats["shards"]) == 10
+
+        # --- rebuild 1, on request; adds and deletes go on while it runs and swaps ----------------
+        r = client.post("/admin/rebuild", headers=AUTH)
+        assert r.status_code == 202 and sorted(r.json()["started"]) == [0, 1], r.text
+        for i in range(40, 50):
+            add_vector(f"add-{i:03d}", unit_vectors(rng, 1)[0])
+        delete("add-040")
+        wait_for(
+            lambda: all(v > s for v, s in zip(versions(client), start_versions, strict=True)),
+            90,
+            "rebuild 1 live on both shards",
+        )
+        first = versions(client)
+
+        # --- rebuild 2, by the delta threshold ------------------------------------------------
+        for i in range(50, 50 + 3 * THRESHOLD_ROWS):
+            add_vector(f"add-{i:03d}", unit_vectors(rng, 1)[0])
+        delete("add-060")
+        delete(list(catalogue)[0])
+        wait_for(
+            lambda: any(v > f for v, f in zip(versions(client), first, strict=True)),
+            90,
+            "an automatic rebuild",
+        )
+        status = client.get("/admin/rebuild", headers=AUTH).json()
+        triggers = [h["trigger"] for h in status["history"]]
+        assert "requested" in triggers and any("delta" in t for t in triggers), status
+        assert all(h.get("built") or "error" not in h for h in status["history"]), status
+
+        # --- after the rebuilds: every acknowledged add found, no delete back -------------------
+        for row_id, vector in added.items():
+            assert top1(client, vector)[0] == row_id, row_id
+        for row_id in deleted:
+            assert client.post("/search", json={"id": row_id}).status_code == 404
+        # garbage collection: only the live and (within the grace period) previous versions
+        wait_for(
+            lambda: all(len(list_versions(app.store, s)) <= 1 for s in range(NUM_SHARDS)),
+            30,
+            "old versions collected after the grace period",
+            0.5,
+        )
+        # one more add and delete after the rebuilds: in the delta and tombstones only
+        add_vector("after-rebuild", unit_vectors(rng, 1)[0])
+        delete("add-070")
+    finally:
+        querier.stop.set()
+        querier.join(30)
+
+    assert querier.ok > 100, querier.ok
+    assert querier.failures == [], querier.failures[:5]
+    assert querier.resurrected == [], querier.resurrected[:5]
+    assert max(found_ms) < 1000
+    print(
+        f"\nqueries {querier.ok}, failed {len(querier.failures)}, p99 "
+        f"{np.percentile(querier.latencies, 99) * 1000:.1f} ms; add-to-searchable p99 "
+        f"{np.percentile(found_ms, 99):.1f} ms over {len(found_ms)} adds; "
+        f"versions {versions(client)}"
+    )
+
+    # --- restart the whole app: nothing acknowledged is lost ---------------------------------
+    from ray import serve
+
+    serve.delete(app.config.app_name)
+    _start(app.config)
+    wait_for(lambda: client.get("/readyz").status_code == 200, 60, "ready after restart")
+    for row_id, vector in added.items():
+        assert top1(client, vector)[0] == row_id, row_id
+    for row_id in [*added][:3]:
+        assert client.post("/search", json={"id": row_id}).status_code == 200
+    for row_id in deleted:
+        assert client.post("/search", json={"id": row_id}).status_code == 404
+    hits = client.post("/search", files=files, params={"k": 1}).json()["results"]
+    assert hits[0]["id"] == content_id(photo)
