@@ -70,7 +70,10 @@ def decode_image(
     except UnidentifiedImageError:
         raise ImageError("not_an_image", "no known image format recognised") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError("not_an_image", str(e) or type(e).__name__) from None
+        message = str(e) or type(e).__name__
+        # a header cut short ("Truncated File Read") is a truncated image, not another format
+        reason = "truncated" if "truncated" in message.lower() else "not_an_image"
+        raise ImageError(reason, message) from None
     width, height = img.size
     if width < 1 or height < 1:
         raise ImageError("not_an_image", f"image has size {width}x{height}")
@@ -91,7 +94,9 @@ def decode_image(
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         message = str(e) or type(e).__name__
         reason = (
-            "truncated" if "truncated" in message or isinstance(e, EOFError) else "not_an_image"
+            "truncated"
+            if "truncated" in message.lower() or isinstance(e, EOFError)
+            else "not_an_image"
         )
         raise ImageError(reason, message) from None
 

@@ -30,6 +30,8 @@ status  error                      when
 503     embedder_unavailable       the query embedder did not answer in time
 503     shard_unavailable          the shard owning ``id`` did not answer in time
 503     no_shard_answered          no shard answered in time (some did: 200, ``partial: true``)
+404     not_found                  no such path (any unknown URL)
+405     method_not_allowed         a known path with another method (``GET /search``)
 401     unauthorized               a write/admin call without the API key (``api_key`` is set)
 403     writes_disabled            a write/admin call to an app run with ``writes: false``
 400     missing_image              ``POST /images`` with neither ``file`` nor ``vector``
@@ -61,6 +63,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedding import ImageError, decode_image, prepare
 from serve.config import MAX_K
@@ -390,7 +393,7 @@ async def parse_search(request: Request, limits: Limits, dim: int, normalise: bo
             return ParsedQuery("id", validate_params(raw, limits), row_id=validate_id(query_id))
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # [[[[... nests past
             raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_json", "body must be a JSON object")
@@ -534,6 +537,9 @@ def check_api_key(request: Request, api_key: str) -> None:
 
 
 # ---- the FastAPI app and its error handlers --------------------------------------------------
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="Visual search",
@@ -549,6 +555,16 @@ def create_app() -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # routing refusals (unknown path 404, wrong method 405) in the same JSON error shape
+        error = HTTP_ERROR_CODES.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"error": error, "detail": str(exc.detail)},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
