@@ -189,17 +189,21 @@ class ShardIndex:
         if self.count == 0 or len(q) == 0:
             return [[] for _ in range(len(q))]
         exact_index = self._ivf is None  # Flat: the index's scores are already exact
-        if rerank and not exact_index:
-            fetch = max(k, candidates or default_candidates(k, self.meta.get("candidates")))
-        else:
-            fetch = k
-        fetch = min(fetch, self.count)
+        fetch = self.fetch_size(k, candidates, rerank)
         scores, keys = self._candidates(q, fetch, nprobe, exclude)
         if rerank and not exact_index:
             scores, keys = self.rerank(q, keys, k)
         else:
             scores, keys = scores[:, :k], keys[:, :k]
         return self._hits(scores, keys)
+
+    def fetch_size(self, k: int, candidates: int | None = None, rerank: bool = True) -> int:
+        """How many results a search of top ``k`` takes from the compressed index."""
+        if rerank and self._ivf is not None:
+            fetch = max(k, candidates or default_candidates(k, self.meta.get("candidates")))
+        else:
+            fetch = k
+        return min(fetch, self.count)
 
     def _candidates(
         self,

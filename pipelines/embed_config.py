@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Every default is None so we can tell "given on the command line" from "not given".
     p.add_argument("input", nargs="*", default=None, help="folders, globs, list files, URIs")
+    p.add_argument(
+        "--input",
+        dest="input_flag",
+        action="append",
+        metavar="URI",
+        help="an input, as a flag (repeatable; same as the positional inputs)",
+    )
     p.add_argument("--config", help="YAML file with any of these settings (flags win)")
     p.add_argument("--store", help="store root URI (default ./store)")
     p.add_argument("--num-shards", type=int, help="shards of a new store (default 4)")
@@ -172,8 +179,7 @@ def config_from_args(argv: list[str] | None = None) -> EmbedJobConfig:
     config_path = args.pop("config")
     if config_path:
         settings.update(load_yaml(config_path))
-    if args.get("input") == []:
-        args["input"] = None
+    args["input"] = (args.get("input") or []) + (args.pop("input_flag", None) or []) or None
     settings.update({k: v for k, v in args.items() if v is not None})
     try:
         return EmbedJobConfig(**settings)

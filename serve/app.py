@@ -74,7 +74,9 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
     config.validate()
     manifest = load_store_manifest(config)
     gpus = _cluster_gpus()
-    logging = {"logging_config": {"enable_access_log": config.access_log}}
+    logging = {
+        "logging_config": {"enable_access_log": config.access_log, "encoding": config.log_encoding}
+    }
     embedder = None
     if config.image_queries:
         if verify_model:

@@ -54,6 +54,9 @@ class DeploymentSettings:
     max_ongoing_requests: int = 32
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
+    # custom Ray resources each replica needs, e.g. {"shard_host": 1} so shard replicas land on
+    # the memory-heavy nodes of cluster.yaml (the node type advertises the resource)
+    resources: dict[str, float] = field(default_factory=dict)
 
     def validate(self, name: str) -> None:
         if self.num_replicas < 1:
@@ -78,6 +81,13 @@ class DeploymentSettings:
             raise ConfigError(f"{name}.max_ongoing_requests must be >= 1")
         if self.health_check_period_s <= 0 or self.health_check_timeout_s <= 0:
             raise ConfigError(f"{name}: health check period and timeout must be > 0")
+        if not isinstance(self.resources, dict):
+            raise ConfigError(f"{name}.resources must be a mapping of resource name to amount")
+        for key, amount in self.resources.items():
+            if key in ("CPU", "GPU", "memory"):
+                raise ConfigError(f"{name}.resources: set {key} with num_cpus/num_gpus, not here")
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
+                raise ConfigError(f"{name}.resources[{key!r}] must be a number >= 0: {amount!r}")
 
     def resolved_gpus(self, cluster_gpus: float) -> float:
         if self.num_gpus == "auto":
@@ -90,6 +100,7 @@ class DeploymentSettings:
             "ray_actor_options": {
                 "num_cpus": self.num_cpus,
                 "num_gpus": self.resolved_gpus(cluster_gpus),
+                **({"resources": dict(self.resources)} if self.resources else {}),
             },
             "max_ongoing_requests": self.max_ongoing_requests,
             "health_check_period_s": self.health_check_period_s,
@@ -166,6 +177,9 @@ class ServeConfig:
     rebuild_threads: int = 1  # FAISS threads of a rebuild task
     rebuild_memory_budget: str = "4G"
     access_log: bool = True  # Serve's per-request access log lines (every replica, every call)
+    # Serve's log encoding: "JSON" = one JSON object per line with request_id, deployment,
+    # replica and our endpoint/status/latency_ms fields; "TEXT" = Serve's plain lines
+    log_encoding: str = "JSON"
     # how the ingress calls the embedder and searchers: "ray" (actor tasks, Serve's default) or
     # "grpc" (DeploymentHandle.options(_by_reference=False): direct gRPC to the replica)
     handle_transport: str = "ray"
@@ -224,6 +238,8 @@ class ServeConfig:
             raise ConfigError(
                 f"handle_transport must be 'ray' or 'grpc', got {self.handle_transport!r}"
             )
+        if self.log_encoding not in ("JSON", "TEXT"):
+            raise ConfigError(f"log_encoding must be 'JSON' or 'TEXT', got {self.log_encoding!r}")
         if self.batch_wait_timeout_s < 0 or self.reload_interval_s < 0:
             raise ConfigError("batch_wait_timeout_s and reload_interval_s must be >= 0")
         for name in (

@@ -46,12 +46,14 @@ from serve.api import (
     validate_id,
 )
 from serve.config import ServeConfig
+from serve.metrics import ingress_metrics, request_metrics
 from serve.scatter import call_with_deadline, gather_with_deadline
 
 # Serve's ingress decorator pickles the FastAPI app (and through its routes these methods) when
 # the class is decorated: everything the routes use must already be defined above the class, and
 # annotations must be real objects (no ``from __future__ import annotations``) for FastAPI.
 api = create_app()
+api.middleware("http")(request_metrics)  # counts, times and logs every request
 
 
 def _missing(missing: dict[int, str]) -> list[dict]:
@@ -211,6 +213,7 @@ class Ingress:
             for shard, answer in sorted(gathered.answers.items())
         ]
         merged = merge_topk(per_shard, params.k, self.metric)
+        ingress_metrics().observe_answer(gathered.missing)
         return {
             "results": [
                 {"id": h.id, "uri": h.uri, "score": float(h.score), "shard": h.shard}

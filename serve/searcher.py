@@ -28,6 +28,7 @@ from index.delta import LiveShard, load_live_shard
 from index.manifest import load_manifest
 from index.shard_index import ShardIndex
 from index.store import Store
+from serve.metrics import searcher_metrics
 
 log = logging.getLogger("ray.serve")
 
@@ -53,6 +54,7 @@ class ShardSearcher:
         self.reloads = 0
         self.load_error: str | None = None
         self._load_live()
+        self._publish()
         self._stop = threading.Event()
         if reload_interval_s > 0 or delta_poll_s > 0:
             threading.Thread(
@@ -110,6 +112,14 @@ class ShardSearcher:
             except Exception as e:  # keep serving the version we have
                 self.load_error = f"{type(e).__name__}: {e}"
                 log.warning("shard %d: reload failed: %s", self.shard, self.load_error)
+            self._publish()
+
+    def _publish(self) -> None:
+        """Index gauges (version, rows, memory, delta) for Ray's Prometheus export."""
+        try:
+            searcher_metrics().publish(self.stats())
+        except Exception:  # metrics must never take the shard down
+            log.exception("shard %d: publishing metrics failed", self.shard)
 
     def __del__(self):
         stop = getattr(self, "_stop", None)
@@ -130,11 +140,17 @@ class ShardSearcher:
         if index is None:
             return {"ids": [], "uris": [], "scores": [], "version": None}
         queries = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        start = time.perf_counter()
         hits = (
             await asyncio.to_thread(
                 index.search, queries, k, nprobe=nprobe, candidates=candidates, rerank=rerank
             )
         )[0]
+        searcher_metrics().observe_search(
+            self.shard,
+            (time.perf_counter() - start) * 1000,
+            index.fetch_size(k, candidates, rerank),
+        )
         return {
             "ids": [h.id for h in hits],
             "uris": [h.uri for h in hits],

@@ -28,6 +28,9 @@ def test_config_defaults_yaml_and_flags_precedence(tmp_path):
     plain = config_from_args(["imgs"])
     assert plain.store == "./store" and plain.num_shards is None and plain.actors is None
     assert plain.model == "efficientnet_lite0" and plain.batch_size is None
+    flagged = config_from_args(["--input", "s3://b/x", "imgs", "--input", "more"])
+    assert flagged.input == ["imgs", "s3://b/x", "more"]  # --input adds to the positional ones
+    assert config_from_args(["--config", str(job)]).input == ["a", "b"]  # YAML kept when no flag
 
 
 @pytest.mark.parametrize(

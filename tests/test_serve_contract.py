@@ -135,6 +135,23 @@ def test_deployment_options_fixed_autoscaled_and_gpu_auto():
         DeploymentSettings(min_replicas=1).validate("x")
 
 
+def test_custom_resources_place_replicas_and_are_validated():
+    cfg = ServeConfig.from_dict({"store": "/s", "searcher": {"resources": {"shard_host": 1}}})
+    options = cfg.validate().searcher.deployment_options()
+    assert options["ray_actor_options"]["resources"] == {"shard_host": 1}
+    assert "resources" not in cfg.ingress.deployment_options()["ray_actor_options"]
+    for bad, message in [
+        ({"CPU": 1}, "with num_cpus"),
+        ({"shard_host": -1}, "number >= 0"),
+        ({"shard_host": "x"}, "number >= 0"),
+        (["shard_host"], "mapping"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            DeploymentSettings(resources=bad).validate("searcher")
+    with pytest.raises(ConfigError, match="log_encoding"):
+        ServeConfig(store="/s", log_encoding="XML").validate()
+
+
 def test_serve_deploy_config_is_valid_for_ray_and_for_our_builder():
     from ray.serve.schema import ServeDeploySchema
 

@@ -1,0 +1,170 @@
+"""Prometheus metrics of the Serve app, exported the way Ray exports every metric.
+
+The metrics are ``ray.serve.metrics`` objects: Ray's metrics agent on each node serves them on
+its Prometheus port (``ray start --metrics-export-port``; Ray prefixes every name with
+``ray_``), and Serve adds ``deployment``, ``replica`` and ``application`` tags by itself. Metrics
+are created lazily, once per replica process, because they only work inside a Ray worker.
+
+What is measured, by whom:
+
+- Ingress (``request_metrics`` middleware): requests by endpoint (the route template, so
+  ``/images/{id}`` is one series) and status, and their latency; partial answers.
+- ShardSearcher: per-shard search latency and rerank candidates, and gauges of the live index:
+  version, rows, memory, delta rows.
+
+Structured logs: Serve stamps every log record emitted while a request is handled with that
+request's id (``x-request-id``: taken from the client's header, or made up and returned in the
+response header) and, with ``log_encoding: JSON`` in the serve config, writes one JSON object per
+line. The middleware logs one line per request with endpoint, status and latency, and the same
+request id follows the call into the embedder and shard replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import cache
+from typing import Any
+
+log = logging.getLogger("ray.serve")
+
+PREFIX = "visual_search_"
+LATENCY_MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 15000]
+CANDIDATE_BOUNDARIES = [10, 50, 100, 200, 400, 800, 1600, 3200, 10000]
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Histogram
+
+        self.requests = Counter(
+            PREFIX + "requests",
+            description="HTTP requests by endpoint (route template), method and status code.",
+            tag_keys=("endpoint", "method", "status"),
+        )
+        self.latency_ms = Histogram(
+            PREFIX + "request_latency_ms",
+            description="HTTP request latency in the ingress, in milliseconds.",
+            boundaries=LATENCY_MS_BOUNDARIES,
+            tag_keys=("endpoint", "method"),
+        )
+        self.partial = Counter(
+            PREFIX + "partial_answers",
+            description="Search answers that left out at least one shard (partial: true).",
+        )
+        self.shards_missing = Counter(
+            PREFIX + "shards_missing",
+            description="Shards left out of answers, by shard and reason (timeout, error).",
+            tag_keys=("shard", "reason"),
+        )
+
+    def observe_request(self, endpoint: str, method: str, status: int, ms: float) -> None:
+        tags = {"endpoint": endpoint, "method": method}
+        self.requests.inc(tags={**tags, "status": str(status)})
+        self.latency_ms.observe(ms, tags=tags)
+
+    def observe_answer(self, missing: dict[int, str]) -> None:
+        if missing:
+            self.partial.inc()
+        for shard, reason in missing.items():
+            self.shards_missing.inc(tags={"shard": str(shard), "reason": _reason_tag(reason)})
+
+
+class SearcherMetrics:
+    def __init__(self) -> None:
+        from ray.serve.metrics import Gauge, Histogram
+
+        self.search_ms = Histogram(
+            PREFIX + "shard_search_latency_ms",
+            description="Search time of one query inside a shard replica, in milliseconds.",
+            boundaries=LATENCY_MS_BOUNDARIES,
+            tag_keys=("shard",),
+        )
+        self.candidates = Histogram(
+            PREFIX + "shard_candidates",
+            description="Candidates taken from the IVF+PQ index per query for rerank.",
+            boundaries=CANDIDATE_BOUNDARIES,
+            tag_keys=("shard",),
+        )
+        self.version = Gauge(
+            PREFIX + "index_version",
+            description="Live index version a shard replica serves.",
+            tag_keys=("shard",),
+        )
+        self.rows = Gauge(
+            PREFIX + "index_rows", description="Rows in the live index.", tag_keys=("shard",)
+        )
+        self.memory = Gauge(
+            PREFIX + "index_memory_bytes",
+            description="Memory of the live index (codes, ids, lists).",
+            tag_keys=("shard",),
+        )
+        self.delta = Gauge(
+            PREFIX + "delta_rows",
+            description="Rows of the shard not yet in its live index, searched exactly.",
+            tag_keys=("shard",),
+        )
+
+    def observe_search(self, shard: int, ms: float, candidates: int | None) -> None:
+        tags = {"shard": str(shard)}
+        self.search_ms.observe(ms, tags=tags)
+        if candidates:
+            self.candidates.observe(candidates, tags=tags)
+
+    def publish(self, stats: dict[str, Any]) -> None:
+        """Gauges from a ShardSearcher ``stats()`` body."""
+        tags = {"shard": str(stats["shard"])}
+        if stats.get("version") is not None:
+            self.version.set(stats["version"], tags=tags)
+        self.rows.set(stats.get("count") or 0, tags=tags)
+        self.memory.set(stats.get("memory_bytes") or 0, tags=tags)
+        delta = stats.get("delta")
+        if isinstance(delta, dict):
+            delta = delta.get("rows", delta.get("count"))
+        self.delta.set(delta or 0, tags=tags)
+
+
+@cache
+def ingress_metrics() -> IngressMetrics:
+    return IngressMetrics()
+
+
+@cache
+def searcher_metrics() -> SearcherMetrics:
+    return SearcherMetrics()
+
+
+def _reason_tag(reason: str) -> str:
+    """A bounded tag value from scatter's reason ("timeout" or "error: <Type>: <message>")."""
+    return "timeout" if str(reason).startswith("timeout") else "error"
+
+
+def _endpoint(request: Any) -> str:
+    """The matched route's template (``/images/{id}``), never the raw path: bounded cardinality."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+async def request_metrics(request: Any, call_next: Any) -> Any:
+    """FastAPI HTTP middleware: count, time and log every request the ingress answers."""
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        ms = (time.perf_counter() - start) * 1000
+        endpoint = _endpoint(request)
+        try:
+            ingress_metrics().observe_request(endpoint, request.method, status, ms)
+        except Exception:  # metrics must never fail a request
+            log.exception("recording request metrics failed")
+        log.info(
+            "%s %s -> %d in %.1f ms",
+            request.method,
+            endpoint,
+            status,
+            ms,
+            extra={"endpoint": endpoint, "status": status, "latency_ms": round(ms, 3)},
+        )

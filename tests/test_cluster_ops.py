@@ -1,0 +1,197 @@
+"""The system run the way cluster users run it, against a real ``ray start --head`` on 127.0.0.1.
+
+One head for the module (``tests.ray_head.RayHead``): ``ray job submit`` of the embedding job and
+then of the index build into a store of real photos, ``serve deploy`` of a copy of
+``serve/serve_config.yaml`` (only the store, the port and a faster reload changed) answering
+``/readyz`` and queries, our metrics in Ray's Prometheus export, and one request id followed from
+the HTTP response header into the JSON logs of the ingress and of a shard replica.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import yaml
+
+from index.manifest import load_manifest
+from index.store import Store
+from tests import embed_samples as samples
+from tests.polling import free_port, wait_for
+from tests.ray_head import ROOT, RayHead
+from tests.test_embed_job import read_store
+
+pytestmark = pytest.mark.slow
+
+PHOTOS = 40
+SHARDS = 2
+
+
+@pytest.fixture(scope="module")
+def head(scratch_root, ray_local):
+    # ray_local first: its fixture points TMPDIR at the scratch folder before our head starts.
+    cluster = RayHead(
+        temp_dir=scratch_root / "ops",  # short: Ray's socket paths must stay < 108 bytes
+        env_extra={"RAY_metrics_report_interval_ms": "1000"},  # metrics exported every second
+    ).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+    assert ray_local.get(ray_local.put(7)) == 7  # the session's own cluster was not touched
+
+
+@pytest.fixture(scope="module")
+def catalogue(head, caltech_dir, tmp_path_factory):
+    """Two jobs submitted to the head: embed 40 photos into 2 shards, then build the indexes."""
+    work = tmp_path_factory.mktemp("ops")
+    photos = samples.link_images(samples.caltech_subset(caltech_dir, PHOTOS), work / "photos")
+    root = work / "store"
+    embed_log = head.submit(
+        "python", "pipelines/embed.py", "--input", str(work / "photos"), "--store", str(root),
+        "--num-shards", str(SHARDS), "--batch-size", "8", "--actors", "2",
+    )  # fmt: skip
+    build_log = head.submit("python", "pipelines/build_index.py", "--store", str(root))
+    return SimpleNamespace(root=root, photos=photos, embed_log=embed_log, build_log=build_log)
+
+
+@pytest.fixture(scope="module")
+def deployed(head, catalogue, tmp_path_factory):
+    """``serve deploy`` of the repo's config file with only the store and the port changed."""
+    config = yaml.safe_load((ROOT / "serve" / "serve_config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args["store"] = str(catalogue.root)
+    args["reload_interval_s"] = 1  # index gauges are published on each manifest poll
+    path = tmp_path_factory.mktemp("deploy") / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    head.run(["serve", "deploy", "--address", head.dashboard_url, str(path)], timeout_s=120)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+
+    def ready():
+        try:
+            response = client.get("/readyz")
+        except httpx.TransportError:
+            return None
+        return response if response.status_code == 200 else None
+
+    readyz = wait_for(ready, 240, "/readyz of the deployed app to answer 200", interval_s=1.0)
+    try:
+        yield SimpleNamespace(client=client, readyz=readyz.json(), config=config)
+    finally:
+        client.close()
+
+
+def test_ray_job_submit_embeds_then_builds_the_indexes(catalogue):
+    assert f"embedded {PHOTOS} images (0 skipped as already present), 0 errors" in (
+        catalogue.embed_log
+    )
+    assert "succeeded" in catalogue.embed_log and "succeeded" in catalogue.build_log
+    assert f"built {SHARDS} shard(s) ({PHOTOS} vectors)" in catalogue.build_log
+    rows, _ = read_store(catalogue.root)
+    assert sorted(rows["uri"]) == sorted(str(p) for p in catalogue.photos)  # each exactly once
+    manifest = load_manifest(Store(catalogue.root))
+    assert manifest.num_shards == SHARDS
+    assert sum(s.count for s in manifest.shards.values()) == PHOTOS
+    assert all(s.version is not None for s in manifest.shards.values())
+
+
+def test_serve_deploy_of_the_config_file_answers_readyz_and_queries(deployed, catalogue):
+    assert deployed.readyz["ready"] is True
+    assert [s["loaded"] for s in deployed.readyz["shards"]] == [True] * SHARDS
+    photo = catalogue.photos[5]
+    response = deployed.client.post(
+        "/search", files={"file": (photo.name, photo.read_bytes(), "image/jpeg")}, params={"k": 3}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["results"][0]["uri"] == str(photo)  # the photo finds itself first
+    assert body["shards_answered"] == SHARDS and body["partial"] is False
+
+
+def _samples(text: str, name: str) -> list[dict[str, str]]:
+    """Label sets of every sample of metric ``name`` in a Prometheus text exposition."""
+    found = []
+    for match in re.finditer(rf"^{re.escape(name)}\{{(.*?)\}} \S+$", text, re.M):
+        found.append(dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(1))))
+    return found
+
+
+def test_metrics_appear_in_rays_prometheus_export(head, deployed):
+    vector = [1.0] + [0.0] * 1279
+    for _ in range(3):
+        assert deployed.client.post("/search", json={"vector": vector}).status_code == 200
+    assert deployed.client.post("/search", json={"vector": [1.0, 2.0]}).status_code == 422
+    assert deployed.client.get("/stats").status_code == 200
+
+    def exported():
+        try:
+            text = httpx.get(head.metrics_url, timeout=10).text
+        except httpx.TransportError:
+            return None
+        requests = _samples(text, "ray_visual_search_requests_total")
+
+        def shards(metric: str) -> set[str]:
+            return {s.get("shard") for s in _samples(text, "ray_visual_search_" + metric)}
+
+        have = {
+            "search 200": any(
+                s.get("endpoint") == "/search" and s.get("status") == "200" for s in requests
+            ),
+            "search 422": any(
+                s.get("endpoint") == "/search" and s.get("status") == "422" for s in requests
+            ),
+            "stats 200": any(s.get("endpoint") == "/stats" for s in requests),
+            "latency": bool(_samples(text, "ray_visual_search_request_latency_ms_bucket")),
+            "shard latency": shards("shard_search_latency_ms_count") == {"0", "1"},
+            "candidates": bool(_samples(text, "ray_visual_search_shard_candidates_count")),
+            "version": shards("index_version") == {"0", "1"},
+            "rows": bool(_samples(text, "ray_visual_search_index_rows")),
+            "memory": bool(_samples(text, "ray_visual_search_index_memory_bytes")),
+            "delta": bool(_samples(text, "ray_visual_search_delta_rows")),
+        }
+        missing[:] = sorted(k for k, ok in have.items() if not ok)
+        return None if missing else text
+
+    missing: list[str] = []
+    try:
+        text = wait_for(exported, 60, "our metrics in Ray's Prometheus export", interval_s=1.0)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; still missing: {missing}") from None
+    search_ok = [
+        s
+        for s in _samples(text, "ray_visual_search_requests_total")
+        if s.get("endpoint") == "/search" and s.get("status") == "200"
+    ]
+    assert all(s.get("deployment") == "Ingress" for s in search_ok)  # Serve's own tags are on
+
+
+def test_request_id_follows_a_request_into_the_json_logs(head, deployed):
+    request_id = f"vs-test-{time.time_ns()}"
+    response = deployed.client.post(
+        "/search", json={"vector": [0.0, 1.0] + [0.0] * 1278}, headers={"x-request-id": request_id}
+    )
+    assert response.status_code == 200
+    assert response.headers.get("x-request-id") == request_id
+
+    def logged() -> dict[str, list[dict]] | None:
+        found: dict[str, list[dict]] = {}
+        for path in (head.logs_dir / "serve").glob("replica_*.log"):
+            for line in path.read_text(errors="replace").splitlines():
+                if request_id not in line:
+                    continue
+                record = json.loads(line)  # JSON encoding: every line one object
+                deployment = record["deployment"].rsplit("_", 1)[-1]  # "<app>_<deployment>"
+                found.setdefault(deployment, []).append(record)
+        have_shard = any(name.startswith("ShardSearcher") for name in found)
+        return found if "Ingress" in found and have_shard else None
+
+    found = wait_for(logged, 30, f"log lines with request id {request_id}")
+    ours = [r for r in found["Ingress"] if r.get("endpoint") == "/search"]
+    assert ours and ours[0]["status"] == 200 and ours[0]["latency_ms"] > 0
+    assert all(r["request_id"] == request_id for rows in found.values() for r in rows)
