@@ -484,7 +484,7 @@ async def parse_add(request: Request, limits: Limits, dim: int, normalise: bool)
         body = await read_body(request, MAX_JSON_BYTES)
         try:
             fields = json.loads(body) if body.strip() else {}
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
         if not isinstance(fields, dict):
             raise ApiError(400, "invalid_json", "body must be a JSON object")
