@@ -19,15 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.local_ray import use_local_ray_env
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = ROOT / "demo-store"
 
-for _key, _value in (
-    ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),  # bind Ray to 127.0.0.1 (RAY-HERE.md)
-    ("RAY_AUTH_MODE", "disabled"),  # a throwaway local cluster: no token file
-    ("RAY_USAGE_STATS_ENABLED", "0"),
-):
-    os.environ.setdefault(_key, _value)
+use_local_ray_env()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

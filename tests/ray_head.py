@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipelines.local_ray import LOCAL_RAY_ENV
 from tests.polling import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +30,8 @@ VENV_BIN = Path(sys.executable).parent
 
 def ray_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_AUTH_MODE="disabled",
-        RAY_USAGE_STATS_ENABLED="0",
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` / `ray` = this venv's
-    )
+    env.update(LOCAL_RAY_ENV)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `python`/`ray`: this venv's
     env.update(extra)
     return env
 
