@@ -110,3 +110,12 @@ def pareto(points: list[dict], cost: str, value: str) -> list[dict]:
             front.append(p)
             best = p[value]
     return front
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Lay out, write and free a matplotlib figure (every benchmark's PNG the same way)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

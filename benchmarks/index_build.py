@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, gaussian_mixture, write_result  # noqa: E402
+from benchmarks.common import RESULTS_DIR, gaussian_mixture, save_figure, write_result  # noqa: E402
 from index import schema  # noqa: E402
 from index.manifest import Manifest, commit_manifest  # noqa: E402
 from index.recall import recall_at_k, search_all, sweep  # noqa: E402
@@ -308,9 +308,7 @@ def plot_sizes(rows: list[dict], path: Path) -> None:
     ax1.set_yscale("log")
     ax3.axhline(2, color="k", ls=":", lw=0.8)
     fig.suptitle("index build vs N and shards (256-d Gaussian mixture, 2 cores)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -363,9 +361,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_title("recall@10: IVF+PQ (dashed), + exact rerank (solid), by shards")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import query_latency as ql  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine_info, pareto, write_result  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_info, pareto, save_figure, write_result  # noqa: E402
 
 K = ql.K
 OURS_GRID = {"nprobe": (4, 8, 16, 32, 64), "candidates": (20, 30, 50, 100, 200, 400)}  # per shard
@@ -386,9 +386,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_title(f"at equal recall@10 >= {result['target_recall']} (measured on every query)")
     m = result["machine"]
     fig.suptitle(f"peers on the same vectors, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import query_latency as ql  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine_info, write_result  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
 
 K = ql.K
 SINGLE_QUERIES = 200  # single-query timings in-process
@@ -310,9 +310,7 @@ def plot(result: dict, path: Path) -> None:
     ax3.legend(fontsize=7)
     m = result["machine"]
     fig.suptitle(f"query scaling over HTTP, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
