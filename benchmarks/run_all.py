@@ -1,6 +1,6 @@
 """Run every scaling benchmark at one size, each under the shared heavy-work lock.
 
-    .venv/bin/python benchmarks/run_all.py                 # full: 1M vectors (about an hour here)
+    .venv/bin/python benchmarks/run_all.py                 # full: 1M (index build also 100k, 4M)
     .venv/bin/python benchmarks/run_all.py --quick         # a few-minute pass at 100k
     .venv/bin/python benchmarks/run_all.py --size 4000000 --only index_build
     .venv/bin/python benchmarks/run_all.py --list          # print the commands, run nothing
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCK = "/tmp/vs-heavy.lock"
 
 
-def steps(size: int, quick: bool) -> list[tuple[str, list[str]]]:
+def steps(size: int, quick: bool, build_sizes=()) -> list[tuple[str, list[str]]]:
     """(benchmark, arguments) in the order they run; each item is one locked process."""
     if quick:
         return [
@@ -36,14 +36,21 @@ def steps(size: int, quick: bool) -> list[tuple[str, list[str]]]:
             ("peers", ["--quick", "--name", "peers_quick"]),
         ]
     n = ["--n", str(size)]
+    # above 1M only 8 shards: one 4M shard would hold the 2 cores for far too long here
+    builds = [
+        ("index_build", ["--sizes", str(v), *(["--shards", "8"] if v > 1_000_000 else [])])
+        for v in sorted({size, *build_sizes})
+    ]
+    # split by shard count so that no single locked run holds the 2 cores for long
     return [
         ("embed_throughput", []),
-        ("index_build", ["--sizes", str(size)]),
-        # split so that no single locked run holds the 2 cores for too long
-        ("query_scaling", [*n, "--shards", "1", "2"]),
+        *builds,
+        ("query_scaling", [*n, "--shards", "1"]),
+        ("query_scaling", [*n, "--shards", "2"]),
         ("peers", [*n, "--phase", "build"]),
         ("peers", n),
-        ("query_scaling", [*n, "--shards", "4", "8"]),
+        ("query_scaling", [*n, "--shards", "4"]),
+        ("query_scaling", [*n, "--shards", "8"]),
     ]
 
 
@@ -51,11 +58,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=1_000_000, help="vectors (N)")
     p.add_argument("--quick", action="store_true", help="100k vectors, fewer requests")
+    p.add_argument(
+        "--build-sizes",
+        type=int,
+        nargs="*",
+        default=[100_000, 4_000_000],
+        help="more N for the index build sweep (besides --size)",
+    )
     p.add_argument("--only", nargs="+", help="benchmark names to run (default: all)")
     p.add_argument("--no-lock", action="store_true", help=f"do not wrap steps in flock {LOCK}")
     p.add_argument("--list", action="store_true", help="print the commands and exit")
     args = p.parse_args(argv)
-    plan = [(b, a) for b, a in steps(args.size, args.quick) if not args.only or b in args.only]
+    plan = steps(args.size, args.quick, args.build_sizes)
+    plan = [(b, a) for b, a in plan if not args.only or b in args.only]
     python = sys.executable
     failed = []
     for bench, extra in plan:
