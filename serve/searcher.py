@@ -65,12 +65,6 @@ class ShardSearcher:
             ).start()
 
     # ---- loading ------------------------------------------------------------------------------
-    def _live_version(self) -> int | None:
-        manifest = load_manifest(self.store)
-        if manifest is None or self.shard not in manifest.shards:
-            return None
-        return manifest.shards[self.shard].version
-
     def _load_live(self) -> bool:
         """Load the manifest's live version if it differs from ours; True when swapped.
 

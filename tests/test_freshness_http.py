@@ -9,7 +9,6 @@ restarts the whole app. Every wait is a poll with a deadline.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ import pytest
 from index.build import list_versions
 from index.sharding import content_id, uri_id
 from serve.config import DeploymentSettings, ServeConfig
+from tests.polling import free_port, wait_for
 from tests.serve_store import caltech_sample, write_caltech_store
 
 pytestmark = pytest.mark.slow
@@ -30,24 +30,6 @@ DIM = 1280
 KEY = "sekret-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 THRESHOLD_ROWS = 50  # automatic rebuild of a shard at this delta (rows + tombstone parts)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
-    """Poll ``predicate`` until it returns a truthy value (returned) or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval_s)  # pacing between polls, not synchronisation
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last: {last!r}")
 
 
 def _config(store_uri: str) -> ServeConfig:
