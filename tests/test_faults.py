@@ -1,0 +1,352 @@
+"""Faults under load: what users see while a process dies, how long until it is whole again,
+and that nothing acknowledged is lost or duplicated.
+
+- an embedding-job worker (the Ray Data actor running the model) SIGKILLed mid-run: Ray restarts
+  the actor and retries its batch; the store ends with every input exactly once;
+- a ShardSearcher replica killed: answers stay 200, flagged ``partial``, until Serve's
+  replacement is up; never a 5xx;
+- the QueryEmbedder replica killed: image queries get a JSON 503 ``embedder_unavailable`` within
+  the embed deadline (no hang, no bare 500); vector queries never notice;
+- the Ingress replica killed: requests through the proxy are held (or fail) for a bounded window
+  while Serve starts the replacement, then get full answers (measured here: held ~4 s, none
+  failed);
+- a new index version with a corrupt file, then one with a missing file, committed live: the
+  searchers refuse them (``reload_error`` in /stats) and keep serving the previous version with
+  0 failed queries; a good version after them is picked up and clears the error.
+
+Recovery times are printed (``-s``) and compared with generous bounds: this box has 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+
+from tests import embed_samples as samples
+from tests.serve_app import kill_replica, make_store, running_app, serve_replicas, wait_for
+
+pytestmark = pytest.mark.slow
+
+NUM_SHARDS = 2
+EMBED_DEADLINE_MS = 4000
+
+
+# ---- a light background load that records everything ------------------------------------------
+@dataclass
+class Rec:
+    t: float  # sent, seconds on the monotonic clock
+    seconds: float
+    status: int | None  # None: no HTTP answer (connection refused/reset, client timeout)
+    error: str | None  # the JSON error code, or the exception for status None
+    partial: bool = False
+    missing: tuple[int, ...] = ()
+
+    @property
+    def full(self) -> bool:
+        return self.status == 200 and not self.partial
+
+
+class Traffic(threading.Thread):
+    """One query every ``period_s`` (closed loop, one at a time) from its own thread."""
+
+    def __init__(self, app, kind: str, period_s: float = 0.1, timeout_s: float = 20.0):
+        super().__init__(daemon=True, name=f"traffic-{kind}")
+        self.app, self.kind, self.period_s, self.timeout_s = app, kind, period_s, timeout_s
+        self.records: list[Rec] = []
+        self._halt = threading.Event()
+
+    def _request(self, client, i: int):
+        path = self.app.paths[i % len(self.app.paths)]
+        if self.kind == "image":
+            files = {"file": ("q.jpg", path.read_bytes(), "image/jpeg")}
+            return client.post("/search", params={"k": 5}, files=files)
+        vector = self.app.vectors[path.resolve().as_uri()].tolist()
+        return client.post("/search", json={"vector": vector, "k": 5})
+
+    def run(self) -> None:
+        import httpx
+
+        i = 0
+        with self.app.client(self.timeout_s) as client:
+            while not self._halt.is_set():
+                t = time.monotonic()
+                try:
+                    r = self._request(client, i)
+                    body = r.json() if r.headers.get("content-type", "").startswith("app") else {}
+                    rec = Rec(t, time.monotonic() - t, r.status_code, body.get("error"))
+                    if r.status_code == 200:
+                        rec.partial = bool(body["partial"])
+                        rec.missing = tuple(m["shard"] for m in body["missing_shards"])
+                except (httpx.HTTPError, ValueError) as e:
+                    rec = Rec(t, time.monotonic() - t, None, type(e).__name__)
+                self.records.append(rec)
+                i += 1
+                self._halt.wait(max(0.0, self.period_s - (time.monotonic() - t)))
+
+    def since(self, t: float) -> list[Rec]:
+        return [r for r in self.records if r.t >= t]
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=60)
+
+
+def recovery(records: list[Rec], killed_at: float) -> dict:
+    """What users saw after ``killed_at``: counts and the seconds until answers were full again
+    (the start of the first full answer after the last non-full one)."""
+    after = [r for r in records if r.t >= killed_at]
+    bad = [r for r in after if not r.full]
+    last_bad = max((r.t for r in bad), default=None)
+    back = next((r.t for r in after if r.full and (last_bad is None or r.t > last_bad)), None)
+    return {
+        "requests": len(after),
+        "not_full": len(bad),
+        "statuses": dict(Counter(str(r.status) for r in after)),
+        "errors": dict(Counter(r.error for r in bad if r.error)),
+        "partial": sum(r.partial for r in after),
+        "longest_s": round(max((r.seconds for r in after), default=0.0), 2),
+        "first_bad_s": round(min(r.t for r in bad) - killed_at, 2) if bad else None,
+        "recovered_s": None if back is None else round(back - killed_at, 2),
+    }
+
+
+def wait_for_full_answers(traffic: Traffic, after: float, n: int, timeout_s: float) -> None:
+    """Until ``n`` consecutive full answers were sent after ``after``."""
+
+    def streak() -> bool:
+        recs = traffic.since(after)
+        return len(recs) >= n and all(r.full for r in recs[-n:])
+
+    wait_for(streak, timeout_s, f"{n} full answers in a row", interval_s=0.25)
+
+
+# ---- the embedding job: a worker killed mid-run ------------------------------------------------
+def _embed_actor_pids() -> list[int]:
+    from ray._private import state
+
+    return [
+        int(a["Pid"])
+        for a in state.actors().values()
+        if a["State"] == "ALIVE" and "MapWorker" in a["ActorClassName"] and a["Pid"]
+    ]
+
+
+def test_killed_embed_worker_mid_run_loses_and_duplicates_nothing(ray_local, caltech_dir, tmp_path):
+    from index.sharding import uri_id
+    from pipelines.embed import run_job
+    from pipelines.embed_config import EmbedJobConfig
+    from tests.test_embed_job import read_store
+
+    photos = samples.caltech_subset(caltech_dir, 64, per_class=1)
+    listing = tmp_path / "photos.txt"
+    listing.write_text("".join(f"{p}\n" for p in photos))
+    root = tmp_path / "store"
+    config = EmbedJobConfig(
+        input=[str(listing)], store=str(root), batch_size=4, part_rows=4, actors=1
+    )
+    box: dict = {}
+
+    def job():
+        try:
+            box["summary"] = run_job(config, log=lambda *_: None)
+        except Exception as e:  # reported below; a re-run must then finish the work
+            box["error"] = e
+
+    thread = threading.Thread(target=job, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    wait_for(
+        lambda: list(root.glob("embeddings/*/part-*.parquet")) or "error" in box,
+        240,
+        "the first Parquet part",
+        interval_s=0.05,
+    )
+    pids = wait_for(_embed_actor_pids, 30, "the embedding actor's process")
+    assert thread.is_alive(), "the job finished before its worker could be killed"
+    parts_at_kill = len(list(root.glob("embeddings/*/part-*.parquet")))
+    killed_at = time.monotonic()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the job hung after its worker was killed"
+    finished_s = time.monotonic() - killed_at
+    rerun = None
+    if "error" in box:  # Ray's retries did not carry it: the documented way out is a re-run
+        rerun = run_job(config, log=lambda *_: None)
+    rows, _ = read_store(root)
+    outcome = f"failed: {box['error']!r}" if "error" in box else "completed"
+    print(
+        f"\nembed job: worker pid(s) {pids} SIGKILLed {killed_at - started:.1f}s in, after "
+        f"{parts_at_kill} parts; job {outcome}"
+        f" {finished_s:.1f}s later; re-run: {rerun.line() if rerun else 'not needed'}; "
+        f"rows {len(rows['uri'])} for {len(photos)} inputs"
+    )
+    assert sorted(rows["uri"]) == sorted(str(p) for p in photos)  # nothing lost, no duplicate
+    assert sorted(rows["id"]) == sorted(uri_id(str(p)) for p in photos)
+    again = run_job(config, log=lambda *_: None)
+    assert (again.embedded, again.skipped_present, again.errors) == (0, len(photos), 0)
+
+
+# ---- the Serve app ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def app(ray_local, scratch_root, caltech_dir):
+    store, paths, vectors = make_store(
+        scratch_root / "faults-store", caltech_dir, NUM_SHARDS, classes=5, per_class=8
+    )
+    with running_app(
+        store, paths, vectors, reload_interval_s=0.5, embed_deadline_ms=EMBED_DEADLINE_MS
+    ) as running:
+        yield running
+
+
+def test_killed_shard_searcher_gives_flagged_partial_answers_never_5xx(app):
+    traffic = Traffic(app, "vector")
+    traffic.start()
+    try:
+        wait_for_full_answers(traffic, 0, 5, 60)
+        old = kill_replica("ShardSearcher1")
+        killed_at = time.monotonic()
+        wait_for(
+            lambda: any(
+                r["deployment"] == "ShardSearcher1" and r["pid"] != old["pid"]
+                for r in serve_replicas()
+            ),
+            120,
+            "a new ShardSearcher1 replica",
+        )
+        wait_for_full_answers(traffic, killed_at, 10, 120)
+    finally:
+        traffic.stop()
+    seen = recovery(traffic.records, killed_at)
+    print(f"\nShardSearcher1 killed: {seen}")
+    after = traffic.since(killed_at)
+    assert all(r.status == 200 for r in after), seen  # never a 5xx, never no answer
+    assert all(r.missing == (1,) for r in after if r.partial), seen  # flagged, naming shard 1
+    assert seen["recovered_s"] is not None and seen["recovered_s"] < 90, seen
+
+
+def test_killed_query_embedder_gives_json_503_then_recovers(app):
+    images = Traffic(app, "image", period_s=0.25)
+    vectors = Traffic(app, "vector")
+    images.start()
+    vectors.start()
+    try:
+        wait_for_full_answers(images, 0, 3, 60)
+        old = kill_replica("QueryEmbedder")
+        killed_at = time.monotonic()
+        wait_for(
+            lambda: any(
+                r["deployment"] == "QueryEmbedder" and r["pid"] != old["pid"]
+                for r in serve_replicas()
+            ),
+            120,
+            "a new QueryEmbedder replica",
+        )
+        wait_for_full_answers(images, killed_at, 5, 180)
+    finally:
+        images.stop()
+        vectors.stop()
+    seen = recovery(images.records, killed_at)
+    print(f"\nQueryEmbedder killed, image queries: {seen}")
+    print(f"QueryEmbedder killed, vector queries: {recovery(vectors.records, killed_at)}")
+    after = images.since(killed_at)
+    assert {r.status for r in after} <= {200, 503}, seen  # a clear 503, never a bare 500
+    assert all(r.error == "embedder_unavailable" for r in after if r.status == 503), seen
+    # no hang: a refused image query comes back within the embed deadline (+ parsing, slack)
+    assert (
+        max((r.seconds for r in after if r.status == 503), default=0) < EMBED_DEADLINE_MS / 1e3 + 5
+    )
+    assert all(r.full for r in vectors.since(killed_at)), "vector queries noticed the embedder"
+    assert seen["recovered_s"] is not None and seen["recovered_s"] < 150, seen
+
+
+def test_killed_ingress_costs_a_bounded_stall_then_full_answers(app):
+    # three clients at once, so requests in flight at the kill and new ones during the restart
+    # are both seen
+    clients = [Traffic(app, "vector", timeout_s=10) for _ in range(3)]
+    for traffic in clients:
+        traffic.start()
+    try:
+        for traffic in clients:
+            wait_for_full_answers(traffic, 0, 5, 60)
+        old = kill_replica("Ingress")
+        killed_at = time.monotonic()
+        wait_for(
+            lambda: any(
+                r["deployment"] == "Ingress" and r["pid"] != old["pid"] for r in serve_replicas()
+            ),
+            120,
+            "a new Ingress replica",
+        )
+        for traffic in clients:
+            wait_for_full_answers(traffic, killed_at, 10, 150)
+    finally:
+        for traffic in clients:
+            traffic.stop()
+    records = sorted((r for t in clients for r in t.records), key=lambda r: r.t)
+    seen = recovery(records, killed_at)
+    print(f"\nIngress killed: {seen}")
+    assert seen["recovered_s"] is not None and seen["recovered_s"] < 120, seen
+    # the proxy holds (or fails) requests only while the replacement starts: a bounded stall
+    assert seen["longest_s"] < 60, seen
+    # nothing wrong is ever answered: a request either fails outright or gets a full answer
+    assert not any(r.partial for r in records if r.t >= killed_at), seen
+
+
+def test_corrupt_or_missing_index_file_is_refused_and_previous_version_keeps_serving(app):
+    from index.build import build_shard, commit_results
+
+    store = app.store
+
+    def shard0() -> dict:
+        with app.client(10) as client:
+            return client.get("/stats").json()["shards"][0]
+
+    live = shard0()["version"]
+    assert shard0()["reload_error"] is None
+    traffic = Traffic(app, "vector", period_s=0.05)
+    traffic.start()
+    errors = []
+    try:
+        for damage in ("corrupt index.faiss", "missing vectors.npy"):
+            result = build_shard(store, 0, force=True)
+            vdir = store.index_version_dir(0, result.version)
+            if damage.startswith("corrupt"):
+                with open(os.path.join(vdir, "index.faiss"), "r+b") as f:
+                    f.seek(0)
+                    f.write(b"\0garbage, not a FAISS index\0" * 4)
+            else:
+                os.remove(os.path.join(vdir, "vectors.npy"))
+            commit_results(store, [result])  # the broken version is now the live one on disk
+            tag = f"{result.version:06d}"
+            row = wait_for(
+                lambda tag=tag: (lambda s: s if tag in (s["reload_error"] or "") else None)(
+                    shard0()
+                ),
+                60,
+                f"shard 0 to refuse version {result.version} ({damage})",
+            )
+            assert row["version"] == live, row  # still the previous version
+            assert "IndexLoadError" in row["reload_error"], row
+            errors.append((damage, row["reload_error"]))
+        good = build_shard(store, 0, force=True)
+        commit_results(store, [good])
+        row = wait_for(
+            lambda: (lambda s: s if s["version"] == good.version else None)(shard0()),
+            60,
+            "shard 0 to serve the repaired version",
+        )
+        assert row["reload_error"] is None, row
+        wait_for_full_answers(traffic, time.monotonic(), 5, 30)
+    finally:
+        traffic.stop()
+    for damage, error in errors:
+        print(f"\n{damage}: refused with {error[:160]}")
+    assert traffic.records and all(r.full for r in traffic.records), recovery(traffic.records, 0)
+    print(f"{len(traffic.records)} queries during the bad commits: all full answers")
