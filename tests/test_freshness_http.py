@@ -267,3 +267,28 @@ def test_adds_deletes_and_two_rebuilds_under_continuous_queries(app):
         assert client.post("/search", json={"id": row_id}).status_code == 404
     hits = client.post("/search", files=files, params={"k": 1}).json()["results"]
     assert hits[0]["id"] == content_id(photo)
+
+
+def test_an_embedding_job_on_a_grown_folder_feeds_the_same_delta(app, caltech_dir, tmp_path):
+    """The batch path: ``pipelines/embed.py`` writes new parts into the served store, and the
+    running searchers serve them (found by their own photo) without a rebuild or a restart."""
+    from pipelines.embed import run_job
+    from pipelines.embed_config import EmbedJobConfig
+    from tests import embed_samples as samples
+
+    new = caltech_sample(caltech_dir, classes=7, per_class=1)[-2:]  # classes not served yet
+    photos = samples.link_images(new, tmp_path / "grown")
+    before = versions(app.client)
+    summary = run_job(
+        EmbedJobConfig(input=[str(tmp_path / "grown")], store=app.store.uri, batch_size=4, actors=1)
+    )
+    assert summary.embedded == len(photos) and summary.errors == 0
+
+    def found(photo):
+        files = {"file": (photo.name, photo.read_bytes(), "image/jpeg")}
+        hits = app.client.post("/search", files=files, params={"k": 1}).json()["results"]
+        return hits and hits[0]["uri"] == str(photo)
+
+    for photo in photos:
+        wait_for(lambda photo=photo: found(photo), 10, f"{photo.name} searchable from the delta")
+    assert versions(app.client) == before  # served from the delta, no rebuild needed
