@@ -319,7 +319,7 @@ def section_extrapolation() -> str:
         f"i.e. ~linearly in d (x d/{dim_in}). One shard at {a['shard_vectors'] / 1e6:g}M and "
         f"{dim_in}-d: {c:.3g} x ({a['shard_vectors']:.0e})^{alpha:.2f} = **{cost_at:.2f} ms**.\n"
     )
-    table = []
+    table, replicas_1b = [], 1
     for total in (100_000_000, 1_000_000_000):
         for dim, label, code in (
             (512, "512-d, DESIGN's PQ64", 64),
@@ -343,6 +343,7 @@ def section_extrapolation() -> str:
             nodes_ram = math.ceil(shards * replicas * shard_gb / (a["node_ram_gib"] * 0.8))
             nodes = max(nodes_cpu, nodes_ram)
             sg = intercept + slope * shards
+            replicas_1b = replicas
             table.append(
                 [
                     f"{total / 1e9:g}B" if total >= 1e9 else f"{total / 1e6:g}M",
@@ -375,6 +376,16 @@ def section_extrapolation() -> str:
             ],
         )
     )
+    ingress_ms = q["by_shards"][str(min(s for s, _ in rows))]["http"]
+    ingress_ms = ingress_ms[min(ingress_ms, key=int)]["defaults"]["1"]["ingress_took_p50_ms"]
+    ingress_cores = a["target_qps"] * ingress_ms / 1000 / a["utilisation"]
+    lines.append(
+        f"\nNot in the cores column: the ingress. Its `took_ms` per query was {ingress_ms} ms "
+        f"at one shard here (parse, scatter, the wait for the shard, merge, JSON: an upper "
+        f"bound on its CPU), so {a['target_qps']:,} QPS need at most {ingress_cores:.0f} "
+        "ingress cores at 50% busy, plus the image model for image queries "
+        "(`embed_throughput.json`: ~100 images/s per 2 CPU cores; GPUs at that rate).\n"
+    )
     sizes = (2_500_000, 5_000_000, 10_000_000, 25_000_000, 50_000_000)
     lines.append(
         "\nShard size trade-off (1B, 512-d): every query visits every shard, so the CPU a query "
@@ -392,8 +403,11 @@ def section_extrapolation() -> str:
         "\nReading it: codes + ids stay in RAM (the memory budget of `index/policy.py`); the "
         "float16 rerank vectors (2 x d bytes each) do not fit RAM at 1B and live on local NVMe, "
         "memory-mapped: a query reranks `candidates` rows per shard (200-800 here), i.e. that many "
-        "random 1-2.5 KB reads per shard per query, ~2-8 MB/s per QPS per shard, within one NVMe "
-        "drive's IOPS at these rates; SQ8 (d bytes each) halves that and fits the page cache of "
+        "random 1-2.5 KB reads per shard per query (0.2-2 MB); at 1,000 QPS over R replicas of a "
+        f"shard each replica reads {a['target_qps']} / R x 400 rows/s, e.g. "
+        f"~{a['target_qps'] * 400 / max(1, replicas_1b):,.0f} reads/s at R={replicas_1b} "
+        "(1B, 1280-d row): well within one NVMe drive's random-read IOPS; SQ8 (d bytes each) "
+        "halves that and fits the page cache of "
         "more nodes, for ~0.001-0.003 recall (float16 vs float32 lost <0.001 here). The "
         "scatter-gather column is this 2-core box's fitted line carried to S shards: it is the "
         "figure that does not extrapolate honestly (here the S searches queue on 2 cores); on a "
@@ -424,7 +438,10 @@ def section_findings() -> str:
             out.append(
                 "- Fan-out: HTTP p50 at concurrency 1 by shards (1 replica): "
                 + ", ".join(f"S={s}: {t[(s, 1)]['p50_ms_c1']} ms" for s in shards if (s, 1) in t)
-                + "; each shard is one more actor call and one more search on the same 2 cores."
+                + ". Every shard adds one actor call (Serve's request handling in the ingress and "
+                "in the replica) and one search; the two cores absorb the extra calls of a few "
+                "shards, while at 8 shards (8 searcher replicas, the ingress and the client on 2 "
+                "cores) they queue."
             )
         pairs = [(s, t[(s, 1)], t[(s, 2)]) for s in shards if (s, 1) in t and (s, 2) in t]
         if pairs:
