@@ -25,6 +25,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -350,3 +351,83 @@ def test_corrupt_or_missing_index_file_is_refused_and_previous_version_keeps_ser
         print(f"\n{damage}: refused with {error[:160]}")
     assert traffic.records and all(r.full for r in traffic.records), recovery(traffic.records, 0)
     print(f"{len(traffic.records)} queries during the bad commits: all full answers")
+
+
+# ---- acknowledged writes survive replica deaths: none lost, none duplicated --------------------
+class Writer(threading.Thread):
+    """``POST /images`` with JSON vectors and explicit ids, one at a time; records each answer."""
+
+    def __init__(self, app, period_s: float = 0.1):
+        super().__init__(daemon=True, name="writer")
+        self.app, self.period_s = app, period_s
+        self.answers: list[tuple[str, int | None, float]] = []  # (id, status, seconds)
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        import httpx
+        import numpy as np
+
+        rng = np.random.default_rng(8)
+        i = 0
+        with self.app.client(20) as client:
+            while not self._halt.is_set():
+                row_id = f"ack-{i:05d}"
+                vector = rng.standard_normal(1280).astype(np.float32)
+                t = time.monotonic()
+                try:
+                    r = client.post("/images", json={"vector": vector.tolist(), "id": row_id})
+                    status = r.status_code
+                except httpx.HTTPError:
+                    status = None
+                self.answers.append((row_id, status, time.monotonic() - t))
+                i += 1
+                self._halt.wait(max(0.0, self.period_s - (time.monotonic() - t)))
+
+    def acked(self) -> list[str]:
+        return [row_id for row_id, status, _ in self.answers if status == 201]
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=60)
+
+
+def test_acknowledged_writes_survive_searcher_and_ingress_deaths(app):
+    from tests.test_embed_job import read_store
+
+    writer = Writer(app)
+    writer.start()
+    try:
+        wait_for(lambda: len(writer.acked()) >= 5, 60, "5 acknowledged writes")
+        for deployment in ("ShardSearcher1", "Ingress"):
+            old = kill_replica(deployment)
+            wait_for(
+                lambda d=deployment, o=old: any(
+                    r["deployment"] == d and r["pid"] != o["pid"] for r in serve_replicas()
+                ),
+                120,
+                f"a new {deployment} replica",
+            )
+            acked = len(writer.acked())
+            wait_for(lambda a=acked: len(writer.acked()) >= a + 5, 120, "5 more writes")
+    finally:
+        writer.stop()
+    acked = writer.acked()
+    statuses = Counter(str(status) for _, status, _ in writer.answers)
+    rows, _ = read_store(Path(app.store.root))
+    stored = Counter(rows["id"])
+    lost = [i for i in acked if stored[i] == 0]
+    duplicated = sorted(i for i, n in stored.items() if n > 1)
+    with app.client(30) as client:
+
+        def findable(row_id: str) -> bool:
+            r = client.post("/search", json={"id": row_id, "k": 1})
+            return r.status_code == 200 and r.json()["results"][0]["id"] == row_id
+
+        for row_id in acked:  # searchable too (the new searcher re-reads the shard's delta)
+            wait_for(lambda i=row_id: findable(i), 30, f"{row_id} to be searchable")
+    print(
+        f"\nwrites through a ShardSearcher1 and an Ingress kill: {len(writer.answers)} sent, "
+        f"{len(acked)} acknowledged, statuses {dict(statuses)}, lost {len(lost)}, "
+        f"duplicated {len(duplicated)}, slowest {max(s for *_, s in writer.answers):.2f}s"
+    )
+    assert not lost and not duplicated, (lost, duplicated)
