@@ -103,7 +103,10 @@ def bench_shards(
     disk_all = sum(sum(f["bytes"] for f in s.meta["files"].values()) for s in shards)
     codes_ids = sum(m["codes"] + m["ids"] for m in mem)
     result = sweep(shards, queries, truth, k=10, nprobes=NPROBES, with_exact=with_exact)
-    default = next(p for p in result["curve"] if p["nprobe"] == result["default_nprobe"])
+    # shards whose tuning picked different defaults: the largest (what every shard covers)
+    nprobe = result["default_nprobe"]
+    nprobe = max(nprobe) if isinstance(nprobe, list) else nprobe
+    default = next(p for p in result["curve"] if p["nprobe"] == nprobe)
     by_candidates = {}
     for candidates in CANDIDATES:
         found = search_all(shards, queries, 10, candidates=candidates)
