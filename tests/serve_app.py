@@ -10,8 +10,6 @@ dashboard) is not available there, and a restarted replica shows up as a new act
 from __future__ import annotations
 
 import contextlib
-import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,25 +19,8 @@ import httpx
 import numpy as np
 
 from serve.config import DeploymentSettings, ServeConfig
+from tests.polling import free_port, wait_for
 from tests.serve_store import caltech_sample, write_caltech_store
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
-    """Poll ``predicate`` until it returns a truthy value (returned) or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval_s)  # pacing between polls, not synchronisation
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last: {last!r}")
 
 
 @dataclass

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 from tests import embed_samples as samples
-from tests.serve_app import kill_replica, make_store, running_app, serve_replicas, wait_for
+from tests.polling import wait_for
+from tests.serve_app import kill_replica, make_store, running_app, serve_replicas
 
 pytestmark = pytest.mark.slow
 
