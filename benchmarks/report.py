@@ -298,9 +298,9 @@ def section_extrapolation() -> str:
     lines = [
         "## The billion-vector extrapolation (from the measured curves)\n",
         "Measured on this box (2 cores; `query_scaling.json`, `index_build.json`):\n",
-        f"- one shard's single-query search cost (tuned nprobe + rerank, 1 thread) at "
-        f"{', '.join(f'{n / 1e6:.3g}M -> {ms:.2f} ms' for n, ms in zip(n_shard, cost, strict=True))}"
-        f" fits **cost(n) = {c:.3g} ms x n^{alpha:.2f}** "
+        "- one shard's single-query search cost (tuned nprobe + rerank, 1 thread) at "
+        + ", ".join(f"{n / 1e6:.3g}M -> {ms:.2f} ms" for n, ms in zip(n_shard, cost, strict=True))
+        + f" fits **cost(n) = {c:.3g} ms x n^{alpha:.2f}** "
         f"(= {c * 1e6**alpha:.2f} ms at 1M; IVF lists grow ~sqrt(n), so the scan grows ~n^0.5).",
         "- what HTTP + Serve + scatter-gather adds over one shard's search, at concurrency 1: "
         + ", ".join(f"S={s}: {o:.1f} ms" for s, o in overhead)
