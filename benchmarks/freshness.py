@@ -42,10 +42,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS_DIR, gaussian_mixture, machine_info, write_result  # noqa: E402
+from pipelines.local_ray import use_local_ray_env  # noqa: E402
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+use_local_ray_env()
 
 K = 10
 LATENCY_CACHE = Path("/tmp/vs-bench-latency")

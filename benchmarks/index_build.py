@@ -180,9 +180,9 @@ def main(argv=None) -> None:
 
 def run_size(args, n: int, shard_counts: list[int], name: str) -> None:
     """Build and measure ``n`` vectors in each shard count; write ``<name>.json`` and PNG."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from pipelines.local_ray import use_local_ray_env
+
+    use_local_ray_env()
     work = Path(tempfile.mkdtemp(prefix="vs-ib-", dir=args.work_dir or "/tmp"))
     os.environ["TMPDIR"] = str(work)
     import faiss
