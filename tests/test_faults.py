@@ -339,12 +339,14 @@ def test_corrupt_or_missing_index_file_is_refused_and_previous_version_keeps_ser
             errors.append((damage, row["reload_error"]))
         good = build_shard(store, 0, force=True)
         commit_results(store, [good])
-        row = wait_for(
-            lambda: (lambda s: s if s["version"] == good.version else None)(shard0()),
+        # the error is cleared just after the swap (same poll round): wait for both
+        wait_for(
+            lambda: (
+                lambda s: s if s["version"] == good.version and s["reload_error"] is None else None
+            )(shard0()),
             60,
-            "shard 0 to serve the repaired version",
+            "shard 0 to serve the repaired version, with its reload error cleared",
         )
-        assert row["reload_error"] is None, row
         wait_for_full_answers(traffic, time.monotonic(), 5, 30)
     finally:
         traffic.stop()
