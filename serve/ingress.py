@@ -13,13 +13,14 @@ does the same with a tombstone. Other replicas of the shard see the write within
 """
 
 import asyncio
+import json
 import threading
 import time
 
 import numpy as np
 import pyarrow as pa
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -46,14 +47,14 @@ from serve.api import (
     validate_id,
 )
 from serve.config import ServeConfig
-from serve.metrics import ingress_metrics, request_metrics
+from serve.metrics import RequestMetrics, ingress_metrics
 from serve.scatter import call_with_deadline, gather_with_deadline
 
 # Serve's ingress decorator pickles the FastAPI app (and through its routes these methods) when
 # the class is decorated: everything the routes use must already be defined above the class, and
 # annotations must be real objects (no ``from __future__ import annotations``) for FastAPI.
 api = create_app()
-api.middleware("http")(request_metrics)  # counts, times and logs every request
+api.add_middleware(RequestMetrics)  # counts, times and logs every request
 
 
 def _missing(missing: dict[int, str]) -> list[dict]:
@@ -62,6 +63,12 @@ def _missing(missing: dict[int, str]) -> list[dict]:
 
 def _json(body: dict, status: int) -> JSONResponse:
     return JSONResponse(body, status_code=status)
+
+
+def _search_json(body: dict) -> Response:
+    """The search answer as JSON text, encoded once (as JSONResponse would: compact, UTF-8)."""
+    text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return Response(text.encode(), media_type="application/json")
 
 
 class _MonotonicMs:
@@ -214,7 +221,7 @@ class Ingress:
         ]
         merged = merge_topk(per_shard, params.k, self.metric)
         ingress_metrics().observe_answer(gathered.missing)
-        return {
+        body = {
             "results": [
                 {"id": h.id, "uri": h.uri, "score": float(h.score), "shard": h.shard}
                 for h in merged
@@ -225,6 +232,10 @@ class Ingress:
             "partial": bool(gathered.missing),
             "missing_shards": _missing(gathered.missing),
         }
+        # A Response is sent as is: FastAPI validates and re-encodes a returned dict against
+        # response_model (which stays, for the OpenAPI schema), and that pass cost more than
+        # the merge. The body is built from str/int/float/bool only, so it matches the model.
+        return _search_json(body)
 
     # ---- writes -------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:

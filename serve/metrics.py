@@ -7,7 +7,7 @@ are created lazily, once per replica process, because they only work inside a Ra
 
 What is measured, by whom:
 
-- Ingress (``request_metrics`` middleware): requests by endpoint (the route template, so
+- Ingress (``RequestMetrics`` middleware): requests by endpoint (the route template, so
   ``/images/{id}`` is one series) and status, and their latency; partial answers.
 - ShardSearcher: per-shard search latency and rerank candidates, and gauges of the live index:
   version, rows, memory, delta rows.
@@ -139,32 +139,54 @@ def _reason_tag(reason: str) -> str:
     return "timeout" if str(reason).startswith("timeout") else "error"
 
 
-def _endpoint(request: Any) -> str:
+def _endpoint(scope: dict) -> str:
     """The matched route's template (``/images/{id}``), never the raw path: bounded cardinality."""
-    route = request.scope.get("route")
+    route = scope.get("route")
     return getattr(route, "path", None) or "unmatched"
 
 
-async def request_metrics(request: Any, call_next: Any) -> Any:
-    """FastAPI HTTP middleware: count, time and log every request the ingress answers."""
-    start = time.perf_counter()
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        ms = (time.perf_counter() - start) * 1000
-        endpoint = _endpoint(request)
+class RequestMetrics:
+    """ASGI middleware of the ingress app: count, time and log every request it answers.
+
+    A plain ASGI wrapper rather than ``@app.middleware("http")`` (Starlette's
+    BaseHTTPMiddleware), which runs every request through an extra task and in-memory streams
+    for the response body: a fixed cost on each query's path for nothing we use.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # an exception that escapes the app becomes a 500
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            ingress_metrics().observe_request(endpoint, request.method, status, ms)
-        except Exception:  # metrics must never fail a request
-            log.exception("recording request metrics failed")
-        log.info(
-            "%s %s -> %d in %.1f ms",
-            request.method,
-            endpoint,
-            status,
-            ms,
-            extra={"endpoint": endpoint, "status": status, "latency_ms": round(ms, 3)},
-        )
+            await self.app(scope, receive, send_status)
+        finally:
+            _record(scope, status, (time.perf_counter() - start) * 1000)
+
+
+def _record(scope: dict, status: int, ms: float) -> None:
+    endpoint = _endpoint(scope)  # the router wrote the matched route into the shared scope
+    method = scope.get("method", "")
+    try:
+        ingress_metrics().observe_request(endpoint, method, status, ms)
+    except Exception:  # metrics must never fail a request
+        log.exception("recording request metrics failed")
+    log.info(
+        "%s %s -> %d in %.1f ms",
+        method,
+        endpoint,
+        status,
+        ms,
+        extra={"endpoint": endpoint, "status": status, "latency_ms": round(ms, 3)},
+    )

@@ -25,6 +25,12 @@ async def _resolve(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
 
+def _reason(e: BaseException) -> str:
+    """``"error: <ExceptionType>: <first line of the message>"`` (200 characters at most)."""
+    message = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"error: {type(e).__name__}" + (f": {message}" if message else "")
+
+
 async def call_with_deadline(awaitable: Awaitable[Any], timeout_s: float) -> tuple[bool, Any]:
     """``(True, result)`` or ``(False, reason)``; never raises except on our own cancellation.
 
@@ -38,29 +44,46 @@ async def call_with_deadline(awaitable: Awaitable[Any], timeout_s: float) -> tup
     except asyncio.CancelledError:
         raise
     except Exception as e:  # any failure of one shard must not fail the query
-        message = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        return False, f"error: {type(e).__name__}" + (f": {message}" if message else "")
+        return False, _reason(e)
 
 
 async def gather_with_deadline(
     calls: Mapping[int, Callable[[], Awaitable[Any]]], timeout_s: float
 ) -> Gathered:
-    """Start every call at once; each gets the same ``timeout_s`` from now."""
+    """Start every call at once; each gets the same ``timeout_s`` from now.
+
+    One task per call and one ``asyncio.wait`` for all of them: the shared deadline is applied
+    once, not by a ``wait_for`` (and its extra task) per shard, which is on every query's path.
+    """
     start = time.perf_counter()
-
-    async def one(shard: int, make: Callable[[], Awaitable[Any]]) -> tuple[int, bool, Any]:
+    failed: dict[int, str] = {}
+    tasks: dict[int, asyncio.Future] = {}
+    for shard, make in calls.items():
         try:
-            awaitable = make()
+            tasks[shard] = asyncio.ensure_future(make())
         except Exception as e:  # e.g. a handle that cannot even send the request
-            return shard, False, f"error: {type(e).__name__}"
-        ok, value = await call_with_deadline(awaitable, timeout_s)
-        return shard, ok, value
-
-    outcome = await asyncio.gather(*(one(s, make) for s, make in calls.items()))
+            failed[shard] = f"error: {type(e).__name__}"
+    pending: set = set()
+    if tasks:
+        try:
+            _, pending = await asyncio.wait(tasks.values(), timeout=timeout_s)
+        except asyncio.CancelledError:  # our own cancellation: take the shard calls with us
+            for task in tasks.values():
+                task.cancel()
+            raise
+        for task in pending:
+            task.cancel()
     gathered = Gathered(took_ms=(time.perf_counter() - start) * 1000)
-    for shard, ok, value in outcome:
-        if ok:
-            gathered.answers[shard] = value
+    for shard in calls:
+        task = tasks.get(shard)
+        if task is None:
+            gathered.missing[shard] = failed[shard]
+        elif task in pending:
+            gathered.missing[shard] = "timeout"
+        elif task.cancelled():  # cancelled on the callee's side
+            gathered.missing[shard] = "error: CancelledError"
+        elif task.exception() is not None:  # any failure of one shard must not fail the query
+            gathered.missing[shard] = _reason(task.exception())
         else:
-            gathered.missing[shard] = value
+            gathered.answers[shard] = task.result()
     return gathered
