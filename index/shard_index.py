@@ -371,6 +371,15 @@ def _find_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
         return None
 
 
+def check_version_dir(directory: str | Path, verify: bool = True) -> dict:
+    """What ``load`` refuses, without loading: meta.json readable, every file present with its
+    size (and SHA-256 when ``verify``). Returns the meta; raises IndexLoadError."""
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    _check_files(directory, meta, verify)
+    return meta
+
+
 def _read_meta(directory: Path) -> dict:
     path = directory / META_FILE
     try:

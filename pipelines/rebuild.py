@@ -61,6 +61,7 @@ from index.build import (  # noqa: E402
 from index.delta import read_tombstones  # noqa: E402
 from index.manifest import load_manifest  # noqa: E402
 from index.policy import IndexSpec, choose_index  # noqa: E402
+from index.shard_index import IndexLoadError, check_version_dir  # noqa: E402
 from index.store import Store  # noqa: E402
 
 log = logging.getLogger("rebuild")
@@ -237,6 +238,10 @@ def collect_garbage(
     Versions below the previous live one go at once; the previous live one (the highest below
     the live one) goes ``grace_s`` after the live version was built. The live version and any
     newer directory (a build in progress or not yet committed) are never touched.
+
+    "The live one" here is the newest version at or below the manifest's that can be loaded
+    (``_usable``): when a committed version is corrupt or lost a file, searchers keep serving,
+    or restart on, the newest one that loads, so that one and its predecessor must survive.
     """
     manifest = load_manifest(store)
     if manifest is None:
@@ -245,11 +250,22 @@ def collect_garbage(
     if state.version is None:
         return []
     now = time.time() if now is None else now
-    older = [v for v in list_versions(store, shard) if v < state.version]
+    versions = list_versions(store, shard)
+    anchor = next(
+        (
+            v
+            for v in sorted(versions, reverse=True)
+            if v <= state.version and _usable(store, shard, v)
+        ),
+        None,
+    )
+    if anchor is None:  # nothing loads: keep everything for whoever repairs it
+        return []
+    older = [v for v in versions if v < anchor]
     if not older:
         return []
     previous = max(older)
-    expired = now - (state.built_at or now) >= grace_s
+    expired = anchor == state.version and now - (state.built_at or now) >= grace_s
     doomed = [v for v in older if v < previous or expired]
     for version in doomed:
         try:
@@ -257,6 +273,26 @@ def collect_garbage(
         except FileNotFoundError:
             pass
     return doomed
+
+
+_USABLE: dict[tuple[str, int, int], bool] = {}  # versions are immutable: check each once
+
+
+def _usable(store: Store, shard: int, version: int) -> bool:
+    """Whether ``ShardIndex.load`` would accept this version's files. Local stores verify sizes
+    and SHA-256; on object stores only meta.json's presence is checked (no download)."""
+    key = (store.root, shard, version)
+    if key not in _USABLE:
+        directory = store.index_version_dir(shard, version)
+        try:
+            if store.is_local:
+                check_version_dir(directory, verify=True)
+            elif not store.exists(posixpath.join(directory, "meta.json")):
+                raise IndexLoadError(f"{directory}: no meta.json")
+            _USABLE[key] = True
+        except IndexLoadError:
+            _USABLE[key] = False
+    return _USABLE[key]
 
 
 def main(argv: list[str] | None = None) -> int:

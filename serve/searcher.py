@@ -24,9 +24,10 @@ import time
 import numpy as np
 from ray import serve
 
+from index.build import list_versions
 from index.delta import LiveShard, load_live_shard
 from index.manifest import load_manifest
-from index.shard_index import ShardIndex
+from index.shard_index import IndexLoadError, ShardIndex
 from index.store import Store
 from serve.metrics import searcher_metrics
 
@@ -53,7 +54,7 @@ class ShardSearcher:
         self.loaded_at: float | None = None
         self.reloads = 0
         self.load_error: str | None = None
-        self._load_live()
+        self._load_first()
         self._publish()
         self._stop = threading.Event()
         if reload_interval_s > 0 or delta_poll_s > 0:
@@ -65,6 +66,34 @@ class ShardSearcher:
             ).start()
 
     # ---- loading ------------------------------------------------------------------------------
+    def _load_first(self) -> None:
+        """Start on the live version; if it cannot be loaded (a corrupt or missing file), on the
+        newest earlier version that can, so a replica that restarts while a bad version is live
+        still serves its shard. The poll thread keeps retrying the live version; the error is in
+        ``stats()`` meanwhile. Rows newer than the fallback version are its delta (exact)."""
+        try:
+            self._load_live()
+            return
+        except IndexLoadError as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.warning("shard %d: live version refused: %s", self.shard, self.load_error)
+        manifest = load_manifest(self.store)
+        live = manifest.shards[self.shard].version
+        for version in sorted(
+            (v for v in list_versions(self.store, self.shard) if v < live), reverse=True
+        ):
+            try:
+                view = load_live_shard(
+                    self.store, self.shard, version, manifest.dim, manifest.metric
+                )
+            except IndexLoadError as e:
+                log.warning("shard %d: version %d refused too: %s", self.shard, version, e)
+                continue
+            self.index, self.loaded_at = view, time.time()
+            log.warning("shard %d: serving version %d until %d loads", self.shard, version, live)
+            return
+        raise IndexLoadError(f"shard {self.shard}: no version loads; {self.load_error}")
+
     def _load_live(self) -> bool:
         """Load the manifest's live version if it differs from ours; True when swapped.
 

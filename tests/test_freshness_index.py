@@ -122,6 +122,28 @@ def test_delta_tombstones_and_rebuild_keep_visibility(store):
     assert new_ids[30] not in top_ids(final, new[30]) and final.stats()["hidden_base_rows"] == 0
 
 
+def test_gc_keeps_the_newest_version_that_loads_when_the_live_one_is_broken(tmp_path):
+    """Searchers serve (and restart on) the newest version that loads; GC must not delete it."""
+    import os
+
+    from index.build import build_shard, commit_results
+
+    rng = np.random.default_rng(3)
+    x = unit(rng, 400)
+    store = write_store(tmp_path / "s", [f"r{i}" for i in range(400)], [""] * 400, x, 1)
+    for _ in range(2):  # v1, v2: good
+        commit_results(store, [build_shard(store, 0, force=True)])
+    broken = build_shard(store, 0, force=True)  # v3: a file lost after it was committed
+    commit_results(store, [broken])
+    os.remove(os.path.join(store.index_version_dir(0, broken.version), "vectors.npy"))
+    assert collect_garbage(store, 0, grace_s=0) == []  # v2 serves; v1 is its previous
+    assert list_versions(store, 0) == [1, 2, 3]
+    commit_results(store, [build_shard(store, 0, force=True)])  # v4: good again
+    assert collect_garbage(store, 0, grace_s=3600) == [1, 2]  # v3 is v4's previous: grace
+    assert collect_garbage(store, 0, grace_s=0) == [3]
+    assert list_versions(store, 0) == [4]
+
+
 def test_delta_only_shard_and_l2(tmp_path):
     """A shard with no index yet serves its delta alone; l2 scores are distances (lower first)."""
     rng = np.random.default_rng(2)

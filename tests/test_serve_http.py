@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,30 +19,13 @@ from PIL import Image
 
 from index.sharding import shard_of, uri_id
 from serve.config import DeploymentSettings, ServeConfig
+from tests.polling import free_port, wait_for
 from tests.serve_store import caltech_sample, write_caltech_store
 
 pytestmark = pytest.mark.slow
 
 NUM_SHARDS = 2
 MAX_UPLOAD = 1 << 20  # 1 MiB in this app, so "too large" is cheap to send
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
-    """Poll ``predicate`` until it returns a truthy value (returned) or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval_s)  # pacing between polls, not synchronisation
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture(scope="module")
