@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import threading
 import time
@@ -35,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_result  # noqa: E402
-from pipelines.local_ray import use_local_ray_env  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
+from pipelines.local_ray import free_port, init_local_ray, use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
 
@@ -131,12 +130,6 @@ def query_vectors(args, test: list[Path]) -> np.ndarray:
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_answers(args, store_uri: str, test: list[Path]) -> tuple[list[list[str]], dict]:
     import httpx
     from ray import serve
@@ -234,8 +227,7 @@ def plot(result: dict, path: Path) -> None:
         f"{result['recall_at_10_vs_exact']:.3f}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -247,13 +239,7 @@ def main(argv=None) -> int:
         test = test[: args.limit]
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=str(args.workdir / "ray"),
-        log_to_driver=False,
-    )
+    init_local_ray(args.workdir / "ray", num_cpus=4)
     try:
         catalogue = build_catalogue(args, train)
         ids, uris, vectors = catalogue_vectors(catalogue["store"])

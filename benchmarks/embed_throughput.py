@@ -33,13 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from pipelines.local_ray import use_local_ray_env  # noqa: E402
+
+use_local_ray_env()
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_result  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
 from embedding import Embedder, ModelConfig, decode_image, prepare  # noqa: E402
 from embedding.model import default_threads  # noqa: E402
 from pipelines.embed import connect_ray, default_actors, run_job  # noqa: E402
@@ -201,8 +201,7 @@ def plot(result: dict, path: Path) -> None:
     right.minorticks_off()
     right.set_ylim(0, 1.2)
     right.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def load() -> float:

@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS_DIR, gaussian_mixture, machine_info, write_result  # noqa: E402
-from pipelines.local_ray import use_local_ray_env  # noqa: E402
+from benchmarks.common import RESULTS_DIR, gaussian_mixture, machine_info, save_figure, write_result  # noqa: E402
+from pipelines.local_ray import free_port, init_local_ray, use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
 
@@ -176,7 +176,6 @@ def run_benchmark(args, store_uri: str) -> dict:
     import ray
     from ray import serve
 
-    from benchmarks.query_latency import free_port
     from serve.app import build_app
     from serve.config import DeploymentSettings, ServeConfig
 
@@ -184,13 +183,7 @@ def run_benchmark(args, store_uri: str) -> dict:
     mix = gaussian_mixture(args.n + 2000 + 5000, args.dim, seed=0)[args.n :]
     queries, new_rows = mix[:2000].copy(), mix[2000:].copy()
     del mix
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=str(args.workdir / "ray"),
-        log_to_driver=False,
-    )
+    init_local_ray(args.workdir / "ray", num_cpus=4)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServeConfig(
@@ -344,8 +337,7 @@ def plot(result: dict, path: Path) -> None:
     )
     m = result["machine"]
     fig.suptitle(f"freshness over HTTP, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -180,7 +180,7 @@ def main(argv=None) -> None:
 
 def run_size(args, n: int, shard_counts: list[int], name: str) -> None:
     """Build and measure ``n`` vectors in each shard count; write ``<name>.json`` and PNG."""
-    from pipelines.local_ray import use_local_ray_env
+    from pipelines.local_ray import init_local_ray, use_local_ray_env
 
     use_local_ray_env()
     work = Path(tempfile.mkdtemp(prefix="vs-ib-", dir=args.work_dir or "/tmp"))
@@ -199,13 +199,7 @@ def run_size(args, n: int, shard_counts: list[int], name: str) -> None:
     print(f"data {n:,} x {args.dim} + exact truth in {time.perf_counter() - t0:.1f}s", flush=True)
     exact_seconds = time.perf_counter() - t
 
-    ray.init(
-        address="local",
-        num_cpus=args.cores,
-        include_dashboard=False,
-        _temp_dir=str(work / "ray"),
-        log_to_driver=False,
-    )
+    init_local_ray(work / "ray", num_cpus=args.cores)
     rows = []
     try:
         for i, num_shards in enumerate(shard_counts):

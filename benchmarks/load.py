@@ -41,11 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from pipelines.local_ray import init_local_ray, use_local_ray_env  # noqa: E402
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_result  # noqa: E402
+use_local_ray_env()
+
+from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
 
 CALTECH = ROOT.parent / "shared" / "data" / "images" / "caltech101"
 
@@ -276,9 +276,7 @@ def plot(path: Path, records: list[dict], series: dict, summary: dict, args) -> 
         f"RSS of every Serve process: max growth after warm-up {summary['rss_growth_mb']} MiB"
     )
     bottom.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -298,13 +296,7 @@ def main(argv=None) -> int:
     store, paths, vectors = make_store(
         store_root, args.caltech, args.shards, args.classes, args.per_class
     )
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=str(args.workdir / "ray"),
-        log_to_driver=False,
-    )
+    init_local_ray(args.workdir / "ray", num_cpus=4)
     try:
         with running_app(store, paths, vectors) as app:
             before = replica_identity()

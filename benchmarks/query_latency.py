@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import threading
@@ -40,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS_DIR, gaussian_mixture, machine_info, write_result  # noqa: E402
-from pipelines.local_ray import use_local_ray_env  # noqa: E402
+from benchmarks.common import RESULTS_DIR, gaussian_mixture, machine_info, save_figure, write_result  # noqa: E402
+from pipelines.local_ray import free_port, init_local_ray, use_local_ray_env  # noqa: E402
 from serve.local import SERVE_MODES  # noqa: E402
 
 use_local_ray_env()
@@ -247,12 +246,6 @@ def in_process(args, store_uri: str, queries: np.ndarray, truth, ids) -> dict:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Serve modes (serve/local.py): "default" = Serve as installed (HTTP proxy -> ingress replica ->
 # shard replicas over Ray actor calls); "throughput" = RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (gRPC
 # between replicas, user code on the replica loop, buffered logs), measured both through the
@@ -274,13 +267,7 @@ def http_worker(args) -> int:
     queries = np.load(args.workdir / "queries.npy")
     # logical CPUs: room for every searcher replica (0.25 each) next to the ingress
     replicas = args.searcher_replicas * args.shards
-    ray.init(
-        address="local",
-        num_cpus=max(4, int(0.25 * replicas + 2)),
-        include_dashboard=False,
-        _temp_dir=str(args.workdir / "ray"),
-        log_to_driver=False,
-    )
+    init_local_ray(args.workdir / "ray", num_cpus=max(4, int(0.25 * replicas + 2)))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServeConfig(
@@ -464,8 +451,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(
         f"vector queries over HTTP vs in-process, {m['cores']} cores, GPU {m['gpu']}", fontsize=10
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.local_ray import use_local_ray_env
+from pipelines.local_ray import init_local_ray, use_local_ray_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = ROOT / "demo-store"
@@ -69,19 +69,10 @@ def step(text: str) -> None:
 
 
 def start_ray(args: argparse.Namespace):
-    import ray
-
     cores = len(os.sched_getaffinity(0))
     # logical CPUs above the physical count: the embedding job's decode tasks, its actor and the
     # Serve replicas (fractional) would otherwise wait on each other (RAY-HERE.md)
-    ray.init(
-        address="local",
-        num_cpus=args.num_cpus or max(4, cores),
-        include_dashboard=False,
-        _temp_dir=args.ray_temp_dir,
-        log_to_driver=False,
-    )
-    return ray
+    return init_local_ray(args.ray_temp_dir, num_cpus=args.num_cpus or max(4, cores))
 
 
 def embed(images: str, store: str, num_shards: int) -> None:

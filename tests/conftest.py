@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.local_ray import use_local_ray_env
+from pipelines.local_ray import init_local_ray, use_local_ray_env
 
 use_local_ray_env()
 
@@ -60,14 +60,6 @@ def scratch_root():
 @pytest.fixture(scope="session")
 def ray_local(scratch_root):
     """One in-process local Ray for the session, 4 logical CPUs on 2 cores (avoids starvation)."""
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=str(scratch_root / "ray"),
-        log_to_driver=False,
-    )
+    ray = init_local_ray(scratch_root / "ray", num_cpus=4)
     yield ray
     ray.shutdown()

@@ -1,19 +1,15 @@
-"""Waiting without sleeps-as-synchronisation: poll a condition with a deadline; free ports.
+"""Waiting without sleeps-as-synchronisation: poll a condition with a deadline.
 
-The one place for these two helpers; every test that waits for a server, a replica or a log
-line uses ``wait_for`` and fails with what it was waiting for and the last value seen.
+The one place for this helper (``free_port`` is re-exported from ``pipelines.local_ray``):
+every test that waits for a server, a replica or a log line uses ``wait_for`` and fails with
+what it was waiting for and the last value seen.
 """
 
 from __future__ import annotations
 
-import socket
 import time
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipelines.local_ray import free_port  # noqa: F401  (re-exported for the tests)
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
