@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, gaussian_mixture, write_result  # noqa: E402
+from benchmarks.common import RESULTS_DIR, gaussian_mixture, save_figure, write_result  # noqa: E402
 from index.build import build_arrays  # noqa: E402
 from index.policy import IndexSpec  # noqa: E402
 from index.shard_index import ShardIndex  # noqa: E402
@@ -136,8 +136,7 @@ def plot(rows: list[dict], path: Path, args) -> None:
         ax.set_title(f"{title}: {args.n:,} x {args.dim}-d Gaussian mixture")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

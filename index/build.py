@@ -245,38 +245,34 @@ def build_shard(
         **(extra_meta or {}),
     }
     version = _next_version(store, shard, state)
-    kwargs = dict(
-        extra=extra, memory_budget=memory_budget, seed=seed, on_stage=on_stage, trained=trained
-    )
+
+    def build_into(out_dir: str | os.PathLike[str]) -> dict:
+        return build_arrays(
+            vectors,
+            ids,
+            uris,
+            out_dir,
+            spec,
+            manifest.metric,
+            extra_meta={**extra_meta, "version": version},
+            extra=extra,
+            memory_budget=memory_budget,
+            seed=seed,
+            on_stage=on_stage,
+            trained=trained,
+        )
+
     if store.is_local:
         tmp = Path(store.shard_index_dir(shard)) / f".tmp-v{version:06d}-{uuid.uuid4().hex[:8]}"
         try:
-            meta = build_arrays(
-                vectors,
-                ids,
-                uris,
-                tmp,
-                spec,
-                manifest.metric,
-                extra_meta={**extra_meta, "version": version},
-                **kwargs,
-            )
+            meta = build_into(tmp)
             version = _rename_into_place(store, shard, tmp, version, meta)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     else:
         with tempfile.TemporaryDirectory(prefix="vs-build-") as tmp:
-            meta = build_arrays(
-                vectors,
-                ids,
-                uris,
-                tmp,
-                spec,
-                manifest.metric,
-                extra_meta={**extra_meta, "version": version},
-                **kwargs,
-            )
+            meta = build_into(tmp)
             target = store.index_version_dir(shard, version)
             for name in (*DATA_FILES, META_FILE):  # meta.json last
                 store.fs.put_file(os.path.join(tmp, name), posixpath.join(target, name))
