@@ -66,7 +66,7 @@ def class_of(uri: str) -> str:
 
 # ---- catalogue: the real embedding job + index build ---------------------------------------------
 def build_catalogue(args, train: list[Path]) -> dict:
-    from index.build import build_shard, commit_results
+    from index.rebuild import rebuild_shard
     from pipelines.embed import run_job
     from pipelines.embed_config import EmbedJobConfig
 
@@ -80,15 +80,11 @@ def build_catalogue(args, train: list[Path]) -> dict:
     from index.store import Store
 
     store = Store(store_uri)
-    results = []
     t = time.perf_counter()
     for shard in range(args.shards):
-        r = build_shard(store, shard)
-        if r is not None:
-            print(f"shard {shard}: {r.count} rows, {r.meta['factory']}")
-            results.append(r)
-    if results:
-        commit_results(store, results)
+        r = rebuild_shard(store, shard)
+        if r["built"]:
+            print(f"shard {shard}: {r['count']} rows, {r['dir']}")
     info["build_s"] = time.perf_counter() - t
     return info
 

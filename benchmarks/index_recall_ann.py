@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS_DIR, machine_info  # noqa: E402
 from benchmarks.index_build import write_embeddings  # noqa: E402
 from index import recall  # noqa: E402
-from index.build import build_shard, commit_results  # noqa: E402
+from index.rebuild import rebuild_shard  # noqa: E402
 
 DATA = Path(
     os.environ.get("VISUAL_SEARCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -47,7 +47,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="vs-recall-") as tmp:
             store = write_embeddings(Path(tmp), ids, train, num_shards, "ip" if angular else "l2")
             t = time.perf_counter()
-            commit_results(store, [build_shard(store, s) for s in range(num_shards)])
+            for s in range(num_shards):
+                rebuild_shard(store, s)
             build_s = time.perf_counter() - t
             out = RESULTS_DIR / f"index_recall_{name.split('-')[0]}"
             result = recall.main(

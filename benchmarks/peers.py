@@ -7,8 +7,9 @@ Three systems answer the same held-out queries over the same ``gaussian_mixture`
 (256-d, L2-normalised, inner product):
 
 - ours: the real Serve app over HTTP (``throughput`` mode, direct ingress port) on a store of
-  ``--shards`` (4) shards built by ``index.build.build_shard`` (the store and the HTTP worker are
-  ``benchmarks/query_latency.py``'s), each shard reranking its candidates with its float16 vectors;
+  ``--shards`` (4) shards built by ``index.rebuild.rebuild_shard`` (the store and the HTTP worker
+  are ``benchmarks/query_latency.py``'s), each shard reranking its candidates with its float16
+  vectors;
 - FAISS in-process: ONE index over all N vectors, the single-index architecture of
   clip-retrieval/autofaiss, built with the factory string our policy picks for N
   (``index.policy.choose_index``) by the same ``index.build.build_arrays`` and searched with the

@@ -3,7 +3,7 @@
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/query_latency.py
 
 1M x 256 Gaussian-mixture vectors (``benchmarks.common.gaussian_mixture``) in 4 shards, written
-as a real store (Parquet parts + manifest) and indexed with ``index.build.build_shard`` (the
+as a real store (Parquet parts + manifest) and indexed with ``index.rebuild.rebuild_shard`` (the
 index rules pick the factory). Queries are held-out draws of the same mixture. Two ways to ask:
 
 - HTTP: the real Serve app (Ingress -> 4 ShardSearcher deployments; vectors only, no image model
@@ -105,8 +105,8 @@ def ids_uris(n: int) -> tuple[list[str], list[str]]:
 def build_store(args, base: np.ndarray, ids: list[str], uris: list[str]) -> dict:
     """Write and index the store unless a complete one for the same data is already there."""
     from index import schema
-    from index.build import build_shard, commit_results
     from index.manifest import Manifest, commit_manifest, load_manifest
+    from index.rebuild import RebuildOptions, rebuild_shard
     from index.sharding import shards_of
     from index.store import Store
 
@@ -131,17 +131,12 @@ def build_store(args, base: np.ndarray, ids: list[str], uris: list[str]) -> dict
         store, lambda m: m or Manifest(MODEL, WEIGHTS, args.dim, args.shards, metric="ip")
     )
     timings["write_parquet_s"] = round(time.perf_counter() - t, 1)
-    results, timings["build_s"] = [], {}
+    timings["build_s"] = {}
     for shard in range(args.shards):
         t = time.perf_counter()
-        result = build_shard(store, shard, memory_budget=args.memory_budget)
+        result = rebuild_shard(store, shard, RebuildOptions(memory_budget=args.memory_budget))
         timings["build_s"][shard] = round(time.perf_counter() - t, 1)
-        print(
-            f"shard {shard}: {result.count:,} rows, {result.meta['factory']}, "
-            f"{timings['build_s'][shard]} s"
-        )
-        results.append(result)
-    commit_results(store, results)
+        print(f"shard {shard}: {result['count']:,} rows, {timings['build_s'][shard]} s")
     return timings
 
 

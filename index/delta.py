@@ -3,30 +3,27 @@
 Three things make up the live view of one shard (``LiveShard``):
 
 - the **base**: the live ``ShardIndex`` version (IVF+PQ or Flat) the manifest names;
-- the **delta**: every row of a Parquet part under ``embeddings/shard=NNNNN/`` that the base
-  version was not built from (``meta.json`` ``parts``): rows written by ``POST /images`` or by a
-  re-run of the embedding job. They are held in memory as float32 (rounded through float16, as
+- the **delta**: every row of a ``part-*`` under ``embeddings/shard=NNNNN/`` that the base
+  version does not cover (``index.plan.covered_parts``): rows written by ``POST /images`` or by
+  a re-run of the embedding job. They are held in memory as float32 (rounded through float16, as
   the base stores them, so a row scores the same before and after the rebuild that folds it in)
-  and searched exactly;
-- the **tombstones**: ``tombstones/shard=NNNNN/part-*.parquet`` rows ``(id, deleted_at)``.
+  and searched exactly (``index.exact``);
+- the **tombstones**: ``tombstones/shard=NNNNN/part-*.parquet`` rows ``(id, deleted_at)``, and
+  the deletes the base version applied (its ``tombstones.parquet``).
 
-Visibility rules (the one place that decides them):
+Which copy of an id is seen is decided by ``index.visibility`` (newest ``ingested_at`` wins; a
+tombstone hides rows it is at least as new as), applied here one part at a time: a delta row
+hides the base row of its id when it is at least as new; a tombstone the base did not apply
+hides the base row it is at least as new as, and any tombstone hides the delta rows it is at
+least as new as. Hidden base rows are excluded inside FAISS with an ``IDSelector`` over their row
+keys, so a search still returns ``k`` visible rows. Base hits (reranked) and delta hits (exact)
+are merged by ``index.merge.merge_topk``.
 
-- a delta row is hidden when a tombstone for its id has ``deleted_at >= ingested_at``, or when a
-  newer delta row has the same id (the newest ``ingested_at`` wins, as in ``index.build``), so an
-  id deleted and then added again is visible again;
-- a base row is hidden when its id has a delta row (the delta row supersedes it) or a tombstone
-  from a part the base version did not apply (``meta.json`` ``tombstone_parts``: the rebuild
-  lists the embedding parts *before* the tombstone parts, so a tombstone it did not see is newer
-  than every row it built from). Hidden base rows are excluded inside FAISS with an
-  ``IDSelector`` over their row keys, so a search still returns ``k`` visible rows.
-
-Base hits (reranked) and delta hits (exact) are merged by ``index.merge.merge_topk``.
-
-Refreshing is incremental: ``refresh`` lists the two folders and reads only part files it has
-not seen; a writer in the same process hands its rows over directly (``add_rows``,
-``add_tombstones``) so they are searchable before its HTTP response returns. ``rebased`` carries
-the delta rows and tombstones over to a newly built base version, dropping rows it covers.
+Refreshing is incremental: ``refresh`` lists the two folders (fresh listings, ``index.store``)
+and reads only part files it has not seen; a writer in the same process hands its rows over
+directly (``add_rows``, ``add_tombstones``) so they are searchable before its HTTP response
+returns. ``rebased`` carries the delta rows and tombstones over to a newly built base version,
+dropping rows it covers.
 
 Thread safety: mutations hold a lock; searches read one immutable ``_Snapshot`` reference, so a
 search never sees a half-applied change and never waits for a refresh.
@@ -46,30 +43,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index import schema
+from index.exact import exact_search
 from index.hits import Hit
 from index.merge import merge_topk
+from index.plan import applied_tombstones, covered_parts
 from index.shard_index import ShardIndex
 from index.store import Store
+from index.versions import TOMBSTONES_FILE
+from index.visibility import hides, ms_of, supersedes
 
 _INITIAL_CAPACITY = 256
+_BULK_LOOKUP = 64  # parts with more rows look their ids up in the base in one hash join
 
 
 @dataclass(frozen=True)
 class _Snapshot:
     base: ShardIndex | None
     exclude: faiss.IDSelector | None  # hidden base row keys (IDSelectorNot of a batch)
-    hidden_base: int
+    hidden_base_count: int
     vectors: np.ndarray  # (n, dim) float32 view of the delta buffer
     ids: list[str]  # append-only; the first n belong to this snapshot
     uris: list[str]
     alive: np.ndarray  # (n,) bool, a private copy
     alive_count: int
-
-
-def _ms(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Timestamps -> int64 milliseconds (nulls count as 0: older than any delete)."""
-    arr = column.cast(schema.TIMESTAMP).cast(pa.int64())
-    return np.asarray(arr.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def _part_name(kind: str, ms: int) -> str:
@@ -98,9 +94,14 @@ def write_tombstones(
     return store.relative(path), ms
 
 
-def read_tombstones(store: Store, part: str) -> tuple[list[str], np.ndarray]:
-    table = pq.read_table(store.path(part), filesystem=store.fs)
-    return table[schema.ID].to_pylist(), _ms(table[schema.DELETED_AT])
+def read_tombstones(store: Store | None, path: str) -> tuple[list[str], np.ndarray]:
+    """(ids, deleted_at ms) of a tombstone part (relative to ``store``), or of a local file
+    (``store`` None: a version's ``tombstones.parquet`` in its local directory)."""
+    if store is None:
+        table = pq.read_table(path)
+    else:
+        table = pq.read_table(store.path(path), filesystem=store.fs)
+    return table[schema.ID].to_pylist(), ms_of(table[schema.DELETED_AT])
 
 
 def read_rows(store: Store, part: str) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
@@ -114,7 +115,7 @@ def read_rows(store: Store, part: str) -> tuple[list[str], list[str], np.ndarray
         table[schema.ID].to_pylist(),
         table[schema.URI].to_pylist(),
         schema.arrow_to_vectors(table[schema.EMBEDDING]),
-        _ms(table[schema.INGESTED_AT]),
+        ms_of(table[schema.INGESTED_AT]),
     )
 
 
@@ -132,8 +133,8 @@ class LiveShard:
         self.dim = dim
         self.metric = metric
         meta = base.meta if base is not None else {}
-        self.base_parts: frozenset[str] = frozenset(meta.get("parts") or ())
-        self.applied_tombstones: frozenset[str] = frozenset(meta.get("tombstone_parts") or ())
+        self.covered: frozenset[str] = frozenset(covered_parts(meta))
+        self.applied_tombstones: frozenset[str] = frozenset(applied_tombstones(meta))
         self._lock = threading.RLock()
         # delta rows (append-only buffer; rows are marked dead, never removed)
         self._buf = np.zeros((0, dim), np.float32)
@@ -145,10 +146,15 @@ class LiveShard:
         self._newest: dict[str, int] = {}  # id -> its newest delta row
         self._part_rows: dict[str, tuple[int, int]] = {}  # delta part -> [start, stop) rows
         # tombstones
-        self._deleted: dict[str, int] = {}  # id -> newest deleted_at (ms)
+        self._deleted: dict[str, int] = {}  # id -> newest deleted_at (ms), every tombstone
         self._tomb_parts: dict[str, tuple[list[str], np.ndarray]] = {}
         self._hidden_keys: set[int] = set()
         self._snap = self._snapshot(rebuild_selector=True)
+        if base is not None and TOMBSTONES_FILE in (meta.get("files") or {}):
+            ids, deleted = read_tombstones(None, str(base.directory / TOMBSTONES_FILE))
+            with self._lock:  # the base applied these: they only hide delta rows
+                self._add_tombstones(f"{base.name}/{TOMBSTONES_FILE}", ids, deleted, True)
+                self._publish()
 
     # ---- reading the store --------------------------------------------------------------------
     def refresh(self) -> int:
@@ -156,7 +162,7 @@ class LiveShard:
         parts = [
             p
             for p in self.store.list_parts(self.shard)
-            if p not in self.base_parts and p not in self._part_rows
+            if p not in self.covered and p not in self._part_rows
         ]
         tombs = [
             p for p in self.store.list_tombstone_parts(self.shard) if p not in self._tomb_parts
@@ -167,7 +173,7 @@ class LiveShard:
             for part, (ids, uris, vectors, ingested) in loaded_rows:
                 self._add_rows(part, ids, uris, vectors, ingested)
             for part, (ids, deleted) in loaded_tombs:
-                self._add_tombstones(part, ids, deleted)
+                self._add_tombstones(part, ids, deleted, part in self.applied_tombstones)
             if loaded_rows or loaded_tombs:
                 self._publish()
         return len(loaded_rows) + len(loaded_tombs)
@@ -188,7 +194,9 @@ class LiveShard:
     def add_tombstones(self, part: str, ids: list[str], deleted_at_ms: np.ndarray | list[int]):
         """Tombstones its writer just wrote durably as ``part``: hidden on return."""
         with self._lock:
-            self._add_tombstones(part, ids, np.asarray(deleted_at_ms, np.int64))
+            self._add_tombstones(
+                part, ids, np.asarray(deleted_at_ms, np.int64), part in self.applied_tombstones
+            )
             self._publish()
 
     def rebased(self, base: ShardIndex) -> LiveShard:
@@ -197,7 +205,7 @@ class LiveShard:
         with self._lock:
             new = LiveShard(self.store, self.shard, base, self.dim, self.metric)
             for part, (start, stop) in self._part_rows.items():
-                if part not in new.base_parts:
+                if part not in new.covered:
                     new._add_rows(
                         part,
                         self._ids[start:stop],
@@ -206,13 +214,21 @@ class LiveShard:
                         np.asarray(self._ingested[start:stop], np.int64),
                     )
             for part, (ids, deleted) in self._tomb_parts.items():
-                new._add_tombstones(part, ids, deleted)
+                if "/" + TOMBSTONES_FILE not in part:  # the old base's own applied deletes
+                    new._add_tombstones(part, ids, deleted, part in new.applied_tombstones)
             new._publish()
             return new
 
     # ---- mutations (hold the lock) ------------------------------------------------------------
+    def _base_keys(self, ids: list[str]) -> list[int | None]:
+        if self.base is None:
+            return [None] * len(ids)
+        if len(ids) > _BULK_LOOKUP:
+            return [None if k < 0 else int(k) for k in self.base.row_keys(ids)]
+        return [self.base.row_key(i) for i in ids]
+
     def _add_rows(self, part, ids, uris, vectors, ingested) -> None:
-        if part in self._part_rows or part in self.base_parts:
+        if part in self._part_rows or part in self.covered:
             return  # already here (a writer's hand-over and the poll raced)
         vectors = np.asarray(vectors, np.float32).reshape(-1, self.dim)
         n = len(ids)
@@ -228,38 +244,36 @@ class LiveShard:
         self._n += n
         self._part_rows[part] = (start, start + n)
         alive = self._alive
-        for row in range(start, start + n):
+        for row, key in zip(range(start, start + n), self._base_keys(list(ids)), strict=True):
             row_id, t = self._ids[row], self._ingested[row]
-            visible = self._deleted.get(row_id, -1) < t
+            visible = not hides(self._deleted.get(row_id), t)
             old = self._newest.get(row_id)
-            if old is not None and self._ingested[old] > t:
-                visible = False  # an older copy arrived late: the newer row stays
-            else:
-                if old is not None:
-                    alive[old] = False
-                self._newest[row_id] = row
-                self._hide_base(row_id)
+            if old is not None and not supersedes(t, self._ingested[old]):
+                alive[row] = False  # an older copy arrived late: the newer row stays
+                continue
+            if old is not None:
+                alive[old] = False
+            self._newest[row_id] = row
+            if key is not None:
+                if supersedes(t, self.base.ingested_at(key)):
+                    self._hidden_keys.add(key)
+                else:
+                    visible = False  # the base holds a newer copy of this id
             alive[row] = visible
 
-    def _add_tombstones(self, part, ids, deleted) -> None:
+    def _add_tombstones(self, part, ids, deleted, applied: bool) -> None:
         if part in self._tomb_parts:
             return
         self._tomb_parts[part] = (list(ids), np.asarray(deleted, np.int64))
-        applied = part in self.applied_tombstones
-        for row_id, t in zip(ids, deleted, strict=True):
+        keys = [None] * len(ids) if applied else self._base_keys(list(ids))
+        for row_id, t, key in zip(ids, deleted, keys, strict=True):
             t = int(t)
             if t > self._deleted.get(row_id, -1):
                 self._deleted[row_id] = t
             row = self._newest.get(row_id)
-            if row is not None and self._ingested[row] <= t:
+            if row is not None and hides(t, self._ingested[row]):
                 self._alive[row] = False
-            if not applied:
-                self._hide_base(row_id)
-
-    def _hide_base(self, row_id: str) -> None:
-        if self.base is not None:
-            key = self.base.row_key(row_id)
-            if key is not None:
+            if key is not None and hides(t, self.base.ingested_at(key)):
                 self._hidden_keys.add(key)
 
     def _reserve(self, rows: int) -> None:
@@ -274,7 +288,7 @@ class LiveShard:
 
     def _publish(self) -> None:
         self._snap = self._snapshot(
-            rebuild_selector=len(self._hidden_keys) != self._snap.hidden_base
+            rebuild_selector=len(self._hidden_keys) != self._snap.hidden_base_count
         )
 
     def _snapshot(self, rebuild_selector: bool) -> _Snapshot:
@@ -288,7 +302,7 @@ class LiveShard:
         return _Snapshot(
             base=self.base,
             exclude=exclude,
-            hidden_base=len(self._hidden_keys),
+            hidden_base_count=len(self._hidden_keys),
             vectors=self._buf[: self._n],
             ids=self._ids,
             uris=self._uris,
@@ -328,52 +342,68 @@ class LiveShard:
     def _search_delta(self, snap: _Snapshot, q: np.ndarray, k: int) -> list[list[Hit]]:
         if snap.alive_count == 0:
             return [[] for _ in range(len(q))]
-        x = snap.vectors
-        dots = q @ x.T  # (nq, n): one BLAS call over the whole delta, dead rows masked after
-        if self.metric == "ip":
-            scores, worst = dots, -np.inf
-        else:
-            scores = np.square(q).sum(1, keepdims=True) - 2 * dots + np.square(x).sum(1)[None, :]
-            scores, worst = np.maximum(scores, 0), np.inf
-        scores[:, ~snap.alive] = worst
-        order_key = -scores if self.metric == "ip" else scores
-        kk = min(k, snap.alive_count)
-        if kk < scores.shape[1]:
-            top = np.argpartition(order_key, kk - 1, axis=1)[:, :kk]
-        else:
-            top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-        out = []
-        for i in range(len(q)):
-            out.append(
-                [
-                    Hit(snap.ids[j], snap.uris[j], float(scores[i, j]), self.shard)
-                    for j in top[i]
-                    if snap.alive[j]
-                ]
-            )
-        return out
+        scores, rows = exact_search(
+            q, snap.vectors, min(k, snap.alive_count), self.metric, valid=snap.alive
+        )
+        return [
+            [
+                Hit(snap.ids[j], snap.uris[j], float(s), self.shard)
+                for s, j in zip(scores[i], rows[i], strict=True)
+                if j >= 0
+            ]
+            for i in range(len(q))
+        ]
 
     def vector_of(self, row_id: str) -> np.ndarray | None:
         """The visible vector of ``row_id`` (delta first, then base), or None."""
-        snap = self._snap
-        with self._lock:
-            row = self._newest.get(row_id)
-        if row is not None and row < len(snap.alive):
-            return snap.vectors[row].copy() if snap.alive[row] else None
-        if snap.base is None:
+        found = self._locate(row_id)
+        if found is None:
             return None
-        key = snap.base.row_key(row_id)
-        if key is None or key in self._hidden_keys:
-            return None
+        snap, where, index = found
+        if where == "delta":
+            return snap.vectors[index].copy()
         return snap.base.vector_of(row_id)
 
-    def is_visible(self, row_id: str) -> bool:
-        return self.vector_of(row_id) is not None
+    def record_of(self, row_id: str) -> dict | None:
+        """``{"id", "uri", "shard", "ingested_at_ms", "in"}`` of the visible row ``row_id``
+        (``in``: "delta" or "base"), or None when no visible row has that id."""
+        found = self._locate(row_id)
+        if found is None:
+            return None
+        snap, where, index = found
+        if where == "delta":
+            uri, ingested = snap.uris[index], self._ingested[index]
+        else:
+            uri, ingested = snap.base.uri_of(index), snap.base.ingested_at(index)
+        return {
+            "id": row_id,
+            "uri": uri,
+            "shard": self.shard,
+            "ingested_at_ms": int(ingested),
+            "in": where,
+        }
+
+    def _locate(self, row_id: str) -> tuple[_Snapshot, str, int] | None:
+        """Where the visible copy of ``row_id`` is: (snapshot, "delta" or "base", row)."""
+        snap = self._snap
+        key = snap.base.row_key(row_id) if snap.base is not None else None
+        with self._lock:
+            row = self._newest.get(row_id)
+            base_hidden = key is not None and key in self._hidden_keys
+        if row is not None and row < len(snap.alive) and snap.alive[row]:
+            return snap, "delta", row
+        if key is None or base_hidden:
+            return None
+        return snap, "base", key
 
     # ---- accounting ---------------------------------------------------------------------------
     @property
     def version(self) -> int | None:
         return None if self.base is None else self.base.version
+
+    @property
+    def version_dir(self) -> str | None:
+        return None if self.base is None else self.base.name
 
     @property
     def meta(self) -> dict:
@@ -392,7 +422,7 @@ class LiveShard:
     def count(self) -> int:
         """Visible rows: base rows not hidden + live delta rows."""
         snap = self._snap
-        base = 0 if snap.base is None else snap.base.count - snap.hidden_base
+        base = 0 if snap.base is None else snap.base.count - snap.hidden_base_count
         return base + snap.alive_count
 
     def stats(self) -> dict:
@@ -403,16 +433,15 @@ class LiveShard:
             "delta_parts": len(self._part_rows),
             "delta_bytes": int(snap.vectors.nbytes),
             "tombstones": len(self._deleted),
-            "hidden_base_rows": snap.hidden_base,
+            "hidden_base_rows": snap.hidden_base_count,
         }
 
-    def delta_parts(self) -> list[str]:
-        with self._lock:
-            return sorted(self._part_rows)
 
-
-def load_live_shard(store: Store, shard: int, version: int | None, dim: int, metric: str):
-    """The live view of ``shard`` at ``version`` (None: no index yet, delta only), refreshed."""
+def load_live_shard(
+    store: Store, shard: int, version: str | int | None, dim: int, metric: str
+) -> LiveShard:
+    """The live view of ``shard`` at ``version`` (a directory name or number; None: no index
+    yet, delta only), refreshed from the store."""
     base = ShardIndex.load(store, shard, version) if version is not None else None
     view = LiveShard(store, shard, base, dim, metric)
     view.refresh()

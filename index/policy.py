@@ -186,6 +186,13 @@ def estimate_build_memory(n: int, dim: int) -> int:
     return int(n * dim * FLOAT_BYTES * 2.5 + n * 200 + 300 * 2**20)
 
 
+def build_memory_request(n: int, dim: int, largest_node: float = 0) -> int:
+    """``estimate_build_memory``, capped to the largest node's memory (when known) so the
+    request can always be scheduled: asking for more than any node has would wait forever."""
+    need = estimate_build_memory(n, dim)
+    return int(min(need, largest_node)) if largest_node else need
+
+
 def _nlist(n: int, reasons: list[str], fast_scan: bool) -> int:
     nlist = 1 << math.ceil(math.log2(4 * math.sqrt(n)))
     reasons.append(f"nlist: smallest power of two >= 4*sqrt(n)={4 * math.sqrt(n):.0f} -> {nlist}")

@@ -29,10 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from index import schema
+from index.exact import exact_search
+from index.hits import Hit
 from index.manifest import load_manifest
 from index.merge import merge_topk
+from index.plan import plan_shard
+from index.rebuild import read_rows, read_tombstones
 from index.shard_index import ShardIndex
 from index.store import Store
+from index.visibility import read_visible
 
 DEFAULT_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -59,23 +64,35 @@ def load_queries(path: str | Path, id_template: str = "{}") -> tuple[np.ndarray,
 
 
 def exact_truth(store: Store, queries: np.ndarray, k: int) -> list[list[str]]:
-    """Exact float32 top-k ids over every Parquet embedding of the store."""
-    import faiss
-
+    """Exact float32 top-k ids over every visible row of the store's Parquet (the rows a build
+    of each shard would read: ``index.rebuild``), merged over shards."""
     manifest = load_manifest(store)
     if manifest is None:
         raise ValueError(f"{store} has no manifest")
-    index = (faiss.IndexFlatIP if manifest.metric == "ip" else faiss.IndexFlatL2)(manifest.dim)
-    ids: list[str] = []
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    per_shard = []
     for shard in range(manifest.num_shards):
-        parts = store.list_parts(shard)
-        if not parts:
+        plan = plan_shard(store, shard, manifest)
+        table, _ = read_visible(read_rows(store, plan, manifest.dim), read_tombstones(store, plan))
+        if table.num_rows == 0:
             continue
-        table = store.read_parquet([store.path(p) for p in parts], [schema.ID, schema.EMBEDDING])
-        index.add(schema.arrow_to_vectors(table[schema.EMBEDDING]))
-        ids.extend(table[schema.ID].to_pylist())
-    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return [[ids[i] for i in row if i >= 0] for row in found]
+        vectors = schema.arrow_to_vectors(table[schema.EMBEDDING])
+        ids = table[schema.ID].combine_chunks()
+        scores, rows = exact_search(q, vectors, min(k, len(vectors)), manifest.metric)
+        per_shard.append(
+            [
+                [
+                    Hit(ids[int(r)].as_py(), "", float(sc), shard)
+                    for sc, r in zip(s, r_, strict=True)
+                    if r >= 0
+                ]
+                for s, r_ in zip(scores, rows, strict=True)
+            ]
+        )
+    return [
+        [h.id for h in merge_topk([p[i] for p in per_shard], k, manifest.metric)]
+        for i in range(len(q))
+    ]
 
 
 def recall_at_k(found: Sequence[Sequence[str]], truth: Sequence[Sequence[str]], k: int) -> float:

@@ -9,14 +9,17 @@ shards gives the same answer as one big index whose candidates contain the same 
 Search parameters are passed per call (``faiss.SearchParametersIVF``), never set on the shared
 index, so concurrent searches with different ``nprobe`` do not race.
 
-Later (issue #5) a shard also has a *delta* (rows embedded after this version was built, searched
-exactly) and tombstones (an IDSelector over row keys): ``_candidates`` is the one place where the
-compressed index is asked, and the delta's exact hits merge with the reranked base hits.
+A shard served live also has a *delta* (rows written after this version was built) and
+tombstones: ``index.delta.LiveShard`` wraps a version with them; ``exclude`` here is how it hides
+rows of this version inside the FAISS search.
+
+Row ids are kept as one Arrow string array (offsets + bytes: the size of the ids themselves, so
+one long id costs only its own bytes) with each row's ``ingested_at`` (for the visibility rules),
+and looked up by binary search over the rows, which builds store sorted by id.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,20 +30,29 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from index import schema
-from index.build import INDEX_FILE, KEY, META_FILE, ROWS_FILE, VECTORS_FILE, file_digest
+from index.exact import exact_search
 from index.hits import Hit
 from index.manifest import load_manifest
+from index.publish import list_versions
 from index.rerank import rerank
 from index.store import Store
+from index.tune import find_ivf
+from index.versions import (
+    INDEX_FILE,
+    KEY,
+    ROWS_FILE,
+    VECTORS_FILE,
+    IndexLoadError,
+    check_files,
+    check_version_dir,
+    read_meta,
+    version_number,
+)
+from index.visibility import ms_of
 
-__all__ = ["Hit", "IndexLoadError", "ShardIndex", "index_memory"]
+__all__ = ["Hit", "IndexLoadError", "ShardIndex", "check_version_dir", "index_memory"]
 
-EXACT_CHUNK_ELEMENTS = 4_000_000  # float32 elements per brute-force step (~16 MB)
 MAX_DEFAULT_CANDIDATES = 10_000
-
-
-class IndexLoadError(RuntimeError):
-    """A version directory is missing, incomplete or corrupt; it is refused, never half-used."""
 
 
 def default_candidates(k: int, tuned: int | None = None) -> int:
@@ -57,10 +69,15 @@ def default_candidates(k: int, tuned: int | None = None) -> int:
 
 @dataclass
 class _Rows:
-    ids: np.ndarray  # bytes ("S") array by row key; sorted when built by build_shard
+    ids: pa.Array  # string array by row key; sorted when built by index.rebuild
     uris: pa.Array
-    order: np.ndarray | None = None  # argsort of ids when they are not sorted
-    sorted_ids: np.ndarray | None = None  # ids[order] in that case
+    ingested: np.ndarray  # int64 ms by row key (0 when unknown)
+    order: np.ndarray | None = None  # row keys in id order, when the ids are not sorted
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.order is None else self.order.nbytes
+        return self.ids.nbytes + self.uris.nbytes + self.ingested.nbytes + extra
 
 
 class ShardIndex:
@@ -69,7 +86,7 @@ class ShardIndex:
     def __init__(
         self,
         shard: int,
-        version: int,
+        name: str,
         meta: dict,
         index: faiss.Index,
         rows: _Rows,
@@ -77,7 +94,9 @@ class ShardIndex:
         directory: Path,
     ):
         self.shard = shard
-        self.version = version
+        self.name = name  # the version directory, vNNNNNN-xxxxxxxx
+        number = version_number(name)
+        self.version = number if number is not None else int(meta.get("version") or 0)
         self.meta = meta
         self.count = int(meta["count"])
         self.dim = int(meta["dim"])
@@ -86,49 +105,62 @@ class ShardIndex:
         self._index = index
         self._rows = rows
         self._vectors = vectors
-        self._ivf = _find_ivf(index)
+        self._ivf = find_ivf(index)
 
     def __repr__(self) -> str:
         return (
-            f"ShardIndex(shard={self.shard}, version={self.version}, count={self.count}, "
+            f"ShardIndex(shard={self.shard}, version={self.name!r}, count={self.count}, "
             f"factory={self.meta['factory']!r})"
         )
 
     # ---- loading ------------------------------------------------------------------------------
     @classmethod
     def load(
-        cls, store: Store, shard: int, version: int | None = None, *, verify: bool = True
+        cls,
+        store: Store,
+        shard: int,
+        version: str | int | None = None,
+        *,
+        verify: bool = True,
     ) -> ShardIndex:
-        """Load ``version`` of ``shard`` (None: the live one named by the manifest).
+        """Load a version of ``shard``: its directory name (``vNNNNNN-xxxxxxxx``), its number,
+        or None for the live one the manifest names.
 
         ``verify`` checks every file's size and SHA-256 against ``meta.json`` (a corrupt or
-        truncated file raises IndexLoadError); ``verify=False`` checks sizes only.
+        truncated file raises IndexLoadError); ``verify=False`` checks sizes only. On an object
+        store the directory is copied into the node cache first (``index.cache``); a cached copy
+        that fails the check is dropped and fetched once more.
         """
-        if version is None:
-            manifest = load_manifest(store)
-            if manifest is None:
-                raise IndexLoadError(f"{store} has no manifest")
-            state = manifest.shards.get(shard)
-            if state is None or state.version is None:
-                raise IndexLoadError(f"shard {shard} of {store} has no live index version")
-            version = state.version
-        remote = store.index_version_dir(shard, version)
+        name = resolve_version(store, shard, version)
+        remote = store.index_version_dir(shard, name)
         if not store.exists(remote):
             raise IndexLoadError(f"index version {remote} does not exist")
-        try:
-            directory = store.local_dir(remote)
-        except (OSError, FileNotFoundError) as e:
-            raise IndexLoadError(f"could not fetch {remote}: {e}") from e
-        return cls.open_dir(directory, shard=shard, version=version, verify=verify)
+        for attempt in (1, 2):
+            try:
+                directory = store.local_dir(remote)
+            except (OSError, FileNotFoundError) as e:
+                raise IndexLoadError(f"could not fetch {remote}: {e}") from e
+            try:
+                return cls.open_dir(directory, shard=shard, version=name, verify=verify)
+            except IndexLoadError:
+                if store.is_local or attempt == 2:
+                    raise
+                store.evict_local(remote)  # a bad copy in the cache: fetch it again
+        raise AssertionError("unreachable")
 
     @classmethod
     def open_dir(
-        cls, directory: str | Path, *, shard: int = -1, version: int = -1, verify: bool = True
+        cls,
+        directory: str | Path,
+        *,
+        shard: int = -1,
+        version: str | None = None,
+        verify: bool = True,
     ) -> ShardIndex:
         """Load a version directory on the local filesystem (what ``load`` does after fetching)."""
         directory = Path(directory)
-        meta = _read_meta(directory)
-        _check_files(directory, meta, verify)
+        meta = read_meta(directory)
+        check_files(directory, meta, verify)
         try:
             index = faiss.read_index(str(directory / INDEX_FILE))
         except RuntimeError as e:
@@ -145,9 +177,10 @@ class ShardIndex:
         if vectors.shape != (count, dim) or vectors.dtype != np.float16:
             raise IndexLoadError(f"{directory / VECTORS_FILE}: {vectors.shape} {vectors.dtype}")
         rows = _read_rows(directory / ROWS_FILE, count)
+        name = version or meta.get("dir") or directory.name
         return cls(
             meta.get("shard", shard) if shard < 0 else shard,
-            meta.get("version", version) if version < 0 else version,
+            name,
             meta,
             index,
             rows,
@@ -238,55 +271,28 @@ class ShardIndex:
         return rerank(self._vectors, self.metric, q, keys, k)
 
     def search_exact(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """Brute-force top ``k`` over every stored (float16) vector: the reference the recall
-        tool measures the index against, and the shape of a future delta search."""
+        """Brute-force top ``k`` over every stored (float16) vector (``index.exact``): the
+        reference the recall tool measures the index against."""
         q = self._check_queries(queries)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if self.count == 0 or len(q) == 0:
             return [[] for _ in range(len(q))]
-        k = min(k, self.count)
-        best_s = np.full((len(q), 0), 0, np.float32)
-        best_k = np.full((len(q), 0), 0, np.int64)
-        step = max(1, EXACT_CHUNK_ELEMENTS // self.dim)
-        q_norm = np.square(q).sum(axis=1, keepdims=True)
-        for start in range(0, self.count, step):
-            x = np.asarray(self._vectors[start : start + step], dtype=np.float32)
-            dots = q @ x.T
-            if self.metric == "ip":
-                s = dots
-            else:
-                s = np.maximum(q_norm - 2 * dots + np.square(x).sum(axis=1)[None, :], 0)
-            primary = -s if self.metric == "ip" else s
-            if s.shape[1] > k:  # keep each query's k best of this chunk, then merge
-                top = np.argpartition(primary, k - 1, axis=1)[:, :k]
-                s = np.take_along_axis(s, top, axis=1)
-                keys = top + start
-            else:
-                keys = np.broadcast_to(np.arange(start, start + len(x)), s.shape)
-            best_s = np.concatenate([best_s, s], axis=1)
-            best_k = np.concatenate([best_k, keys], axis=1)
-            primary = -best_s if self.metric == "ip" else best_s
-            order = np.lexsort((best_k, primary), axis=1)[:, :k]
-            best_s = np.take_along_axis(best_s, order, axis=1)
-            best_k = np.take_along_axis(best_k, order, axis=1)
-        return self._hits(best_s, best_k)
+        scores, keys = exact_search(q, self._vectors, min(k, self.count), self.metric)
+        return self._hits(scores, keys)
 
     def _hits(self, scores: np.ndarray, keys: np.ndarray) -> list[list[Hit]]:
         valid = keys >= 0
-        flat_keys = keys[valid]
-        ids = self._rows.ids[flat_keys]
-        uris = self._rows.uris.take(pa.array(flat_keys)).to_pylist()
+        flat_keys = pa.array(keys[valid])
+        ids = self._rows.ids.take(flat_keys).to_pylist()
+        uris = self._rows.uris.take(flat_keys).to_pylist()
         flat_scores = scores[valid].tolist()
         out: list[list[Hit]] = []
         pos = 0
         for row in valid:
             count = int(row.sum())
             out.append(
-                [
-                    Hit(ids[i].decode(), uris[i], flat_scores[i], self.shard)
-                    for i in range(pos, pos + count)
-                ]
+                [Hit(ids[i], uris[i], flat_scores[i], self.shard) for i in range(pos, pos + count)]
             )
             pos += count
         return out
@@ -303,16 +309,38 @@ class ShardIndex:
 
     # ---- lookups and accounting ---------------------------------------------------------------
     def row_key(self, row_id: str) -> int | None:
-        """Row key of an id, or None (binary search: rows are stored in id order)."""
-        raw = row_id.encode()
-        ids = self._rows.ids
-        if self.count == 0 or len(raw) > ids.dtype.itemsize:
-            return None
-        sorted_ids = ids if self._rows.order is None else self._rows.sorted_ids
-        pos = int(np.searchsorted(sorted_ids, np.array(raw, dtype=ids.dtype)))
-        if pos < self.count and sorted_ids[pos] == raw:
-            return pos if self._rows.order is None else int(self._rows.order[pos])
+        """Row key of an id, or None (binary search over the rows in id order)."""
+        ids, order = self._rows.ids, self._rows.order
+        lo, hi = 0, self.count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            key = mid if order is None else int(order[mid])
+            if ids[key].as_py() < row_id:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.count:
+            key = lo if order is None else int(order[lo])
+            if ids[key].as_py() == row_id:
+                return key
         return None
+
+    def row_keys(self, row_ids: list[str]) -> np.ndarray:
+        """Row keys of many ids at once (-1 where absent): one hash join, for bulk lookups."""
+        if not row_ids or self.count == 0:
+            return np.full(len(row_ids), -1, np.int64)
+        found = pc.index_in(pa.array(row_ids, pa.string()), value_set=self._rows.ids)
+        return np.asarray(found.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+
+    def ingested_at(self, key: int) -> int:
+        """``ingested_at`` (ms) of a row key: what the visibility rules compare."""
+        return int(self._rows.ingested[key])
+
+    def id_of(self, key: int) -> str:
+        return self._rows.ids[key].as_py()
+
+    def uri_of(self, key: int) -> str:
+        return self._rows.uris[key].as_py()
 
     def vector_of(self, row_id: str) -> np.ndarray | None:
         """The stored vector of ``row_id`` as float32 (from float16), or None if not here."""
@@ -322,13 +350,13 @@ class ShardIndex:
     def memory_bytes(self) -> int:
         """Bytes this version holds in RAM: the index (codes, ids, centroids, tables) and the
         row ids/uris. The memory-mapped float16 vectors are not counted (page cache)."""
-        return index_memory(self._index)["total"] + self._rows.ids.nbytes + self._rows.uris.nbytes
+        return index_memory(self._index)["total"] + self._rows.nbytes
 
     def memory_breakdown(self) -> dict:
         """``index_memory`` of the FAISS index plus the row table and mapped vectors sizes."""
         return {
             **index_memory(self._index),
-            "rows": self._rows.ids.nbytes + self._rows.uris.nbytes,
+            "rows": self._rows.nbytes,
             "vectors_mmap": int(self._vectors.nbytes),
         }
 
@@ -343,7 +371,7 @@ def index_memory(index: faiss.Index) -> dict:
             t = index.chain.at(i)
             out["other"] += t.d_in * t.d_out * 4
         index = faiss.downcast_index(index.index)
-    ivf = _find_ivf(index)
+    ivf = find_ivf(index)
     if ivf is None:
         out["other"] += index.ntotal * index.d * 4 if hasattr(index, "get_xb") else 0
     else:
@@ -364,52 +392,32 @@ def index_memory(index: faiss.Index) -> dict:
     return out
 
 
-def _find_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
-
-
-def check_version_dir(directory: str | Path, verify: bool = True) -> dict:
-    """What ``load`` refuses, without loading: meta.json readable, every file present with its
-    size (and SHA-256 when ``verify``). Returns the meta; raises IndexLoadError."""
-    directory = Path(directory)
-    meta = _read_meta(directory)
-    _check_files(directory, meta, verify)
-    return meta
-
-
-def _read_meta(directory: Path) -> dict:
-    path = directory / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise IndexLoadError(f"{path} is missing: not a complete index version") from e
-    except (OSError, ValueError) as e:
-        raise IndexLoadError(f"{path}: unreadable: {e}") from e
-    missing = [k for k in ("count", "dim", "metric", "factory", "files") if k not in meta]
-    if missing:
-        raise IndexLoadError(f"{path} lacks {missing}")
-    return meta
-
-
-def _check_files(directory: Path, meta: dict, verify: bool) -> None:
-    for name in (INDEX_FILE, ROWS_FILE, VECTORS_FILE):
-        expected = meta["files"].get(name)
-        path = directory / name
-        if expected is None or not path.exists():
-            raise IndexLoadError(f"{path} is missing")
-        size = path.stat().st_size
-        if size != expected["bytes"]:
-            raise IndexLoadError(f"{path}: {size} bytes, meta.json says {expected['bytes']}")
-        if verify and file_digest(path)["sha256"] != expected["sha256"]:
-            raise IndexLoadError(f"{path}: checksum mismatch, the file is corrupt")
+def resolve_version(store: Store, shard: int, version: str | int | None) -> str:
+    """A version directory name from a name, a number (the listed directory with it) or None
+    (the live one the manifest names)."""
+    if isinstance(version, str):
+        return version
+    if version is None:
+        manifest = load_manifest(store)
+        if manifest is None:
+            raise IndexLoadError(f"{store} has no manifest")
+        state = manifest.shards.get(shard)
+        if state is None or state.dir is None:
+            raise IndexLoadError(f"shard {shard} of {store} has no live index version")
+        return state.dir
+    names = [n for n in list_versions(store, shard) if version_number(n) == int(version)]
+    if not names:
+        raise IndexLoadError(f"shard {shard} of {store} has no version {version}")
+    return names[0]
 
 
 def _read_rows(path: Path, count: int) -> _Rows:
     try:
-        table = pq.read_table(path, columns=[KEY, schema.ID, schema.URI])
+        names = pq.read_schema(path).names
+        columns = [KEY, schema.ID, schema.URI]
+        if schema.INGESTED_AT in names:
+            columns.append(schema.INGESTED_AT)
+        table = pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as e:
         raise IndexLoadError(f"{path}: {e}") from e
     if table.num_rows != count:
@@ -417,12 +425,12 @@ def _read_rows(path: Path, count: int) -> _Rows:
     keys = table[KEY].to_numpy()
     if count and not np.array_equal(keys, np.arange(count)):
         raise IndexLoadError(f"{path}: row keys are not 0..n-1 in order")
-    ids = pc.cast(table[schema.ID].combine_chunks(), pa.binary()).to_numpy(zero_copy_only=False)
-    ids = np.array(list(ids), dtype="S") if count else np.array([], dtype="S1")
-    order = sorted_ids = None
-    if count > 1 and not (ids[1:] > ids[:-1]).all():
-        order = np.argsort(ids, kind="stable")  # built from arrays not in id order
-        sorted_ids = ids[order]
-    return _Rows(
-        ids=ids, uris=table[schema.URI].combine_chunks(), order=order, sorted_ids=sorted_ids
-    )
+    ids = table[schema.ID].combine_chunks()
+    if schema.INGESTED_AT in table.column_names:
+        ingested = ms_of(table[schema.INGESTED_AT])
+    else:
+        ingested = np.zeros(count, np.int64)
+    order = None
+    if count > 1 and not pc.all(pc.less(ids[:-1], ids[1:])).as_py():
+        order = pc.sort_indices(ids).to_numpy()  # built from arrays not in id order
+    return _Rows(ids=ids, uris=table[schema.URI].combine_chunks(), ingested=ingested, order=order)

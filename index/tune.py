@@ -30,6 +30,7 @@ import time
 import faiss
 import numpy as np
 
+from index.exact import exact_search
 from index.policy import NPROBE_MIN, IndexSpec
 from index.rerank import best_k, exact_scores
 
@@ -57,15 +58,14 @@ def tune_defaults(
     None for a flat index or a shard too small to sample (the policy's defaults then apply).
     """
     n = len(vectors)
-    ivf = _ivf(index)
+    ivf = find_ivf(index)
     if ivf is None or n < MIN_ROWS:
         return None
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed + 1)
     rows = np.sort(rng.choice(n, size=min(queries, n // 4), replace=False))
     q = np.ascontiguousarray(vectors[rows])
-    fmetric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
-    _, exact = faiss.knn(q, vectors, k + 1, metric=fmetric)
+    _, exact = exact_search(q, vectors, k + 1, metric)
     truth = [set(_drop_self(r, row)[:k].tolist()) for r, row in zip(exact, rows, strict=True)]
 
     ladder = [c for c in CANDIDATE_LADDER if c <= n // 8] or [max(1, n // 8)]
@@ -135,7 +135,8 @@ def _powers_of_two(limit: int) -> list[int]:
     return values
 
 
-def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+def find_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The IVF index inside ``index`` (through pre-transforms), or None for a flat index."""
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:

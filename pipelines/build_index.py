@@ -5,17 +5,19 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python pipelines/build_index.py --store /abs/path/or/s3://bucket/store
 
-What it does: for every shard whose Parquet parts differ from what its live index covers, a task
-(``num_cpus`` and a ``memory=`` request estimated from the shard's row count) builds a new
-immutable version (``index.build.build_shard``); the driver then makes it live with a manifest
-commit. Shards already up to date cost one directory listing: re-running with no new data is a
-no-op that starts no tasks (and no Ray).
+What it does: for every shard that is not up to date (``index.plan``: a part or tombstone part
+its live version does not cover, or no version yet), a task (``num_cpus`` and a ``memory=``
+request estimated from the shard's row count, placed on a ``shard_host`` node when the cluster has
+such nodes) runs ``index.rebuild.rebuild_shard``, the one build path the serving app's rebuilds
+use too: it reads the rows, applies the tombstones, builds, compacts the rows into a few base
+parts and commits the new version. Shards already up to date cost two directory listings:
+re-running with no new data is a no-op that starts no tasks (and no Ray).
 
 Commit granularity: one manifest commit per finished shard. Shards are independent (a row lives
 in exactly one), so there is no cross-shard invariant a single commit would protect, while
 per-shard commits make each shard live as soon as it is ready and keep finished work when a later
-shard fails or the job is killed (the re-run skips it). Each commit is atomic, and a crash before
-it leaves the previous version live: a version directory nobody names is invisible.
+shard fails or the job is killed (the re-run skips it). Each commit is an atomic create, and a
+crash before it leaves the previous version live: a version directory nobody names is invisible.
 
 The store must be readable by every node (a shared path, or an object store URI).
 YAML config keys are the ``BuildConfig`` field names; command-line flags override them.
@@ -34,13 +36,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python pipelines/build_index.py, ray job submit)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 
-from index.build import ShardBuildResult, build_shard, commit_results  # noqa: E402
 from index.manifest import load_manifest  # noqa: E402
+from index.plan import plan_shard  # noqa: E402
 from index.policy import estimate_build_memory, parse_memory  # noqa: E402
-from index.store import Store  # noqa: E402
+from index.rebuild import RebuildOptions, rebuild_shard, source_rows  # noqa: E402
+from index.store import Store, parse_storage_options  # noqa: E402
 
 log = logging.getLogger("build_index")
 
@@ -50,6 +52,7 @@ class BuildConfig:
     """Everything the job takes; validated by ``validate`` before anything runs."""
 
     store: str = ""
+    storage_options: dict | None = None  # fsspec options of the store (endpoint, keys, ...)
     memory_budget: str = "4G"  # RAM a loaded shard index may use (codes + ids + centroids)
     shards: list[int] | None = None  # None: every shard
     force: bool = False  # rebuild even when the live version covers every part
@@ -57,6 +60,10 @@ class BuildConfig:
     num_cpus: float = 1.0  # Ray CPUs per shard task (fractional is fine on small machines)
     threads: int | None = None  # FAISS threads per task; None: max(1, round(num_cpus))
     seed: int = 0
+    retrain: bool = False  # never reuse a live version's trained quantizer
+    # custom Ray resource the build tasks are placed by: "auto" = shard_host when the cluster
+    # has nodes with it (cluster.yaml's memory nodes), "" = none
+    node_resource: str = "auto"
     progress: bool = True
 
     def validate(self) -> BuildConfig:
@@ -96,7 +103,7 @@ class BuildSummary:
 
 
 def plan(store: Store, config: BuildConfig) -> tuple[dict[int, int], list[int]]:
-    """Shards to build (shard -> rows in its parts) and shards already up to date."""
+    """Shards to build (shard -> rows it will read) and shards already up to date."""
     manifest = load_manifest(store)
     if manifest is None:
         raise ValueError(f"{store} has no manifest: run the embedding job first")
@@ -105,24 +112,19 @@ def plan(store: Store, config: BuildConfig) -> tuple[dict[int, int], list[int]]:
     for shard in shards:
         if shard >= manifest.num_shards:
             raise ValueError(f"shard {shard} out of range: the store has {manifest.num_shards}")
-        state = manifest.shards[shard]
-        parts = store.list_parts(shard)
-        if not config.force and state.version is not None and sorted(state.parts) == parts:
+        shard_plan = plan_shard(store, shard, manifest)
+        if shard_plan.up_to_date and not config.force:
             fresh.append(shard)
             continue
-        todo[shard] = sum(
-            pq.read_metadata(store.path(p), filesystem=store.fs).num_rows for p in parts
-        )
+        todo[shard] = source_rows(store, shard_plan)
     return todo, fresh
 
 
-def _build_task(
-    store_uri: str, shard: int, memory_budget: str, seed: int, force: bool, threads: int
-) -> ShardBuildResult | None:
-    import faiss
-
-    faiss.omp_set_num_threads(threads)  # the worker may be reused with another task's count
-    return build_shard(Store(store_uri), shard, memory_budget=memory_budget, seed=seed, force=force)
+def placement(resources: dict, node_resource: str) -> dict[str, float]:
+    """The custom resource a build task asks for a sliver of, so it lands on such a node."""
+    if node_resource == "auto":
+        node_resource = "shard_host" if resources.get("shard_host") else ""
+    return {node_resource: 0.001} if node_resource else {}
 
 
 def run(config: BuildConfig) -> BuildSummary:
@@ -130,7 +132,7 @@ def run(config: BuildConfig) -> BuildSummary:
     something is to be built; uses the connected Ray if there is one."""
     config.validate()
     t0 = time.perf_counter()
-    store = Store(config.store)
+    store = Store(config.store, config.storage_options)
     todo, fresh = plan(store, config)
     summary = BuildSummary(skipped=fresh)
     if not todo:
@@ -145,7 +147,15 @@ def run(config: BuildConfig) -> BuildSummary:
     largest_node = max(
         (n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0
     )
-    remote = ray.remote(_build_task)
+    remote = ray.remote(rebuild_shard)
+    extra = placement(ray.cluster_resources(), config.node_resource)
+    options = RebuildOptions(
+        memory_budget=config.memory_budget,
+        seed=config.seed,
+        force=config.force,
+        retrain=config.retrain,
+        threads=config.task_threads,
+    )
     pending = {}
     for shard, rows in sorted(todo.items(), key=lambda kv: -kv[1]):  # biggest first
         memory = estimate_build_memory(rows, dim)
@@ -159,10 +169,11 @@ def run(config: BuildConfig) -> BuildSummary:
             )
             memory = int(largest_node)
         ref = remote.options(
-            num_cpus=config.num_cpus, memory=memory, name=f"build-index-shard-{shard}"
-        ).remote(
-            store.uri, shard, config.memory_budget, config.seed, config.force, config.task_threads
-        )
+            num_cpus=config.num_cpus,
+            memory=memory,
+            resources=extra,
+            name=f"build-index-shard-{shard}",
+        ).remote(store, shard, options)
         pending[ref] = shard
 
     bar = _progress(len(pending), config.progress)
@@ -175,15 +186,12 @@ def run(config: BuildConfig) -> BuildSummary:
             summary.failed[shard] = f"{type(e).__name__}: {e}"
             log.error("shard %d failed: %s", shard, e)
         else:
-            if result is None:  # became up to date meanwhile (another build committed it)
+            if not result["built"]:  # became up to date meanwhile (another build committed it)
                 summary.skipped.append(shard)
             else:
-                commit_results(store, [result])
-                summary.built[shard] = result.version
-                summary.vectors += result.count
-                summary.shard_seconds[shard] = result.meta["build_seconds"][
-                    "total"
-                ] + result.meta.get("read_seconds", 0.0)
+                summary.built[shard] = result["version"]
+                summary.vectors += result["count"]
+                summary.shard_seconds[shard] = result["seconds"]
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"shard {shard} done")
@@ -208,9 +216,22 @@ def load_config(argv: list[str] | None = None) -> BuildConfig:
     parser = argparse.ArgumentParser(description="Build per-shard FAISS indexes on Ray.")
     parser.add_argument("--config", help="YAML file with BuildConfig fields")
     parser.add_argument("--store", help="store root URI")
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        dest="storage_options",
+        metavar="KEY=VALUE",
+        help="fsspec option of the store (repeatable), e.g. endpoint_url=http://127.0.0.1:9000",
+    )
     parser.add_argument("--memory-budget", help="RAM per loaded shard index, e.g. 4G")
     parser.add_argument("--shards", help="comma-separated subset, e.g. 0,3")
     parser.add_argument("--force", action="store_true", default=None, help="rebuild all")
+    parser.add_argument(
+        "--retrain", action="store_true", default=None, help="never reuse a trained quantizer"
+    )
+    parser.add_argument(
+        "--node-resource", help="Ray resource build tasks are placed by (auto: shard_host)"
+    )
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or local)")
     parser.add_argument("--num-cpus", type=float, help="Ray CPUs per shard task")
     parser.add_argument("--threads", type=int, help="FAISS threads per task")
@@ -226,11 +247,14 @@ def load_config(argv: list[str] | None = None) -> BuildConfig:
         if unknown:
             parser.error(f"unknown keys in {args.config}: {sorted(unknown)}")
         values.update(loaded)
-    for name in ("store", "memory_budget", "force", "address", "num_cpus", "threads", "seed"):
+    names = ("store", "memory_budget", "force", "retrain", "address", "num_cpus", "threads")
+    for name in (*names, "seed", "node_resource"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.progress is not None:
         values["progress"] = args.progress
+    if args.storage_options:
+        values["storage_options"] = parse_storage_options(args.storage_options)
     if args.shards is not None:
         values["shards"] = [int(s) for s in args.shards.split(",") if s.strip()]
     if isinstance(values.get("shards"), int):

@@ -3,11 +3,14 @@
     python pipelines/embed.py ../shared/data/images/caltech101 --store ./store
     ray job submit --working-dir . -- python pipelines/embed.py s3://bucket/photos --store s3://...
 
-Shape of the job (see ``embed_stages``): the driver lists the inputs and drops those already in
-the store; CPU tasks read, decode and crop; an actor pool (one GPU each when the cluster has
-GPUs) embeds; CPU tasks write one Parquet part per shard for every ``part_rows`` rows. Bad
-inputs become rows of ``<store>/errors/``; the job only fails for job-level reasons (bad
-settings, another model's store, an unreachable cluster), never for one file.
+Shape of the job: the driver streams the inputs and, one shard at a time, drops those already in
+the store (``embed_plan``: memory flat in the catalogue size), staging the rest in the store in
+shard order; CPU tasks read, decode and crop; an actor pool (one GPU each when the cluster has
+GPUs) embeds; CPU tasks write Parquet parts of ``part_rows`` rows (about 64 MB), each of one
+shard (``embed_stages``). Bad inputs become rows of ``<store>/errors/``; the job only fails for
+job-level reasons (bad settings, another model's store, an unreachable cluster), never for one
+file. Ids follow the store's id scheme (recorded in its manifest): the URI's hash, or with
+``--dedup`` the bytes' hash; a store refuses runs of the other scheme.
 Exit status: 0 done (even with error rows), 1 job failure, 2 bad settings or inputs.
 """
 
@@ -24,8 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path[:1]:  # `python pipelines/embed.py`: sys.path[0] is pipelines/
     sys.path.insert(0, str(ROOT))
 
-import pyarrow as pa  # noqa: E402
-
 from embedding import Embedder  # noqa: E402
 from embedding.backbones import WeightsUnavailable  # noqa: E402
 from embedding.model import MALLOC_ENV  # noqa: E402
@@ -35,14 +36,23 @@ from index.sharding import uri_id  # noqa: E402
 from index.store import Store  # noqa: E402
 from pipelines import embed_config as cfg  # noqa: E402
 from pipelines.embed_config import ConfigError, EmbedJobConfig  # noqa: E402
+from pipelines.embed_plan import (  # noqa: E402
+    PendingInputs,
+    PlanCounts,
+    ShardSpill,
+    chunks,
+    failed_uris,
+    plan_pending,
+    read_block,
+    stage_uris,
+)
 from pipelines.embed_stages import (  # noqa: E402
     EmbedBatch,
     hash_batch,
-    part_key,
     read_decode_batch,
     write_parts,
 )
-from pipelines.inputs import InputError, expand_inputs  # noqa: E402
+from pipelines.inputs import InputError, iter_inputs  # noqa: E402
 
 
 @dataclass
@@ -55,7 +65,7 @@ class EmbedSummary:
     errors: int = 0
     skipped_present: int = 0  # id already in the store (same model: the manifest checks it)
     skipped_failed: int = 0  # recorded in errors/ by an earlier run (--retry-errors re-tries)
-    duplicates: int = 0  # --dedup: same bytes as another input of this run
+    duplicates: int = 0  # the same id twice among the inputs (--dedup: the same bytes)
     deferred: int = 0  # left for a later run by --limit
     parts: int = 0
     seconds: float = 0.0  # Ray Data execution, actor start-up and model load included
@@ -84,7 +94,7 @@ class EmbedSummary:
         if self.skipped_failed:
             skipped.append(f"{self.skipped_failed} skipped as failed before")
         if self.duplicates:
-            skipped.append(f"{self.duplicates} duplicate contents")
+            skipped.append(f"{self.duplicates} duplicate inputs")
         if self.deferred:
             skipped.append(f"{self.deferred} left by --limit")
         return (
@@ -101,45 +111,36 @@ class EmbedSummary:
 
 
 # ---- the store's side ------------------------------------------------------------------------
-def open_manifest(store: Store, config: EmbedJobConfig, name: str, weights: str, dim: int):
-    """Create the manifest of a new store, or refuse one written by another model or sharding.
+def open_manifest(
+    store: Store, config: EmbedJobConfig, name: str, weights: str, dim: int
+) -> Manifest:
+    """Create the manifest of a new store, or refuse one written by another model, sharding or
+    id scheme (``--dedup`` names rows by their bytes; the default by their URI).
 
     ``num_shards``: an existing store's value wins; an explicit different value is an error.
     """
+    id_scheme = "content" if config.dedup else "uri"
     existing = load_manifest(store)
     if existing is not None:
         num_shards = config.num_shards or existing.num_shards
-        existing.check_compatible(name, weights, dim, num_shards)
+        existing.check_compatible(name, weights, dim, num_shards, id_scheme)
         return existing
     num_shards = config.num_shards or cfg.DEFAULT_NUM_SHARDS
 
     def create(current: Manifest | None) -> Manifest:
         if current is not None:  # another job created it meanwhile: same rules
-            current.check_compatible(name, weights, dim, num_shards)
+            current.check_compatible(name, weights, dim, num_shards, id_scheme)
             return current
-        return Manifest(model=name, weights=weights, dim=dim, num_shards=num_shards, metric="ip")
+        return Manifest(
+            model=name,
+            weights=weights,
+            dim=dim,
+            num_shards=num_shards,
+            metric="ip",
+            id_scheme=id_scheme,
+        )
 
     return commit_manifest(store, create)
-
-
-def stored_ids(store: Store, num_shards: int) -> tuple[set[str], int]:
-    """Ids already embedded (the ``id`` column of every committed part), and repeats among them."""
-    ids: set[str] = set()
-    total = 0
-    for shard in range(num_shards):
-        parts = [store.path(rel) for rel in store.list_parts(shard)]
-        if parts:
-            column = store.read_parquet(parts, columns=[schema.ID])[schema.ID]
-            ids.update(column.to_pylist())
-            total += len(column)
-    return ids, total - len(ids)
-
-
-def failed_uris(store: Store) -> set[str]:
-    parts = store.list_error_parts()
-    if not parts:
-        return set()
-    return set(store.read_parquet(parts, columns=[schema.URI])[schema.URI].to_pylist())
 
 
 # ---- Ray ---------------------------------------------------------------------------------------
@@ -183,46 +184,88 @@ def malloc_env() -> dict[str, str]:
     return dict(MALLOC_ENV)
 
 
-def _blocks(columns: dict[str, list], rows_per_block: int) -> list[pa.Table]:
-    table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()})
-    return [
-        table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)
-    ]
-
-
-def content_ids(ray, uris: list[str], config: EmbedJobConfig, rows: int) -> tuple[dict, dict]:
-    """``--dedup`` pre-pass: read every input once and hash its bytes (in Ray tasks)."""
-    ds = ray.data.from_arrow(_blocks({schema.URI: uris}, rows)).map_batches(
-        hash_batch,
+def _block_dataset(ray, store: Store, pending: PendingInputs, num_cpus: float):
+    """A dataset of the staged rows, one block per staging row group, in staging order."""
+    blocks = pending.blocks
+    return ray.data.range(blocks, override_num_blocks=blocks).map_batches(
+        read_block,
         batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=config.decode_cpus,
-        fn_kwargs={"max_bytes": config.max_bytes},
+        batch_format="numpy",
+        num_cpus=num_cpus,
+        fn_kwargs={"store": store, "pending": pending, "starts": pending.starts()},
     )
-    ids, errors = {}, {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for uri, row_id, error in zip(
-            batch[schema.URI].to_pylist(),
-            batch[schema.ID].to_pylist(),
-            batch[schema.ERROR].to_pylist(),
-            strict=True,
-        ):
-            if error is None:
-                ids[uri] = row_id
-            else:
-                errors[uri] = error
-    return ids, errors
+
+
+def hash_inputs(ray, store: Store, config: EmbedJobConfig, spill: ShardSpill, block_rows: int):
+    """``--dedup``: stage the input URIs, hash every input's bytes in Ray tasks (their read
+    errors are written to ``errors/`` there), stream the ``(uri, id)`` rows into the spill.
+    Returns (inputs, read errors)."""
+    staged = stage_uris(store, chunks(iter_inputs(config.input)), block_rows)
+    errors = 0
+    try:
+        if not staged.files:
+            return 0, 0
+        ds = _block_dataset(ray, store, staged, config.decode_cpus).map_batches(
+            hash_batch,
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=config.decode_cpus,
+            fn_kwargs={"max_bytes": config.max_bytes, "store": store},
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            good = batch.filter(batch[schema.ERROR].is_null())
+            errors += batch.num_rows - good.num_rows
+            spill.add(good[schema.URI].to_pylist(), good[schema.ID].to_pylist())
+        return staged.rows, errors
+    finally:
+        store.rm(staged.staging, recursive=True)
+
+
+def plan_job(ray_factory, store: Store, config: EmbedJobConfig, num_shards: int, summary):
+    """Stream the inputs into a per-shard spill and stage what still needs embedding."""
+    block_rows = config.read_batch or config.batch_size or cfg.CPU_BATCH_SIZE
+    counts = PlanCounts()
+    spill = ShardSpill(num_shards)
+    try:
+        if config.dedup:
+            counts.inputs, read_errors = hash_inputs(
+                ray_factory(), store, config, spill, block_rows
+            )
+            summary.errors += read_errors
+            if read_errors:
+                summary.error_stages["read"] = read_errors
+        else:
+            for chunk in chunks(iter_inputs(config.input)):
+                counts.inputs += len(chunk)
+                spill.add(chunk, [uri_id(u) for u in chunk])
+        spill.finish()
+        if counts.inputs == 0:
+            raise InputError(f"no image files found in {', '.join(config.input)}")
+        failed = None if config.retry_errors else failed_uris(store)
+        pending = plan_pending(
+            store, spill, counts, failed=failed, limit=config.limit, block_rows=block_rows
+        )
+    finally:
+        spill.close()
+    summary.inputs = counts.inputs
+    summary.skipped_present = counts.skipped_present
+    summary.skipped_failed = counts.skipped_failed
+    summary.duplicates = counts.duplicates
+    summary.deferred = counts.deferred
+    summary.store_duplicates = counts.store_duplicates
+    return pending
+
+
+def part_rows_for(dim: int, config: EmbedJobConfig) -> int:
+    """Rows per Parquet part: ``part_rows``, else about ``cfg.PART_BYTES`` of vectors."""
+    return config.part_rows or max(256, cfg.PART_BYTES // (dim * 4 + 128))
 
 
 # ---- the job -----------------------------------------------------------------------------------
 def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
     """Embed every input of ``config`` not yet in the store; returns the counts."""
-    store = Store(config.store)
+    store = Store(config.store, config.storage_options)
     summary = EmbedSummary(store=store.uri)
-    uris = expand_inputs(config.input)
-    if not uris:
-        raise InputError(f"no image files found in {', '.join(config.input)}")
-    summary.inputs = len(uris)
 
     # name, weights tag, dim and crop size, from the model itself (weights load in ~1 s)
     probe = Embedder(replace(config.model_config(), device="cpu", threads=None))
@@ -231,70 +274,40 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
     manifest = open_manifest(store, config, name, weights, dim)
     num_shards = manifest.num_shards
 
-    present, summary.store_duplicates = stored_ids(store, num_shards)
+    ray = None
+
+    def ray_factory():
+        nonlocal ray
+        ray = ray or connect_ray(config.address, config.ray_temp_dir)
+        return ray
+
+    pending = plan_job(ray_factory, store, config, num_shards, summary)
     if summary.store_duplicates:
         log(f"warning: {summary.store_duplicates} ids are stored more than once in {store.uri}")
-    failed = set() if config.retry_errors else failed_uris(store)
-    todo = [u for u in uris if u not in failed]
-    summary.skipped_failed = len(uris) - len(todo)
-
-    batch_size = config.batch_size
-    ray = None
-    if config.dedup:
-        ray = connect_ray(config.address, config.ray_temp_dir)
-        rows = config.read_batch or batch_size or cfg.CPU_BATCH_SIZE
-        ids_by_uri, read_errors = content_ids(ray, todo, config, rows)
-        if read_errors:
-            err_uris = sorted(read_errors)
-            table = schema.errors_table(
-                err_uris, [read_errors[u] for u in err_uris], ["read"] * len(err_uris)
-            )
-            key = part_key([f"{u}\tNone" for u in err_uris])
-            store.write_parquet(table, f"{store.errors_dir}/{store.new_part_name(key)}")
-            summary.errors += len(err_uris)
-            summary.error_stages["read"] = len(err_uris)
-        pending, seen = [], set()
-        for uri in todo:
-            row_id = ids_by_uri.get(uri)
-            if row_id is None:
-                continue
-            if row_id in present:
-                summary.skipped_present += 1
-            elif row_id in seen:
-                summary.duplicates += 1
-            else:
-                seen.add(row_id)
-                pending.append((uri, row_id))
-    else:
-        pending = []
-        for uri in todo:
-            row_id = uri_id(uri)
-            if row_id in present:
-                summary.skipped_present += 1
-            else:
-                pending.append((uri, row_id))
-    if config.limit is not None and len(pending) > config.limit:
-        summary.deferred = len(pending) - config.limit
-        pending = pending[: config.limit]
-    if not pending:
+    if not pending.files:
         return summary
+    try:
+        _embed(
+            ray_factory(), store, config, pending, summary, num_shards, name, dim, image_size, log
+        )
+    finally:
+        store.rm(pending.staging, recursive=True)
+    return summary
 
-    ray = ray or connect_ray(config.address, config.ray_temp_dir)
+
+def _embed(ray, store, config, pending, summary, num_shards, name, dim, image_size, log) -> None:
+    """Run the embedding dataset over the staged inputs, filling ``summary``."""
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
     num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if gpus else 0.0)
     actors = config.actors or default_actors(resources, num_gpus)
     actor_cpus = config.actor_cpus or (cfg.GPU_ACTOR_CPUS if num_gpus else cfg.CPU_ACTOR_CPUS)
-    batch_size = batch_size or (cfg.GPU_BATCH_SIZE if num_gpus else cfg.CPU_BATCH_SIZE)
-    rows = config.read_batch or batch_size
+    batch_size = config.batch_size or (cfg.GPU_BATCH_SIZE if num_gpus else cfg.CPU_BATCH_SIZE)
     model = asdict(config.model_config())
     model["device"] = "cuda" if num_gpus else "cpu"
     resize_size = round(image_size * 256 / 224)  # prepare()'s default short side
 
-    blocks = _blocks(
-        {schema.URI: [u for u, _ in pending], schema.ID: [i for _, i in pending]}, rows
-    )
-    ds = ray.data.from_arrow(blocks)
+    ds = _block_dataset(ray, store, pending, config.decode_cpus)
     ds = ds.map_batches(
         read_decode_batch,
         batch_size=None,
@@ -320,15 +333,15 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
     )
     ds = ds.map_batches(
         write_parts,
-        batch_size=config.part_rows,
+        batch_size=part_rows_for(dim, config),
         batch_format="pyarrow",
         num_cpus=config.write_cpus,
-        fn_kwargs={"store_uri": store.uri, "num_shards": num_shards},
+        fn_kwargs={"store": store, "num_shards": num_shards},
     )
     each = f"{num_gpus:g} GPU" if num_gpus else f"{actor_cpus:g} CPU"
     threads = config.threads or ("auto" if num_gpus else "cores/actors")
     log(
-        f"embedding {len(pending)} images with {actors} x {name} ({each}, {threads} threads "
+        f"embedding {pending.rows} images with {actors} x {name} ({each}, {threads} threads "
         f"each, batch {batch_size}) into {num_shards} shards of {store.uri}"
     )
     summary.actors = actors
@@ -361,7 +374,6 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
         summary.first_batch_images = first_n
         summary.model_span_seconds = last - first
     summary.error_stages = dict(stages)
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,12 +16,14 @@ from typing import Any
 from embedding.backbones import BACKBONES, DEFAULT_BACKBONE
 from embedding.model import ModelConfig
 from embedding.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from index.store import parse_storage_options
 
 DEFAULT_NUM_SHARDS = 4
 CPU_ACTOR_CPUS = 0.5  # fractional: a pool holding whole CPUs starves the decode tasks (RAY-HERE)
 GPU_ACTOR_CPUS = 1.0
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 256  # fp16 224 px convnet activations at 256 fit in ~2 GiB: any 8 GiB GPU
+PART_BYTES = 64 * 2**20  # default Parquet part size: rows of one shard, ~64 MB of vectors
 
 
 class ConfigError(ValueError):
@@ -40,6 +42,7 @@ class EmbedJobConfig:
 
     input: list[str] = field(default_factory=list)  # folders, globs, list files, fsspec URIs
     store: str = "./store"
+    storage_options: dict | None = None  # fsspec options of the store (endpoint, keys, region)
     num_shards: int | None = None
     model: str = DEFAULT_BACKBONE
     weights: str = "default"  # "default", "none" (random, plumbing tests) or a .pth path
@@ -50,7 +53,7 @@ class EmbedJobConfig:
     threads: int | None = None  # torch threads per actor
     decode_cpus: float = 1.0  # CPUs reserved per read+decode task
     read_batch: int | None = None  # inputs per read+decode task (default: batch_size)
-    part_rows: int = 2048  # rows per write task: one Parquet part per shard per write
+    part_rows: int | None = None  # rows per Parquet part (None: ~PART_BYTES of vectors)
     write_cpus: float = 0.25  # CPUs reserved per write task (it mostly waits on I/O)
     dedup: bool = False  # id = hash of the bytes, so one picture under two URIs is one row
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger declared images are decompression bombs
@@ -77,10 +80,11 @@ class EmbedJobConfig:
             raise ConfigError("store: empty")
         if self.model not in BACKBONES:
             raise ConfigError(f"model: unknown {self.model!r}; known: {', '.join(BACKBONES)}")
-        for name in ("num_shards", "batch_size", "threads", "read_batch", "limit", "actors"):
+        names = ("num_shards", "batch_size", "threads", "read_batch", "limit", "actors")
+        for name in (*names, "part_rows"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name))
-        for name in ("max_pixels", "max_bytes", "part_rows"):
+        for name in ("max_pixels", "max_bytes"):
             _check_int(name, getattr(self, name))
         for name in ("actor_cpus", "decode_cpus", "write_cpus", "num_gpus"):
             value = getattr(self, name)
@@ -90,6 +94,8 @@ class EmbedJobConfig:
                 raise ConfigError(f"{name}: must be a number, got {value!r}")
             if value < 0 or (value == 0 and name != "num_gpus"):
                 raise ConfigError(f"{name}: must be > 0 (fractions allowed), got {value!r}")
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            raise ConfigError("storage_options: must be a mapping of fsspec options")
         for name in ("dedup", "retry_errors"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
@@ -146,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML file with any of these settings (flags win)")
     p.add_argument("--store", help="store root URI (default ./store)")
+    p.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        action="append",
+        metavar="KEY=VALUE",
+        help="fsspec option of the store (repeatable), e.g. endpoint_url=http://127.0.0.1:9000",
+    )
     p.add_argument("--num-shards", type=int, help="shards of a new store (default 4)")
     p.add_argument("--model", help=f"backbone (default {DEFAULT_BACKBONE}): {', '.join(BACKBONES)}")
     p.add_argument("--weights", help="'default', 'none' or a .pth path")
@@ -157,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-cpus", type=float, help="CPUs per read+decode task (default 1)")
     p.add_argument("--read-batch", type=int, help="inputs per read+decode task (default batch)")
     p.add_argument(
-        "--part-rows", type=int, help="rows per write: one part per shard each (default 2048)"
+        "--part-rows", type=int, help="rows per Parquet part (default: about 64 MB of vectors)"
     )
     p.add_argument("--write-cpus", type=float, help="CPUs per write task (default 0.25)")
     p.add_argument("--dedup", action="store_const", const=True, help="content-hash ids")
@@ -180,6 +193,10 @@ def config_from_args(argv: list[str] | None = None) -> EmbedJobConfig:
     if config_path:
         settings.update(load_yaml(config_path))
     args["input"] = (args.get("input") or []) + (args.pop("input_flag", None) or []) or None
+    try:
+        args["storage_options"] = parse_storage_options(args.get("storage_options"))
+    except ValueError as e:
+        raise ConfigError(f"storage_options: {e}") from None
     settings.update({k: v for k, v in args.items() if v is not None})
     try:
         return EmbedJobConfig(**settings)

@@ -1,8 +1,9 @@
 """The work inside the embedding job's Ray Data stages; plain functions and one class, no driver.
 
-    URIs ──read_decode_batch (CPU tasks)──> uint8 crops + error rows
+    staged (uri, id) blocks ──read_decode_batch (CPU tasks)──> uint8 crops + error rows
          ──EmbedBatch (actor pool, GPU or CPU)──> vectors + error rows
-         ──write_parts (CPU tasks, part_rows at a time)──> one part per shard + an errors part
+         ──write_parts (CPU tasks, part_rows at a time)──> a part per shard in the batch
+                                                           + an errors part
 
 Failure of one input never fails a batch: every exception while reading, decoding or embedding
 one image becomes an error row (uri, id, stage, error) that ends in ``<store>/errors/``.
@@ -104,8 +105,9 @@ def read_decode_batch(
 
 
 # ---- dedup pre-pass: content ids ---------------------------------------------------------------
-def hash_batch(batch: pa.Table, *, max_bytes: int) -> pa.Table:
-    """(uri) rows -> (uri, id = content hash or null, error): the ids of ``--dedup`` runs."""
+def hash_batch(batch: pa.Table, *, max_bytes: int, store: Store) -> pa.Table:
+    """(uri) rows -> (uri, id = content hash or null, error): the ids of ``--dedup`` runs.
+    Inputs that cannot be read are written to the store's ``errors/`` here (stage "read")."""
     uris = batch[schema.URI].to_pylist()
     ids: list[str | None] = []
     errors: list[str | None] = []
@@ -116,6 +118,12 @@ def hash_batch(batch: pa.Table, *, max_bytes: int) -> pa.Table:
         except Exception as e:
             ids.append(None)
             errors.append(_describe(e))
+    failed = [i for i, e in enumerate(errors) if e is not None]
+    if failed:
+        bad_uris = [uris[i] for i in failed]
+        table = schema.errors_table(bad_uris, [errors[i] for i in failed], [READ] * len(failed))
+        key = part_key([f"{u}\tNone" for u in bad_uris])
+        store.write_parquet(table, posixpath.join(store.errors_dir, store.new_part_name(key)))
     return pa.table(
         {
             schema.URI: pa.array(uris, pa.string()),
@@ -196,13 +204,13 @@ class EmbedBatch:
 
 
 # ---- stage 3: write (CPU tasks) ----------------------------------------------------------------
-def write_parts(batch: pa.Table, *, store_uri: str, num_shards: int) -> pa.Table:
+def write_parts(batch: pa.Table, *, store: Store, num_shards: int) -> pa.Table:
     """Write a batch's vectors as one Parquet part per shard, and its failures as an errors part.
 
-    Batches here are larger than model batches (``part_rows``), so parts are not tiny files.
+    Batches here are ``part_rows`` rows (MBs), and the driver staged the inputs in shard order,
+    so a batch holds one or two shards: parts are large, not one tiny file per shard per batch.
     Returns one row of counts for the driver's summary.
     """
-    store = Store(store_uri)
     failed = pc.is_valid(batch[schema.STAGE])
     good = batch.filter(pc.invert(failed))
     bad = batch.filter(failed)

@@ -1,9 +1,14 @@
-"""Turn what the user named (folders, globs, list files, fsspec URIs) into a sorted list of URIs.
+"""Turn what the user named (folders, globs, list files, fsspec URIs) into input URIs.
 
 The URI string is what a row's id is hashed from (``index.sharding.uri_id``), so it must be the
 same however the user spelled the input: local files become absolute paths (``./imgs``,
 ``/abs/imgs`` and ``file:///abs/imgs`` all give ``/abs/imgs/a.jpg``), remote ones keep their
 scheme (``s3://bucket/key``). Listing happens once, on the driver; reading happens in Ray tasks.
+
+``iter_inputs`` streams them (list files line by line, local folders directory by directory),
+so the embedding job's driver never holds a catalogue's URIs at once; a remote folder or glob is
+listed by fsspec in one piece (s3fs has no streaming listing). ``expand_inputs`` is the same as
+one de-duplicated list, for small jobs and tools.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import glob as _glob
 import os
 import posixpath
 import re
+from collections.abc import Iterator
 
 import fsspec
 
@@ -69,6 +75,29 @@ def expand_inputs(specs: list[str]) -> list[str]:
     return out
 
 
+def iter_inputs(specs: list[str]) -> Iterator[str]:
+    """Every input URI of ``specs``, streamed; a URI named twice comes twice (the job's
+    per-shard planning drops repeats by id). A spec that names nothing raises InputError."""
+    for spec in specs:
+        yield from _iter_one(spec)
+
+
+def _iter_one(spec: str) -> Iterator[str]:
+    fs, path = _filesystem(spec)
+    if not _glob.has_magic(path) and is_local(spec) and os.path.isdir(path):
+        for directory, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                if is_image_name(name):
+                    yield canonical_uri(os.path.join(directory, name))
+        return
+    if not _glob.has_magic(path) and fs.isfile(path):
+        if posixpath.splitext(path)[1].lower() in LIST_EXTENSIONS:
+            yield from _iter_list_file(fs, spec, path)
+            return
+    yield from _expand_one(spec)
+
+
 def _filesystem(spec: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         return fsspec.core.url_to_fs(canonical_uri(spec) if is_local(spec) else spec)
@@ -104,21 +133,23 @@ def _expand_one(spec: str) -> list[str]:
 
 
 def _read_list_file(fs: fsspec.AbstractFileSystem, spec: str, path: str) -> list[str]:
+    return list(_iter_list_file(fs, spec, path))
+
+
+def _iter_list_file(fs: fsspec.AbstractFileSystem, spec: str, path: str) -> Iterator[str]:
     base = posixpath.dirname(path)
     with fs.open(path, "rt", encoding="utf-8") as f:
-        lines = [line.strip() for line in f]
-    out = []
-    for line in lines:
-        if not line or line.startswith("#"):
-            continue
-        if scheme_of(line) and not is_local(line):
-            out.append(line)
-        elif is_local(spec):
-            entry = _SCHEME_RE.sub("", line) if scheme_of(line) else line
-            out.append(canonical_uri(entry if os.path.isabs(entry) else os.path.join(base, entry)))
-        else:  # a relative entry of a remote list file lives next to it, on the same store
-            out.append(fs.unstrip_protocol(posixpath.join(base, line)))
-    return out
+        for raw in f:
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if scheme_of(line) and not is_local(line):
+                yield line
+            elif is_local(spec):
+                entry = _SCHEME_RE.sub("", line) if scheme_of(line) else line
+                yield canonical_uri(entry if os.path.isabs(entry) else os.path.join(base, entry))
+            else:  # a relative entry of a remote list file lives next to it, on the same store
+                yield fs.unstrip_protocol(posixpath.join(base, line))
 
 
 def read_uri(uri: str, max_bytes: int) -> bytes:

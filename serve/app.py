@@ -19,7 +19,6 @@ from typing import Any
 from ray.serve import Application
 
 from index.manifest import Manifest, load_manifest
-from index.store import Store
 from serve.config import ConfigError, ServeConfig
 from serve.embedder import ModelMismatch, QueryEmbedder, check_model
 from serve.ingress import Ingress
@@ -28,7 +27,7 @@ from serve.searcher import ShardSearcher
 
 
 def load_store_manifest(config: ServeConfig) -> Manifest:
-    manifest = load_manifest(Store(config.store))
+    manifest = load_manifest(config.open_store())
     if manifest is None:
         raise ConfigError(
             f"store {config.store!r} has no manifest: embed a collection into it first "
@@ -97,6 +96,8 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
             config.reload_interval_s,
             config.search_threads,
             config.delta_poll_s,
+            config.storage_options,
+            config.lease_interval_s,
         )
         for shard in range(manifest.num_shards)
     ]

@@ -9,6 +9,9 @@ deploy`` config, or ``serve run serve.app:app_builder key=value``) and from the 
 - ``VISUAL_SEARCH_STORE``: the store root URI (overrides nothing that was given explicitly).
 - ``VISUAL_SEARCH_SERVE_CONFIG``: a YAML file in this schema, read by ``serve run serve.app:app``.
 - ``VISUAL_SEARCH_API_KEY``: the key write and admin endpoints require (``api_key``), if set.
+- ``VISUAL_SEARCH_STORAGE_OPTIONS``: fsspec options of the store as JSON (``storage_options``
+  wins), e.g. ``{"endpoint_url": "http://minio:9000"}``; fsspec's and the AWS SDK's own
+  variables (``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL``, ``AWS_*`` keys) work too.
 
 Defaults suit a 2-core laptop: fractional CPUs so five-plus deployments schedule on two cores,
 one replica each, no GPU unless the cluster has one (``num_gpus: auto`` on the embedder).
@@ -136,6 +139,8 @@ class ServeConfig:
     """Everything the Serve graph needs. ``store`` is required (argument, YAML or env)."""
 
     store: str = ""
+    # fsspec options of the store (endpoint_url, key, secret, region...); None: from the env
+    storage_options: dict | None = None
     app_name: str = "visual-search"
     route_prefix: str = "/"
     # image queries need the catalogue's model; false = vectors/ids only, no QueryEmbedder (for
@@ -163,6 +168,10 @@ class ServeConfig:
     # freshness (issue #5): searchers list the store for new parts/tombstones every delta_poll_s
     # (0 = off: only writes routed to a replica reach it); writes need api_key when it is set
     delta_poll_s: float = 0.5
+    # searchers report the version they serve (index.leases) this often; garbage collection
+    # never deletes a version a replica reported within lease_ttl_s
+    lease_interval_s: float = 10.0
+    lease_ttl_s: float = 60.0
     api_key: str = ""  # "" = writes open; else Authorization: Bearer <key> or X-API-Key
     writes: bool = True  # POST /images, DELETE /images/{id}, POST /admin/rebuild
     # background rebuilds (serve.rebuilder, pipelines.rebuild): a shard is rebuilt when its
@@ -176,6 +185,8 @@ class ServeConfig:
     rebuild_num_cpus: float = 1.0  # Ray CPUs of a rebuild task
     rebuild_threads: int = 1  # FAISS threads of a rebuild task
     rebuild_memory_budget: str = "4G"
+    # custom Ray resource rebuild tasks are placed by ("auto": shard_host when nodes have it)
+    rebuild_node_resource: str = "auto"
     access_log: bool = True  # Serve's per-request access log lines (every replica, every call)
     # Serve's log encoding: "JSON" = one JSON object per line with request_id, deployment,
     # replica and our endpoint/status/latency_ms fields; "TEXT" = Serve's plain lines
@@ -197,6 +208,12 @@ class ServeConfig:
             self.store = os.environ.get(ENV_STORE, "")
         if not self.api_key:
             self.api_key = os.environ.get(ENV_API_KEY, "")
+
+    def open_store(self):
+        """The store, opened with this config's fsspec options (else the environment's)."""
+        from index.store import Store
+
+        return Store(self.store, self.storage_options)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -242,6 +259,10 @@ class ServeConfig:
             raise ConfigError(f"log_encoding must be 'JSON' or 'TEXT', got {self.log_encoding!r}")
         if self.batch_wait_timeout_s < 0 or self.reload_interval_s < 0:
             raise ConfigError("batch_wait_timeout_s and reload_interval_s must be >= 0")
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            raise ConfigError("storage_options must be a mapping of fsspec options")
+        if self.lease_interval_s <= 0 or self.lease_ttl_s < 2 * self.lease_interval_s:
+            raise ConfigError("need lease_interval_s > 0 and lease_ttl_s >= 2 x lease_interval_s")
         for name in (
             "delta_poll_s",
             "rebuild_delta_rows",
@@ -327,6 +348,16 @@ def _coerce(name: str, value: Any, type_text: Any) -> Any:
     if value is None or not isinstance(value, str):
         return value
     type_text = str(type_text)
+    if type_text.startswith("dict"):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{name}: cannot read {value!r} as a JSON object") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: must be a JSON object")
+        return value
     try:
         if type_text.startswith("bool"):
             if value.lower() in ("1", "true", "yes", "on"):

@@ -29,8 +29,7 @@ from index.delta import write_rows, write_tombstones
 from index.hits import Hit
 from index.manifest import load_manifest
 from index.merge import merge_topk
-from index.sharding import content_id, shard_of
-from index.store import Store
+from index.sharding import content_id, shard_of, uri_id
 from serve.api import (
     ERROR_RESPONSES,
     SEARCH_OPENAPI_EXTRA,
@@ -96,10 +95,10 @@ class Ingress:
         rebuilder: DeploymentHandle | None = None,
     ):
         self.config = config
-        self.store = Store(config.store)
+        self.store = config.open_store()
         self.rebuilder = rebuilder
         self._clock = _MonotonicMs()
-        manifest = load_manifest(Store(config.store))
+        manifest = load_manifest(self.store)
         if manifest is None:
             raise RuntimeError(f"store {config.store} has no manifest")
         if len(searchers) != manifest.num_shards:
@@ -254,11 +253,11 @@ class Ingress:
         add = await parse_add(request, self.limits, self.dim, self.metric == "ip")
         if add.kind == "image":
             vector = await self._embed_image(add.image)
-            row_id = add.row_id or content_id(add.image)
+            content = add.image
         else:
             vector = add.vector
-            row_id = add.row_id or content_id(np.asarray(vector, np.float32).tobytes())
-        uri = add.uri or f"upload:{row_id}"
+            content = np.asarray(vector, np.float32).tobytes()
+        row_id, uri = self._identify(add.row_id, add.uri, content)
         shard = shard_of(row_id, self.num_shards)
         ms = self._clock()
         extra = {"metadata": pa.array([add.metadata], pa.string())} if add.metadata else None
@@ -281,6 +280,17 @@ class Ingress:
             # reads the part on its next store poll (delta_poll_s)
             "searchable": bool(ok and answer.get("applied")),
         }
+
+    def _identify(self, row_id: str | None, uri: str | None, content: bytes) -> tuple[str, str]:
+        """(id, uri) of a new row by the store's id scheme (``Manifest.id_scheme``), the way the
+        embedding job names rows, so adding a catalogue image again never duplicates it:
+        ``uri`` scheme: the hash of the URI (an upload without one is ``upload:<content hash>``);
+        ``content`` scheme: the hash of the bytes. An explicit ``id`` wins (catalogue keys)."""
+        if self.manifest.id_scheme == "content":
+            row_id = row_id or content_id(content)
+            return row_id, uri or f"upload:{row_id}"
+        uri = uri or f"upload:{content_id(content)}"
+        return row_id or uri_id(uri), uri
 
     @api.delete(
         "/images/{image_id}",
@@ -312,14 +322,22 @@ class Ingress:
         summary="Rebuild shards now (a Ray task per shard; searchers swap when it commits)",
         responses=WRITE_ERROR_RESPONSES,
     )
-    async def rebuild(self, request: Request, shard: int | None = None, force: bool = True):
+    async def rebuild(
+        self,
+        request: Request,
+        shard: int | None = None,
+        force: bool = False,
+        retrain: bool = False,
+    ):
+        """``force``: rebuild shards that are up to date too; ``retrain``: never reuse the
+        live version's trained quantizer. Both off by default: a rebuild folds in the delta."""
         self._authorize(request)
         if self.rebuilder is None:
             raise ApiError(501, "rebuilds_disabled", "this app runs no Rebuilder")
         if shard is not None and not 0 <= shard < self.num_shards:
             raise ApiError(422, "invalid_parameter", f"shard must be in 0..{self.num_shards - 1}")
         shards = None if shard is None else [shard]
-        return await self.rebuilder.request.remote(shards, force)
+        return await self.rebuilder.request.remote(shards, force, retrain)
 
     @api.get("/admin/rebuild", summary="Running, queued and recent rebuilds")
     async def rebuild_status(self, request: Request):

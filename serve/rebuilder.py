@@ -1,14 +1,21 @@
 """Rebuilder: the one place that decides when a shard is rebuilt, and launches the Ray task.
 
-One replica (never more: two deciders would launch duplicate builds) watches every shard's delta
-(``pipelines.rebuild.pending``: rows in parts the live version does not cover, plus tombstones it
-did not apply) every ``rebuild_check_s`` and launches ``pipelines.rebuild.rebuild_shard`` as a
-Ray task (``rebuild_num_cpus`` CPUs, outside every serving replica) when the delta reaches
-``rebuild_delta_rows`` rows or ``rebuild_delta_fraction`` of the shard's built rows.
-``POST /admin/rebuild`` asks for one at once (``request``). At most one build per shard runs;
-a request while one runs is queued and runs right after it. After a build, and on every check,
-old versions are garbage-collected (``pipelines.rebuild.collect_garbage``, grace
-``rebuild_gc_grace_s``). The task commits the manifest itself; searchers poll it and swap.
+One replica (never more: two deciders would launch duplicate builds) plans every shard
+(``index.plan``: rows in parts the live version does not cover, plus tombstone parts it did not
+apply) every ``rebuild_check_s`` and launches ``index.rebuild.rebuild_shard`` (the one build
+path) as a Ray task when the delta reaches ``rebuild_delta_rows`` rows or
+``rebuild_delta_fraction`` of the shard's built rows. The task asks for the memory the build
+needs (``index.policy.estimate_build_memory``) and, when the cluster has ``shard_host`` nodes,
+runs on one (``rebuild_node_resource``), never inside a serving replica. ``POST /admin/rebuild``
+asks for one at once (``request``; ``force`` rebuilds a shard that is up to date, ``retrain``
+never reuses the quantizer; both off by default). At most one build per shard runs; a request
+while one runs is queued and runs right after it. The task commits the manifest itself;
+searchers poll it and swap.
+
+Garbage collection (``index.gc``) runs for a shard after its live version changes (a build here,
+or one committed by ``pipelines/build_index.py``) until it has nothing left to wait for: old
+versions go once no searcher's lease names them and ``rebuild_gc_grace_s`` has passed, with the
+parts and tombstones the new version folded in.
 """
 
 from __future__ import annotations
@@ -17,61 +24,66 @@ import logging
 import threading
 import time
 
-import pyarrow.parquet as pq
 import ray
 from ray import serve
 
+from index.gc import collect_garbage
 from index.manifest import load_manifest
-from index.store import Store
-from pipelines.rebuild import RebuildOptions, collect_garbage, live_meta, pending, rebuild_shard
+from index.plan import plan_shard
+from index.policy import build_memory_request
+from index.rebuild import RebuildOptions, delta_rows, rebuild_shard
 from serve.config import ServeConfig
 
 log = logging.getLogger("ray.serve")
+
+
+GC_INTERVAL_S = 5.0  # how often shards with garbage pending are looked at
+
+
+def _largest_node_memory() -> float:
+    return max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
 
 
 @serve.deployment(name="Rebuilder", num_replicas=1, ray_actor_options={"num_cpus": 0})
 class Rebuilder:
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.store = Store(config.store)
-        self.num_shards = load_manifest(self.store).num_shards
+        self.store = config.open_store()
+        manifest = load_manifest(self.store)
+        self.num_shards = manifest.num_shards
+        self.dim = manifest.dim
         self._lock = threading.Lock()
         self._running: dict[int, tuple[ray.ObjectRef, float, str]] = {}  # shard -> ref, t, why
-        self._queued: dict[int, str] = {}
+        self._queued: dict[int, tuple[str, bool, bool]] = {}  # shard -> why, force, retrain
         self._rows: dict[str, int] = {}  # part -> rows (parts are immutable)
+        self._live: dict[int, str | None] = {}  # live version dir last seen per shard
+        self._dirty: set[int] = set(range(self.num_shards))  # shards that may have garbage
         self.history: list[dict] = []
+        self.gc_history: list[dict] = []
         self.last_error: str | None = None
-        self._task = ray.remote(rebuild_shard).options(
-            num_cpus=config.rebuild_num_cpus, name="rebuild-shard"
-        )
+        self._task = ray.remote(rebuild_shard)
         self._stop = threading.Event()
         threading.Thread(target=self._loop, daemon=True, name="rebuilder").start()
 
-    def _options(self, force: bool) -> RebuildOptions:
+    def _options(self, force: bool, retrain: bool) -> RebuildOptions:
         c = self.config
         return RebuildOptions(
             memory_budget=c.rebuild_memory_budget,
             force=force,
+            retrain=retrain,
             drift_ratio=c.rebuild_drift_ratio,
-            grace_s=c.rebuild_gc_grace_s,
             threads=c.rebuild_threads,
         )
 
     # ---- deciding -----------------------------------------------------------------------------
     def delta_of(self, shard: int) -> dict:
         """Rows and tombstone parts the live version of ``shard`` does not cover."""
-        todo = pending(self.store, shard, live_meta(self.store, shard) or {})
-        rows = 0
-        for part in todo["parts"]:
-            if part not in self._rows:
-                meta = pq.read_metadata(self.store.path(part), filesystem=self.store.fs)
-                self._rows[part] = meta.num_rows
-            rows += self._rows[part]
+        plan = plan_shard(self.store, shard)
         return {
-            "rows": rows,
-            "parts": len(todo["parts"]),
-            "tombstone_parts": len(todo["tombstone_parts"]),
-            "base_count": todo["base_count"],
+            "rows": delta_rows(self.store, plan, self._rows),
+            "parts": len(plan.new_parts),
+            "tombstone_parts": len(plan.new_tombstones),
+            "base_count": (plan.meta or {}).get("count", 0),
         }
 
     def _due(self, delta: dict) -> str | None:
@@ -85,8 +97,22 @@ class Rebuilder:
             return f"delta {size} >= {c.rebuild_delta_fraction:.0%} of {delta['base_count']}"
         return None
 
-    def _launch(self, shard: int, why: str, force: bool) -> None:
-        ref = self._task.remote(self.store.uri, shard, self._options(force))
+    def _placement(self) -> dict[str, float]:
+        wanted = self.config.rebuild_node_resource
+        if wanted == "auto":
+            wanted = "shard_host" if ray.cluster_resources().get("shard_host") else ""
+        return {wanted: 0.001} if wanted else {}
+
+    def _launch(self, shard: int, why: str, force: bool, retrain: bool = False) -> None:
+        plan = plan_shard(self.store, shard)
+        rows = (plan.meta or {}).get("count", 0) + delta_rows(self.store, plan, self._rows)
+        task = self._task.options(
+            num_cpus=self.config.rebuild_num_cpus,
+            memory=build_memory_request(rows, self.dim, _largest_node_memory()),
+            resources=self._placement(),
+            name=f"rebuild-shard-{shard}",
+        )
+        ref = task.remote(self.store, shard, self._options(force, retrain))
         self._running[shard] = (ref, time.time(), why)
         log.info("rebuild of shard %d started: %s", shard, why)
 
@@ -103,19 +129,48 @@ class Rebuilder:
                 log.error("rebuild of shard %d failed: %s", shard, e)
             summary.update(trigger=why, started_at=started, finished_at=time.time())
             self.history = [*self.history[-49:], summary]
+            self._dirty.add(shard)
             if shard in self._queued:
-                self._launch(shard, self._queued.pop(shard), force=True)
+                self._launch(shard, *self._queued.pop(shard))
+
+    _last_gc = 0.0
+
+    def _collect(self) -> None:
+        """Garbage-collect shards whose live version changed, until nothing is left to wait for
+        (every ``GC_INTERVAL_S``: a shard waiting out its grace period costs a few requests)."""
+        if time.monotonic() - self._last_gc < GC_INTERVAL_S:
+            return
+        self._last_gc = time.monotonic()
+        manifest = load_manifest(self.store)
+        for shard, state in manifest.shards.items():
+            if self._live.get(shard, "unseen") != state.dir:
+                self._live[shard] = state.dir
+                self._dirty.add(shard)
+        for shard in sorted(self._dirty):
+            if shard in self._running:
+                continue
+            summary = collect_garbage(
+                self.store,
+                shard,
+                self.config.rebuild_gc_grace_s,
+                lease_ttl_s=self.config.lease_ttl_s,
+            )
+            if summary["versions"] or summary["parts"]:
+                self.gc_history = [*self.gc_history[-49:], {"shard": shard, **summary}]
+                log.info("shard %d: garbage collected %s", shard, summary)
+            if summary["waiting"] is None:
+                self._dirty.discard(shard)
 
     def _check(self, automatic: bool) -> None:
         with self._lock:
             self._reap()
-            for shard in range(self.num_shards):
-                if automatic and shard not in self._running:
-                    why = self._due(self.delta_of(shard))
-                    if why:
-                        self._launch(shard, why, force=False)
-                if shard not in self._running:
-                    collect_garbage(self.store, shard, self.config.rebuild_gc_grace_s)
+            if automatic:
+                for shard in range(self.num_shards):
+                    if shard not in self._running:
+                        why = self._due(self.delta_of(shard))
+                        if why:
+                            self._launch(shard, why, force=False)
+            self._collect()
 
     def _loop(self) -> None:
         automatic = self.config.rebuild_check_s > 0
@@ -138,8 +193,11 @@ class Rebuilder:
         return False
 
     # ---- requests -----------------------------------------------------------------------------
-    def request(self, shards: list[int] | None = None, force: bool = True) -> dict:
-        """Rebuild ``shards`` (default: all) now; one already running gets a follow-up queued."""
+    def request(
+        self, shards: list[int] | None = None, force: bool = False, retrain: bool = False
+    ) -> dict:
+        """Rebuild ``shards`` (default: all) now if they have anything to fold in (``force``:
+        even if not); one already running gets a follow-up queued."""
         shards = list(range(self.num_shards)) if shards is None else shards
         started, queued = [], []
         with self._lock:
@@ -148,10 +206,11 @@ class Rebuilder:
                 if not 0 <= shard < self.num_shards:
                     raise ValueError(f"shard {shard} out of range 0..{self.num_shards - 1}")
                 if shard in self._running:
-                    self._queued[shard] = "requested (queued after the running build)"
+                    why = "requested (queued after the running build)"
+                    self._queued[shard] = (why, force, retrain)
                     queued.append(shard)
                 else:
-                    self._launch(shard, "requested", force=force)
+                    self._launch(shard, "requested", force=force, retrain=retrain)
                     started.append(shard)
         return {"started": started, "queued": queued}
 
@@ -161,8 +220,9 @@ class Rebuilder:
             running = {s: {"since": t, "trigger": why} for s, (_, t, why) in self._running.items()}
             return {
                 "running": running,
-                "queued": dict(self._queued),
+                "queued": {s: q[0] for s, q in self._queued.items()},
                 "history": list(self.history),
+                "gc": list(self.gc_history),
                 "error": self.last_error,
                 "thresholds": {
                     "rows": self.config.rebuild_delta_rows,

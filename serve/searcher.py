@@ -12,6 +12,11 @@ thread polls the store listing every ``delta_poll_s`` for parts and tombstones o
 added; the replica a write was routed to gets it handed over (``add_rows``, ``add_tombstones``)
 before the write's HTTP response, so it is searchable at once there and on every other replica
 of the shard within ``delta_poll_s`` (plus the time to read the part).
+
+Each replica reports the version it serves in a lease file (``index.leases``) when it loads or
+swaps and every ``lease_interval_s``; garbage collection never deletes a version a fresh lease
+names. On an object store, the local copy of a version it swapped away from is evicted from the
+node cache (``index.cache``).
 """
 
 from __future__ import annotations
@@ -20,18 +25,28 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 
 import numpy as np
 from ray import serve
 
-from index.build import list_versions
 from index.delta import LiveShard, load_live_shard
+from index.leases import drop_lease, write_lease
 from index.manifest import load_manifest
+from index.publish import list_versions
 from index.shard_index import IndexLoadError, ShardIndex
 from index.store import Store
+from index.versions import version_number
 from serve.metrics import searcher_metrics
 
 log = logging.getLogger("ray.serve")
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a Serve replica (tests call the class directly)
+        return uuid.uuid4().hex[:12]
 
 
 @serve.deployment(name="ShardSearcher")
@@ -43,27 +58,31 @@ class ShardSearcher:
         reload_interval_s: float = 30.0,
         threads: int = 1,
         delta_poll_s: float = 0.5,
+        storage_options: dict | None = None,
+        lease_interval_s: float = 10.0,
     ):
         import faiss
 
         faiss.omp_set_num_threads(threads)  # several replicas share the CPUs
-        self.store = Store(store_uri)
+        self.store = Store(store_uri, storage_options)
         self.shard = shard
+        self.replica = _replica_id()
         self.index: LiveShard | None = None  # base version + delta - tombstones
         self._swap_lock = threading.Lock()  # hand-overs vs. the swap to a new version
         self.loaded_at: float | None = None
         self.reloads = 0
         self.load_error: str | None = None
+        self.lease_error: str | None = None
         self._load_first()
+        self._report()
         self._publish()
         self._stop = threading.Event()
-        if reload_interval_s > 0 or delta_poll_s > 0:
-            threading.Thread(
-                target=self._poll,
-                args=(reload_interval_s, delta_poll_s),
-                daemon=True,
-                name="reload",
-            ).start()
+        threading.Thread(
+            target=self._poll,
+            args=(reload_interval_s, delta_poll_s, lease_interval_s),
+            daemon=True,
+            name="reload",
+        ).start()
 
     # ---- loading ------------------------------------------------------------------------------
     def _load_first(self) -> None:
@@ -79,18 +98,19 @@ class ShardSearcher:
             log.warning("shard %d: live version refused: %s", self.shard, self.load_error)
         manifest = load_manifest(self.store)
         live = manifest.shards[self.shard].version
-        for version in sorted(
-            (v for v in list_versions(self.store, self.shard) if v < live), reverse=True
-        ):
+        older = [
+            name
+            for name in list_versions(self.store, self.shard)
+            if (version_number(name) or 0) < live
+        ]
+        for name in reversed(older):
             try:
-                view = load_live_shard(
-                    self.store, self.shard, version, manifest.dim, manifest.metric
-                )
+                view = load_live_shard(self.store, self.shard, name, manifest.dim, manifest.metric)
             except IndexLoadError as e:
-                log.warning("shard %d: version %d refused too: %s", self.shard, version, e)
+                log.warning("shard %d: version %s refused too: %s", self.shard, name, e)
                 continue
-            self.index, self.loaded_at = view, time.time()
-            log.warning("shard %d: serving version %d until %d loads", self.shard, version, live)
+            self._install(view)
+            log.warning("shard %d: serving version %s until %d loads", self.shard, name, live)
             return
         raise IndexLoadError(f"shard {self.shard}: no version loads; {self.load_error}")
 
@@ -103,31 +123,57 @@ class ShardSearcher:
         manifest = load_manifest(self.store)
         if manifest is None or self.shard not in manifest.shards:
             return False
-        version = manifest.shards[self.shard].version
+        state = manifest.shards[self.shard]
         current = self.index
-        if current is not None and (version is None or current.version == version):
+        if current is not None and (state.dir is None or current.version_dir == state.dir):
             return False
         if current is None:
-            view = load_live_shard(self.store, self.shard, version, manifest.dim, manifest.metric)
+            view = load_live_shard(self.store, self.shard, state.dir, manifest.dim, manifest.metric)
+            self._install(view)
         else:
-            base = ShardIndex.load(self.store, self.shard, version)  # the slow part, unlocked
-            with self._swap_lock:
+            base = ShardIndex.load(self.store, self.shard, state.dir)  # the slow part, unlocked
+            with self._swap_lock:  # no hand-over lands in the old view after this copy
                 view = current.rebased(base)
-                self.index = view  # one reference swap: atomic for readers
-        self.index, self.loaded_at = view, time.time()
+                self.index, self.loaded_at = view, time.time()
+            self._swapped(current, view)
         view.refresh()  # parts written while the version loaded
         return True
 
-    def _poll(self, reload_s: float, delta_s: float) -> None:
-        tick = min(t for t in (reload_s, delta_s) if t > 0)
-        next_reload = time.monotonic() + reload_s
+    def _install(self, view: LiveShard) -> None:
+        """Swap ``view`` in (one reference: atomic for readers)."""
+        with self._swap_lock:
+            old, self.index, self.loaded_at = self.index, view, time.time()
+        self._swapped(old, view)
+
+    def _swapped(self, old: LiveShard | None, view: LiveShard) -> None:
+        """After a swap: report the new version, and drop the local copy of the old one."""
+        self._report()
+        if old is not None and old.base is not None and old.version_dir != view.version_dir:
+            # queries already running on the old view keep its memory-mapped files open
+            self.store.evict_local(self.store.index_version_dir(self.shard, old.version_dir))
+
+    def _report(self) -> None:
+        """Write this replica's lease: the version it serves (garbage collection reads it)."""
+        view = self.index
+        try:
+            write_lease(self.store, self.shard, self.replica, view.version_dir if view else None)
+            self.lease_error = None
+        except Exception as e:  # keep serving; GC keeps versions of replicas it cannot see
+            self.lease_error = f"{type(e).__name__}: {e}"
+            log.warning("shard %d: could not write its lease: %s", self.shard, self.lease_error)
+
+    def _poll(self, reload_s: float, delta_s: float, lease_s: float) -> None:
+        periods = [t for t in (reload_s, delta_s, lease_s) if t > 0]
+        tick = min(periods) if periods else 1.0
+        now = time.monotonic()
+        next_reload, next_lease = now + reload_s, now + lease_s
         while not self._stop.wait(tick):
             try:
                 if reload_s > 0 and time.monotonic() >= next_reload:
                     next_reload = time.monotonic() + reload_s
                     if self._load_live():
                         self.reloads += 1
-                        log.info("shard %d now serves version %s", self.shard, self.index.version)
+                        log.info("shard %d now serves %s", self.shard, self.index.version_dir)
                 view = self.index
                 if delta_s > 0 and view is not None:
                     view.refresh()
@@ -135,7 +181,17 @@ class ShardSearcher:
             except Exception as e:  # keep serving the version we have
                 self.load_error = f"{type(e).__name__}: {e}"
                 log.warning("shard %d: reload failed: %s", self.shard, self.load_error)
+            if lease_s > 0 and time.monotonic() >= next_lease:
+                next_lease = time.monotonic() + lease_s
+                self._report()
             self._publish()
+
+    def reload(self) -> dict:
+        """Look for a new live version now (tests and operators; the poll does it on its own)."""
+        swapped = self._load_live()
+        if swapped:
+            self.reloads += 1
+        return {"swapped": swapped, "version": self.index.version_dir if self.index else None}
 
     def _publish(self) -> None:
         """Index gauges (version, rows, memory, delta) for Ray's Prometheus export."""
@@ -148,6 +204,10 @@ class ShardSearcher:
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
+            try:
+                drop_lease(self.store, self.shard, self.replica)
+            except Exception:  # best effort: a stale lease expires on its own
+                pass
 
     # ---- requests -----------------------------------------------------------------------------
     async def search(
@@ -213,6 +273,13 @@ class ShardSearcher:
         vector = await asyncio.to_thread(index.vector_of, row_id)
         return None if vector is None else np.asarray(vector, dtype=np.float32)
 
+    async def record(self, row_id: str) -> dict | None:
+        """The visible row ``row_id`` as ``{"id", "uri", "shard", ...}``, or None."""
+        index = self.index
+        if index is None:
+            return None
+        return await asyncio.to_thread(index.record_of, row_id)
+
     def ready(self) -> dict:
         index = self.index
         return {
@@ -227,16 +294,19 @@ class ShardSearcher:
         body = {
             "shard": self.shard,
             "version": None,
+            "version_dir": None,
             "count": 0,
             "memory_bytes": 0,
             "loaded_at": self.loaded_at,
             "reloads": self.reloads,
             "reload_error": self.load_error,
+            "lease_error": self.lease_error,
         }
         if index is not None:
             meta = index.meta or {}
             body.update(
                 version=index.version,
+                version_dir=index.version_dir,
                 count=index.count,
                 dim=index.dim,
                 metric=index.metric,

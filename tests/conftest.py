@@ -63,3 +63,19 @@ def ray_local(scratch_root):
     ray = init_local_ray(scratch_root / "ray", num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 for the session (``tests.s3``)."""
+    from tests.s3 import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_store_uri(s3_server) -> str:
+    """A store root in a bucket of its own: ``s3://<bucket>/store``."""
+    return f"{s3_server.new_bucket()}/store"

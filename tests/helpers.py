@@ -16,7 +16,7 @@ from index.store import Store
 
 
 def write_store(
-    root: str | os.PathLike[str],
+    root: str | os.PathLike[str] | Store,
     ids: Sequence[str],
     uris: Sequence[str],
     vectors: np.ndarray,
@@ -33,7 +33,7 @@ def write_store(
     Calling it again with another ``part_key`` appends a new part to each shard: new data for
     the index build to pick up.
     """
-    store = Store(root)
+    store = root if isinstance(root, Store) else Store(root)
     vectors = np.asarray(vectors, dtype=np.float32)
     shards = shards_of(ids, num_shards)
     ids_arr, uris_arr = np.asarray(ids, dtype=object), np.asarray(uris, dtype=object)
@@ -42,7 +42,7 @@ def write_store(
         if len(sel) == 0:
             continue
         table = schema.embeddings_table(list(ids_arr[sel]), list(uris_arr[sel]), vectors[sel])
-        path = os.path.join(store.embeddings_dir(shard), store.new_part_name(part_key))
+        path = f"{store.embeddings_dir(shard)}/{store.new_part_name(part_key)}"
         store.write_parquet(table, path)
 
     def update(m: Manifest | None) -> Manifest:

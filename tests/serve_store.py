@@ -1,7 +1,7 @@
 """A small real store for the Serve tests: real Caltech-101 photos, really embedded, real indexes.
 
 Embedding in-process with ``Embedder`` (no Ray Data job) keeps it to a few seconds; the rows are
-written with ``tests.helpers.write_store`` and indexed with ``index.build``, exactly
+written with ``tests.helpers.write_store`` and indexed with ``index.rebuild``, exactly
 as the pipelines do, so the Serve graph sees what it sees in production.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from embedding import Embedder, ModelConfig
-from index.build import build_shard, commit_results
+from index.rebuild import rebuild_shard
 from index.sharding import uri_id
 from index.store import Store
 from serve.api import Limits, image_crop
@@ -61,6 +61,6 @@ def write_caltech_store(
         model=embedder.name,
         weights=embedder.weights_tag,
     )
-    results = [build_shard(store, shard) for shard in range(num_shards)]
-    commit_results(store, [r for r in results if r is not None])
+    for shard in range(num_shards):
+        rebuild_shard(store, shard)
     return store, dict(zip(uris, vectors, strict=True))

@@ -140,3 +140,43 @@ def test_jpeg_draft_decode_keeps_orientation_and_pixels():
 def test_part_key_is_order_free_and_content_bound():
     assert part_key(["b", "a"]) == part_key(["a", "b"]) != part_key(["a", "c"])
     assert len(part_key(["x"])) == 24
+
+
+# ---- planning: what a run still has to do, per shard -------------------------------------------
+def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path):
+    from index import schema
+    from index.sharding import shard_of, uri_id
+    from pipelines.embed_plan import PlanCounts, ShardSpill, chunks, plan_pending, read_block
+    from tests.helpers import write_store
+
+    uris = [f"file:///photos/{i:03d}.jpg" for i in range(60)]
+    store = write_store(
+        tmp_path / "s",
+        [uri_id(u) for u in uris[:20]],  # the first 20 are stored already
+        uris[:20],
+        np.eye(60, 8, dtype=np.float32)[:20] + 0.1,
+        3,
+    )
+    failed = pa.array(uris[20:25])  # recorded as failed by an earlier run
+    spill = ShardSpill(3, str(tmp_path))
+    counts = PlanCounts()
+    for chunk in chunks(uris + uris[50:], size=16):  # the last ten listed twice
+        counts.inputs += len(chunk)
+        spill.add(chunk, [uri_id(u) for u in chunk])
+    spill.finish()
+    pending = plan_pending(store, spill, counts, failed=failed, limit=30, block_rows=4)
+    spill.close()
+    assert (counts.inputs, counts.duplicates) == (70, 10)
+    assert (counts.skipped_present, counts.skipped_failed) == (20, 5)
+    assert counts.pending == pending.rows == 30 and counts.deferred == 5  # --limit 30
+    assert [f[0] for f in pending.files] == sorted({f[0] for f in pending.files})  # shard order
+    rows = []
+    starts = pending.starts()
+    for block in range(pending.blocks):  # what the job's Ray Data blocks read, in order
+        table = read_block({"id": np.array([block])}, store=store, pending=pending, starts=starts)
+        assert 1 <= table.num_rows <= 4
+        shards = {shard_of(i, 3) for i in table[schema.ID].to_pylist()}
+        assert len(shards) == 1  # a block never mixes shards
+        rows += table[schema.URI].to_pylist()
+    assert len(rows) == len(set(rows)) == 30 and set(rows) <= set(uris[25:])
+    assert all(store.exists(f[1]) for f in pending.files)  # staged in the store itself

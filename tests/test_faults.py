@@ -308,7 +308,8 @@ def test_killed_ingress_costs_a_bounded_stall_then_full_answers(app):
 
 
 def test_corrupt_or_missing_index_file_is_refused_and_previous_version_keeps_serving(app):
-    from index.build import build_shard, commit_results
+    from index.publish import commit_results
+    from index.rebuild import RebuildOptions, build_shard
 
     store = app.store
 
@@ -323,8 +324,8 @@ def test_corrupt_or_missing_index_file_is_refused_and_previous_version_keeps_ser
     errors = []
     try:
         for damage in ("corrupt index.faiss", "missing vectors.npy"):
-            result = build_shard(store, 0, force=True)
-            vdir = store.index_version_dir(0, result.version)
+            result = build_shard(store, 0, RebuildOptions(force=True))
+            vdir = store.index_version_dir(0, result.dir)
             if damage.startswith("corrupt"):
                 with open(os.path.join(vdir, "index.faiss"), "r+b") as f:
                     f.seek(0)
@@ -332,7 +333,7 @@ def test_corrupt_or_missing_index_file_is_refused_and_previous_version_keeps_ser
             else:
                 os.remove(os.path.join(vdir, "vectors.npy"))
             commit_results(store, [result])  # the broken version is now the live one on disk
-            tag = f"{result.version:06d}"
+            tag = result.dir
             row = wait_for(
                 lambda tag=tag: (lambda s: s if tag in (s["reload_error"] or "") else None)(
                     shard0()
@@ -357,7 +358,7 @@ def test_corrupt_or_missing_index_file_is_refused_and_previous_version_keeps_ser
         wait_for_full_answers(traffic, time.monotonic(), 5, 30)
         restart = recovery(traffic.records, killed_at)
         assert all(r.status == 200 for r in traffic.since(killed_at)), restart  # never a 5xx
-        good = build_shard(store, 0, force=True)
+        good = build_shard(store, 0, RebuildOptions(force=True))
         commit_results(store, [good])
         # the error is cleared just after the swap (same poll round): wait for both
         wait_for(

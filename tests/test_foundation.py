@@ -41,14 +41,19 @@ def test_store_lists_only_committed_parts(tmp_path):
     d = store.embeddings_dir(3)
     store.write_bytes(f"{d}/part-b.parquet", b"x")
     store.write_bytes(f"{d}/part-a.parquet", b"x")
+    store.write_bytes(f"{d}/base-v000001-0123abcd-00000.parquet", b"x")
     (tmp_path / "embeddings" / "shard=00003" / ".tmp-123").write_bytes(b"half")
-    assert store.list_parts(3) == [
+    assert store.list_parts(3) == [  # delta candidates: never a version's base parts
         "embeddings/shard=00003/part-a.parquet",
         "embeddings/shard=00003/part-b.parquet",
     ]
-    store.write_bytes(f"{d}/once", b"1", exclusive=True)
+    assert store.list_base_parts(3) == [
+        "embeddings/shard=00003/base-v000001-0123abcd-00000.parquet"
+    ]
+    store.create_bytes(f"{d}/once", b"1")
     with pytest.raises(FileExistsError):
-        store.write_bytes(f"{d}/once", b"2", exclusive=True)
+        store.create_bytes(f"{d}/once", b"2")
+    assert (tmp_path / "embeddings" / "shard=00003" / "once").read_bytes() == b"1"
 
 
 def _new(m):
@@ -70,10 +75,13 @@ def test_manifest_commits_are_sequential_and_skip_torn_files(tmp_path):
     [t.join() for t in threads]
     latest = load_manifest(store)
     assert latest.sequence == 9 and latest.shards[0].count == 8  # no lost update
-    # a torn newer file is ignored, the last complete one wins
+    # a torn newer file is ignored, the last complete one wins ...
     (tmp_path / "_manifests" / "000010.json").write_text('{"model": "m", "trunc')
     assert load_manifest(store).sequence == 9
     assert json.loads((tmp_path / "manifest.json").read_text())["sequence"] == 9
+    # ... and does not block the next commit, which takes the number after it
+    assert commit_manifest(store, bump).sequence == 11
+    assert load_manifest(store).shards[0].count == 9
     with pytest.raises(ManifestMismatch):
         latest.check_compatible("other", "w", 4, 2)
     with pytest.raises(ManifestMismatch):

@@ -8,11 +8,14 @@ import pyarrow as pa
 import pytest
 
 from index import schema
-from index.build import build_shard, commit_results, list_versions
 from index.delta import LiveShard, load_live_shard, write_rows, write_tombstones
+from index.gc import collect_garbage
+from index.leases import write_lease
 from index.manifest import load_manifest
+from index.plan import plan_shard
+from index.publish import commit_results, list_versions
+from index.rebuild import RebuildOptions, build_shard, rebuild_shard
 from index.shard_index import ShardIndex
-from pipelines.rebuild import RebuildOptions, collect_garbage, pending, rebuild_shard
 from tests.helpers import write_store
 
 pytestmark = pytest.mark.slow
@@ -35,8 +38,12 @@ def store(tmp_path):
     x = unit(rng, 6000, center=centers[rng.integers(0, 20, 6000)])
     ids = [f"b{i:05d}" for i in range(len(x))]
     store = write_store(tmp_path / "s", ids, [f"mem://{i}" for i in ids], x, 1)
-    commit_results(store, [build_shard(store, 0)])
+    rebuild_shard(store, 0)
     return store, ids, x, centers
+
+
+def live_dir(store):
+    return load_manifest(store).shards[0].dir
 
 
 def add(store, ids, vectors, ingested_ms=None):
@@ -52,7 +59,7 @@ def top_ids(view, q, k=10):
 def test_delta_tombstones_and_rebuild_keep_visibility(store):
     store, ids, x, centers = store
     rng = np.random.default_rng(1)
-    view = load_live_shard(store, 0, load_manifest(store).shards[0].version, DIM, "ip")
+    view = load_live_shard(store, 0, live_dir(store), DIM, "ip")
     assert view.base.meta["kind"] == "ivfpq" and view.stats()["delta"] == 0
     assert top_ids(view, x[5])[0] == ids[5]
 
@@ -79,7 +86,7 @@ def test_delta_tombstones_and_rebuild_keep_visibility(store):
         got = top_ids(view, q, 10)
         assert row_id not in got and len(got) == 10
         assert view.vector_of(row_id) is None
-    other = load_live_shard(store, 0, view.version, DIM, "ip")  # a fresh replica agrees
+    other = load_live_shard(store, 0, view.version_dir, DIM, "ip")  # a fresh replica agrees
     assert ids[5] not in top_ids(other, x[5]) and other.stats()["delta"] == 49
 
     # an id deleted and added again is visible again (its newest row wins)
@@ -88,9 +95,9 @@ def test_delta_tombstones_and_rebuild_keep_visibility(store):
     assert top_ids(view, x[5])[0] == ids[5]
 
     # rebuild: folds the delta in, applies the tombstones, reuses the quantizer (no drift)
-    todo = pending(store, 0)
-    assert len(todo["parts"]) == 3 and len(todo["tombstone_parts"]) == 1
-    summary = rebuild_shard(store.uri, 0, RebuildOptions(grace_s=3600))
+    todo = plan_shard(store, 0)
+    assert len(todo.new_parts) == 3 and len(todo.new_tombstones) == 1 and not todo.up_to_date
+    summary = rebuild_shard(store, 0)
     assert summary["built"] and not summary["retrained"], summary
     assert "reuse" in summary["reason"]
     base = ShardIndex.load(store, 0)
@@ -101,7 +108,7 @@ def test_delta_tombstones_and_rebuild_keep_visibility(store):
     assert top_ids(rebased, x[5])[0] == ids[5]
     assert new_ids[3] not in top_ids(rebased, new[3])
     assert top_ids(rebased, new[30])[0] == new_ids[30]
-    assert rebuild_shard(store.uri, 0)["built"] is False  # nothing new: a no-op
+    assert rebuild_shard(store, 0)["built"] is False  # nothing new: a no-op
 
     # a delete after the rebuild: hidden in the base through the IDSelector, until the next one
     tomb2, ms2 = write_tombstones(store, 0, [new_ids[30]])
@@ -109,39 +116,81 @@ def test_delta_tombstones_and_rebuild_keep_visibility(store):
     assert new_ids[30] not in top_ids(rebased, new[30])
     assert rebased.stats()["hidden_base_rows"] == 1
 
-    # drifted data (far from every centroid) -> retrain; GC keeps live + previous within grace
+    # drifted data (far from every centroid) -> retrain
     far = unit(rng, 3000)
     add(store, [f"f{i:04d}" for i in range(3000)], far)
-    summary = rebuild_shard(store.uri, 0, RebuildOptions(grace_s=3600))
+    summary = rebuild_shard(store, 0)
     assert summary["built"] and summary["retrained"], summary
     live = load_manifest(store).shards[0]
-    assert list_versions(store, 0) == [live.version - 1, live.version]
-    assert collect_garbage(store, 0, grace_s=0) == [live.version - 1]
-    assert list_versions(store, 0) == [live.version]
-    final = load_live_shard(store, 0, live.version, DIM, "ip")
+    versions = list_versions(store, 0)
+    assert len(versions) == 3 and versions[-1] == live.dir
+    # GC: nothing within the grace period; then the old versions, every part and tombstone part
+    # the live version folded in, and the old versions' base parts: a few base parts remain
+    assert collect_garbage(store, 0, grace_s=3600)["versions"] == []
+    gone = collect_garbage(store, 0, grace_s=0)
+    assert gone["versions"] == versions[:2] and gone["waiting"] is None
+    assert list_versions(store, 0) == [live.dir]
+    assert store.list_parts(0) == [] and store.list_tombstone_parts(0) == []
+    assert store.list_base_parts(0) == ShardIndex.load(store, 0).meta["base_parts"]
+    final = load_live_shard(store, 0, live.dir, DIM, "ip")
     assert new_ids[30] not in top_ids(final, new[30]) and final.stats()["hidden_base_rows"] == 0
+    assert final.count == 6000 + 50 - 1 - 1 + 3000 and final.stats()["delta"] == 0
+    # a copy of a deleted row that arrives late (written before the delete) stays hidden: the
+    # live version keeps the deletes it applied (tombstones.parquet) after the parts are gone
+    add(store, [new_ids[30]], new[30:31], ingested_ms=ms2 - 1)
+    final.refresh()
+    assert new_ids[30] not in top_ids(final, new[30])
+    assert rebuild_shard(store, 0)["built"]
+    assert ShardIndex.load(store, 0).row_key(new_ids[30]) is None
 
 
 def test_gc_keeps_the_newest_version_that_loads_when_the_live_one_is_broken(tmp_path):
     """Searchers serve (and restart on) the newest version that loads; GC must not delete it."""
     import os
 
-    from index.build import build_shard, commit_results
-
     rng = np.random.default_rng(3)
     x = unit(rng, 400)
     store = write_store(tmp_path / "s", [f"r{i}" for i in range(400)], [""] * 400, x, 1)
+    force = RebuildOptions(force=True)
     for _ in range(2):  # v1, v2: good
-        commit_results(store, [build_shard(store, 0, force=True)])
-    broken = build_shard(store, 0, force=True)  # v3: a file lost after it was committed
+        commit_results(store, [build_shard(store, 0, force)])
+    v1, v2 = list_versions(store, 0)
+    broken = build_shard(store, 0, force)  # v3: a file lost after it was committed
     commit_results(store, [broken])
-    os.remove(os.path.join(store.index_version_dir(0, broken.version), "vectors.npy"))
-    assert collect_garbage(store, 0, grace_s=0) == []  # v2 serves; v1 is its previous
-    assert list_versions(store, 0) == [1, 2, 3]
-    commit_results(store, [build_shard(store, 0, force=True)])  # v4: good again
-    assert collect_garbage(store, 0, grace_s=3600) == [1, 2]  # v3 is v4's previous: grace
-    assert collect_garbage(store, 0, grace_s=0) == [3]
-    assert list_versions(store, 0) == [4]
+    os.remove(os.path.join(store.index_version_dir(0, broken.dir), "vectors.npy"))
+    # v2 serves (the anchor); v1 may go, v3 (live, broken) stays for whoever repairs it
+    assert collect_garbage(store, 0, grace_s=0)["versions"] == [v1]
+    assert list_versions(store, 0) == [v2, broken.dir]
+    commit_results(store, [build_shard(store, 0, force)])  # v4: good again
+    assert collect_garbage(store, 0, grace_s=3600)["versions"] == []  # within the grace
+    assert collect_garbage(store, 0, grace_s=0)["versions"] == [v2, broken.dir]
+    assert len(list_versions(store, 0)) == 1
+
+
+def test_gc_never_deletes_a_version_a_replica_serves(tmp_path):
+    """Replicas report their version in a lease; GC waits for them, not for a timer alone, and
+    keeps the parts an older served version still reads as its delta."""
+    rng = np.random.default_rng(4)
+    x = unit(rng, 300)
+    store = write_store(tmp_path / "s", [f"r{i}" for i in range(300)], [""] * 300, x, 1)
+    rebuild_shard(store, 0)
+    old = live_dir(store)
+    replica = load_live_shard(store, 0, old, DIM, "ip")
+    write_lease(store, 0, "replica-a", old)  # replica-a serves the old version
+    part, _ = add(store, ["late"], unit(rng, 1))
+    assert rebuild_shard(store, 0)["built"]
+    waiting = collect_garbage(store, 0, grace_s=0)
+    assert waiting["versions"] == [] and "still served" in waiting["waiting"]
+    assert part in store.list_parts(0)  # the old version reads it as its delta: kept
+    replica.refresh()
+    assert top_ids(replica, unit(np.random.default_rng(4), 1)[0])  # still serving, files intact
+    write_lease(store, 0, "replica-a", live_dir(store))  # it swapped
+    assert collect_garbage(store, 0, grace_s=0)["versions"] == [old]
+    assert part not in store.list_parts(0)
+    # a replica that stopped renewing its lease stops holding anything once it expires
+    rebuild_shard(store, 0, RebuildOptions(force=True))
+    now = __import__("time").time() + 3600
+    assert collect_garbage(store, 0, grace_s=0, now=now)["versions"] != []
 
 
 def test_delta_only_shard_and_l2(tmp_path):

@@ -11,9 +11,10 @@ import json
 import numpy as np
 import pytest
 
-from index.build import build_arrays, build_shard, commit_results
+from index.build import build_arrays
 from index.merge import merge_topk
 from index.policy import IndexSpec
+from index.rebuild import rebuild_shard
 from index.recall import main as recall_main
 from index.recall import recall_at_k, search_all
 from index.shard_index import ShardIndex
@@ -27,8 +28,8 @@ def _sharded(tmp_path, data, num_shards):
     ids = [str(i) for i in range(n)]
     uris = [f"ann://{i}" for i in ids]
     store = write_store(tmp_path / "store", ids, uris, data["train"], num_shards, data["metric"])
-    results = [build_shard(store, s) for s in range(num_shards)]
-    commit_results(store, results)
+    for s in range(num_shards):
+        rebuild_shard(store, s)
     return store, [ShardIndex.load(store, s) for s in range(num_shards)]
 
 

@@ -19,18 +19,13 @@ import numpy as np
 import pytest
 
 from benchmarks.common import gaussian_mixture
-from index.build import (
-    INDEX_FILE,
-    META_FILE,
-    VECTORS_FILE,
-    build_arrays,
-    build_shard,
-    commit_results,
-    list_versions,
-)
+from index.build import build_arrays
 from index.manifest import load_manifest
+from index.publish import commit_results, list_versions
+from index.rebuild import RebuildOptions, build_shard
 from index.shard_index import IndexLoadError, ShardIndex, default_candidates
 from index.store import Store
+from index.versions import INDEX_FILE, META_FILE, VECTORS_FILE, version_number
 from tests.helpers import write_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +41,8 @@ def _rows(n: int, seed: int = 0, prefix: str = "img"):
 
 def _build_all(store: Store, **kwargs) -> list:
     manifest = load_manifest(store)
-    results = [build_shard(store, s, **kwargs) for s in range(manifest.num_shards)]
+    options = RebuildOptions(**kwargs)
+    results = [build_shard(store, s, options) for s in range(manifest.num_shards)]
     done = [r for r in results if r is not None]
     if done:
         commit_results(store, done)
@@ -57,6 +53,10 @@ def _version_dirs(store: Store, shard: int) -> list[str]:
     return store.ls(store.shard_index_dir(shard))
 
 
+def _numbers(store: Store, shard: int) -> list[int]:
+    return [version_number(n) for n in list_versions(store, shard)]
+
+
 def test_build_search_and_noop_rerun(tmp_path):
     ids, uris, vectors = _rows(2400)
     store = write_store(tmp_path / "s", ids, uris, vectors, num_shards=2)
@@ -64,14 +64,15 @@ def test_build_search_and_noop_rerun(tmp_path):
     assert all(r is not None and r.version == 1 for r in first)
     manifest = load_manifest(store)
     assert sum(manifest.shards[s].count for s in (0, 1)) == 2400
-    assert manifest.shards[0].parts == store.list_parts(0)
+    assert manifest.shards[0].dir == first[0].dir and "parts" not in manifest.to_json()
 
     shard = ShardIndex.load(store, 0)
     assert shard.meta["kind"] == "ivfpq" and "x4fs" in shard.meta["factory"]
     assert shard.meta["parts"] == store.list_parts(0) and shard.meta["train_size"] >= 30 * 16
+    assert shard.meta["base_parts"] == store.list_base_parts(0)  # the compacted rows
     assert set(shard.meta["files"]) == {"index.faiss", "rows.parquet", "vectors.npy"}
     # a stored vector finds itself first, with its exact (float16) score
-    row_id = shard._rows.ids[5].decode()
+    row_id = shard.id_of(5)
     vec = shard.vector_of(row_id)
     assert vec is not None and vec.dtype == np.float32 and shard.vector_of("nope") is None
     hits = shard.search(vec, 5)
@@ -101,7 +102,10 @@ def test_build_search_and_noop_rerun(tmp_path):
     manifest = load_manifest(store)
     assert sum(manifest.shards[s].count for s in (0, 1)) == 2700  # the re-ingested id once
     assert sum(r.meta["duplicates_dropped"] for r in second) == 1
-    assert all(len(manifest.shards[s].parts) == 2 for s in (0, 1))
+    # v2 read v1's base parts and the new part (not the old part again), and accounts for both
+    assert all(r.meta["parts"] == store.list_parts(r.shard) for r in second)
+    assert all(r.meta["rows_read"] == r.count + r.meta["duplicates_dropped"] for r in second)
+    assert all(r.meta["base_parts"][0].endswith(f"base-{r.dir}-00000.parquet") for r in second)
     assert ShardIndex.load(store, 1).version == 2 and ShardIndex.load(store, 1, 1).version == 1
 
 
@@ -118,7 +122,7 @@ def test_tiny_and_empty_shards_get_flat_versions(tmp_path):
     empty = ShardIndex.load(store, 2)
     assert empty.count == 0 and empty.search(vectors[:2], 5) == [[], []]
     full = ShardIndex.load(store, 0)
-    q = full.vector_of(full._rows.ids[0].decode())
+    q = full.vector_of(full.id_of(0))
     ids_of = lambda hits: [h.id for h in hits[0]]  # noqa: E731
     assert ids_of(full.search(q, 3)) == ids_of(full.search(q, 3, rerank=False))
     assert ids_of(full.search_exact(q, 3)) == ids_of(full.search(q, 3))
@@ -159,7 +163,7 @@ def test_corrupt_or_incomplete_versions_are_refused(tmp_path):
     ids, uris, vectors = _rows(1000)
     store = write_store(tmp_path / "s", ids, uris, vectors, num_shards=1)
     _build_all(store)
-    vdir = Path(store.index_version_dir(0, 1))
+    vdir = Path(store.index_version_dir(0, load_manifest(store).shards[0].dir))
     assert ShardIndex.load(store, 0).version == 1
 
     data = bytearray((vdir / INDEX_FILE).read_bytes())
@@ -180,7 +184,7 @@ def test_corrupt_or_incomplete_versions_are_refused(tmp_path):
     (vdir / META_FILE).rename(vdir / "meta.moved")
     with pytest.raises(IndexLoadError, match="missing"):
         ShardIndex.load(store, 0)
-    with pytest.raises(IndexLoadError, match="does not exist"):
+    with pytest.raises(IndexLoadError, match="no version 7"):
         ShardIndex.load(store, 0, version=7)
 
 
@@ -196,7 +200,8 @@ def test_failed_build_leaves_previous_version_live(tmp_path):
 
     with pytest.raises(MemoryError):
         build_shard(store, 0, on_stage=explode)
-    assert _version_dirs(store, 0) == ["v000001"]  # no half-written version, no temp left
+    assert _numbers(store, 0) == [1]  # no half-written version, no temp left
+    assert _version_dirs(store, 0) == list_versions(store, 0)
     assert ShardIndex.load(store, 0).version == 1
     assert build_shard(store, 0).version == 2  # and the next build goes through
 
@@ -212,7 +217,7 @@ def test_killed_build_leaves_previous_version_live(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
-        from index.build import build_shard
+        from index.rebuild import build_shard
         from index.store import Store
 
         def stage(name):
@@ -239,9 +244,9 @@ def test_killed_build_leaves_previous_version_live(tmp_path):
             child.kill()
             child.wait()
     names = _version_dirs(store, 0)
-    assert [n for n in names if n.startswith("v")] == ["v000001"]
+    assert [n for n in names if n.startswith("v")] == list_versions(store, 0)
     assert any(n.startswith(".tmp-") for n in names)  # the killed build's hidden scratch
-    assert list_versions(store, 0) == [1]
+    assert _numbers(store, 0) == [1]
     live = ShardIndex.load(store, 0)
     assert live.version == 1 and live.count == 1200
     result = build_shard(store, 0)
@@ -260,7 +265,7 @@ def test_object_store_versions_become_visible_only_through_the_manifest(tmp_path
     _build_all(store)
     assert ShardIndex.load(store, 0).version == 1
     # a crashed upload of version 2: some files, no meta.json, manifest not updated
-    partial = store.index_version_dir(0, 2)
+    partial = store.index_version_dir(0, "v000002-0badc0de")
     store.write_bytes(f"{partial}/{INDEX_FILE}", b"half an index")
     assert ShardIndex.load(store, 0).version == 1
     with pytest.raises(IndexLoadError):
