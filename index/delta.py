@@ -25,6 +25,12 @@ directly (``add_rows``, ``add_tombstones``) so they are searchable before its HT
 returns. ``rebased`` carries the delta rows and tombstones over to a newly built base version,
 dropping rows it covers.
 
+Metadata: delta rows keep their metadata columns in ``index.columns.GrowingColumns`` (appended
+with the rows, snapshotted with them). A filtered ``search`` evaluates the filter on the base's
+columns (``ShardIndex.search_filtered``: exact or IVF+PQ by selectivity, hidden base rows
+removed from the allowed set) and on the delta's (exact search over the live rows it allows);
+``fields`` names the columns each hit carries, and ``record_of`` returns all of them.
+
 Thread safety: mutations hold a lock; searches read one immutable ``_Snapshot`` reference, so a
 search never sees a half-applied change and never waits for a refresh.
 """
@@ -35,6 +41,7 @@ import posixpath
 import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import faiss
@@ -43,9 +50,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index import schema
+from index.columns import Columns, GrowingColumns
 from index.exact import exact_search
+from index.filter_plan import FilterPlan
+from index.filters import Filter, evaluate
 from index.hits import Hit
 from index.merge import merge_topk
+from index.metadata import metadata_columns
 from index.plan import applied_tombstones, covered_parts
 from index.shard_index import ShardIndex
 from index.store import Store
@@ -53,6 +64,7 @@ from index.versions import TOMBSTONES_FILE
 from index.visibility import hides, ms_of, supersedes
 
 _INITIAL_CAPACITY = 256
+_NO_KEYS = np.zeros(0, np.int64)
 _BULK_LOOKUP = 64  # parts with more rows look their ids up in the base in one hash join
 
 
@@ -61,11 +73,13 @@ class _Snapshot:
     base: ShardIndex | None
     exclude: faiss.IDSelector | None  # hidden base row keys (IDSelectorNot of a batch)
     hidden_base_count: int
+    hidden: np.ndarray  # the hidden base row keys, sorted (what a filtered search removes)
     vectors: np.ndarray  # (n, dim) float32 view of the delta buffer
     ids: list[str]  # append-only; the first n belong to this snapshot
     uris: list[str]
     alive: np.ndarray  # (n,) bool, a private copy
     alive_count: int
+    meta: Columns  # the delta rows' metadata columns (views of the first n rows)
 
 
 def _part_name(kind: str, ms: int) -> str:
@@ -104,18 +118,18 @@ def read_tombstones(store: Store | None, path: str) -> tuple[list[str], np.ndarr
     return table[schema.ID].to_pylist(), ms_of(table[schema.DELETED_AT])
 
 
-def read_rows(store: Store, part: str) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """(ids, uris, float32 vectors, ingested_at ms) of one embeddings part."""
-    table = pq.read_table(
-        store.path(part),
-        columns=[schema.ID, schema.URI, schema.EMBEDDING, schema.INGESTED_AT],
-        filesystem=store.fs,
-    )
+def read_rows(
+    store: Store, part: str
+) -> tuple[list[str], list[str], np.ndarray, np.ndarray, pa.Table | None]:
+    """(ids, uris, float32 vectors, ingested_at ms, metadata columns or None) of one part."""
+    table = pq.read_table(store.path(part), filesystem=store.fs)
+    meta = metadata_columns(table.column_names)
     return (
         table[schema.ID].to_pylist(),
         table[schema.URI].to_pylist(),
         schema.arrow_to_vectors(table[schema.EMBEDDING]),
         ms_of(table[schema.INGESTED_AT]),
+        table.select(meta) if meta else None,
     )
 
 
@@ -143,6 +157,7 @@ class LiveShard:
         self._uris: list[str] = []
         self._ingested: list[int] = []
         self._alive = np.zeros(0, bool)
+        self._meta = GrowingColumns()  # the delta rows' metadata columns
         self._newest: dict[str, int] = {}  # id -> its newest delta row
         self._part_rows: dict[str, tuple[int, int]] = {}  # delta part -> [start, stop) rows
         # tombstones
@@ -170,8 +185,8 @@ class LiveShard:
         loaded_rows = [(p, read_rows(self.store, p)) for p in parts]
         loaded_tombs = [(p, read_tombstones(self.store, p)) for p in tombs]
         with self._lock:
-            for part, (ids, uris, vectors, ingested) in loaded_rows:
-                self._add_rows(part, ids, uris, vectors, ingested)
+            for part, (ids, uris, vectors, ingested, meta) in loaded_rows:
+                self._add_rows(part, ids, uris, vectors, ingested, meta)
             for part, (ids, deleted) in loaded_tombs:
                 self._add_tombstones(part, ids, deleted, part in self.applied_tombstones)
             if loaded_rows or loaded_tombs:
@@ -185,10 +200,15 @@ class LiveShard:
         uris: list[str],
         vectors: np.ndarray,
         ingested_at_ms: np.ndarray | list[int],
+        metadata: pa.Table | Mapping[str, Sequence] | None = None,
     ) -> None:
-        """Rows its writer just wrote durably as ``part`` (relative path): searchable on return."""
+        """Rows its writer just wrote durably as ``part`` (relative path): searchable on return.
+        ``metadata``: their metadata columns, as written (a table, or column -> values)."""
+        if metadata is not None and not isinstance(metadata, pa.Table):
+            metadata = pa.table(dict(metadata)) if metadata else None
         with self._lock:
-            self._add_rows(part, ids, uris, vectors, np.asarray(ingested_at_ms, np.int64))
+            ingested = np.asarray(ingested_at_ms, np.int64)
+            self._add_rows(part, ids, uris, vectors, ingested, metadata)
             self._publish()
 
     def add_tombstones(self, part: str, ids: list[str], deleted_at_ms: np.ndarray | list[int]):
@@ -212,6 +232,7 @@ class LiveShard:
                         self._uris[start:stop],
                         self._buf[start:stop],
                         np.asarray(self._ingested[start:stop], np.int64),
+                        self._meta.table(start, stop),
                     )
             for part, (ids, deleted) in self._tomb_parts.items():
                 if "/" + TOMBSTONES_FILE not in part:  # the old base's own applied deletes
@@ -227,13 +248,16 @@ class LiveShard:
             return [None if k < 0 else int(k) for k in self.base.row_keys(ids)]
         return [self.base.row_key(i) for i in ids]
 
-    def _add_rows(self, part, ids, uris, vectors, ingested) -> None:
+    def _add_rows(self, part, ids, uris, vectors, ingested, meta=None) -> None:
         if part in self._part_rows or part in self.covered:
             return  # already here (a writer's hand-over and the poll raced)
         vectors = np.asarray(vectors, np.float32).reshape(-1, self.dim)
         n = len(ids)
         if not (len(uris) == n == len(vectors) == len(ingested)):
             raise ValueError("ids, uris, vectors and ingested_at differ in length")
+        if meta is not None and meta.num_rows != n:
+            raise ValueError(f"{meta.num_rows} rows of metadata for {n} rows")
+        self._meta.append(meta, n)  # first: it may raise; the rows below never half-apply
         self._reserve(self._n + n)
         start = self._n
         # float16 rounding: the same numbers the base version will hold after a rebuild
@@ -293,25 +317,35 @@ class LiveShard:
 
     def _snapshot(self, rebuild_selector: bool) -> _Snapshot:
         exclude = None if rebuild_selector else self._snap.exclude
+        hidden = _NO_KEYS if rebuild_selector else self._snap.hidden
         if rebuild_selector and self._hidden_keys:
             keys = np.fromiter(self._hidden_keys, np.int64, len(self._hidden_keys))
+            keys.sort()
             batch = faiss.IDSelectorBatch(keys)
             exclude = faiss.IDSelectorNot(batch)
             exclude.referenced = batch  # keep the inner selector alive with the outer one
+            hidden = keys
         alive = self._alive[: self._n].copy()
         return _Snapshot(
             base=self.base,
             exclude=exclude,
             hidden_base_count=len(self._hidden_keys),
+            hidden=hidden,
             vectors=self._buf[: self._n],
             ids=self._ids,
             uris=self._uris,
             alive=alive,
             alive_count=int(alive.sum()),
+            meta=self._meta.snapshot(self._n),
         )
 
     # ---- reading ------------------------------------------------------------------------------
-    def search(
+    def search(self, queries: np.ndarray, k: int, **options) -> list[list[Hit]]:
+        """Top ``k`` visible rows per query over base (reranked) and delta (exact), merged;
+        ``options`` are ``search_with_plan``'s (nprobe, candidates, rerank, filter, fields)."""
+        return self.search_with_plan(queries, k, **options)[0]
+
+    def search_with_plan(
         self,
         queries: np.ndarray,
         k: int,
@@ -319,8 +353,16 @@ class LiveShard:
         nprobe: int | None = None,
         candidates: int | None = None,
         rerank: bool = True,
-    ) -> list[list[Hit]]:
-        """Top ``k`` visible rows per query over base (reranked) and delta (exact), merged."""
+        filter: Filter | None = None,  # noqa: A002 (the API's word)
+        fields: Sequence[str] | None = None,
+    ) -> tuple[list[list[Hit]], FilterPlan | None]:
+        """The top ``k`` hits per query, and the plan of the base's filtered search (None
+        without a filter).
+
+        ``filter`` (``index.filters``, already checked against the store's schema) restricts
+        the hits to the rows it matches; ``fields`` names the metadata columns each hit carries
+        (``Hit.metadata``).
+        """
         snap = self._snap
         q = np.asarray(queries, np.float32)
         q = q[None, :] if q.ndim == 1 else q
@@ -328,31 +370,64 @@ class LiveShard:
             raise ValueError(f"queries must be (n, {self.dim}), got shape {np.shape(queries)}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        if snap.base is not None:
+        plan = None
+        if snap.base is None:
+            base_hits = [[] for _ in range(len(q))]
+        elif filter is None:
             base_hits = snap.base.search(
-                q, k, nprobe=nprobe, candidates=candidates, rerank=rerank, exclude=snap.exclude
+                q,
+                k,
+                nprobe=nprobe,
+                candidates=candidates,
+                rerank=rerank,
+                exclude=snap.exclude,
+                fields=fields,
             )
         else:
-            base_hits = [[] for _ in range(len(q))]
-        delta_hits = self._search_delta(snap, q, k)
-        return [
+            base_hits, plan = snap.base.search_filtered(
+                q,
+                k,
+                filter,
+                hidden=snap.hidden,
+                nprobe=nprobe,
+                candidates=candidates,
+                rerank=rerank,
+                fields=fields,
+            )
+        delta_hits = self._search_delta(snap, q, k, filter, fields)
+        merged = [
             merge_topk([b, d], k, self.metric) for b, d in zip(base_hits, delta_hits, strict=True)
         ]
+        return merged, plan
 
-    def _search_delta(self, snap: _Snapshot, q: np.ndarray, k: int) -> list[list[Hit]]:
+    def _search_delta(
+        self,
+        snap: _Snapshot,
+        q: np.ndarray,
+        k: int,
+        flt: Filter | None = None,
+        fields: Sequence[str] | None = None,
+    ) -> list[list[Hit]]:
         if snap.alive_count == 0:
             return [[] for _ in range(len(q))]
-        scores, rows = exact_search(
-            q, snap.vectors, min(k, snap.alive_count), self.metric, valid=snap.alive
-        )
-        return [
-            [
-                Hit(snap.ids[j], snap.uris[j], float(s), self.shard)
-                for s, j in zip(scores[i], rows[i], strict=True)
-                if j >= 0
-            ]
-            for i in range(len(q))
-        ]
+        valid, count = snap.alive, snap.alive_count
+        if flt is not None:
+            valid = valid & evaluate(flt, snap.meta)
+            count = int(np.count_nonzero(valid))
+            if count == 0:
+                return [[] for _ in range(len(q))]
+        scores, rows = exact_search(q, snap.vectors, min(k, count), self.metric, valid=valid)
+        out = []
+        for i in range(len(q)):
+            found = [(float(s), int(j)) for s, j in zip(scores[i], rows[i], strict=True) if j >= 0]
+            metas = snap.meta.records(np.asarray([j for _, j in found], np.int64), fields or [])
+            out.append(
+                [
+                    Hit(snap.ids[j], snap.uris[j], s, self.shard, metas[x] if fields else None)
+                    for x, (s, j) in enumerate(found)
+                ]
+            )
+        return out
 
     def vector_of(self, row_id: str) -> np.ndarray | None:
         """The visible vector of ``row_id`` (delta first, then base), or None."""
@@ -364,23 +439,28 @@ class LiveShard:
             return snap.vectors[index].copy()
         return snap.base.vector_of(row_id)
 
-    def record_of(self, row_id: str) -> dict | None:
-        """``{"id", "uri", "shard", "ingested_at_ms", "in"}`` of the visible row ``row_id``
-        (``in``: "delta" or "base"), or None when no visible row has that id."""
+    def record_of(self, row_id: str, fields: Sequence[str] | None = None) -> dict | None:
+        """``{"id", "uri", "shard", "ingested_at_ms", "in", "metadata"}`` of the visible row
+        ``row_id`` (``in``: "delta" or "base"; ``metadata``: the ``fields`` asked, default every
+        column the row's version or the delta holds), or None when no visible row has that id."""
         found = self._locate(row_id)
         if found is None:
             return None
         snap, where, index = found
         if where == "delta":
             uri, ingested = snap.uris[index], self._ingested[index]
+            names = list(snap.meta.columns) if fields is None else list(fields)
+            metadata = snap.meta.records(np.asarray([index]), names)[0]
         else:
             uri, ingested = snap.base.uri_of(index), snap.base.ingested_at(index)
+            metadata = snap.base.metadata_of(np.asarray([index]), fields)[0]
         return {
             "id": row_id,
             "uri": uri,
             "shard": self.shard,
             "ingested_at_ms": int(ingested),
             "in": where,
+            "metadata": metadata,
         }
 
     def _locate(self, row_id: str) -> tuple[_Snapshot, str, int] | None:
@@ -410,9 +490,9 @@ class LiveShard:
         return {} if self.base is None else self.base.meta
 
     def memory_bytes(self) -> int:
-        """The base version's RAM (``ShardIndex.memory_bytes``) plus the delta buffer."""
+        """The base version's RAM (``ShardIndex.memory_bytes``) plus the delta buffers."""
         base = 0 if self.base is None else self.base.memory_bytes()
-        return base + int(self._buf.nbytes)
+        return base + int(self._buf.nbytes) + self._meta.nbytes
 
     def fetch_size(self, k: int, candidates: int | None = None, rerank: bool = True) -> int:
         """Rows taken from the compressed base index for a top-``k`` search (0 without one)."""

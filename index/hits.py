@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -19,3 +19,6 @@ class Hit:
     uri: str
     score: float
     shard: int = -1
+    # the row's metadata columns that the search asked for (``fields``); None when none were
+    # asked. Not part of equality: two hits of one row are the same hit whatever they carry.
+    metadata: dict | None = field(default=None, compare=False)

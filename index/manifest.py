@@ -8,7 +8,9 @@ proposes one past the highest *name* listed, so a torn or foreign file never blo
 ``manifest.json`` at the root is a convenience copy for humans and tools; nothing trusts it.
 
 The manifest is O(shards), whatever the number of rows or writes: model, dimension, metric, the
-id scheme, and per shard the live version (its number and directory name), its row count and
+id scheme, the metadata schema (column -> type, at most ``index.metadata.MAX_COLUMNS``; every
+writer merges its columns in by ``index.metadata.merge_schema`` or is refused), and per shard
+the live version (its number and directory name), its row count and
 when it was built and made live. What a version was built from (parts, applied tombstones) is
 in that version's own ``meta.json`` (``index.publish``), read once per swap.
 """
@@ -24,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from index.metadata import MetadataError, check_schema, merge_schema
 from index.store import Store
 
 FORMAT_VERSION = 2
@@ -56,6 +59,7 @@ class Manifest:
     metric: str = "ip"
     id_scheme: str = "uri"
     shards: dict[int, ShardState] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)  # column -> type (index.metadata)
     sequence: int = 0
     written_at: float = 0.0
 
@@ -66,6 +70,7 @@ class Manifest:
             raise ValueError(f"id_scheme must be one of {ID_SCHEMES}, got {self.id_scheme!r}")
         if self.dim < 1 or self.num_shards < 1:
             raise ValueError(f"dim and num_shards must be >= 1, got {self.dim}, {self.num_shards}")
+        self.metadata = check_schema(self.metadata)
         for s in range(self.num_shards):
             self.shards.setdefault(s, ShardState())
 
@@ -97,6 +102,7 @@ class Manifest:
             metric=body["metric"],
             id_scheme=body.get("id_scheme", "uri"),
             shards=shards,
+            metadata=body.get("metadata") or {},
             sequence=body["sequence"],
             written_at=body["written_at"],
         )
@@ -120,6 +126,26 @@ class Manifest:
                 f"store names rows by {self.id_scheme!r} ids; refusing to write {id_scheme!r} "
                 f"ids ({'drop' if id_scheme == 'content' else 'add'} --dedup, or use a new store)"
             )
+
+    def with_metadata(self, columns: dict[str, str]) -> Manifest:
+        """This manifest with ``columns`` merged into its metadata schema (new ones added, the
+        rest checked, ``index.metadata.merge_schema``); a conflict is a ManifestMismatch."""
+        try:
+            self.metadata = merge_schema(self.metadata, columns)
+        except MetadataError as e:
+            raise ManifestMismatch(str(e)) from None
+        return self
+
+
+def evolve_metadata(store: Store, columns: dict[str, str]) -> Manifest:
+    """Merge a writer's metadata ``columns`` into the store's schema before it writes rows with
+    them (one commit when something is new; none when the schema already has them)."""
+    current = load_manifest(store)
+    if current is None:
+        raise ValueError(f"{store} has no manifest")
+    if copy.deepcopy(current).with_metadata(columns).metadata == current.metadata:
+        return current  # nothing new (a conflict raised ManifestMismatch above)
+    return commit_manifest(store, lambda m: m.with_metadata(columns))
 
 
 def _shard_state(body: dict) -> ShardState:

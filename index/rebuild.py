@@ -55,6 +55,7 @@ import pyarrow.parquet as pq
 from index import schema
 from index.build import build_arrays
 from index.manifest import load_manifest
+from index.metadata import TYPES
 from index.plan import ShardPlan, base_parts_of, plan_shard
 from index.policy import IndexSpec, choose_index, parse_memory
 from index.publish import (
@@ -243,6 +244,7 @@ def build_shard(
             store, shard, name, table, _parse_bytes(options.base_part_bytes)
         )
         core = (schema.ID, schema.URI, schema.EMBEDDING)
+        table = _typed_metadata(table, manifest.metadata)
         extra_columns = [c for c in table.column_names if c not in core]
         meta = build_arrays(
             vectors,
@@ -262,6 +264,7 @@ def build_shard(
                 "version": version,
                 "dir": name,
                 "model": manifest.model_tag,
+                "metadata": {c: t for c, t in manifest.metadata.items() if c in extra_columns},
                 "base_parts": base_parts,
                 # every part-* listed: its rows are in the base parts now (read from the live
                 # version's base parts, or from the part itself when new)
@@ -304,6 +307,16 @@ def rebuild_shard(store: Store | str, shard: int, options: RebuildOptions | None
         )
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return summary
+
+
+def _typed_metadata(table: pa.Table, columns: dict[str, str]) -> pa.Table:
+    """The metadata columns in their schema types (parts are written in them; this keeps a part
+    written before a column was widened from int to float from changing rows.parquet's type)."""
+    for name, kind in columns.items():
+        if name in table.column_names and table[name].type != TYPES[kind]:
+            i = table.column_names.index(name)
+            table = table.set_column(i, pa.field(name, TYPES[kind]), table[name].cast(TYPES[kind]))
+    return table
 
 
 def _rows_of_parts(store: Store, parts: list[str], dim: int) -> np.ndarray:

@@ -16,10 +16,19 @@ rows of this version inside the FAISS search.
 Row ids are kept as one Arrow string array (offsets + bytes: the size of the ids themselves, so
 one long id costs only its own bytes) with each row's ``ingested_at`` (for the visibility rules),
 and looked up by binary search over the rows, which builds store sorted by id.
+
+Metadata columns of ``rows.parquet`` are held in memory in the compact columnar form of
+``index.columns``. ``search_filtered`` evaluates a filter (``index.filters``) over them once
+per version and filter (a small LRU cache: the version is immutable), then searches the rows it
+allows by the plan of ``index.filter_plan``: exact over few rows, else IVF+PQ with an
+``IDSelectorBitmap`` and an nprobe raised to where this query's matching rows are.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +39,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from index import schema
+from index.columns import Columns
 from index.exact import exact_search
+from index.filter_plan import FilterPlan, ivf_nprobe, prefer_exact
+from index.filters import Filter, evaluate
 from index.hits import Hit
 from index.manifest import load_manifest
+from index.metadata import MetadataError, metadata_columns
 from index.publish import list_versions
 from index.rerank import rerank
 from index.store import Store
@@ -53,6 +66,7 @@ from index.visibility import ms_of
 __all__ = ["Hit", "IndexLoadError", "ShardIndex", "check_version_dir", "index_memory"]
 
 MAX_DEFAULT_CANDIDATES = 10_000
+FILTER_CACHE = 32  # filters whose masks a version keeps (an LRU: the version is immutable)
 
 
 def default_candidates(k: int, tuned: int | None = None) -> int:
@@ -73,11 +87,22 @@ class _Rows:
     uris: pa.Array
     ingested: np.ndarray  # int64 ms by row key (0 when unknown)
     order: np.ndarray | None = None  # row keys in id order, when the ids are not sorted
+    meta: Columns | None = None  # metadata columns by row key (index.columns)
 
     @property
     def nbytes(self) -> int:
         extra = 0 if self.order is None else self.order.nbytes
+        extra += 0 if self.meta is None else self.meta.nbytes
         return self.ids.nbytes + self.uris.nbytes + self.ingested.nbytes + extra
+
+
+@dataclass(frozen=True)
+class _Allowed:
+    """A filter's rows in one version: the mask, how many, and how many in each IVF list."""
+
+    mask: np.ndarray
+    count: int
+    per_list: np.ndarray | None  # None for a version without IVF lists
 
 
 class ShardIndex:
@@ -106,6 +131,9 @@ class ShardIndex:
         self._rows = rows
         self._vectors = vectors
         self._ivf = find_ivf(index)
+        self._lists: tuple[np.ndarray, np.ndarray] | None = None  # (list of each key, sizes)
+        self._masks: OrderedDict[Filter, _Allowed] = OrderedDict()
+        self._masks_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -206,6 +234,7 @@ class ShardIndex:
         candidates: int | None = None,
         rerank: bool = True,
         exclude: faiss.IDSelector | None = None,
+        fields: Sequence[str] | None = None,
     ) -> list[list[Hit]]:
         """Top ``k`` hits of each query (one list per query, best first, up to ``k`` long).
 
@@ -214,7 +243,8 @@ class ShardIndex:
         scaled with k; ``max(4k, 100)`` for older versions) how many compressed-index results are
         rescored exactly when ``rerank``. Without rerank, scores are the index's approximations.
         ``exclude`` selects row keys to hide (deleted or superseded rows, ``index.delta``); it is
-        applied inside the FAISS search, so up to ``k`` visible rows still come back.
+        applied inside the FAISS search, so up to ``k`` visible rows still come back. ``fields``
+        names the metadata columns each hit carries (``Hit.metadata``; None: none).
         """
         q = self._check_queries(queries)
         if k < 1:
@@ -228,7 +258,129 @@ class ShardIndex:
             scores, keys = self.rerank(q, keys, k)
         else:
             scores, keys = scores[:, :k], keys[:, :k]
-        return self._hits(scores, keys)
+        return self._hits(scores, keys, fields)
+
+    # ---- filtered search ----------------------------------------------------------------------
+    def filter_mask(self, flt: Filter) -> np.ndarray:
+        """Which rows of this version match ``flt`` (read-only; cached per filter)."""
+        return self._allowed(flt).mask
+
+    def _allowed(self, flt: Filter) -> _Allowed:
+        with self._masks_lock:
+            found = self._masks.get(flt)
+            if found is not None:
+                self._masks.move_to_end(flt)
+                return found
+        mask = evaluate(flt, self._rows.meta or Columns(self.count))
+        mask.setflags(write=False)
+        per_list = None
+        if self._ivf is not None:
+            list_of, _ = self._list_assignment()
+            per_list = np.bincount(list_of[mask], minlength=self._ivf.nlist)
+        found = _Allowed(mask, int(np.count_nonzero(mask)), per_list)
+        with self._masks_lock:
+            self._masks[flt] = found
+            while len(self._masks) > FILTER_CACHE:
+                self._masks.popitem(last=False)
+        return found
+
+    def search_filtered(
+        self,
+        queries: np.ndarray,
+        k: int,
+        flt: Filter,
+        *,
+        hidden: np.ndarray | None = None,
+        nprobe: int | None = None,
+        candidates: int | None = None,
+        rerank: bool = True,
+        fields: Sequence[str] | None = None,
+    ) -> tuple[list[list[Hit]], FilterPlan]:
+        """Top ``k`` hits among the rows ``flt`` allows, less the row keys ``hidden`` (deleted
+        or superseded, ``index.delta``), and the plan it followed (``index.filter_plan``):
+        exact search over the allowed rows when they are few, else IVF+PQ with a bitmap
+        selector and an nprobe raised to where this query's allowed rows are."""
+        q = self._check_queries(queries)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        found = self._allowed(flt)
+        mask, count, per_list = found.mask, found.count, found.per_list
+        if hidden is not None and len(hidden):
+            gone = hidden[mask[hidden]]
+            if len(gone):
+                mask = mask.copy()
+                mask[gone] = False
+                count -= len(gone)
+                if per_list is not None:
+                    list_of, _ = self._list_assignment()
+                    per_list = per_list - np.bincount(list_of[gone], minlength=len(per_list))
+        if count == 0 or len(q) == 0:
+            return [[] for _ in range(len(q))], FilterPlan("none", 0, self.count)
+        if self._ivf is None:
+            return self._search_rows(q, k, mask, count, fields), FilterPlan(
+                "exact", count, self.count
+            )
+        base_nprobe = self.default_nprobe if nprobe is None else int(nprobe)
+        if base_nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {base_nprobe}")
+        _, sizes = self._list_assignment()
+        order = self._list_order(q)
+        chosen, scanned = 0, 0
+        for row in order:
+            probe, codes = ivf_nprobe(per_list[row], sizes[row], base_nprobe, self.count)
+            chosen, scanned = max(chosen, probe), max(scanned, codes)
+        if prefer_exact(count, scanned):
+            hits = self._search_rows(q, k, mask, count, fields)
+            return hits, FilterPlan("exact", count, self.count)
+        bitmap = np.packbits(mask, bitorder="little")
+        selector = faiss.IDSelectorBitmap(self.count, faiss.swig_ptr(bitmap))
+        fetch = self.fetch_size(k, candidates, rerank)
+        scores, keys = self._candidates(q, fetch, chosen, selector)
+        del selector, bitmap  # the search is done with them (they lived until here)
+        if rerank:
+            scores, keys = self.rerank(q, keys, k)
+        else:
+            scores, keys = scores[:, :k], keys[:, :k]
+        plan = FilterPlan("ivf", count, self.count, chosen, scanned)
+        return self._hits(scores, keys, fields), plan
+
+    def _search_rows(
+        self, q: np.ndarray, k: int, mask: np.ndarray, count: int, fields
+    ) -> list[list[Hit]]:
+        """Exact top ``k`` over the rows of ``mask`` (``count`` of them), by row key."""
+        rows = np.flatnonzero(mask)
+        scores, found = exact_search(q, self._vectors[rows], min(k, count), self.metric)
+        keys = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
+        return self._hits(scores, keys, fields)
+
+    def _list_assignment(self) -> tuple[np.ndarray, np.ndarray]:
+        """(IVF list of each row key, rows per list), read once from the inverted lists."""
+        if self._lists is None:
+            invlists = self._ivf.invlists
+            list_of = np.zeros(self.count, np.int32)
+            sizes = np.zeros(self._ivf.nlist, np.int64)
+            for i in range(self._ivf.nlist):
+                size = invlists.list_size(i)
+                if size:
+                    ids = invlists.get_ids(i)
+                    try:
+                        list_of[faiss.rev_swig_ptr(ids, size)] = i
+                    finally:
+                        invlists.release_ids(i, ids)
+                sizes[i] = size
+            self._lists = (list_of, sizes)
+        return self._lists
+
+    def _list_order(self, q: np.ndarray) -> np.ndarray:
+        """Every IVF list, nearest first, for each query (the coarse quantizer's order)."""
+        x = q
+        index = self._index
+        while isinstance(index, faiss.IndexPreTransform):
+            for i in range(index.chain.size()):
+                x = index.chain.at(i).apply(x)
+            index = faiss.downcast_index(index.index)
+        _, order = self._ivf.quantizer.search(np.ascontiguousarray(x), self._ivf.nlist)
+        return order
 
     def fetch_size(self, k: int, candidates: int | None = None, rerank: bool = True) -> int:
         """How many results a search of top ``k`` takes from the compressed index."""
@@ -281,21 +433,40 @@ class ShardIndex:
         scores, keys = exact_search(q, self._vectors, min(k, self.count), self.metric)
         return self._hits(scores, keys)
 
-    def _hits(self, scores: np.ndarray, keys: np.ndarray) -> list[list[Hit]]:
+    def _hits(
+        self, scores: np.ndarray, keys: np.ndarray, fields: Sequence[str] | None = None
+    ) -> list[list[Hit]]:
         valid = keys >= 0
-        flat_keys = pa.array(keys[valid])
+        flat = keys[valid]
+        flat_keys = pa.array(flat)
         ids = self._rows.ids.take(flat_keys).to_pylist()
         uris = self._rows.uris.take(flat_keys).to_pylist()
         flat_scores = scores[valid].tolist()
+        metas = self.metadata_of(flat, fields) if fields else [None] * len(ids)
         out: list[list[Hit]] = []
         pos = 0
         for row in valid:
             count = int(row.sum())
             out.append(
-                [Hit(ids[i], uris[i], flat_scores[i], self.shard) for i in range(pos, pos + count)]
+                [
+                    Hit(ids[i], uris[i], flat_scores[i], self.shard, metas[i])
+                    for i in range(pos, pos + count)
+                ]
             )
             pos += count
         return out
+
+    @property
+    def metadata_schema(self) -> dict[str, str]:
+        """``{column: type}`` of the metadata this version holds."""
+        return {} if self._rows.meta is None else self._rows.meta.schema
+
+    def metadata_of(self, keys: np.ndarray, fields: Sequence[str] | None = None) -> list[dict]:
+        """The metadata of row ``keys`` (``fields``, default every column this version has;
+        a column it lacks, added to the store later, reads as None)."""
+        meta = self._rows.meta or Columns(self.count)
+        names = list(meta.columns) if fields is None else list(fields)
+        return meta.records(np.asarray(keys, np.int64), names)
 
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         q = np.asarray(queries, dtype=np.float32)
@@ -349,7 +520,7 @@ class ShardIndex:
 
     def memory_bytes(self) -> int:
         """Bytes this version holds in RAM: the index (codes, ids, centroids, tables) and the
-        row ids/uris. The memory-mapped float16 vectors are not counted (page cache)."""
+        row ids/uris/metadata. The memory-mapped float16 vectors are not counted (page cache)."""
         return index_memory(self._index)["total"] + self._rows.nbytes
 
     def memory_breakdown(self) -> dict:
@@ -357,6 +528,7 @@ class ShardIndex:
         return {
             **index_memory(self._index),
             "rows": self._rows.nbytes,
+            "metadata": 0 if self._rows.meta is None else self._rows.meta.nbytes,
             "vectors_mmap": int(self._vectors.nbytes),
         }
 
@@ -417,8 +589,10 @@ def _read_rows(path: Path, count: int) -> _Rows:
         columns = [KEY, schema.ID, schema.URI]
         if schema.INGESTED_AT in names:
             columns.append(schema.INGESTED_AT)
+        columns += metadata_columns(names)
         table = pq.read_table(path, columns=columns)
-    except (OSError, pa.ArrowException) as e:
+        meta = Columns.from_arrow(table)
+    except (OSError, pa.ArrowException, MetadataError) as e:
         raise IndexLoadError(f"{path}: {e}") from e
     if table.num_rows != count:
         raise IndexLoadError(f"{path}: {table.num_rows} rows, meta says {count}")
@@ -433,4 +607,6 @@ def _read_rows(path: Path, count: int) -> _Rows:
     order = None
     if count > 1 and not pc.all(pc.less(ids[:-1], ids[1:])).as_py():
         order = pc.sort_indices(ids).to_numpy()  # built from arrays not in id order
-    return _Rows(ids=ids, uris=table[schema.URI].combine_chunks(), ingested=ingested, order=order)
+    return _Rows(
+        ids=ids, uris=table[schema.URI].combine_chunks(), ingested=ingested, order=order, meta=meta
+    )

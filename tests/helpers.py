@@ -8,9 +8,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pyarrow as pa
 
 from index import schema
 from index.manifest import Manifest, commit_manifest
+from index.metadata import schema_of_table
 from index.sharding import shards_of
 from index.store import Store
 
@@ -26,30 +28,39 @@ def write_store(
     model: str = "test-model",
     weights: str = "none",
     part_key: str = "0",
+    metadata: pa.Table | None = None,
 ) -> Store:
     """Write rows into ``embeddings/shard=NNNNN/part-<part_key>.parquet`` routed by ``shard_of``
     (as the embedding job does) and commit a manifest for them (creating it if needed).
 
     Calling it again with another ``part_key`` appends a new part to each shard: new data for
-    the index build to pick up.
+    the index build to pick up. ``metadata`` (one row per id) is stored as typed columns and
+    its schema merged into the manifest's, as the embedding job does with a sidecar table.
     """
     store = root if isinstance(root, Store) else Store(root)
     vectors = np.asarray(vectors, dtype=np.float32)
     shards = shards_of(ids, num_shards)
     ids_arr, uris_arr = np.asarray(ids, dtype=object), np.asarray(uris, dtype=object)
+    columns = schema_of_table(metadata) if metadata is not None else {}
     for shard in range(num_shards):
         sel = np.flatnonzero(shards == shard)
         if len(sel) == 0:
             continue
-        table = schema.embeddings_table(list(ids_arr[sel]), list(uris_arr[sel]), vectors[sel])
+        extra = None
+        if metadata is not None:
+            part = metadata.take(pa.array(sel))
+            extra = {name: part[name].combine_chunks() for name in part.column_names}
+        table = schema.embeddings_table(
+            list(ids_arr[sel]), list(uris_arr[sel]), vectors[sel], extra=extra
+        )
         path = f"{store.embeddings_dir(shard)}/{store.new_part_name(part_key)}"
         store.write_parquet(table, path)
 
     def update(m: Manifest | None) -> Manifest:
         if m is None:
-            return Manifest(model, weights, vectors.shape[1], num_shards, metric)
+            m = Manifest(model, weights, vectors.shape[1], num_shards, metric)
         m.check_compatible(model, weights, vectors.shape[1], num_shards)
-        return m
+        return m.with_metadata(columns)
 
     commit_manifest(store, update)
     return store
