@@ -43,12 +43,14 @@ TYPES: dict[str, pa.DataType] = {
     "float": pa.float64(),
     "bool": pa.bool_(),
 }
+A_TYPE = {"string": "a string", "int": "an int", "float": "a float", "bool": "a bool"}
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_COLUMNS = 64
 MAX_STRING_CHARS = 4096
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# core columns of the Parquet parts and rows.parquet, plus the names of a result's own keys and
-# the JSON-text column ``POST /images`` wrote before metadata was typed
+# core columns of the Parquet parts and rows.parquet, the names of a result's own keys, the
+# JSON-text column ``POST /images`` wrote before metadata was typed, the request fields of a
+# multipart form, and the embedding job's working columns (``pipelines.embed_stages``)
 RESERVED = frozenset(
     {
         *core.CORE_COLUMNS,
@@ -61,6 +63,13 @@ RESERVED = frozenset(
         "shard",
         "in",
         "ingested_at_ms",
+        "file",
+        "vector",
+        "filter",
+        "fields",
+        "crop",
+        "embedded_at",
+        "model_seconds",
     }
 )
 
@@ -191,13 +200,15 @@ def check_value(name: str, kind: str, value: Any) -> Any:
             raise MetadataError(f"{name!r} is a string column; got {_describe(value)}")
         if len(value) > MAX_STRING_CHARS:
             raise MetadataError(f"{name!r}: strings are at most {MAX_STRING_CHARS} characters")
+        if not is_unicode(value):
+            raise MetadataError(f"{name!r}: the string is not valid Unicode (a lone surrogate)")
         return value
     if kind == "bool":
         if not isinstance(value, bool):
             raise MetadataError(f"{name!r} is a bool column; got {_describe(value)}")
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise MetadataError(f"{name!r} is an {kind} column; got {_describe(value)}")
+        raise MetadataError(f"{name!r} is {A_TYPE[kind]} column; got {_describe(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise MetadataError(f"{name!r}: {value} is not a finite number")
     if kind == "int":
@@ -235,6 +246,15 @@ def metadata_columns(names: Iterable[str]) -> list[str]:
     """The names among ``names`` that can be metadata columns (parts and rows.parquet hold the
     core columns and possibly the old JSON-text ``metadata`` column too)."""
     return [n for n in names if n not in RESERVED and NAME_RE.match(n)]
+
+
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` can be stored (UTF-8): JSON can carry lone surrogates, Arrow cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _describe(value: Any) -> str:

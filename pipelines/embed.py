@@ -11,6 +11,11 @@ shard (``embed_stages``). Bad inputs become rows of ``<store>/errors/``; the job
 job-level reasons (bad settings, another model's store, an unreachable cluster), never for one
 file. Ids follow the store's id scheme (recorded in its manifest): the URI's hash, or with
 ``--dedup`` the bytes' hash; a store refuses runs of the other scheme.
+
+Metadata: ``--metadata TABLE`` (CSV, Parquet or JSON lines with a ``uri`` column), or an input
+table file with extra columns, gives each row typed metadata columns joined by URI
+(``pipelines.sidecar``); the store's schema grows by ``index.metadata``'s rule, and a column
+whose type differs from the store's stops the run (exit 2) before it writes a row.
 Exit status: 0 done (even with error rows), 1 job failure, 2 bad settings or inputs.
 """
 
@@ -31,7 +36,13 @@ from embedding import Embedder  # noqa: E402
 from embedding.backbones import WeightsUnavailable  # noqa: E402
 from embedding.model import MALLOC_ENV  # noqa: E402
 from index import schema  # noqa: E402
-from index.manifest import Manifest, ManifestMismatch, commit_manifest, load_manifest  # noqa: E402
+from index.manifest import (  # noqa: E402
+    Manifest,
+    ManifestMismatch,
+    commit_manifest,
+    evolve_metadata,
+    load_manifest,
+)
 from index.sharding import uri_id  # noqa: E402
 from index.store import Store  # noqa: E402
 from pipelines import embed_config as cfg  # noqa: E402
@@ -52,7 +63,8 @@ from pipelines.embed_stages import (  # noqa: E402
     read_decode_batch,
     write_parts,
 )
-from pipelines.inputs import InputError, iter_inputs  # noqa: E402
+from pipelines.inputs import InputError, is_table_name, iter_inputs  # noqa: E402
+from pipelines.sidecar import Sidecar  # noqa: E402
 
 
 @dataclass
@@ -76,6 +88,14 @@ class EmbedSummary:
     actors: int = 0
     error_stages: dict[str, int] = field(default_factory=dict)
     store_duplicates: int = 0  # ids stored more than once before this run (should stay 0)
+    # metadata sidecars (pipelines.sidecar): their columns, rows read, rows skipped (no uri),
+    # repeated uris (first kept), and staged inputs with and without a row
+    metadata_columns: dict[str, str] = field(default_factory=dict)
+    metadata_rows: int = 0
+    metadata_skipped: int = 0
+    metadata_duplicates: int = 0
+    metadata_matched: int = 0
+    metadata_missing: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -97,10 +117,18 @@ class EmbedSummary:
             skipped.append(f"{self.duplicates} duplicate inputs")
         if self.deferred:
             skipped.append(f"{self.deferred} left by --limit")
-        return (
+        line = (
             f"embedded {self.embedded} images ({', '.join(skipped)}), {self.errors} errors, "
             f"{self.images_per_s:.1f} images/s, store {self.store}"
         )
+        if self.metadata_columns:
+            line += (
+                f"; metadata {', '.join(f'{k}:{v}' for k, v in self.metadata_columns.items())}: "
+                f"{self.metadata_matched} rows matched, {self.metadata_missing} without a row, "
+                f"{self.metadata_skipped} table rows without a uri skipped, "
+                f"{self.metadata_duplicates} repeated uris"
+            )
+        return line
 
     def to_dict(self) -> dict:
         return {
@@ -221,12 +249,30 @@ def hash_inputs(ray, store: Store, config: EmbedJobConfig, spill: ShardSpill, bl
         store.rm(staged.staging, recursive=True)
 
 
+def load_sidecar(store: Store, config: EmbedJobConfig, num_shards: int) -> Sidecar | None:
+    """The job's metadata tables, spilled per shard, their columns merged into the store's
+    schema (a type conflict raises ManifestMismatch before any row is written)."""
+    tables = [*config.metadata, *(i for i in config.input if is_table_name(i.strip()))]
+    if not tables:
+        return None
+    sidecar = Sidecar(num_shards)
+    try:
+        sidecar.load(tables)
+        sidecar.store_schema = evolve_metadata(store, sidecar.counts.columns).metadata
+    except BaseException:
+        sidecar.close()
+        raise
+    return sidecar
+
+
 def plan_job(ray_factory, store: Store, config: EmbedJobConfig, num_shards: int, summary):
     """Stream the inputs into a per-shard spill and stage what still needs embedding."""
     block_rows = config.read_batch or config.batch_size or cfg.CPU_BATCH_SIZE
     counts = PlanCounts()
     spill = ShardSpill(num_shards)
+    sidecar = None
     try:
+        sidecar = load_sidecar(store, config, num_shards)
         if config.dedup:
             counts.inputs, read_errors = hash_inputs(
                 ray_factory(), store, config, spill, block_rows
@@ -243,10 +289,24 @@ def plan_job(ray_factory, store: Store, config: EmbedJobConfig, num_shards: int,
             raise InputError(f"no image files found in {', '.join(config.input)}")
         failed = None if config.retry_errors else failed_uris(store)
         pending = plan_pending(
-            store, spill, counts, failed=failed, limit=config.limit, block_rows=block_rows
+            store,
+            spill,
+            counts,
+            failed=failed,
+            limit=config.limit,
+            block_rows=block_rows,
+            sidecar=sidecar,
+            every_shard=config.dedup,
         )
     finally:
         spill.close()
+        if sidecar is not None:
+            sidecar.close()
+            c = sidecar.counts
+            summary.metadata_columns = dict(sidecar.store_schema)
+            summary.metadata_rows, summary.metadata_skipped = c.rows, c.skipped
+            summary.metadata_duplicates, summary.metadata_matched = c.duplicates, c.matched
+            summary.metadata_missing = c.missing
     summary.inputs = counts.inputs
     summary.skipped_present = counts.skipped_present
     summary.skipped_failed = counts.skipped_failed

@@ -17,6 +17,7 @@ from embedding.backbones import BACKBONES, DEFAULT_BACKBONE
 from embedding.model import ModelConfig
 from embedding.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from index.store import parse_storage_options
+from pipelines.inputs import is_table_name
 
 DEFAULT_NUM_SHARDS = 4
 CPU_ACTOR_CPUS = 0.5  # fractional: a pool holding whole CPUs starves the decode tasks (RAY-HERE)
@@ -41,6 +42,9 @@ class EmbedJobConfig:
     """
 
     input: list[str] = field(default_factory=list)  # folders, globs, list files, fsspec URIs
+    # sidecar tables (CSV, Parquet, JSON lines) with a uri column: the rows' metadata columns
+    # (an input that is itself such a table is one too; pipelines.sidecar)
+    metadata: list[str] = field(default_factory=list)
     store: str = "./store"
     storage_options: dict | None = None  # fsspec options of the store (endpoint, keys, region)
     num_shards: int | None = None
@@ -69,6 +73,11 @@ class EmbedJobConfig:
         if not isinstance(self.input, (list, tuple)):
             raise ConfigError(f"input: expected a path or a list of paths, got {self.input!r}")
         self.input = [os.fspath(i) if isinstance(i, os.PathLike) else str(i) for i in self.input]
+        if isinstance(self.metadata, (str, os.PathLike)):
+            self.metadata = [self.metadata]
+        if not isinstance(self.metadata, (list, tuple)):
+            raise ConfigError(f"metadata: expected a table path or a list, got {self.metadata!r}")
+        self.metadata = [os.fspath(m) if isinstance(m, os.PathLike) else m for m in self.metadata]
         self.validate()
 
     def validate(self) -> None:
@@ -76,6 +85,11 @@ class EmbedJobConfig:
             raise ConfigError("input: give at least one folder, glob, list file or URI")
         if any(not str(i).strip() for i in self.input):
             raise ConfigError("input: empty string")
+        for table in self.metadata:
+            if not isinstance(table, str) or not is_table_name(table.strip()):
+                raise ConfigError(
+                    f"metadata: {table!r} is not a .csv, .parquet or .jsonl table with a uri column"
+                )
         if not str(self.store).strip():
             raise ConfigError("store: empty")
         if self.model not in BACKBONES:
@@ -151,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="an input, as a flag (repeatable; same as the positional inputs)",
     )
     p.add_argument("--config", help="YAML file with any of these settings (flags win)")
+    p.add_argument(
+        "--metadata",
+        action="append",
+        metavar="TABLE",
+        help="sidecar table (CSV, Parquet or JSON lines) with a uri column and metadata columns "
+        "stored with each row (repeatable; an input table file's own columns count too)",
+    )
     p.add_argument("--store", help="store root URI (default ./store)")
     p.add_argument(
         "--storage-option",

@@ -15,6 +15,10 @@ The driver never holds every input URI or every stored id at once:
    batches (``part_rows`` rows) hold one or two shards and each shard gets parts of
    ``part_rows`` rows, MBs, not one tiny part per shard per batch.
 
+With a metadata sidecar (``pipelines.sidecar``) each shard's staged rows are joined, by URI, with
+that shard's sidecar rows, so the staging files carry the rows' typed metadata columns through
+the dataset to the parts.
+
 Peak driver memory is one chunk of inputs plus one shard's inputs and stored ids (Arrow arrays,
 ~30 bytes a row), not a Python object per catalogue row. ``--dedup`` (content ids) needs the
 bytes first: the inputs are staged as plain URI files, hashed in Ray tasks, and the ``(uri,
@@ -177,8 +181,12 @@ def plan_pending(
     failed: pa.Array | None,
     limit: int | None,
     block_rows: int,
+    sidecar=None,
+    every_shard: bool = False,
 ) -> PendingInputs:
-    """Per shard: inputs minus repeats, failed inputs and stored ids -> staging files."""
+    """Per shard: inputs minus repeats, failed inputs and stored ids -> staging files, joined
+    with their ``sidecar`` metadata (``pipelines.sidecar.Sidecar.join``; ``every_shard`` when
+    ids are not routed by URI)."""
     pending = PendingInputs(staging=new_staging(store), block_rows=block_rows)
     for shard in spill.shards():
         table = spill.read(shard)
@@ -201,6 +209,8 @@ def plan_pending(
             table = table.slice(0, room)
         if table.num_rows == 0:
             continue
+        if sidecar is not None:
+            table = sidecar.join(table, shard, every_shard)
         counts.pending += table.num_rows
         path = posixpath.join(pending.staging, f"shard={shard:05d}.parquet")
         store.write_parquet(table, path, row_group_size=block_rows)

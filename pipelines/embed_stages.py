@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from embedding import ImageError, decode_image, prepare  # no torch: decode tasks stay light
 from index import schema
+from index.metadata import metadata_columns
 from index.sharding import content_id, shards_of
 from index.store import Store
 from pipelines.inputs import read_uri
@@ -60,7 +61,8 @@ def read_decode_batch(
     max_pixels: int,
     max_bytes: int,
 ) -> pa.Table:
-    """(id, uri) rows -> (id, uri, crop, width, height, stage, error) rows, one per input."""
+    """(id, uri) rows -> (id, uri, crop, width, height, stage, error) rows, one per input; the
+    batch's metadata columns (from a sidecar) ride along unchanged."""
     uris = batch[schema.URI].to_pylist()
     ids = batch[schema.ID].to_pylist()
     n = len(uris)
@@ -91,7 +93,7 @@ def read_decode_batch(
     crop_col = pa.FixedSizeListArray.from_arrays(
         flat, image_size * image_size * 3, mask=pa.array(~ok)
     )
-    return pa.table(
+    out = pa.table(
         {
             schema.ID: pa.array(ids, pa.string()),
             schema.URI: pa.array(uris, pa.string()),
@@ -102,6 +104,9 @@ def read_decode_batch(
             schema.ERROR: pa.array(errors, pa.string()),
         }
     )
+    for name in metadata_columns(batch.column_names):
+        out = out.append_column(batch.schema.field(name), batch[name])
+    return out
 
 
 # ---- dedup pre-pass: content ids ---------------------------------------------------------------
@@ -231,6 +236,7 @@ def write_parts(batch: pa.Table, *, store: Store, num_shards: int) -> pa.Table:
                 part[schema.WIDTH].to_pylist(),
                 part[schema.HEIGHT].to_pylist(),
                 ingested_at=now,
+                extra={c: part[c].combine_chunks() for c in metadata_columns(part.column_names)},
             )
             name = store.new_part_name(part_key(shard_ids))
             store.write_parquet(table, posixpath.join(store.embeddings_dir(int(shard)), name))

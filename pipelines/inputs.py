@@ -5,6 +5,10 @@ same however the user spelled the input: local files become absolute paths (``./
 ``/abs/imgs`` and ``file:///abs/imgs`` all give ``/abs/imgs/a.jpg``), remote ones keep their
 scheme (``s3://bucket/key``). Listing happens once, on the driver; reading happens in Ray tasks.
 
+A table file (``.csv``, ``.parquet``, ``.jsonl``/``.ndjson``) with a ``uri`` column is a list
+file with columns: its ``uri`` column names the inputs (resolved like a list file's lines) and
+its other columns are the rows' metadata (``pipelines.sidecar`` reads them).
+
 ``iter_inputs`` streams them (list files line by line, local folders directory by directory),
 so the embedding job's driver never holds a catalogue's URIs at once; a remote folder or glob is
 listed by fsspec in one piece (s3fs has no streaming listing). ``expand_inputs`` is the same as
@@ -26,6 +30,7 @@ IMAGE_EXTENSIONS = frozenset(
     | {".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico"}
 )
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
+TABLE_EXTENSIONS = frozenset({".csv", ".parquet", ".pq", ".jsonl", ".ndjson"})
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _LOCAL_SCHEMES = ("file", "local")
 
@@ -54,6 +59,11 @@ def canonical_uri(uri: str) -> str:
 
 def is_image_name(name: str) -> bool:
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_table_name(name: str) -> bool:
+    """A table of inputs with metadata columns (CSV, Parquet, JSON lines)?"""
+    return posixpath.splitext(name)[1].lower() in TABLE_EXTENSIONS
 
 
 def expand_inputs(specs: list[str]) -> list[str]:
@@ -95,6 +105,11 @@ def _iter_one(spec: str) -> Iterator[str]:
         if posixpath.splitext(path)[1].lower() in LIST_EXTENSIONS:
             yield from _iter_list_file(fs, spec, path)
             return
+        if is_table_name(path):
+            from pipelines.sidecar import iter_table_uris  # pyarrow readers, only when needed
+
+            yield from iter_table_uris(spec)
+            return
     yield from _expand_one(spec)
 
 
@@ -128,6 +143,10 @@ def _expand_one(spec: str) -> list[str]:
     if fs.isfile(path):
         if posixpath.splitext(path)[1].lower() in LIST_EXTENSIONS:
             return _read_list_file(fs, spec, path)
+        if is_table_name(path):
+            from pipelines.sidecar import iter_table_uris
+
+            return list(iter_table_uris(spec))
         return [_to_uri(fs, spec, path)]
     raise InputError(f"{spec}: no such file or folder")
 
@@ -143,13 +162,24 @@ def _iter_list_file(fs: fsspec.AbstractFileSystem, spec: str, path: str) -> Iter
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            if scheme_of(line) and not is_local(line):
-                yield line
-            elif is_local(spec):
-                entry = _SCHEME_RE.sub("", line) if scheme_of(line) else line
-                yield canonical_uri(entry if os.path.isabs(entry) else os.path.join(base, entry))
-            else:  # a relative entry of a remote list file lives next to it, on the same store
-                yield fs.unstrip_protocol(posixpath.join(base, line))
+            yield entry_uri(fs, spec, base, line)
+
+
+def entry_uri(fs: fsspec.AbstractFileSystem, spec: str, base: str, entry: str) -> str:
+    """The input URI an entry of a list or table file at ``base`` (its folder) names: a remote
+    URI as-is; a local path, relative to the file when relative; a relative entry of a remote
+    file, next to it on the same store."""
+    if scheme_of(entry) and not is_local(entry):
+        return entry
+    if is_local(spec):
+        entry = _SCHEME_RE.sub("", entry) if scheme_of(entry) else entry
+        return canonical_uri(entry if os.path.isabs(entry) else os.path.join(base, entry))
+    return fs.unstrip_protocol(posixpath.join(base, entry))
+
+
+def filesystem_of(spec: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) of a spec, local paths canonical; InputError names a missing package."""
+    return _filesystem(spec)
 
 
 def read_uri(uri: str, max_bytes: int) -> bytes:
