@@ -2,7 +2,8 @@
 
 Each column is one numpy array of values plus one of validity (null = not valid):
 
-- ``int`` -> int64, ``float`` -> float64, ``bool`` -> bool;
+- ``int`` -> int64, ``float`` -> float64 (NaN and infinities, which JSON cannot carry and no
+  range can select, read as null), ``bool`` -> bool;
 - ``string`` -> int32 codes into a dictionary of the distinct values (-1 for null), so an
   equality or ``in`` test over a shard is one integer comparison per row, and a column of few
   distinct values (categories, brands) costs 4 bytes a row plus its distinct strings.
@@ -160,6 +161,8 @@ def _from_arrow(kind: str, column: pa.ChunkedArray | pa.Array) -> Column:
         return Column(kind, codes.astype(np.int32), valid, ArrowStrings(encoded.dictionary))
     filled = column.fill_null(False if kind == "bool" else 0)
     values = np.asarray(filled.to_numpy(zero_copy_only=False), _NUMPY[kind])
+    if kind == "float":
+        valid &= np.isfinite(values)  # NaN (a CSV's "nan") and infinities read as null
     return Column(kind, values, valid)
 
 
@@ -221,7 +224,10 @@ class GrowingColumns:
             self._values[name][start:stop] = self._strings[name].add(column.to_pylist())
         else:
             filled = column.fill_null(False if kind == "bool" else 0)
-            self._values[name][start:stop] = filled.to_numpy(zero_copy_only=False)
+            values = filled.to_numpy(zero_copy_only=False)
+            self._values[name][start:stop] = values
+            if kind == "float":
+                self._valid[name][start:stop] &= np.isfinite(values)
 
     def _reserve(self, rows: int) -> None:
         if rows <= self._capacity:

@@ -42,7 +42,7 @@ from typing import Any, Union
 import numpy as np
 
 from index.columns import Column, Columns
-from index.metadata import INT64_MAX, INT64_MIN, MAX_STRING_CHARS
+from index.metadata import A_TYPE, INT64_MAX, INT64_MIN, MAX_STRING_CHARS, is_unicode
 
 MAX_NODES = 256
 MAX_DEPTH = 16
@@ -212,7 +212,9 @@ def _condition(body: dict, schema: Mapping[str, str], path: str) -> Filter:
             raise FilterError("invalid_filter", where, "must be true or false")
         return Exists(name, value)
     if kind not in ("int", "float"):
-        raise FilterError("wrong_type", where, f"{name!r} is a {kind} column; ranges are numeric")
+        raise FilterError(
+            "wrong_type", where, f"{name!r} is {A_TYPE[kind]} column; ranges are numeric"
+        )
     if not isinstance(value, dict) or not value or set(value) - set(RANGE_OPS):
         ops_text = ", ".join(RANGE_OPS)
         raise FilterError("invalid_filter", where, f"must be an object of 1..4 bounds: {ops_text}")
@@ -234,13 +236,15 @@ def _value(name: str, kind: str, value: Any, where: str):
             raise FilterError("wrong_type", where, f"{name!r} is a string column; got {value!r}")
         if len(value) > MAX_STRING_CHARS:
             raise FilterError("invalid_filter", where, f"at most {MAX_STRING_CHARS} characters")
+        if not is_unicode(value):
+            raise FilterError("invalid_filter", where, "not valid Unicode (a lone surrogate)")
         return value
     if kind == "bool":
         if not isinstance(value, bool):
             raise FilterError("wrong_type", where, f"{name!r} is a bool column; got {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise FilterError("wrong_type", where, f"{name!r} is an {kind} column; got {value!r}")
+        raise FilterError("wrong_type", where, f"{name!r} is {A_TYPE[kind]} column; got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise FilterError("wrong_type", where, "values must be finite numbers")
     if kind == "int":

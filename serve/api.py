@@ -35,8 +35,13 @@ status  error                      when
 401     unauthorized               a write/admin call without the API key (``api_key`` is set)
 403     writes_disabled            a write/admin call to an app run with ``writes: false``
 400     missing_image              ``POST /images`` with neither ``file`` nor ``vector``
-422     invalid_metadata           ``metadata`` is not a JSON object (or over 64 KiB)
+422     invalid_metadata           ``metadata`` is not a JSON object (or over 64 KiB), names a
+                                   column the store does not have, or a value of the wrong type
 422     invalid_uri                ``uri`` is not a string of at most 2048 characters
+422     invalid_filter             ``filter`` is not in the filter form (``index.filters``)
+422     unknown_field              ``filter`` or ``fields`` names a column the store lacks
+422     wrong_type                 a ``filter`` value or bound of the wrong type for its column
+422     invalid_fields             ``fields`` is not a list (or comma-separated string) of names
 ======  =========================  ==========================================================
 
 Writes (issue #5): ``POST /images`` takes a multipart ``file`` (or JSON ``vector`` for apps of
@@ -47,6 +52,17 @@ When the app has an ``api_key`` these need ``Authorization: Bearer <key>`` or ``
 
 Parameters ``k``, ``nprobe``, ``rerank``, ``candidates`` come from the query string; a JSON body
 or multipart form fields of the same names override them.
+
+Metadata (issue #13): results carry ``metadata``, the row's columns named by ``fields`` (a JSON
+list, or a comma-separated string in the query string or a form; default: every column of the
+store's schema; ``[]`` or ``""``: none). ``filter`` (a JSON object in the body, or JSON text in a
+multipart field) restricts the search to rows that match it, in the form of ``index.filters``:
+``{"field": name, "eq"|"in"|"range"|"exists": ...}`` and ``{"and"|"or": [...]}``,
+``{"not": ...}``. ``POST /images`` takes ``metadata`` as an object of the store's typed columns.
+Both are checked against the store's metadata schema (the manifest's); the parse functions keep
+the raw values (``raw_filter``, ``raw_fields``, ``raw_metadata``) and ``resolve_metadata`` /
+``check_add_metadata`` check them, so the ingress can re-read a schema that grew and check again
+without reading the body twice.
 """
 
 from __future__ import annotations
@@ -66,9 +82,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedding import ImageError, decode_image, prepare
+from index.filters import Filter, FilterError, parse_filter
+from index.metadata import MetadataError, check_record, is_unicode
 from serve.config import MAX_K
 
 MAX_JSON_BYTES = 4 * 1024 * 1024  # a 4096-d vector as JSON text is ~100 KB
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and small form fields around the file
 MAX_ID_CHARS = 256
 
@@ -102,6 +121,10 @@ class Result(BaseModel):
     uri: str = Field(description="where the catalogue image came from")
     score: float = Field(description="inner product (cosine; higher is closer) or squared L2")
     shard: int
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the row's metadata columns named by `fields` (default: all); null = absent",
+    )
 
 
 class MissingShard(BaseModel):
@@ -132,6 +155,18 @@ class SearchBody(BaseModel):
     nprobe: int | None = Field(None, description="IVF lists probed per shard (index default)")
     rerank: bool | None = Field(None, description="exact rerank of candidates (default true)")
     candidates: int | None = Field(None, description="per-shard candidates before rerank")
+    filter: dict[str, Any] | None = Field(None, description="metadata filter (the filter form)")
+    fields: list[str] | None = Field(None, description="metadata columns returned (default all)")
+
+
+class AddResponse(BaseModel):
+    id: str
+    uri: str
+    shard: int
+    part: str = Field(description="the Parquet part holding the row (relative to the store)")
+    ingested_at_ms: int
+    searchable: bool = Field(description="false: durable, but the shard did not answer in time")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="the row's metadata")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -141,7 +176,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "unknown_id"),
         (413, "too_large, decompression_bomb"),
         (415, "not_an_image, unsupported, unsupported_media_type"),
-        (422, "bad vector, id or parameter (see the reason code)"),
+        (422, "bad vector, id, parameter, filter or fields (see the reason code)"),
         (501, "image_queries_disabled (an app of vectors only)"),
         (503, "embedder_unavailable, shard_unavailable, no_shard_answered"),
     )
@@ -193,6 +228,11 @@ class SearchParams:
     nprobe: int | None
     rerank: bool
     candidates: int | None
+    filter: Filter | None = None  # checked against the store's schema (resolve_metadata)
+    fields: tuple[str, ...] | None = None  # None: every column of the schema
+
+
+_UNSET = object()  # a raw ``filter``/``fields`` that was not given
 
 
 @dataclass
@@ -202,6 +242,8 @@ class ParsedQuery:
     image: bytes | None = None
     vector: np.ndarray | None = None
     row_id: str | None = None
+    raw_filter: Any = None  # the request's ``filter`` as given (JSON value or text)
+    raw_fields: Any = _UNSET  # the request's ``fields`` as given
 
 
 @dataclass
@@ -284,16 +326,18 @@ def validate_vector(value: Any, dim: int, normalise: bool) -> np.ndarray:
     # Python's json reads NaN/Infinity (and 1e999 -> inf); float32 overflow is non-finite too
     if not all(math.isfinite(v) for v in value):
         raise ApiError(422, "non_finite_vector", "vector holds NaN or Infinity")
-    with np.errstate(over="ignore"):
-        vector = np.asarray(value, dtype=np.float32)
-    if not np.isfinite(vector).all():
+    exact = np.asarray(value, dtype=np.float64)
+    if np.abs(exact).max(initial=0.0) > FLOAT32_MAX:
         raise ApiError(422, "non_finite_vector", "vector values overflow float32")
     if normalise:
-        norm = float(np.linalg.norm(vector.astype(np.float64)))
-        if norm == 0.0:
+        # the norm and the division in float64: a direction of tiny values (1e-300, which is 0
+        # in float32) is still a direction, and huge ones do not overflow when squared
+        scale = np.abs(exact).max(initial=0.0)
+        if scale == 0.0:
             raise ApiError(422, "zero_vector", "vector is all zeros: it has no direction")
-        vector = vector / np.float32(norm)
-    return vector
+        exact = exact / scale
+        exact = exact / np.linalg.norm(exact)
+    return exact.astype(np.float32)
 
 
 def validate_id(value: Any) -> str:
@@ -301,6 +345,8 @@ def validate_id(value: Any) -> str:
         raise ApiError(
             422, "invalid_id", f"id must be a non-empty string of at most {MAX_ID_CHARS} chars"
         )
+    if not is_unicode(value):
+        raise ApiError(422, "invalid_id", "id is not valid Unicode (a lone surrogate)")
     return value
 
 
@@ -361,7 +407,17 @@ async def _parse_multipart(request: Request, body: bytes) -> dict[str, Any]:
 
 
 async def parse_search(request: Request, limits: Limits, dim: int, normalise: bool) -> ParsedQuery:
-    """One of: multipart ``file``, JSON ``vector``, JSON ``id`` (or ``?id=``), validated."""
+    """One of: multipart ``file``, JSON ``vector``, JSON ``id`` (or ``?id=``), validated; the
+    ``filter`` and ``fields`` as given (``resolve_metadata`` checks them against the schema)."""
+    extras: dict[str, Any] = {"filter": None, "fields": request.query_params.get("fields", _UNSET)}
+    query = await _parse_search(request, limits, dim, normalise, extras)
+    query.raw_filter, query.raw_fields = extras["filter"], extras["fields"]
+    return query
+
+
+async def _parse_search(
+    request: Request, limits: Limits, dim: int, normalise: bool, extras: dict[str, Any]
+) -> ParsedQuery:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     raw: dict[str, Any] = {key: request.query_params.get(key) for key in _PARAM_KEYS}
     query_id = request.query_params.get("id")
@@ -369,6 +425,7 @@ async def parse_search(request: Request, limits: Limits, dim: int, normalise: bo
         body = await read_body(request, limits.max_upload_bytes + MULTIPART_OVERHEAD)
         fields = await _parse_multipart(request, body)
         raw.update({k: v for k, v in fields.items() if k in _PARAM_KEYS})
+        extras.update({k: _text_field(v) for k, v in fields.items() if k in extras})
         image = fields.get("file")
         if isinstance(image, str):
             image = image.encode()
@@ -397,10 +454,11 @@ async def parse_search(request: Request, limits: Limits, dim: int, normalise: bo
             raise ApiError(400, "invalid_json", f"body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_json", "body must be a JSON object")
-        unknown = sorted(set(data) - {"vector", "id", *_PARAM_KEYS})
+        unknown = sorted(set(data) - {"vector", "id", *_PARAM_KEYS, *extras})
         if unknown:
             raise ApiError(422, "invalid_parameter", f"unknown fields: {', '.join(unknown)}")
         raw.update({k: data[k] for k in _PARAM_KEYS if k in data})
+        extras.update({k: data[k] for k in extras if k in data})
         row_id = data.get("id", query_id)
         candidates = (("vector", data.get("vector")), ("id", row_id))
         given = [name for name, value in candidates if value is not None]
@@ -420,6 +478,58 @@ async def parse_search(request: Request, limits: Limits, dim: int, normalise: bo
 
 
 _PARAM_KEYS = ("k", "nprobe", "rerank", "candidates")
+MAX_FILTER_TEXT = 64 * 1024
+
+
+def resolve_metadata(query: ParsedQuery, schema: dict[str, str]) -> ParsedQuery:
+    """Check the query's raw ``filter`` and ``fields`` against the store's metadata ``schema``
+    and set ``query.params.filter`` / ``.fields``; ApiError 422 names the problem."""
+    query.params.filter = validate_filter(query.raw_filter, schema)
+    query.params.fields = validate_fields(query.raw_fields, schema)
+    return query
+
+
+def validate_filter(value: Any, schema: dict[str, str]) -> Filter | None:
+    """A filter (JSON value, or JSON text from a form) -> a checked ``Filter``; None when absent."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        if len(value) > MAX_FILTER_TEXT:
+            raise ApiError(422, "invalid_filter", f"filter is over {MAX_FILTER_TEXT} characters")
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError) as e:
+            raise ApiError(422, "invalid_filter", f"filter is not JSON: {e}") from None
+    try:
+        return parse_filter(value, schema)
+    except FilterError as e:
+        raise ApiError(422, e.code, str(e), {"path": e.path}) from None
+    except RecursionError:  # deeper than Python goes: far past MAX_DEPTH
+        raise ApiError(422, "invalid_filter", "filter nests too deep") from None
+
+
+def validate_fields(value: Any, schema: dict[str, str]) -> tuple[str, ...] | None:
+    """``fields``: a list of column names, or a comma-separated string (a JSON list's text too);
+    absent -> None (every column), ``[]`` or ``""`` -> none."""
+    if value is _UNSET or value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except ValueError as e:
+                raise ApiError(422, "invalid_fields", f"fields is not a JSON list: {e}") from None
+        else:
+            value = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ApiError(422, "invalid_fields", "fields must be a list of metadata column names")
+    unknown = [v for v in value if v not in schema]
+    if unknown:
+        known = ", ".join(schema) or "none: this store has no metadata columns"
+        raise ApiError(422, "unknown_field", f"fields names unknown columns {unknown} ({known})")
+    return tuple(dict.fromkeys(value))
+
 
 MAX_METADATA_BYTES = 64 * 1024
 MAX_URI_CHARS = 2048
@@ -434,10 +544,12 @@ class ParsedAdd:
     vector: np.ndarray | None = None
     row_id: str | None = None  # None: the content hash
     uri: str | None = None
-    metadata: str | None = None  # JSON text of an object
+    raw_metadata: dict | None = None  # a JSON object, not yet checked against the schema
+    metadata: dict | None = None  # typed values of the store's columns (check_add_metadata)
 
 
-def _validate_metadata(value: Any) -> str | None:
+def _validate_metadata(value: Any) -> dict | None:
+    """``metadata`` as a JSON object (an object, or its JSON text from a form), size-checked."""
     if value is None or value == "":
         return None
     if isinstance(value, bytes):
@@ -445,14 +557,30 @@ def _validate_metadata(value: Any) -> str | None:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ApiError(422, "invalid_metadata", f"metadata is not JSON: {e}") from None
     if not isinstance(value, dict):
         raise ApiError(422, "invalid_metadata", "metadata must be a JSON object")
-    text = json.dumps(value, sort_keys=True, allow_nan=False, default=str)
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(422, "invalid_metadata", f"metadata is not plain JSON: {e}") from None
     if len(text.encode()) > MAX_METADATA_BYTES:
         raise ApiError(422, "invalid_metadata", f"metadata is over {MAX_METADATA_BYTES} bytes")
-    return text
+    return value
+
+
+def check_add_metadata(add: ParsedAdd, schema: dict[str, str]) -> ParsedAdd:
+    """Check ``POST /images``'s metadata against the store's schema: known columns, values of
+    their types (ints widen to float columns); 422 ``invalid_metadata`` names the field."""
+    if add.raw_metadata is None:
+        add.metadata = None
+        return add
+    try:
+        add.metadata = check_record(add.raw_metadata, schema)
+    except MetadataError as e:
+        raise ApiError(422, "invalid_metadata", str(e)) from None
+    return add
 
 
 def _validate_uri(value: Any) -> str | None:
@@ -460,7 +588,7 @@ def _validate_uri(value: Any) -> str | None:
         return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    if not isinstance(value, str) or len(value) > MAX_URI_CHARS:
+    if not isinstance(value, str) or len(value) > MAX_URI_CHARS or not is_unicode(value):
         raise ApiError(422, "invalid_uri", f"uri must be a string of <= {MAX_URI_CHARS} chars")
     return value
 
@@ -502,7 +630,7 @@ async def parse_add(request: Request, limits: Limits, dim: int, normalise: bool)
         kind="image",
         row_id=None if row_id in (None, "") else validate_id(row_id),
         uri=_validate_uri(fields.get("uri", request.query_params.get("uri"))),
-        metadata=_validate_metadata(fields.get("metadata")),
+        raw_metadata=_validate_metadata(fields.get("metadata")),
     )
     image, vector = fields.get("file"), fields.get("vector")
     if image is not None and vector is not None:

@@ -5,6 +5,14 @@ shard. Each shard call gets the same deadline (``shard_deadline_ms``); a shard t
 whose replica died is left out and the answer says ``partial: true``. The merge of per-shard
 top-k lists is ``index.merge.merge_topk``, the same one the in-process search uses.
 
+Metadata (issue #13): ``filter`` and ``fields`` of a search are checked against the store's
+metadata schema here (``serve.api.resolve_metadata``) and the parsed filter is sent to every
+shard, which evaluates it on its own columns; results carry the ``fields`` asked (default all).
+``POST /images`` checks its ``metadata`` against the schema and writes it as typed columns. The
+schema is the manifest's, re-read (at most once a second) when a request names a column this
+replica does not know yet, since a batch run may have added one. The OpenAPI document is exact
+for the store (``serve.openapi``).
+
 Writes (issue #5): ``POST /images`` embeds the image (or takes a vector), writes the row as a
 new Parquet part of its shard (``index.delta.write_rows``: atomic, fsynced) and then hands it
 to that shard's searcher, so the 201 means durable *and* searchable; ``DELETE /images/{id}``
@@ -19,7 +27,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
-from fastapi import Request
+from fastapi import Query, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -29,24 +37,29 @@ from index.delta import write_rows, write_tombstones
 from index.hits import Hit
 from index.manifest import load_manifest
 from index.merge import merge_topk
+from index.metadata import record_columns
 from index.sharding import content_id, shard_of, uri_id
 from serve.api import (
     ERROR_RESPONSES,
     SEARCH_OPENAPI_EXTRA,
     WRITE_ERROR_RESPONSES,
+    AddResponse,
     ApiError,
     Limits,
     ParsedQuery,
     SearchResponse,
+    check_add_metadata,
     check_api_key,
     create_app,
     image_crop,
     parse_add,
     parse_search,
+    resolve_metadata,
     validate_id,
 )
 from serve.config import ServeConfig
 from serve.metrics import RequestMetrics, ingress_metrics
+from serve.openapi import OpenApiContext, app_document, set_context
 from serve.scatter import call_with_deadline, gather_with_deadline
 
 # Serve's ingress decorator pickles the FastAPI app (and through its routes these methods) when
@@ -54,6 +67,11 @@ from serve.scatter import call_with_deadline, gather_with_deadline
 # annotations must be real objects (no ``from __future__ import annotations``) for FastAPI.
 api = create_app()
 api.add_middleware(RequestMetrics)  # counts, times and logs every request
+
+# The OpenAPI document depends on the store (dimension, metadata columns), which only the
+# Ingress replica knows: it sets the context, ``serve.openapi.app_document`` builds from it.
+api.openapi = app_document
+SCHEMA_RELOAD_S = 1.0  # at most one manifest read a second for requests naming unknown columns
 
 
 def _missing(missing: dict[int, str]) -> list[dict]:
@@ -124,6 +142,44 @@ class Ingress:
         self.shard_timeout_s = config.shard_deadline_ms / 1000
         self.embed_timeout_s = config.embed_deadline_ms / 1000
         self._image_size: int | None = None
+        self._schema_read_at = time.monotonic()
+        self._publish_openapi()
+
+    # ---- the metadata schema ------------------------------------------------------------------
+    def _publish_openapi(self) -> None:
+        set_context(
+            OpenApiContext(
+                dim=self.dim,
+                metric=self.metric,
+                metadata=dict(self.manifest.metadata),
+                image_queries=self.embedder is not None,
+                api_key=bool(self.config.api_key),
+                limits=self.limits,
+            )
+        )
+
+    async def _with_schema(self, check, value):
+        """``check(value, schema)`` with the store's metadata schema; when it refuses a column
+        this replica has not seen, re-read the manifest (rate-limited) and check once more."""
+        try:
+            return check(value, self.manifest.metadata)
+        except ApiError as e:
+            if e.error not in ("unknown_field", "invalid_metadata") or not await self._reread():
+                raise
+        return check(value, self.manifest.metadata)
+
+    async def _reread(self) -> bool:
+        """Re-read the manifest if the last read is over ``SCHEMA_RELOAD_S`` old; True when the
+        metadata schema changed."""
+        if time.monotonic() - self._schema_read_at < SCHEMA_RELOAD_S:
+            return False
+        self._schema_read_at = time.monotonic()
+        manifest = await asyncio.to_thread(load_manifest, self.store)
+        if manifest is None or manifest.metadata == self.manifest.metadata:
+            return False
+        self.manifest = manifest
+        self._publish_openapi()
+        return True
 
     # ---- probes -------------------------------------------------------------------------------
     @api.get("/healthz", summary="The ingress process is alive")
@@ -186,17 +242,27 @@ class Ingress:
         nprobe: int | None = None,
         rerank: bool | None = None,
         candidates: int | None = None,
-        id: str | None = None,
+        fields: str | None = None,
+        # still read (``?id=``), but not documented: it is the JSON body's ``id``
+        id: str | None = Query(None, include_in_schema=False),
     ) -> dict:
         start = time.perf_counter()
         query = await parse_search(request, self.limits, self.dim, self.metric == "ip")
+        query = await self._with_schema(resolve_metadata, query)
         vector = await self._query_vector(query)
         params = query.params
+        names = tuple(self.manifest.metadata) if params.fields is None else params.fields
         gathered = await gather_with_deadline(
             {
                 s: (
                     lambda h=h: h.search.remote(
-                        vector, params.k, params.nprobe, params.candidates, params.rerank
+                        vector,
+                        params.k,
+                        params.nprobe,
+                        params.candidates,
+                        params.rerank,
+                        params.filter,
+                        names,
                     )
                 )
                 for s, h in enumerate(self.searchers)
@@ -213,8 +279,14 @@ class Ingress:
             )
         per_shard = [
             [
-                Hit(i, u, score, shard)
-                for i, u, score in zip(answer["ids"], answer["uris"], answer["scores"], strict=True)
+                Hit(i, u, score, shard, metadata)
+                for i, u, score, metadata in zip(
+                    answer["ids"],
+                    answer["uris"],
+                    answer["scores"],
+                    answer.get("metadata") or [None] * len(answer["ids"]),
+                    strict=True,
+                )
             ]
             for shard, answer in sorted(gathered.answers.items())
         ]
@@ -222,7 +294,13 @@ class Ingress:
         ingress_metrics().observe_answer(gathered.missing)
         body = {
             "results": [
-                {"id": h.id, "uri": h.uri, "score": float(h.score), "shard": h.shard}
+                {
+                    "id": h.id,
+                    "uri": h.uri,
+                    "score": float(h.score),
+                    "shard": h.shard,
+                    "metadata": h.metadata or {},
+                }
                 for h in merged
             ],
             "took_ms": round((time.perf_counter() - start) * 1000, 3),
@@ -233,7 +311,8 @@ class Ingress:
         }
         # A Response is sent as is: FastAPI validates and re-encodes a returned dict against
         # response_model (which stays, for the OpenAPI schema), and that pass cost more than
-        # the merge. The body is built from str/int/float/bool only, so it matches the model.
+        # the merge. The body is built from str/int/float/bool/None only (metadata values too),
+        # so it matches the model.
         return _search_json(body)
 
     # ---- writes -------------------------------------------------------------------------------
@@ -246,11 +325,13 @@ class Ingress:
         "/images",
         status_code=201,
         summary="Add an image (durable and searchable when this returns)",
+        response_model=AddResponse,
         responses=WRITE_ERROR_RESPONSES,
     )
     async def add_image(self, request: Request) -> dict:
         self._authorize(request)
         add = await parse_add(request, self.limits, self.dim, self.metric == "ip")
+        add = await self._with_schema(check_add_metadata, add)
         if add.kind == "image":
             vector = await self._embed_image(add.image)
             content = add.image
@@ -260,14 +341,17 @@ class Ingress:
         row_id, uri = self._identify(add.row_id, add.uri, content)
         shard = shard_of(row_id, self.num_shards)
         ms = self._clock()
-        extra = {"metadata": pa.array([add.metadata], pa.string())} if add.metadata else None
+        # every column of the schema, typed (null where not given), as the batch job writes them
+        columns = record_columns([add.metadata or {}], self.manifest.metadata)
+        extra = {name: columns[name].combine_chunks() for name in columns.column_names}
         vectors = np.asarray(vector, np.float32).reshape(1, -1)
         table = schema.embeddings_table(
             [row_id], [uri], vectors, ingested_at=pa.scalar(ms, schema.TIMESTAMP), extra=extra
         )
         part = await asyncio.to_thread(write_rows, self.store, shard, table)
+        metadata = columns.to_pydict() if columns.num_columns else None
         ok, answer = await call_with_deadline(
-            self.searchers[shard].add_rows.remote(part, [row_id], [uri], vectors, [ms]),
+            self.searchers[shard].add_rows.remote(part, [row_id], [uri], vectors, [ms], metadata),
             self.shard_timeout_s,
         )
         return {
@@ -279,6 +363,7 @@ class Ingress:
             # false: durable, but the shard did not answer in time; every replica of the shard
             # reads the part on its next store poll (delta_poll_s)
             "searchable": bool(ok and answer.get("applied")),
+            "metadata": add.metadata or {},
         }
 
     def _identify(self, row_id: str | None, uri: str | None, content: bytes) -> tuple[str, str]:

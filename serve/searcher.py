@@ -26,11 +26,13 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 
 import numpy as np
 from ray import serve
 
 from index.delta import LiveShard, load_live_shard
+from index.filters import Filter
 from index.leases import drop_lease, write_lease
 from index.manifest import load_manifest
 from index.publish import list_versions
@@ -217,29 +219,45 @@ class ShardSearcher:
         nprobe: int | None = None,
         candidates: int | None = None,
         rerank: bool = True,
+        filter: Filter | None = None,  # noqa: A002 (the API's word)
+        fields: Sequence[str] | None = None,
     ) -> dict:
-        """Top-k of this shard for one query: ``{"ids", "uris", "scores", "version"}``."""
+        """Top-k of this shard for one query: ``{"ids", "uris", "scores", "version"}``, plus
+        ``"metadata"`` (one object per hit, the ``fields`` asked) and ``"plan"`` (how a
+        ``filter`` was searched, ``index.filter_plan``). ``filter`` arrives parsed and checked
+        by the ingress (``index.filters``); the shard evaluates it on its own columns."""
         index = self.index
         if index is None:
             return {"ids": [], "uris": [], "scores": [], "version": None}
         queries = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         start = time.perf_counter()
-        hits = (
-            await asyncio.to_thread(
-                index.search, queries, k, nprobe=nprobe, candidates=candidates, rerank=rerank
-            )
-        )[0]
+        found, plan = await asyncio.to_thread(
+            index.search_with_plan,
+            queries,
+            k,
+            nprobe=nprobe,
+            candidates=candidates,
+            rerank=rerank,
+            filter=filter,
+            fields=fields,
+        )
+        hits = found[0]
         searcher_metrics().observe_search(
             self.shard,
             (time.perf_counter() - start) * 1000,
             index.fetch_size(k, candidates, rerank),
         )
-        return {
+        answer = {
             "ids": [h.id for h in hits],
             "uris": [h.uri for h in hits],
             "scores": [float(h.score) for h in hits],
             "version": index.version,
         }
+        if fields:
+            answer["metadata"] = [h.metadata for h in hits]
+        if plan is not None:
+            answer["plan"] = plan.to_dict()
+        return answer
 
     async def add_rows(
         self,
@@ -248,10 +266,19 @@ class ShardSearcher:
         uris: list[str],
         vectors: np.ndarray,
         ingested_ms: list[int],
+        metadata: dict[str, list] | None = None,
     ) -> dict:
-        """Rows the ingress just wrote durably as ``part``: searchable when this returns."""
+        """Rows the ingress just wrote durably as ``part`` (with their typed ``metadata``
+        columns, column -> values): searchable when this returns."""
         return await asyncio.to_thread(
-            self._hand_over, "add_rows", part, ids, uris, np.asarray(vectors), ingested_ms
+            self._hand_over,
+            "add_rows",
+            part,
+            ids,
+            uris,
+            np.asarray(vectors),
+            ingested_ms,
+            metadata,
         )
 
     async def add_tombstones(self, part: str, ids: list[str], deleted_ms: list[int]) -> dict:
@@ -273,12 +300,13 @@ class ShardSearcher:
         vector = await asyncio.to_thread(index.vector_of, row_id)
         return None if vector is None else np.asarray(vector, dtype=np.float32)
 
-    async def record(self, row_id: str) -> dict | None:
-        """The visible row ``row_id`` as ``{"id", "uri", "shard", ...}``, or None."""
+    async def record(self, row_id: str, fields: Sequence[str] | None = None) -> dict | None:
+        """The visible row ``row_id`` as ``{"id", "uri", "shard", ..., "metadata"}`` (the
+        ``fields`` asked; default every column), or None."""
         index = self.index
         if index is None:
             return None
-        return await asyncio.to_thread(index.record_of, row_id)
+        return await asyncio.to_thread(index.record_of, row_id, fields)
 
     def ready(self) -> dict:
         index = self.index

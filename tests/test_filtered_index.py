@@ -183,6 +183,13 @@ def test_filter_evaluation_nulls_not_and_absent_columns():
     assert rows({"field": "qty", "in": [2, 4, 9]}) == [1, 3]
     assert rows({"field": "qty", "exists": False}) == [4]
     assert rows({"or": [{"field": "qty", "eq": 1}, {"field": "price", "eq": 10}]}) == [0, 4]
+    nan = Columns.from_arrow(pa.table({"price": [1.0, float("nan"), float("inf")]}))
+    assert nan.records(np.arange(3), ["price"]) == [
+        {"price": 1.0},
+        {"price": None},
+        {"price": None},
+    ]
+    assert evaluate(Range("price", gt=0), nan).tolist() == [True, False, False]
     # a column the store gained after these rows were written reads as null here
     absent = Columns(5, {})
     assert not evaluate(Eq("category", "a"), absent).any()

@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
+from index.manifest import evolve_metadata
 from index.publish import list_versions
 from index.sharding import uri_id
 from serve.config import DeploymentSettings, ServeConfig
@@ -178,6 +179,7 @@ def test_adds_deletes_and_two_rebuilds_under_continuous_queries(app):
         for i in range(40):
             add_vector(f"add-{i:03d}", unit_vectors(rng, 1)[0])
         photo = app.extra[0].read_bytes()
+        evolve_metadata(app.store, {"sku": "int"})  # metadata is typed: declare the column
         r = client.post(
             "/images",
             headers=AUTH,

@@ -1,0 +1,241 @@
+"""The app's OpenAPI document, exact for the store it serves, so a client generated from it works.
+
+FastAPI derives a document from the route signatures, but the ingress reads ``POST /search``'s
+and ``POST /images``' bodies itself (streamed, with a size limit), and what they accept depends
+on the store: the vector length is the catalogue's dimension, the metadata columns and their
+types are the manifest's, image uploads exist only when the app embeds images, and the limits
+(``max_nprobe``, ``max_candidates``) are the config's. ``document`` takes FastAPI's document
+and writes those two operations out exactly:
+
+- ``POST /search``: JSON ``{"vector": [dim numbers, not all zero]}`` or ``{"id": "..."}`` (one
+  of them; ``additionalProperties: false``) with ``k``, ``nprobe``, ``rerank``, ``candidates``,
+  ``filter`` (``#/components/schemas/Filter``: one condition schema per column and operator,
+  ``index.filters.openapi_schema``) and ``fields`` (an array of the column names); or multipart
+  with a ``file`` (``encoding``: image types) and the same fields as form fields (``filter`` as
+  JSON text); query parameters with their real ranges (``fields`` as a comma-separated pattern);
+- ``POST /images``: JSON ``{"vector", "id", "uri", "metadata"}`` or multipart ``file`` + ``id``,
+  ``uri``, ``metadata`` (JSON text), where ``metadata`` is ``#/components/schemas/Metadata``:
+  the store's columns with their types, nothing else;
+- results' ``metadata`` is that object too; write operations name the API key schemes when the
+  app has a key.
+
+``serve.ingress`` installs ``app_document`` as its FastAPI app's ``openapi``; its Ingress
+replica calls ``set_context`` with what it read from the manifest. Both live here, in an
+importable module, on purpose: Serve pickles the ingress class by value (the ``serve.ingress``
+decorator makes a new class), so state kept in ``serve.ingress``'s globals would be copied into
+the replica instead of shared with the app's ``openapi`` function.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from index.filters import openapi_schema as filter_schema
+from index.metadata import INT64_MAX, INT64_MIN, MAX_STRING_CHARS
+from serve.api import FLOAT32_MAX, MAX_ID_CHARS, MAX_URI_CHARS, Limits
+from serve.config import MAX_K
+
+FILTER_REF = "#/components/schemas/Filter"
+METADATA_REF = "#/components/schemas/Metadata"
+BINARY = {"type": "string", "format": "binary"}
+IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/gif, image/bmp, image/tiff"
+_VALUE = {
+    "string": {"type": ["string", "null"], "maxLength": MAX_STRING_CHARS},
+    "int": {"type": ["integer", "null"], "minimum": INT64_MIN, "maximum": INT64_MAX},
+    "float": {"type": ["number", "null"]},
+    "bool": {"type": ["boolean", "null"]},
+}
+
+
+_STATE: dict = {"context": None, "doc": None}
+
+
+def set_context(ctx: OpenApiContext) -> None:
+    """What this process's app serves (the Ingress replica calls it at start and when the
+    store's metadata schema grows); the next ``app_document`` builds from it."""
+    _STATE["context"], _STATE["doc"] = ctx, None
+
+
+def app_document() -> dict:
+    """The ingress app's document for the current context (built once per context)."""
+    if _STATE["doc"] is None:
+        from fastapi import FastAPI
+
+        from serve.ingress import api  # the routes (the app Serve runs is a copy of this one)
+
+        _STATE["doc"] = document(FastAPI.openapi(api), _STATE["context"] or OpenApiContext())
+    return _STATE["doc"]
+
+
+@dataclass
+class OpenApiContext:
+    """What the document depends on; ``dim`` None: not known (no Ingress in this process)."""
+
+    dim: int | None = None
+    metric: str = "ip"
+    metadata: dict[str, str] = field(default_factory=dict)
+    image_queries: bool = True
+    api_key: bool = False
+    limits: Limits = field(default_factory=Limits)
+
+
+def document(base: dict, ctx: OpenApiContext) -> dict:
+    """FastAPI's ``base`` document with the search and add operations spelled out for ``ctx``."""
+    doc = copy.deepcopy(base)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Filter"] = filter_schema(ctx.metadata, FILTER_REF)
+    schemas["Metadata"] = metadata_schema(ctx.metadata)
+    for name in ("Result", "AddResponse"):
+        if name in schemas:
+            schemas[name]["properties"]["metadata"] = {"$ref": METADATA_REF}
+    paths = doc.get("paths", {})
+    search = paths.get("/search", {}).get("post")
+    if search is not None:
+        search["requestBody"] = search_body(ctx)
+        search["parameters"] = search_parameters(ctx)
+    add = paths.get("/images", {}).get("post")
+    if add is not None:
+        add["requestBody"] = add_body(ctx)
+    if ctx.api_key:
+        _security(doc)
+    return doc
+
+
+def metadata_schema(metadata: dict[str, str]) -> dict:
+    return {
+        "type": "object",
+        "description": "metadata columns of the store (types from its manifest); null = absent",
+        "properties": {name: dict(_VALUE[kind]) for name, kind in metadata.items()},
+        "additionalProperties": False,
+    }
+
+
+def vector_schema(ctx: OpenApiContext) -> dict:
+    vector: dict = {
+        "type": "array",
+        "items": {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX},
+        "description": "a query or catalogue vector of the catalogue's dimension",
+    }
+    if ctx.dim is not None:
+        vector["minItems"] = vector["maxItems"] = ctx.dim
+    if ctx.metric == "ip":  # cosine: a zero vector has no direction
+        vector["not"] = {"items": {"const": 0}}
+    return vector
+
+
+def _params(ctx: OpenApiContext) -> dict:
+    limits = ctx.limits
+    return {
+        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
+        "nprobe": {"type": "integer", "minimum": 1, "maximum": limits.max_nprobe},
+        "rerank": {"type": "boolean"},
+        "candidates": {"type": "integer", "minimum": 1, "maximum": limits.max_candidates},
+    }
+
+
+def _fields_pattern(metadata: dict[str, str]) -> dict:
+    names = "|".join(metadata)
+    pattern = f"^$|^({names})(,({names}))*$" if names else "^$"
+    return {
+        "type": "string",
+        "pattern": pattern,
+        "description": "comma-separated metadata columns to return (default: all; empty: none)",
+    }
+
+
+def search_parameters(ctx: OpenApiContext) -> list[dict]:
+    params = [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in _params(ctx).items()
+    ]
+    fields = _fields_pattern(ctx.metadata)
+    params.append({"name": "fields", "in": "query", "required": False, "schema": fields})
+    return params
+
+
+def search_body(ctx: OpenApiContext) -> dict:
+    common = dict(_params(ctx))
+    if ctx.metadata:
+        common["filter"] = {"$ref": FILTER_REF}
+    common["fields"] = {
+        "type": "array",
+        "items": {"type": "string", "enum": list(ctx.metadata)} if ctx.metadata else {"not": {}},
+        "uniqueItems": True,
+        "description": "metadata columns to return (default: all; []: none)",
+    }
+    by_vector = _object({"vector": vector_schema(ctx), **common}, ["vector"])
+    by_id = _object(
+        {"id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}, **common}, ["id"]
+    )
+    content = {
+        "application/json": {
+            "schema": {
+                "oneOf": [by_vector, by_id],
+                "description": "a vector, or the id of a catalogue row (its neighbours)",
+            }
+        }
+    }
+    if ctx.image_queries:
+        form = dict(_params(ctx))
+        if ctx.metadata:
+            form["filter"] = {"$ref": FILTER_REF}
+        form["fields"] = _fields_pattern(ctx.metadata)
+        content = {**_upload(form, "filter"), **content}
+    return {"required": True, "content": content}
+
+
+def add_body(ctx: OpenApiContext) -> dict:
+    row = {
+        "id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
+        "uri": {"type": "string", "minLength": 1, "maxLength": MAX_URI_CHARS},
+        "metadata": {"$ref": METADATA_REF},
+    }
+    content = {
+        "application/json": {
+            "schema": _object({"vector": vector_schema(ctx), **row}, ["vector"]),
+        }
+    }
+    if ctx.image_queries:
+        content = {**_upload(row, "metadata"), **content}
+    return {"required": True, "content": content}
+
+
+def _upload(fields: dict, json_field: str) -> dict:
+    """A multipart body: an image ``file`` and form ``fields``, ``json_field`` as JSON text."""
+    return {
+        "multipart/form-data": {
+            "schema": _object({"file": BINARY, **fields}, ["file"]),
+            "encoding": {
+                "file": {"contentType": IMAGE_TYPES},
+                json_field: {"contentType": "application/json"},
+            },
+        }
+    }
+
+
+def _object(properties: dict, required: list[str]) -> dict:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }
+
+
+WRITE_OPERATIONS = (
+    ("/images", "post"),
+    ("/images/{image_id}", "delete"),
+    ("/admin/rebuild", "post"),
+    ("/admin/rebuild", "get"),
+)
+
+
+def _security(doc: dict) -> None:
+    schemes = doc["components"].setdefault("securitySchemes", {})
+    schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+    schemes["apiKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    for path, method in WRITE_OPERATIONS:
+        operation = doc.get("paths", {}).get(path, {}).get(method)
+        if operation is not None:
+            operation["security"] = [{"bearer": []}, {"apiKey": []}]
