@@ -81,9 +81,12 @@ def gaussian_mixture(
     seed: int = 0,
     spread: float = 0.35,
     chunk: int = 250_000,
-) -> np.ndarray:
+    labels: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """``n`` L2-normalised vectors around ``clusters`` random centres: closer to real embeddings
     (clustered, anisotropic neighbourhoods) than uniform noise, so IVF+PQ recall means something.
+    With ``labels``, also each vector's cluster (metadata correlated with the vectors, as a
+    catalogue's category is); the vectors are the same either way.
     """
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
@@ -91,14 +94,16 @@ def gaussian_mixture(
     # each cluster gets its own scale so neighbourhood density varies as in real data
     scales = (spread * rng.uniform(0.5, 1.5, clusters) / np.sqrt(dim)).astype(np.float32)
     out = np.empty((n, dim), dtype=np.float32)
+    cluster = np.empty(n, dtype=np.int32)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        labels = rng.integers(0, clusters, stop - start)
+        drawn = rng.integers(0, clusters, stop - start)
         noise = rng.standard_normal((stop - start, dim), dtype=np.float32)
-        block = centres[labels] + noise * scales[labels, None]
+        block = centres[drawn] + noise * scales[drawn, None]
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         out[start:stop] = block
-    return out
+        cluster[start:stop] = drawn
+    return (out, cluster) if labels else out
 
 
 def pareto(points: list[dict], cost: str, value: str) -> list[dict]:

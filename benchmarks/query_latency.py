@@ -102,15 +102,18 @@ def ids_uris(n: int) -> tuple[list[str], list[str]]:
     return [uri_id(u) for u in uris], uris
 
 
-def build_store(args, base: np.ndarray, ids: list[str], uris: list[str]) -> dict:
-    """Write and index the store unless a complete one for the same data is already there."""
+def build_store(args, base: np.ndarray, ids: list[str], uris: list[str], metadata=None) -> dict:
+    """Write and index the store unless a complete one for the same data is already there.
+    ``metadata`` (a pyarrow table, one row per vector) is stored as typed metadata columns."""
     from index import schema
     from index.manifest import Manifest, commit_manifest, load_manifest
+    from index.metadata import schema_of_table
     from index.rebuild import RebuildOptions, rebuild_shard
     from index.sharding import shards_of
     from index.store import Store
 
-    store = Store(args.workdir / f"store-{args.n}-{args.dim}-{args.shards}")
+    suffix = "" if metadata is None else "-meta"
+    store = Store(args.workdir / f"store-{args.n}-{args.dim}-{args.shards}{suffix}")
     manifest = load_manifest(store)
     if manifest and all(s.version is not None for s in manifest.shards.values()):
         if sum(s.count for s in manifest.shards.values()) == args.n:
@@ -124,11 +127,21 @@ def build_store(args, base: np.ndarray, ids: list[str], uris: list[str]) -> dict
         rows = np.flatnonzero(shard_of_row == shard)
         for start in range(0, len(rows), 100_000):  # parts of <= 100k rows, as a job would write
             sel = rows[start : start + 100_000]
-            table = schema.embeddings_table(list(ids_arr[sel]), list(uris_arr[sel]), base[sel])
+            extra = None
+            if metadata is not None:
+                part = metadata.take(sel)
+                extra = {c: part[c].combine_chunks() for c in part.column_names}
+            table = schema.embeddings_table(
+                list(ids_arr[sel]), list(uris_arr[sel]), base[sel], extra=extra
+            )
             name = store.new_part_name(f"{start // 100_000:04d}")
             store.write_parquet(table, f"{store.embeddings_dir(shard)}/{name}")
+    columns = {} if metadata is None else schema_of_table(metadata)
     commit_manifest(
-        store, lambda m: m or Manifest(MODEL, WEIGHTS, args.dim, args.shards, metric="ip")
+        store,
+        lambda m: (m or Manifest(MODEL, WEIGHTS, args.dim, args.shards, metric="ip")).with_metadata(
+            columns
+        ),
     )
     timings["write_parquet_s"] = round(time.perf_counter() - t, 1)
     timings["build_s"] = {}
@@ -357,8 +370,9 @@ def http_worker(args) -> int:
     return 0
 
 
-def over_http(args, store_uri: str, queries: np.ndarray, truth, ids) -> dict:
-    """Run each Serve mode in its own process; recall from the ids it found."""
+def over_http(args, store_uri: str, queries: np.ndarray, truth, ids, point_truths=None) -> dict:
+    """Run each Serve mode in its own process; recall from the ids it found (against
+    ``point_truths[i]`` for operating point ``i`` when given, e.g. one per filter)."""
     import subprocess
 
     np.save(args.workdir / "queries.npy", queries)
@@ -399,9 +413,11 @@ def over_http(args, store_uri: str, queries: np.ndarray, truth, ids) -> dict:
         subprocess.run(cmd, env=env, check=True)
         body = json.loads(out.read_text())
         for entry in ("proxy", "direct_ingress"):
-            for rows in [body[entry], *body[entry].get("points", [])] if entry in body else []:
+            points = body[entry].get("points", []) if entry in body else []
+            for i, rows in enumerate([body[entry], *points] if entry in body else []):
                 if "found" in rows:
-                    rows["recall_at_10"] = round(recall(rows.pop("found"), truth, ids), 4)
+                    expected = truth if point_truths is None or i == 0 else point_truths[i - 1]
+                    rows["recall_at_10"] = round(recall(rows.pop("found"), expected, ids), 4)
         results[mode] = body
     return results
 

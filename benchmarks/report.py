@@ -38,7 +38,8 @@ SUFFIX = ""  # "_quick" renders the --quick results (for checking the report its
 
 
 def load(name: str) -> dict | None:
-    path = RESULTS / f"{name}{SUFFIX if name in ('peers', 'query_scaling') else ''}.json"
+    quick = name in ("peers", "query_scaling", "filtered_search")
+    path = RESULTS / f"{name}{SUFFIX if quick else ''}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -129,6 +130,71 @@ def section_peers() -> str:
         f"recall is re-measured on all queries, so the three land at or just above the target, "
         "not on one number (our candidates step from 100 to 200 per shard).\n\n"
         "![peers](results/peers.png)\n"
+    )
+
+
+def section_filtered() -> str:
+    f = load("filtered_search")
+    if not f:
+        return ""
+    http = {p["label"]: p for p in f["ours_http"]["points"]}
+    lance = f.get("lancedb") or {}
+    adaptive = {r["name"]: r for r in lance.get("adaptive", [])}
+    fixed = {r["name"]: r for r in lance.get("fixed", [])}
+    plans = {r["name"]: r for r in f.get("ours_inprocess", [])}
+    rows = []
+    for name, selectivity in [("unfiltered", 1.0)] + [
+        (x["name"], x["selectivity"]) for x in f["filters"]
+    ]:
+        ours, plan = http[name], plans.get(name, {})
+        how = "-"
+        if plan:
+            how = f"exact {plan['exact_share'] * 100:.0f} %"
+            if plan.get("ivf_nprobe_median"):
+                how += f", IVF nprobe {plan['ivf_nprobe_median']:.0f}"
+        a, x = adaptive.get(name, {}), fixed.get(name, {})
+        rows.append(
+            [
+                name,
+                f"{selectivity * 100:.3g}",
+                fmt(ours["recall_at_10"], 3),
+                fmt(ours["1"]["p50_ms"], 2),
+                fmt(ours["1"]["p99_ms"], 2),
+                how,
+                fmt(a.get("recall_at_10"), 3),
+                fmt(a.get("p99_ms"), 2),
+                fmt(x.get("recall_at_10"), 3),
+            ]
+        )
+    op = lance.get("operating_point", {})
+    goal = f["goal"]
+    return (
+        f"### Filtered search by selectivity (`filtered_search.json`, {f['n_vectors']:,} x "
+        f"{f['dim']} in {f['shards']} shards)\n\n"
+        + md_table(
+            rows,
+            [
+                "filter",
+                "selectivity %",
+                "recall@10",
+                "p50 ms",
+                "p99 ms",
+                "shards searched (in-process)",
+                "LanceDB recall (adaptive)",
+                "LanceDB p99 ms",
+                "LanceDB recall (fixed nprobes)",
+            ],
+        )
+        + f"\n\nHeadline: min recall@10 **{f['min_recall_at_10']}** over every filter (goal "
+        f">= 0.95: {'met' if goal['recall_at_10_at_least_0.95'] else 'not met'}); p99 "
+        f"{f['p99_ms_selectivity_1pct']} ms at 1 % vs {f['p99_ms_unfiltered']} ms unfiltered "
+        f"(goal <= 2x: {'met' if goal['p99_1pct_within_2x_unfiltered'] else 'not met'}); "
+        f"LanceDB min recall@10 {f['lancedb_min_recall_at_10']}. Ours: Serve over HTTP at "
+        "concurrency 1, exact filtered search as truth; LanceDB: embedded, in-process, "
+        f"prefilter, nprobes {op.get('nprobes')} / refine {op.get('refine_factor')} (its "
+        "cheapest unfiltered point at recall >= 0.95), `adaptive` = minimum_nprobes that, "
+        "maximum_nprobes every partition.\n\n"
+        "![filtered search](results/filtered_search.png)\n"
     )
 
 
@@ -485,6 +551,7 @@ def render() -> str:
         "`--size N` for another size; LanceDB from `pip install -e '.[bench]'`).\n",
         machine_line() + "\n",
         section_peers(),
+        section_filtered(),
         section_scaling(),
         section_findings(),
         section_build(),
@@ -497,7 +564,9 @@ def render() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--write", action="store_true", help=f"rewrite {README}")
-    p.add_argument("--quick", action="store_true", help="render peers/query_scaling *_quick")
+    p.add_argument(
+        "--quick", action="store_true", help="render peers/query_scaling/filtered_search *_quick"
+    )
     args = p.parse_args(argv)
     global SUFFIX
     SUFFIX = "_quick" if args.quick else ""

@@ -34,6 +34,7 @@ def steps(size: int, quick: bool, build_sizes=()) -> list[tuple[str, list[str]]]
             ("index_build", ["--quick", "--shards", "1,4"]),
             ("query_scaling", ["--quick"]),
             ("peers", ["--quick", "--name", "peers_quick"]),
+            ("filtered_search", ["--quick"]),
         ]
     n = ["--n", str(size)]
     # above 1M only 8 shards: one 4M shard would hold the 2 cores for far too long here
@@ -49,6 +50,7 @@ def steps(size: int, quick: bool, build_sizes=()) -> list[tuple[str, list[str]]]
         ("query_scaling", [*n, "--shards", "2"]),
         ("peers", [*n, "--phase", "build"]),
         ("peers", n),
+        ("filtered_search", n),
         ("query_scaling", [*n, "--shards", "4"]),
         ("query_scaling", [*n, "--shards", "8"]),
     ]

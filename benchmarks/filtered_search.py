@@ -1,0 +1,550 @@
+"""Filtered search at every selectivity: recall@10 and HTTP latency, ours vs LanceDB's prefilter.
+
+    flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/filtered_search.py [--quick]
+    (LanceDB needs the benchmark extra: pip install -e '.[bench]')
+
+Data: ``--n`` (1M) ``gaussian_mixture`` vectors, 256-d, 1,000 clusters, in ``--shards`` (4)
+shards built by ``index.rebuild.rebuild_shard`` (``benchmarks/query_latency.py``'s store, with
+metadata columns), each row with:
+
+- ``bucket``: int, uniform in 0..9999, independent of the vector;
+- ``category``: string ``c00``..``c99``, the row's mixture cluster mod 100, so a category lives
+  in 10 of the 1,000 clusters (a filter correlated with the vectors, as real categories are);
+- ``price``: float, uniform 1..500; ``in_stock``: bool, half the rows.
+
+Filters, two families at 50 %, 10 %, 1 %, 0.1 % and 0.01 % selectivity:
+
+- ``uniform``: ``bucket < 5000`` .. ``bucket < 1`` (matching rows spread over every IVF list);
+- ``clustered``: 50 categories, 10 categories, one category, then one category and
+  ``bucket < 1000`` / ``< 100`` (matching rows packed in a few IVF lists, usually not the
+  query's own: the case a fixed nprobe fails worst);
+
+plus the issue's "in stock, under $50" (about 5 %). Queries are held-out draws of the mixture;
+the ground truth of each filter is exact float32 search over its matching rows.
+
+Ours: the real Serve app over HTTP (throughput mode, direct ingress, ``query_latency``'s HTTP
+worker), JSON ``{"vector", "k": 10, "filter"}`` at concurrency 1, default nprobe and 400 rerank
+candidates per shard (as the unfiltered benchmarks); also the same shards in-process
+(``LiveShard.search_with_plan``) for the plan each shard chose (exact or IVF, its nprobe).
+
+LanceDB (embedded, in-process, no HTTP) on the same vectors and columns: IVF_PQ as in
+``benchmarks/peers.py`` (~sqrt(N) partitions, 64 x 8-bit sub-vectors, L2), a BTREE index on
+``bucket`` and a BITMAP index on ``category``, ``where(sql, prefilter=True)``; its nprobes and
+refine factor are the cheapest pair reaching recall@10 >= 0.95 unfiltered (a short sweep), run
+two ways: ``fixed`` (``nprobes``) and ``adaptive`` (``minimum_nprobes`` = that, ``maximum_nprobes``
+= every partition: LanceDB's own answer to filtered recall collapse, lance #3903).
+
+Writes ``benchmarks/results/filtered_search.json`` (headline keys first) and ``.png`` (recall
+and p99 vs selectivity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import query_latency as ql  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    gaussian_mixture,
+    machine_info,
+    save_figure,
+    write_result,
+)
+
+K = ql.K
+SELECTIVITIES = (0.5, 0.1, 0.01, 0.001, 0.0001)
+LANCE_GRID = {"nprobes": (16, 32, 64), "refine_factor": (5, 10, 20)}
+LANCE_METRIC = "l2"  # see benchmarks/peers.py: LanceDB's IVF_PQ ranks better with it here
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--quick", action="store_true", help="100k vectors, fewer requests")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--queries", type=int, default=500, help="held-out queries (recall)")
+    p.add_argument("--requests", type=int, default=1000, help="HTTP requests per filter")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-filtered"))
+    p.add_argument("--memory-budget", default="4G")
+    p.add_argument("--candidates", type=int, default=400, help="per-shard rerank candidates")
+    p.add_argument("--skip-lancedb", action="store_true")
+    p.add_argument("--name", default="filtered_search")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.requests = min(args.n, 100_000), 300
+        args.queries = min(args.queries, 200)
+        if args.name == "filtered_search":
+            args.name = "filtered_search_quick"
+    # what query_latency's HTTP worker reads from args
+    args.modes, args.entries, args.concurrency, args.nprobe = (
+        ["throughput"],
+        ["direct_ingress"],
+        [1],
+        None,
+    )
+    return args
+
+
+# ---- data ----------------------------------------------------------------------------------------
+def make_data(args):
+    """(base vectors, their clusters, held-out queries)."""
+    t = time.perf_counter()
+    x, labels = gaussian_mixture(args.n + args.queries, args.dim, seed=0, labels=True)
+    print(f"generated {len(x):,} x {args.dim} vectors in {time.perf_counter() - t:.1f} s")
+    return x[: args.n], labels[: args.n], x[args.n :]
+
+
+def metadata_table(labels: np.ndarray, seed: int = 1):
+    """The rows' metadata (the module docstring says how each column is drawn)."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    names = np.asarray([f"c{i:02d}" for i in range(100)], dtype=object)
+    return pa.table(
+        {
+            "bucket": pa.array(rng.integers(0, 10_000, n), pa.int64()),
+            "category": pa.array(names[labels % 100], pa.string()),
+            "price": pa.array(np.round(rng.uniform(1, 500, n), 2), pa.float64()),
+            "in_stock": pa.array(rng.random(n) < 0.5, pa.bool_()),
+        }
+    )
+
+
+def filters() -> list[dict]:
+    """Every filter measured: name, family, nominal selectivity, our JSON, LanceDB's SQL."""
+    out = []
+    for s in SELECTIVITIES:
+        below = round(s * 10_000)
+        out.append(
+            {
+                "name": f"uniform {_pct(s)}",
+                "family": "uniform",
+                "nominal": s,
+                "filter": {"field": "bucket", "range": {"lt": below}},
+                "sql": f"bucket < {below}",
+            }
+        )
+    cats = [f"c{i:02d}" for i in range(100)]
+    clustered = [
+        (0.5, {"field": "category", "in": cats[:50]}, _sql_in(cats[:50])),
+        (0.1, {"field": "category", "in": cats[:10]}, _sql_in(cats[:10])),
+        (0.01, {"field": "category", "eq": "c07"}, "category = 'c07'"),
+    ]
+    for s, below in ((0.001, 1000), (0.0001, 100)):
+        body = {
+            "and": [{"field": "category", "eq": "c07"}, {"field": "bucket", "range": {"lt": below}}]
+        }
+        clustered.append((s, body, f"category = 'c07' AND bucket < {below}"))
+    for s, body, sql in clustered:
+        out.append(
+            {
+                "name": f"clustered {_pct(s)}",
+                "family": "clustered",
+                "nominal": s,
+                "filter": body,
+                "sql": sql,
+            }
+        )
+    out.append(
+        {
+            "name": "in stock, under $50",
+            "family": "example",
+            "nominal": 0.5 * 49 / 499,
+            "filter": {
+                "and": [
+                    {"field": "in_stock", "eq": True},
+                    {"field": "price", "range": {"lt": 50}},
+                ]
+            },
+            "sql": "in_stock = true AND price < 50",
+        }
+    )
+    return out
+
+
+def _pct(s: float) -> str:
+    return f"{s * 100:g} %"
+
+
+def _sql_in(values: list[str]) -> str:
+    return "category IN (" + ", ".join(f"'{v}'" for v in values) + ")"
+
+
+def masks(meta, flts: list[dict]) -> list[np.ndarray]:
+    """Each filter's matching rows, by the index layer's own evaluation."""
+    from index.columns import Columns
+    from index.filters import evaluate, parse_filter
+    from index.metadata import schema_of_table
+
+    columns = Columns.from_arrow(meta)
+    schema = schema_of_table(meta)
+    return [evaluate(parse_filter(f["filter"], schema), columns) for f in flts]
+
+
+def filtered_truth(args, base, queries, flts, rows_of) -> list[np.ndarray]:
+    """Exact float32 top-K row numbers of each query among each filter's rows (cached)."""
+    import faiss
+
+    out = []
+    for f, mask in zip(flts, rows_of, strict=True):
+        key = f["name"].replace(" ", "_").replace("%", "pct").replace(",", "").replace("$", "")
+        path = args.workdir / f"gt-{args.n}-{args.dim}-{args.queries}-{key}.npy"
+        if path.exists():
+            out.append(np.load(path))
+            continue
+        rows = np.flatnonzero(mask)
+        flat = faiss.IndexFlatIP(args.dim)
+        flat.add(np.ascontiguousarray(base[rows]))
+        _, found = flat.search(queries, K)
+        truth = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
+        np.save(path, truth)
+        out.append(truth)
+    return out
+
+
+def recall_of(found: list[list[str]], truth: np.ndarray, ids: list[str]) -> float:
+    """recall@10 against exact filtered search (a filter with fewer than 10 rows: of those)."""
+    got = want = 0
+    for f, t in zip(found, truth, strict=True):
+        expected = {ids[r] for r in t if r >= 0}
+        got += len(set(f[:K]) & expected)
+        want += len(expected)
+    return got / want if want else 1.0
+
+
+# ---- ours, in-process: the plans ----------------------------------------------------------------
+def in_process(args, store_uri, queries, flts, truths, ids) -> list[dict]:
+    """Each filter through the shards' ``LiveShard`` (recall, latency, the plans they chose)."""
+    import faiss
+
+    from index.delta import load_live_shard
+    from index.filters import parse_filter
+    from index.manifest import load_manifest
+    from index.merge import merge_topk
+    from index.store import Store
+
+    faiss.omp_set_num_threads(1)  # as each Serve searcher replica
+    store = Store(store_uri)
+    manifest = load_manifest(store)
+    shards = [
+        load_live_shard(store, s, manifest.shards[s].dir, manifest.dim, manifest.metric)
+        for s in range(args.shards)
+    ]
+    rows = []
+    for f, truth in zip(flts, truths, strict=True):
+        flt = parse_filter(f["filter"], manifest.metadata)
+        plans, found, times = [], [], []
+        for q in queries:
+            t = time.perf_counter()
+            per_shard = []
+            for shard in shards:
+                hits, plan = shard.search_with_plan(
+                    q, K, filter=flt, candidates=args.candidates, fields=[]
+                )
+                per_shard.append(hits[0])
+                plans.append(plan)
+            found.append([h.id for h in merge_topk(per_shard, K, "ip")])
+            times.append(time.perf_counter() - t)
+        ms = np.asarray(times) * 1000
+        row = {
+            "name": f["name"],
+            "recall_at_10": round(recall_of(found, truth, ids), 4),
+            "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "exact_share": round(float(np.mean([p.method == "exact" for p in plans])), 3),
+            "ivf_nprobe_median": float(np.median([p.nprobe for p in plans if p.method == "ivf"]))
+            if any(p.method == "ivf" for p in plans)
+            else None,
+            "base_nprobe": shards[0].base.default_nprobe,
+        }
+        rows.append(row)
+        print(f"in-process {f['name']:>22}: {row}", flush=True)
+    return rows
+
+
+# ---- ours over HTTP ------------------------------------------------------------------------------
+def over_http(args, store_uri, queries, flts, truths, truth_all, ids) -> dict:
+    points = [{"label": "unfiltered", "body": {}, "concurrency": [1], "requests": args.requests}]
+    points += [
+        {
+            "label": f["name"],
+            "body": {"filter": f["filter"]},
+            "concurrency": [1],
+            "requests": args.requests,
+        }
+        for f in flts
+    ]
+    args.points = json.dumps(points)
+    args.searcher_replicas = 1
+    http = ql.over_http(args, store_uri, queries, truth_all, ids, point_truths=[truth_all, *truths])
+    measured = http["throughput"]["direct_ingress"]["points"]
+    out = {"points": measured}
+    out["serve"] = {
+        k: v for k, v in http["throughput"].items() if k not in ("proxy", "direct_ingress")
+    }
+    return out
+
+
+# ---- LanceDB -------------------------------------------------------------------------------------
+def lance_dir(args) -> Path:
+    return args.workdir / f"lance-{args.n}-{args.dim}-{LANCE_METRIC}-meta"
+
+
+def build_lance(args, base, meta) -> dict:
+    import lancedb
+    import pyarrow as pa
+    from lancedb.index import IvfPq
+
+    path = lance_dir(args)
+    info_path = path / "bench-build.json"
+    if info_path.exists():
+        return json.loads(info_path.read_text())
+    shutil.rmtree(path, ignore_errors=True)
+    db = lancedb.connect(str(path))
+    t = time.perf_counter()
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(base.reshape(-1)), args.dim)
+    table = meta.append_column("row", pa.array(np.arange(len(base), dtype=np.int64)))
+    tbl = db.create_table("vectors", data=table.append_column("vector", vectors), mode="overwrite")
+    write_s = time.perf_counter() - t
+    partitions = 2 ** round(math.log2(max(1, math.sqrt(args.n))))
+    params = {
+        "distance_type": LANCE_METRIC,
+        "num_partitions": partitions,
+        "num_sub_vectors": args.dim // 4,
+        "num_bits": 8,
+    }
+    t = time.perf_counter()
+    tbl.create_index("vector", config=IvfPq(**params))
+    index_s = time.perf_counter() - t
+    t = time.perf_counter()
+    tbl.create_scalar_index("bucket", index_type="BTREE")
+    tbl.create_scalar_index("category", index_type="BITMAP")
+    info = {
+        "params": params,
+        "scalar_indexes": {"bucket": "BTREE", "category": "BITMAP"},
+        "write_seconds": round(write_s, 2),
+        "index_seconds": round(index_s, 2),
+        "scalar_index_seconds": round(time.perf_counter() - t, 2),
+        "lancedb": lancedb.__version__,
+    }
+    info_path.write_text(json.dumps(info))
+    print(f"LanceDB: {info}", flush=True)
+    return info
+
+
+def lance_search(args, ids):
+    import lancedb
+
+    tbl = lancedb.connect(str(lance_dir(args))).open_table("vectors")
+    partitions = json.loads((lance_dir(args) / "bench-build.json").read_text())["params"][
+        "num_partitions"
+    ]
+
+    def search(q, nprobes, refine, sql=None, adaptive=False):
+        query = tbl.search(q).distance_type(LANCE_METRIC)
+        if adaptive:
+            query = query.minimum_nprobes(nprobes).maximum_nprobes(partitions)
+        else:
+            query = query.nprobes(nprobes)
+        if sql:
+            query = query.where(sql, prefilter=True)
+        query = query.select(["row"]).limit(K).refine_factor(refine)
+        return [ids[r] for r in query.to_arrow()["row"].to_pylist()]
+
+    return search
+
+
+def lancedb_rows(args, queries, flts, truths, truth_all, ids) -> dict:
+    search = lance_search(args, ids)
+    sweep_n = min(len(queries), 200)
+    grid = []
+    for nprobes in LANCE_GRID["nprobes"]:
+        for refine in LANCE_GRID["refine_factor"]:
+            found = [search(q, nprobes, refine) for q in queries[:sweep_n]]
+            grid.append(
+                {
+                    "nprobes": nprobes,
+                    "refine_factor": refine,
+                    "recall_at_10": round(recall_of(found, truth_all[:sweep_n], ids), 4),
+                }
+            )
+    ok = [g for g in grid if g["recall_at_10"] >= 0.95]
+    chosen = min(ok, key=lambda g: g["nprobes"] * g["refine_factor"]) if ok else grid[-1]
+    print(f"LanceDB operating point: {chosen}", flush=True)
+    nprobes, refine = chosen["nprobes"], chosen["refine_factor"]
+    out = {"grid": grid, "operating_point": chosen, "fixed": [], "adaptive": []}
+    cases = [{"name": "unfiltered", "sql": None}, *flts]
+    for mode in ("fixed", "adaptive"):
+        for f, truth in zip(cases, [truth_all, *truths], strict=True):
+
+            def call(i, f=f, mode=mode):
+                return search(
+                    queries[i % len(queries)], nprobes, refine, f["sql"], mode == "adaptive"
+                )
+
+            found = [call(i) for i in range(len(queries))]
+            stats, _ = ql.run_load(call, min(args.requests, 500), 1)
+            row = {
+                "name": f["name"],
+                "recall_at_10": round(recall_of(found, truth, ids), 4),
+                **stats,
+            }
+            out[mode].append(row)
+            print(f"LanceDB {mode} {f['name']:>22}: {row}", flush=True)
+    return out
+
+
+# ---- report --------------------------------------------------------------------------------------
+def headline(result: dict) -> dict:
+    http = {p["label"]: p for p in result["ours_http"]["points"]}
+    filtered = [f for f in result["filters"] if f["family"] != "example"]
+    lance = result.get("lancedb")
+    one_pct = [f["name"] for f in filtered if f["nominal"] == 0.01]
+    out = {
+        "min_recall_at_10": min(http[f["name"]]["recall_at_10"] for f in result["filters"]),
+        "p99_ms_unfiltered": http["unfiltered"]["1"]["p99_ms"],
+        "p99_ms_selectivity_1pct": max(http[name]["1"]["p99_ms"] for name in one_pct),
+        "lancedb_min_recall_at_10": (
+            min(r["recall_at_10"] for r in lance["adaptive"] if r["name"] != "unfiltered")
+            if lance
+            else None
+        ),
+    }
+    out["goal"] = {
+        "recall_at_10_at_least_0.95": out["min_recall_at_10"] >= 0.95,
+        "p99_1pct_within_2x_unfiltered": out["p99_ms_selectivity_1pct"]
+        <= 2 * out["p99_ms_unfiltered"],
+    }
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    http = {p["label"]: p for p in result["ours_http"]["points"]}
+    lance = result.get("lancedb")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    # one series per system: (marker, colour, label, {filter name: (recall, p99 ms)})
+    series = [
+        (
+            "o",
+            "C0",
+            "ours over HTTP",
+            {n: (p["recall_at_10"], p["1"]["p99_ms"]) for n, p in http.items()},
+        )
+    ]
+    for mode, colour in (("adaptive", "C3"), ("fixed", "C1")) if lance else ():
+        rows = {r["name"]: (r["recall_at_10"], r["p99_ms"]) for r in lance[mode]}
+        series.append(("s", colour, f"LanceDB {mode} nprobes", rows))
+    for family, ls in {"uniform": "-", "clustered": "--"}.items():
+        rows = [f for f in result["filters"] if f["family"] == family]
+        x = [f["selectivity"] * 100 for f in rows]
+        for marker, colour, label, values in series:
+            for ax, i in ((ax1, 0), (ax2, 1)):
+                y = [values[f["name"]][i] for f in rows]
+                ax.plot(x, y, marker + ls, color=colour, alpha=0.85, label=f"{label}, {family}")
+    ax2.axhline(
+        http["unfiltered"]["1"]["p99_ms"], color="C0", ls=":", lw=1, label="ours unfiltered p99"
+    )
+    ax2.axhline(
+        2 * http["unfiltered"]["1"]["p99_ms"],
+        color="k",
+        ls=":",
+        lw=0.8,
+        label="goal: 2x unfiltered p99",
+    )
+    ax1.axhline(0.95, color="k", ls=":", lw=0.8)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_xlabel("selectivity (% of rows the filter keeps)")
+        ax.invert_xaxis()
+    ax1.set_ylabel("recall@10 vs exact filtered search")
+    ax2.set_ylabel("p99 latency at concurrency 1 (ms)")
+    ax2.set_yscale("log")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    m = result["machine"]
+    ax1.set_title(
+        f"{result['n_vectors']:,} x {result['dim']} in {result['shards']} shards", fontsize=9
+    )
+    ax2.set_title("ours: HTTP (Serve); LanceDB: embedded, in-process", fontsize=9)
+    fig.suptitle(f"filtered search vs selectivity, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
+    save_figure(fig, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TMPDIR", str(args.workdir))
+    os.environ.setdefault("LANCE_LOG", "error")  # one deprecation warning per query otherwise
+    base, labels, queries = make_data(args)
+    meta = metadata_table(labels)
+    ids, uris = ql.ids_uris(args.n)
+    build = ql.build_store(args, base, ids, uris, metadata=meta)
+    flts = filters()
+    rows_of = masks(meta, flts)
+    for f, mask in zip(flts, rows_of, strict=True):
+        f["rows"] = int(mask.sum())
+        f["selectivity"] = f["rows"] / args.n
+    truth_all = ql.ground_truth(args, base, queries)
+    truths = filtered_truth(args, base, queries, flts, rows_of)
+    lance_build = None if args.skip_lancedb else build_lance(args, base, meta)
+    del base, rows_of
+    inproc = in_process(args, build["store"], queries, flts, truths, ids)
+    http = over_http(args, build["store"], queries, flts, truths, truth_all, ids)
+    lance = None if args.skip_lancedb else lancedb_rows(args, queries, flts, truths, truth_all, ids)
+    result = {
+        "n_vectors": args.n,
+        "dim": args.dim,
+        "shards": args.shards,
+        "k": K,
+        "queries": args.queries,
+        "requests": args.requests,
+        "candidates_per_shard": args.candidates,
+        "filters": flts,
+        "ours_http": http,
+        "ours_inprocess": inproc,
+        "lancedb": lance,
+        "build": {"ours": build, "lancedb": lance_build},
+        "machine": machine_info(),
+        "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/filtered_search.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    result = {**headline(result), **result}
+    path = write_result(args.name, result)
+    plot(json.loads(path.read_text()), RESULTS_DIR / f"{args.name}.png")
+    http_by = {p["label"]: p for p in http["points"]}
+    print(f"\n{'filter':>22} {'sel %':>8} {'recall':>7} {'p50 ms':>8} {'p99 ms':>8} {'LanceDB':>8}")
+    lance_by = {r["name"]: r for r in (lance or {}).get("adaptive", [])}
+    for name, sel in [("unfiltered", 1.0)] + [(f["name"], f["selectivity"]) for f in flts]:
+        p = http_by[name]
+        lr = lance_by.get(name, {}).get("recall_at_10", float("nan"))
+        print(
+            f"{name:>22} {sel * 100:8.3f} {p['recall_at_10']:7.4f} {p['1']['p50_ms']:8.2f} "
+            f"{p['1']['p99_ms']:8.2f} {lr:8.4f}"
+        )
+    print({k: result[k] for k in list(headline(result))})
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
