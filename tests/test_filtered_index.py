@@ -371,3 +371,23 @@ def test_delta_tombstones_records_and_rebase_carry_metadata(catalogue):
     assert [h.id for h in fresh.search(q, 5, filter=flt)[0]] == [new_ids[0], new_ids[1]]
     assert base_row not in {h.id for h in fresh.search(vec, 50, filter=same)[0]}
     assert set(shards_of(new_ids, SHARDS)) == {shard}
+
+
+def test_plan_probes_where_the_allowed_rows_are():
+    from index.filter_plan import ivf_nprobe, prefer_exact
+
+    sizes = np.full(100, 100)  # 100 lists of 100 rows, nearest first
+    # uniform 10 %: twice the rows an unfiltered search scans at nprobe 4 (2 * 4 * 100 = 800)
+    probe, scanned = ivf_nprobe(np.full(100, 10), sizes, 4, 10_000)
+    assert (probe, scanned) == (80, 8000)
+    # everything allowed: the base nprobe and the list rule (4 x 4 lists with allowed rows)
+    assert ivf_nprobe(np.full(100, 100), sizes, 4, 10_000)[0] == 16
+    # a category in a few full lists, not the nearest ones: 16 lists that hold any of it
+    counts = np.zeros(100, int)
+    counts[[30, 31, 50, 51, 52, 60, 61, 62, 63, 64, 70, 71, 72, 73, 74, 75, 90]] = 100
+    assert ivf_nprobe(counts, sizes, 4, 10_000)[0] == 76
+    # fewer allowed rows than the target: every list holding one, no more
+    counts = np.zeros(100, int)
+    counts[[5, 40]] = 3
+    assert ivf_nprobe(counts, sizes, 4, 10_000)[0] == 41
+    assert prefer_exact(6, 41 * 100) and not prefer_exact(100, 41 * 100)
