@@ -1,9 +1,11 @@
 """The HTTP ingress: parse and validate, embed, scatter to every shard, gather, merge, answer.
 
 The ingress holds DeploymentHandles to the QueryEmbedder and to one ShardSearcher deployment per
-shard. Each shard call gets the same deadline (``shard_deadline_ms``); a shard that misses it or
-whose replica died is left out and the answer says ``partial: true``. The merge of per-shard
-top-k lists is ``index.merge.merge_topk``, the same one the in-process search uses.
+*group* of shards (``serve.searcher``: a replica searches all shards of its group in one call and
+merges them). Each group call gets the same deadline (``shard_deadline_ms``); a group that misses
+it or whose replica died is left out, its shards are named in ``missing_shards`` and the answer
+says ``partial: true``. The merge of the groups' top-k lists is ``index.merge.merge_topk``, the
+same one the groups and the in-process search use.
 
 Writes (issue #5): ``POST /images`` embeds the image (or takes a vector), writes the row as a
 new Parquet part of its shard (``index.delta.write_rows``: atomic, fsynced) and then hands it
@@ -56,8 +58,9 @@ api = create_app()
 api.add_middleware(RequestMetrics)  # counts, times and logs every request
 
 
-def _missing(missing: dict[int, str]) -> list[dict]:
-    return [{"shard": s, "reason": r} for s, r in sorted(missing.items())]
+def _missing(missing: dict[int, str], groups: list[list[int]]) -> list[dict]:
+    """Per-shard entries for the groups that did not answer."""
+    return [{"shard": s, "reason": r} for g, r in sorted(missing.items()) for s in groups[g]]
 
 
 def _json(body: dict, status: int) -> JSONResponse:
@@ -93,6 +96,7 @@ class Ingress:
         embedder: DeploymentHandle | None,
         searchers: list[DeploymentHandle],
         rebuilder: DeploymentHandle | None = None,
+        groups: list[list[int]] | None = None,
     ):
         self.config = config
         self.store = config.open_store()
@@ -101,8 +105,15 @@ class Ingress:
         manifest = load_manifest(self.store)
         if manifest is None:
             raise RuntimeError(f"store {config.store} has no manifest")
-        if len(searchers) != manifest.num_shards:
-            raise RuntimeError(f"{len(searchers)} searchers for {manifest.num_shards} shards")
+        groups = groups or [[s] for s in range(manifest.num_shards)]
+        if len(searchers) != len(groups) or sorted(sum(groups, [])) != list(
+            range(manifest.num_shards)
+        ):
+            raise RuntimeError(
+                f"{len(searchers)} searchers for groups {groups} of {manifest.num_shards} shards"
+            )
+        self.groups = groups
+        self.group_of = {s: g for g, shards in enumerate(groups) for s in shards}
         self.manifest = manifest
         self.dim = manifest.dim
         self.metric = manifest.metric
@@ -132,14 +143,8 @@ class Ingress:
 
     @api.get("/readyz", summary="Every shard has a live index loaded and the embedder is up")
     async def readyz(self):
-        shards = await gather_with_deadline(
-            {s: h.ready.remote for s, h in enumerate(self.searchers)}, self.shard_timeout_s
-        )
+        rows = await self._per_shard("ready", {"loaded": False})
         ok_embed, embedder = await self._embedder_info()
-        rows = [
-            shards.answers.get(s) or {"shard": s, "loaded": False, "error": shards.missing[s]}
-            for s in range(self.num_shards)
-        ]
         expected = {s: st.count for s, st in self.manifest.shards.items()}
         ready = ok_embed and all(
             row.get("loaded") or (expected.get(row["shard"]) == 0 and "error" not in row)
@@ -152,14 +157,8 @@ class Ingress:
 
     @api.get("/stats", summary="Per shard: live version, row count, memory")
     async def stats(self) -> dict:
-        gathered = await gather_with_deadline(
-            {s: h.stats.remote for s, h in enumerate(self.searchers)}, self.shard_timeout_s
-        )
+        shards = await self._per_shard("stats", {})
         ok_embed, embedder = await self._embedder_info()
-        shards = [
-            gathered.answers.get(s) or {"shard": s, "error": gathered.missing[s]}
-            for s in range(self.num_shards)
-        ]
         return {
             "model": self.manifest.model_tag,
             "dim": self.dim,
@@ -169,7 +168,22 @@ class Ingress:
             "memory_bytes": sum(row.get("memory_bytes", 0) for row in shards),
             "shards": shards,
             "embedder": embedder if ok_embed else {"error": embedder},
+            "groups": self.groups,
         }
+
+    async def _per_shard(self, method: str, absent: dict) -> list[dict]:
+        """``method`` of every group (a list of per-shard rows each), as one row per shard;
+        shards of a group that did not answer get ``absent`` plus the reason."""
+        gathered = await gather_with_deadline(
+            {g: getattr(h, method).remote for g, h in enumerate(self.searchers)},
+            self.shard_timeout_s,
+        )
+        rows: dict[int, dict] = {}
+        for answer in gathered.answers.values():
+            rows.update((row["shard"], row) for row in answer)
+        for g, reason in gathered.missing.items():
+            rows.update((s, {"shard": s, **absent, "error": reason}) for s in self.groups[g])
+        return [rows[s] for s in range(self.num_shards)]
 
     # ---- search -------------------------------------------------------------------------------
     @api.post(
@@ -194,42 +208,45 @@ class Ingress:
         params = query.params
         gathered = await gather_with_deadline(
             {
-                s: (
+                g: (
                     lambda h=h: h.search.remote(
                         vector, params.k, params.nprobe, params.candidates, params.rerank
                     )
                 )
-                for s, h in enumerate(self.searchers)
+                for g, h in enumerate(self.searchers)
             },
             self.shard_timeout_s,
         )
+        missing = _missing(gathered.missing, self.groups)
         if not gathered.answers:
             raise ApiError(
                 503,
                 "no_shard_answered",
                 f"none of {self.num_shards} shards answered within "
                 f"{self.config.shard_deadline_ms:.0f} ms",
-                {"missing_shards": _missing(gathered.missing)},
+                {"missing_shards": missing},
             )
-        per_shard = [
+        per_group = [
             [
                 Hit(i, u, score, shard)
-                for i, u, score in zip(answer["ids"], answer["uris"], answer["scores"], strict=True)
+                for i, u, score, shard in zip(
+                    answer["ids"], answer["uris"], answer["scores"], answer["shards"], strict=True
+                )
             ]
-            for shard, answer in sorted(gathered.answers.items())
+            for _, answer in sorted(gathered.answers.items())
         ]
-        merged = merge_topk(per_shard, params.k, self.metric)
-        ingress_metrics().observe_answer(gathered.missing)
+        merged = merge_topk(per_group, params.k, self.metric)
+        ingress_metrics().observe_answer({m["shard"]: m["reason"] for m in missing})
         body = {
             "results": [
                 {"id": h.id, "uri": h.uri, "score": float(h.score), "shard": h.shard}
                 for h in merged
             ],
             "took_ms": round((time.perf_counter() - start) * 1000, 3),
-            "shards_answered": len(gathered.answers),
+            "shards_answered": self.num_shards - len(missing),
             "shards_total": self.num_shards,
-            "partial": bool(gathered.missing),
-            "missing_shards": _missing(gathered.missing),
+            "partial": bool(missing),
+            "missing_shards": missing,
         }
         # A Response is sent as is: FastAPI validates and re-encodes a returned dict against
         # response_model (which stays, for the OpenAPI schema), and that pass cost more than
@@ -237,6 +254,10 @@ class Ingress:
         return _search_json(body)
 
     # ---- writes -------------------------------------------------------------------------------
+    def _searcher(self, shard: int) -> DeploymentHandle:
+        """The handle of the group that serves ``shard``."""
+        return self.searchers[self.group_of[shard]]
+
     def _authorize(self, request: Request) -> None:
         if not self.config.writes:
             raise ApiError(403, "writes_disabled", "this app is read-only (writes: false)")
@@ -267,7 +288,7 @@ class Ingress:
         )
         part = await asyncio.to_thread(write_rows, self.store, shard, table)
         ok, answer = await call_with_deadline(
-            self.searchers[shard].add_rows.remote(part, [row_id], [uri], vectors, [ms]),
+            self._searcher(shard).add_rows.remote(shard, part, [row_id], [uri], vectors, [ms]),
             self.shard_timeout_s,
         )
         return {
@@ -304,7 +325,7 @@ class Ingress:
         ms = self._clock()
         part, ms = await asyncio.to_thread(write_tombstones, self.store, shard, [row_id], ms)
         ok, answer = await call_with_deadline(
-            self.searchers[shard].add_tombstones.remote(part, [row_id], [ms]),
+            self._searcher(shard).add_tombstones.remote(shard, part, [row_id], [ms]),
             self.shard_timeout_s,
         )
         return {
@@ -369,7 +390,8 @@ class Ingress:
         if query.kind == "id":
             shard = shard_of(query.row_id, self.num_shards)
             ok, vector = await call_with_deadline(
-                self.searchers[shard].vector_of.remote(query.row_id), self.shard_timeout_s
+                self._searcher(shard).vector_of.remote(shard, query.row_id),
+                self.shard_timeout_s,
             )
             if not ok:
                 raise ApiError(
