@@ -7,7 +7,8 @@ The driver never holds every input URI or every stored id at once:
    rows are appended to one local Arrow file per shard (``ShardSpill``), on disk.
 2. One shard at a time: its inputs are read back; inputs recorded as failed by an earlier run
    are dropped (unless ``--retry-errors``), then those whose id the shard already stores (the
-   ``id`` column of its parts and base parts), then repeats of an id, with Arrow set operations.
+   ``id`` column of its parts and base parts) or deleted (``deleted_ids``: a deleted image is
+   not new), then repeats of an id, with Arrow set operations.
    What is left is written to the store as a staging file, ``_staging/embed-<run>/shard=S.parquet``
    (row groups of ``block_rows``), so workers on any node can read it.
 3. The job's dataset is ``ray.data.range(blocks)``: block ``b`` reads row group ``b`` of the
@@ -39,8 +40,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from index import schema
+from index.manifest import ShardState, load_manifest
 from index.sharding import shards_of
 from index.store import Store
+from index.versions import TOMBSTONES_FILE
 
 STAGING = "_staging"
 STALE_STAGING_S = 24 * 3600
@@ -151,6 +154,20 @@ def stored_ids(store: Store, shard: int) -> pa.Array:
     return column.combine_chunks()
 
 
+def deleted_ids(store: Store, shard: int, state: ShardState) -> pa.Array:
+    """Ids deleted in ``shard``: its tombstone parts and the deletes its live version applied
+    (kept in the version's ``tombstones.parquet`` after the parts are retired). A deleted image
+    is not new: re-running the job on its bucket does not bring it back."""
+    paths = [store.path(p) for p in store.list_tombstone_parts(shard)]
+    if state.dir is not None:
+        version_file = posixpath.join(store.index_version_dir(shard, state.dir), TOMBSTONES_FILE)
+        if store.exists(version_file):
+            paths.append(version_file)
+    if not paths:
+        return pa.array([], pa.string())
+    return store.read_parquet(paths, columns=[schema.ID])[schema.ID].combine_chunks()
+
+
 def failed_uris(store: Store) -> pa.Array:
     parts = store.list_error_parts()
     if not parts:
@@ -180,6 +197,8 @@ def plan_pending(
 ) -> PendingInputs:
     """Per shard: inputs minus repeats, failed inputs and stored ids -> staging files."""
     pending = PendingInputs(staging=new_staging(store), block_rows=block_rows)
+    manifest = load_manifest(store)
+    states = manifest.shards if manifest is not None else {}
     for shard in spill.shards():
         table = spill.read(shard)
         if failed is not None and len(failed):
@@ -187,8 +206,11 @@ def plan_pending(
             counts.skipped_failed += pc.sum(bad).as_py() or 0
             table = table.filter(pc.invert(bad))
         present = stored_ids(store, shard)
+        counts.store_duplicates += len(present) - len(pc.unique(present))
+        present = pa.concat_arrays(
+            [present, deleted_ids(store, shard, states.get(shard, ShardState()))]
+        )
         if len(present):
-            counts.store_duplicates += len(present) - len(pc.unique(present))
             there = pc.is_in(table[schema.ID], value_set=present)
             counts.skipped_present += pc.sum(there).as_py() or 0
             table = table.filter(pc.invert(there))

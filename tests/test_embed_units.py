@@ -145,6 +145,7 @@ def test_part_key_is_order_free_and_content_bound():
 # ---- planning: what a run still has to do, per shard -------------------------------------------
 def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path):
     from index import schema
+    from index.delta import write_tombstones
     from index.sharding import shard_of, uri_id
     from pipelines.embed_plan import PlanCounts, ShardSpill, chunks, plan_pending, read_block
     from tests.helpers import write_store
@@ -158,6 +159,7 @@ def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path):
         3,
     )
     failed = pa.array(uris[20:25])  # recorded as failed by an earlier run
+    write_tombstones(store, shard_of(uri_id(uris[30]), 3), [uri_id(uris[30])])  # deleted: not new
     spill = ShardSpill(3, str(tmp_path))
     counts = PlanCounts()
     for chunk in chunks(uris + uris[50:], size=16):  # the last ten listed twice
@@ -167,8 +169,8 @@ def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path):
     pending = plan_pending(store, spill, counts, failed=failed, limit=30, block_rows=4)
     spill.close()
     assert (counts.inputs, counts.duplicates) == (70, 10)
-    assert (counts.skipped_present, counts.skipped_failed) == (20, 5)
-    assert counts.pending == pending.rows == 30 and counts.deferred == 5  # --limit 30
+    assert (counts.skipped_present, counts.skipped_failed) == (21, 5)
+    assert counts.pending == pending.rows == 30 and counts.deferred == 4  # --limit 30
     assert [f[0] for f in pending.files] == sorted({f[0] for f in pending.files})  # shard order
     rows = []
     starts = pending.starts()
@@ -178,5 +180,5 @@ def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path):
         shards = {shard_of(i, 3) for i in table[schema.ID].to_pylist()}
         assert len(shards) == 1  # a block never mixes shards
         rows += table[schema.URI].to_pylist()
-    assert len(rows) == len(set(rows)) == 30 and set(rows) <= set(uris[25:])
+    assert len(rows) == len(set(rows)) == 30 and set(rows) <= set(uris[25:]) - {uris[30]}
     assert all(store.exists(f[1]) for f in pending.files)  # staged in the store itself
