@@ -367,6 +367,22 @@ class LiveShard:
             return None
         return snap.base.vector_of(row_id)
 
+    def record_of(self, row_id: str) -> dict | None:
+        """The visible row ``row_id`` as ``{"id", "uri", "shard", "source", "version"}`` (delta
+        first, then base; a base row hidden by a tombstone or a newer delta row is None)."""
+        snap = self._snap
+        with self._lock:
+            row = self._newest.get(row_id)
+        record = {"id": row_id, "shard": self.shard, "version": self.version}
+        if row is not None and row < len(snap.alive):
+            return {**record, "uri": snap.uris[row], "source": "delta"} if snap.alive[row] else None
+        if snap.base is None:
+            return None
+        key = snap.base.row_key(row_id)
+        if key is None or key in self._hidden_keys:
+            return None
+        return {**record, "uri": snap.base.uri_of(row_id), "source": "index"}
+
     def is_visible(self, row_id: str) -> bool:
         return self.vector_of(row_id) is not None
 

@@ -319,6 +319,11 @@ class ShardIndex:
         key = self.row_key(row_id)
         return None if key is None else np.asarray(self._vectors[key], dtype=np.float32)
 
+    def uri_of(self, row_id: str) -> str | None:
+        """The stored uri of ``row_id``, or None if not here (``GET /images/{id}``)."""
+        key = self.row_key(row_id)
+        return None if key is None else self._rows.uris[key].as_py()
+
     def memory_bytes(self) -> int:
         """Bytes this version holds in RAM: the index (codes, ids, centroids, tables) and the
         row ids/uris. The memory-mapped float16 vectors are not counted (page cache)."""

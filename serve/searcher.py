@@ -213,6 +213,11 @@ class ShardSearcher:
         vector = await asyncio.to_thread(index.vector_of, row_id)
         return None if vector is None else np.asarray(vector, dtype=np.float32)
 
+    async def record(self, row_id: str) -> dict | None:
+        """``GET /images/{id}``: the visible row's id, uri, shard and source, or None."""
+        index = self.index
+        return None if index is None else await asyncio.to_thread(index.record_of, row_id)
+
     def ready(self) -> dict:
         index = self.index
         return {
