@@ -365,8 +365,9 @@ class LiveShard:
         return snap.base.vector_of(row_id)
 
     def record_of(self, row_id: str) -> dict | None:
-        """``{"id", "uri", "shard", "ingested_at_ms", "in"}`` of the visible row ``row_id``
-        (``in``: "delta" or "base"), or None when no visible row has that id."""
+        """The visible row ``row_id`` as ``{"id", "uri", "shard", "version", "source",
+        "ingested_at_ms"}`` (``source``: "delta" or "index"), or None when no visible row has
+        that id (``GET /images/{id}``)."""
         found = self._locate(row_id)
         if found is None:
             return None
@@ -379,8 +380,9 @@ class LiveShard:
             "id": row_id,
             "uri": uri,
             "shard": self.shard,
+            "version": self.version,
+            "source": "delta" if where == "delta" else "index",
             "ingested_at_ms": int(ingested),
-            "in": where,
         }
 
     def _locate(self, row_id: str) -> tuple[_Snapshot, str, int] | None:

@@ -37,6 +37,7 @@ status  error                      when
 400     missing_image              ``POST /images`` with neither ``file`` nor ``vector``
 422     invalid_metadata           ``metadata`` is not a JSON object (or over 64 KiB)
 422     invalid_uri                ``uri`` is not a string of at most 2048 characters
+404     image_unavailable          ``GET /images/{id}/thumbnail``: the row's image cannot be read
 ======  =========================  ==========================================================
 
 Writes (issue #5): ``POST /images`` takes a multipart ``file`` (or JSON ``vector`` for apps of

@@ -125,15 +125,21 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
     )
 
 
+def config_from_args(args: dict[str, Any] | None) -> ServeConfig:
+    """``ServeConfig`` fields in ``args`` over the environment's config (``from_env``); nested
+    deployment settings (``ingress``, ``embedder``, ``searcher``) merge key by key."""
+    base = ServeConfig.from_env().to_dict()
+    args = dict(args or {})
+    for name in ("ingress", "embedder", "searcher"):
+        if name in args:
+            args[name] = {**base[name], **(args[name] or {})}
+    return ServeConfig.from_dict({**base, **args})
+
+
 def app_builder(args: dict[str, Any]) -> Application:
     """For ``serve deploy`` (``import_path: serve.app:app_builder`` + ``args``) and
     ``serve run serve.app:app_builder store=... key=value``: args are ``ServeConfig`` fields."""
-    base = ServeConfig.from_env().to_dict()
-    args = dict(args or {})
-    for name in ("ingress", "embedder", "searcher"):  # nested settings merge key by key
-        if name in args:
-            args[name] = {**base[name], **(args[name] or {})}
-    return build_app(ServeConfig.from_dict({**base, **args}))
+    return build_app(config_from_args(args))
 
 
 def __getattr__(name: str) -> Any:

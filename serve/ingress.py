@@ -49,13 +49,16 @@ from serve.api import (
 )
 from serve.config import ServeConfig
 from serve.metrics import RequestMetrics, ingress_metrics
+from serve.page import add_page_routes
 from serve.scatter import call_with_deadline, gather_with_deadline
+from serve.thumbnails import RECORD_ERROR_RESPONSES, thumbnail_response
 
 # Serve's ingress decorator pickles the FastAPI app (and through its routes these methods) when
 # the class is decorated: everything the routes use must already be defined above the class, and
 # annotations must be real objects (no ``from __future__ import annotations``) for FastAPI.
 api = create_app()
 api.add_middleware(RequestMetrics)  # counts, times and logs every request
+add_page_routes(api)  # GET / (the search page) and its static files
 
 
 def _missing(missing: dict[int, str], groups: list[list[int]]) -> list[dict]:
@@ -252,6 +255,40 @@ class Ingress:
         # response_model (which stays, for the OpenAPI schema), and that pass cost more than
         # the merge. The body is built from str/int/float/bool only, so it matches the model.
         return _search_json(body)
+
+    # ---- catalogue rows (the search page's thumbnails) -----------------------------------------
+    @api.get(
+        "/images/{image_id}",
+        summary="A catalogue row: id, uri, shard",
+        responses=RECORD_ERROR_RESPONSES,
+    )
+    async def get_image(self, image_id: str) -> dict:
+        return await self._record(image_id)
+
+    @api.get(
+        "/images/{image_id}/thumbnail",
+        summary="A small JPEG of a catalogue row (never an arbitrary path)",
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}, **RECORD_ERROR_RESPONSES},
+    )
+    async def get_thumbnail(self, request: Request, image_id: str) -> Response:
+        record = await self._record(image_id)
+        return await thumbnail_response(record, request.headers.get("if-none-match"), self.limits)
+
+    async def _record(self, image_id: str) -> dict:
+        """The visible row ``image_id`` from the shard that owns it; 404 ``unknown_id``."""
+        row_id = validate_id(image_id)
+        shard = shard_of(row_id, self.num_shards)
+        ok, record = await call_with_deadline(
+            self._searcher(shard).record.remote(shard, row_id), self.shard_timeout_s
+        )
+        if not ok:
+            raise ApiError(
+                503, "shard_unavailable", f"shard {shard} (owner of the id) did not answer"
+            )
+        if record is None:
+            raise ApiError(404, "unknown_id", f"no catalogue row has id {row_id!r}")
+        return record
 
     # ---- writes -------------------------------------------------------------------------------
     def _searcher(self, shard: int) -> DeploymentHandle:
