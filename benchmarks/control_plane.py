@@ -138,7 +138,7 @@ DRIVER = textwrap.dedent(
         spill = ShardSpill(int(shards))
         for chunk in chunks(iter_inputs([listing])):
             counts.inputs += len(chunk)
-            spill.add(chunk, [uri_id(u) for u in chunk])
+            spill.add_rows(chunk, [uri_id(u) for u in chunk])
         spill.finish()
         pending = plan_pending(store, spill, counts, failed=None, limit=None, block_rows=32)
         spill.close()

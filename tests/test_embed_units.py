@@ -143,7 +143,11 @@ def test_part_key_is_order_free_and_content_bound():
 
 
 # ---- planning: what a run still has to do, per shard -------------------------------------------
-def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path):
+@pytest.mark.parametrize("bucket_rows", [65_536, 7])  # whole shards, and buckets of 7 inputs
+def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path, monkeypatch, bucket_rows):
+    from pipelines import embed_plan
+
+    monkeypatch.setattr(embed_plan, "BUCKET_ROWS", bucket_rows)
     from index import schema
     from index.delta import write_tombstones
     from index.sharding import shard_of, uri_id
@@ -164,7 +168,7 @@ def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path):
     counts = PlanCounts()
     for chunk in chunks(uris + uris[50:], size=16):  # the last ten listed twice
         counts.inputs += len(chunk)
-        spill.add(chunk, [uri_id(u) for u in chunk])
+        spill.add_rows(chunk, [uri_id(u) for u in chunk])
     spill.finish()
     pending = plan_pending(store, spill, counts, failed=failed, limit=30, block_rows=4)
     spill.close()
