@@ -275,7 +275,7 @@ def plan_pending(
     return pending
 
 
-BUCKET_ROWS = 65_536
+BUCKET_ROWS = 16_384  # inputs per bucket: what the anti-join holds in memory at once
 
 
 def _shard_buckets(store: Store, spill: ShardSpill, shard: int):
