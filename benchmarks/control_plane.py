@@ -250,6 +250,7 @@ def plot(result: dict, path: Path) -> None:
                 label="previous driver",
             )
         ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
         ax.set_title(title)
         ax.set_xlabel("rows")
         ax.legend()
