@@ -34,6 +34,7 @@ def steps(size: int, quick: bool, build_sizes=()) -> list[tuple[str, list[str]]]
             ("index_build", ["--quick", "--shards", "1,4"]),
             ("query_scaling", ["--quick"]),
             ("peers", ["--quick", "--name", "peers_quick"]),
+            ("control_plane", ["--quick"]),
         ]
     n = ["--n", str(size)]
     # above 1M only 8 shards: one 4M shard would hold the 2 cores for far too long here
@@ -51,6 +52,8 @@ def steps(size: int, quick: bool, build_sizes=()) -> list[tuple[str, list[str]]]
         ("peers", n),
         ("query_scaling", [*n, "--shards", "4"]),
         ("query_scaling", [*n, "--shards", "8"]),
+        ("query_scaling", [*n, "--shards", "16"]),
+        ("control_plane", []),
     ]
 
 

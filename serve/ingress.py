@@ -344,11 +344,13 @@ class Ingress:
         embedding job names rows, so adding a catalogue image again never duplicates it:
         ``uri`` scheme: the hash of the URI (an upload without one is ``upload:<content hash>``);
         ``content`` scheme: the hash of the bytes. An explicit ``id`` wins (catalogue keys)."""
+        if row_id is not None:  # a catalogue key given by the client
+            return row_id, uri or f"upload:{row_id}"
         if self.manifest.id_scheme == "content":
-            row_id = row_id or content_id(content)
+            row_id = content_id(content)
             return row_id, uri or f"upload:{row_id}"
         uri = uri or f"upload:{content_id(content)}"
-        return row_id or uri_id(uri), uri
+        return uri_id(uri), uri
 
     @api.delete(
         "/images/{image_id}",
