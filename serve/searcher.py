@@ -351,7 +351,8 @@ class ShardSearcher:
             )
             return holder.shard, hits
 
-        results = list(self._pool.map(one, self.holders.values()))
+        holders = list(self.holders.values())
+        results = [one(holders[0])] if len(holders) == 1 else list(self._pool.map(one, holders))
         answered = [shard for shard, hits in results if hits is not None]
         per_shard = [hits for _, hits in results if hits is not None]
         merged = [
