@@ -23,6 +23,7 @@ status  error                      when
 422     zero_vector                ``vector`` is all zeros (no direction to compare, metric ip)
 422     invalid_vector             ``vector`` is not a flat list of numbers
 422     invalid_id                 ``id`` is not a non-empty string of at most 256 characters
+                                   without ``/``
 422     k_out_of_range             ``k`` is not in 1..1000
 422     nprobe_out_of_range        ``nprobe`` is not in 1..max_nprobe
 422     candidates_out_of_range    ``candidates`` is not in 1..max_candidates
@@ -298,9 +299,12 @@ def validate_vector(value: Any, dim: int, normalise: bool) -> np.ndarray:
 
 
 def validate_id(value: Any) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+    """A row id: 1..256 characters, no ``/`` (``/images/{id}`` routes could never name it)."""
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS or "/" in value:
         raise ApiError(
-            422, "invalid_id", f"id must be a non-empty string of at most {MAX_ID_CHARS} chars"
+            422,
+            "invalid_id",
+            f"id must be a non-empty string of at most {MAX_ID_CHARS} chars, without '/'",
         )
     return value
 
