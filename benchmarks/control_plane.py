@@ -20,8 +20,8 @@ every ``delta_poll_s``; median of 20, per shard); *rebuild planning ms* (``index
 plus the delta row count, what the Rebuilder does per shard per check; median of 10); and the
 *embed driver peak RSS* of a re-run over the same N inputs (all present: the plan drops them all),
 in a child process: ``pipelines.embed_plan`` (spill per shard, Arrow set operations), and for
-reference the previous driver's algorithm (a Python set of every stored id and a list of every
-input URI) on the same inputs.
+reference (in the *before* state, the store it was written for) the previous driver's algorithm:
+a Python set of every stored id and a list of every input URI.
 
 Last, the moto-backed S3 suite (``tests/test_store_s3.py`` and ``tests/test_s3_end_to_end.py``)
 runs in a child pytest; ``s3_suite_passed`` is true only when it passed in this run.
@@ -62,7 +62,7 @@ from index.store import Store  # noqa: E402
 def write_catalogue(store: Store, n: int, args) -> list[str]:
     """N rows in batch-sized parts, routed by shard; returns the list file of their URIs."""
     vectors = gaussian_mixture(n, args.dim, clusters=256, seed=n)
-    uris = [f"file:///catalogue/img-{i:08d}.jpg" for i in range(n)]
+    uris = [f"s3://catalogue/img-{i:08d}.jpg" for i in range(n)]
     ids = [uri_id(u) for u in uris]
     shards = shards_of(ids, args.shards)
     commit_manifest(
@@ -89,7 +89,7 @@ def small_writes(store: Store, n: int, args) -> None:
         table = schema.embeddings_table([row_id], [f"upload:{i}"], extra[i : i + 1])
         write_rows(store, shard, table)
     for i in rng.choice(n, args.deletes, replace=False):
-        row_id = uri_id(f"file:///catalogue/img-{int(i):08d}.jpg")
+        row_id = uri_id(f"s3://catalogue/img-{int(i):08d}.jpg")
         write_tombstones(store, int(shards_of([row_id], args.shards)[0]), [row_id])
 
 
@@ -125,7 +125,7 @@ def measure(store: Store, root: Path, args) -> dict:
 
 DRIVER = textwrap.dedent(
     """
-    import json, resource, sys, psutil
+    import json, sys, psutil
     from index.store import Store
     from pipelines.embed_plan import PlanCounts, ShardSpill, chunks, plan_pending
     from pipelines.inputs import iter_inputs
@@ -138,7 +138,7 @@ DRIVER = textwrap.dedent(
         spill = ShardSpill(int(shards))
         for chunk in chunks(iter_inputs([listing])):
             counts.inputs += len(chunk)
-            spill.add(chunk, [uri_id(u) for u in chunk])
+            spill.add_rows(chunk, [uri_id(u) for u in chunk])
         spill.finish()
         pending = plan_pending(store, spill, counts, failed=None, limit=None, block_rows=32)
         spill.close()
@@ -153,7 +153,9 @@ DRIVER = textwrap.dedent(
             present.update(store.read_parquet(parts, columns=[schema.ID])[schema.ID].to_pylist())
         todo = sum(1 for u in uris if uri_id(u) not in present)
         counts.inputs = len(uris)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's over exec)
+    status = open("/proc/self/status").read().split("VmHWM:")[1]
+    peak = int(status.split()[0]) * 1024
     print(json.dumps({"inputs": counts.inputs, "todo": todo, "base_rss": base, "peak_rss": peak}))
     """
 )
@@ -190,6 +192,8 @@ def run_size(n: int, args, scratch: Path) -> dict:
     written_s = time.perf_counter() - t0
     before = measure(store, root, args)
     before["driver"] = driver_rss(store, listing, args, "ours")
+    # the previous driver's algorithm, on the store it was written for (rows still in parts)
+    before["driver_previous_algorithm"] = driver_rss(store, listing, args, "previous")
     t0 = time.perf_counter()
     for shard in range(args.shards):
         rebuild_shard(store, shard, options)
@@ -197,7 +201,6 @@ def run_size(n: int, args, scratch: Path) -> dict:
     rebuild_s = time.perf_counter() - t0
     after = measure(store, root, args)
     after["driver"] = driver_rss(store, listing, args, "ours")
-    after["driver_previous_algorithm"] = driver_rss(store, listing, args, "previous")
     print(f"N={n:,}: before {before}\n          after {after}", flush=True)
     return {
         "rows": n,
@@ -242,11 +245,12 @@ def plot(result: dict, path: Path) -> None:
         if title.startswith("embed"):
             ax.plot(
                 sizes,
-                [r["after"]["driver_previous_algorithm"]["peak_rss_mib"] for r in result["sizes"]],
+                [r["before"]["driver_previous_algorithm"]["peak_rss_mib"] for r in result["sizes"]],
                 "s:",
                 label="previous driver",
             )
         ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
         ax.set_title(title)
         ax.set_xlabel("rows")
         ax.legend()
@@ -279,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             last["driver"]["peak_rss_mib"] / first["driver"]["peak_rss_mib"], 3
         ),
         "driver_rss_growth_previous_algorithm": round(
-            last["driver_previous_algorithm"]["peak_rss_mib"]
-            / first["driver_previous_algorithm"]["peak_rss_mib"],
+            runs[-1]["before"]["driver_previous_algorithm"]["peak_rss_mib"]
+            / runs[0]["before"]["driver_previous_algorithm"]["peak_rss_mib"],
             3,
         ),
         "s3_suite_passed": bool(s3["passed"]),

@@ -3,7 +3,7 @@
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/peers.py [--quick | --n N]
     (needs the benchmark extra: pip install -e '.[bench]' for lancedb)
 
-Three systems answer the same held-out queries over the same ``gaussian_mixture`` vectors
+Five systems answer the same held-out queries over the same ``gaussian_mixture`` vectors
 (256-d, L2-normalised, inner product):
 
 - ours: the real Serve app over HTTP (``throughput`` mode, direct ingress port) on a store of
@@ -14,6 +14,13 @@ Three systems answer the same held-out queries over the same ``gaussian_mixture`
   clip-retrieval/autofaiss, built with the factory string our policy picks for N
   (``index.policy.choose_index``) by the same ``index.build.build_arrays`` and searched with the
   same float16 rerank (``ShardIndex``): the same algorithm, no scatter-gather, no HTTP;
+- the floor of a Python HTTP service (``benchmarks/floor_server.py``): one uvicorn process, no
+  Ray, serving the same shards with the same search, rerank and merge code over the same
+  ``/search`` contract, measured at ours' knobs (so at the same recall);
+- Milvus Lite (``milvus-lite`` gRPC server + ``pymilvus``), HNSW (M=16, efConstruction=200, ef
+  swept) and IVF_SQ8 (~sqrt(N) lists, nprobe swept), as users meet it: its defaults otherwise,
+  inserts in batches of ``MILVUS_BATCH`` rows; ``--milvus-n`` can cap the rows it gets when a
+  full build takes too long on this box (said in the JSON);
 - LanceDB (embedded) IVF_PQ with the same code size (64 sub-vectors x 8 bits = 64 B/vector at
   256-d, as ours: 128 x 4 bits) and ~sqrt(N) partitions (LanceDB's documented default), metric
   L2 (same order as inner product on unit vectors; its "dot" index ranked worse, see
@@ -54,6 +61,11 @@ K = ql.K
 OURS_GRID = {"nprobe": (4, 8, 16, 32, 64), "candidates": (20, 30, 50, 100, 200, 400)}  # per shard
 SINGLE_GRID = {"nprobe": (8, 16, 32, 64, 128), "candidates": (50, 75, 100, 200, 400, 800)}
 LANCE_GRID = {"nprobe": (4, 8, 16, 32, 64), "refine_factor": (0, 3, 5, 8, 10, 20)}
+MILVUS_GRIDS = {
+    "HNSW": {"ef": (16, 32, 64, 128, 256), "unused": (0,)},
+    "IVF_SQ8": {"nprobe": (8, 16, 32, 64, 128), "unused": (0,)},
+}
+MILVUS_BATCH = 10_000
 # LanceDB's IVF_PQ with distance "dot" ranked poorly here (recall@10 0.24 without refine, 0.76
 # with refine_factor 5, 100k vectors) against 0.46 / 0.94 with "l2"; for L2-normalised vectors
 # L2 and inner product give the same order, so LanceDB gets its better metric
@@ -74,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-scale"))
     p.add_argument("--memory-budget", default="4G")
     p.add_argument("--phase", choices=("build", "measure", "all"), default="all")
+    p.add_argument("--milvus-n", type=int, default=0, help="rows Milvus Lite gets (0: all N)")
+    p.add_argument("--skip-milvus", action="store_true")
     p.add_argument("--name", default="peers")
     args = p.parse_args(argv)
     if args.quick:
@@ -150,6 +164,102 @@ def build_lance(args, base: np.ndarray) -> dict:
     return info
 
 
+# ---- Milvus Lite --------------------------------------------------------------------------------
+class MilvusLite:
+    """``milvus-lite server`` on a free loopback port (data kept under ``--workdir``)."""
+
+    def __init__(self, args):
+        import subprocess
+
+        from pipelines.local_ray import free_port
+
+        self.port = free_port()
+        self.dir = args.workdir / "milvus-lite"
+        exe = Path(sys.executable).with_name("milvus-lite")
+        self.proc = subprocess.Popen(
+            [str(exe), "server", "--data-dir", str(self.dir), "--host", "127.0.0.1"]
+            + ["--port", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        from pymilvus import MilvusClient
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self.client = MilvusClient(uri=f"http://127.0.0.1:{self.port}")
+                self.client.list_collections()
+                break
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.5)  # pacing the start-up poll
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def milvus_rows(args) -> int:
+    return min(args.n, args.milvus_n) if args.milvus_n else args.n
+
+
+def build_milvus(args, base: np.ndarray, server: MilvusLite) -> dict:
+    """One collection per index type, inserted and indexed (reused when complete)."""
+    from pymilvus import DataType, MilvusClient
+
+    client, n = server.client, milvus_rows(args)
+    info = {}
+    for itype, params in (
+        ("HNSW", {"M": 16, "efConstruction": 200}),
+        ("IVF_SQ8", {"nlist": lance_partitions(n)}),
+    ):
+        name = f"vs_{itype.lower()}_{n}_{args.dim}"
+        if client.has_collection(name):
+            stats = client.get_collection_stats(name)
+            if int(stats.get("row_count", 0)) == n:
+                client.load_collection(name)
+                info[itype] = {"collection": name, "reused": True, "params": params}
+                continue
+            client.drop_collection(name)
+        schema = MilvusClient.create_schema(auto_id=False)
+        schema.add_field("row", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=args.dim)
+        index = client.prepare_index_params()
+        index.add_index(field_name="vector", index_type=itype, metric_type="IP", params=params)
+        client.create_collection(name, schema=schema, index_params=index)
+        t = time.perf_counter()
+        for start in range(0, n, MILVUS_BATCH):
+            rows = range(start, min(n, start + MILVUS_BATCH))
+            client.insert(name, [{"row": r, "vector": base[r]} for r in rows])
+        insert_s = time.perf_counter() - t
+        t = time.perf_counter()
+        client.flush(name)
+        client.load_collection(name)
+        info[itype] = {
+            "collection": name,
+            "params": params,
+            "insert_seconds": round(insert_s, 1),
+            "flush_load_seconds": round(time.perf_counter() - t, 1),
+        }
+        print(f"Milvus Lite {itype} {params}: {info[itype]}", flush=True)
+    return {"rows": n, "by_index": info}
+
+
+def milvus_searcher(client, collection: str, knob: str, ids: list[str]):
+    def search(q, value, _unused):
+        found = client.search(
+            collection,
+            data=[q.tolist()],
+            limit=K,
+            output_fields=["row"],
+            search_params={"metric_type": "IP", "params": {knob: value}},
+        )
+        return [ids[hit["id"]] for hit in found[0]]
+
+    return search
+
+
 def build_all(args, base, ids, uris) -> dict:
     """Build (or reuse) the three indexes; build timings are kept next to them."""
     import faiss
@@ -171,6 +281,12 @@ def build_all(args, base, ids, uris) -> dict:
         "tuned_candidates": single.get("candidates"),
     }
     saved["lancedb"] = build_lance(args, base)
+    if not args.skip_milvus:
+        server = MilvusLite(args)
+        try:
+            saved["milvus_lite"] = build_milvus(args, base, server)
+        finally:
+            server.close()
     path.write_text(json.dumps(saved))
     return saved
 
@@ -307,15 +423,126 @@ def measure_all(args, build: dict, queries, truth, ids) -> dict:
         "operating_point": measured[-1],
         "serve": {k: v for k, v in http.items() if k not in ("proxy", "direct_ingress")},
     }
+    out["floor_http"] = measure_floor(args, store.uri, queries, truth, ids)
+    if not args.skip_milvus:
+        out.update(measure_milvus(args, queries, truth, ids))
     return out
+
+
+def measure_floor(args, store_uri: str, queries, truth, ids) -> dict:
+    """The uvicorn floor at ours' HTTP points (same knobs, same code: the same recall)."""
+    import subprocess
+
+    import httpx
+
+    from pipelines.local_ray import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "floor_server.py"), "--store", store_uri]
+        + ["--port", str(port)],
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the floor server did not start")
+            time.sleep(0.5)  # pacing the start-up poll
+        points = json.loads(args.points)
+        measured = ql.measure_points(
+            args, f"http://127.0.0.1:{port}/search", queries, points, "floor"
+        )["points"]
+    finally:
+        server.terminate()
+        server.wait(30)
+    for rows in measured:
+        if "found" in rows:
+            rows["recall_at_10"] = round(ql.recall(rows.pop("found"), truth, ids), 4)
+    return {"frontier": measured[:-1], "operating_point": measured[-1]}
+
+
+def measure_milvus(args, queries, truth, ids) -> dict:
+    """Milvus Lite's two indexes: sweep, operating point, as for the in-process systems."""
+    n = milvus_rows(args)
+    if n < args.n:  # a capped collection: its own exact truth over its rows
+        from benchmarks.common import gaussian_mixture
+
+        base = gaussian_mixture(args.n, args.dim, seed=0)[:n]
+        scores = queries @ base.T
+        truth = np.argsort(-scores, axis=1)[:, :K]
+        del base, scores
+    server = MilvusLite(args)
+    out = {}
+    try:
+        built = json.loads(
+            (args.workdir / f"peers-build-{args.n}-{args.dim}-{args.shards}.json").read_text()
+        )["milvus_lite"]["by_index"]
+        for itype, grid in MILVUS_GRIDS.items():
+            knob = next(iter(grid))
+            search = milvus_searcher(server.client, built[itype]["collection"], knob, ids)
+            points = sweep(f"milvus_{itype}", search, grid, queries, truth, ids, args)
+            chosen = operating_point(points, args.target_recall)
+            out[f"milvus_lite_{itype.lower()}"] = {
+                "rows": n,
+                "grid": points,
+                "frontier": pareto(points, "p50_ms", "recall_at_10"),
+                "operating_point": measure_point(search, chosen, grid, queries, truth, ids, args),
+            }
+            print(f"milvus {itype} operating point: {out[f'milvus_lite_{itype.lower()}']}")
+    finally:
+        server.close()
+    return out
+
+
+def best_milvus(result: dict) -> str | None:
+    """The Milvus Lite index with the lowest p99 among those reaching the target recall (else
+    the most accurate one)."""
+    names = [k for k in result if k.startswith("milvus_lite_")]
+    if not names:
+        return None
+    c1 = str(result["concurrency"][0])
+    ok = [
+        n for n in names if result[n]["operating_point"]["recall_at_10"] >= result["target_recall"]
+    ]
+    if ok:
+        return min(ok, key=lambda n: result[n]["operating_point"][c1]["p99_ms"])
+    return max(names, key=lambda n: result[n]["operating_point"]["recall_at_10"])
 
 
 def headline(result: dict) -> dict:
     ours, faiss_, lance = (
         result[k]["operating_point"] for k in ("ours_http", "faiss_inprocess", "lancedb")
     )
+    inproc, floor = (result[k]["operating_point"] for k in ("ours_inprocess", "floor_http"))
     c1, top = str(result["concurrency"][0]), str(max(result["concurrency"]))
+    milvus_name = best_milvus(result)
+    milvus = result[milvus_name]["operating_point"] if milvus_name else None
+    extra = {
+        "floor_http_p50_ms": floor[c1]["p50_ms"],
+        "floor_http_p99_ms": floor[c1]["p99_ms"],
+        "floor_http_qps": floor[top]["qps"],
+        "floor_recall_at_10": floor["recall_at_10"],
+        "ours_qps_over_inprocess_shards": round(ours[top]["qps"] / inproc[top]["qps"], 3),
+        "ours_qps_over_floor": round(ours[top]["qps"] / floor[top]["qps"], 3),
+        "ours_p50_over_floor": round(ours[c1]["p50_ms"] / floor[c1]["p50_ms"], 3),
+    }
+    if milvus is not None:
+        extra.update(
+            milvus_lite_index=milvus_name.removeprefix("milvus_lite_").upper(),
+            milvus_lite_rows=result[milvus_name]["rows"],
+            milvus_lite_p50_ms=milvus[c1]["p50_ms"],
+            milvus_lite_p99_ms=milvus[c1]["p99_ms"],
+            milvus_lite_qps=milvus[top]["qps"],
+            milvus_lite_recall_at_10=milvus["recall_at_10"],
+        )
     return {
+        **extra,
         "recall_at_10": min(p["recall_at_10"] for p in (ours, faiss_, lance)),
         "ours_http_p99_ms": ours[c1]["p99_ms"],
         "faiss_inprocess_p99_ms": faiss_[c1]["p99_ms"],
@@ -333,6 +560,9 @@ def headline(result: dict) -> dict:
         },
         "ours_http_p99_over_faiss": round(ours[c1]["p99_ms"] / faiss_[c1]["p99_ms"], 2),
         "goal": {
+            "ours_qps_at_least_half_inprocess_shards": ours[top]["qps"] >= 0.5 * inproc[top]["qps"],
+            "ours_qps_at_least_floor": ours[top]["qps"] >= floor[top]["qps"],
+            "ours_p50_within_1_5x_floor": ours[c1]["p50_ms"] <= 1.5 * floor[c1]["p50_ms"],
             "ours_http_p99_within_2x_faiss": ours[c1]["p99_ms"] <= 2 * faiss_[c1]["p99_ms"],
             "ours_p99_below_lancedb": ours[c1]["p99_ms"] < lance[c1]["p99_ms"],
             "ours_qps_above_lancedb": ours[top]["qps"] > lance[top]["qps"],
@@ -343,9 +573,13 @@ def headline(result: dict) -> dict:
 COLOURS = {
     "ours_http": "C0",
     "ours_inprocess": "C9",
+    "floor_http": "C1",
     "faiss_inprocess": "C2",
     "lancedb": "C3",
+    "milvus_lite_hnsw": "C4",
+    "milvus_lite_ivf_sq8": "C5",
 }
+HTTP_SYSTEMS = ("ours_http", "floor_http")  # measured by ql.measure_points: rows per level
 
 
 def plot(result: dict, path: Path) -> None:
@@ -357,10 +591,12 @@ def plot(result: dict, path: Path) -> None:
     c1, top = str(result["concurrency"][0]), str(max(result["concurrency"]))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, colour in COLOURS.items():
-        body = result["systems"][name]
+        body = result["systems"].get(name)
+        if body is None:
+            continue
         front = sorted(body["frontier"], key=lambda p: p["recall_at_10"])
-        key = c1 if name == "ours_http" else "p99_ms"
-        p99 = [p[key]["p99_ms"] if name == "ours_http" else p[key] for p in front]
+        key = c1 if name in HTTP_SYSTEMS else "p99_ms"
+        p99 = [p[key]["p99_ms"] if name in HTTP_SYSTEMS else p[key] for p in front]
         ax1.plot([p["recall_at_10"] for p in front], p99, "o-", color=colour, alpha=0.6, label=name)
         op = body["operating_point"]
         ax1.plot(op["recall_at_10"], op[c1]["p99_ms"], "*", color=colour, ms=16, mec="k")
@@ -370,13 +606,16 @@ def plot(result: dict, path: Path) -> None:
     ax1.set_ylabel("p99 latency at concurrency 1 (ms)")
     ax1.set_title(f"{result['n_vectors']:,} x {result['dim']}: frontier over each system's knobs")
     ax1.legend(fontsize=8)
-    names = ["ours_http", "faiss_inprocess", "lancedb"]
+    milvus = result.get("milvus_lite_index")
+    names = ["ours_http", "floor_http", "faiss_inprocess", "lancedb"]
+    names += [f"milvus_lite_{milvus.lower()}"] if milvus else []
     qps = [result["systems"][n]["operating_point"][top]["qps"] for n in names]
     bars = ax2.bar(names, qps, color=[COLOURS[n] for n in names])
     builds = result["build_seconds"]
     for bar, n in zip(bars, names, strict=True):
+        built = f"\nbuild {builds[n]:.0f} s" if builds.get(n) else ""
         ax2.annotate(
-            f"{bar.get_height():.0f} QPS\nbuild {builds[n]:.0f} s",
+            f"{bar.get_height():.0f} QPS{built}",
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
             ha="center",
             va="bottom",

@@ -69,7 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="throughput/direct_ingress",
         help="path whose c=1 numbers are the headline keys (mode/entry, see http_paths)",
     )
-    p.add_argument("--searcher-replicas", type=int, default=1, help="replicas per shard")
+    p.add_argument("--searcher-replicas", type=int, default=1, help="replicas per shard group")
+    p.add_argument(
+        "--shards-per-group", type=int, default=0, help="shards a searcher serves (0: all)"
+    )
     p.add_argument("--nprobe", type=int, default=None, help="server default nprobe (None: index)")
     p.add_argument(
         "--entries",
@@ -274,7 +277,8 @@ def http_worker(args) -> int:
 
     queries = np.load(args.workdir / "queries.npy")
     # logical CPUs: room for every searcher replica (0.25 each) next to the ingress
-    replicas = args.searcher_replicas * args.shards
+    per_group = args.shards_per_group or args.shards
+    replicas = args.searcher_replicas * -(-args.shards // per_group)
     init_local_ray(args.workdir / "ray", num_cpus=max(4, int(0.25 * replicas + 2)))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -284,6 +288,7 @@ def http_worker(args) -> int:
         reload_interval_s=0,
         default_candidates=args.candidates,
         default_nprobe=args.nprobe,
+        shards_per_group=args.shards_per_group or None,
         searcher=DeploymentSettings(
             num_replicas=args.searcher_replicas, num_cpus=0.25, max_ongoing_requests=64
         ),
@@ -296,67 +301,11 @@ def http_worker(args) -> int:
     if direct is not None:
         entries["direct_ingress"] = direct
     entries = {e: p for e, p in entries.items() if e in args.entries} or entries
-    vectors = [q.tolist() for q in queries]
-    local = threading.local()
-    server_ms: list[float] = []
-
-    def caller(url, extra=None):
-        bodies = [json.dumps({"vector": v, "k": K, **(extra or {})}).encode() for v in vectors]
-
-        def call(i):
-            client = getattr(local, url, None)
-            if client is None:
-                client = httpx.Client(timeout=30)
-                setattr(local, url, client)
-            r = client.post(
-                url, content=bodies[i % len(bodies)], headers={"content-type": "application/json"}
-            )
-            r.raise_for_status()
-            body = r.json()
-            if body["partial"]:
-                raise RuntimeError(f"partial answer: {body['missing_shards']}")
-            server_ms.append(body["took_ms"])
-            return [h["id"] for h in body["results"]]
-
-        return call
-
-    def measure(call, label, concurrency, requests, with_recall=True) -> dict:
-        rows = {}
-        for c in concurrency:
-            server_ms.clear()
-            load_before = os.getloadavg()[0]
-            stats, _ = run_load(call, requests, c)
-            stats["loadavg_1m_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-            stats["ingress_took_p50_ms"] = round(statistics.median(server_ms), 3)
-            rows[str(c)] = stats
-            print(f"HTTP {args.http_worker}/{label} c={c:>2}: {stats}", flush=True)
-        if with_recall:
-            rows["found"] = [call(i) for i in range(len(queries))]
-        return rows
-
     points = json.loads(args.points) if args.points else None
     try:
         for entry, entry_port in entries.items():
             url = f"http://127.0.0.1:{entry_port}/search"
-            call = caller(url)
-            for i in range(100):  # warm-up: connections, replicas' first calls
-                call(i)
-            if points is None:
-                out[entry] = {
-                    "port": entry_port,
-                    **measure(call, entry, args.concurrency, args.requests),
-                }
-                continue
-            out[entry] = {"port": entry_port, "points": []}
-            for point in points:
-                rows = measure(
-                    caller(url, point.get("body")),
-                    f"{entry} {point.get('label', '')}",
-                    point.get("concurrency", args.concurrency),
-                    point.get("requests", args.requests),
-                    point.get("recall", True),
-                )
-                out[entry]["points"].append({**point, **rows})
+            out[entry] = {"port": entry_port, **measure_points(args, url, queries, points, entry)}
         out["stats"] = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=30).json()
         out["processes_rss_mb"] = {
             p.info["name"]: round(p.info["memory_info"].rss / 2**20)
@@ -368,6 +317,74 @@ def http_worker(args) -> int:
         ray.shutdown()
     Path(args.out).write_text(json.dumps(out))
     return 0
+
+
+class HttpClient:
+    """JSON vector queries against one ``/search`` URL on keep-alive connections (one per
+    client thread); remembers the server's ``took_ms`` of each answer."""
+
+    def __init__(self, url: str, queries: np.ndarray, extra: dict | None = None):
+        self.url = url
+        self.bodies = [
+            json.dumps({"vector": q.tolist(), "k": K, **(extra or {})}).encode() for q in queries
+        ]
+        self.local = threading.local()
+        self.server_ms: list[float] = []
+
+    def __call__(self, i: int) -> list[str]:
+        import httpx
+
+        client = getattr(self.local, "client", None)
+        if client is None:
+            client = self.local.client = httpx.Client(timeout=30)
+        r = client.post(
+            self.url,
+            content=self.bodies[i % len(self.bodies)],
+            headers={"content-type": "application/json"},
+        )
+        r.raise_for_status()
+        body = r.json()
+        if body["partial"]:
+            raise RuntimeError(f"partial answer: {body['missing_shards']}")
+        self.server_ms.append(body["took_ms"])
+        return [h["id"] for h in body["results"]]
+
+
+def measure_http(call: HttpClient, label, concurrency, requests, with_recall, n_queries) -> dict:
+    """Latency and QPS at each concurrency level (and the ids found for every query)."""
+    rows = {}
+    for c in concurrency:
+        call.server_ms.clear()
+        load_before = os.getloadavg()[0]
+        stats, _ = run_load(call, requests, c)
+        stats["loadavg_1m_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        stats["ingress_took_p50_ms"] = round(statistics.median(call.server_ms), 3)
+        rows[str(c)] = stats
+        print(f"HTTP {label} c={c:>2}: {stats}", flush=True)
+    if with_recall:
+        rows["found"] = [call(i) for i in range(n_queries)]
+    return rows
+
+
+def measure_points(args, url: str, queries: np.ndarray, points: list | None, label: str) -> dict:
+    """After a warm-up, the defaults at every level (``points`` None) or each point's body."""
+    warm = HttpClient(url, queries)
+    for i in range(100):  # warm-up: connections, replicas' first calls
+        warm(i)
+    if points is None:
+        return measure_http(warm, label, args.concurrency, args.requests, True, len(queries))
+    out = []
+    for point in points:
+        rows = measure_http(
+            HttpClient(url, queries, point.get("body")),
+            f"{label} {point.get('label', '')}",
+            point.get("concurrency", args.concurrency),
+            point.get("requests", args.requests),
+            point.get("recall", True),
+            len(queries),
+        )
+        out.append({**point, **rows})
+    return {"points": out}
 
 
 def over_http(args, store_uri: str, queries: np.ndarray, truth, ids, point_truths=None) -> dict:
@@ -400,6 +417,8 @@ def over_http(args, store_uri: str, queries: np.ndarray, truth, ids, point_truth
             str(args.shards),
             "--searcher-replicas",
             str(getattr(args, "searcher_replicas", 1)),
+            "--shards-per-group",
+            str(getattr(args, "shards_per_group", 0) or 0),
             "--entries",
             *getattr(args, "entries", ["proxy", "direct_ingress"]),
         ]

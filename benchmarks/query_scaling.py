@@ -1,12 +1,19 @@
-"""Query scaling over HTTP: p50/p99 and QPS vs shards, replicas per shard and nprobe, with recall.
+"""Query scaling over HTTP: p50/p99 and QPS vs shards, serving layout and nprobe, with recall.
 
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/query_scaling.py [--quick] \
-        [--shards 1 2] [--replicas 1 2]     # split runs merge into one results file
+        [--shards 1 2] [--layouts per_shard group]     # split runs merge into one results file
 
 The same ``gaussian_mixture`` vectors (default 1M x 256) and held-out queries as
-``query_latency.py`` and ``peers.py``, written as a store of S shards (S = 1, 2, 4, 8; the stores
-are cached under ``--workdir`` and shared with peers.py) and served by the real Serve app
-(``throughput`` mode, direct ingress port; R replicas of every ShardSearcher). Per (S, R):
+``query_latency.py`` and ``peers.py``, written as a store of S shards (S = 1, 2, 4, 8, 16; the
+stores are cached under ``--workdir`` and shared with peers.py) and served by the real Serve app
+(``throughput`` mode, direct ingress port) in two layouts, in the same run:
+
+- ``per_shard``: one ShardSearcher deployment per shard (the layout before shard groups): a query
+  costs one actor call per shard;
+- ``group``: one ShardSearcher replica serving every shard (``shards_per_group`` unset, the
+  default on one box): one call per query, concurrent queries searched as one batch.
+
+Per (S, layout):
 
 - the index's own defaults (nprobe and rerank candidates tuned per shard at build time) at
   concurrency 1, 4 and 16: p50/p99, QPS, recall@10 against exact float32 search of all N;
@@ -43,6 +50,7 @@ from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_resu
 
 K = ql.K
 SINGLE_QUERIES = 200  # single-query timings in-process
+LAYOUTS = {"per_shard": 1, "group": 0}  # shards_per_group (0: all shards in one group)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,9 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--quick", action="store_true", help="100k vectors, 1/4 shards, fewer requests")
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--nprobes", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    p.add_argument("--nprobes", type=int, nargs="*", default=[8, 32])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--requests", type=int, default=500, help="per concurrency level")
@@ -67,8 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.n = min(args.n, 100_000)
         args.requests, args.sweep_requests = 200, 100
-        if args.shards == [1, 2, 4, 8]:
-            args.shards = [1, 4]
+        if args.shards == [1, 2, 4, 8, 16]:
+            args.shards = [1, 4, 16]
     args.name = args.name or ("query_scaling_quick" if args.quick else "query_scaling")
     args.modes, args.entries = ["throughput"], ["direct_ingress"]
     return args
@@ -127,10 +135,11 @@ def in_process(store_uri: str, num_shards: int, queries, truth, ids, nprobes) ->
     return out
 
 
-def http(args, store_uri: str, replicas: int, candidates: int, queries, truth, ids) -> dict:
-    """The Serve app with ``replicas`` per shard: defaults at every level, then the sweep."""
+def http(args, store_uri: str, layout: str, candidates: int, queries, truth, ids) -> dict:
+    """The Serve app in ``layout``: defaults at every level, then the nprobe sweep."""
     run = copy.copy(args)
-    run.searcher_replicas, run.candidates = replicas, candidates
+    run.searcher_replicas, run.candidates = 1, candidates
+    run.shards_per_group = LAYOUTS[layout]
     points = [{"label": "defaults", "body": {}, "requests": args.requests}]
     points += [
         {
@@ -166,7 +175,8 @@ def main(argv=None) -> int:
     rows = {}
     if path.exists() and not args.fresh:  # merge split runs of the same data
         old = json.loads(path.read_text())
-        if (old.get("n_vectors"), old.get("dim")) == (args.n, args.dim):
+        same = (old.get("n_vectors"), old.get("dim")) == (args.n, args.dim)
+        if same and "layouts" in old:  # results before shard groups are not merged
             rows = {int(s): r for s, r in old["by_shards"].items()}
     for num_shards in args.shards:
         run = copy.copy(args)
@@ -179,17 +189,27 @@ def main(argv=None) -> int:
             "http": {},
         }
         candidates = max(c for c in row["inprocess"]["default_candidates"] if c) or 400
-        for replicas in args.replicas:
-            row["http"][str(replicas)] = http(
-                run, build["store"], replicas, candidates, queries, truth, ids
-            )
+        for layout in args.layouts:
+            row["http"][layout] = http(run, build["store"], layout, candidates, queries, truth, ids)
         old_http = rows.get(num_shards, {}).get("http", {})
         row["http"] = {**old_http, **row["http"]}
         rows[num_shards] = row
         print(summary_line(row, args.concurrency), flush=True)
         if num_shards != 4 and not args.keep_stores:  # peers.py reuses the 4-shard store
             shutil.rmtree(build["store"], ignore_errors=True)
+    lines = table(rows, args.concurrency)
+    top = max(args.concurrency)
+    by_shards = {
+        layout: {x["shards"]: x[f"qps_c{top}"] for x in lines if x["layout"] == layout}
+        for layout in LAYOUTS
+    }
+    group = by_shards["group"]
     result = {
+        f"qps_c{top}_by_shards": group,
+        f"qps_c{top}_{max(group)}_over_1_shards": round(group[max(group)] / group[min(group)], 3)
+        if group and min(group) == 1
+        else None,
+        f"qps_c{top}_by_shards_per_shard_layout": by_shards["per_shard"],
         "n_vectors": args.n,
         "dim": args.dim,
         "k": K,
@@ -197,8 +217,9 @@ def main(argv=None) -> int:
         "requests": args.requests,
         "machine": machine_info(),
         "serve_path": "throughput mode, direct ingress port, JSON vector queries",
+        "layouts": {k: f"shards_per_group={v or 'all'}" for k, v in LAYOUTS.items()},
         "by_shards": {str(s): rows[s] for s in sorted(rows)},
-        "table": table(rows, args.concurrency),
+        "table": lines,
         "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/query_scaling.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -210,15 +231,15 @@ def main(argv=None) -> int:
 
 
 def table(rows: dict, levels: list[int]) -> list[dict]:
-    """One flat row per (shards, replicas): what the README table shows."""
+    """One flat row per (shards, layout): what the README table shows."""
     out = []
     for s in sorted(rows):
         row = rows[s]
-        for r, h in sorted(row["http"].items(), key=lambda kv: int(kv[0])):
+        for layout, h in sorted(row["http"].items()):
             d = h["defaults"]
             line = {
                 "shards": s,
-                "replicas": int(r),
+                "layout": layout,
                 "rows_per_shard": max(row["inprocess"]["rows_per_shard"]),
                 "recall_at_10": d.get("recall_at_10"),
                 "per_shard_p50_ms": row["inprocess"]["per_shard_p50_ms"],
@@ -238,10 +259,10 @@ def table(rows: dict, levels: list[int]) -> list[dict]:
 
 def summary_line(row: dict, levels) -> str:
     parts = [f"S={row['shards']}: per-shard {row['inprocess']['per_shard_p50_ms']} ms"]
-    for r, h in row["http"].items():
+    for layout, h in row["http"].items():
         d = h["defaults"]
         parts.append(
-            f"R={r}: "
+            f"{layout}: "
             + ", ".join(f"c{c} p50 {d[str(c)]['p50_ms']} QPS {d[str(c)]['qps']}" for c in levels)
             + f", recall {d.get('recall_at_10')}"
         )
@@ -264,14 +285,14 @@ def plot(result: dict, path: Path) -> None:
     rows = result["table"]
     levels = result["concurrency"]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
-    for r in sorted({x["replicas"] for x in rows}):
-        sel = [x for x in rows if x["replicas"] == r]
+    for layout in sorted({x["layout"] for x in rows}):
+        sel = [x for x in rows if x["layout"] == layout]
         s = [x["shards"] for x in sel]
-        (line,) = ax1.plot(s, [x["p50_ms_c1"] for x in sel], "o-", label=f"HTTP p50, {r} repl.")
+        (line,) = ax1.plot(s, [x["p50_ms_c1"] for x in sel], "o-", label=f"HTTP p50, {layout}")
         ax1.plot(s, [x["p99_ms_c1"] for x in sel], "x--", color=line.get_color(), alpha=0.6)
         for c in levels[1:]:
-            ax2.plot(s, [x[f"qps_c{c}"] for x in sel], "o-", label=f"c={c}, {r} repl./shard")
-    one = [x for x in rows if x["replicas"] == min(x["replicas"] for x in rows)]
+            ax2.plot(s, [x[f"qps_c{c}"] for x in sel], "o-", label=f"c={c}, {layout}")
+    one = [x for x in rows if x["layout"] == rows[0]["layout"]]
     s = [x["shards"] for x in one]
     ax1.plot(s, [x["per_shard_p50_ms"] for x in one], "k^-", label="one shard in-process")
     ax1.plot(s, [x["sequential_scatter_p50_ms"] for x in one], "kv:", label="all shards in-process")
@@ -284,13 +305,12 @@ def plot(result: dict, path: Path) -> None:
     ax1.set_title(f"{result['n_vectors']:,} x {result['dim']}: latency vs shards", fontsize=10)
     ax1.legend(fontsize=7)
     ax2.set_ylabel("queries / s")
-    ax2.set_title("throughput vs shards and replicas (2 cores shared)", fontsize=10)
+    ax2.set_title("throughput vs shards: per-shard deployments vs one group", fontsize=10)
     ax2.legend(fontsize=7)
     for key, row in result["by_shards"].items():
         sweep = row["inprocess"]["nprobe_sweep"]
-        http = {
-            p["body"]["nprobe"]: p for p in row["http"][min(row["http"], key=int)]["nprobe_sweep"]
-        }
+        layout = "group" if "group" in row["http"] else next(iter(row["http"]))
+        http = {p["body"]["nprobe"]: p for p in row["http"][layout]["nprobe_sweep"]}
         pts = [
             (p["recall_at_10"], http[p["nprobe"]]["1"]["p50_ms"])
             for p in sweep

@@ -338,6 +338,65 @@ def section_embed() -> str:
 
 
 # ---- the extrapolation -------------------------------------------------------------------------
+def section_control_plane() -> str:
+    c = load("control_plane")
+    if not c:
+        return ""
+    rows = []
+    for run in c["sizes"]:
+        for state in ("before", "after"):
+            m = run[state]
+            rows.append(
+                [
+                    f"{run['rows']:,}",
+                    state,
+                    m["manifest_bytes"],
+                    m["files"],
+                    m["parts"],
+                    m["tombstone_parts"],
+                    m["base_parts"],
+                    m["poll_ms"],
+                    m["planning_ms"],
+                    m["driver"]["peak_rss_mib"],
+                ]
+            )
+    settings = c["settings"]
+    return "\n".join(
+        [
+            "## Control plane vs catalogue size\n",
+            f"`python benchmarks/control_plane.py`: {settings['shards']} shards of "
+            f"{settings['dim']}-d rows written as {settings['batch_part_rows']}-row batch parts "
+            f"plus {settings['api_writes']} one-row API parts and {settings['deletes']} one-id "
+            "deletes (*before*), then every shard rebuilt (compacted) and garbage-collected "
+            "(*after*). Poll: a replica's delta poll finding nothing new; planning: the "
+            "Rebuilder's per-shard check; driver: a re-run's embed planning over the same "
+            "inputs (all present).\n",
+            md_table(
+                rows,
+                [
+                    "rows",
+                    "state",
+                    "manifest B",
+                    "files",
+                    "parts",
+                    "tombstone parts",
+                    "base parts",
+                    "poll ms",
+                    "planning ms",
+                    "driver peak MiB",
+                ],
+            ),
+            "",
+            f"Growth {c['growth_is']}: manifest x{c['manifest_bytes_growth']}, poll "
+            f"x{c['poll_ms_growth']}, planning x{c['planning_ms_growth']}, driver RSS "
+            f"x{c['driver_rss_growth']} (the previous driver's algorithm: "
+            f"x{c['driver_rss_growth_previous_algorithm']}). The moto-backed S3 suite in the "
+            f"same run: {c['s3_suite']['summary']}.\n",
+            "![control plane](results/control_plane.png)\n",
+        ]
+    )
+
+
 def fit_power(xs, ys) -> tuple[float, float]:
     """y = c * x**alpha, least squares in log-log."""
     alpha, logc = np.polyfit(np.log(xs), np.log(ys), 1)
@@ -555,6 +614,7 @@ def render() -> str:
         section_scaling(),
         section_findings(),
         section_build(),
+        section_control_plane(),
         section_embed(),
         section_extrapolation(),
     ]

@@ -34,6 +34,7 @@ def steps(size: int, quick: bool, build_sizes=()) -> list[tuple[str, list[str]]]
             ("index_build", ["--quick", "--shards", "1,4"]),
             ("query_scaling", ["--quick"]),
             ("peers", ["--quick", "--name", "peers_quick"]),
+            ("control_plane", ["--quick"]),
             ("filtered_search", ["--quick"]),
         ]
     n = ["--n", str(size)]
@@ -53,6 +54,8 @@ def steps(size: int, quick: bool, build_sizes=()) -> list[tuple[str, list[str]]]
         ("filtered_search", n),
         ("query_scaling", [*n, "--shards", "4"]),
         ("query_scaling", [*n, "--shards", "8"]),
+        ("query_scaling", [*n, "--shards", "16"]),
+        ("control_plane", []),
     ]
 
 

@@ -440,9 +440,10 @@ class LiveShard:
         return snap.base.vector_of(row_id)
 
     def record_of(self, row_id: str, fields: Sequence[str] | None = None) -> dict | None:
-        """``{"id", "uri", "shard", "ingested_at_ms", "in", "metadata"}`` of the visible row
-        ``row_id`` (``in``: "delta" or "base"; ``metadata``: the ``fields`` asked, default every
-        column the row's version or the delta holds), or None when no visible row has that id."""
+        """The visible row ``row_id`` as ``{"id", "uri", "shard", "version", "source",
+        "ingested_at_ms", "metadata"}`` (``source``: "delta" or "index"; ``metadata``: the
+        ``fields`` asked, default every column the row's version or the delta holds), or None
+        when no visible row has that id (``GET /images/{id}``)."""
         found = self._locate(row_id)
         if found is None:
             return None
@@ -458,8 +459,9 @@ class LiveShard:
             "id": row_id,
             "uri": uri,
             "shard": self.shard,
+            "version": self.version,
+            "source": "delta" if where == "delta" else "index",
             "ingested_at_ms": int(ingested),
-            "in": where,
             "metadata": metadata,
         }
 

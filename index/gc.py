@@ -15,8 +15,9 @@ What may go, decided by ``plan_gc`` (a pure function of what was listed) and don
   ``parts`` and ``tombstone_parts``), under the same two conditions and only while the live
   version is the anchor and every fresh lease names it (or a newer version): a replica still
   serving an older version reads those parts as its delta. The version holds what they held:
-  their rows in its base parts, their tombstones in its ``tombstones.parquet`` (kept there for
-  ``tombstone_keep_s``, so a late-arriving older copy of a deleted row stays hidden). A version
+  their rows in its base parts, their tombstones in its ``tombstones.parquet`` (so a
+  late-arriving older copy of a deleted row stays hidden, and a re-run of the embedding job does
+  not bring a deleted image back). A version
   built before compaction existed reads its parts as its rows: nothing of it is retired. This
   is what keeps the control plane small: after a rebuild and its grace period a shard holds a
   few base parts and its live version.

@@ -13,7 +13,8 @@ What one build does, in this order:
    ``tombstones.parquet`` and every tombstone part), keeps the visible rows
    (``index.visibility``: newest copy of an id, deletes applied), sorted by id;
 4. builds the index from those arrays (``index.build.build_arrays``) into a local directory,
-   with ``tombstones.parquet`` (the deletes of the last ``tombstone_keep_s``);
+   with ``tombstones.parquet`` (the deletes it applied: all of them by default, or those of the
+   last ``tombstone_keep_s``);
 5. **compacts**: writes the rows as a few large ``base-<version dir>-NNNNN.parquet`` parts
    (``base_part_bytes`` each) and records in ``meta.json`` the base parts, every ``part-*``
    file whose rows they now hold (``parts``: all it listed) and the tombstone parts it applied
@@ -74,7 +75,7 @@ log = logging.getLogger(__name__)
 DRIFT_SAMPLE = 4096
 DEFAULT_DRIFT_RATIO = 1.5
 DEFAULT_BASE_PART_BYTES = 128 * 2**20
-DEFAULT_TOMBSTONE_KEEP_S = 7 * 24 * 3600.0
+DEFAULT_TOMBSTONE_KEEP_S = None  # keep every applied delete (ids + times: small), see below
 ROW_OVERHEAD_BYTES = 64  # id, uri, sizes and timestamps of a row, roughly, besides its vector
 
 Stage = Callable[[str], None]
@@ -94,7 +95,9 @@ class RebuildOptions:
     spec: IndexSpec | None = None  # None: the policy's rules
     tune: bool = True
     base_part_bytes: int | str = DEFAULT_BASE_PART_BYTES
-    tombstone_keep_s: float = DEFAULT_TOMBSTONE_KEEP_S
+    # how long a version keeps the deletes it applied (None: always). They hide late-arriving
+    # older copies of deleted rows, and tell the embedding job a deleted image is not new.
+    tombstone_keep_s: float | None = DEFAULT_TOMBSTONE_KEEP_S
 
 
 # ---- planning -----------------------------------------------------------------------------------
@@ -236,10 +239,11 @@ def build_shard(
     local = staging_dir(store, shard)
     try:
         keep = newest_deletes(tombstones)
-        if keep is not None:
+        if keep is not None and options.tombstone_keep_s is not None:
             cutoff = pa.scalar(int((time.time() - options.tombstone_keep_s) * 1000), pa.int64())
-            recent = pc.greater_equal(keep[schema.DELETED_AT].cast(pa.int64()), cutoff)
-            pq.write_table(keep.filter(recent), local / TOMBSTONES_FILE, compression="zstd")
+            keep = keep.filter(pc.greater_equal(keep[schema.DELETED_AT].cast(pa.int64()), cutoff))
+        if keep is not None:
+            pq.write_table(keep, local / TOMBSTONES_FILE, compression="zstd")
         base_parts = write_base_parts(
             store, shard, name, table, _parse_bytes(options.base_part_bytes)
         )

@@ -134,10 +134,12 @@ def sweep(
     nprobes: Sequence[int] = DEFAULT_NPROBES,
     candidates: int | None = None,
     with_exact: bool = True,
+    progress: bool = False,
 ) -> dict:
     """Recall@k of IVF+PQ, IVF+PQ + rerank and exact search, for each nprobe.
 
     ``with_exact=False`` skips the brute-force pass (its recall does not depend on nprobe).
+    ``progress`` shows a bar over the nprobe values (the command line does).
 
     nprobe values above the largest nlist are dropped; the shards' default nprobe is added.
     Timings are milliseconds per query for the whole scatter-gather in this process.
@@ -151,6 +153,10 @@ def sweep(
         exact_recall = recall_at_k(exact_all(shards, queries, k), truth, k)
         exact_ms = (time.perf_counter() - t) * 1000 / len(queries)
     curve = []
+    if progress:
+        from tqdm import tqdm
+
+        values = tqdm(values, desc="nprobe sweep", unit="nprobe")
     for nprobe in values:
         point = {"nprobe": nprobe}
         for label, rerank in (("ivfpq", False), ("ivfpq_rerank", True)):
@@ -235,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         k=args.k,
         nprobes=[int(p) for p in args.nprobe.split(",") if p],
         candidates=args.candidates,
+        progress=True,
     )
     result.update(
         store=store.uri,

@@ -199,6 +199,13 @@ class Store:
         except FileNotFoundError:
             pass
 
+    def open_output(self, path: str):
+        """A file to stream into (not atomic: for files private to one writer, like a job's
+        staging files); its folder is created on a local store."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        return self.fs.open(path, "wb")
+
     def write_parquet(self, table: pa.Table, path: str, **options) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd", **options)

@@ -29,7 +29,7 @@ use_local_ray_env()
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--images", help="images to index (default: the built-in photo set)")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="demo folder")

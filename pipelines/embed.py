@@ -243,7 +243,7 @@ def hash_inputs(ray, store: Store, config: EmbedJobConfig, spill: ShardSpill, bl
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             good = batch.filter(batch[schema.ERROR].is_null())
             errors += batch.num_rows - good.num_rows
-            spill.add(good[schema.URI].to_pylist(), good[schema.ID].to_pylist())
+            spill.add_rows(good[schema.URI].to_pylist(), good[schema.ID].to_pylist())
         return staged.rows, errors
     finally:
         store.rm(staged.staging, recursive=True)
@@ -283,7 +283,7 @@ def plan_job(ray_factory, store: Store, config: EmbedJobConfig, num_shards: int,
         else:
             for chunk in chunks(iter_inputs(config.input)):
                 counts.inputs += len(chunk)
-                spill.add(chunk, [uri_id(u) for u in chunk])
+                spill.add_rows(chunk, [uri_id(u) for u in chunk])
         spill.finish()
         if counts.inputs == 0:
             raise InputError(f"no image files found in {', '.join(config.input)}")

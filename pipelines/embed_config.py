@@ -151,8 +151,7 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="embed.py",
+    p = argparse.ArgumentParser(  # prog: embed.py, or "visual-search embed" (visual_search.cli)
         description="Embed images (folder, glob, list file or fsspec URI) into sharded Parquet.",
     )
     # Every default is None so we can tell "given on the command line" from "not given".

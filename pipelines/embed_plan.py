@@ -7,7 +7,8 @@ The driver never holds every input URI or every stored id at once:
    rows are appended to one local Arrow file per shard (``ShardSpill``), on disk.
 2. One shard at a time: its inputs are read back; inputs recorded as failed by an earlier run
    are dropped (unless ``--retry-errors``), then those whose id the shard already stores (the
-   ``id`` column of its parts and base parts), then repeats of an id, with Arrow set operations.
+   ``id`` column of its parts and base parts) or deleted (``deleted_ids``: a deleted image is
+   not new), then repeats of an id, with Arrow set operations.
    What is left is written to the store as a staging file, ``_staging/embed-<run>/shard=S.parquet``
    (row groups of ``block_rows``), so workers on any node can read it.
 3. The job's dataset is ``ray.data.range(blocks)``: block ``b`` reads row group ``b`` of the
@@ -34,6 +35,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -43,12 +45,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from index import schema
+from index.manifest import ShardState, load_manifest
 from index.sharding import shards_of
 from index.store import Store
+from index.versions import TOMBSTONES_FILE
 
 STAGING = "_staging"
 STALE_STAGING_S = 24 * 3600
-CHUNK = 65_536  # inputs per spill chunk
+CHUNK = 16_384  # inputs per spill chunk (and stored ids per read batch)
 _SPILL_SCHEMA = pa.schema([(schema.URI, pa.string()), (schema.ID, pa.string())])
 
 
@@ -63,46 +67,77 @@ class PlanCounts:
     store_duplicates: int = 0  # ids stored more than once before this run (should stay 0)
 
 
-class ShardSpill:
-    """(uri, id) rows routed to one local Arrow stream file per shard."""
+class Spill:
+    """Arrow rows routed to one local stream file per integer key (on disk, not in memory)."""
 
-    def __init__(self, num_shards: int, directory: str | None = None):
-        self.num_shards = num_shards
-        self.dir = tempfile.mkdtemp(prefix="vs-embed-spill-", dir=directory)
+    def __init__(self, schema: pa.Schema, directory: str | None = None, prefix: str = "spill"):
+        self.schema = schema
+        self.dir = tempfile.mkdtemp(prefix=f"vs-embed-{prefix}-", dir=directory)
         self._writers: dict[int, pa.RecordBatchStreamWriter] = {}
         self._files: dict[int, object] = {}
+        self.counts: dict[int, int] = {}
 
-    def add(self, uris: list[str], ids: list[str]) -> None:
-        if not uris:
-            return
-        table = pa.table({schema.URI: uris, schema.ID: ids}, schema=_SPILL_SCHEMA)
-        shards = shards_of(ids, self.num_shards)
-        for shard in np.unique(shards):
-            part = table.filter(pa.array(shards == shard))
-            self._writer(int(shard)).write_table(part)
+    def _path(self, key: int) -> str:
+        return os.path.join(self.dir, f"{key:06d}.arrows")
 
-    def _writer(self, shard: int) -> pa.RecordBatchStreamWriter:
-        if shard not in self._writers:
-            f = open(os.path.join(self.dir, f"{shard:05d}.arrows"), "wb")  # noqa: SIM115
-            self._files[shard] = f
-            self._writers[shard] = pa.ipc.new_stream(f, _SPILL_SCHEMA)
-        return self._writers[shard]
+    def add(self, key: int, table: pa.Table) -> None:
+        if key not in self._writers:
+            f = open(self._path(key), "wb")  # noqa: SIM115
+            self._files[key] = f
+            self._writers[key] = pa.ipc.new_stream(f, self.schema)
+        self._writers[key].write_table(table)
+        self.counts[key] = self.counts.get(key, 0) + table.num_rows
+
+    def route(self, table: pa.Table, keys: np.ndarray) -> None:
+        """Each row of ``table`` to the file of its key."""
+        for key in np.unique(keys):
+            self.add(int(key), table.filter(pa.array(keys == key)))
 
     def finish(self) -> None:
         for writer in self._writers.values():
             writer.close()
         for f in self._files.values():
             f.close()
+        self._writers, self._files = {}, {}
 
-    def shards(self) -> list[int]:
-        return sorted(self._writers)
+    def keys(self) -> list[int]:
+        return sorted(self.counts)
 
-    def read(self, shard: int) -> pa.Table:
-        with pa.memory_map(os.path.join(self.dir, f"{shard:05d}.arrows")) as source:
+    def read(self, key: int) -> pa.Table:
+        if key not in self.counts:
+            return self.schema.empty_table()
+        with pa.memory_map(self._path(key)) as source:
             return pa.ipc.open_stream(source).read_all()
 
+    def batches(self, key: int):
+        """The rows of ``key`` a record batch at a time (streamed, for large files)."""
+        with pa.memory_map(self._path(key)) as source:
+            yield from pa.ipc.open_stream(source)
+
     def close(self) -> None:
+        self.finish()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ShardSpill(Spill):
+    """(uri, id) rows routed to one local file per shard."""
+
+    def __init__(self, num_shards: int, directory: str | None = None):
+        super().__init__(_SPILL_SCHEMA, directory, "spill")
+        self.num_shards = num_shards
+
+    def add_rows(self, uris: list[str], ids: list[str]) -> None:
+        if uris:
+            table = pa.table({schema.URI: uris, schema.ID: ids}, schema=_SPILL_SCHEMA)
+            self.route(table, shards_of(ids, self.num_shards))
+
+    def shards(self) -> list[int]:
+        return self.keys()
+
+
+def bucket_of(ids: list[str], buckets: int) -> np.ndarray:
+    """A bucket per id (CRC-32, independent of the shard hash) for the per-shard anti-join."""
+    return np.fromiter((zlib.crc32(i.encode()) % buckets for i in ids), np.int64, len(ids))
 
 
 @dataclass
@@ -146,13 +181,39 @@ def unique_by_id(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
+def stored_parts(store: Store, shard: int) -> list[str]:
+    """Every part and base part of ``shard``: the ids they hold are stored already."""
+    return [store.path(p) for p in (*store.list_parts(shard), *store.list_base_parts(shard))]
+
+
 def stored_ids(store: Store, shard: int) -> pa.Array:
     """The ``id`` column of every part and base part of ``shard`` (repeats included)."""
-    parts = [*store.list_parts(shard), *store.list_base_parts(shard)]
+    parts = stored_parts(store, shard)
     if not parts:
         return pa.array([], pa.string())
-    column = store.read_parquet([store.path(p) for p in parts], columns=[schema.ID])[schema.ID]
-    return column.combine_chunks()
+    return store.read_parquet(parts, columns=[schema.ID])[schema.ID].combine_chunks()
+
+
+def iter_stored_ids(store: Store, shard: int):
+    """The same ids, a Parquet record batch at a time (flat memory for a large shard)."""
+    for path in stored_parts(store, shard):
+        with store.fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=[schema.ID], batch_size=CHUNK):
+                yield batch.column(0)
+
+
+def deleted_ids(store: Store, shard: int, state: ShardState) -> pa.Array:
+    """Ids deleted in ``shard``: its tombstone parts and the deletes its live version applied
+    (kept in the version's ``tombstones.parquet`` after the parts are retired). A deleted image
+    is not new: re-running the job on its bucket does not bring it back."""
+    paths = [store.path(p) for p in store.list_tombstone_parts(shard)]
+    if state.dir is not None:
+        version_file = posixpath.join(store.index_version_dir(shard, state.dir), TOMBSTONES_FILE)
+        if store.exists(version_file):
+            paths.append(version_file)
+    if not paths:
+        return pa.array([], pa.string())
+    return store.read_parquet(paths, columns=[schema.ID])[schema.ID].combine_chunks()
 
 
 def failed_uris(store: Store) -> pa.Array:
@@ -184,39 +245,90 @@ def plan_pending(
     sidecar=None,
     every_shard: bool = False,
 ) -> PendingInputs:
-    """Per shard: inputs minus repeats, failed inputs and stored ids -> staging files, joined
-    with their ``sidecar`` metadata (``pipelines.sidecar.Sidecar.join``; ``every_shard`` when
-    ids are not routed by URI)."""
+    """Per shard: inputs minus failed inputs, stored and deleted ids and repeats -> a staging
+    file per shard, joined with their ``sidecar`` metadata (``pipelines.sidecar.Sidecar.join``;
+    ``every_shard`` when ids are not routed by URI). A shard is worked through in buckets of at
+    most ``BUCKET_ROWS`` inputs (its inputs and its stored ids both spilled by ``bucket_of``), so
+    memory is flat whatever the shard's size."""
     pending = PendingInputs(staging=new_staging(store), block_rows=block_rows)
+    manifest = load_manifest(store)
+    states = manifest.shards if manifest is not None else {}
     for shard in spill.shards():
-        table = spill.read(shard)
-        if failed is not None and len(failed):
-            bad = pc.is_in(table[schema.URI], value_set=failed)
-            counts.skipped_failed += pc.sum(bad).as_py() or 0
-            table = table.filter(pc.invert(bad))
-        present = stored_ids(store, shard)
-        if len(present):
-            counts.store_duplicates += len(present) - len(pc.unique(present))
-            there = pc.is_in(table[schema.ID], value_set=present)
-            counts.skipped_present += pc.sum(there).as_py() or 0
-            table = table.filter(pc.invert(there))
-        unique = unique_by_id(table)  # after: an input already stored counts as present
-        counts.duplicates += table.num_rows - unique.num_rows
-        table = unique
-        if limit is not None:
-            room = max(0, limit - counts.pending)
-            counts.deferred += max(0, table.num_rows - room)
-            table = table.slice(0, room)
-        if table.num_rows == 0:
-            continue
-        if sidecar is not None:
-            table = sidecar.join(table, shard, every_shard)
-        counts.pending += table.num_rows
+        deleted = deleted_ids(store, shard, states.get(shard, ShardState()))
         path = posixpath.join(pending.staging, f"shard={shard:05d}.parquet")
-        store.write_parquet(table, path, row_group_size=block_rows)
-        groups = -(-table.num_rows // block_rows)
-        pending.files.append((shard, path, table.num_rows, groups))
+        writer, rows = None, 0
+        try:
+            for table, present in _shard_buckets(store, spill, shard):
+                table = _new_inputs(table, present, deleted, failed, counts)
+                if limit is not None:
+                    room = max(0, limit - counts.pending)
+                    counts.deferred += max(0, table.num_rows - room)
+                    table = table.slice(0, room)
+                if table.num_rows == 0:
+                    continue
+                if sidecar is not None:
+                    table = sidecar.join(table, shard, every_shard)
+                if writer is None:  # (uri, id), and the store's metadata columns with a sidecar
+                    writer = pq.ParquetWriter(store.open_output(path), table.schema)
+                writer.write_table(table, row_group_size=block_rows)
+                counts.pending += table.num_rows
+                rows += table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+                writer.where.close()  # the store file under it
+        if rows:
+            with store.fs.open(path, "rb") as f:
+                groups = pq.ParquetFile(f).metadata.num_row_groups
+            pending.files.append((shard, path, rows, groups))
     return pending
+
+
+BUCKET_ROWS = 16_384  # inputs per bucket: what the anti-join holds in memory at once
+
+
+def _shard_buckets(store: Store, spill: ShardSpill, shard: int):
+    """(inputs, stored ids) of ``shard``, a bucket at a time: the whole shard when it is small,
+    else both sides spilled into ``ceil(inputs / BUCKET_ROWS)`` buckets by ``bucket_of``."""
+    buckets = -(-spill.counts.get(shard, 0) // BUCKET_ROWS)
+    if buckets <= 1:
+        yield spill.read(shard), stored_ids(store, shard)
+        return
+    id_schema = pa.schema([(schema.ID, pa.string())])
+    inputs, stored = Spill(_SPILL_SCHEMA, prefix="in"), Spill(id_schema, prefix="ids")
+    try:
+        for batch in spill.batches(shard):
+            table = pa.Table.from_batches([batch])
+            inputs.route(table, bucket_of(table[schema.ID].to_pylist(), buckets))
+        for ids in iter_stored_ids(store, shard):
+            table = pa.table({schema.ID: ids}, schema=id_schema)
+            stored.route(table, bucket_of(ids.to_pylist(), buckets))
+        inputs.finish()
+        stored.finish()
+        for bucket in inputs.keys():
+            yield inputs.read(bucket), stored.read(bucket)[schema.ID].combine_chunks()
+    finally:
+        inputs.close()
+        stored.close()
+
+
+def _new_inputs(
+    table: pa.Table, present: pa.Array, deleted: pa.Array, failed: pa.Array | None, counts
+) -> pa.Table:
+    """Drop failed inputs, then stored or deleted ids, then repeats of an id (counted)."""
+    if failed is not None and len(failed):
+        bad = pc.is_in(table[schema.URI], value_set=failed)
+        counts.skipped_failed += pc.sum(bad).as_py() or 0
+        table = table.filter(pc.invert(bad))
+    counts.store_duplicates += len(present) - len(pc.unique(present))
+    known = pa.concat_arrays([present, deleted]) if len(deleted) else present
+    if len(known):
+        there = pc.is_in(table[schema.ID], value_set=known)
+        counts.skipped_present += pc.sum(there).as_py() or 0
+        table = table.filter(pc.invert(there))
+    unique = unique_by_id(table)  # after: an input already stored counts as present
+    counts.duplicates += table.num_rows - unique.num_rows
+    return unique
 
 
 def stage_uris(store: Store, uri_chunks: Iterable[list[str]], block_rows: int) -> PendingInputs:

@@ -15,20 +15,18 @@ to float columns) and each staged row gets the store's columns, typed, null wher
 row has none.
 
 Memory stays flat in the catalogue size, as the job's planning does (``pipelines.embed_plan``):
-sidecar rows are streamed into one local Arrow file per (shard, table), routed by the shard of
-their URI's id (``index.sharding``: for the default URI ids, the shard their input lands in);
-the planner joins one shard's pending inputs with that shard's rows (with ``--dedup`` ids, with
-every shard's rows, one at a time). Bad rows are skipped and counted, never fatal: a row with no
-``uri`` (``skipped``), a URI given again (``duplicates``: the first row wins); inputs without a
-row (``missing``) are embedded with null metadata.
+sidecar rows are streamed into one local Arrow file per (shard, table) (``embed_plan.Spill``),
+routed by the shard of their URI's id (``index.sharding``: for the default URI ids, the shard
+their input lands in); the planner joins one shard's pending inputs with that shard's rows
+(with ``--dedup`` ids, with every shard's rows, one at a time: each bucket of inputs reads the
+spill again). Bad rows are skipped and counted, never fatal: a row with no ``uri``
+(``skipped``), a URI given again (``duplicates``: the first row wins); inputs without a row
+(``missing``) are embedded with null metadata.
 """
 
 from __future__ import annotations
 
-import os
 import posixpath
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -39,6 +37,7 @@ import pyarrow.compute as pc
 from index import schema
 from index.metadata import MetadataError, conform, merge_schema, schema_of_table
 from index.sharding import shards_of, uri_id
+from pipelines.embed_plan import Spill
 from pipelines.inputs import InputError, entry_uri, filesystem_of
 
 CSV_BLOCK_BYTES = 64 * 2**20
@@ -112,47 +111,35 @@ class Sidecar:
 
     def __init__(self, num_shards: int, directory: str | None = None):
         self.num_shards = num_shards
-        self.dir = tempfile.mkdtemp(prefix="vs-embed-sidecar-", dir=directory)
+        self.directory = directory
         self.counts = SidecarCounts()
         self.store_schema: dict[str, str] = {}  # set by the job once merged into the manifest
-        self._files: dict[int, list[str]] = {}  # shard -> spill files, in table order
-        self._tables = 0
+        self._spills: list[Spill] = []  # one per table (its own column types), keyed by shard
         self._order = 0
+        self._cached: tuple[int, pa.Table | None] | None = None  # the last shard's rows
+        self._counted: set[int] = set()  # shards whose repeated uris are counted
 
     def load(self, specs: list[str]) -> Sidecar:
         """Stream every table into the per-shard spill; the columns' schema is merged over the
         tables (a conflict between two tables is an InputError naming the column)."""
         for spec in specs:
-            writers: dict[int, pa.RecordBatchStreamWriter] = {}
-            files: dict[int, object] = {}
-            spill_schema = None
+            spill = None
             try:
                 for table in read_table_batches(spec):
                     table = self._checked(spec, table)
                     if table.num_rows == 0:
                         continue
-                    spill_schema = spill_schema or table.schema
-                    table = table.cast(spill_schema)  # one file's batches share its types
-                    shards = shards_of(
-                        [uri_id(u) for u in table[schema.URI].to_pylist()], self.num_shards
-                    )
-                    for shard in np.unique(shards):
-                        part = table.filter(pa.array(shards == shard))
-                        shard = int(shard)
-                        if shard not in writers:
-                            path = os.path.join(self.dir, f"{shard:05d}-{self._tables:04d}.arrows")
-                            files[shard] = open(path, "wb")  # noqa: SIM115 (closed below)
-                            writers[shard] = pa.ipc.new_stream(files[shard], spill_schema)
-                            self._files.setdefault(shard, []).append(path)
-                        writers[shard].write_table(part)
+                    if spill is None:
+                        spill = Spill(table.schema, self.directory, "sidecar")
+                        self._spills.append(spill)
+                    table = table.cast(spill.schema)  # one file's batches share its types
+                    ids = [uri_id(u) for u in table[schema.URI].to_pylist()]
+                    spill.route(table, shards_of(ids, self.num_shards))
             except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
                 raise InputError(f"{spec}: a later block disagrees with the first: {e}") from None
             finally:
-                for writer in writers.values():
-                    writer.close()
-                for f in files.values():
-                    f.close()
-            self._tables += 1
+                if spill is not None:
+                    spill.finish()
         return self
 
     def _checked(self, spec: str, table: pa.Table) -> pa.Table:
@@ -171,14 +158,18 @@ class Sidecar:
         return kept.append_column(_ORDER, order)
 
     def _rows(self, shard: int) -> pa.Table | None:
-        """The sidecar rows routed to ``shard``, one per uri (first wins), in the store's types."""
-        paths = self._files.get(shard)
-        if not paths:
-            return None
+        """The sidecar rows routed to ``shard``, one per uri (first wins), in the store's types;
+        the last shard's are kept, since the planner joins a shard's inputs bucket by bucket."""
+        if self._cached is None or self._cached[0] != shard:
+            self._cached = (shard, self._load(shard))
+        return self._cached[1]
+
+    def _load(self, shard: int) -> pa.Table | None:
         tables = []
-        for path in paths:
-            with pa.memory_map(path) as source:
-                table = pa.ipc.open_stream(source).read_all()
+        for spill in self._spills:
+            if shard not in spill.counts:
+                continue
+            table = spill.read(shard)
             meta = table.drop_columns([schema.URI, _ORDER])
             try:
                 typed = conform(_drop_null_columns(meta), self.store_schema)
@@ -187,13 +178,17 @@ class Sidecar:
             tables.append(
                 pa.table({schema.URI: table[schema.URI], _ORDER: table[_ORDER], **_columns(typed)})
             )
+        if not tables:
+            return None
         rows = pa.concat_tables(tables)
         rows = rows.take(pc.sort_indices(rows, [(schema.URI, "ascending"), (_ORDER, "ascending")]))
         uris = rows[schema.URI].combine_chunks()
         keep = np.ones(rows.num_rows, bool)
         if rows.num_rows > 1:
             keep[1:] = pc.not_equal(uris[1:], uris[:-1]).to_numpy(zero_copy_only=False)
-        self.counts.duplicates += int((~keep).sum())
+        if shard not in self._counted:
+            self._counted.add(shard)
+            self.counts.duplicates += int((~keep).sum())
         return rows.filter(pa.array(keep)).drop_columns([_ORDER])
 
     def join(self, pending: pa.Table, shard: int, every_shard: bool) -> pa.Table:
@@ -226,7 +221,8 @@ class Sidecar:
         )
 
     def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        for spill in self._spills:
+            spill.close()
 
 
 def _columns(table: pa.Table) -> dict[str, pa.ChunkedArray]:

@@ -23,6 +23,7 @@ status  error                      when
 422     zero_vector                ``vector`` is all zeros (no direction to compare, metric ip)
 422     invalid_vector             ``vector`` is not a flat list of numbers
 422     invalid_id                 ``id`` is not a non-empty string of at most 256 characters
+                                   without ``/``
 422     k_out_of_range             ``k`` is not in 1..1000
 422     nprobe_out_of_range        ``nprobe`` is not in 1..max_nprobe
 422     candidates_out_of_range    ``candidates`` is not in 1..max_candidates
@@ -42,13 +43,15 @@ status  error                      when
 422     unknown_field              ``filter`` or ``fields`` names a column the store lacks
 422     wrong_type                 a ``filter`` value or bound of the wrong type for its column
 422     invalid_fields             ``fields`` is not a list (or comma-separated string) of names
+404     image_unavailable          ``GET /images/{id}/thumbnail``: the row's image cannot be read
 ======  =========================  ==========================================================
 
 Writes (issue #5): ``POST /images`` takes a multipart ``file`` (or JSON ``vector`` for apps of
 external embeddings) with optional ``id`` (default: the content hash of the bytes), ``uri`` and
-``metadata`` (a JSON object, stored as JSON text); ``DELETE /images/{id}`` deletes; both answer
-only after the row or tombstone is durable in the store. ``POST /admin/rebuild`` starts rebuilds.
-When the app has an ``api_key`` these need ``Authorization: Bearer <key>`` or ``X-API-Key``.
+``metadata`` (a JSON object of the store's typed columns); ``DELETE /images/{id}`` deletes;
+both answer only after the row or tombstone is durable in the store. ``POST /admin/rebuild``
+starts rebuilds. When the app has an ``api_key`` these need ``Authorization: Bearer <key>`` or
+``X-API-Key``.
 
 Parameters ``k``, ``nprobe``, ``rerank``, ``candidates`` come from the query string; a JSON body
 or multipart form fields of the same names override them.
@@ -341,9 +344,12 @@ def validate_vector(value: Any, dim: int, normalise: bool) -> np.ndarray:
 
 
 def validate_id(value: Any) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+    """A row id: 1..256 characters, no ``/`` (``/images/{id}`` routes could never name it)."""
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS or "/" in value:
         raise ApiError(
-            422, "invalid_id", f"id must be a non-empty string of at most {MAX_ID_CHARS} chars"
+            422,
+            "invalid_id",
+            f"id must be a non-empty string of at most {MAX_ID_CHARS} chars, without '/'",
         )
     if not is_unicode(value):
         raise ApiError(422, "invalid_id", "id is not valid Unicode (a lone surrogate)")

@@ -1,4 +1,7 @@
-"""Compose the Serve graph: Ingress -> QueryEmbedder, Ingress -> ShardSearcher0..S-1.
+"""Compose the Serve graph: Ingress -> QueryEmbedder, Ingress -> ShardSearcher0..G-1.
+
+``ShardSearcher{g}`` serves group ``g`` of the shards (``shard_groups``: ``shards_per_group``
+consecutive shards each; by default all shards in one group).
 
 Three ways in, one builder:
 
@@ -58,6 +61,14 @@ def _expected(manifest: Manifest) -> dict[str, Any]:
     return {"model": manifest.model, "weights": manifest.weights, "dim": manifest.dim}
 
 
+def shard_groups(num_shards: int, per_group: int | None) -> list[list[int]]:
+    """Consecutive shards, ``per_group`` to a group (None: all in one)."""
+    size = num_shards if per_group is None else max(1, per_group)
+    return [
+        list(range(start, min(num_shards, start + size))) for start in range(0, num_shards, size)
+    ]
+
+
 def _cluster_gpus() -> float:
     import ray
 
@@ -87,36 +98,48 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
             config.max_batch_size,
             config.batch_wait_timeout_s,
         )
+    groups = shard_groups(manifest.num_shards, config.shards_per_group)
     searchers = [
         ShardSearcher.options(
-            name=f"ShardSearcher{shard}", **config.searcher.deployment_options(gpus), **logging
+            name=f"ShardSearcher{g}",
+            **config.searcher.deployment_options(gpus, slots=len(shards)),
+            **logging,
         ).bind(
             config.store,
-            shard,
+            shards,
             config.reload_interval_s,
             config.search_threads,
             config.delta_poll_s,
             config.storage_options,
             config.lease_interval_s,
+            config.search_batch_wait_ms / 1000,
+            config.search_max_batch,
+            config.search_parallel_shards,
         )
-        for shard in range(manifest.num_shards)
+        for g, shards in enumerate(groups)
     ]
     # one replica decides rebuilds (serve.rebuilder); none for a read-only app
     rebuilder = Rebuilder.options(**logging).bind(config) if config.writes else None
     return Ingress.options(**config.ingress.deployment_options(gpus), **logging).bind(
-        config, embedder, searchers, rebuilder
+        config, embedder, searchers, rebuilder, groups
     )
+
+
+def config_from_args(args: dict[str, Any] | None) -> ServeConfig:
+    """``ServeConfig`` fields in ``args`` over the environment's config (``from_env``); nested
+    deployment settings (``ingress``, ``embedder``, ``searcher``) merge key by key."""
+    base = ServeConfig.from_env().to_dict()
+    args = dict(args or {})
+    for name in ("ingress", "embedder", "searcher"):
+        if name in args:
+            args[name] = {**base[name], **(args[name] or {})}
+    return ServeConfig.from_dict({**base, **args})
 
 
 def app_builder(args: dict[str, Any]) -> Application:
     """For ``serve deploy`` (``import_path: serve.app:app_builder`` + ``args``) and
     ``serve run serve.app:app_builder store=... key=value``: args are ``ServeConfig`` fields."""
-    base = ServeConfig.from_env().to_dict()
-    args = dict(args or {})
-    for name in ("ingress", "embedder", "searcher"):  # nested settings merge key by key
-        if name in args:
-            args[name] = {**base[name], **(args[name] or {})}
-    return build_app(ServeConfig.from_dict({**base, **args}))
+    return build_app(config_from_args(args))
 
 
 def __getattr__(name: str) -> Any:

@@ -97,13 +97,16 @@ class DeploymentSettings:
             return 1.0 if cluster_gpus >= 1 else 0.0
         return float(self.num_gpus)
 
-    def deployment_options(self, cluster_gpus: float = 0.0) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options(...)``."""
+    def deployment_options(self, cluster_gpus: float = 0.0, slots: int = 1) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options(...)``. ``slots``: how many units of the
+        custom ``resources`` each replica takes (a searcher of a group of N shards takes N
+        ``shard_host`` slots, as N one-shard replicas did)."""
+        resources = {k: v * slots for k, v in self.resources.items()}
         options: dict[str, Any] = {
             "ray_actor_options": {
                 "num_cpus": self.num_cpus,
                 "num_gpus": self.resolved_gpus(cluster_gpus),
-                **({"resources": dict(self.resources)} if self.resources else {}),
+                **({"resources": resources} if resources else {}),
             },
             "max_ongoing_requests": self.max_ongoing_requests,
             "health_check_period_s": self.health_check_period_s,
@@ -154,6 +157,14 @@ class ServeConfig:
     max_batch_size: int = 16  # @serve.batch of the embedder
     batch_wait_timeout_s: float = 0.005
     search_threads: int = 1  # FAISS OpenMP threads per searcher replica (many replicas share CPUs)
+    # shard groups (serve.searcher): a searcher replica serves this many shards, one call per
+    # group per query; None = every shard in one group (one box); 1 = a deployment per shard.
+    # On a cluster, one memory node's shard_host slots (the group asks for that many slots).
+    shards_per_group: int | None = None
+    search_parallel_shards: int = 2  # shards of a group searched at once (threads)
+    # queries reaching a group replica within this window are searched as one FAISS batch
+    search_batch_wait_ms: float = 1.0
+    search_max_batch: int = 64
     # per-request behaviour
     shard_deadline_ms: float = 1000.0  # a shard slower than this is left out: partial answer
     embed_deadline_ms: float = 15000.0  # embedding a query image on a busy CPU can take a while
@@ -230,7 +241,13 @@ class ServeConfig:
             raise ConfigError(f"route_prefix must start with '/', got {self.route_prefix!r}")
         if not 1 <= self.default_k <= MAX_K:
             raise ConfigError(f"default_k must be in 1..{MAX_K}, got {self.default_k}")
+        if self.shards_per_group is not None and self.shards_per_group < 1:
+            raise ConfigError(f"shards_per_group must be >= 1, got {self.shards_per_group}")
+        if self.search_batch_wait_ms < 0:
+            raise ConfigError("search_batch_wait_ms must be >= 0")
         for name in (
+            "search_max_batch",
+            "search_parallel_shards",
             "max_batch_size",
             "search_threads",
             "max_nprobe",

@@ -1,9 +1,11 @@
 """The HTTP ingress: parse and validate, embed, scatter to every shard, gather, merge, answer.
 
 The ingress holds DeploymentHandles to the QueryEmbedder and to one ShardSearcher deployment per
-shard. Each shard call gets the same deadline (``shard_deadline_ms``); a shard that misses it or
-whose replica died is left out and the answer says ``partial: true``. The merge of per-shard
-top-k lists is ``index.merge.merge_topk``, the same one the in-process search uses.
+*group* of shards (``serve.searcher``: a replica searches all shards of its group in one call and
+merges them). Each group call gets the same deadline (``shard_deadline_ms``); a group that misses
+it or whose replica died is left out, its shards are named in ``missing_shards`` and the answer
+says ``partial: true``. The merge of the groups' top-k lists is ``index.merge.merge_topk``, the
+same one the groups and the in-process search use.
 
 Metadata (issue #13): ``filter`` and ``fields`` of a search are checked against the store's
 metadata schema here (``serve.api.resolve_metadata``) and the parsed filter is sent to every
@@ -55,18 +57,22 @@ from serve.api import (
     parse_add,
     parse_search,
     resolve_metadata,
+    validate_fields,
     validate_id,
 )
 from serve.config import ServeConfig
 from serve.metrics import RequestMetrics, ingress_metrics
 from serve.openapi import OpenApiContext, app_document, set_context
+from serve.page import add_page_routes
 from serve.scatter import call_with_deadline, gather_with_deadline
+from serve.thumbnails import RECORD_ERROR_RESPONSES, thumbnail_response
 
 # Serve's ingress decorator pickles the FastAPI app (and through its routes these methods) when
 # the class is decorated: everything the routes use must already be defined above the class, and
 # annotations must be real objects (no ``from __future__ import annotations``) for FastAPI.
 api = create_app()
 api.add_middleware(RequestMetrics)  # counts, times and logs every request
+add_page_routes(api)  # GET / (the search page) and its static files
 
 # The OpenAPI document depends on the store (dimension, metadata columns), which only the
 # Ingress replica knows: it sets the context, ``serve.openapi.app_document`` builds from it.
@@ -74,8 +80,9 @@ api.openapi = app_document
 SCHEMA_RELOAD_S = 1.0  # at most one manifest read a second for requests naming unknown columns
 
 
-def _missing(missing: dict[int, str]) -> list[dict]:
-    return [{"shard": s, "reason": r} for s, r in sorted(missing.items())]
+def _missing(missing: dict[int, str], groups: list[list[int]]) -> list[dict]:
+    """Per-shard entries for the groups that did not answer."""
+    return [{"shard": s, "reason": r} for g, r in sorted(missing.items()) for s in groups[g]]
 
 
 def _json(body: dict, status: int) -> JSONResponse:
@@ -111,6 +118,7 @@ class Ingress:
         embedder: DeploymentHandle | None,
         searchers: list[DeploymentHandle],
         rebuilder: DeploymentHandle | None = None,
+        groups: list[list[int]] | None = None,
     ):
         self.config = config
         self.store = config.open_store()
@@ -119,8 +127,15 @@ class Ingress:
         manifest = load_manifest(self.store)
         if manifest is None:
             raise RuntimeError(f"store {config.store} has no manifest")
-        if len(searchers) != manifest.num_shards:
-            raise RuntimeError(f"{len(searchers)} searchers for {manifest.num_shards} shards")
+        groups = groups or [[s] for s in range(manifest.num_shards)]
+        if len(searchers) != len(groups) or sorted(sum(groups, [])) != list(
+            range(manifest.num_shards)
+        ):
+            raise RuntimeError(
+                f"{len(searchers)} searchers for groups {groups} of {manifest.num_shards} shards"
+            )
+        self.groups = groups
+        self.group_of = {s: g for g, shards in enumerate(groups) for s in shards}
         self.manifest = manifest
         self.dim = manifest.dim
         self.metric = manifest.metric
@@ -188,14 +203,8 @@ class Ingress:
 
     @api.get("/readyz", summary="Every shard has a live index loaded and the embedder is up")
     async def readyz(self):
-        shards = await gather_with_deadline(
-            {s: h.ready.remote for s, h in enumerate(self.searchers)}, self.shard_timeout_s
-        )
+        rows = await self._per_shard("ready", {"loaded": False})
         ok_embed, embedder = await self._embedder_info()
-        rows = [
-            shards.answers.get(s) or {"shard": s, "loaded": False, "error": shards.missing[s]}
-            for s in range(self.num_shards)
-        ]
         expected = {s: st.count for s, st in self.manifest.shards.items()}
         ready = ok_embed and all(
             row.get("loaded") or (expected.get(row["shard"]) == 0 and "error" not in row)
@@ -208,14 +217,8 @@ class Ingress:
 
     @api.get("/stats", summary="Per shard: live version, row count, memory")
     async def stats(self) -> dict:
-        gathered = await gather_with_deadline(
-            {s: h.stats.remote for s, h in enumerate(self.searchers)}, self.shard_timeout_s
-        )
+        shards = await self._per_shard("stats", {})
         ok_embed, embedder = await self._embedder_info()
-        shards = [
-            gathered.answers.get(s) or {"shard": s, "error": gathered.missing[s]}
-            for s in range(self.num_shards)
-        ]
         return {
             "model": self.manifest.model_tag,
             "dim": self.dim,
@@ -225,7 +228,22 @@ class Ingress:
             "memory_bytes": sum(row.get("memory_bytes", 0) for row in shards),
             "shards": shards,
             "embedder": embedder if ok_embed else {"error": embedder},
+            "groups": self.groups,
         }
+
+    async def _per_shard(self, method: str, absent: dict) -> list[dict]:
+        """``method`` of every group (a list of per-shard rows each), as one row per shard;
+        shards of a group that did not answer get ``absent`` plus the reason."""
+        gathered = await gather_with_deadline(
+            {g: getattr(h, method).remote for g, h in enumerate(self.searchers)},
+            self.shard_timeout_s,
+        )
+        rows: dict[int, dict] = {}
+        for answer in gathered.answers.values():
+            rows.update((row["shard"], row) for row in answer)
+        for g, reason in gathered.missing.items():
+            rows.update((s, {"shard": s, **absent, "error": reason}) for s in self.groups[g])
+        return [rows[s] for s in range(self.num_shards)]
 
     # ---- search -------------------------------------------------------------------------------
     @api.post(
@@ -254,7 +272,7 @@ class Ingress:
         names = tuple(self.manifest.metadata) if params.fields is None else params.fields
         gathered = await gather_with_deadline(
             {
-                s: (
+                g: (
                     lambda h=h: h.search.remote(
                         vector,
                         params.k,
@@ -265,33 +283,35 @@ class Ingress:
                         names,
                     )
                 )
-                for s, h in enumerate(self.searchers)
+                for g, h in enumerate(self.searchers)
             },
             self.shard_timeout_s,
         )
+        missing = _missing(gathered.missing, self.groups)
         if not gathered.answers:
             raise ApiError(
                 503,
                 "no_shard_answered",
                 f"none of {self.num_shards} shards answered within "
                 f"{self.config.shard_deadline_ms:.0f} ms",
-                {"missing_shards": _missing(gathered.missing)},
+                {"missing_shards": missing},
             )
-        per_shard = [
+        per_group = [
             [
                 Hit(i, u, score, shard, metadata)
-                for i, u, score, metadata in zip(
+                for i, u, score, shard, metadata in zip(
                     answer["ids"],
                     answer["uris"],
                     answer["scores"],
+                    answer["shards"],
                     answer.get("metadata") or [None] * len(answer["ids"]),
                     strict=True,
                 )
             ]
-            for shard, answer in sorted(gathered.answers.items())
+            for _, answer in sorted(gathered.answers.items())
         ]
-        merged = merge_topk(per_shard, params.k, self.metric)
-        ingress_metrics().observe_answer(gathered.missing)
+        merged = merge_topk(per_group, params.k, self.metric)
+        ingress_metrics().observe_answer({m["shard"]: m["reason"] for m in missing})
         body = {
             "results": [
                 {
@@ -304,10 +324,10 @@ class Ingress:
                 for h in merged
             ],
             "took_ms": round((time.perf_counter() - start) * 1000, 3),
-            "shards_answered": len(gathered.answers),
+            "shards_answered": self.num_shards - len(missing),
             "shards_total": self.num_shards,
-            "partial": bool(gathered.missing),
-            "missing_shards": _missing(gathered.missing),
+            "partial": bool(missing),
+            "missing_shards": missing,
         }
         # A Response is sent as is: FastAPI validates and re-encodes a returned dict against
         # response_model (which stays, for the OpenAPI schema), and that pass cost more than
@@ -315,7 +335,48 @@ class Ingress:
         # so it matches the model.
         return _search_json(body)
 
+    # ---- catalogue rows (the search page's thumbnails) -----------------------------------------
+    @api.get(
+        "/images/{image_id}",
+        summary="A catalogue row: id, uri, shard, metadata",
+        responses=RECORD_ERROR_RESPONSES,
+    )
+    async def get_image(self, image_id: str, fields: str | None = None) -> dict:
+        """``fields``: comma-separated metadata columns to return (default all, ``""`` none)."""
+        names = await self._with_schema(validate_fields, fields)
+        return await self._record(image_id, names)
+
+    @api.get(
+        "/images/{image_id}/thumbnail",
+        summary="A small JPEG of a catalogue row (never an arbitrary path)",
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}, **RECORD_ERROR_RESPONSES},
+    )
+    async def get_thumbnail(self, request: Request, image_id: str) -> Response:
+        record = await self._record(image_id)
+        return await thumbnail_response(record, request.headers.get("if-none-match"), self.limits)
+
+    async def _record(self, image_id: str, fields: tuple[str, ...] | None = None) -> dict:
+        """The visible row ``image_id`` from the shard that owns it, with the metadata
+        ``fields`` (None: all); 404 ``unknown_id``."""
+        row_id = validate_id(image_id)
+        shard = shard_of(row_id, self.num_shards)
+        ok, record = await call_with_deadline(
+            self._searcher(shard).record.remote(shard, row_id, fields), self.shard_timeout_s
+        )
+        if not ok:
+            raise ApiError(
+                503, "shard_unavailable", f"shard {shard} (owner of the id) did not answer"
+            )
+        if record is None:
+            raise ApiError(404, "unknown_id", f"no catalogue row has id {row_id!r}")
+        return record
+
     # ---- writes -------------------------------------------------------------------------------
+    def _searcher(self, shard: int) -> DeploymentHandle:
+        """The handle of the group that serves ``shard``."""
+        return self.searchers[self.group_of[shard]]
+
     def _authorize(self, request: Request) -> None:
         if not self.config.writes:
             raise ApiError(403, "writes_disabled", "this app is read-only (writes: false)")
@@ -351,7 +412,9 @@ class Ingress:
         part = await asyncio.to_thread(write_rows, self.store, shard, table)
         metadata = columns.to_pydict() if columns.num_columns else None
         ok, answer = await call_with_deadline(
-            self.searchers[shard].add_rows.remote(part, [row_id], [uri], vectors, [ms], metadata),
+            self._searcher(shard).add_rows.remote(
+                shard, part, [row_id], [uri], vectors, [ms], metadata
+            ),
             self.shard_timeout_s,
         )
         return {
@@ -371,11 +434,13 @@ class Ingress:
         embedding job names rows, so adding a catalogue image again never duplicates it:
         ``uri`` scheme: the hash of the URI (an upload without one is ``upload:<content hash>``);
         ``content`` scheme: the hash of the bytes. An explicit ``id`` wins (catalogue keys)."""
+        if row_id is not None:  # a catalogue key given by the client
+            return row_id, uri or f"upload:{row_id}"
         if self.manifest.id_scheme == "content":
-            row_id = row_id or content_id(content)
+            row_id = content_id(content)
             return row_id, uri or f"upload:{row_id}"
         uri = uri or f"upload:{content_id(content)}"
-        return row_id or uri_id(uri), uri
+        return uri_id(uri), uri
 
     @api.delete(
         "/images/{image_id}",
@@ -389,7 +454,7 @@ class Ingress:
         ms = self._clock()
         part, ms = await asyncio.to_thread(write_tombstones, self.store, shard, [row_id], ms)
         ok, answer = await call_with_deadline(
-            self.searchers[shard].add_tombstones.remote(part, [row_id], [ms]),
+            self._searcher(shard).add_tombstones.remote(shard, part, [row_id], [ms]),
             self.shard_timeout_s,
         )
         return {
@@ -454,7 +519,8 @@ class Ingress:
         if query.kind == "id":
             shard = shard_of(query.row_id, self.num_shards)
             ok, vector = await call_with_deadline(
-                self.searchers[shard].vector_of.remote(query.row_id), self.shard_timeout_s
+                self._searcher(shard).vector_of.remote(shard, query.row_id),
+                self.shard_timeout_s,
             )
             if not ok:
                 raise ApiError(

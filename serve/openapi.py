@@ -39,6 +39,8 @@ from serve.config import MAX_K
 FILTER_REF = "#/components/schemas/Filter"
 METADATA_REF = "#/components/schemas/Metadata"
 BINARY = {"type": "string", "format": "binary"}
+# a row id: the /images/{id} routes could never name one holding a "/" (serve.api.validate_id)
+ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS, "pattern": "^[^/]+$"}
 IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/gif, image/bmp, image/tiff"
 _VALUE = {
     "string": {"type": ["string", "null"], "maxLength": MAX_STRING_CHARS},
@@ -165,13 +167,14 @@ def search_body(ctx: OpenApiContext) -> dict:
         "description": "metadata columns to return (default: all; []: none)",
     }
     by_vector = _object({"vector": vector_schema(ctx), **common}, ["vector"])
-    by_id = _object(
-        {"id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}, **common}, ["id"]
-    )
+    by_id = _object({"id": ID, **common}, ["id"])
     content = {
         "application/json": {
             "schema": {
+                "type": "object",
                 "oneOf": [by_vector, by_id],
+                # what both forms share, at the top too (the search page looks for "filter")
+                "properties": common,
                 "description": "a vector, or the id of a catalogue row (its neighbours)",
             }
         }
@@ -187,7 +190,7 @@ def search_body(ctx: OpenApiContext) -> dict:
 
 def add_body(ctx: OpenApiContext) -> dict:
     row = {
-        "id": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
+        "id": ID,
         "uri": {"type": "string", "minLength": 1, "maxLength": MAX_URI_CHARS},
         "metadata": {"$ref": METADATA_REF},
     }

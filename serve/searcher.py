@@ -1,22 +1,27 @@
-"""ShardSearcher: one deployment per shard, each replica holding that shard's live index.
+"""Shard searchers: a replica serves a *group* of shards, so a query costs one call per group.
 
-A replica loads the version the manifest names as live (``ShardIndex.load``), searches in a
-worker thread (FAISS releases the GIL) so one replica serves concurrent requests, and answers
-with plain lists (cheap to serialise back to the ingress). A background thread polls the
-manifest; when a rebuild commits a new live version the replica loads it beside the old one and
-swaps a single reference, so no query sees a half-loaded index or fails during the swap.
+``ShardSearcher`` is one Serve deployment per group of shards (``serve.app``: all shards of a
+single box in one group by default, ``shards_per_group`` on a cluster, 1 for one deployment per
+shard). A replica holds one ``ShardHolder`` per shard of its group, each with that shard's own
+live view (``index.delta.LiveShard``: live version + delta - tombstones), swaps, lease and
+rebuilds, exactly as a one-shard replica did; what the group adds:
 
-What a replica serves is the shard's live view (``index.delta.LiveShard``): the live version,
-plus the rows written since (the delta, searched exactly), minus deletes (tombstones). The same
-thread polls the store listing every ``delta_poll_s`` for parts and tombstones other writers
-added; the replica a write was routed to gets it handed over (``add_rows``, ``add_tombstones``)
-before the write's HTTP response, so it is searchable at once there and on every other replica
-of the shard within ``delta_poll_s`` (plus the time to read the part).
+- **One call per group.** ``search`` searches every shard of the group (in a small thread pool:
+  FAISS releases the GIL) and merges their top-k (``index.merge.merge_topk``), so the ingress
+  makes one call per group and merges groups, not shards.
+- **Batching across requests.** Queries that reach the replica while it is searching are
+  searched together next, as one FAISS batch per shard, and split back per request
+  (``serve.batching.QueryBatcher``; requests with other search parameters form their own
+  sub-batch). A lone query starts at once (or after ``batch_wait_s``, 0 by default).
 
-Each replica reports the version it serves in a lease file (``index.leases``) when it loads or
-swaps and every ``lease_interval_s``; garbage collection never deletes a version a fresh lease
-names. On an object store, the local copy of a version it swapped away from is evicted from the
-node cache (``index.cache``).
+Swapping: a background thread reads the manifest once for the whole group every
+``reload_interval_s``; a shard whose live version changed loads it beside the old one and swaps
+one reference, so no query sees a half-loaded index or fails during the swap. The same thread
+lists each shard's parts and tombstones every ``delta_poll_s`` (other writers' rows), and writes
+each shard's lease (``index.leases``) every ``lease_interval_s`` and after each swap: garbage
+collection never deletes a version a fresh lease names. Writes routed to the replica (``add_rows``,
+``add_tombstones``) are searchable when they return. On an object store, the node-cache copy of a
+version a shard swapped away from is evicted.
 """
 
 from __future__ import annotations
@@ -27,18 +32,22 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from ray import serve
 
 from index.delta import LiveShard, load_live_shard
 from index.filters import Filter
+from index.hits import Hit
 from index.leases import drop_lease, write_lease
-from index.manifest import load_manifest
+from index.manifest import Manifest, load_manifest
+from index.merge import merge_topk
 from index.publish import list_versions
 from index.shard_index import IndexLoadError, ShardIndex
 from index.store import Store
 from index.versions import version_number
+from serve.batching import QueryBatcher
 from serve.metrics import searcher_metrics
 
 log = logging.getLogger("ray.serve")
@@ -51,54 +60,34 @@ def _replica_id() -> str:
         return uuid.uuid4().hex[:12]
 
 
-@serve.deployment(name="ShardSearcher")
-class ShardSearcher:
-    def __init__(
-        self,
-        store_uri: str,
-        shard: int,
-        reload_interval_s: float = 30.0,
-        threads: int = 1,
-        delta_poll_s: float = 0.5,
-        storage_options: dict | None = None,
-        lease_interval_s: float = 10.0,
-    ):
-        import faiss
+class ShardHolder:
+    """One shard inside a searcher replica: its live view, swaps, fallback, lease and stats."""
 
-        faiss.omp_set_num_threads(threads)  # several replicas share the CPUs
-        self.store = Store(store_uri, storage_options)
+    def __init__(self, store: Store, shard: int, replica: str, manifest: Manifest):
+        self.store = store
         self.shard = shard
-        self.replica = _replica_id()
-        self.index: LiveShard | None = None  # base version + delta - tombstones
-        self._swap_lock = threading.Lock()  # hand-overs vs. the swap to a new version
+        self.replica = replica
+        self.view: LiveShard | None = None  # base version + delta - tombstones
+        self.swap_lock = threading.Lock()  # hand-overs vs. the swap to a new version
         self.loaded_at: float | None = None
         self.reloads = 0
         self.load_error: str | None = None
         self.lease_error: str | None = None
-        self._load_first()
-        self._report()
-        self._publish()
-        self._stop = threading.Event()
-        threading.Thread(
-            target=self._poll,
-            args=(reload_interval_s, delta_poll_s, lease_interval_s),
-            daemon=True,
-            name="reload",
-        ).start()
+        self._load_first(manifest)
+        self.report()
 
     # ---- loading ------------------------------------------------------------------------------
-    def _load_first(self) -> None:
+    def _load_first(self, manifest: Manifest) -> None:
         """Start on the live version; if it cannot be loaded (a corrupt or missing file), on the
         newest earlier version that can, so a replica that restarts while a bad version is live
-        still serves its shard. The poll thread keeps retrying the live version; the error is in
+        still serves its shard. The poll keeps retrying the live version; the error is in
         ``stats()`` meanwhile. Rows newer than the fallback version are its delta (exact)."""
         try:
-            self._load_live()
+            self.load_live(manifest)
             return
         except IndexLoadError as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.warning("shard %d: live version refused: %s", self.shard, self.load_error)
-        manifest = load_manifest(self.store)
         live = manifest.shards[self.shard].version
         older = [
             name
@@ -116,17 +105,16 @@ class ShardSearcher:
             return
         raise IndexLoadError(f"shard {self.shard}: no version loads; {self.load_error}")
 
-    def _load_live(self) -> bool:
+    def load_live(self, manifest: Manifest) -> bool:
         """Load the manifest's live version if it differs from ours; True when swapped.
 
         The new version is loaded while the old view keeps serving; the delta rows and
         tombstones carry over (``LiveShard.rebased``) and one reference is swapped.
         """
-        manifest = load_manifest(self.store)
-        if manifest is None or self.shard not in manifest.shards:
+        if self.shard not in manifest.shards:
             return False
         state = manifest.shards[self.shard]
-        current = self.index
+        current = self.view
         if current is not None and (state.dir is None or current.version_dir == state.dir):
             return False
         if current is None:
@@ -134,29 +122,29 @@ class ShardSearcher:
             self._install(view)
         else:
             base = ShardIndex.load(self.store, self.shard, state.dir)  # the slow part, unlocked
-            with self._swap_lock:  # no hand-over lands in the old view after this copy
+            with self.swap_lock:  # no hand-over lands in the old view after this copy
                 view = current.rebased(base)
-                self.index, self.loaded_at = view, time.time()
+                self.view, self.loaded_at = view, time.time()
             self._swapped(current, view)
         view.refresh()  # parts written while the version loaded
         return True
 
     def _install(self, view: LiveShard) -> None:
         """Swap ``view`` in (one reference: atomic for readers)."""
-        with self._swap_lock:
-            old, self.index, self.loaded_at = self.index, view, time.time()
+        with self.swap_lock:
+            old, self.view, self.loaded_at = self.view, view, time.time()
         self._swapped(old, view)
 
     def _swapped(self, old: LiveShard | None, view: LiveShard) -> None:
         """After a swap: report the new version, and drop the local copy of the old one."""
-        self._report()
+        self.report()
         if old is not None and old.base is not None and old.version_dir != view.version_dir:
             # queries already running on the old view keep its memory-mapped files open
             self.store.evict_local(self.store.index_version_dir(self.shard, old.version_dir))
 
-    def _report(self) -> None:
-        """Write this replica's lease: the version it serves (garbage collection reads it)."""
-        view = self.index
+    def report(self) -> None:
+        """Write this replica's lease for the shard: the version it serves (GC reads it)."""
+        view = self.view
         try:
             write_lease(self.store, self.shard, self.replica, view.version_dir if view else None)
             self.lease_error = None
@@ -164,161 +152,41 @@ class ShardSearcher:
             self.lease_error = f"{type(e).__name__}: {e}"
             log.warning("shard %d: could not write its lease: %s", self.shard, self.lease_error)
 
-    def _poll(self, reload_s: float, delta_s: float, lease_s: float) -> None:
-        periods = [t for t in (reload_s, delta_s, lease_s) if t > 0]
-        tick = min(periods) if periods else 1.0
-        now = time.monotonic()
-        next_reload, next_lease = now + reload_s, now + lease_s
-        while not self._stop.wait(tick):
-            try:
-                if reload_s > 0 and time.monotonic() >= next_reload:
-                    next_reload = time.monotonic() + reload_s
-                    if self._load_live():
-                        self.reloads += 1
-                        log.info("shard %d now serves %s", self.shard, self.index.version_dir)
-                view = self.index
-                if delta_s > 0 and view is not None:
-                    view.refresh()
-                self.load_error = None
-            except Exception as e:  # keep serving the version we have
-                self.load_error = f"{type(e).__name__}: {e}"
-                log.warning("shard %d: reload failed: %s", self.shard, self.load_error)
-            if lease_s > 0 and time.monotonic() >= next_lease:
-                next_lease = time.monotonic() + lease_s
-                self._report()
-            self._publish()
-
-    def reload(self) -> dict:
-        """Look for a new live version now (tests and operators; the poll does it on its own)."""
-        swapped = self._load_live()
-        if swapped:
-            self.reloads += 1
-        return {"swapped": swapped, "version": self.index.version_dir if self.index else None}
-
-    def _publish(self) -> None:
-        """Index gauges (version, rows, memory, delta) for Ray's Prometheus export."""
+    def poll(self, manifest: Manifest | None, delta: bool) -> None:
+        """One poll round: swap to a new live version (when ``manifest`` is given), then read
+        new parts and tombstones (when ``delta``). Errors keep the current view serving."""
         try:
-            searcher_metrics().publish(self.stats())
-        except Exception:  # metrics must never take the shard down
-            log.exception("shard %d: publishing metrics failed", self.shard)
-
-    def __del__(self):
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
-            try:
-                drop_lease(self.store, self.shard, self.replica)
-            except Exception:  # best effort: a stale lease expires on its own
-                pass
+            if manifest is not None and self.load_live(manifest):
+                self.reloads += 1
+                log.info("shard %d now serves %s", self.shard, self.view.version_dir)
+            view = self.view
+            if delta and view is not None:
+                view.refresh()
+            self.load_error = None
+        except Exception as e:  # keep serving the version we have
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.warning("shard %d: reload failed: %s", self.shard, self.load_error)
 
     # ---- requests -----------------------------------------------------------------------------
-    async def search(
-        self,
-        vector: np.ndarray,
-        k: int,
-        nprobe: int | None = None,
-        candidates: int | None = None,
-        rerank: bool = True,
-        filter: Filter | None = None,  # noqa: A002 (the API's word)
-        fields: Sequence[str] | None = None,
-    ) -> dict:
-        """Top-k of this shard for one query: ``{"ids", "uris", "scores", "version"}``, plus
-        ``"metadata"`` (one object per hit, the ``fields`` asked) and ``"plan"`` (how a
-        ``filter`` was searched, ``index.filter_plan``). ``filter`` arrives parsed and checked
-        by the ingress (``index.filters``); the shard evaluates it on its own columns."""
-        index = self.index
-        if index is None:
-            return {"ids": [], "uris": [], "scores": [], "version": None}
-        queries = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        start = time.perf_counter()
-        found, plan = await asyncio.to_thread(
-            index.search_with_plan,
-            queries,
-            k,
-            nprobe=nprobe,
-            candidates=candidates,
-            rerank=rerank,
-            filter=filter,
-            fields=fields,
-        )
-        hits = found[0]
-        searcher_metrics().observe_search(
-            self.shard,
-            (time.perf_counter() - start) * 1000,
-            index.fetch_size(k, candidates, rerank),
-        )
-        answer = {
-            "ids": [h.id for h in hits],
-            "uris": [h.uri for h in hits],
-            "scores": [float(h.score) for h in hits],
-            "version": index.version,
-        }
-        if fields:
-            answer["metadata"] = [h.metadata for h in hits]
-        if plan is not None:
-            answer["plan"] = plan.to_dict()
-        return answer
-
-    async def add_rows(
-        self,
-        part: str,
-        ids: list[str],
-        uris: list[str],
-        vectors: np.ndarray,
-        ingested_ms: list[int],
-        metadata: dict[str, list] | None = None,
-    ) -> dict:
-        """Rows the ingress just wrote durably as ``part`` (with their typed ``metadata``
-        columns, column -> values): searchable when this returns."""
-        return await asyncio.to_thread(
-            self._hand_over,
-            "add_rows",
-            part,
-            ids,
-            uris,
-            np.asarray(vectors),
-            ingested_ms,
-            metadata,
-        )
-
-    async def add_tombstones(self, part: str, ids: list[str], deleted_ms: list[int]) -> dict:
-        """Deletes the ingress just wrote durably as ``part``: hidden when this returns."""
-        return await asyncio.to_thread(self._hand_over, "add_tombstones", part, ids, deleted_ms)
-
-    def _hand_over(self, method: str, *args) -> dict:
-        with self._swap_lock:  # never into a view that is being replaced
-            view = self.index
+    def hand_over(self, method: str, *args) -> dict:
+        with self.swap_lock:  # never into a view that is being replaced
+            view = self.view
             if view is None:
                 return {"applied": False, "version": None}
             getattr(view, method)(*args)
             return {"applied": True, "version": view.version}
 
-    async def vector_of(self, row_id: str) -> np.ndarray | None:
-        index = self.index
-        if index is None:
-            return None
-        vector = await asyncio.to_thread(index.vector_of, row_id)
-        return None if vector is None else np.asarray(vector, dtype=np.float32)
-
-    async def record(self, row_id: str, fields: Sequence[str] | None = None) -> dict | None:
-        """The visible row ``row_id`` as ``{"id", "uri", "shard", ..., "metadata"}`` (the
-        ``fields`` asked; default every column), or None."""
-        index = self.index
-        if index is None:
-            return None
-        return await asyncio.to_thread(index.record_of, row_id, fields)
-
     def ready(self) -> dict:
-        index = self.index
+        view = self.view
         return {
             "shard": self.shard,
-            "loaded": index is not None,
-            "version": None if index is None else index.version,
-            "count": 0 if index is None else index.count,
+            "loaded": view is not None,
+            "version": None if view is None else view.version,
+            "count": 0 if view is None else view.count,
         }
 
     def stats(self) -> dict:
-        index = self.index
+        view = self.view
         body = {
             "shard": self.shard,
             "version": None,
@@ -330,17 +198,242 @@ class ShardSearcher:
             "reload_error": self.load_error,
             "lease_error": self.lease_error,
         }
-        if index is not None:
-            meta = index.meta or {}
+        if view is not None:
+            meta = view.meta or {}
             body.update(
-                version=index.version,
-                version_dir=index.version_dir,
-                count=index.count,
-                dim=index.dim,
-                metric=index.metric,
-                memory_bytes=int(index.memory_bytes()),
+                version=view.version,
+                version_dir=view.version_dir,
+                count=view.count,
+                dim=view.dim,
+                metric=view.metric,
+                memory_bytes=int(view.memory_bytes()),
                 kind=meta.get("kind"),
                 factory=meta.get("factory"),
-                **index.stats(),  # delta, delta_rows, tombstones, hidden_base_rows
+                **view.stats(),  # delta, delta_rows, tombstones, hidden_base_rows
             )
         return body
+
+
+@serve.deployment(name="ShardSearcher")
+class ShardSearcher:
+    def __init__(
+        self,
+        store_uri: str,
+        shards: list[int] | int,
+        reload_interval_s: float = 30.0,
+        threads: int = 1,
+        delta_poll_s: float = 0.5,
+        storage_options: dict | None = None,
+        lease_interval_s: float = 10.0,
+        batch_wait_s: float = 0.0,
+        max_batch: int = 64,
+        parallel_shards: int = 2,
+    ):
+        import faiss
+
+        faiss.omp_set_num_threads(threads)  # several replicas share the CPUs
+        self.store = Store(store_uri, storage_options)
+        self.shards = [shards] if isinstance(shards, int) else list(shards)
+        self.replica = _replica_id()
+        manifest = load_manifest(self.store)
+        if manifest is None:
+            raise RuntimeError(f"store {store_uri} has no manifest")
+        self.metric = manifest.metric
+        self.holders = {s: ShardHolder(self.store, s, self.replica, manifest) for s in self.shards}
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, min(parallel_shards, len(self.shards))),
+            thread_name_prefix="shard-search",
+        )
+        self.batcher = QueryBatcher(self._search_batch, max_batch=max_batch, wait_s=batch_wait_s)
+        self._publish()
+        self._stop = threading.Event()
+        threading.Thread(
+            target=self._poll,
+            args=(reload_interval_s, delta_poll_s, lease_interval_s),
+            daemon=True,
+            name="reload",
+        ).start()
+
+    # ---- background ---------------------------------------------------------------------------
+    def _poll(self, reload_s: float, delta_s: float, lease_s: float) -> None:
+        periods = [t for t in (reload_s, delta_s, lease_s) if t > 0]
+        tick = min(periods) if periods else 1.0
+        now = time.monotonic()
+        next_reload, next_lease = now + reload_s, now + lease_s
+        while not self._stop.wait(tick):
+            manifest = None
+            if reload_s > 0 and time.monotonic() >= next_reload:
+                next_reload = time.monotonic() + reload_s
+                try:
+                    manifest = load_manifest(self.store)  # once for the whole group
+                except Exception as e:
+                    log.warning("reading the manifest failed: %s", e)
+            for holder in self.holders.values():
+                holder.poll(manifest, delta_s > 0)
+            if lease_s > 0 and time.monotonic() >= next_lease:
+                next_lease = time.monotonic() + lease_s
+                for holder in self.holders.values():
+                    holder.report()
+            self._publish()
+
+    def reload(self) -> dict:
+        """Look for new live versions now (tests and operators; the poll does it on its own)."""
+        manifest = load_manifest(self.store)
+        swapped = {s: h.load_live(manifest) for s, h in self.holders.items()}
+        return {"swapped": swapped}
+
+    def _publish(self) -> None:
+        """Index gauges (version, rows, memory, delta) for Ray's Prometheus export."""
+        for holder in self.holders.values():
+            try:
+                searcher_metrics().publish(holder.stats())
+            except Exception:  # metrics must never take the shard down
+                log.exception("shard %d: publishing metrics failed", holder.shard)
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+            for holder in getattr(self, "holders", {}).values():
+                try:
+                    drop_lease(self.store, holder.shard, self.replica)
+                except Exception:  # best effort: a stale lease expires on its own
+                    pass
+
+    # ---- search -------------------------------------------------------------------------------
+    async def search(
+        self,
+        vector: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        candidates: int | None = None,
+        rerank: bool = True,
+        filter: Filter | None = None,  # noqa: A002 (the API's word)
+        fields: Sequence[str] | None = None,
+    ) -> dict:
+        """Top-k over the group's shards for one query: ``{"ids", "uris", "scores", "shards",
+        "answered", "batch"}`` (``answered``: the shards searched; ``batch``: how many queries
+        were searched together), plus ``"metadata"`` (one object per hit: the ``fields``
+        asked) and ``"plans"`` (shard -> how a ``filter`` was searched there,
+        ``index.filter_plan``). ``filter`` arrives parsed and checked by the ingress
+        (``index.filters``); each shard evaluates it on its own columns. Batched with
+        concurrent queries that share the parameters, filter and fields (``QueryBatcher``)."""
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        names = tuple(fields) if fields else ()
+        return await self.batcher.submit(
+            (query, int(k), nprobe, candidates, bool(rerank), filter, names)
+        )
+
+    def _search_batch(self, requests: list[tuple]) -> list[dict]:
+        """One FAISS batch per shard for the queued requests that share search parameters,
+        filter and fields (runs in the batcher's worker thread)."""
+        out: list[dict | None] = [None] * len(requests)
+        by_params: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_params.setdefault(request[2:], []).append(i)
+        for (nprobe, candidates, rerank, flt, fields), members in by_params.items():
+            queries = np.stack([requests[i][0] for i in members])
+            k = max(requests[i][1] for i in members)
+            merged = self._search_all(queries, k, nprobe, candidates, rerank, flt, fields)
+            for row, i in enumerate(members):
+                hits = merged["hits"][row][: requests[i][1]]
+                answer = {
+                    "ids": [h.id for h in hits],
+                    "uris": [h.uri for h in hits],
+                    "scores": [float(h.score) for h in hits],
+                    "shards": [h.shard for h in hits],
+                    "answered": merged["answered"],
+                    "batch": len(members),
+                }
+                if fields:
+                    answer["metadata"] = [h.metadata for h in hits]
+                if merged["plans"]:
+                    answer["plans"] = merged["plans"]
+                out[i] = answer
+        return out
+
+    def _search_all(self, queries, k, nprobe, candidates, rerank, flt=None, fields=()) -> dict:
+        """Every shard of the group over the batch (in the pool), merged per query."""
+
+        def one(holder: ShardHolder) -> tuple[int, list[list[Hit]] | None, dict | None]:
+            view = holder.view
+            if view is None:
+                return holder.shard, None, None
+            start = time.perf_counter()
+            hits, plan = view.search_with_plan(
+                queries,
+                k,
+                nprobe=nprobe,
+                candidates=candidates,
+                rerank=rerank,
+                filter=flt,
+                fields=fields,
+            )
+            ms = (time.perf_counter() - start) * 1000
+            searcher_metrics().observe_search(
+                holder.shard, ms / len(queries), view.fetch_size(k, candidates, rerank)
+            )
+            return holder.shard, hits, None if plan is None else plan.to_dict()
+
+        holders = list(self.holders.values())
+        results = [one(holders[0])] if len(holders) == 1 else list(self._pool.map(one, holders))
+        answered = [shard for shard, hits, _ in results if hits is not None]
+        per_shard = [hits for _, hits, _ in results if hits is not None]
+        merged = [
+            merge_topk([hits[q] for hits in per_shard], k, self.metric) for q in range(len(queries))
+        ]
+        plans = {shard: plan for shard, _, plan in results if plan is not None}
+        return {"hits": merged, "answered": answered, "plans": plans}
+
+    # ---- writes and lookups -------------------------------------------------------------------
+    def _holder(self, shard: int) -> ShardHolder:
+        holder = self.holders.get(shard)
+        if holder is None:
+            raise ValueError(f"shard {shard} is not served by this group ({self.shards})")
+        return holder
+
+    async def add_rows(
+        self,
+        shard: int,
+        part: str,
+        ids: list[str],
+        uris: list[str],
+        vectors: np.ndarray,
+        ingested_ms: list[int],
+        metadata: dict[str, list] | None = None,
+    ) -> dict:
+        """Rows the ingress just wrote durably as ``part`` (with their typed ``metadata``
+        columns, column -> values): searchable when this returns."""
+        holder = self._holder(shard)
+        args = (part, ids, uris, np.asarray(vectors), ingested_ms, metadata)
+        return await asyncio.to_thread(holder.hand_over, "add_rows", *args)
+
+    async def add_tombstones(
+        self, shard: int, part: str, ids: list[str], deleted_ms: list[int]
+    ) -> dict:
+        """Deletes the ingress just wrote durably as ``part``: hidden when this returns."""
+        holder = self._holder(shard)
+        return await asyncio.to_thread(holder.hand_over, "add_tombstones", part, ids, deleted_ms)
+
+    async def vector_of(self, shard: int, row_id: str) -> np.ndarray | None:
+        view = self._holder(shard).view
+        if view is None:
+            return None
+        vector = await asyncio.to_thread(view.vector_of, row_id)
+        return None if vector is None else np.asarray(vector, dtype=np.float32)
+
+    async def record(
+        self, shard: int, row_id: str, fields: Sequence[str] | None = None
+    ) -> dict | None:
+        """The visible row ``row_id`` of ``shard`` as ``{"id", "uri", "shard", ...,
+        "metadata"}`` (the ``fields`` asked; default every column), or None."""
+        view = self._holder(shard).view
+        if view is None:
+            return None
+        return await asyncio.to_thread(view.record_of, row_id, fields)
+
+    def ready(self) -> list[dict]:
+        return [holder.ready() for holder in self.holders.values()]
+
+    def stats(self) -> list[dict]:
+        return [holder.stats() for holder in self.holders.values()]

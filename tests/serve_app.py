@@ -46,6 +46,9 @@ def app_config(store_uri: str, **overrides: Any) -> ServeConfig:
         "embed_threads": 1,
         "reload_interval_s": 0,
         "access_log": False,
+        # a deployment per shard: the fault tests kill one shard's replica (the default puts all
+        # shards of one box in one group, and test_freshness_http runs that way)
+        "shards_per_group": 1,
         "searcher": DeploymentSettings(
             num_cpus=0.25, health_check_period_s=1.0, health_check_timeout_s=5.0
         ),

@@ -55,7 +55,12 @@ def test_caltech_photos_end_to_end_and_rerun_is_a_no_op(ray_local, caltech_dir, 
     listing.write_text("".join(f"{p}\n" for p in photos))
     root = tmp_path / "store"
     config = EmbedJobConfig(
-        input=[str(listing)], store=str(root), num_shards=3, batch_size=16, actors=2
+        input=[str(listing)],
+        store=str(root),
+        num_shards=3,
+        batch_size=16,
+        actors=2,
+        part_rows=40,  # small, to see how rows group into parts
     )
     summary = run_job(config)
     assert (summary.embedded, summary.errors, summary.skipped_present) == (N_PHOTOS, 0, 0)
@@ -76,6 +81,10 @@ def test_caltech_photos_end_to_end_and_rerun_is_a_no_op(ray_local, caltech_dir, 
     assert all(i == uri_id(u) for i, u in zip(rows["id"], rows["uri"], strict=True))
     assert all(s == shard_of(i, 3) for i, s in zip(rows["id"], rows["shard"], strict=True))
     assert set(rows["shard"]) == {0, 1, 2}
+    # inputs are staged in shard order, so parts hold one shard's rows, about part_rows each
+    # (one part per shard per 40-row write batch would be ~18 parts of ~13 rows)
+    assert summary.parts == len(parts) <= N_PHOTOS // 40 + 2 * 3, parts
+    assert Store(root).ls(str(root / "_staging")) == []  # the run's staging files are gone
     vecs = rows["vec"]
     assert vecs.shape == (N_PHOTOS, 1280) and vecs.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)

@@ -143,8 +143,13 @@ def test_part_key_is_order_free_and_content_bound():
 
 
 # ---- planning: what a run still has to do, per shard -------------------------------------------
-def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path):
+@pytest.mark.parametrize("bucket_rows", [65_536, 7])  # whole shards, and buckets of 7 inputs
+def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path, monkeypatch, bucket_rows):
+    from pipelines import embed_plan
+
+    monkeypatch.setattr(embed_plan, "BUCKET_ROWS", bucket_rows)
     from index import schema
+    from index.delta import write_tombstones
     from index.sharding import shard_of, uri_id
     from pipelines.embed_plan import PlanCounts, ShardSpill, chunks, plan_pending, read_block
     from tests.helpers import write_store
@@ -158,17 +163,18 @@ def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path):
         3,
     )
     failed = pa.array(uris[20:25])  # recorded as failed by an earlier run
+    write_tombstones(store, shard_of(uri_id(uris[30]), 3), [uri_id(uris[30])])  # deleted: not new
     spill = ShardSpill(3, str(tmp_path))
     counts = PlanCounts()
     for chunk in chunks(uris + uris[50:], size=16):  # the last ten listed twice
         counts.inputs += len(chunk)
-        spill.add(chunk, [uri_id(u) for u in chunk])
+        spill.add_rows(chunk, [uri_id(u) for u in chunk])
     spill.finish()
     pending = plan_pending(store, spill, counts, failed=failed, limit=30, block_rows=4)
     spill.close()
     assert (counts.inputs, counts.duplicates) == (70, 10)
-    assert (counts.skipped_present, counts.skipped_failed) == (20, 5)
-    assert counts.pending == pending.rows == 30 and counts.deferred == 5  # --limit 30
+    assert (counts.skipped_present, counts.skipped_failed) == (21, 5)
+    assert counts.pending == pending.rows == 30 and counts.deferred == 4  # --limit 30
     assert [f[0] for f in pending.files] == sorted({f[0] for f in pending.files})  # shard order
     rows = []
     starts = pending.starts()
@@ -178,5 +184,5 @@ def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path):
         shards = {shard_of(i, 3) for i in table[schema.ID].to_pylist()}
         assert len(shards) == 1  # a block never mixes shards
         rows += table[schema.URI].to_pylist()
-    assert len(rows) == len(set(rows)) == 30 and set(rows) <= set(uris[25:])
+    assert len(rows) == len(set(rows)) == 30 and set(rows) <= set(uris[25:]) - {uris[30]}
     assert all(store.exists(f[1]) for f in pending.files)  # staged in the store itself

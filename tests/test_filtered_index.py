@@ -348,7 +348,7 @@ def test_delta_tombstones_records_and_rebase_carry_metadata(catalogue):
     base_row = next(i for i in ids if shard_of(i, SHARDS) == shard)
     row = meta.slice(ids.index(base_row), 1).to_pylist()[0]
     record = view.record_of(base_row)
-    assert record["in"] == "base" and record["metadata"] == row
+    assert record["source"] == "index" and record["metadata"] == row
     assert view.record_of(base_row, ["qty"])["metadata"] == {"qty": row["qty"]}
     same = parse_filter({"field": "category", "eq": row["category"]}, SCHEMA)
     vec = x[ids.index(base_row)]

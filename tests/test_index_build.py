@@ -297,3 +297,32 @@ def test_build_measures_default_nprobe_and_candidates(tmp_path):
     assert default_candidates(10) == 100 and default_candidates(50) == 200
     assert default_candidates(10, 400) == 400 and default_candidates(100, 400) == 4000
     assert default_candidates(1000, 800) == 10_000  # scaled with k, capped
+
+
+def test_every_build_applies_and_records_tombstones_and_keeps_ids_compact(tmp_path):
+    """The one build path: a delete is applied by any build (build_index.py's too), recorded in
+    the version, and an id deleted then added again is visible after it. Row ids are stored by
+    their own length: one 256-character id does not widen every row."""
+    import pyarrow as pa
+
+    from index import schema
+    from index.delta import write_rows, write_tombstones
+
+    ids, uris, vectors = _rows(1200)
+    store = write_store(tmp_path / "s", ids, uris, vectors, num_shards=1)
+    _build_all(store)
+    part, ms = write_tombstones(store, 0, [ids[3], ids[4]])
+    again = pa.scalar(ms + 1, schema.TIMESTAMP)  # ids[4] comes back after its delete
+    write_rows(
+        store, 0, schema.embeddings_table([ids[4]], ["again"], vectors[4:5], ingested_at=again)
+    )
+    long_id = "x" * 256
+    write_rows(store, 0, schema.embeddings_table([long_id], ["long"], vectors[5:6]))
+    (result,) = _build_all(store)
+    assert part in result.meta["tombstone_parts"]
+    shard = ShardIndex.load(store, 0)
+    assert shard.row_key(ids[3]) is None  # deleted
+    assert shard.uri_of(shard.row_key(ids[4])) == "again"  # deleted, then added again: visible
+    assert shard.row_key(long_id) is not None and shard.count == 1200 - 1 + 1
+    id_bytes = sum(len(i) for i in ids) + 256
+    assert shard._rows.ids.nbytes < id_bytes + 8 * (shard.count + 1) + 64  # offsets + bytes

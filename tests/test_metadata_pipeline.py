@@ -106,7 +106,7 @@ def test_sidecar_joins_staged_inputs_by_uri_and_counts_bad_rows(tmp_path):
             "in_stock": "bool",
         }
         spill = ShardSpill(SHARDS)
-        spill.add(paths, [uri_id(p) for p in paths])
+        spill.add_rows(paths, [uri_id(p) for p in paths])
         spill.finish()
         pending = plan_pending(
             store, spill, PlanCounts(), failed=None, limit=None, block_rows=8, sidecar=sidecar

@@ -44,6 +44,7 @@ def app(ray_local, scratch_root, caltech_dir):
         shard_deadline_ms=1500,
         embed_threads=1,
         reload_interval_s=0,
+        shards_per_group=1,  # a deployment per shard: the kill test below loses one shard
         searcher=DeploymentSettings(
             num_cpus=0.25, health_check_period_s=1.0, health_check_timeout_s=5.0
         ),

@@ -1,0 +1,69 @@
+"""Search concurrent queries as one batch, without making a lone query wait.
+
+``QueryBatcher`` runs one batch at a time in a worker thread. A query that arrives while the
+searcher is idle starts a batch at once (after ``wait_s``, 0 by default: no added latency at
+concurrency 1); queries that arrive while a batch runs queue up and go together as the next
+batch (up to ``max_batch``). Under load, batches grow to what arrived during the previous one:
+one FAISS call per shard for many queries (the coarse quantizer, the fast-scan tables and the
+rerank's vector reads are shared), the throughput a per-request call cannot reach.
+
+Unlike ``ray.serve.batch`` it has no fixed timeout to pay at low load and needs no Serve replica
+(the tests drive it directly). Plain asyncio; the batch function runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+class QueryBatcher:
+    def __init__(
+        self,
+        run: Callable[[Sequence[Any]], Sequence[Any]],
+        *,
+        max_batch: int = 64,
+        wait_s: float = 0.0,
+    ):
+        if max_batch < 1 or wait_s < 0:
+            raise ValueError("max_batch must be >= 1 and wait_s >= 0")
+        self.run = run  # items -> results, same order; called in a worker thread
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self._queue: list[tuple[Any, asyncio.Future]] = []
+        self._worker: asyncio.Task | None = None
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: Any) -> Any:
+        """The result of ``item``, computed in a batch with whatever else is queued."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append((item, future))
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._queue:
+            if self.wait_s > 0 and len(self._queue) < self.max_batch:
+                await asyncio.sleep(self.wait_s)  # a short window for company
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            items = [item for item, _ in batch]
+            try:
+                results = await asyncio.to_thread(self.run, items)
+            except Exception as e:  # every waiter of the batch gets the failure
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            self.batches += 1
+            self.items += len(items)
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():  # a cancelled request is simply dropped
+                    future.set_result(result)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.items / self.batches if self.batches else 0.0

@@ -1,0 +1,265 @@
+// The search page: drop, choose or paste an image (or give a catalogue id), see the top-k.
+//
+// Everything shown that came from the catalogue or the user (ids, URIs, metadata, error text) is
+// put in the page as text nodes or through setAttribute on inert attributes, never as HTML, so a
+// stored uri like `<script>` or `<img onerror=...>` is displayed, not run. The page sends
+// requests relative to its <base> (the app's route prefix) and needs nothing from the network
+// beyond the app itself.
+"use strict";
+
+const CORE_FIELDS = new Set(["id", "uri", "score", "shard"]);
+const $ = (selector) => document.querySelector(selector);
+
+let lastQuery = null; // {kind: "image", blob, label} or {kind: "id", id}
+let filtersSupported = false;
+let latest = 0; // the newest search: an older answer that arrives later is dropped
+
+// ---- small DOM helpers (text only) -------------------------------------------------------------
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = String(text);
+  return node;
+}
+
+function show(node, text) {
+  node.textContent = text || "";
+  node.hidden = !text;
+}
+
+function k() {
+  const value = parseInt($("#k").value, 10);
+  return Number.isFinite(value) ? Math.min(Math.max(value, 1), 1000) : 12;
+}
+
+function thumbnailUrl(id) {
+  return "images/" + encodeURIComponent(id) + "/thumbnail";
+}
+
+// ---- the catalogue's size and model, from /stats ------------------------------------------------
+async function loadStats() {
+  try {
+    const response = await fetch("stats");
+    const stats = await response.json();
+    if (!response.ok) throw new Error(stats.detail || response.statusText);
+    const unreachable = (stats.shards || []).filter((s) => s.error).length;
+    let text = `${Number(stats.total_count).toLocaleString()} images in ${stats.num_shards} `
+      + `shard${stats.num_shards === 1 ? "" : "s"} · model ${stats.model} · ${stats.dim}-d`;
+    if (unreachable) text += ` · ${unreachable} shard(s) not answering`;
+    $("#stats").textContent = text;
+  } catch (e) {
+    $("#stats").textContent = `catalogue statistics unavailable (${e.message})`;
+  }
+}
+
+// Filters appear in the page once the API accepts them: the JSON body schema of POST /search
+// (in the app's OpenAPI document) has a "filter" property.
+async function detectFilters() {
+  try {
+    const spec = await (await fetch("openapi.json")).json();
+    const content = spec.paths["/search"].post.requestBody.content["application/json"];
+    let schema = content.schema;
+    if (schema.$ref) schema = spec.components.schemas[schema.$ref.split("/").pop()];
+    filtersSupported = Boolean((schema.properties || {}).filter);
+  } catch (e) {
+    filtersSupported = false;
+  }
+  $("#filter-row").hidden = !filtersSupported;
+}
+
+function filterValue() {
+  const text = filtersSupported ? $("#filter").value.trim() : "";
+  if (!text) return undefined;
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new Error(`the filter is not valid JSON: ${e.message}`);
+  }
+}
+
+// ---- searching ----------------------------------------------------------------------------------
+async function search(query) {
+  const mine = ++latest;
+  lastQuery = query;
+  show($("#error"), "");
+  show($("#partial"), "");
+  $("#status").textContent = "searching…";
+  $("#results").setAttribute("aria-busy", "true");
+  let response;
+  try {
+    const filter = filterValue();
+    if (query.kind === "image") {
+      const form = new FormData();
+      form.append("file", query.blob, query.label || "query");
+      if (filter !== undefined) form.append("filter", JSON.stringify(filter));
+      response = await fetch(`search?k=${k()}`, { method: "POST", body: form });
+    } else {
+      const body = { id: query.id, k: k() };
+      if (filter !== undefined) body.filter = filter;
+      response = await fetch("search", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(body),
+      });
+    }
+  } catch (e) {
+    if (mine !== latest) return;
+    return fail(e.message.startsWith("the filter") ? e.message : `cannot reach the app: ${e.message}`);
+  }
+  let body;
+  try {
+    body = await response.json();
+  } catch (e) {
+    body = null;
+  }
+  if (mine !== latest) return;
+  if (body === null) return fail(`the app answered ${response.status} without JSON`);
+  if (!response.ok) {
+    return fail(`${body.error || response.status}: ${body.detail || response.statusText}`);
+  }
+  render(body);
+}
+
+function fail(message) {
+  $("#status").textContent = "";
+  $("#results").removeAttribute("aria-busy");
+  $("#results").replaceChildren();
+  show($("#error"), message);
+}
+
+function render(body) {
+  const results = body.results || [];
+  $("#status").textContent = `${results.length} result${results.length === 1 ? "" : "s"} in `
+    + `${Number(body.took_ms).toFixed(1)} ms · ${body.shards_answered}/${body.shards_total} shards`;
+  if (body.partial) {
+    const missing = (body.missing_shards || [])
+      .map((m) => `shard ${m.shard} (${m.reason})`).join(", ");
+    show($("#partial"), `Partial answer: ${body.shards_answered} of ${body.shards_total} shards `
+      + `answered in time; results from ${missing || "the missing shards"} are not included.`);
+  }
+  $("#results").replaceChildren(...results.map(card));
+  $("#results").removeAttribute("aria-busy");
+}
+
+function card(result, index) {
+  const link = el("a", "result");
+  link.href = "#id=" + encodeURIComponent(result.id);
+  link.dataset.id = result.id;
+  link.title = "search by this image";
+  link.addEventListener("click", (event) => {
+    if (location.hash === link.hash) {
+      event.preventDefault(); // the same id again: no hashchange, so search here
+      searchId(result.id);
+    }
+  });
+
+  const thumb = el("div", "thumb");
+  const img = document.createElement("img");
+  img.alt = "";
+  img.loading = "lazy";
+  img.addEventListener("error", () => thumb.replaceChildren(el("span", "", "no preview")));
+  img.src = thumbnailUrl(result.id);
+  thumb.append(img);
+
+  const info = el("div", "info");
+  const score = el("div", "score", `#${index + 1} · ${Number(result.score).toFixed(3)} `);
+  score.append(el("span", "shard", `shard ${result.shard}`));
+  info.append(score, el("div", "id", `id ${result.id}`));
+  info.append(el("div", "uri", result.uri));
+  const extra = Object.keys(result).filter((key) => !CORE_FIELDS.has(key));
+  if (extra.length) {
+    const meta = el("dl", "meta");
+    for (const key of extra) {
+      const value = result[key];
+      meta.append(el("dt", "", key));
+      meta.append(el("dd", "", typeof value === "object" ? JSON.stringify(value) : value));
+    }
+    info.append(meta);
+  }
+  link.append(thumb, info);
+  return link;
+}
+
+// ---- query inputs -------------------------------------------------------------------------------
+function searchImage(blob, label) {
+  const preview = $("#query-preview");
+  if (preview.dataset.url) URL.revokeObjectURL(preview.dataset.url);
+  preview.dataset.url = URL.createObjectURL(blob);
+  preview.src = preview.dataset.url;
+  preview.hidden = false;
+  $("#query-label").textContent = `query: ${label || "pasted image"}`;
+  $("#id-input").value = "";
+  search({ kind: "image", blob, label });
+}
+
+function searchId(id) {
+  const preview = $("#query-preview");
+  preview.src = thumbnailUrl(id);
+  preview.hidden = false;
+  $("#id-input").value = id;
+  $("#query-label").textContent = `query: catalogue id ${id}`;
+  search({ kind: "id", id });
+}
+
+// "#id=<id>" is the page's state: clicking a result sets it, so Back returns to the last query
+function fromHash() {
+  const match = /^#id=(.+)$/.exec(location.hash);
+  if (match) searchId(decodeURIComponent(match[1]));
+}
+
+function setUp() {
+  const drop = $("#drop");
+  $("#file").addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    if (file) searchImage(file, file.name);
+    event.target.value = ""; // choosing the same file again searches again
+  });
+  drop.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      $("#file").click();
+    }
+  });
+  for (const name of ["dragenter", "dragover"]) {
+    drop.addEventListener(name, (event) => {
+      event.preventDefault();
+      drop.classList.add("over");
+    });
+  }
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    const file = event.dataTransfer.files[0];
+    if (file) return searchImage(file, file.name);
+    // a result's thumbnail dragged from this page: search by its id
+    const url = event.dataTransfer.getData("text/uri-list") || event.dataTransfer.getData("text");
+    const match = /\/images\/([^/]+)\/thumbnail/.exec(url || "");
+    if (match) location.hash = "id=" + match[1];
+    else show($("#error"), "drop an image file (or a result of this page)");
+  });
+  document.addEventListener("paste", (event) => {
+    if (event.target.closest && event.target.closest("input, textarea")) return;
+    const item = Array.from((event.clipboardData || {}).items || [])
+      .find((entry) => entry.kind === "file" && entry.type.startsWith("image/"));
+    if (item) {
+      event.preventDefault();
+      searchImage(item.getAsFile(), "pasted image");
+    }
+  });
+  $("#id-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const id = $("#id-input").value.trim();
+    if (!id) return show($("#error"), "give a catalogue id");
+    if (location.hash === "#id=" + encodeURIComponent(id)) searchId(id);
+    else location.hash = "id=" + encodeURIComponent(id);
+  });
+  $("#k").addEventListener("change", () => {
+    if (lastQuery) search(lastQuery);
+  });
+  window.addEventListener("hashchange", fromHash);
+  loadStats();
+  detectFilters().then(fromHash);
+}
+
+document.addEventListener("DOMContentLoaded", setUp);

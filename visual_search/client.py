@@ -1,0 +1,147 @@
+"""A small HTTP client of a running app, for scripts and for ``visual-search search`` / ``stats``.
+
+    from visual_search.client import SearchClient
+    with SearchClient("http://127.0.0.1:8000") as client:
+        hits = client.search("cat.jpg", k=5)["results"]        # an image file (or bytes)
+        hits = client.search(id=hits[0]["id"])                  # a catalogue row
+        hits = client.search(vector=[...])                      # a vector of the catalogue's dim
+        client.stats(), client.record(row_id), client.thumbnail(row_id)
+
+Answers are the app's JSON as dicts (the contract is in ``serve/api.py``). A refusal raises
+``SearchError`` with the HTTP status and the app's reason code (``unknown_id``, ``not_an_image``,
+...); an app that cannot be reached raises it with ``status=None`` and ``error="unreachable"``.
+The default URL is ``$VISUAL_SEARCH_URL`` or ``http://127.0.0.1:8000``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+URL_ENV = "VISUAL_SEARCH_URL"
+
+
+class SearchError(Exception):
+    """The app refused a request (``status`` 4xx/5xx) or could not be reached (``None``)."""
+
+    def __init__(self, status: int | None, error: str, detail: str, body: dict | None = None):
+        super().__init__(f"{status or 'no answer'} {error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.body = body or {}
+
+
+def read_image(image: bytes | str | os.PathLike[str]) -> tuple[str, bytes]:
+    """``(name, bytes)`` of a query image given as bytes, a local path or an fsspec URI."""
+    if isinstance(image, bytes | bytearray):
+        return "query", bytes(image)
+    text = os.fspath(image)
+    if "://" in text and not text.startswith("file://"):
+        import fsspec
+
+        with fsspec.open(text, "rb") as f:
+            return text.rsplit("/", 1)[-1] or "query", f.read()
+    path = Path(text.removeprefix("file://"))
+    return path.name, path.read_bytes()
+
+
+class SearchClient:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        timeout: float = 60.0,
+        api_key: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout, headers=headers, transport=transport
+        )
+
+    def __enter__(self) -> SearchClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kw: Any):
+        try:
+            response = self._http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise SearchError(None, "unreachable", f"{self.url}: {type(e).__name__}: {e}") from e
+        if response.status_code in ok:
+            return response
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        body = body if isinstance(body, dict) else {}
+        raise SearchError(
+            response.status_code,
+            str(body.get("error", "http_error")),
+            str(body.get("detail", response.text[:500])),
+            body,
+        )
+
+    # ---- queries ------------------------------------------------------------------------------
+    def search(
+        self,
+        image: bytes | str | os.PathLike[str] | None = None,
+        *,
+        id: str | None = None,
+        vector: list[float] | Any | None = None,
+        k: int | None = None,
+        nprobe: int | None = None,
+        rerank: bool | None = None,
+        candidates: int | None = None,
+    ) -> dict:
+        """Top-k of exactly one of an image, a catalogue ``id`` or a ``vector``."""
+        given = [
+            name for name, v in (("image", image), ("id", id), ("vector", vector)) if v is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of image, id, vector (got {given or 'none'})")
+        params = {
+            key: value
+            for key, value in (("k", k), ("nprobe", nprobe), ("candidates", candidates))
+            if value is not None
+        }
+        if rerank is not None:
+            params["rerank"] = "true" if rerank else "false"
+        if image is not None:
+            name, data = read_image(image)
+            files = {"file": (name, data, "application/octet-stream")}
+            return self._send("POST", "/search", params=params, files=files).json()
+        body = {"id": id} if id is not None else {"vector": [float(x) for x in vector]}
+        return self._send("POST", "/search", params=params, json=body).json()
+
+    def stats(self) -> dict:
+        return self._send("GET", "/stats").json()
+
+    def ready(self) -> dict:
+        """``/readyz``'s body; ``ready`` says whether every shard is loaded (200 or 503)."""
+        return self._send("GET", "/readyz", ok=(200, 503)).json()
+
+    def record(self, row_id: str) -> dict:
+        """``GET /images/{id}``: the row's id, uri and shard."""
+        return self._send("GET", f"/images/{_quote(row_id)}").json()
+
+    def thumbnail(self, row_id: str) -> bytes:
+        """``GET /images/{id}/thumbnail``: a small JPEG."""
+        return self._send("GET", f"/images/{_quote(row_id)}/thumbnail").content
+
+
+def _quote(row_id: str) -> str:
+    from urllib.parse import quote
+
+    return quote(row_id, safe="")

@@ -1,0 +1,159 @@
+"""``visual-search search`` and ``visual-search stats``: the HTTP client from a shell.
+
+    visual-search search cat.jpg --k 5                # an image file or fsspec URI
+    visual-search search --id 3f2a9c0d1e2b4a5c        # a catalogue row's neighbours
+    visual-search search --vector q.npy --json        # a vector (.npy, or a JSON list; - = stdin)
+    visual-search stats [--json]
+
+A table by default (rank, score, shard, id, uri, then any metadata fields of the results), the
+app's JSON with ``--json``. Exit status: 0 answered (a partial answer too, with a warning on
+stderr, unless ``--fail-partial``: then 1), 1 the app failed (5xx), 2 bad usage or query file,
+3 the app cannot be reached, 4 the app refused the query (4xx, e.g. ``unknown_id``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from visual_search import exits
+from visual_search.client import DEFAULT_URL, URL_ENV, SearchClient, SearchError
+
+CORE = ("id", "uri", "score", "shard")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help=f"the app's base URL (default ${URL_ENV} or {DEFAULT_URL})")
+    parser.add_argument("--json", action="store_true", help="print the app's JSON answer")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+
+
+def _load_vector(spec: str) -> list[float]:
+    if spec.endswith(".npy"):
+        import numpy as np
+
+        return np.load(spec).astype(float).ravel().tolist()
+    text = sys.stdin.read() if spec == "-" else Path(spec).read_text()
+    value = json.loads(text)
+    if isinstance(value, dict):
+        value = value.get("vector")
+    if not isinstance(value, list):
+        raise ValueError(f"{spec}: expected a JSON list of numbers (or {{'vector': [...]}})")
+    return value
+
+
+def _fail(error: SearchError) -> int:
+    print(f"visual-search: {error}", file=sys.stderr)
+    if error.status is None:
+        return exits.UNREACHABLE
+    return exits.REFUSED if error.status < 500 else exits.FAILED
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def format_results(body: dict) -> str:
+    """The results as a text table; metadata fields after the core columns."""
+    results = body.get("results", [])
+    extra = sorted({key for r in results for key in r if key not in CORE})
+    rows = [
+        [str(i), f"{r['score']:.4f}", str(r["shard"]), str(r["id"]), str(r["uri"])]
+        + [json.dumps(r[key]) if key in r else "" for key in extra]
+        for i, r in enumerate(results, 1)
+    ]
+    lines = _table(["rank", "score", "shard", "id", "uri", *extra], rows)
+    lines.append(
+        f"{len(results)} results in {body.get('took_ms', 0):.1f} ms, "
+        f"{body.get('shards_answered')}/{body.get('shards_total')} shards"
+    )
+    return "\n".join(lines)
+
+
+def search_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Query a running app with an image, a catalogue id or a vector.",
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("image", nargs="?", help="query image: a file or an fsspec URI")
+    parser.add_argument("--id", help="search by a catalogue row's id")
+    parser.add_argument("--vector", help="query vector: a .npy file, a JSON file, or - (stdin)")
+    parser.add_argument("--k", type=int, help="results (1..1000; default the app's, 10)")
+    parser.add_argument("--nprobe", type=int, help="IVF lists probed per shard")
+    parser.add_argument("--candidates", type=int, help="per-shard candidates for rerank")
+    parser.add_argument("--no-rerank", dest="rerank", action="store_false", default=None)
+    parser.add_argument(
+        "--fail-partial", action="store_true", help="exit 1 when some shard did not answer"
+    )
+    _common(parser)
+    args = parser.parse_args(argv)
+    given = [name for name in ("image", "id", "vector") if getattr(args, name) is not None]
+    if len(given) != 1:
+        parser.error("give exactly one of IMAGE, --id, --vector")
+    try:
+        vector = _load_vector(args.vector) if args.vector is not None else None
+        with SearchClient(args.url, timeout=args.timeout) as client:
+            body = client.search(
+                args.image,
+                id=args.id,
+                vector=vector,
+                k=args.k,
+                nprobe=args.nprobe,
+                rerank=args.rerank,
+                candidates=args.candidates,
+            )
+    except SearchError as e:
+        return _fail(e)
+    except (OSError, ValueError) as e:  # an unreadable query file
+        print(f"visual-search search: error: {e}", file=sys.stderr)
+        return exits.USAGE
+    print(json.dumps(body, indent=2) if args.json else format_results(body))
+    if body.get("partial"):
+        missing = ", ".join(f"{m['shard']} ({m['reason']})" for m in body["missing_shards"])
+        print(f"warning: partial answer, shards missing: {missing}", file=sys.stderr)
+        return exits.FAILED if args.fail_partial else exits.OK
+    return exits.OK
+
+
+def format_stats(stats: dict) -> str:
+    rows = [
+        [
+            str(s["shard"]),
+            str(s.get("version") or "-"),
+            f"{s.get('count', 0):,}",
+            f"{s.get('delta', 0):,}",
+            f"{s.get('memory_bytes', 0) / 2**20:.1f}",
+            s.get("error") or s.get("reload_error") or s.get("factory") or "",
+        ]
+        for s in stats["shards"]
+    ]
+    summary = (
+        f"model {stats['model']}, {stats['dim']}-d {stats['metric']}, "
+        f"{stats['total_count']:,} rows in {stats['num_shards']} shards, "
+        f"{stats['memory_bytes'] / 2**20:.1f} MiB"
+    )
+    header = ["shard", "version", "rows", "delta", "MiB", "index / error"]
+    return "\n".join([summary, *_table(header, rows)])
+
+
+def stats_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="The running app's catalogue: model, rows, shards, versions, memory."
+    )
+    _common(parser)
+    args = parser.parse_args(argv)
+    try:
+        with SearchClient(args.url, timeout=args.timeout) as client:
+            stats = client.stats()
+    except SearchError as e:
+        return _fail(e)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return exits.OK
