@@ -285,6 +285,19 @@ def test_added_rows_are_checked_against_the_schema_and_filterable_at_once(app):
     assert r.json()["results"][0]["metadata"]["brand"] == "acme"
 
 
+def test_the_record_route_returns_the_rows_metadata(app):
+    row_id, row = next(iter(app.catalogue.items()))
+    r = app.client.get(f"/images/{row_id}")
+    assert r.status_code == 200, r.text
+    assert r.json()["metadata"] == row["metadata"] and r.json()["uri"] == row["uri"]
+    r = app.client.get(f"/images/{row_id}", params={"fields": "price"})
+    assert r.json()["metadata"] == {"price": row["metadata"]["price"]}
+    assert app.client.get(f"/images/{row_id}", params={"fields": ""}).json()["metadata"] == {}
+    r = app.client.get(f"/images/{row_id}", params={"fields": "colour"})
+    assert r.status_code == 422 and r.json()["error"] == "unknown_field"
+    assert app.client.get("/images/no-such-row").json()["error"] == "unknown_id"
+
+
 def test_a_later_run_with_another_type_is_refused_before_it_writes(app, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text(f"uri,price\n{app.photos[0]},expensive\n")
