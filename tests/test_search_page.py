@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from index.manifest import evolve_metadata
 from index.sharding import shard_of, uri_id
 from tests.conftest import require_data
 from tests.polling import wait_for
@@ -278,16 +279,20 @@ def test_search_page_in_chromium(app, browser, tmp_path):
 
     # 6. stored script and onerror payloads are shown as text and never run
     near = app.vectors[uri_of(query)] * 0.9 + app.vectors[uri_of(by_class["Leopards"][1])] * 0.1
+    evolve_metadata(app.store, {"caption": "string"})  # metadata is typed (issue #13)
+    body = {
+        "vector": (near / np.linalg.norm(near)).tolist(),
+        "id": EVIL_ID,
+        "uri": EVIL_URI,
+        "metadata": EVIL_META,
+    }
     with app.client() as client:
-        r = client.post(
-            "/images",
-            json={
-                "vector": (near / np.linalg.norm(near)).tolist(),
-                "id": EVIL_ID,
-                "uri": EVIL_URI,
-                "metadata": EVIL_META,
-            },
-        )
+
+        def add():  # the ingress re-reads the schema for a new column (at most once a second)
+            r = client.post("/images", json=body)
+            return None if r.status_code == 422 else r
+
+        r = wait_for(add, 10, "the caption column accepted")
         assert r.status_code == 201, r.text
     page.set_input_files("#file", str(query))
     until(
@@ -342,8 +347,10 @@ def test_filter_box_appears_when_the_api_takes_filters(app, browser):
     page.wait_for_selector("#filter-row:not([hidden])")
     page.fill("#filter", '{"category": {"in": ["cat", "dog"]}}')
     page.fill("#id-input", "some-id")
-    page.click("#id-form button")
-    wait_for(lambda: sent, 30, "the search request")
+    # a route handler runs when the test calls into Playwright: wait there, not in a sleep loop
+    with page.expect_request(lambda r: is_search(r.url)):
+        page.click("#id-form button")
+    page.wait_for_selector("#status:has-text('0 results')")
     assert sent == [{"id": "some-id", "k": 12, "filter": {"category": {"in": ["cat", "dog"]}}}]
     page.fill("#filter", "{not json")
     page.click("#id-form button")

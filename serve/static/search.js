@@ -166,11 +166,16 @@ function card(result, index) {
   score.append(el("span", "shard", `shard ${result.shard}`));
   info.append(score, el("div", "id", `id ${result.id}`));
   info.append(el("div", "uri", result.uri));
-  const extra = Object.keys(result).filter((key) => !CORE_FIELDS.has(key));
+  // the row's metadata columns (issue #13: a "metadata" object; nulls left out), then any other
+  // keys an answer carries
+  const nested = result.metadata && typeof result.metadata === "object" ? result.metadata : {};
+  const extra = Object.entries(nested).filter(([, value]) => value !== null);
+  for (const key of Object.keys(result)) {
+    if (!CORE_FIELDS.has(key) && key !== "metadata") extra.push([key, result[key]]);
+  }
   if (extra.length) {
     const meta = el("dl", "meta");
-    for (const key of extra) {
-      const value = result[key];
+    for (const [key, value] of extra) {
       meta.append(el("dt", "", key));
       meta.append(el("dd", "", typeof value === "object" ? JSON.stringify(value) : value));
     }
