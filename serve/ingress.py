@@ -38,7 +38,6 @@ from serve.api import (
     Limits,
     ParsedQuery,
     SearchResponse,
-    check_api_key,
     create_app,
     image_crop,
     parse_add,
@@ -48,6 +47,7 @@ from serve.api import (
 from serve.config import ServeConfig
 from serve.metrics import RequestMetrics, ingress_metrics
 from serve.scatter import call_with_deadline, gather_with_deadline
+from serve.security import authorize_write, is_keyed, limits_for, redact
 
 # Serve's ingress decorator pickles the FastAPI app (and through its routes these methods) when
 # the class is decorated: everything the routes use must already be defined above the class, and
@@ -56,8 +56,9 @@ api = create_app()
 api.add_middleware(RequestMetrics)  # counts, times and logs every request
 
 
-def _missing(missing: dict[int, str]) -> list[dict]:
-    return [{"shard": s, "reason": r} for s, r in sorted(missing.items())]
+def _missing(missing: dict[int, str], keyed: bool = True) -> list[dict]:
+    rows = [{"shard": s, "reason": r} for s, r in sorted(missing.items())]
+    return rows if keyed else redact(rows)
 
 
 def _json(body: dict, status: int) -> JSONResponse:
@@ -112,15 +113,8 @@ class Ingress:
             searchers = [h.options(_by_reference=False) for h in searchers]
         self.embedder = embedder
         self.searchers = searchers
-        self.limits = Limits(
-            default_k=config.default_k,
-            default_nprobe=config.default_nprobe,
-            default_candidates=config.default_candidates,
-            max_nprobe=config.max_nprobe,
-            max_candidates=config.max_candidates,
-            max_upload_bytes=config.max_upload_bytes,
-            max_pixels=config.max_pixels,
-        )
+        self.limits = limits_for(config, keyed=True)
+        self.anon_limits = limits_for(config, keyed=False)  # serve.security: lower caps
         self.shard_timeout_s = config.shard_deadline_ms / 1000
         self.embed_timeout_s = config.embed_deadline_ms / 1000
         self._image_size: int | None = None
@@ -130,8 +124,18 @@ class Ingress:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
+    def _caller(self, request: Request) -> Limits:
+        """Mark the request keyed or anonymous (error bodies read the mark); its limits."""
+        request.state.keyed = keyed = is_keyed(request.headers, self.config.api_key)
+        return self.limits if keyed else self.anon_limits
+
+    def _shown(self, request: Request, body: dict) -> dict:
+        """``body`` for this caller: server-side error text only with the key."""
+        return body if request.state.keyed else redact(body)
+
     @api.get("/readyz", summary="Every shard has a live index loaded and the embedder is up")
-    async def readyz(self):
+    async def readyz(self, request: Request):
+        self._caller(request)
         shards = await gather_with_deadline(
             {s: h.ready.remote for s, h in enumerate(self.searchers)}, self.shard_timeout_s
         )
@@ -148,10 +152,11 @@ class Ingress:
         body = {"ready": ready, "shards": rows, "embedder": embedder if ok_embed else None}
         if not ok_embed:
             body["embedder_error"] = embedder
-        return _json(body, 200 if ready else 503)
+        return _json(self._shown(request, body), 200 if ready else 503)
 
     @api.get("/stats", summary="Per shard: live version, row count, memory")
-    async def stats(self) -> dict:
+    async def stats(self, request: Request) -> dict:
+        self._caller(request)
         gathered = await gather_with_deadline(
             {s: h.stats.remote for s, h in enumerate(self.searchers)}, self.shard_timeout_s
         )
@@ -160,7 +165,7 @@ class Ingress:
             gathered.answers.get(s) or {"shard": s, "error": gathered.missing[s]}
             for s in range(self.num_shards)
         ]
-        return {
+        body = {
             "model": self.manifest.model_tag,
             "dim": self.dim,
             "metric": self.metric,
@@ -170,6 +175,7 @@ class Ingress:
             "shards": shards,
             "embedder": embedder if ok_embed else {"error": embedder},
         }
+        return self._shown(request, body)
 
     # ---- search -------------------------------------------------------------------------------
     @api.post(
@@ -189,8 +195,9 @@ class Ingress:
         id: str | None = None,
     ) -> dict:
         start = time.perf_counter()
-        query = await parse_search(request, self.limits, self.dim, self.metric == "ip")
-        vector = await self._query_vector(query)
+        limits = self._caller(request)
+        query = await parse_search(request, limits, self.dim, self.metric == "ip")
+        vector = await self._query_vector(query, limits)
         params = query.params
         gathered = await gather_with_deadline(
             {
@@ -229,7 +236,7 @@ class Ingress:
             "shards_answered": len(gathered.answers),
             "shards_total": self.num_shards,
             "partial": bool(gathered.missing),
-            "missing_shards": _missing(gathered.missing),
+            "missing_shards": _missing(gathered.missing, request.state.keyed),
         }
         # A Response is sent as is: FastAPI validates and re-encodes a returned dict against
         # response_model (which stays, for the OpenAPI schema), and that pass cost more than
@@ -237,10 +244,11 @@ class Ingress:
         return _search_json(body)
 
     # ---- writes -------------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
-        if not self.config.writes:
-            raise ApiError(403, "writes_disabled", "this app is read-only (writes: false)")
-        check_api_key(request, self.config.api_key)
+    def _authorize(self, request: Request) -> Limits:
+        """Refuse writes and admin calls this caller may not make (``serve.security``)."""
+        limits = self._caller(request)
+        authorize_write(request.headers, self.config)
+        return limits
 
     @api.post(
         "/images",
@@ -249,10 +257,10 @@ class Ingress:
         responses=WRITE_ERROR_RESPONSES,
     )
     async def add_image(self, request: Request) -> dict:
-        self._authorize(request)
-        add = await parse_add(request, self.limits, self.dim, self.metric == "ip")
+        limits = self._authorize(request)
+        add = await parse_add(request, limits, self.dim, self.metric == "ip")
         if add.kind == "image":
-            vector = await self._embed_image(add.image)
+            vector = await self._embed_image(add.image, limits)
             content = add.image
         else:
             vector = add.vector
@@ -346,7 +354,7 @@ class Ingress:
             raise ApiError(501, "rebuilds_disabled", "this app runs no Rebuilder")
         return await self.rebuilder.status.remote()
 
-    async def _embed_image(self, image: bytes) -> np.ndarray:
+    async def _embed_image(self, image: bytes, limits: Limits) -> np.ndarray:
         if self.embedder is None:
             raise ApiError(
                 501,
@@ -355,7 +363,7 @@ class Ingress:
                 "send a JSON vector",
             )
         image_size = await self._embedder_image_size()
-        crop = await asyncio.to_thread(image_crop, image, image_size, self.limits)
+        crop = await asyncio.to_thread(image_crop, image, image_size, limits)
         ok, vector = await call_with_deadline(
             self.embedder.embed.remote(crop), self.embed_timeout_s
         )
@@ -363,7 +371,7 @@ class Ingress:
             raise ApiError(503, "embedder_unavailable", f"the query embedder failed: {vector}")
         return vector
 
-    async def _query_vector(self, query: ParsedQuery) -> np.ndarray:
+    async def _query_vector(self, query: ParsedQuery, limits: Limits) -> np.ndarray:
         if query.kind == "vector":
             return query.vector
         if query.kind == "id":
@@ -386,7 +394,7 @@ class Ingress:
                 "send a JSON vector or id",
             )
         image_size = await self._embedder_image_size()
-        crop = await asyncio.to_thread(image_crop, query.image, image_size, self.limits)
+        crop = await asyncio.to_thread(image_crop, query.image, image_size, limits)
         ok, vector = await call_with_deadline(
             self.embedder.embed.remote(crop), self.embed_timeout_s
         )
