@@ -22,6 +22,7 @@ resources.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import signal
@@ -229,7 +230,10 @@ def serve_config(store: Path, port: int, api_key: str) -> dict:
     """``serve/serve_config.yaml`` with the cluster settings of docs/cluster.md: the embedder on
     a GPU, each shard replica ``num_cpus: 2`` and ``shard_host: 1``; the proxy on the head at
     127.0.0.1; fixed replica counts; rebuilds on request only (no background rebuild joins
-    the node-loss run)."""
+    the node-loss run); where the app has shard groups, one shard a group (a fake node has one
+    ``shard_host`` slot)."""
+    from serve.config import ServeConfig
+
     config = yaml.safe_load((ROOT / "serve" / "serve_config.yaml").read_text())
     config["proxy_location"] = "HeadOnly"
     config["http_options"] = {"host": "127.0.0.1", "port": port}
@@ -238,6 +242,8 @@ def serve_config(store: Path, port: int, api_key: str) -> dict:
     args["ingress"] = {"num_cpus": 0.25, "num_replicas": 1}
     args["embedder"] = {"num_cpus": 0.5, "num_gpus": 1, "num_replicas": 1}
     args["searcher"] = {"num_cpus": 2, "resources": {"shard_host": 1}, "num_replicas": 1}
+    if "shards_per_group" in {f.name for f in dataclasses.fields(ServeConfig)}:
+        args["shards_per_group"] = 1  # a replica per shard: one shard_host slot, one fake node
     return config
 
 
