@@ -34,6 +34,7 @@ status  error                      when
 404     not_found                  no such path (any unknown URL)
 405     method_not_allowed         a known path with another method (``GET /search``)
 401     unauthorized               a write/admin call without the API key (``api_key`` is set)
+403     writes_need_api_key        a write/admin call to an app with no key (``open_writes`` off)
 403     writes_disabled            a write/admin call to an app run with ``writes: false``
 400     missing_image              ``POST /images`` with neither ``file`` nor ``vector``
 422     invalid_metadata           ``metadata`` is not a JSON object (or over 64 KiB)
@@ -45,7 +46,9 @@ Writes (issue #5): ``POST /images`` takes a multipart ``file`` (or JSON ``vector
 external embeddings) with optional ``id`` (default: the content hash of the bytes), ``uri`` and
 ``metadata`` (a JSON object, stored as JSON text); ``DELETE /images/{id}`` deletes; both answer
 only after the row or tombstone is durable in the store. ``POST /admin/rebuild`` starts rebuilds.
-When the app has an ``api_key`` these need ``Authorization: Bearer <key>`` or ``X-API-Key``.
+These need ``Authorization: Bearer <key>`` or ``X-API-Key`` (``serve.security``: an app with no
+key refuses them unless ``open_writes: true``). Callers without the key get lower caps on
+``nprobe``, ``candidates`` and image pixels, and no server-side error text.
 
 Parameters ``k``, ``nprobe``, ``rerank``, ``candidates`` come from the query string; a JSON body
 or multipart form fields of the same names override them.
@@ -53,8 +56,8 @@ or multipart form fields of the same names override them.
 
 from __future__ import annotations
 
-import hmac
 import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +72,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedding import ImageError, decode_image, prepare
 from serve.config import MAX_K
+
+log = logging.getLogger("ray.serve")
 
 MAX_JSON_BYTES = 4 * 1024 * 1024  # a 4096-d vector as JSON text is ~100 KB
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and small form fields around the file
@@ -154,7 +159,7 @@ WRITE_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, text in (
         (400, "invalid_json, invalid_multipart, missing_image, ambiguous_query"),
         (401, "unauthorized: the app has an api_key and the request did not carry it"),
-        (403, "writes_disabled"),
+        (403, "writes_need_api_key (the app has no key and open_writes is off), writes_disabled"),
         (413, "too_large, decompression_bomb"),
         (415, "not_an_image, unsupported, unsupported_media_type"),
         (422, "bad vector, id, uri, metadata or parameter (see the reason code)"),
@@ -215,6 +220,11 @@ class Limits:
     max_candidates: int = 10000
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
+    hint: str = ""  # appended to a refusal by these caps (anonymous callers: the key lifts them)
+
+
+def _over(limits: Limits, text: str) -> str:
+    return f"{text} ({limits.hint})" if limits.hint else text
 
 
 def _int_param(name: str, value: Any) -> int | None:
@@ -253,14 +263,16 @@ def validate_params(raw: dict[str, Any], limits: Limits) -> SearchParams:
     nprobe = _int_param("nprobe", raw.get("nprobe"))
     if nprobe is not None and not 1 <= nprobe <= limits.max_nprobe:
         raise ApiError(
-            422, "nprobe_out_of_range", f"nprobe must be in 1..{limits.max_nprobe}, got {nprobe}"
+            422,
+            "nprobe_out_of_range",
+            _over(limits, f"nprobe must be in 1..{limits.max_nprobe}, got {nprobe}"),
         )
     candidates = _int_param("candidates", raw.get("candidates"))
     if candidates is not None and not 1 <= candidates <= limits.max_candidates:
         raise ApiError(
             422,
             "candidates_out_of_range",
-            f"candidates must be in 1..{limits.max_candidates}, got {candidates}",
+            _over(limits, f"candidates must be in 1..{limits.max_candidates}, got {candidates}"),
         )
     rerank = _bool_param("rerank", raw.get("rerank"))
     return SearchParams(
@@ -323,7 +335,8 @@ def image_crop(data: bytes, image_size: int, limits: Limits) -> np.ndarray:
         )
         return prepare(img, image_size, resize_size)
     except ImageError as e:
-        raise ApiError(IMAGE_ERROR_STATUS[e.reason], e.reason, e.detail) from None
+        detail = _over(limits, e.detail) if e.reason == "decompression_bomb" else e.detail
+        raise ApiError(IMAGE_ERROR_STATUS[e.reason], e.reason, detail) from None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -527,18 +540,22 @@ async def parse_add(request: Request, limits: Limits, dim: int, normalise: bool)
     return parsed
 
 
-def check_api_key(request: Request, api_key: str) -> None:
-    """Refuse (401) a write/admin request without the app's key; no key configured = open."""
-    if not api_key:
-        return
-    given = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        given = given or auth[7:].strip()
-    if not given or not hmac.compare_digest(given.encode(), api_key.encode()):
-        raise ApiError(
-            401, "unauthorized", "this endpoint needs Authorization: Bearer <key> or X-API-Key"
-        )
+def keyed(request: Request) -> bool:
+    """Whether the ingress marked this request as carrying the API key (``serve.security``)."""
+    return bool(getattr(request.state, "keyed", False))
+
+
+def _request_id(request: Request) -> str:
+    """The client's ``x-request-id``, else the one Serve gave the request (in its logs)."""
+    given = request.headers.get("x-request-id", "")
+    if given:
+        return given
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or ""
+    except Exception:  # outside a Serve replica
+        return ""
 
 
 # ---- the FastAPI app and its error handlers --------------------------------------------------
@@ -558,8 +575,11 @@ def create_app() -> FastAPI:
     )
 
     @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        from serve.security import public_error  # imports this module
+
+        body = exc.body() if keyed(request) else public_error(exc.body())
+        return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -580,9 +600,13 @@ def create_app() -> FastAPI:
         return JSONResponse({"error": "invalid_parameter", "detail": problems}, status_code=422)
 
     @app.exception_handler(Exception)
-    async def _internal(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(
-            {"error": "internal", "detail": f"{type(exc).__name__}: {exc}"}, status_code=500
-        )
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # the text of an unexpected exception (paths, hosts) is for the log and keyed callers
+        request_id = _request_id(request)
+        log.error("unhandled %s (request %s)", type(exc).__name__, request_id, exc_info=exc)
+        detail = f"{type(exc).__name__}: {exc}" if keyed(request) else "internal error"
+        if request_id and not keyed(request):
+            detail += f"; the server log has it under request id {request_id}"
+        return JSONResponse({"error": "internal", "detail": detail}, status_code=500)
 
     return app

@@ -8,13 +8,18 @@ deploy`` config, or ``serve run serve.app:app_builder key=value``) and from the 
 
 - ``VISUAL_SEARCH_STORE``: the store root URI (overrides nothing that was given explicitly).
 - ``VISUAL_SEARCH_SERVE_CONFIG``: a YAML file in this schema, read by ``serve run serve.app:app``.
-- ``VISUAL_SEARCH_API_KEY``: the key write and admin endpoints require (``api_key``), if set.
+- ``VISUAL_SEARCH_API_KEY``: the key write and admin endpoints require (``api_key``).
 - ``VISUAL_SEARCH_STORAGE_OPTIONS``: fsspec options of the store as JSON (``storage_options``
   wins), e.g. ``{"endpoint_url": "http://minio:9000"}``; fsspec's and the AWS SDK's own
   variables (``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL``, ``AWS_*`` keys) work too.
 
 Defaults suit a 2-core laptop: fractional CPUs so five-plus deployments schedule on two cores,
 one replica each, no GPU unless the cluster has one (``num_gpus: auto`` on the embedder).
+
+Defaults are safe for a port anyone can reach (``serve.security``): writes and ``/admin/*``
+need ``api_key``, and an app without a key refuses them unless ``open_writes: true`` says that
+anyone may write (the local demo on 127.0.0.1 does); callers without the key get the lower
+``anon_max_*`` caps and no server-side error text.
 """
 
 from __future__ import annotations
@@ -183,8 +188,16 @@ class ServeConfig:
     # never deletes a version a replica reported within lease_ttl_s
     lease_interval_s: float = 10.0
     lease_ttl_s: float = 60.0
-    api_key: str = ""  # "" = writes open; else Authorization: Bearer <key> or X-API-Key
-    writes: bool = True  # POST /images, DELETE /images/{id}, POST /admin/rebuild
+    # Authorization: Bearer <key> or X-API-Key. Writes (POST /images, DELETE /images/{id}) and
+    # /admin/* need it; with no key they are refused unless open_writes opens them to anyone
+    api_key: str = ""
+    open_writes: bool = False  # true: writes and /admin/* without a key (a loopback demo only)
+    writes: bool = True  # false: read-only app (403 writes_disabled, no Rebuilder)
+    # callers without the key (anonymous) get these lower caps (never above the max_* above);
+    # keyed callers get max_nprobe, max_candidates and max_pixels
+    anon_max_nprobe: int = 256
+    anon_max_candidates: int = 1000
+    anon_max_pixels: int = 16_000_000
     # background rebuilds (serve.rebuilder, pipelines.rebuild): a shard is rebuilt when its
     # delta (new rows + new tombstones) reaches rebuild_delta_rows or rebuild_delta_fraction of
     # its built rows (0 = that rule off), checked every rebuild_check_s (0 = on request only)
@@ -254,6 +267,9 @@ class ServeConfig:
             "max_candidates",
             "max_upload_bytes",
             "max_pixels",
+            "anon_max_nprobe",
+            "anon_max_candidates",
+            "anon_max_pixels",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -268,6 +284,11 @@ class ServeConfig:
         for name in ("shard_deadline_ms", "embed_deadline_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.open_writes and self.api_key:
+            raise ConfigError(
+                "open_writes: true opens writes to anyone, but an api_key is set too: "
+                "keep the key (writes need it) or drop it (writes open to all), not both"
+            )
         if self.handle_transport not in ("ray", "grpc"):
             raise ConfigError(
                 f"handle_transport must be 'ray' or 'grpc', got {self.handle_transport!r}"

@@ -40,7 +40,6 @@ from serve.api import (
     Limits,
     ParsedQuery,
     SearchResponse,
-    check_api_key,
     create_app,
     image_crop,
     parse_add,
@@ -51,6 +50,7 @@ from serve.config import ServeConfig
 from serve.metrics import RequestMetrics, ingress_metrics
 from serve.page import add_page_routes
 from serve.scatter import call_with_deadline, gather_with_deadline
+from serve.security import authorize_write, is_keyed, limits_for, redact
 from serve.thumbnails import RECORD_ERROR_RESPONSES, thumbnail_response
 
 # Serve's ingress decorator pickles the FastAPI app (and through its routes these methods) when
@@ -61,9 +61,10 @@ api.add_middleware(RequestMetrics)  # counts, times and logs every request
 add_page_routes(api)  # GET / (the search page) and its static files
 
 
-def _missing(missing: dict[int, str], groups: list[list[int]]) -> list[dict]:
-    """Per-shard entries for the groups that did not answer."""
-    return [{"shard": s, "reason": r} for g, r in sorted(missing.items()) for s in groups[g]]
+def _missing(missing: dict[int, str], groups: list[list[int]], keyed: bool = True) -> list[dict]:
+    """Per-shard entries for the groups that did not answer (reasons redacted when anonymous)."""
+    rows = [{"shard": s, "reason": r} for g, r in sorted(missing.items()) for s in groups[g]]
+    return rows if keyed else redact(rows)
 
 
 def _json(body: dict, status: int) -> JSONResponse:
@@ -126,15 +127,8 @@ class Ingress:
             searchers = [h.options(_by_reference=False) for h in searchers]
         self.embedder = embedder
         self.searchers = searchers
-        self.limits = Limits(
-            default_k=config.default_k,
-            default_nprobe=config.default_nprobe,
-            default_candidates=config.default_candidates,
-            max_nprobe=config.max_nprobe,
-            max_candidates=config.max_candidates,
-            max_upload_bytes=config.max_upload_bytes,
-            max_pixels=config.max_pixels,
-        )
+        self.limits = limits_for(config, keyed=True)
+        self.anon_limits = limits_for(config, keyed=False)  # serve.security: lower caps
         self.shard_timeout_s = config.shard_deadline_ms / 1000
         self.embed_timeout_s = config.embed_deadline_ms / 1000
         self._image_size: int | None = None
@@ -144,8 +138,18 @@ class Ingress:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
+    def _caller(self, request: Request) -> Limits:
+        """Mark the request keyed or anonymous (error bodies read the mark); its limits."""
+        request.state.keyed = keyed = is_keyed(request.headers, self.config.api_key)
+        return self.limits if keyed else self.anon_limits
+
+    def _shown(self, request: Request, body: dict) -> dict:
+        """``body`` for this caller: server-side error text only with the key."""
+        return body if request.state.keyed else redact(body)
+
     @api.get("/readyz", summary="Every shard has a live index loaded and the embedder is up")
-    async def readyz(self):
+    async def readyz(self, request: Request):
+        self._caller(request)
         rows = await self._per_shard("ready", {"loaded": False})
         ok_embed, embedder = await self._embedder_info()
         expected = {s: st.count for s, st in self.manifest.shards.items()}
@@ -156,13 +160,14 @@ class Ingress:
         body = {"ready": ready, "shards": rows, "embedder": embedder if ok_embed else None}
         if not ok_embed:
             body["embedder_error"] = embedder
-        return _json(body, 200 if ready else 503)
+        return _json(self._shown(request, body), 200 if ready else 503)
 
     @api.get("/stats", summary="Per shard: live version, row count, memory")
-    async def stats(self) -> dict:
+    async def stats(self, request: Request) -> dict:
+        self._caller(request)
         shards = await self._per_shard("stats", {})
         ok_embed, embedder = await self._embedder_info()
-        return {
+        body = {
             "model": self.manifest.model_tag,
             "dim": self.dim,
             "metric": self.metric,
@@ -173,6 +178,7 @@ class Ingress:
             "embedder": embedder if ok_embed else {"error": embedder},
             "groups": self.groups,
         }
+        return self._shown(request, body)
 
     async def _per_shard(self, method: str, absent: dict) -> list[dict]:
         """``method`` of every group (a list of per-shard rows each), as one row per shard;
@@ -206,8 +212,9 @@ class Ingress:
         id: str | None = None,
     ) -> dict:
         start = time.perf_counter()
-        query = await parse_search(request, self.limits, self.dim, self.metric == "ip")
-        vector = await self._query_vector(query)
+        limits = self._caller(request)
+        query = await parse_search(request, limits, self.dim, self.metric == "ip")
+        vector = await self._query_vector(query, limits)
         params = query.params
         gathered = await gather_with_deadline(
             {
@@ -220,7 +227,7 @@ class Ingress:
             },
             self.shard_timeout_s,
         )
-        missing = _missing(gathered.missing, self.groups)
+        missing = _missing(gathered.missing, self.groups, request.state.keyed)
         if not gathered.answers:
             raise ApiError(
                 503,
@@ -295,10 +302,11 @@ class Ingress:
         """The handle of the group that serves ``shard``."""
         return self.searchers[self.group_of[shard]]
 
-    def _authorize(self, request: Request) -> None:
-        if not self.config.writes:
-            raise ApiError(403, "writes_disabled", "this app is read-only (writes: false)")
-        check_api_key(request, self.config.api_key)
+    def _authorize(self, request: Request) -> Limits:
+        """Refuse writes and admin calls this caller may not make (``serve.security``)."""
+        limits = self._caller(request)
+        authorize_write(request.headers, self.config)
+        return limits
 
     @api.post(
         "/images",
@@ -307,10 +315,10 @@ class Ingress:
         responses=WRITE_ERROR_RESPONSES,
     )
     async def add_image(self, request: Request) -> dict:
-        self._authorize(request)
-        add = await parse_add(request, self.limits, self.dim, self.metric == "ip")
+        limits = self._authorize(request)
+        add = await parse_add(request, limits, self.dim, self.metric == "ip")
         if add.kind == "image":
-            vector = await self._embed_image(add.image)
+            vector = await self._embed_image(add.image, limits)
             content = add.image
         else:
             vector = add.vector
@@ -406,7 +414,7 @@ class Ingress:
             raise ApiError(501, "rebuilds_disabled", "this app runs no Rebuilder")
         return await self.rebuilder.status.remote()
 
-    async def _embed_image(self, image: bytes) -> np.ndarray:
+    async def _embed_image(self, image: bytes, limits: Limits) -> np.ndarray:
         if self.embedder is None:
             raise ApiError(
                 501,
@@ -415,7 +423,7 @@ class Ingress:
                 "send a JSON vector",
             )
         image_size = await self._embedder_image_size()
-        crop = await asyncio.to_thread(image_crop, image, image_size, self.limits)
+        crop = await asyncio.to_thread(image_crop, image, image_size, limits)
         ok, vector = await call_with_deadline(
             self.embedder.embed.remote(crop), self.embed_timeout_s
         )
@@ -423,7 +431,7 @@ class Ingress:
             raise ApiError(503, "embedder_unavailable", f"the query embedder failed: {vector}")
         return vector
 
-    async def _query_vector(self, query: ParsedQuery) -> np.ndarray:
+    async def _query_vector(self, query: ParsedQuery, limits: Limits) -> np.ndarray:
         if query.kind == "vector":
             return query.vector
         if query.kind == "id":
@@ -447,7 +455,7 @@ class Ingress:
                 "send a JSON vector or id",
             )
         image_size = await self._embedder_image_size()
-        crop = await asyncio.to_thread(image_crop, query.image, image_size, self.limits)
+        crop = await asyncio.to_thread(image_crop, query.image, image_size, limits)
         ok, vector = await call_with_deadline(
             self.embedder.embed.remote(crop), self.embed_timeout_s
         )
