@@ -485,6 +485,7 @@ def measure_milvus(args, queries, truth, ids) -> dict:
         )["milvus_lite"]["by_index"]
         for itype, grid in MILVUS_GRIDS.items():
             knob = next(iter(grid))
+            server.client.load_collection(built[itype]["collection"])  # a restarted server
             search = milvus_searcher(server.client, built[itype]["collection"], knob, ids)
             points = sweep(f"milvus_{itype}", search, grid, queries, truth, ids, args)
             chosen = operating_point(points, args.target_recall)
