@@ -26,7 +26,7 @@ from serve.config import ConfigError, ServeConfig
 from serve.embedder import ModelMismatch, QueryEmbedder, check_model
 from serve.ingress import Ingress
 from serve.rebuilder import Rebuilder
-from serve.searcher import ShardSearcher
+from serve.searcher import ShardSearcher, searcher_args
 
 
 def load_store_manifest(config: ServeConfig) -> Manifest:
@@ -104,19 +104,9 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
             name=f"ShardSearcher{g}",
             **config.searcher.deployment_options(gpus, slots=len(shards)),
             **logging,
-        ).bind(
-            config.store,
-            shards,
-            config.reload_interval_s,
-            config.search_threads,
-            config.delta_poll_s,
-            config.storage_options,
-            config.lease_interval_s,
-            config.search_batch_wait_ms / 1000,
-            config.search_max_batch,
-            config.search_parallel_shards,
-        )
+        ).bind(*searcher_args(config, shards))
         for g, shards in enumerate(groups)
+        if not config.colocate_shards  # else the ingress searches them itself (LocalGroup)
     ]
     # one replica decides rebuilds (serve.rebuilder); none for a read-only app
     rebuilder = Rebuilder.options(**logging).bind(config) if config.writes else None

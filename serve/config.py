@@ -166,6 +166,9 @@ class ServeConfig:
     # group per query; None = every shard in one group (one box); 1 = a deployment per shard.
     # On a cluster, one memory node's shard_host slots (the group asks for that many slots).
     shards_per_group: int | None = None
+    # search the shard groups inside the ingress replica (no actor hop per query): the lowest
+    # latency on one box with one ingress replica; every ingress replica holds the shards then
+    colocate_shards: bool = False
     search_parallel_shards: int = 2  # shards of a group searched at once (threads)
     # queries reaching a group replica within this window are searched as one FAISS batch
     search_batch_wait_ms: float = 1.0

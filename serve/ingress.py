@@ -50,6 +50,7 @@ from serve.config import ServeConfig
 from serve.metrics import RequestMetrics, ingress_metrics
 from serve.page import add_page_routes
 from serve.scatter import call_with_deadline, gather_with_deadline
+from serve.searcher import LocalGroup
 from serve.security import authorize_write, is_keyed, limits_for, redact
 from serve.thumbnails import RECORD_ERROR_RESPONSES, thumbnail_response
 
@@ -110,6 +111,10 @@ class Ingress:
         if manifest is None:
             raise RuntimeError(f"store {config.store} has no manifest")
         groups = groups or [[s] for s in range(manifest.num_shards)]
+        if config.colocate_shards:  # the groups live in this replica: no actor hop per query
+            searchers = [LocalGroup(config, shards) for shards in groups]
+        elif config.handle_transport == "grpc":
+            searchers = [h.options(_by_reference=False) for h in searchers]
         if len(searchers) != len(groups) or sorted(sum(groups, [])) != list(
             range(manifest.num_shards)
         ):
@@ -122,9 +127,8 @@ class Ingress:
         self.dim = manifest.dim
         self.metric = manifest.metric
         self.num_shards = manifest.num_shards
-        if config.handle_transport == "grpc":
-            embedder = embedder.options(_by_reference=False) if embedder is not None else None
-            searchers = [h.options(_by_reference=False) for h in searchers]
+        if config.handle_transport == "grpc" and embedder is not None:
+            embedder = embedder.options(_by_reference=False)
         self.embedder = embedder
         self.searchers = searchers
         self.limits = limits_for(config, keyed=True)
