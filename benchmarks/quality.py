@@ -214,7 +214,7 @@ def sweep_expand(train, test, train_labels, test_labels, relevant) -> list[dict]
     rows = []
     first = exact_hits(test, train, [str(i) for i in range(len(train))], 20)
     for m in (1, 2, 3, 5, 10):
-        for alpha in (0.0, 1.0, 3.0, 5.0):
+        for alpha in (0.0, 1.0, 3.0, 5.0, 8.0):
             expanded = np.stack(
                 [
                     expanded_query(
@@ -259,13 +259,44 @@ def sweep_shaping(train, test, train_labels, test_labels, relevant, demo) -> dic
         }
 
     out = {"plain": measure(ShapeOptions()), "diversify": [], "dedup": []}
-    for lam in (0.9, 0.8, 0.7, 0.6, 0.5, 0.3):
+    for lam in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3):
         out["diversify"].append({"lambda": lam, **measure(ShapeOptions(diversify=lam))})
         print(f"diversify {lam}: {out['diversify'][-1]}")
-    for threshold in (0.95, 0.9, 0.85, 0.8, 0.75, 0.7):
+    for threshold in (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6):
         out["dedup"].append({"threshold": threshold, **measure(ShapeOptions(dedup=threshold))})
         print(f"dedup {threshold}: {out['dedup'][-1]}")
     return out
+
+
+P10_LOSS_DEDUP = 0.01  # choose_defaults: Caltech P@10 a dedup threshold may cost at most
+P10_LOSS_DIVERSIFY = 0.02  # ... and an MMR lambda
+
+
+def choose_defaults(expand: list[dict], shaping: dict) -> dict:
+    """The written rules behind ``index/shaping.py``'s defaults, applied to the sweeps:
+
+    - expansion: the (m, alpha) with the best Caltech mAP@100 (ties: smaller m, then alpha);
+    - dedup: among thresholds costing at most ``P10_LOSS_DEDUP`` Caltech P@10 (a catalogue of
+      distinct photos must not lose its relevant neighbours to the collapse), the one giving the
+      demo set the most distinct source photos in the top-10 (ties: the higher threshold);
+    - diversify: the same with ``P10_LOSS_DIVERSIFY``, over MMR's lambda (ties: the higher).
+    """
+    best_expand = max(expand, key=lambda r: (r["map_at_100"], -r["m"], -r["alpha"]))
+    plain = shaping["plain"]["precision_at_10"]
+
+    def pick(rows: list[dict], key: str, loss: float) -> dict:
+        ok = [r for r in rows if r["precision_at_10"] >= plain - loss] or rows[:1]
+        return max(ok, key=lambda r: (r["demo_distinct_sources_at_10"], r[key]))
+
+    dedup = pick(shaping["dedup"], "threshold", P10_LOSS_DEDUP)
+    diversify = pick(shaping["diversify"], "lambda", P10_LOSS_DIVERSIFY)
+    return {
+        "expand_m": best_expand["m"],
+        "expand_alpha": best_expand["alpha"],
+        "dedup_threshold": dedup["threshold"],
+        "diversify_lambda": diversify["lambda"],
+        "rules": choose_defaults.__doc__.split("\n\n", 1)[1].strip(),
+    }
 
 
 # ---- 3 and 4. over HTTP ------------------------------------------------------------------------
@@ -328,23 +359,30 @@ def http_pass(base: str, bodies: list[dict], params: dict, concurrency: int) -> 
     }
 
 
-CALTECH_PASSES = {  # name -> POST /search parameters (k=100)
-    "plain": {},
-    "expanded": {"expand": "true"},
-    "diversified": {"diversify": "true"},
-    "deduplicated": {"dedup": "true"},
-    "expanded_deduplicated": {"expand": "true", "dedup": "true"},
-}
-DEMO_PASSES = {
-    "plain": {},
-    "deduplicated": {"dedup": "true"},
-    "diversified": {"diversify": "true"},
-    "exclude_self": {"exclude_self": "true"},
-    "exclude_self_deduplicated": {"exclude_self": "true", "dedup": "true"},
-}
+def passes(d: dict) -> tuple[dict, dict]:
+    """POST /search parameters of each HTTP pass, with the defaults the rules chose (sent
+    explicitly, so the figures are those of the chosen values whatever the app's constants)."""
+    expand = {"expand": "true", "expand_m": d["expand_m"], "expand_alpha": d["expand_alpha"]}
+    dedup = {"dedup": d["dedup_threshold"]}
+    diversify = {"diversify": d["diversify_lambda"]}
+    caltech = {
+        "plain": {},
+        "expanded": expand,
+        "diversified": diversify,
+        "deduplicated": dedup,
+        "expanded_deduplicated": {**expand, **dedup},
+    }
+    demo = {
+        "plain": {},
+        "deduplicated": dedup,
+        "diversified": diversify,
+        "exclude_self": {"exclude_self": "true"},
+        "exclude_self_deduplicated": {"exclude_self": "true", **dedup},
+    }
+    return caltech, demo
 
 
-def caltech_http(args, store_uri, test_vectors, test_labels, relevant, model) -> dict:
+def caltech_http(args, store_uri, test_vectors, test_labels, relevant, model, plan) -> dict:
     port = free_port()
     from ray import serve
 
@@ -353,7 +391,7 @@ def caltech_http(args, store_uri, test_vectors, test_labels, relevant, model) ->
     bodies = [{"vector": v.tolist()} for v in test_vectors]
     out = {}
     try:
-        for name, params in CALTECH_PASSES.items():
+        for name, params in plan.items():
             answers, timing = http_pass(base, bodies, {"k": DEPTH, **params}, args.concurrency)
             labels = [[class_of(r["uri"]) for r in a] for a in answers]
             out[name] = {**scores_of(labels, test_labels, relevant), **timing, "params": params}
@@ -389,7 +427,7 @@ def demo_set(args, model: tuple[str, str]) -> dict:
     }
 
 
-def demo_http(args, demo: dict, model: tuple[str, str]) -> dict:
+def demo_http(args, demo: dict, model: tuple[str, str], plan: dict) -> dict:
     from index.rebuild import rebuild_shard
     from tests.helpers import write_store
 
@@ -417,7 +455,7 @@ def demo_http(args, demo: dict, model: tuple[str, str]) -> dict:
     try:
         for kind, (bodies, labels) in kinds.items():
             out[kind] = {}
-            for name, params in DEMO_PASSES.items():
+            for name, params in plan.items():
                 answers, _ = http_pass(base, bodies, {"k": K, **params}, args.concurrency)
                 groups = [[label[r["id"]] for r in a] for a in answers]
                 out[kind][name] = {
@@ -478,22 +516,24 @@ def plot(result: dict, path: Path) -> None:
     b.bar(x - 0.2, [http[n]["precision_at_10"] for n in names], 0.4, label="P@10")
     b.bar(x + 0.2, [http[n]["map_at_100"] for n in names], 0.4, label="mAP@100")
     b.set_xticks(x, [n.replace("_", "\n") for n in names], fontsize=7)
-    b.set_ylim(0.5, 1.0)
+    b.set_ylim(0, 1.0)
     b.legend(fontsize=8)
     b.set_title(f"Caltech-101 over HTTP, {result['queries']} queries, k=100", fontsize=9)
     demo = result["demo_http"]
     kinds = list(demo)
-    passes = list(DEMO_PASSES)
+    demo_passes = list(demo[kinds[0]])
     width = 0.8 / len(kinds)
     for i, kind in enumerate(kinds):
         c.bar(
-            np.arange(len(passes)) + i * width,
-            [demo[kind][p]["distinct_sources_at_10"] for p in passes],
+            np.arange(len(demo_passes)) + i * width,
+            [demo[kind][p]["distinct_sources_at_10"] for p in demo_passes],
             width,
             label=kind.replace("_", " "),
         )
     c.set_xticks(
-        np.arange(len(passes)) + width / 2, [p.replace("_", "\n") for p in passes], fontsize=7
+        np.arange(len(demo_passes)) + width / 2,
+        [p.replace("_", "\n") for p in demo_passes],
+        fontsize=7,
     )
     c.set_ylabel("distinct source photos in the top-10")
     c.set_title("demo set (several edits of each photo)", fontsize=9)
@@ -544,6 +584,8 @@ def main(argv=None) -> int:
     shaping_sweep = sweep_shaping(
         chosen["train"], chosen["test"], train_labels, test_labels, relevant, demo
     )
+    measured = choose_defaults(expand_sweep, shaping_sweep)
+    print(f"defaults by the rules: {measured}")
 
     # 3. and 4. over HTTP: the real job, indexes and app
     import ray
@@ -551,8 +593,11 @@ def main(argv=None) -> int:
     init_local_ray(args.workdir / "ray", num_cpus=4)
     try:
         catalogue = build_catalogue(_CatalogueArgs(args, default), train)
-        http = caltech_http(args, catalogue["store"], chosen["test"], test_labels, relevant, model)
-        demo_result = demo_http(args, demo, model)
+        caltech_plan, demo_plan = passes(measured)
+        http = caltech_http(
+            args, catalogue["store"], chosen["test"], test_labels, relevant, model, caltech_plan
+        )
+        demo_result = demo_http(args, demo, model, demo_plan)
     finally:
         ray.shutdown()
 
@@ -566,12 +611,13 @@ def main(argv=None) -> int:
         "backbones": table,
         "caltech_http": http,
         "demo_http": demo_result,
-        "defaults": {
+        "defaults_served": {  # index/shaping.py's constants during the HTTP passes
             "expand_m": EXPAND_M,
             "expand_alpha": EXPAND_ALPHA,
             "diversify_lambda": DIVERSIFY_LAMBDA,
             "dedup_threshold": DEDUP_THRESHOLD,
         },
+        "defaults_by_rule": measured,
         "sweep_expand": expand_sweep,
         "sweep_shaping": shaping_sweep,
         "queries": len(test),
