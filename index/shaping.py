@@ -16,7 +16,8 @@ the same arithmetic:
   ``lam * relevance - (1 - lam) * max similarity to those already picked``; ``lam = 1`` is the
   plain ranking.
 - ``drop_self``: the query itself is not an answer: an id query drops that id; an image or vector
-  query drops hits whose vector is the query's (score >= ``SELF_SCORE``, float16 rounding aside).
+  query drops hits whose vector is the query's (score >= ``SELF_SCORE``, float16 rounding aside,
+  in the first search: ``self_ids_of``).
 - ``at_least``: hits whose score passes ``min_score``.
 
 ``shape`` applies them in that documented order: min_score, exclude_self, dedup, diversify, top
@@ -28,6 +29,7 @@ distances for ``"l2"`` (lower is better); every threshold follows the metric's d
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -153,14 +155,20 @@ def at_least(hits: list[Hit], min_score: float, metric: str) -> list[Hit]:
     return [h for h in hits if _better_or_equal(h.score, min_score, metric)]
 
 
-def drop_self(hits: list[Hit], metric: str, self_id: str | None = None) -> list[Hit]:
-    """Without the query itself: the row ``self_id`` (an id query), or, for image and vector
-    queries (``self_id`` None), any hit whose score says it *is* the query's vector."""
+def self_ids_of(hits: list[Hit], metric: str) -> set[str]:
+    """Ids of hits whose score says they *are* the query's vector (an image or vector query of a
+    catalogue picture): ``SELF_SCORE`` for ``ip``, ``SELF_DISTANCE`` for ``l2``. Taken from the
+    first search, before any expansion moves the query away from its own vector."""
     _check_metric(metric)
-    if self_id is not None:
-        return [h for h in hits if h.id != self_id]
     same = SELF_SCORE if metric == "ip" else SELF_DISTANCE
-    return [h for h in hits if not _better_or_equal(h.score, same, metric)]
+    return {h.id for h in hits if _better_or_equal(h.score, same, metric)}
+
+
+def drop_self(hits: list[Hit], metric: str, self_ids: Collection[str] | None = None) -> list[Hit]:
+    """Without the query itself: the ids in ``self_ids`` (an id query's own id, or
+    ``self_ids_of`` the first search), else the hits whose score says they are the query."""
+    ids = self_ids_of(hits, metric) if self_ids is None else set(self_ids)
+    return [h for h in hits if h.id not in ids]
 
 
 def collapse(
@@ -224,7 +232,7 @@ def shape(
     metric: str = "ip",
     *,
     vectors: dict[str, np.ndarray] | None = None,
-    self_id: str | None = None,
+    self_ids: Collection[str] | None = None,
 ) -> list[Shaped]:
     """``hits`` (merged, best first) shaped by ``options`` into at most ``k`` answers.
 
@@ -236,7 +244,7 @@ def shape(
     if options.min_score is not None:
         hits = at_least(hits, options.min_score, metric)
     if options.exclude_self:
-        hits = drop_self(hits, metric, self_id)
+        hits = drop_self(hits, metric, self_ids)
     if not options.needs_vectors:
         return [Shaped(h) for h in hits[:k]]
     vectors = vectors or {}

@@ -33,7 +33,7 @@ from index.delta import write_rows, write_tombstones
 from index.hits import Hit
 from index.manifest import load_manifest
 from index.merge import merge_topk
-from index.shaping import expanded_query
+from index.shaping import expanded_query, self_ids_of
 from index.shaping import shape as shape_hits
 from index.sharding import content_id, shard_of, uri_id
 from serve.api import (
@@ -231,7 +231,8 @@ class Ingress:
         self._canary_sample(vector, params.k, merged, missing)
         shaped = None
         if shape.active:
-            merged, shaped = await self._shape(query, vector, merged, fetch, params)
+            merged, shaped, again = await self._shape(query, vector, merged, fetch, params)
+            missing += [m for m in again if m not in missing]  # the expanded query's scatter
         ingress_metrics().observe_answer({m["shard"]: m["reason"] for m in missing})
         results = [
             {"id": h.id, "uri": h.uri, "score": float(h.score), "shard": h.shard}
@@ -292,8 +293,13 @@ class Ingress:
     # ---- answer shaping and the recall canary (issue #17) --------------------------------------
     async def _shape(self, query: ParsedQuery, vector, hits: list[Hit], fetch: int, params):
         """Query expansion (a second scatter with the expanded query), then ``index.shaping``.
-        Returns the shaped hits and their ``Shaped`` records (for ``collapsed``)."""
+        Returns the shaped hits, their ``Shaped`` records (for ``collapsed``) and the shards the
+        second scatter missed."""
         shape = params.shape
+        missing: list[dict] = []
+        self_ids = None
+        if shape.exclude_self:  # before expansion moves the query off its own vector
+            self_ids = {query.row_id} if query.kind == "id" else self_ids_of(hits, self.metric)
         if shape.expand and hits:
             top = hits[: shape.expand_m]
             found = await self._vectors_of(top)
@@ -306,12 +312,10 @@ class Ingress:
                     shape.expand_alpha,
                     self.metric,
                 )
-                hits, _ = await self._gather_hits(expanded, fetch, params)
-                vector = expanded
+                hits, missing = await self._gather_hits(expanded, fetch, params)
         vectors = await self._vectors_of(hits) if shape.needs_vectors else None
-        self_id = query.row_id if query.kind == "id" else None
-        shaped = shape_hits(hits, params.k, shape, self.metric, vectors=vectors, self_id=self_id)
-        return [item.hit for item in shaped], shaped
+        shaped = shape_hits(hits, params.k, shape, self.metric, vectors=vectors, self_ids=self_ids)
+        return [item.hit for item in shaped], shaped, missing
 
     async def _vectors_of(self, hits: list[Hit]) -> dict[str, np.ndarray]:
         """id -> vector of ``hits``, one call per group holding any (rows gone are left out)."""

@@ -93,9 +93,9 @@ def test_exclude_self_min_score_and_their_order():
         Hit("y", "", 0.7, 1),
         Hit("z", "", 0.2, 1),
     ]
-    assert [h.id for h in drop_self(hits, "ip", "me")] == ["x", "y", "z"]
+    assert [h.id for h in drop_self(hits, "ip", {"me"})] == ["x", "y", "z"]
     assert [h.id for h in drop_self(hits, "ip")] == ["y", "z"]  # identical vectors too
-    out = shape(hits, 2, ShapeOptions(exclude_self=True, min_score=0.5), self_id="me")
+    out = shape(hits, 2, ShapeOptions(exclude_self=True, min_score=0.5), self_ids={"me"})
     assert [s.hit.id for s in out] == ["x", "y"]
     l2 = [Hit("same", "", 0.0, 0), Hit("near", "", 0.4, 0), Hit("far", "", 3.0, 0)]
     assert [s.hit.id for s in shape(l2, 5, ShapeOptions(min_score=1.0), "l2")] == ["same", "near"]

@@ -106,6 +106,8 @@ def test_exclude_self_min_score_and_diversify(app):
         vector = app.extra["vectors"][me].tolist()
         out = ids_of(search(client, {"vector": vector}, k=5, exclude_self=True))
         assert me not in out and out[0].startswith(f"copy-{row}-")
+        expanded = ids_of(search(client, {"vector": vector}, k=5, exclude_self=True, expand=True))
+        assert me not in expanded  # "self" is judged on the query, before expansion moves it
         scores = [r["score"] for r in search(client, {"id": me}, k=50)["results"]]
         floor = scores[20]
         kept = search(client, {"id": me}, k=50, min_score=floor)["results"]
@@ -172,6 +174,7 @@ def test_canary_gauge_drops_when_the_index_is_made_worse_and_recovers(app, ray_l
     worse, gauge = phase(WINDOW, nprobe=1, rerank="false")
     assert gauge == worse and worse < healthy - 0.2
     recovered, gauge = phase(2 * WINDOW)
+    print(f"canary recall@10: healthy {healthy}, made worse {worse}, restored {recovered}")
     assert gauge == recovered >= 0.95
     with app.client() as client:
         canary = client.get("/stats").json()["canary"]
