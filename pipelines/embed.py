@@ -245,7 +245,7 @@ def hash_inputs(ray, store: Store, config: EmbedJobConfig, spill: ShardSpill, bl
 
 def plan_job(ray_factory, store: Store, config: EmbedJobConfig, num_shards: int, summary):
     """Stream the inputs into a per-shard spill and stage what still needs embedding."""
-    block_rows = config.read_batch or config.batch_size or cfg.CPU_BATCH_SIZE
+    block_rows = config.read_batch or max(cfg.READ_ROWS, config.batch_size or 0)
     counts = PlanCounts()
     spill = ShardSpill(num_shards)
     try:
