@@ -33,7 +33,7 @@ from index.delta import write_rows, write_tombstones
 from index.hits import Hit
 from index.manifest import load_manifest
 from index.merge import merge_topk
-from index.shaping import expanded_query, self_ids_of
+from index.shaping import POOL_FACTOR, expanded_query, self_ids_of
 from index.shaping import shape as shape_hits
 from index.sharding import content_id, shard_of, uri_id
 from serve.api import (
@@ -293,8 +293,9 @@ class Ingress:
     # ---- answer shaping and the recall canary (issue #17) --------------------------------------
     async def _shape(self, query: ParsedQuery, vector, hits: list[Hit], fetch: int, params):
         """Query expansion (a second scatter with the expanded query), then ``index.shaping``.
-        Returns the shaped hits, their ``Shaped`` records (for ``collapsed``) and the shards the
-        second scatter missed."""
+        When dedup collapses the pool into fewer than ``k`` groups, the pool grows (x4, up to
+        ``MAX_K``) and is shaped again. Returns the shaped hits, their ``Shaped`` records (for
+        ``collapsed``) and the shards the extra scatters missed."""
         shape = params.shape
         missing: list[dict] = []
         self_ids = None
@@ -313,8 +314,22 @@ class Ingress:
                     self.metric,
                 )
                 hits, missing = await self._gather_hits(expanded, fetch, params)
-        vectors = await self._vectors_of(hits) if shape.needs_vectors else None
-        shaped = shape_hits(hits, params.k, shape, self.metric, vectors=vectors, self_ids=self_ids)
+                vector = expanded
+        known: dict[str, np.ndarray] = {}
+        while True:
+            if shape.needs_vectors:
+                known |= await self._vectors_of([h for h in hits if h.id not in known])
+            shaped = shape_hits(
+                hits, params.k, shape, self.metric, vectors=known, self_ids=self_ids
+            )
+            if shape.dedup is None or len(shaped) >= params.k or len(hits) < fetch:
+                break
+            if fetch >= MAX_K:
+                break  # as many as the contract allows: fewer than k groups exist in reach
+            # the pool collapsed below k near-duplicate groups: search again with a larger one
+            fetch = min(MAX_K, fetch * POOL_FACTOR)
+            hits, more = await self._gather_hits(vector, fetch, params)
+            missing += [m for m in more if m not in missing]
         return [item.hit for item in shaped], shaped, missing
 
     async def _vectors_of(self, hits: list[Hit]) -> dict[str, np.ndarray]:
