@@ -16,7 +16,7 @@ Four parts, one JSON (``results/quality.json``) and one PNG:
 3. **Caltech-101 over HTTP**: the train photos embedded by the real Ray Data job into a 4-shard
    store with IVF+PQ indexes, served by the real app; every test photo's vector is sent to
    ``POST /search`` (k=100) with each option off and on; precision@10 and mAP@100.
-4. **The demo set** (scikit-image photos and 9 edits of each, ``pipelines/demo_images``): a small
+4. **The demo set** (scikit-image photos, each with 8 edits, ``pipelines/demo_images``): a small
    store served by the app; the held-out query edits and every catalogue image (id queries)
    are searched plain and with dedup / diversify / exclude_self; distinct source photos in the
    top-10 and precision@10.
