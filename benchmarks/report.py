@@ -329,7 +329,7 @@ def section_quality() -> str:
         f"({q['default_backbone_rule']}).\n\n{backbones}\n\n"
         f"Caltech-101 over HTTP, {q['shards']} shards, k=100, options at the defaults the "
         f"sweeps chose:\n\n{http}\n\n"
-        f"The demo set ({q['demo_catalogue']} images: scikit-image photos, each with 8 edits of it; "
+        f"The demo set ({q['demo_catalogue']} images: scikit-image photos, each with 8 edits; "
         f"{q['demo_queries']} held-out edits and every catalogue image as an id query), k=10:"
         f"\n\n{demo}\n\n![answer quality](results/quality.png)\n"
     )
