@@ -28,6 +28,10 @@ status  error                      when
 422     nprobe_out_of_range        ``nprobe`` is not in 1..max_nprobe
 422     candidates_out_of_range    ``candidates`` is not in 1..max_candidates
 422     invalid_parameter          a parameter of the wrong type (``k=abc``, ``rerank=maybe``)
+422     expand_m_out_of_range      ``expand_m`` is not in 1..100
+422     expand_alpha_out_of_range  ``expand_alpha`` is not in 0..10
+422     diversify_out_of_range     ``diversify`` (MMR lambda) is not in 0..1
+422     dedup_out_of_range         ``dedup`` (near-duplicate threshold) is not a number > 0
 503     embedder_unavailable       the query embedder did not answer in time
 503     shard_unavailable          the shard owning ``id`` did not answer in time
 503     no_shard_answered          no shard answered in time (some did: 200, ``partial: true``)
@@ -51,7 +55,11 @@ key refuses them unless ``open_writes: true``). Callers without the key get lowe
 ``nprobe``, ``candidates`` and image pixels, and no server-side error text.
 
 Parameters ``k``, ``nprobe``, ``rerank``, ``candidates`` come from the query string; a JSON body
-or multipart form fields of the same names override them.
+or multipart form fields of the same names override them. So do the answer-shaping options
+(``index.shaping``, all off by default): ``expand`` (true: average query expansion with the top
+``expand_m`` results weighted by ``score ** expand_alpha``), ``diversify`` (MMR; true or a
+lambda in 0..1), ``dedup`` (collapse near-duplicates; true or a similarity threshold; each kept
+result gets ``collapsed``, the ids it stands for), ``exclude_self`` and ``min_score``.
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -71,6 +79,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedding import ImageError, decode_image, prepare
+from index import shaping
+from index.shaping import ShapeOptions
 from serve.config import MAX_K
 
 log = logging.getLogger("ray.serve")
@@ -109,6 +119,9 @@ class Result(BaseModel):
     uri: str = Field(description="where the catalogue image came from")
     score: float = Field(description="inner product (cosine; higher is closer) or squared L2")
     shard: int
+    collapsed: list[str] | None = Field(
+        None, description="with dedup: ids of the near-duplicates this result stands for"
+    )
 
 
 class MissingShard(BaseModel):
@@ -139,6 +152,29 @@ class SearchBody(BaseModel):
     nprobe: int | None = Field(None, description="IVF lists probed per shard (index default)")
     rerank: bool | None = Field(None, description="exact rerank of candidates (default true)")
     candidates: int | None = Field(None, description="per-shard candidates before rerank")
+    expand: bool | None = Field(
+        None, description="average query expansion: search again with the query + top results"
+    )
+    expand_m: int | None = Field(
+        None, description=f"results averaged into the query (default {shaping.EXPAND_M})"
+    )
+    expand_alpha: float | None = Field(
+        None, description=f"weight score**alpha per result (default {shaping.EXPAND_ALPHA:g})"
+    )
+    diversify: bool | float | None = Field(
+        None,
+        description="MMR diversification: true, or lambda in 0..1 "
+        f"(1 = plain ranking; true = {shaping.DIVERSIFY_LAMBDA:g})",
+    )
+    dedup: bool | float | None = Field(
+        None,
+        description="collapse near-duplicates: true, or a similarity threshold "
+        f"(true = {shaping.DEDUP_THRESHOLD:g})",
+    )
+    exclude_self: bool | None = Field(
+        None, description="leave the query itself out (id queries; identical catalogue images)"
+    )
+    min_score: float | None = Field(None, description="leave out results scoring worse than this")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -184,6 +220,13 @@ SEARCH_OPENAPI_EXTRA = {
                         "nprobe": {"type": "integer", "minimum": 1},
                         "rerank": {"type": "boolean"},
                         "candidates": {"type": "integer", "minimum": 1},
+                        "expand": {"type": "boolean"},
+                        "expand_m": {"type": "integer", "minimum": 1},
+                        "expand_alpha": {"type": "number", "minimum": 0},
+                        "diversify": {"type": ["boolean", "number"]},
+                        "dedup": {"type": ["boolean", "number"]},
+                        "exclude_self": {"type": "boolean"},
+                        "min_score": {"type": "number"},
                     },
                 }
             },
@@ -200,6 +243,7 @@ class SearchParams:
     nprobe: int | None
     rerank: bool
     candidates: int | None
+    shape: ShapeOptions = field(default_factory=ShapeOptions)
 
 
 @dataclass
@@ -280,6 +324,73 @@ def validate_params(raw: dict[str, Any], limits: Limits) -> SearchParams:
         limits.default_nprobe if nprobe is None else nprobe,
         True if rerank is None else rerank,
         limits.default_candidates if candidates is None else candidates,
+        shape=validate_shape(raw),
+    )
+
+
+def _float_param(name: str, value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ApiError(422, "invalid_parameter", f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ApiError(
+            422, "invalid_parameter", f"{name} must be a number, got {value!r}"
+        ) from None
+    if not math.isfinite(number):
+        raise ApiError(422, "invalid_parameter", f"{name} must be finite, got {value!r}")
+    return number
+
+
+def _switch_or_number(name: str, value: Any, default: float) -> float | None:
+    """``true`` -> ``default``, ``false``/absent -> None (off), a number -> that number."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return default if value else None
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "false", "no"):
+        return default if value.strip().lower() in ("true", "yes", "on") else None
+    return _float_param(name, value)
+
+
+def validate_shape(raw: dict[str, Any]) -> ShapeOptions:
+    """The answer-shaping options (``index.shaping``), range-checked; all off when absent."""
+    expand_m = _int_param("expand_m", raw.get("expand_m"))
+    if expand_m is not None and not 1 <= expand_m <= shaping.MAX_EXPAND_M:
+        raise ApiError(
+            422,
+            "expand_m_out_of_range",
+            f"expand_m must be in 1..{shaping.MAX_EXPAND_M}, got {expand_m}",
+        )
+    alpha = _float_param("expand_alpha", raw.get("expand_alpha"))
+    if alpha is not None and not 0 <= alpha <= shaping.MAX_EXPAND_ALPHA:
+        raise ApiError(
+            422,
+            "expand_alpha_out_of_range",
+            f"expand_alpha must be in 0..{shaping.MAX_EXPAND_ALPHA:g}, got {alpha}",
+        )
+    diversify = _switch_or_number("diversify", raw.get("diversify"), shaping.DIVERSIFY_LAMBDA)
+    if diversify is not None and not 0 <= diversify <= 1:
+        raise ApiError(
+            422,
+            "diversify_out_of_range",
+            f"diversify (MMR lambda) must be in 0..1, got {diversify}",
+        )
+    dedup = _switch_or_number("dedup", raw.get("dedup"), shaping.DEDUP_THRESHOLD)
+    if dedup is not None and dedup <= 0:
+        raise ApiError(
+            422, "dedup_out_of_range", f"dedup (a similarity threshold) must be > 0, got {dedup}"
+        )
+    return ShapeOptions(
+        expand=bool(_bool_param("expand", raw.get("expand"))),
+        expand_m=shaping.EXPAND_M if expand_m is None else expand_m,
+        expand_alpha=shaping.EXPAND_ALPHA if alpha is None else alpha,
+        diversify=diversify,
+        dedup=dedup,
+        exclude_self=bool(_bool_param("exclude_self", raw.get("exclude_self"))),
+        min_score=_float_param("min_score", raw.get("min_score")),
     )
 
 
@@ -437,7 +548,13 @@ async def parse_search(request: Request, limits: Limits, dim: int, normalise: bo
     )
 
 
-_PARAM_KEYS = ("k", "nprobe", "rerank", "candidates")
+_PARAM_KEYS = (
+    "k",
+    "nprobe",
+    "rerank",
+    "candidates",
+    *("expand", "expand_m", "expand_alpha", "diversify", "dedup", "exclude_self", "min_score"),
+)
 
 MAX_METADATA_BYTES = 64 * 1024
 MAX_URI_CHARS = 2048

@@ -1,7 +1,8 @@
 """Compose the Serve graph: Ingress -> QueryEmbedder, Ingress -> ShardSearcher0..G-1.
 
 ``ShardSearcher{g}`` serves group ``g`` of the shards (``shard_groups``: ``shards_per_group``
-consecutive shards each; by default all shards in one group).
+consecutive shards each; by default all shards in one group). ``RecallCanary`` (``serve.canary``,
+when ``canary_fraction`` > 0) recomputes sampled answers exactly in the background.
 
 Three ways in, one builder:
 
@@ -22,6 +23,7 @@ from typing import Any
 from ray.serve import Application
 
 from index.manifest import Manifest, load_manifest
+from serve.canary import RecallCanary
 from serve.config import ConfigError, ServeConfig
 from serve.embedder import ModelMismatch, QueryEmbedder, check_model
 from serve.ingress import Ingress
@@ -110,8 +112,19 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
     ]
     # one replica decides rebuilds (serve.rebuilder); none for a read-only app
     rebuilder = Rebuilder.options(**logging).bind(config) if config.writes else None
+    canary = None
+    if config.canary_fraction > 0:  # the live recall canary (serve.canary)
+        canary = RecallCanary.options(
+            ray_actor_options={"num_cpus": config.canary_num_cpus}, **logging
+        ).bind(
+            searchers,
+            manifest.metric,
+            config.canary_window,
+            config.canary_max_per_s,
+            config.canary_queue,
+        )
     return Ingress.options(**config.ingress.deployment_options(gpus), **logging).bind(
-        config, embedder, searchers, rebuilder, groups
+        config, embedder, searchers, rebuilder, groups, canary
     )
 
 

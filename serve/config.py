@@ -214,6 +214,14 @@ class ServeConfig:
     rebuild_memory_budget: str = "4G"
     # custom Ray resource rebuild tasks are placed by ("auto": shard_host when nodes have it)
     rebuild_node_resource: str = "auto"
+    # live recall canary (serve.canary): this fraction of fully answered searches is recomputed
+    # exactly in the background (0 = off, no RecallCanary deployment), at most canary_max_per_s
+    # a second (each is a scan of every shard), recall@k kept over the last canary_window
+    canary_fraction: float = 0.05
+    canary_max_per_s: float = 0.5
+    canary_window: int = 200
+    canary_queue: int = 16
+    canary_num_cpus: float = 0.05
     access_log: bool = True  # Serve's per-request access log lines (every replica, every call)
     # Serve's log encoding: "JSON" = one JSON object per line with request_id, deployment,
     # replica and our endpoint/status/latency_ms fields; "TEXT" = Serve's plain lines
@@ -317,6 +325,12 @@ class ServeConfig:
             raise ConfigError(
                 f"rebuild_delta_fraction must be in 0..1, got {self.rebuild_delta_fraction}"
             )
+        if not 0 <= self.canary_fraction <= 1:
+            raise ConfigError(f"canary_fraction must be in 0..1, got {self.canary_fraction}")
+        if self.canary_max_per_s <= 0 or self.canary_num_cpus < 0:
+            raise ConfigError("canary_max_per_s must be > 0 and canary_num_cpus >= 0")
+        if self.canary_window < 1 or self.canary_queue < 1:
+            raise ConfigError("canary_window and canary_queue must be >= 1")
         if self.rebuild_threads < 1:
             raise ConfigError(f"rebuild_threads must be >= 1, got {self.rebuild_threads}")
         from index.policy import parse_memory

@@ -16,6 +16,8 @@ does the same with a tombstone. Other replicas of the shard see the write within
 
 import asyncio
 import json
+import logging
+import random
 import threading
 import time
 
@@ -31,6 +33,8 @@ from index.delta import write_rows, write_tombstones
 from index.hits import Hit
 from index.manifest import load_manifest
 from index.merge import merge_topk
+from index.shaping import POOL_FACTOR, expanded_query, self_ids_of
+from index.shaping import shape as shape_hits
 from index.sharding import content_id, shard_of, uri_id
 from serve.api import (
     ERROR_RESPONSES,
@@ -39,6 +43,7 @@ from serve.api import (
     ApiError,
     Limits,
     ParsedQuery,
+    SearchParams,
     SearchResponse,
     create_app,
     image_crop,
@@ -46,7 +51,7 @@ from serve.api import (
     parse_search,
     validate_id,
 )
-from serve.config import ServeConfig
+from serve.config import MAX_K, ServeConfig
 from serve.metrics import RequestMetrics, ingress_metrics
 from serve.page import add_page_routes
 from serve.scatter import call_with_deadline, gather_with_deadline
@@ -57,6 +62,7 @@ from serve.thumbnails import RECORD_ERROR_RESPONSES, thumbnail_response
 # Serve's ingress decorator pickles the FastAPI app (and through its routes these methods) when
 # the class is decorated: everything the routes use must already be defined above the class, and
 # annotations must be real objects (no ``from __future__ import annotations``) for FastAPI.
+log = logging.getLogger("ray.serve")
 api = create_app()
 api.add_middleware(RequestMetrics)  # counts, times and logs every request
 add_page_routes(api)  # GET / (the search page) and its static files
@@ -102,10 +108,12 @@ class Ingress:
         searchers: list[DeploymentHandle],
         rebuilder: DeploymentHandle | None = None,
         groups: list[list[int]] | None = None,
+        canary: DeploymentHandle | None = None,
     ):
         self.config = config
         self.store = config.open_store()
         self.rebuilder = rebuilder
+        self.canary = canary  # serve.canary.RecallCanary, or None (canary_fraction 0)
         self._clock = _MonotonicMs()
         manifest = load_manifest(self.store)
         if manifest is None:
@@ -181,8 +189,16 @@ class Ingress:
             "shards": shards,
             "embedder": embedder if ok_embed else {"error": embedder},
             "groups": self.groups,
+            "canary": await self._canary_stats(),
         }
         return self._shown(request, body)
+
+    async def _canary_stats(self) -> dict | None:
+        """The recall canary's window (``serve.canary``); None when it is off."""
+        if self.canary is None:
+            return None
+        ok, stats = await call_with_deadline(self.canary.stats.remote(), self.shard_timeout_s)
+        return stats if ok else {"error": stats}
 
     async def _per_shard(self, method: str, absent: dict) -> list[dict]:
         """``method`` of every group (a list of per-shard rows each), as one row per shard;
@@ -220,11 +236,45 @@ class Ingress:
         query = await parse_search(request, limits, self.dim, self.metric == "ip")
         vector = await self._query_vector(query, limits)
         params = query.params
+        shape = params.shape
+        fetch = shape.fetch_k(params.k, MAX_K)  # = k unless shaping needs more to choose from
+        merged, missing = await self._gather_hits(vector, fetch, params)
+        self._canary_sample(vector, params.k, merged, missing)
+        shaped = None
+        if shape.active:
+            merged, shaped, again = await self._shape(query, vector, merged, fetch, params)
+            missing += [m for m in again if m not in missing]  # the expanded query's scatter
+        ingress_metrics().observe_answer({m["shard"]: m["reason"] for m in missing})
+        results = [
+            {"id": h.id, "uri": h.uri, "score": float(h.score), "shard": h.shard}
+            for h in merged[: params.k]
+        ]
+        if shaped is not None and shape.dedup is not None:
+            for row, item in zip(results, shaped, strict=True):
+                row["collapsed"] = list(item.collapsed)
+        body = {
+            "results": results,
+            "took_ms": round((time.perf_counter() - start) * 1000, 3),
+            "shards_answered": self.num_shards - len(missing),
+            "shards_total": self.num_shards,
+            "partial": bool(missing),
+            "missing_shards": missing,
+        }
+        # A Response is sent as is: FastAPI validates and re-encodes a returned dict against
+        # response_model (which stays, for the OpenAPI schema), and that pass cost more than
+        # the merge. The body is built from str/int/float/bool only, so it matches the model.
+        return _search_json(body)
+
+    async def _gather_hits(
+        self, vector: np.ndarray, k: int, params: SearchParams
+    ) -> tuple[list[Hit], list[dict]]:
+        """Scatter one query to every group, gather before the deadline, merge the top ``k``;
+        returns the hits and the shards that did not answer (503 when none did)."""
         gathered = await gather_with_deadline(
             {
                 g: (
                     lambda h=h: h.search.remote(
-                        vector, params.k, params.nprobe, params.candidates, params.rerank
+                        vector, k, params.nprobe, params.candidates, params.rerank
                     )
                 )
                 for g, h in enumerate(self.searchers)
@@ -249,23 +299,74 @@ class Ingress:
             ]
             for _, answer in sorted(gathered.answers.items())
         ]
-        merged = merge_topk(per_group, params.k, self.metric)
-        ingress_metrics().observe_answer({m["shard"]: m["reason"] for m in missing})
-        body = {
-            "results": [
-                {"id": h.id, "uri": h.uri, "score": float(h.score), "shard": h.shard}
-                for h in merged
-            ],
-            "took_ms": round((time.perf_counter() - start) * 1000, 3),
-            "shards_answered": self.num_shards - len(missing),
-            "shards_total": self.num_shards,
-            "partial": bool(missing),
-            "missing_shards": missing,
-        }
-        # A Response is sent as is: FastAPI validates and re-encodes a returned dict against
-        # response_model (which stays, for the OpenAPI schema), and that pass cost more than
-        # the merge. The body is built from str/int/float/bool only, so it matches the model.
-        return _search_json(body)
+        return merge_topk(per_group, k, self.metric), missing
+
+    # ---- answer shaping and the recall canary (issue #17) --------------------------------------
+    async def _shape(self, query: ParsedQuery, vector, hits: list[Hit], fetch: int, params):
+        """Query expansion (a second scatter with the expanded query), then ``index.shaping``.
+        When dedup collapses the pool into fewer than ``k`` groups, the pool grows (x4, up to
+        ``MAX_K``) and is shaped again. Returns the shaped hits, their ``Shaped`` records (for
+        ``collapsed``) and the shards the extra scatters missed."""
+        shape = params.shape
+        missing: list[dict] = []
+        self_ids = None
+        if shape.exclude_self:  # before expansion moves the query off its own vector
+            self_ids = {query.row_id} if query.kind == "id" else self_ids_of(hits, self.metric)
+        if shape.expand and hits:
+            top = hits[: shape.expand_m]
+            found = await self._vectors_of(top)
+            kept = [h for h in top if h.id in found]
+            if kept:
+                expanded = expanded_query(
+                    vector,
+                    np.stack([found[h.id] for h in kept]),
+                    [h.score for h in kept],
+                    shape.expand_alpha,
+                    self.metric,
+                )
+                hits, missing = await self._gather_hits(expanded, fetch, params)
+                vector = expanded
+        known: dict[str, np.ndarray] = {}
+        while True:
+            if shape.needs_vectors:
+                known |= await self._vectors_of([h for h in hits if h.id not in known])
+            shaped = shape_hits(
+                hits, params.k, shape, self.metric, vectors=known, self_ids=self_ids
+            )
+            if shape.dedup is None or len(shaped) >= params.k or len(hits) < fetch:
+                break
+            if fetch >= MAX_K:
+                break  # as many as the contract allows: fewer than k groups exist in reach
+            # the pool collapsed below k near-duplicate groups: search again with a larger one
+            fetch = min(MAX_K, fetch * POOL_FACTOR)
+            hits, more = await self._gather_hits(vector, fetch, params)
+            missing += [m for m in more if m not in missing]
+        return [item.hit for item in shaped], shaped, missing
+
+    async def _vectors_of(self, hits: list[Hit]) -> dict[str, np.ndarray]:
+        """id -> vector of ``hits``, one call per group holding any (rows gone are left out)."""
+        by_group: dict[int, list[tuple[int, str]]] = {}
+        for h in hits:
+            by_group.setdefault(self.group_of[h.shard], []).append((h.shard, h.id))
+        gathered = await gather_with_deadline(
+            {g: (lambda g=g: self.searchers[g].vectors_of.remote(by_group[g])) for g in by_group},
+            self.shard_timeout_s,
+        )
+        out: dict[str, np.ndarray] = {}
+        for g, vectors in gathered.answers.items():
+            for (_, row_id), vector in zip(by_group[g], vectors, strict=True):
+                if vector is not None:
+                    out[row_id] = np.asarray(vector, np.float32)
+        return out
+
+    def _canary_sample(self, vector, k: int, hits: list[Hit], missing: list[dict]) -> None:
+        """Hand a sampled, fully answered search to the recall canary; never waits for it."""
+        if self.canary is None or missing or random.random() >= self.config.canary_fraction:
+            return
+        try:
+            self.canary.observe.remote(vector, k, [h.id for h in hits[:k]])
+        except Exception:  # the canary must never fail a search
+            log.exception("handing a sample to the recall canary failed")
 
     # ---- catalogue rows (the search page's thumbnails) -----------------------------------------
     @api.get(
