@@ -113,7 +113,9 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
     # one replica decides rebuilds (serve.rebuilder); none for a read-only app
     rebuilder = Rebuilder.options(**logging).bind(config) if config.writes else None
     canary = None
-    if config.canary_fraction > 0:  # the live recall canary (serve.canary)
+    # the live recall canary (serve.canary) asks the group deployments for exact answers; an app
+    # whose ingress searches the groups itself (colocate_shards) runs without it
+    if config.canary_fraction > 0 and not config.colocate_shards:
         canary = RecallCanary.options(
             ray_actor_options={"num_cpus": config.canary_num_cpus}, **logging
         ).bind(

@@ -168,7 +168,7 @@ class ServeConfig:
     shards_per_group: int | None = None
     # search the shard groups inside the ingress replica (no actor hop per query): the lowest
     # latency on one box with one ingress replica; every ingress replica holds the shards then
-    colocate_shards: bool = False
+    colocate_shards: bool = False  # (then without the recall canary, which needs deployments)
     search_parallel_shards: int = 2  # shards of a group searched at once (threads)
     # queries reaching a group replica within this window are searched as one FAISS batch
     search_batch_wait_ms: float = 1.0

@@ -238,11 +238,13 @@ class Ingress:
         params = query.params
         shape = params.shape
         fetch = shape.fetch_k(params.k, MAX_K)  # = k unless shaping needs more to choose from
-        merged, missing = await self._gather_hits(vector, fetch, params)
+        merged, missing = await self._gather_hits(vector, fetch, params, request.state.keyed)
         self._canary_sample(vector, params.k, merged, missing)
         shaped = None
         if shape.active:
-            merged, shaped, again = await self._shape(query, vector, merged, fetch, params)
+            merged, shaped, again = await self._shape(
+                query, vector, merged, fetch, params, request.state.keyed
+            )
             missing += [m for m in again if m not in missing]  # the expanded query's scatter
         ingress_metrics().observe_answer({m["shard"]: m["reason"] for m in missing})
         results = [
@@ -266,10 +268,11 @@ class Ingress:
         return _search_json(body)
 
     async def _gather_hits(
-        self, vector: np.ndarray, k: int, params: SearchParams
+        self, vector: np.ndarray, k: int, params: SearchParams, keyed: bool = True
     ) -> tuple[list[Hit], list[dict]]:
         """Scatter one query to every group, gather before the deadline, merge the top ``k``;
-        returns the hits and the shards that did not answer (503 when none did)."""
+        returns the hits and the shards that did not answer (503 when none did; the reasons
+        redacted for an anonymous caller)."""
         gathered = await gather_with_deadline(
             {
                 g: (
@@ -281,7 +284,7 @@ class Ingress:
             },
             self.shard_timeout_s,
         )
-        missing = _missing(gathered.missing, self.groups, request.state.keyed)
+        missing = _missing(gathered.missing, self.groups, keyed)
         if not gathered.answers:
             raise ApiError(
                 503,
@@ -302,7 +305,9 @@ class Ingress:
         return merge_topk(per_group, k, self.metric), missing
 
     # ---- answer shaping and the recall canary (issue #17) --------------------------------------
-    async def _shape(self, query: ParsedQuery, vector, hits: list[Hit], fetch: int, params):
+    async def _shape(
+        self, query: ParsedQuery, vector, hits: list[Hit], fetch: int, params, keyed: bool
+    ):
         """Query expansion (a second scatter with the expanded query), then ``index.shaping``.
         When dedup collapses the pool into fewer than ``k`` groups, the pool grows (x4, up to
         ``MAX_K``) and is shaped again. Returns the shaped hits, their ``Shaped`` records (for
@@ -324,7 +329,7 @@ class Ingress:
                     shape.expand_alpha,
                     self.metric,
                 )
-                hits, missing = await self._gather_hits(expanded, fetch, params)
+                hits, missing = await self._gather_hits(expanded, fetch, params, keyed)
                 vector = expanded
         known: dict[str, np.ndarray] = {}
         while True:
@@ -339,7 +344,7 @@ class Ingress:
                 break  # as many as the contract allows: fewer than k groups exist in reach
             # the pool collapsed below k near-duplicate groups: search again with a larger one
             fetch = min(MAX_K, fetch * POOL_FACTOR)
-            hits, more = await self._gather_hits(vector, fetch, params)
+            hits, more = await self._gather_hits(vector, fetch, params, keyed)
             missing += [m for m in more if m not in missing]
         return [item.hit for item in shaped], shaped, missing
 
