@@ -278,6 +278,7 @@ def http_worker(args) -> int:
         default_nprobe=args.nprobe,
         shards_per_group=args.shards_per_group or None,
         colocate_shards=args.colocate,
+        canary_fraction=0,  # the recall canary's background exact searches are not measured here
         searcher=DeploymentSettings(
             num_replicas=args.searcher_replicas, num_cpus=0.25, max_ongoing_requests=64
         ),
