@@ -74,7 +74,10 @@ def build_catalogue(args, train: list[Path]) -> dict:
     listing = args.workdir / "train-list.txt"
     listing.write_text("".join(f"{p}\n" for p in train))
     t = time.perf_counter()
-    summary = run_job(EmbedJobConfig(input=[str(listing)], store=store_uri, num_shards=args.shards))
+    model = {"model": args.model, "weights": args.weights} if getattr(args, "model", None) else {}
+    summary = run_job(
+        EmbedJobConfig(input=[str(listing)], store=store_uri, num_shards=args.shards, **model)
+    )
     info = {"store": store_uri, "embed": summary.to_dict(), "embed_s": time.perf_counter() - t}
     print(summary.line())
     from index.store import Store

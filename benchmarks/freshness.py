@@ -189,6 +189,7 @@ def run_benchmark(args, store_uri: str) -> dict:
     config = ServeConfig(
         store=store_uri,
         image_queries=False,
+        open_writes=True,  # 127.0.0.1 only: the benchmark writes without a key
         default_candidates=args.candidates,
         reload_interval_s=1.0,
         delta_poll_s=0.5,

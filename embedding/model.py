@@ -2,10 +2,15 @@
 
 One ``Embedder`` per process (a Ray Data actor, a Serve replica): it picks the device, threads,
 channels-last layout and half precision on GPU, which together decide throughput on CPU and GPU.
+
+A GPU that was granted but cannot be used (Ray scheduled the process for a ``GPU`` resource, but
+torch sees no CUDA: a CPU-only torch, a missing driver, a fake GPU of Ray's test autoscaler) is
+not fatal: the model runs on the CPU and the process says so once in its log.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -15,6 +20,9 @@ from PIL import Image
 
 from embedding.backbones import DEFAULT_BACKBONE, load_backbone
 from embedding.preprocess import prepare
+
+log = logging.getLogger(__name__)
+_warned_no_cuda = False
 
 
 @dataclass
@@ -38,10 +46,7 @@ class Embedder:
         self.config = config = config or ModelConfig()
         if config.threads:
             torch.set_num_threads(config.threads)
-        if config.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(config.device)
+        self.device = pick_device(config.device)
         if self.device.type == "cpu":
             tune_malloc()
         self.half = config.half if config.half is not None else self.device.type == "cuda"
@@ -87,6 +92,31 @@ class Embedder:
         """Decoded images -> vectors, with exactly the batch job's crop."""
         crops = np.stack([prepare(img, self.image_size) for img in images])
         return self.embed(crops)
+
+
+def pick_device(wanted: str) -> torch.device:
+    """``wanted`` ("auto", "cpu", "cuda", "cuda:1"...) as a device this process can use.
+
+    CUDA asked for (or a GPU granted by Ray: ``CUDA_VISIBLE_DEVICES`` names one) while torch
+    has no CUDA falls back to the CPU with one warning per process, instead of failing.
+    """
+    global _warned_no_cuda
+    if wanted != "auto" and torch.device(wanted).type != "cuda":
+        return torch.device(wanted)
+    if torch.cuda.is_available():
+        return torch.device("cuda" if wanted == "auto" else wanted)
+    granted = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if (wanted != "auto" or granted not in ("", "-1", "NoDevFiles")) and not _warned_no_cuda:
+        _warned_no_cuda = True
+        log.warning(
+            "GPU requested (device %r, CUDA_VISIBLE_DEVICES=%r) but torch %s sees no CUDA "
+            "device (built with CUDA %s): embedding on the CPU instead",
+            wanted,
+            granted,
+            torch.__version__,
+            torch.version.cuda,
+        )
+    return torch.device("cpu")
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8

@@ -14,6 +14,11 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+try:  # libjpeg-turbo straight to numpy: the batch job's and the query path's JPEG decoder
+    import simplejpeg
+except ImportError:  # pragma: no cover - a dependency; PIL decodes every JPEG without it
+    simplejpeg = None
+
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000: larger than any photo, far below a PNG bomb
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 
@@ -54,11 +59,73 @@ def decode_image(
     A JPEG is then decoded directly at the smallest 1/2, 1/4 or 1/8 DCT scale that keeps both
     sides >= ``draft_size`` (about half the decode time on a 2-core box; large photos far more).
     The image's size before that reduction, upright, is kept in ``img.info["source_size"]``.
+
+    Plain JPEGs (YCbCr or greyscale, no EXIF block) are decoded by ``simplejpeg`` (libjpeg-turbo
+    into a numpy array, at the same DCT scale PIL's draft picks): the same pixels as PIL's
+    decoder, bit for bit (``tests/test_embed_units.py``), without PIL's file-object parsing.
+    Anything else, and any JPEG simplejpeg refuses, takes the PIL path, which names the problem.
     """
     if not data:
         raise ImageError("empty", "zero bytes")
     if len(data) > max_bytes:
         raise ImageError("too_large", f"{len(data)} bytes > limit {max_bytes}")
+    fast = _fast_jpeg(data, max_pixels, draft_size)
+    if fast is not None:
+        return fast
+    return _decode_pil(data, max_pixels, draft_size)
+
+
+_FAST_COLORSPACES = ("YCbCr", "Gray")
+
+
+def _fast_jpeg(data: bytes, max_pixels: int, draft_size: int | None) -> Image.Image | None:
+    """A plain JPEG decoded by simplejpeg at PIL's draft scale, or None for the PIL path."""
+    if simplejpeg is None or data[:3] != b"\xff\xd8\xff" or _needs_pil(data):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in _FAST_COLORSPACES or width < 1 or height < 1:
+        return None
+    if width * height > max_pixels:
+        raise ImageError("decompression_bomb", f"{width}x{height} pixels > limit {max_pixels}")
+    scale = 1
+    if draft_size:  # PIL's JpegImageFile.draft: the largest of 8, 4, 2 that keeps both sides
+        fit = min(width // draft_size, height // draft_size)
+        scale = next((s for s in (8, 4, 2) if fit >= s), 1)
+    want = (-(-height // scale), -(-width // scale))
+    try:
+        pixels = simplejpeg.decode_jpeg(
+            data, "RGB", min_height=want[0], min_width=want[1], min_factor=scale, strict=True
+        )
+    except ValueError:  # truncated, corrupt: PIL decides what to call it
+        return None
+    if pixels.shape[:2] != want:  # a scale PIL would not have used: stay identical, use PIL
+        return None
+    img = Image.fromarray(pixels)
+    img.info["source_size"] = (width, height)
+    return img
+
+
+def _needs_pil(data: bytes) -> bool:
+    """Whether the JPEG's header segments hold an EXIF block (which may rotate the picture) or
+    an MPF index (a multi-picture file, which PIL decodes without the draft scale)."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xDA or not (0xE0 <= marker <= 0xEF or marker in (0xFE, 0xDB, 0xC4)):
+            return False  # past the application segments (or a frame header): no EXIF
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            return True
+        if marker == 0xE2 and data[pos + 4 : pos + 8] == b"MPF\x00":
+            return True
+        pos += 2 + length
+    return False
+
+
+def _decode_pil(data: bytes, max_pixels: int, draft_size: int | None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -429,6 +429,26 @@ class LiveShard:
             )
         return out
 
+    def search_exact(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """Brute-force top ``k`` of the visible rows (base rows not hidden + live delta): what
+        ``search`` answers with a perfect index. The recall canary's reference (``serve.canary``);
+        costs a scan of every vector of the shard."""
+        snap = self._snap
+        q = np.asarray(queries, np.float32)
+        q = q[None, :] if q.ndim == 1 else q
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (n, {self.dim}), got shape {np.shape(queries)}")
+        base_hits: list[list[Hit]] = [[] for _ in range(len(q))]
+        if snap.base is not None:
+            with self._lock:
+                hidden = {snap.base.id_of(key) for key in self._hidden_keys}
+            found = snap.base.search_exact(q, k + len(hidden))
+            base_hits = [[h for h in hits if h.id not in hidden][:k] for hits in found]
+        delta_hits = self._search_delta(snap, q, k)
+        return [
+            merge_topk([b, d], k, self.metric) for b, d in zip(base_hits, delta_hits, strict=True)
+        ]
+
     def vector_of(self, row_id: str) -> np.ndarray | None:
         """The visible vector of ``row_id`` (delta first, then base), or None."""
         found = self._locate(row_id)

@@ -102,6 +102,17 @@ def start_serve(store: str, host: str, port: int):
     from serve.config import ServeConfig
 
     config = ServeConfig(store=store)
+    # writes need a key (serve.security); a demo on loopback with no key opens them, and says so
+    config.open_writes = not config.api_key and host in ("127.0.0.1", "localhost", "::1")
+    if config.open_writes:
+        print(
+            f"writes (POST /images, DELETE /images/{{id}}, /admin) are open to anyone on {host} "
+            "(open_writes); set VISUAL_SEARCH_API_KEY to require a key"
+        )
+    elif not config.api_key:
+        print(
+            f"writes are closed: Serve listens on {host}; set VISUAL_SEARCH_API_KEY to allow them"
+        )
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
     return config

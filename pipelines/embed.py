@@ -189,7 +189,14 @@ def connect_ray(address: str | None = None, temp_dir: str | None = None):
         path = os.environ.get("PYTHONPATH", "")
         if str(ROOT) not in path.split(os.pathsep):
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), path) if p)
-        ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir)
+        # the model actors' malloc settings for the whole (throwaway) job: its prestarted
+        # workers then fit the actors, which start without a worker process of their own
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            _temp_dir=temp_dir,
+            runtime_env={"env_vars": malloc_env()},
+        )
     return ray
 
 
@@ -210,6 +217,21 @@ def malloc_env() -> dict[str, str]:
     if os.environ.get("VISUAL_SEARCH_MALLOC_TUNE", "1") == "0":
         return {"VISUAL_SEARCH_MALLOC_TUNE": "0"}
     return dict(MALLOC_ENV)
+
+
+def actor_runtime_env(ray) -> dict | None:
+    """The model actors' runtime env: the malloc settings, unless the job's own runtime env
+    carries them already (a local Ray from ``connect_ray``, or ``ray job submit
+    --runtime-env-json``). An actor with a runtime env of its own cannot take one of the job's
+    prestarted workers and waits for a new process (measured ~1-5 s on 2 cores)."""
+    wanted = malloc_env()
+    try:
+        job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+    except Exception:  # an older Ray without the runtime context's env: be explicit
+        job_env = {}
+    if all(job_env.get(k) == v for k, v in wanted.items()):
+        return None
+    return {"env_vars": wanted}
 
 
 def _block_dataset(ray, store: Store, pending: PendingInputs, num_cpus: float):
@@ -267,7 +289,7 @@ def load_sidecar(store: Store, config: EmbedJobConfig, num_shards: int) -> Sidec
 
 def plan_job(ray_factory, store: Store, config: EmbedJobConfig, num_shards: int, summary):
     """Stream the inputs into a per-shard spill and stage what still needs embedding."""
-    block_rows = config.read_batch or config.batch_size or cfg.CPU_BATCH_SIZE
+    block_rows = config.read_batch or max(cfg.READ_ROWS, config.batch_size or 0)
     counts = PlanCounts()
     spill = ShardSpill(num_shards)
     sidecar = None
@@ -389,7 +411,7 @@ def _embed(ray, store, config, pending, summary, num_shards, name, dim, image_si
         num_gpus=num_gpus or None,
         fn_constructor_kwargs={"model": model, "actors": actors},
         # glibc malloc settings from process start: the model thread page-faults otherwise
-        runtime_env={"env_vars": malloc_env()},
+        runtime_env=actor_runtime_env(ray),
     )
     ds = ds.map_batches(
         write_parts,

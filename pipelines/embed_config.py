@@ -23,6 +23,10 @@ DEFAULT_NUM_SHARDS = 4
 CPU_ACTOR_CPUS = 0.5  # fractional: a pool holding whole CPUs starves the decode tasks (RAY-HERE)
 GPU_ACTOR_CPUS = 1.0
 CPU_BATCH_SIZE = 32
+# inputs per read+decode task unless --read-batch says otherwise (never fewer than batch_size):
+# each task costs scheduling, stats and a worker hand-off in the driver, the raylet and Ray
+# Data's stats actor; 32-row tasks spent ~5% of a 2-core box on that (embed_throughput.json)
+READ_ROWS = 256
 GPU_BATCH_SIZE = 256  # fp16 224 px convnet activations at 256 fit in ~2 GiB: any 8 GiB GPU
 PART_BYTES = 64 * 2**20  # default Parquet part size: rows of one shard, ~64 MB of vectors
 
@@ -56,7 +60,7 @@ class EmbedJobConfig:
     num_gpus: float | None = None  # GPUs per actor; 0 forces CPU actors
     threads: int | None = None  # torch threads per actor
     decode_cpus: float = 1.0  # CPUs reserved per read+decode task
-    read_batch: int | None = None  # inputs per read+decode task (default: batch_size)
+    read_batch: int | None = None  # inputs per read+decode task (default max(256, batch_size))
     part_rows: int | None = None  # rows per Parquet part (None: ~PART_BYTES of vectors)
     write_cpus: float = 0.25  # CPUs reserved per write task (it mostly waits on I/O)
     dedup: bool = False  # id = hash of the bytes, so one picture under two URIs is one row
@@ -188,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=float, help="GPUs per actor (default 1 if any)")
     p.add_argument("--threads", type=int, help="torch threads per actor (default cores/actors)")
     p.add_argument("--decode-cpus", type=float, help="CPUs per read+decode task (default 1)")
-    p.add_argument("--read-batch", type=int, help="inputs per read+decode task (default batch)")
+    p.add_argument(
+        "--read-batch", type=int, help="inputs per read+decode task (default max(256, batch))"
+    )
     p.add_argument(
         "--part-rows", type=int, help="rows per Parquet part (default: about 64 MB of vectors)"
     )

@@ -28,12 +28,17 @@ status  error                      when
 422     nprobe_out_of_range        ``nprobe`` is not in 1..max_nprobe
 422     candidates_out_of_range    ``candidates`` is not in 1..max_candidates
 422     invalid_parameter          a parameter of the wrong type (``k=abc``, ``rerank=maybe``)
+422     expand_m_out_of_range      ``expand_m`` is not in 1..100
+422     expand_alpha_out_of_range  ``expand_alpha`` is not in 0..10
+422     diversify_out_of_range     ``diversify`` (MMR lambda) is not in 0..1
+422     dedup_out_of_range         ``dedup`` (near-duplicate threshold) is not a number > 0
 503     embedder_unavailable       the query embedder did not answer in time
 503     shard_unavailable          the shard owning ``id`` did not answer in time
 503     no_shard_answered          no shard answered in time (some did: 200, ``partial: true``)
 404     not_found                  no such path (any unknown URL)
 405     method_not_allowed         a known path with another method (``GET /search``)
 401     unauthorized               a write/admin call without the API key (``api_key`` is set)
+403     writes_need_api_key        a write/admin call to an app with no key (``open_writes`` off)
 403     writes_disabled            a write/admin call to an app run with ``writes: false``
 400     missing_image              ``POST /images`` with neither ``file`` nor ``vector``
 422     invalid_metadata           ``metadata`` is not a JSON object (or over 64 KiB), names a
@@ -50,11 +55,17 @@ Writes (issue #5): ``POST /images`` takes a multipart ``file`` (or JSON ``vector
 external embeddings) with optional ``id`` (default: the content hash of the bytes), ``uri`` and
 ``metadata`` (a JSON object of the store's typed columns); ``DELETE /images/{id}`` deletes;
 both answer only after the row or tombstone is durable in the store. ``POST /admin/rebuild``
-starts rebuilds. When the app has an ``api_key`` these need ``Authorization: Bearer <key>`` or
-``X-API-Key``.
+starts rebuilds. These need ``Authorization: Bearer <key>`` or ``X-API-Key``
+(``serve.security``: an app with no key refuses them unless ``open_writes: true``). Callers
+without the key get lower caps on ``nprobe``, ``candidates`` and image pixels, and no
+server-side error text.
 
 Parameters ``k``, ``nprobe``, ``rerank``, ``candidates`` come from the query string; a JSON body
-or multipart form fields of the same names override them.
+or multipart form fields of the same names override them. So do the answer-shaping options
+(``index.shaping``, all off by default): ``expand`` (true: average query expansion with the top
+``expand_m`` results weighted by ``score ** expand_alpha``), ``diversify`` (MMR; true or a
+lambda in 0..1), ``dedup`` (collapse near-duplicates; true or a similarity threshold; each kept
+result gets ``collapsed``, the ids it stands for), ``exclude_self`` and ``min_score``.
 
 Metadata (issue #13): results carry ``metadata``, the row's columns named by ``fields`` (a JSON
 list, or a comma-separated string in the query string or a form; default: every column of the
@@ -70,10 +81,10 @@ without reading the body twice.
 
 from __future__ import annotations
 
-import hmac
 import json
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -85,9 +96,13 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedding import ImageError, decode_image, prepare
+from index import shaping
 from index.filters import Filter, FilterError, parse_filter
 from index.metadata import MetadataError, check_record, is_unicode
+from index.shaping import ShapeOptions
 from serve.config import MAX_K
+
+log = logging.getLogger("ray.serve")
 
 MAX_JSON_BYTES = 4 * 1024 * 1024  # a 4096-d vector as JSON text is ~100 KB
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -128,6 +143,9 @@ class Result(BaseModel):
         default_factory=dict,
         description="the row's metadata columns named by `fields` (default: all); null = absent",
     )
+    collapsed: list[str] | None = Field(
+        None, description="with dedup: ids of the near-duplicates this result stands for"
+    )
 
 
 class MissingShard(BaseModel):
@@ -158,6 +176,29 @@ class SearchBody(BaseModel):
     nprobe: int | None = Field(None, description="IVF lists probed per shard (index default)")
     rerank: bool | None = Field(None, description="exact rerank of candidates (default true)")
     candidates: int | None = Field(None, description="per-shard candidates before rerank")
+    expand: bool | None = Field(
+        None, description="average query expansion: search again with the query + top results"
+    )
+    expand_m: int | None = Field(
+        None, description=f"results averaged into the query (default {shaping.EXPAND_M})"
+    )
+    expand_alpha: float | None = Field(
+        None, description=f"weight score**alpha per result (default {shaping.EXPAND_ALPHA:g})"
+    )
+    diversify: bool | float | None = Field(
+        None,
+        description="MMR diversification: true, or lambda in 0..1 "
+        f"(1 = plain ranking; true = {shaping.DIVERSIFY_LAMBDA:g})",
+    )
+    dedup: bool | float | None = Field(
+        None,
+        description="collapse near-duplicates: true, or a similarity threshold "
+        f"(true = {shaping.DEDUP_THRESHOLD:g})",
+    )
+    exclude_self: bool | None = Field(
+        None, description="leave the query itself out (id queries; identical catalogue images)"
+    )
+    min_score: float | None = Field(None, description="leave out results scoring worse than this")
     filter: dict[str, Any] | None = Field(None, description="metadata filter (the filter form)")
     fields: list[str] | None = Field(None, description="metadata columns returned (default all)")
 
@@ -190,7 +231,7 @@ WRITE_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, text in (
         (400, "invalid_json, invalid_multipart, missing_image, ambiguous_query"),
         (401, "unauthorized: the app has an api_key and the request did not carry it"),
-        (403, "writes_disabled"),
+        (403, "writes_need_api_key (the app has no key and open_writes is off), writes_disabled"),
         (413, "too_large, decompression_bomb"),
         (415, "not_an_image, unsupported, unsupported_media_type"),
         (422, "bad vector, id, uri, metadata or parameter (see the reason code)"),
@@ -215,6 +256,13 @@ SEARCH_OPENAPI_EXTRA = {
                         "nprobe": {"type": "integer", "minimum": 1},
                         "rerank": {"type": "boolean"},
                         "candidates": {"type": "integer", "minimum": 1},
+                        "expand": {"type": "boolean"},
+                        "expand_m": {"type": "integer", "minimum": 1},
+                        "expand_alpha": {"type": "number", "minimum": 0},
+                        "diversify": {"type": ["boolean", "number"]},
+                        "dedup": {"type": ["boolean", "number"]},
+                        "exclude_self": {"type": "boolean"},
+                        "min_score": {"type": "number"},
                     },
                 }
             },
@@ -233,6 +281,7 @@ class SearchParams:
     candidates: int | None
     filter: Filter | None = None  # checked against the store's schema (resolve_metadata)
     fields: tuple[str, ...] | None = None  # None: every column of the schema
+    shape: ShapeOptions = field(default_factory=ShapeOptions)
 
 
 _UNSET = object()  # a raw ``filter``/``fields`` that was not given
@@ -258,6 +307,11 @@ class Limits:
     max_candidates: int = 10000
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
+    hint: str = ""  # appended to a refusal by these caps (anonymous callers: the key lifts them)
+
+
+def _over(limits: Limits, text: str) -> str:
+    return f"{text} ({limits.hint})" if limits.hint else text
 
 
 def _int_param(name: str, value: Any) -> int | None:
@@ -296,14 +350,16 @@ def validate_params(raw: dict[str, Any], limits: Limits) -> SearchParams:
     nprobe = _int_param("nprobe", raw.get("nprobe"))
     if nprobe is not None and not 1 <= nprobe <= limits.max_nprobe:
         raise ApiError(
-            422, "nprobe_out_of_range", f"nprobe must be in 1..{limits.max_nprobe}, got {nprobe}"
+            422,
+            "nprobe_out_of_range",
+            _over(limits, f"nprobe must be in 1..{limits.max_nprobe}, got {nprobe}"),
         )
     candidates = _int_param("candidates", raw.get("candidates"))
     if candidates is not None and not 1 <= candidates <= limits.max_candidates:
         raise ApiError(
             422,
             "candidates_out_of_range",
-            f"candidates must be in 1..{limits.max_candidates}, got {candidates}",
+            _over(limits, f"candidates must be in 1..{limits.max_candidates}, got {candidates}"),
         )
     rerank = _bool_param("rerank", raw.get("rerank"))
     return SearchParams(
@@ -311,6 +367,73 @@ def validate_params(raw: dict[str, Any], limits: Limits) -> SearchParams:
         limits.default_nprobe if nprobe is None else nprobe,
         True if rerank is None else rerank,
         limits.default_candidates if candidates is None else candidates,
+        shape=validate_shape(raw),
+    )
+
+
+def _float_param(name: str, value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ApiError(422, "invalid_parameter", f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ApiError(
+            422, "invalid_parameter", f"{name} must be a number, got {value!r}"
+        ) from None
+    if not math.isfinite(number):
+        raise ApiError(422, "invalid_parameter", f"{name} must be finite, got {value!r}")
+    return number
+
+
+def _switch_or_number(name: str, value: Any, default: float) -> float | None:
+    """``true`` -> ``default``, ``false``/absent -> None (off), a number -> that number."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return default if value else None
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "false", "no"):
+        return default if value.strip().lower() in ("true", "yes", "on") else None
+    return _float_param(name, value)
+
+
+def validate_shape(raw: dict[str, Any]) -> ShapeOptions:
+    """The answer-shaping options (``index.shaping``), range-checked; all off when absent."""
+    expand_m = _int_param("expand_m", raw.get("expand_m"))
+    if expand_m is not None and not 1 <= expand_m <= shaping.MAX_EXPAND_M:
+        raise ApiError(
+            422,
+            "expand_m_out_of_range",
+            f"expand_m must be in 1..{shaping.MAX_EXPAND_M}, got {expand_m}",
+        )
+    alpha = _float_param("expand_alpha", raw.get("expand_alpha"))
+    if alpha is not None and not 0 <= alpha <= shaping.MAX_EXPAND_ALPHA:
+        raise ApiError(
+            422,
+            "expand_alpha_out_of_range",
+            f"expand_alpha must be in 0..{shaping.MAX_EXPAND_ALPHA:g}, got {alpha}",
+        )
+    diversify = _switch_or_number("diversify", raw.get("diversify"), shaping.DIVERSIFY_LAMBDA)
+    if diversify is not None and not 0 <= diversify <= 1:
+        raise ApiError(
+            422,
+            "diversify_out_of_range",
+            f"diversify (MMR lambda) must be in 0..1, got {diversify}",
+        )
+    dedup = _switch_or_number("dedup", raw.get("dedup"), shaping.DEDUP_THRESHOLD)
+    if dedup is not None and dedup <= 0:
+        raise ApiError(
+            422, "dedup_out_of_range", f"dedup (a similarity threshold) must be > 0, got {dedup}"
+        )
+    return ShapeOptions(
+        expand=bool(_bool_param("expand", raw.get("expand"))),
+        expand_m=shaping.EXPAND_M if expand_m is None else expand_m,
+        expand_alpha=shaping.EXPAND_ALPHA if alpha is None else alpha,
+        diversify=diversify,
+        dedup=dedup,
+        exclude_self=bool(_bool_param("exclude_self", raw.get("exclude_self"))),
+        min_score=_float_param("min_score", raw.get("min_score")),
     )
 
 
@@ -370,7 +493,8 @@ def image_crop(data: bytes, image_size: int, limits: Limits) -> np.ndarray:
         )
         return prepare(img, image_size, resize_size)
     except ImageError as e:
-        raise ApiError(IMAGE_ERROR_STATUS[e.reason], e.reason, e.detail) from None
+        detail = _over(limits, e.detail) if e.reason == "decompression_bomb" else e.detail
+        raise ApiError(IMAGE_ERROR_STATUS[e.reason], e.reason, detail) from None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -483,7 +607,13 @@ async def _parse_search(
     )
 
 
-_PARAM_KEYS = ("k", "nprobe", "rerank", "candidates")
+_PARAM_KEYS = (
+    "k",
+    "nprobe",
+    "rerank",
+    "candidates",
+    *("expand", "expand_m", "expand_alpha", "diversify", "dedup", "exclude_self", "min_score"),
+)
 MAX_FILTER_TEXT = 64 * 1024
 
 
@@ -656,18 +786,22 @@ async def parse_add(request: Request, limits: Limits, dim: int, normalise: bool)
     return parsed
 
 
-def check_api_key(request: Request, api_key: str) -> None:
-    """Refuse (401) a write/admin request without the app's key; no key configured = open."""
-    if not api_key:
-        return
-    given = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        given = given or auth[7:].strip()
-    if not given or not hmac.compare_digest(given.encode(), api_key.encode()):
-        raise ApiError(
-            401, "unauthorized", "this endpoint needs Authorization: Bearer <key> or X-API-Key"
-        )
+def keyed(request: Request) -> bool:
+    """Whether the ingress marked this request as carrying the API key (``serve.security``)."""
+    return bool(getattr(request.state, "keyed", False))
+
+
+def _request_id(request: Request) -> str:
+    """The client's ``x-request-id``, else the one Serve gave the request (in its logs)."""
+    given = request.headers.get("x-request-id", "")
+    if given:
+        return given
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or ""
+    except Exception:  # outside a Serve replica
+        return ""
 
 
 # ---- the FastAPI app and its error handlers --------------------------------------------------
@@ -687,8 +821,11 @@ def create_app() -> FastAPI:
     )
 
     @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        from serve.security import public_error  # imports this module
+
+        body = exc.body() if keyed(request) else public_error(exc.body())
+        return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -709,9 +846,13 @@ def create_app() -> FastAPI:
         return JSONResponse({"error": "invalid_parameter", "detail": problems}, status_code=422)
 
     @app.exception_handler(Exception)
-    async def _internal(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(
-            {"error": "internal", "detail": f"{type(exc).__name__}: {exc}"}, status_code=500
-        )
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # the text of an unexpected exception (paths, hosts) is for the log and keyed callers
+        request_id = _request_id(request)
+        log.error("unhandled %s (request %s)", type(exc).__name__, request_id, exc_info=exc)
+        detail = f"{type(exc).__name__}: {exc}" if keyed(request) else "internal error"
+        if request_id and not keyed(request):
+            detail += f"; the server log has it under request id {request_id}"
+        return JSONResponse({"error": "internal", "detail": detail}, status_code=500)
 
     return app

@@ -1,7 +1,8 @@
 """Compose the Serve graph: Ingress -> QueryEmbedder, Ingress -> ShardSearcher0..G-1.
 
 ``ShardSearcher{g}`` serves group ``g`` of the shards (``shard_groups``: ``shards_per_group``
-consecutive shards each; by default all shards in one group).
+consecutive shards each; by default all shards in one group). ``RecallCanary`` (``serve.canary``,
+when ``canary_fraction`` > 0) recomputes sampled answers exactly in the background.
 
 Three ways in, one builder:
 
@@ -22,11 +23,12 @@ from typing import Any
 from ray.serve import Application
 
 from index.manifest import Manifest, load_manifest
+from serve.canary import RecallCanary
 from serve.config import ConfigError, ServeConfig
 from serve.embedder import ModelMismatch, QueryEmbedder, check_model
 from serve.ingress import Ingress
 from serve.rebuilder import Rebuilder
-from serve.searcher import ShardSearcher
+from serve.searcher import ShardSearcher, searcher_args
 
 
 def load_store_manifest(config: ServeConfig) -> Manifest:
@@ -104,24 +106,27 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
             name=f"ShardSearcher{g}",
             **config.searcher.deployment_options(gpus, slots=len(shards)),
             **logging,
-        ).bind(
-            config.store,
-            shards,
-            config.reload_interval_s,
-            config.search_threads,
-            config.delta_poll_s,
-            config.storage_options,
-            config.lease_interval_s,
-            config.search_batch_wait_ms / 1000,
-            config.search_max_batch,
-            config.search_parallel_shards,
-        )
+        ).bind(*searcher_args(config, shards))
         for g, shards in enumerate(groups)
+        if not config.colocate_shards  # else the ingress searches them itself (LocalGroup)
     ]
     # one replica decides rebuilds (serve.rebuilder); none for a read-only app
     rebuilder = Rebuilder.options(**logging).bind(config) if config.writes else None
+    canary = None
+    # the live recall canary (serve.canary) asks the group deployments for exact answers; an app
+    # whose ingress searches the groups itself (colocate_shards) runs without it
+    if config.canary_fraction > 0 and not config.colocate_shards:
+        canary = RecallCanary.options(
+            ray_actor_options={"num_cpus": config.canary_num_cpus}, **logging
+        ).bind(
+            searchers,
+            manifest.metric,
+            config.canary_window,
+            config.canary_max_per_s,
+            config.canary_queue,
+        )
     return Ingress.options(**config.ingress.deployment_options(gpus), **logging).bind(
-        config, embedder, searchers, rebuilder, groups
+        config, embedder, searchers, rebuilder, groups, canary
     )
 
 

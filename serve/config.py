@@ -8,13 +8,18 @@ deploy`` config, or ``serve run serve.app:app_builder key=value``) and from the 
 
 - ``VISUAL_SEARCH_STORE``: the store root URI (overrides nothing that was given explicitly).
 - ``VISUAL_SEARCH_SERVE_CONFIG``: a YAML file in this schema, read by ``serve run serve.app:app``.
-- ``VISUAL_SEARCH_API_KEY``: the key write and admin endpoints require (``api_key``), if set.
+- ``VISUAL_SEARCH_API_KEY``: the key write and admin endpoints require (``api_key``).
 - ``VISUAL_SEARCH_STORAGE_OPTIONS``: fsspec options of the store as JSON (``storage_options``
   wins), e.g. ``{"endpoint_url": "http://minio:9000"}``; fsspec's and the AWS SDK's own
   variables (``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL``, ``AWS_*`` keys) work too.
 
 Defaults suit a 2-core laptop: fractional CPUs so five-plus deployments schedule on two cores,
 one replica each, no GPU unless the cluster has one (``num_gpus: auto`` on the embedder).
+
+Defaults are safe for a port anyone can reach (``serve.security``): writes and ``/admin/*``
+need ``api_key``, and an app without a key refuses them unless ``open_writes: true`` says that
+anyone may write (the local demo on 127.0.0.1 does); callers without the key get the lower
+``anon_max_*`` caps and no server-side error text.
 """
 
 from __future__ import annotations
@@ -161,6 +166,9 @@ class ServeConfig:
     # group per query; None = every shard in one group (one box); 1 = a deployment per shard.
     # On a cluster, one memory node's shard_host slots (the group asks for that many slots).
     shards_per_group: int | None = None
+    # search the shard groups inside the ingress replica (no actor hop per query): the lowest
+    # latency on one box with one ingress replica; every ingress replica holds the shards then
+    colocate_shards: bool = False  # (then without the recall canary, which needs deployments)
     search_parallel_shards: int = 2  # shards of a group searched at once (threads)
     # queries reaching a group replica within this window are searched as one FAISS batch
     search_batch_wait_ms: float = 1.0
@@ -183,8 +191,16 @@ class ServeConfig:
     # never deletes a version a replica reported within lease_ttl_s
     lease_interval_s: float = 10.0
     lease_ttl_s: float = 60.0
-    api_key: str = ""  # "" = writes open; else Authorization: Bearer <key> or X-API-Key
-    writes: bool = True  # POST /images, DELETE /images/{id}, POST /admin/rebuild
+    # Authorization: Bearer <key> or X-API-Key. Writes (POST /images, DELETE /images/{id}) and
+    # /admin/* need it; with no key they are refused unless open_writes opens them to anyone
+    api_key: str = ""
+    open_writes: bool = False  # true: writes and /admin/* without a key (a loopback demo only)
+    writes: bool = True  # false: read-only app (403 writes_disabled, no Rebuilder)
+    # callers without the key (anonymous) get these lower caps (never above the max_* above);
+    # keyed callers get max_nprobe, max_candidates and max_pixels
+    anon_max_nprobe: int = 256
+    anon_max_candidates: int = 1000
+    anon_max_pixels: int = 16_000_000
     # background rebuilds (serve.rebuilder, pipelines.rebuild): a shard is rebuilt when its
     # delta (new rows + new tombstones) reaches rebuild_delta_rows or rebuild_delta_fraction of
     # its built rows (0 = that rule off), checked every rebuild_check_s (0 = on request only)
@@ -198,6 +214,14 @@ class ServeConfig:
     rebuild_memory_budget: str = "4G"
     # custom Ray resource rebuild tasks are placed by ("auto": shard_host when nodes have it)
     rebuild_node_resource: str = "auto"
+    # live recall canary (serve.canary): this fraction of fully answered searches is recomputed
+    # exactly in the background (0 = off, no RecallCanary deployment), at most canary_max_per_s
+    # a second (each is a scan of every shard), recall@k kept over the last canary_window
+    canary_fraction: float = 0.05
+    canary_max_per_s: float = 0.5
+    canary_window: int = 200
+    canary_queue: int = 16
+    canary_num_cpus: float = 0.05
     access_log: bool = True  # Serve's per-request access log lines (every replica, every call)
     # Serve's log encoding: "JSON" = one JSON object per line with request_id, deployment,
     # replica and our endpoint/status/latency_ms fields; "TEXT" = Serve's plain lines
@@ -254,6 +278,9 @@ class ServeConfig:
             "max_candidates",
             "max_upload_bytes",
             "max_pixels",
+            "anon_max_nprobe",
+            "anon_max_candidates",
+            "anon_max_pixels",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -268,6 +295,11 @@ class ServeConfig:
         for name in ("shard_deadline_ms", "embed_deadline_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.open_writes and self.api_key:
+            raise ConfigError(
+                "open_writes: true opens writes to anyone, but an api_key is set too: "
+                "keep the key (writes need it) or drop it (writes open to all), not both"
+            )
         if self.handle_transport not in ("ray", "grpc"):
             raise ConfigError(
                 f"handle_transport must be 'ray' or 'grpc', got {self.handle_transport!r}"
@@ -293,6 +325,12 @@ class ServeConfig:
             raise ConfigError(
                 f"rebuild_delta_fraction must be in 0..1, got {self.rebuild_delta_fraction}"
             )
+        if not 0 <= self.canary_fraction <= 1:
+            raise ConfigError(f"canary_fraction must be in 0..1, got {self.canary_fraction}")
+        if self.canary_max_per_s <= 0 or self.canary_num_cpus < 0:
+            raise ConfigError("canary_max_per_s must be > 0 and canary_num_cpus >= 0")
+        if self.canary_window < 1 or self.canary_queue < 1:
+            raise ConfigError("canary_window and canary_queue must be >= 1")
         if self.rebuild_threads < 1:
             raise ConfigError(f"rebuild_threads must be >= 1, got {self.rebuild_threads}")
         from index.policy import parse_memory

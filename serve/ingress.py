@@ -24,6 +24,8 @@ does the same with a tombstone. Other replicas of the shard see the write within
 
 import asyncio
 import json
+import logging
+import random
 import threading
 import time
 
@@ -40,6 +42,8 @@ from index.hits import Hit
 from index.manifest import load_manifest
 from index.merge import merge_topk
 from index.metadata import record_columns
+from index.shaping import POOL_FACTOR, expanded_query, self_ids_of
+from index.shaping import shape as shape_hits
 from index.sharding import content_id, shard_of, uri_id
 from serve.api import (
     ERROR_RESPONSES,
@@ -49,9 +53,9 @@ from serve.api import (
     ApiError,
     Limits,
     ParsedQuery,
+    SearchParams,
     SearchResponse,
     check_add_metadata,
-    check_api_key,
     create_app,
     image_crop,
     parse_add,
@@ -60,16 +64,19 @@ from serve.api import (
     validate_fields,
     validate_id,
 )
-from serve.config import ServeConfig
+from serve.config import MAX_K, ServeConfig
 from serve.metrics import RequestMetrics, ingress_metrics
 from serve.openapi import OpenApiContext, app_document, set_context
 from serve.page import add_page_routes
 from serve.scatter import call_with_deadline, gather_with_deadline
+from serve.searcher import LocalGroup
+from serve.security import authorize_write, is_keyed, limits_for, redact
 from serve.thumbnails import RECORD_ERROR_RESPONSES, thumbnail_response
 
 # Serve's ingress decorator pickles the FastAPI app (and through its routes these methods) when
 # the class is decorated: everything the routes use must already be defined above the class, and
 # annotations must be real objects (no ``from __future__ import annotations``) for FastAPI.
+log = logging.getLogger("ray.serve")
 api = create_app()
 api.add_middleware(RequestMetrics)  # counts, times and logs every request
 add_page_routes(api)  # GET / (the search page) and its static files
@@ -80,9 +87,10 @@ api.openapi = app_document
 SCHEMA_RELOAD_S = 1.0  # at most one manifest read a second for requests naming unknown columns
 
 
-def _missing(missing: dict[int, str], groups: list[list[int]]) -> list[dict]:
-    """Per-shard entries for the groups that did not answer."""
-    return [{"shard": s, "reason": r} for g, r in sorted(missing.items()) for s in groups[g]]
+def _missing(missing: dict[int, str], groups: list[list[int]], keyed: bool = True) -> list[dict]:
+    """Per-shard entries for the groups that did not answer (reasons redacted when anonymous)."""
+    rows = [{"shard": s, "reason": r} for g, r in sorted(missing.items()) for s in groups[g]]
+    return rows if keyed else redact(rows)
 
 
 def _json(body: dict, status: int) -> JSONResponse:
@@ -119,15 +127,21 @@ class Ingress:
         searchers: list[DeploymentHandle],
         rebuilder: DeploymentHandle | None = None,
         groups: list[list[int]] | None = None,
+        canary: DeploymentHandle | None = None,
     ):
         self.config = config
         self.store = config.open_store()
         self.rebuilder = rebuilder
+        self.canary = canary  # serve.canary.RecallCanary, or None (canary_fraction 0)
         self._clock = _MonotonicMs()
         manifest = load_manifest(self.store)
         if manifest is None:
             raise RuntimeError(f"store {config.store} has no manifest")
         groups = groups or [[s] for s in range(manifest.num_shards)]
+        if config.colocate_shards:  # the groups live in this replica: no actor hop per query
+            searchers = [LocalGroup(config, shards) for shards in groups]
+        elif config.handle_transport == "grpc":
+            searchers = [h.options(_by_reference=False) for h in searchers]
         if len(searchers) != len(groups) or sorted(sum(groups, [])) != list(
             range(manifest.num_shards)
         ):
@@ -140,20 +154,12 @@ class Ingress:
         self.dim = manifest.dim
         self.metric = manifest.metric
         self.num_shards = manifest.num_shards
-        if config.handle_transport == "grpc":
-            embedder = embedder.options(_by_reference=False) if embedder is not None else None
-            searchers = [h.options(_by_reference=False) for h in searchers]
+        if config.handle_transport == "grpc" and embedder is not None:
+            embedder = embedder.options(_by_reference=False)
         self.embedder = embedder
         self.searchers = searchers
-        self.limits = Limits(
-            default_k=config.default_k,
-            default_nprobe=config.default_nprobe,
-            default_candidates=config.default_candidates,
-            max_nprobe=config.max_nprobe,
-            max_candidates=config.max_candidates,
-            max_upload_bytes=config.max_upload_bytes,
-            max_pixels=config.max_pixels,
-        )
+        self.limits = limits_for(config, keyed=True)
+        self.anon_limits = limits_for(config, keyed=False)  # serve.security: lower caps
         self.shard_timeout_s = config.shard_deadline_ms / 1000
         self.embed_timeout_s = config.embed_deadline_ms / 1000
         self._image_size: int | None = None
@@ -169,7 +175,7 @@ class Ingress:
                 metadata=dict(self.manifest.metadata),
                 image_queries=self.embedder is not None,
                 api_key=bool(self.config.api_key),
-                limits=self.limits,
+                limits=self.anon_limits,  # what any caller may send (keyed ones: more)
             )
         )
 
@@ -201,8 +207,18 @@ class Ingress:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
+    def _caller(self, request: Request) -> Limits:
+        """Mark the request keyed or anonymous (error bodies read the mark); its limits."""
+        request.state.keyed = keyed = is_keyed(request.headers, self.config.api_key)
+        return self.limits if keyed else self.anon_limits
+
+    def _shown(self, request: Request, body: dict) -> dict:
+        """``body`` for this caller: server-side error text only with the key."""
+        return body if request.state.keyed else redact(body)
+
     @api.get("/readyz", summary="Every shard has a live index loaded and the embedder is up")
-    async def readyz(self):
+    async def readyz(self, request: Request):
+        self._caller(request)
         rows = await self._per_shard("ready", {"loaded": False})
         ok_embed, embedder = await self._embedder_info()
         expected = {s: st.count for s, st in self.manifest.shards.items()}
@@ -213,13 +229,14 @@ class Ingress:
         body = {"ready": ready, "shards": rows, "embedder": embedder if ok_embed else None}
         if not ok_embed:
             body["embedder_error"] = embedder
-        return _json(body, 200 if ready else 503)
+        return _json(self._shown(request, body), 200 if ready else 503)
 
     @api.get("/stats", summary="Per shard: live version, row count, memory")
-    async def stats(self) -> dict:
+    async def stats(self, request: Request) -> dict:
+        self._caller(request)
         shards = await self._per_shard("stats", {})
         ok_embed, embedder = await self._embedder_info()
-        return {
+        body = {
             "model": self.manifest.model_tag,
             "dim": self.dim,
             "metric": self.metric,
@@ -229,7 +246,16 @@ class Ingress:
             "shards": shards,
             "embedder": embedder if ok_embed else {"error": embedder},
             "groups": self.groups,
+            "canary": await self._canary_stats(),
         }
+        return self._shown(request, body)
+
+    async def _canary_stats(self) -> dict | None:
+        """The recall canary's window (``serve.canary``); None when it is off."""
+        if self.canary is None:
+            return None
+        ok, stats = await call_with_deadline(self.canary.stats.remote(), self.shard_timeout_s)
+        return stats if ok else {"error": stats}
 
     async def _per_shard(self, method: str, absent: dict) -> list[dict]:
         """``method`` of every group (a list of per-shard rows each), as one row per shard;
@@ -265,17 +291,64 @@ class Ingress:
         id: str | None = Query(None, include_in_schema=False),
     ) -> dict:
         start = time.perf_counter()
-        query = await parse_search(request, self.limits, self.dim, self.metric == "ip")
+        limits = self._caller(request)
+        query = await parse_search(request, limits, self.dim, self.metric == "ip")
         query = await self._with_schema(resolve_metadata, query)
-        vector = await self._query_vector(query)
+        vector = await self._query_vector(query, limits)
         params = query.params
+        shape = params.shape
+        fetch = shape.fetch_k(params.k, MAX_K)  # = k unless shaping needs more to choose from
+        merged, missing = await self._gather_hits(vector, fetch, params, request.state.keyed)
+        if params.filter is None:  # the canary's exact search knows no filter
+            self._canary_sample(vector, params.k, merged, missing)
+        shaped = None
+        if shape.active:
+            merged, shaped, again = await self._shape(
+                query, vector, merged, fetch, params, request.state.keyed
+            )
+            missing += [m for m in again if m not in missing]  # the expanded query's scatter
+        ingress_metrics().observe_answer({m["shard"]: m["reason"] for m in missing})
+        results = [
+            {
+                "id": h.id,
+                "uri": h.uri,
+                "score": float(h.score),
+                "shard": h.shard,
+                "metadata": h.metadata or {},
+            }
+            for h in merged[: params.k]
+        ]
+        if shaped is not None and shape.dedup is not None:
+            for row, item in zip(results, shaped, strict=True):
+                row["collapsed"] = list(item.collapsed)
+        body = {
+            "results": results,
+            "took_ms": round((time.perf_counter() - start) * 1000, 3),
+            "shards_answered": self.num_shards - len(missing),
+            "shards_total": self.num_shards,
+            "partial": bool(missing),
+            "missing_shards": missing,
+        }
+        # A Response is sent as is: FastAPI validates and re-encodes a returned dict against
+        # response_model (which stays, for the OpenAPI schema), and that pass cost more than
+        # the merge. The body is built from str/int/float/bool/None only (metadata values too),
+        # so it matches the model.
+        return _search_json(body)
+
+    async def _gather_hits(
+        self, vector: np.ndarray, k: int, params: SearchParams, keyed: bool = True
+    ) -> tuple[list[Hit], list[dict]]:
+        """Scatter one query to every group, gather before the deadline, merge the top ``k``;
+        returns the hits and the shards that did not answer (503 when none did; the reasons
+        redacted for an anonymous caller). The filter and the metadata fields of ``params`` go
+        to every group (each shard evaluates the filter on its own columns)."""
         names = tuple(self.manifest.metadata) if params.fields is None else params.fields
         gathered = await gather_with_deadline(
             {
                 g: (
                     lambda h=h: h.search.remote(
                         vector,
-                        params.k,
+                        k,
                         params.nprobe,
                         params.candidates,
                         params.rerank,
@@ -287,7 +360,7 @@ class Ingress:
             },
             self.shard_timeout_s,
         )
-        missing = _missing(gathered.missing, self.groups)
+        missing = _missing(gathered.missing, self.groups, keyed)
         if not gathered.answers:
             raise ApiError(
                 503,
@@ -310,30 +383,76 @@ class Ingress:
             ]
             for _, answer in sorted(gathered.answers.items())
         ]
-        merged = merge_topk(per_group, params.k, self.metric)
-        ingress_metrics().observe_answer({m["shard"]: m["reason"] for m in missing})
-        body = {
-            "results": [
-                {
-                    "id": h.id,
-                    "uri": h.uri,
-                    "score": float(h.score),
-                    "shard": h.shard,
-                    "metadata": h.metadata or {},
-                }
-                for h in merged
-            ],
-            "took_ms": round((time.perf_counter() - start) * 1000, 3),
-            "shards_answered": self.num_shards - len(missing),
-            "shards_total": self.num_shards,
-            "partial": bool(missing),
-            "missing_shards": missing,
-        }
-        # A Response is sent as is: FastAPI validates and re-encodes a returned dict against
-        # response_model (which stays, for the OpenAPI schema), and that pass cost more than
-        # the merge. The body is built from str/int/float/bool/None only (metadata values too),
-        # so it matches the model.
-        return _search_json(body)
+        return merge_topk(per_group, k, self.metric), missing
+
+    # ---- answer shaping and the recall canary (issue #17) --------------------------------------
+    async def _shape(
+        self, query: ParsedQuery, vector, hits: list[Hit], fetch: int, params, keyed: bool
+    ):
+        """Query expansion (a second scatter with the expanded query), then ``index.shaping``.
+        When dedup collapses the pool into fewer than ``k`` groups, the pool grows (x4, up to
+        ``MAX_K``) and is shaped again. Returns the shaped hits, their ``Shaped`` records (for
+        ``collapsed``) and the shards the extra scatters missed."""
+        shape = params.shape
+        missing: list[dict] = []
+        self_ids = None
+        if shape.exclude_self:  # before expansion moves the query off its own vector
+            self_ids = {query.row_id} if query.kind == "id" else self_ids_of(hits, self.metric)
+        if shape.expand and hits:
+            top = hits[: shape.expand_m]
+            found = await self._vectors_of(top)
+            kept = [h for h in top if h.id in found]
+            if kept:
+                expanded = expanded_query(
+                    vector,
+                    np.stack([found[h.id] for h in kept]),
+                    [h.score for h in kept],
+                    shape.expand_alpha,
+                    self.metric,
+                )
+                hits, missing = await self._gather_hits(expanded, fetch, params, keyed)
+                vector = expanded
+        known: dict[str, np.ndarray] = {}
+        while True:
+            if shape.needs_vectors:
+                known |= await self._vectors_of([h for h in hits if h.id not in known])
+            shaped = shape_hits(
+                hits, params.k, shape, self.metric, vectors=known, self_ids=self_ids
+            )
+            if shape.dedup is None or len(shaped) >= params.k or len(hits) < fetch:
+                break
+            if fetch >= MAX_K:
+                break  # as many as the contract allows: fewer than k groups exist in reach
+            # the pool collapsed below k near-duplicate groups: search again with a larger one
+            fetch = min(MAX_K, fetch * POOL_FACTOR)
+            hits, more = await self._gather_hits(vector, fetch, params, keyed)
+            missing += [m for m in more if m not in missing]
+        return [item.hit for item in shaped], shaped, missing
+
+    async def _vectors_of(self, hits: list[Hit]) -> dict[str, np.ndarray]:
+        """id -> vector of ``hits``, one call per group holding any (rows gone are left out)."""
+        by_group: dict[int, list[tuple[int, str]]] = {}
+        for h in hits:
+            by_group.setdefault(self.group_of[h.shard], []).append((h.shard, h.id))
+        gathered = await gather_with_deadline(
+            {g: (lambda g=g: self.searchers[g].vectors_of.remote(by_group[g])) for g in by_group},
+            self.shard_timeout_s,
+        )
+        out: dict[str, np.ndarray] = {}
+        for g, vectors in gathered.answers.items():
+            for (_, row_id), vector in zip(by_group[g], vectors, strict=True):
+                if vector is not None:
+                    out[row_id] = np.asarray(vector, np.float32)
+        return out
+
+    def _canary_sample(self, vector, k: int, hits: list[Hit], missing: list[dict]) -> None:
+        """Hand a sampled, fully answered search to the recall canary; never waits for it."""
+        if self.canary is None or missing or random.random() >= self.config.canary_fraction:
+            return
+        try:
+            self.canary.observe.remote(vector, k, [h.id for h in hits[:k]])
+        except Exception:  # the canary must never fail a search
+            log.exception("handing a sample to the recall canary failed")
 
     # ---- catalogue rows (the search page's thumbnails) -----------------------------------------
     @api.get(
@@ -377,10 +496,11 @@ class Ingress:
         """The handle of the group that serves ``shard``."""
         return self.searchers[self.group_of[shard]]
 
-    def _authorize(self, request: Request) -> None:
-        if not self.config.writes:
-            raise ApiError(403, "writes_disabled", "this app is read-only (writes: false)")
-        check_api_key(request, self.config.api_key)
+    def _authorize(self, request: Request) -> Limits:
+        """Refuse writes and admin calls this caller may not make (``serve.security``)."""
+        limits = self._caller(request)
+        authorize_write(request.headers, self.config)
+        return limits
 
     @api.post(
         "/images",
@@ -390,11 +510,11 @@ class Ingress:
         responses=WRITE_ERROR_RESPONSES,
     )
     async def add_image(self, request: Request) -> dict:
-        self._authorize(request)
-        add = await parse_add(request, self.limits, self.dim, self.metric == "ip")
+        limits = self._authorize(request)
+        add = await parse_add(request, limits, self.dim, self.metric == "ip")
         add = await self._with_schema(check_add_metadata, add)
         if add.kind == "image":
-            vector = await self._embed_image(add.image)
+            vector = await self._embed_image(add.image, limits)
             content = add.image
         else:
             vector = add.vector
@@ -496,7 +616,7 @@ class Ingress:
             raise ApiError(501, "rebuilds_disabled", "this app runs no Rebuilder")
         return await self.rebuilder.status.remote()
 
-    async def _embed_image(self, image: bytes) -> np.ndarray:
+    async def _embed_image(self, image: bytes, limits: Limits) -> np.ndarray:
         if self.embedder is None:
             raise ApiError(
                 501,
@@ -505,7 +625,7 @@ class Ingress:
                 "send a JSON vector",
             )
         image_size = await self._embedder_image_size()
-        crop = await asyncio.to_thread(image_crop, image, image_size, self.limits)
+        crop = await asyncio.to_thread(image_crop, image, image_size, limits)
         ok, vector = await call_with_deadline(
             self.embedder.embed.remote(crop), self.embed_timeout_s
         )
@@ -513,7 +633,7 @@ class Ingress:
             raise ApiError(503, "embedder_unavailable", f"the query embedder failed: {vector}")
         return vector
 
-    async def _query_vector(self, query: ParsedQuery) -> np.ndarray:
+    async def _query_vector(self, query: ParsedQuery, limits: Limits) -> np.ndarray:
         if query.kind == "vector":
             return query.vector
         if query.kind == "id":
@@ -537,7 +657,7 @@ class Ingress:
                 "send a JSON vector or id",
             )
         image_size = await self._embedder_image_size()
-        crop = await asyncio.to_thread(image_crop, query.image, image_size, self.limits)
+        crop = await asyncio.to_thread(image_crop, query.image, image_size, limits)
         ok, vector = await call_with_deadline(
             self.embedder.embed.remote(crop), self.embed_timeout_s
         )

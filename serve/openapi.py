@@ -4,11 +4,13 @@ FastAPI derives a document from the route signatures, but the ingress reads ``PO
 and ``POST /images``' bodies itself (streamed, with a size limit), and what they accept depends
 on the store: the vector length is the catalogue's dimension, the metadata columns and their
 types are the manifest's, image uploads exist only when the app embeds images, and the limits
-(``max_nprobe``, ``max_candidates``) are the config's. ``document`` takes FastAPI's document
-and writes those two operations out exactly:
+are the config's (``max_nprobe``, ``max_candidates``: an anonymous caller's, ``serve.security``;
+a caller with the key may go up to ``max_*``). ``document`` takes FastAPI's document and writes
+those two operations out exactly:
 
 - ``POST /search``: JSON ``{"vector": [dim numbers, not all zero]}`` or ``{"id": "..."}`` (one
   of them; ``additionalProperties: false``) with ``k``, ``nprobe``, ``rerank``, ``candidates``,
+  the answer-shaping options (``expand``, ``diversify``, ``dedup``, ...),
   ``filter`` (``#/components/schemas/Filter``: one condition schema per column and operator,
   ``index.filters.openapi_schema``) and ``fields`` (an array of the column names); or multipart
   with a ``file`` (``encoding``: image types) and the same fields as form fields (``filter`` as
@@ -31,6 +33,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+from index import shaping
 from index.filters import openapi_schema as filter_schema
 from index.metadata import INT64_MAX, INT64_MIN, MAX_STRING_CHARS
 from serve.api import FLOAT32_MAX, MAX_ID_CHARS, MAX_URI_CHARS, Limits
@@ -133,6 +136,16 @@ def _params(ctx: OpenApiContext) -> dict:
         "nprobe": {"type": "integer", "minimum": 1, "maximum": limits.max_nprobe},
         "rerank": {"type": "boolean"},
         "candidates": {"type": "integer", "minimum": 1, "maximum": limits.max_candidates},
+        # answer shaping (index.shaping, serve.api.validate_shape)
+        "expand": {"type": "boolean"},
+        "expand_m": {"type": "integer", "minimum": 1, "maximum": shaping.MAX_EXPAND_M},
+        "expand_alpha": {"type": "number", "minimum": 0, "maximum": shaping.MAX_EXPAND_ALPHA},
+        "diversify": {
+            "anyOf": [{"type": "boolean"}, {"type": "number", "minimum": 0, "maximum": 1}]
+        },
+        "dedup": {"anyOf": [{"type": "boolean"}, {"type": "number", "exclusiveMinimum": 0}]},
+        "exclude_self": {"type": "boolean"},
+        "min_score": {"type": "number"},
     }
 
 

@@ -415,6 +415,44 @@ class ShardSearcher:
         holder = self._holder(shard)
         return await asyncio.to_thread(holder.hand_over, "add_tombstones", part, ids, deleted_ms)
 
+    async def vectors_of(self, pairs: list[tuple[int, str]]) -> list[np.ndarray | None]:
+        """The visible vectors of ``(shard, id)`` pairs of this group, in order (None where a row
+        is gone): what dedup and diversification compare answers with, in one call per group."""
+
+        def lookup() -> list[np.ndarray | None]:
+            out: list[np.ndarray | None] = []
+            for shard, row_id in pairs:
+                view = self._holder(shard).view
+                vector = None if view is None else view.vector_of(row_id)
+                out.append(None if vector is None else np.asarray(vector, np.float32))
+            return out
+
+        return await asyncio.to_thread(lookup)
+
+    async def search_exact(self, vector: np.ndarray, k: int) -> dict:
+        """Brute-force top-k over the group's visible rows (``LiveShard.search_exact``), as
+        ``{"ids", "scores", "shards", "answered"}``: the recall canary's reference. A scan of
+        every vector of the group: the canary bounds how often it asks (``serve.canary``)."""
+        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+
+        def run() -> dict:
+            per_shard, answered = [], []
+            for holder in self.holders.values():
+                view = holder.view
+                if view is None:
+                    continue
+                per_shard.append(view.search_exact(query, int(k))[0])
+                answered.append(holder.shard)
+            hits = merge_topk(per_shard, int(k), self.metric)
+            return {
+                "ids": [h.id for h in hits],
+                "scores": [float(h.score) for h in hits],
+                "shards": [h.shard for h in hits],
+                "answered": answered,
+            }
+
+        return await asyncio.to_thread(run)
+
     async def vector_of(self, shard: int, row_id: str) -> np.ndarray | None:
         view = self._holder(shard).view
         if view is None:
@@ -437,3 +475,44 @@ class ShardSearcher:
 
     def stats(self) -> list[dict]:
         return [holder.stats() for holder in self.holders.values()]
+
+
+def searcher_args(config, shards: list[int]) -> tuple:
+    """``ShardSearcher``'s constructor arguments for a group, from a ``ServeConfig``."""
+    return (
+        config.store,
+        shards,
+        config.reload_interval_s,
+        config.search_threads,
+        config.delta_poll_s,
+        config.storage_options,
+        config.lease_interval_s,
+        config.search_batch_wait_ms / 1000,
+        config.search_max_batch,
+        config.search_parallel_shards,
+    )
+
+
+class LocalGroup:
+    """A shard group searched inside the calling replica (``colocate_shards``): the same
+    ``ShardSearcher`` code, called directly, behind the ``handle.method.remote(...)`` interface
+    the ingress uses for a deployment. No actor hop per query: for one box with one ingress
+    replica (each ingress replica holds its own copy of the shards)."""
+
+    def __init__(self, config, shards: list[int]):
+        self._searcher = ShardSearcher.func_or_class(*searcher_args(config, shards))
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        return _LocalMethod(getattr(self._searcher, name))
+
+
+class _LocalMethod:
+    def __init__(self, method):
+        self._method = method
+
+    def remote(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    async def _call(self, *args, **kwargs):
+        result = self._method(*args, **kwargs)
+        return await result if asyncio.iscoroutine(result) else result

@@ -89,6 +89,8 @@ class RayHead:
     env_extra: dict[str, str] = field(default_factory=dict)
     dashboard_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    gcs_port: int = field(default_factory=free_port)
+    extra_args: list[str] = field(default_factory=list)  # more `ray start` flags
     pid: int | None = None
 
     @property
@@ -109,12 +111,12 @@ class RayHead:
 
     def start(self) -> RayHead:
         cmd = [
-            "ray", "start", "--head", f"--num-cpus={self.num_cpus}", f"--port={free_port()}",
+            "ray", "start", "--head", f"--num-cpus={self.num_cpus}", f"--port={self.gcs_port}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}",
             f"--metrics-export-port={self.metrics_port}",
-            f"--temp-dir={self.temp_dir}", "--include-dashboard=true",
+            f"--temp-dir={self.temp_dir}", "--include-dashboard=true", *self.extra_args,
         ]  # fmt: skip
         head = subprocess.Popen(
             cmd,

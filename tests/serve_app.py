@@ -2,6 +2,8 @@
 
 ``running_app`` starts the whole graph (Ingress -> QueryEmbedder, ShardSearcher0..S-1) over a
 small store of real Caltech photos, on a free loopback port, and shuts Serve down afterwards.
+The app has an API key (``TEST_API_KEY``) and ``RunningApp.client()`` sends it, so the tests
+write and read error details as an operator does; ``client(keyed=False)`` is an anonymous caller.
 ``serve_replicas`` lists the live Serve actors with their process ids straight from the GCS
 actor table: the tests' local Ray runs without a dashboard, so ``ray.util.state`` (which asks the
 dashboard) is not available there, and a restarted replica shows up as a new actor id and pid.
@@ -33,14 +35,20 @@ class RunningApp:
     config: ServeConfig
     extra: dict = field(default_factory=dict)
 
-    def client(self, timeout: float = 60.0) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=timeout)
+    def client(self, timeout: float = 60.0, keyed: bool = True) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.config.api_key}"} if keyed else {}
+        return httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+
+
+TEST_API_KEY = "test-key-not-secret"
 
 
 def app_config(store_uri: str, **overrides: Any) -> ServeConfig:
-    """The test app's config: small CPU shares, quick health checks, quick manifest polling."""
+    """The test app's config: small CPU shares, quick health checks, quick manifest polling,
+    and an API key (writes need one; ``RunningApp.client`` sends it)."""
     values: dict[str, Any] = {
         "store": store_uri,
+        "api_key": TEST_API_KEY,
         "shard_deadline_ms": 1500,
         "embed_deadline_ms": 5000,
         "embed_threads": 1,

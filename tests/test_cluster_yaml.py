@@ -12,7 +12,9 @@ On top of Ray's checks, the project's own: the node types advertise the resource
 places work with (``GPU`` for embedding, ``shard_host`` for shard searchers), min/max workers
 are sane, labels follow Ray's syntax, every shell command parses, the repository is synced and
 installed the README's way, and whatever a serve config in ``serve/`` asks for fits a node type.
-Negative tests prove each layer rejects a broken config.
+Negative tests prove each layer rejects a broken config. ``cluster-fake.yaml`` (the same cluster
+for Ray's fake multi-node provider, run for real by ``test_fake_cluster.py``) is checked to stay
+``cluster.yaml`` in small: same worker types, resources, labels and min workers.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 REMOTE_REPO = "~/visual-search"  # where file_mounts put the repository on every node
 SHARD_RESOURCE = "shard_host"  # custom resource of the memory nodes; ShardSearcher asks for 1
-EXPECTED_CONFIGS = {"cluster.yaml", "cluster-local.yaml"}
+EXPECTED_CONFIGS = {"cluster.yaml", "cluster-local.yaml", "cluster-fake.yaml"}
+FAKE_HEAD = "ray.head.default"  # the fake provider's name for the head it was started from
 COMMAND_KEYS = (
     "initialization_commands",
     "setup_commands",
@@ -84,6 +87,11 @@ def ray_prepare_and_validate(config: dict[str, Any]) -> dict[str, Any]:
     """
     from ray.autoscaler._private.util import prepare_config, validate_config
 
+    if config.get("provider", {}).get("type") == "fake_multinode":
+        # the wheel lacks this provider's defaults file, which prepare_config merges in; the
+        # fake config is complete without it (what `ray start --autoscaling-config` reads)
+        validate_config(copy.deepcopy(config))
+        return copy.deepcopy(config)
     prepared = prepare_config(copy.deepcopy(config))
     validate_config(prepared)
     return prepared
@@ -161,6 +169,8 @@ def placement_problems(raw: dict[str, Any], prepared: dict[str, Any]) -> list[st
 def install_problems(raw: dict[str, Any]) -> list[str]:
     """The repository must reach the nodes and be installed into the Python that Ray runs."""
     problems: list[str] = []
+    if raw["provider"]["type"] == "fake_multinode":
+        return problems  # its nodes are processes of this checkout on this machine
     local = (raw.get("file_mounts") or {}).get(REMOTE_REPO)
     if local is None:
         problems.append(f"file_mounts must sync the repository to {REMOTE_REPO}")
@@ -237,6 +247,35 @@ def test_on_prem_resources_file_reaches_ray_start(tmp_path):
             ).stdout
             assert out.startswith("--resources=")
             assert json.loads(out.removeprefix("--resources=")) == expected
+
+
+def test_fake_cluster_is_cluster_yaml_in_small():
+    """cluster-fake.yaml keeps cluster.yaml's node types, resources, labels and min workers,
+    sized for one 2-core, 24 GiB machine (logical CPUs; small object stores and max_workers)."""
+    real, fake = load(ROOT / "cluster.yaml"), load(ROOT / "cluster-fake.yaml")
+    real_types, fake_types = real["available_node_types"], fake["available_node_types"]
+    assert fake["head_node_type"] == FAKE_HEAD and real["head_node_type"] in real_types
+    heads = real_types[real["head_node_type"]], fake_types[FAKE_HEAD]
+    assert heads[0]["resources"] == heads[1]["resources"] == {"CPU": 0}
+    assert heads[0].get("labels") == heads[1].get("labels")
+    workers = set(real_types) - {real["head_node_type"]}
+    assert set(fake_types) - {FAKE_HEAD} == workers
+    for name in workers:
+        r, f = real_types[name], fake_types[name]
+        fake_resources = {k: v for k, v in f["resources"].items() if k != "object_store_memory"}
+        assert set(fake_resources) == set(r["resources"]), name
+        assert all(v >= 1 for v in fake_resources.values()), name  # each role still there
+        assert f.get("labels") == r.get("labels"), name
+        assert f["min_workers"] == r["min_workers"], name
+        assert 1 <= f["max_workers"] <= r["max_workers"], name
+    assert fake["max_workers"] <= real["max_workers"]
+    assert fake["idle_timeout_minutes"] <= real["idle_timeout_minutes"]
+    # what fits one machine: every worker at once, each with its object store
+    most = sum(fake_types[n]["max_workers"] for n in workers)
+    assert most <= fake["max_workers"] <= 6
+    stores = sum(fake_types[n]["max_workers"] * fake_types[n]["resources"]["object_store_memory"]
+                 for n in workers)  # fmt: skip
+    assert stores <= 2 * 2**30
 
 
 # ---- tests: serve configs against the cluster

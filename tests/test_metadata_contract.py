@@ -104,7 +104,9 @@ def test_openapi_says_exactly_what_search_and_images_accept():
     assert by_vector["properties"]["nprobe"]["maximum"] == 64
     assert body["multipart/form-data"]["encoding"]["filter"]["contentType"] == "application/json"
     params = {p["name"]: p["schema"] for p in doc["paths"]["/search"]["post"]["parameters"]}
-    assert set(params) == {"k", "nprobe", "rerank", "candidates", "fields"}  # no ?id=: JSON's
+    shaping = {"expand", "expand_m", "expand_alpha", "diversify", "dedup", "exclude_self"}
+    assert set(params) == {"k", "nprobe", "rerank", "candidates", "fields", "min_score"} | shaping
+    assert "id" not in params  # the JSON body's, not documented in the query string
     filter_schema = doc["components"]["schemas"]["Filter"]
     # the document is a valid JSON Schema, and it accepts exactly the filters the store does
     fixed = _rewrite_refs(filter_schema)

@@ -5,6 +5,7 @@
         hits = client.search("cat.jpg", k=5)["results"]        # an image file (or bytes)
         hits = client.search(id=hits[0]["id"])                  # a catalogue row
         hits = client.search(vector=[...])                      # a vector of the catalogue's dim
+        hits = client.search("cat.jpg", expand=True, dedup=True, diversify=0.7)  # answer shaping
         client.stats(), client.record(row_id), client.thumbnail(row_id)
 
 Answers are the app's JSON as dicts (the contract is in ``serve/api.py``). A refusal raises
@@ -104,8 +105,21 @@ class SearchClient:
         nprobe: int | None = None,
         rerank: bool | None = None,
         candidates: int | None = None,
+        expand: bool | None = None,
+        expand_m: int | None = None,
+        expand_alpha: float | None = None,
+        diversify: bool | float | None = None,
+        dedup: bool | float | None = None,
+        exclude_self: bool | None = None,
+        min_score: float | None = None,
     ) -> dict:
-        """Top-k of exactly one of an image, a catalogue ``id`` or a ``vector``."""
+        """Top-k of exactly one of an image, a catalogue ``id`` or a ``vector``.
+
+        Answer shaping (``index.shaping``; the app's defaults when None): ``expand`` (query
+        expansion with the top ``expand_m`` results, weights ``score ** expand_alpha``),
+        ``diversify`` (MMR: True or a lambda in 0..1), ``dedup`` (collapse near-duplicates: True
+        or a similarity threshold; results get ``collapsed``), ``exclude_self``, ``min_score``.
+        """
         given = [
             name for name, v in (("image", image), ("id", id), ("vector", vector)) if v is not None
         ]
@@ -113,11 +127,27 @@ class SearchClient:
             raise ValueError(f"give exactly one of image, id, vector (got {given or 'none'})")
         params = {
             key: value
-            for key, value in (("k", k), ("nprobe", nprobe), ("candidates", candidates))
+            for key, value in (
+                ("k", k),
+                ("nprobe", nprobe),
+                ("candidates", candidates),
+                ("expand_m", expand_m),
+                ("expand_alpha", expand_alpha),
+                ("min_score", min_score),
+            )
             if value is not None
         }
-        if rerank is not None:
-            params["rerank"] = "true" if rerank else "false"
+        for key, value in (
+            ("rerank", rerank),
+            ("expand", expand),
+            ("diversify", diversify),
+            ("dedup", dedup),
+            ("exclude_self", exclude_self),
+        ):
+            if isinstance(value, bool):
+                params[key] = "true" if value else "false"
+            elif value is not None:
+                params[key] = value
         if image is not None:
             name, data = read_image(image)
             files = {"file": (name, data, "application/octet-stream")}

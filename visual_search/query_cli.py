@@ -3,9 +3,11 @@
     visual-search search cat.jpg --k 5                # an image file or fsspec URI
     visual-search search --id 3f2a9c0d1e2b4a5c        # a catalogue row's neighbours
     visual-search search --vector q.npy --json        # a vector (.npy, or a JSON list; - = stdin)
+    visual-search search cat.jpg --expand --dedup --diversify 0.7    # answer shaping
     visual-search stats [--json]
 
-A table by default (rank, score, shard, id, uri, then any metadata fields of the results), the
+A table by default (rank, score, shard, id, uri, then any metadata fields of the results; with
+``--dedup`` the number of near-duplicates each result stands for), the
 app's JSON with ``--json``. Exit status: 0 answered (a partial answer too, with a warning on
 stderr, unless ``--fail-partial``: then 1), 1 the app failed (5xx), 2 bad usage or query file,
 3 the app cannot be reached, 4 the app refused the query (4xx, e.g. ``unknown_id``).
@@ -64,9 +66,17 @@ def format_results(body: dict) -> str:
     """The results as a text table; metadata fields after the core columns."""
     results = body.get("results", [])
     extra = sorted({key for r in results for key in r if key not in CORE})
+
+    def cell(r: dict, key: str) -> str:
+        if key not in r:
+            return ""
+        if key == "collapsed":  # dedup: how many near-duplicates this result stands for
+            return f"+{len(r[key])}"
+        return json.dumps(r[key])
+
     rows = [
         [str(i), f"{r['score']:.4f}", str(r["shard"]), str(r["id"]), str(r["uri"])]
-        + [json.dumps(r[key]) if key in r else "" for key in extra]
+        + [cell(r, key) for key in extra]
         for i, r in enumerate(results, 1)
     ]
     lines = _table(["rank", "score", "shard", "id", "uri", *extra], rows)
@@ -90,6 +100,32 @@ def search_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nprobe", type=int, help="IVF lists probed per shard")
     parser.add_argument("--candidates", type=int, help="per-shard candidates for rerank")
     parser.add_argument("--no-rerank", dest="rerank", action="store_false", default=None)
+    shaping = parser.add_argument_group("answer shaping (all off unless given)")
+    shaping.add_argument(
+        "--expand", action="store_true", default=None, help="average query expansion"
+    )
+    shaping.add_argument("--expand-m", type=int, help="results averaged into the query")
+    shaping.add_argument("--expand-alpha", type=float, help="weight score**alpha per result")
+    shaping.add_argument(
+        "--diversify",
+        nargs="?",
+        const=True,
+        type=float,
+        metavar="LAMBDA",
+        help="MMR diversification (lambda in 0..1; 1 = plain ranking; bare: the app's default)",
+    )
+    shaping.add_argument(
+        "--dedup",
+        nargs="?",
+        const=True,
+        type=float,
+        metavar="THRESHOLD",
+        help="collapse near-duplicates above a similarity (bare: the app's default)",
+    )
+    shaping.add_argument(
+        "--exclude-self", action="store_true", default=None, help="leave the query itself out"
+    )
+    shaping.add_argument("--min-score", type=float, help="leave out results scoring below this")
     parser.add_argument(
         "--fail-partial", action="store_true", help="exit 1 when some shard did not answer"
     )
@@ -109,6 +145,13 @@ def search_main(argv: list[str] | None = None) -> int:
                 nprobe=args.nprobe,
                 rerank=args.rerank,
                 candidates=args.candidates,
+                expand=args.expand,
+                expand_m=args.expand_m,
+                expand_alpha=args.expand_alpha,
+                diversify=args.diversify,
+                dedup=args.dedup,
+                exclude_self=args.exclude_self,
+                min_score=args.min_score,
             )
     except SearchError as e:
         return _fail(e)

@@ -137,7 +137,9 @@ def _deploy(args: argparse.Namespace, config) -> None:
     from serve.app import build_app, load_store_manifest
 
     manifest = load_store_manifest(config)
-    total = 1 + int(config.image_queries) + manifest.num_shards + int(config.writes)
+    groups = -(-manifest.num_shards // (config.shards_per_group or manifest.num_shards))
+    total = 1 + int(config.image_queries) + groups + int(config.writes)
+    total += int(config.canary_fraction > 0)
     app = build_app(config)
     serve.start(http_options={"host": args.host, "port": args.port})
     done = threading.Event()
