@@ -193,6 +193,13 @@ def test_filtered_queries_return_only_matching_rows_in_exact_order(app):
     same = {"field": "category", "eq": photo.parent.name}
     r = search(app, files=files, data={"k": "1", "filter": json.dumps(same)})
     assert r.json()["results"][0]["uri"] == str(photo)
+    # answer shaping searches again (query expansion, a larger pool for dedup): with the filter
+    for shaping in ({"expand": True}, {"dedup": True, "diversify": True}):
+        body = {"vector": queries[0].tolist(), "k": 5, "filter": other, **shaping}
+        r = search(app, json=body)
+        assert r.status_code == 200, r.text
+        got = r.json()["results"]
+        assert got and all(h["metadata"]["category"] == "Leopards" for h in got), shaping
     row_id = next(i for i, row in app.catalogue.items() if row["uri"] == str(photo))
     r = search(app, json={"id": row_id, "k": 5, "filter": other})
     assert [h["id"] for h in r.json()["results"]] == exact(
