@@ -255,7 +255,7 @@ def milvus_searcher(client, collection: str, knob: str, ids: list[str]):
             output_fields=["row"],
             search_params={"metric_type": "IP", "params": {knob: value}},
         )
-        return [ids[hit["id"]] for hit in found[0]]
+        return [ids[int(hit.id)] for hit in found[0]]
 
     return search
 
