@@ -69,6 +69,35 @@ def machine_line() -> str:
     return ""
 
 
+def floor_line(p: dict) -> str:
+    """The serving overhead against a bare HTTP server doing the same search (issue #14)."""
+    if "floor_http_p50_ms" not in p:
+        return ""
+    goal = p["goal"]
+
+    def met(key: str) -> str:
+        return "met" if goal.get(key) else "not met"
+
+    line = (
+        f" Against the floor (bare uvicorn, the same in-process search): ours p50 "
+        f"{p['ours_http_p50_ms']} ms vs {p['floor_http_p50_ms']} ms "
+        f"(**{p['ours_p50_over_floor']}x**, goal <= 1.5x: {met('ours_p50_within_1_5x_floor')}), "
+        f"colocated {p['ours_colocated_http_p50_ms']} ms "
+        f"({p['ours_colocated_p50_over_floor']}x, {met('ours_colocated_p50_within_1_5x_floor')}); "
+        f"QPS {p['ours_qps']} vs floor {p['floor_http_qps']} "
+        f"(**{p['ours_qps_over_floor']}x**, goal >= 1x: {met('ours_qps_at_least_floor')}) and "
+        f"{p['ours_qps_over_inprocess_shards']}x our in-process QPS (goal >= 0.5x: "
+        f"{met('ours_qps_at_least_half_inprocess_shards')})."
+    )
+    if "milvus_lite_qps" in p:
+        line += (
+            f" Milvus Lite's best index ({p['milvus_lite_index']}, {p['milvus_lite_rows']:,} "
+            f"rows): recall@10 {p['milvus_lite_recall_at_10']}, p50 {p['milvus_lite_p50_ms']} ms, "
+            f"{p['milvus_lite_qps']} QPS."
+        )
+    return line
+
+
 def section_peers() -> str:
     p = load("peers")
     if not p:
@@ -78,25 +107,33 @@ def section_peers() -> str:
     b = p["build_seconds"]
     rows = []
     for key, label in (
-        ("ours_http", f"ours: Serve over HTTP, {p['shards']} shards"),
+        ("ours_http", f"ours: Serve over HTTP, {p['shards']} shards in one group (default)"),
+        ("ours_http_colocated", "ours: Serve over HTTP, shards colocated in the ingress"),
         ("ours_inprocess", f"ours in-process ({p['shards']} shards, no HTTP)"),
+        ("floor_http", "floor: bare uvicorn + the same in-process search"),
         ("faiss_inprocess", "FAISS in-process, one index (clip-retrieval/autofaiss shape)"),
         ("lancedb", "LanceDB IVF_PQ, embedded"),
+        ("milvus_lite_hnsw", "Milvus Lite HNSW (gRPC server)"),
+        ("milvus_lite_ivf_sq8", "Milvus Lite IVF_SQ8 (gRPC server)"),
     ):
+        if key not in s:
+            continue
         op = s[key]["operating_point"]
         params = {**op, **op.get("body", {})}  # HTTP points carry their knobs in the body
         knobs = ", ".join(
-            f"{k} {params[k]}" for k in ("nprobe", "candidates", "refine_factor") if k in params
+            f"{k} {params[k]}"
+            for k in ("nprobe", "candidates", "refine_factor", "ef", "a", "b")
+            if k in params
         )
         rows.append(
             [
                 label,
-                knobs,
+                knobs or "-",
                 fmt(op["recall_at_10"], 3),
                 fmt(op[c1]["p50_ms"], 2),
                 fmt(op[c1]["p99_ms"], 2),
                 fmt(op[top]["qps"], 0),
-                fmt(b.get(key), 0) if key in b else "(same)",
+                fmt(b.get(key), 0) if b.get(key) else "(same)",
             ]
         )
     goal = p["goal"]
@@ -121,7 +158,7 @@ def section_peers() -> str:
         f"{'met' if goal['ours_http_p99_within_2x_faiss'] else 'not met'}) and LanceDB "
         f"{p['lancedb_p99_ms']} ms ({'ahead' if goal['ours_p99_below_lancedb'] else 'behind'}); "
         f"{p['ours_qps']} QPS vs LanceDB {p['lancedb_qps']} at concurrency {top} "
-        f"({'ahead' if goal['ours_qps_above_lancedb'] else 'behind'}).\n\n"
+        f"({'ahead' if goal['ours_qps_above_lancedb'] else 'behind'})." + floor_line(p) + "\n\n"
         "Build s: ours = the shard builds one after another in one process, 2 FAISS threads, "
         "tuning included (`index_build.json` has the Ray-parallel wall); FAISS = one "
         "`build_arrays` of all N (tuning included); LanceDB = `create_index` (IVF_PQ, "
@@ -203,12 +240,13 @@ def section_scaling() -> str:
     if not q:
         return ""
     levels = q["concurrency"]
+    layouts = q.get("layouts", {})
     rows = []
-    for r in q["table"]:
+    for r in sorted(q["table"], key=lambda r: (r.get("layout", ""), r["shards"])):
         rows.append(
             [
                 r["shards"],
-                r["replicas"],
+                layouts.get(r.get("layout"), r.get("layout", "-")),
                 fmt(r["rows_per_shard"]),
                 fmt(r["recall_at_10"], 3),
                 fmt(r["per_shard_p50_ms"], 2),
@@ -221,7 +259,7 @@ def section_scaling() -> str:
         )
     header = [
         "shards",
-        "replicas/shard",
+        "layout",
         "rows/shard",
         "recall@10",
         "one shard in-process p50 ms",
@@ -230,8 +268,8 @@ def section_scaling() -> str:
     ]
     sweep_rows = []
     for s, row in q["by_shards"].items():
-        http = row["http"][min(row["http"], key=int)]["nprobe_sweep"]
-        by_nprobe = {pt["body"]["nprobe"]: pt for pt in http}
+        http = row["http"].get("group") or next(iter(row["http"].values()))
+        by_nprobe = {pt["body"]["nprobe"]: pt for pt in http.get("nprobe_sweep", [])}
         for pt in row["inprocess"]["nprobe_sweep"]:
             h = by_nprobe.get(pt["nprobe"])
             sweep_rows.append(
@@ -244,11 +282,26 @@ def section_scaling() -> str:
                     fmt(h["1"]["p99_ms"], 1) if h else "-",
                 ]
             )
+    group = q.get("qps_c16_by_shards", {})
+    per_shard = q.get("qps_c16_by_shards_per_shard_layout", {})
+    headline = ""
+    if group:
+        headline = (
+            "\n\nHeadline: QPS at concurrency 16 with every shard in one group (the default): "
+            + ", ".join(f"{s} shards {v}" for s, v in group.items())
+            + f"; 16 shards over 1 shard **{q.get('qps_c16_16_over_1_shards')}x**. One deployment "
+            "per shard: "
+            + ", ".join(f"{s} shards {v}" for s, v in per_shard.items())
+            + ". On one 2-core box every layout shares the same cores; what the group layout "
+            "removes is the per-shard actor call, so query cost stops growing with the shard "
+            "count."
+        )
     return (
         f"### Query scaling (`query_scaling.json`, {q['n_vectors']:,} x {q['dim']}, "
         f"{q['serve_path']}, each index's tuned nprobe and rerank candidates)\n\n"
         + md_table(rows, header)
-        + "\n\nnprobe sweep (concurrency 1, 1 replica per shard; tuned rerank candidates):\n\n"
+        + headline
+        + "\n\nnprobe sweep (concurrency 1, the group layout; tuned rerank candidates):\n\n"
         + md_table(
             sweep_rows,
             ["shards", "nprobe", "recall@10", "one shard p50 ms", "HTTP p50 ms", "HTTP p99 ms"],
