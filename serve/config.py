@@ -170,8 +170,10 @@ class ServeConfig:
     # latency on one box with one ingress replica; every ingress replica holds the shards then
     colocate_shards: bool = False  # (then without the recall canary, which needs deployments)
     search_parallel_shards: int = 2  # shards of a group searched at once (threads)
-    # queries reaching a group replica within this window are searched as one FAISS batch
-    search_batch_wait_ms: float = 1.0
+    # queries that arrive while a group replica searches are searched together next, as one
+    # FAISS batch; a query reaching an idle replica waits this long for company first (0: none,
+    # so a lone query is not slowed; batches still form under load)
+    search_batch_wait_ms: float = 0.0
     search_max_batch: int = 64
     # per-request behaviour
     shard_deadline_ms: float = 1000.0  # a shard slower than this is left out: partial answer
