@@ -5,6 +5,7 @@ Results are only comparable on the same machine, so every JSON carries ``machine
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -124,3 +125,18 @@ def save_figure(fig, path: Path, dpi: int = 110) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def add_scale_args(
+    parser: argparse.ArgumentParser, *, workdir: Path, queries: int, queries_help: str
+) -> None:
+    """The options of the benchmarks over one synthetic store (peers, filtered search): its
+    size, shape and memory budget, the held-out queries and the requests per measurement."""
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--quick", action="store_true", help="100k vectors, fewer requests")
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--queries", type=int, default=queries, help=queries_help)
+    parser.add_argument("--requests", type=int, default=1000, help="requests per measurement")
+    parser.add_argument("--workdir", type=Path, default=workdir)
+    parser.add_argument("--memory-budget", default="4G")

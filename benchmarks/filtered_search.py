@@ -58,6 +58,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import query_latency as ql  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
+    add_scale_args,
     gaussian_mixture,
     machine_info,
     save_figure,
@@ -72,14 +73,12 @@ LANCE_METRIC = "l2"  # see benchmarks/peers.py: LanceDB's IVF_PQ ranks better wi
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--quick", action="store_true", help="100k vectors, fewer requests")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--queries", type=int, default=500, help="held-out queries (recall)")
-    p.add_argument("--requests", type=int, default=1000, help="HTTP requests per filter")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-filtered"))
-    p.add_argument("--memory-budget", default="4G")
+    add_scale_args(
+        p,
+        workdir=Path("/tmp/vs-bench-filtered"),
+        queries=500,
+        queries_help="held-out queries (recall)",
+    )
     p.add_argument("--candidates", type=int, default=400, help="per-shard rerank candidates")
     p.add_argument("--skip-lancedb", action="store_true")
     p.add_argument("--name", default="filtered_search")

@@ -55,7 +55,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import query_latency as ql  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine_info, pareto, save_figure, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    add_scale_args,
+    machine_info,
+    pareto,
+    save_figure,
+    write_result,
+)
 
 K = ql.K
 OURS_GRID = {"nprobe": (4, 8, 16, 32, 64), "candidates": (20, 30, 50, 100, 200, 400)}  # per shard
@@ -74,17 +81,15 @@ LANCE_METRIC = "l2"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--quick", action="store_true", help="100k vectors, fewer requests")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--queries", type=int, default=1000, help="held-out queries (ground truth)")
+    add_scale_args(
+        p,
+        workdir=Path("/tmp/vs-bench-scale"),
+        queries=1000,
+        queries_help="held-out queries (ground truth)",
+    )
     p.add_argument("--tune-queries", type=int, default=200, help="single queries per grid point")
-    p.add_argument("--requests", type=int, default=1000, help="requests per measurement")
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-scale"))
-    p.add_argument("--memory-budget", default="4G")
     p.add_argument("--phase", choices=("build", "measure", "all"), default="all")
     p.add_argument("--milvus-n", type=int, default=0, help="rows Milvus Lite gets (0: all N)")
     p.add_argument("--skip-milvus", action="store_true")
