@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from pipelines.local_ray import init_local_ray, use_local_ray_env
+from serve.local import DEFAULT_MODE, SERVE_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = ROOT / "demo-store"
@@ -45,9 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-temp-dir", help="temp dir of the local Ray (keep the path short)")
     p.add_argument(
         "--serve-mode",
-        choices=("throughput", "default"),
-        default="throughput",
-        help="Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode (default) or Serve as installed",
+        choices=tuple(SERVE_MODES),
+        default=DEFAULT_MODE,
+        help="haproxy (default): Serve's throughput mode behind its HAProxy ingress; throughput: "
+        "the same behind Serve's Python proxy; default: Serve as installed (serve/local.py)",
     )
     p.add_argument(
         "--exit",
@@ -186,6 +189,10 @@ def write_deploy_config(path: Path, store: str, host: str, port: int) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = args.workdir.resolve()
@@ -217,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
 
     set_serve_mode(args.serve_mode)  # before Ray starts: its processes read the flags
     ray = start_ray(args)
+    # after ray.init (it installs its own handler): SIGTERM stops the demo the way Ctrl-C does,
+    # so Serve (and its HAProxy) and Ray shut down in order instead of the process aborting
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         step(f"embedding {images} into {store}")
         embed(images, store, args.num_shards)
@@ -244,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  curl -s {base_url}/stats    # and {base_url}/docs for the API")
         if direct is not None:
             print(
-                f"\n(the ingress replica also answers on its own port, skipping Serve's proxy: "
-                f"http://127.0.0.1:{direct}/search, the lowest latency)"
+                f"\n(the ingress replica also answers on its own port, with no proxy in between: "
+                f"http://127.0.0.1:{direct}/search)"
             )
         print(f"\n(`serve deploy {deploy_file}` deploys the same app on a running cluster)")
         if args.exit:

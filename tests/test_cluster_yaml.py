@@ -249,6 +249,27 @@ def test_on_prem_resources_file_reaches_ray_start(tmp_path):
             assert json.loads(out.removeprefix("--resources=")) == expected
 
 
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-local.yaml"])
+def test_ray_starts_with_serves_throughput_mode_and_haproxy(name, tmp_path):
+    """Every node's `ray start` sees the flags of Serve's HAProxy throughput mode (the measured
+    winner, serve/local.py): run each start command with a stub `ray` that prints them."""
+    raw = load(ROOT / name)
+    starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+    starts = [c for c in starts if re.search(r"\bray start\b", c)]
+    assert len(starts) == 2, starts  # the head and the workers
+    stub = tmp_path / "visual-search" / ".venv" / "bin" / "ray"
+    stub.parent.mkdir(parents=True)
+    stub.write_text(
+        '#!/bin/sh\necho "$RAY_SERVE_THROUGHPUT_OPTIMIZED $RAY_SERVE_ENABLE_HA_PROXY"\n'
+    )
+    stub.chmod(0o755)
+    env = {"HOME": str(tmp_path), "PATH": f"{stub.parent}:/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.1"}
+    for command in starts:
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["1", "1"], (command, done.stdout)
+
+
 def test_fake_cluster_is_cluster_yaml_in_small():
     """cluster-fake.yaml keeps cluster.yaml's node types, resources, labels and min workers,
     sized for one 2-core, 24 GiB machine (logical CPUs; small object stores and max_workers)."""

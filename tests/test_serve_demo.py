@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+
+from tests.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,3 +57,45 @@ def test_demo_embeds_builds_serves_and_answers(scratch_root):
     assert f"curl -s -F file=@{workdir}/queries/chelsea_cat__query.jpg" in out
     assert f"http://127.0.0.1:{port}/search?k=5" in out
     assert (workdir / "serve_config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_demo_serves_until_sigterm_then_stops_cleanly_and_frees_its_port(scratch_root):
+    """Served (not --exit), the demo answers on its port behind Serve's HAProxy ingress (the
+    default mode); SIGTERM stops it as Ctrl-C does: exit 0, and nothing (no HAProxy left behind)
+    keeps the port. Reuses the first test's store when it ran: the demo is idempotent."""
+    workdir = scratch_root / "demo"
+    port = _free_port()
+    log = scratch_root / "demo-serve.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pipelines.demo", "--workdir", str(workdir), "--port", str(port)]
+    cmd += ["--ray-temp-dir", str(scratch_root / "demo-ray")]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(
+            lambda: "serving; Ctrl-C to stop" in log.read_text() or proc.poll() is not None,
+            420,
+            "the demo to serve",
+        )
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert "Serve mode: haproxy" in log.read_text()
+        reply = httpx.post(f"http://127.0.0.1:{port}/search", json={"id": "no-such-id"}, timeout=10)
+        assert reply.status_code == 404 and reply.json()["error"] == "unknown_id"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        assert "stopping" in log.read_text()
+
+        def port_is_free() -> bool:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    return False
+                return True
+
+        wait_for(port_is_free, 30, f"port {port} to be free after the demo stopped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

@@ -5,7 +5,8 @@
     visual-search serve --config serve.yaml --address auto --detach   # onto a running cluster
 
 Without ``--address`` (or ``$RAY_ADDRESS``) it starts a local Ray bound to 127.0.0.1
-(``pipelines.local_ray``; Serve's throughput mode unless ``--serve-mode default``), deploys the
+(``pipelines.local_ray``; Serve's throughput mode behind its HAProxy ingress unless
+``--serve-mode`` says otherwise, ``serve.local``), deploys the
 app (``serve.app.build_app``: the graph ``serve run serve.app:app`` deploys), shows its
 deployments coming up, prints where the search page and the API are, and serves until Ctrl-C or
 SIGTERM; then it shuts Serve and that Ray down and exits 0. With ``--address`` it joins that
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from serve.local import DEFAULT_MODE, SERVE_MODES
 from visual_search import exits
 
 
@@ -62,9 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray-temp-dir", help="temp dir of a local Ray (keep the path short)")
     p.add_argument(
         "--serve-mode",
-        choices=("throughput", "default"),
-        default="throughput",
-        help="a local Ray's Serve mode: RAY_SERVE_THROUGHPUT_OPTIMIZED (default) or as installed",
+        choices=tuple(SERVE_MODES),
+        default=DEFAULT_MODE,
+        help="a local Ray's Serve mode: haproxy (default: throughput mode behind Serve's "
+        "HAProxy ingress), throughput (behind the Python proxy) or default (as installed)",
     )
     args = p.parse_args(argv)
     args.address = args.address or os.environ.get("RAY_ADDRESS") or None
