@@ -127,7 +127,7 @@ def test_embed_build_serve_search_end_to_end(caltech_dir, scratch_root, tmp_path
     with log_path.open("w") as log:
         server = subprocess.Popen(
             [cli, "serve", "--store", store, "--port", str(port), "--ray-temp-dir", str(serve_tmp),
-             "--serve-mode", "default", "--set", "reload_interval_s=0"],
+             "--set", "reload_interval_s=0"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
