@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.polling import wait_for
@@ -87,14 +88,23 @@ def test_demo_serves_until_sigterm_then_stops_cleanly_and_frees_its_port(scratch
         assert "stopping" in log.read_text()
 
         def port_is_free() -> bool:
+            """A new server could listen there (SO_REUSEADDR, as servers bind: the request
+            above may leave the port's side of its connection in TIME_WAIT for a minute)."""
             with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind(("127.0.0.1", port))
                 except OSError:
                     return False
                 return True
 
-        wait_for(port_is_free, 30, f"port {port} to be free after the demo stopped")
+        try:
+            wait_for(port_is_free, 30, f"port {port} to be free after the demo stopped")
+        except AssertionError as e:  # say who still listens there
+            held = [
+                (c.pid, c.status) for c in psutil.net_connections("tcp") if c.laddr.port == port
+            ]
+            raise AssertionError(f"{e}; sockets on the port (pid, state): {held}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
