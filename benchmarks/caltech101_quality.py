@@ -4,7 +4,7 @@
 
 Catalogue: the Caltech-101 ``train.txt`` images (BACKGROUND_Google left out: it is not a class),
 embedded by the real Ray Data job (``pipelines.embed.run_job``) into a 4-shard store and indexed
-by ``index.build`` (the index rules pick the factory). Queries: every ``test.txt`` image (same
+by ``index.ann.build`` (the index rules pick the factory). Queries: every ``test.txt`` image (same
 exclusion), uploaded as a file to ``POST /search`` of the real Serve app, k=10.
 
 Exact reference: the same test images embedded in-process with the query path's crop
@@ -66,7 +66,7 @@ def class_of(uri: str) -> str:
 
 # ---- catalogue: the real embedding job + index build ---------------------------------------------
 def build_catalogue(args, train: list[Path]) -> dict:
-    from index.rebuild import rebuild_shard
+    from index.live.rebuild import rebuild_shard
     from pipelines.embed import run_job
     from pipelines.embed_config import EmbedJobConfig
 
@@ -80,7 +80,7 @@ def build_catalogue(args, train: list[Path]) -> dict:
     )
     info = {"store": store_uri, "embed": summary.to_dict(), "embed_s": time.perf_counter() - t}
     print(summary.line())
-    from index.store import Store
+    from index.storage.store import Store
 
     store = Store(store_uri)
     t = time.perf_counter()
@@ -93,9 +93,9 @@ def build_catalogue(args, train: list[Path]) -> dict:
 
 
 def catalogue_vectors(store_uri: str) -> tuple[list[str], list[str], np.ndarray]:
-    from index import schema
-    from index.manifest import load_manifest
-    from index.store import Store
+    from index.rows import schema
+    from index.storage.manifest import load_manifest
+    from index.storage.store import Store
 
     store = Store(store_uri)
     manifest = load_manifest(store)

@@ -11,12 +11,14 @@ batches used to leave) plus ``--api-writes`` *API-sized* parts (one row each, as
 
 - **before**: the store as written, with a first version built over the batch parts only (so
   the API parts and tombstones are its delta);
-- **after**: once every shard is rebuilt (``index.rebuild``: the one build path, which compacts)
-  and garbage-collected (``index.gc``, grace 0, no replica serving an old version).
+- **after**: once every shard is rebuilt (``index.live.rebuild``: the one build path, which
+compacts)
+  and garbage-collected (``index.storage.gc``, grace 0, no replica serving an old version).
 
 Measured in each state: manifest bytes; files in the store; *delta poll ms* (one replica's
 ``LiveShard.refresh`` when nothing is new: the two listings and set checks every replica does
-every ``delta_poll_s``; median of 20, per shard); *rebuild planning ms* (``index.plan.plan_shard``
+every ``delta_poll_s``; median of 20, per shard); *rebuild planning ms*
+(``index.storage.coverage.plan_shard``
 plus the delta row count, what the Rebuilder does per shard per check; median of 10); and the
 *embed driver peak RSS* of a re-run over the same N inputs (all present: the plan drops them all),
 in a child process: ``pipelines.embed_plan`` (spill per shard, Arrow set operations), and for
@@ -48,15 +50,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import gaussian_mixture, save_figure, write_result  # noqa: E402
-from index import schema  # noqa: E402
-from index.delta import LiveShard, write_rows, write_tombstones  # noqa: E402
-from index.gc import collect_garbage  # noqa: E402
-from index.manifest import Manifest, commit_manifest, load_manifest  # noqa: E402
-from index.plan import plan_shard  # noqa: E402
-from index.rebuild import RebuildOptions, delta_rows, rebuild_shard  # noqa: E402
-from index.shard_index import ShardIndex  # noqa: E402
-from index.sharding import shards_of, uri_id  # noqa: E402
-from index.store import Store  # noqa: E402
+from index.ann.shard_index import ShardIndex  # noqa: E402
+from index.live.delta import LiveShard, write_rows, write_tombstones  # noqa: E402
+from index.live.rebuild import RebuildOptions, delta_rows, rebuild_shard  # noqa: E402
+from index.rows import schema  # noqa: E402
+from index.rows.sharding import shards_of, uri_id  # noqa: E402
+from index.storage.coverage import plan_shard  # noqa: E402
+from index.storage.gc import collect_garbage  # noqa: E402
+from index.storage.manifest import Manifest, commit_manifest, load_manifest  # noqa: E402
+from index.storage.store import Store  # noqa: E402
 
 
 def write_catalogue(store: Store, n: int, args) -> list[str]:
@@ -126,10 +128,10 @@ def measure(store: Store, root: Path, args) -> dict:
 DRIVER = textwrap.dedent(
     """
     import json, sys, psutil
-    from index.store import Store
+    from index.storage.store import Store
     from pipelines.embed_plan import PlanCounts, ShardSpill, chunks, plan_pending
     from pipelines.inputs import iter_inputs
-    from index.sharding import uri_id
+    from index.rows.sharding import uri_id
     store_uri, listing, shards, mode = sys.argv[1:5]
     store = Store(store_uri)
     base = psutil.Process().memory_info().rss
@@ -144,7 +146,7 @@ DRIVER = textwrap.dedent(
         spill.close()
         todo = pending.rows
     else:  # the previous driver: every stored id in a set, every input URI in a list
-        from index import schema
+        from index.rows import schema
         from pipelines.inputs import expand_inputs
         uris = expand_inputs([listing])
         present = set()

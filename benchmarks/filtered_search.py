@@ -4,7 +4,7 @@
     (LanceDB needs the benchmark extra: pip install -e '.[bench]')
 
 Data: ``--n`` (1M) ``gaussian_mixture`` vectors, 256-d, 1,000 clusters, in ``--shards`` (4)
-shards built by ``index.rebuild.rebuild_shard`` (``benchmarks/query_latency.py``'s store, with
+shards built by ``index.live.rebuild.rebuild_shard`` (``benchmarks/query_latency.py``'s store, with
 metadata columns), each row with:
 
 - ``bucket``: int, uniform in 0..9999, independent of the vector;
@@ -186,9 +186,9 @@ def _sql_in(values: list[str]) -> str:
 
 def masks(meta, flts: list[dict]) -> list[np.ndarray]:
     """Each filter's matching rows, by the index layer's own evaluation."""
-    from index.columns import Columns
-    from index.filters import evaluate, parse_filter
-    from index.metadata import schema_of_table
+    from index.query.filters import evaluate, parse_filter
+    from index.rows.columns import Columns
+    from index.rows.metadata import schema_of_table
 
     columns = Columns.from_arrow(meta)
     schema = schema_of_table(meta)
@@ -231,11 +231,11 @@ def in_process(args, store_uri, queries, flts, truths, ids) -> list[dict]:
     """Each filter through the shards' ``LiveShard`` (recall, latency, the plans they chose)."""
     import faiss
 
-    from index.delta import load_live_shard
-    from index.filters import parse_filter
-    from index.manifest import load_manifest
-    from index.merge import merge_topk
-    from index.store import Store
+    from index.live.delta import load_live_shard
+    from index.query.filters import parse_filter
+    from index.query.merge import merge_topk
+    from index.storage.manifest import load_manifest
+    from index.storage.store import Store
 
     faiss.omp_set_num_threads(1)  # as each Serve searcher replica
     store = Store(store_uri)

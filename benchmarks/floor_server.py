@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/floor_server.py --store /tmp/vs-bench-scale/store-... --port 8123
 
 What ``benchmarks/peers.py`` measures our Serve app against: the same store's shards loaded as the
-searcher replicas load them (``index.delta.load_live_shard``), searched with the same search,
-rerank and merge code (``LiveShard.search``, ``index.merge.merge_topk``), behind the same
+searcher replicas load them (``index.live.delta.load_live_shard``), searched with the same search,
+rerank and merge code (``LiveShard.search``, ``index.query.merge.merge_topk``), behind the same
 ``POST /search`` contract (``serve.api.parse_search``, the same JSON answer), in a single
 uvicorn process: no Serve proxy, no actor calls, no scatter over processes. A search runs in a
 worker thread (FAISS releases the GIL), as a FastAPI service would run it. Vector and id queries
@@ -31,10 +31,10 @@ def make_app(store_uri: str, threads: int = 1):
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from index.delta import load_live_shard
-    from index.manifest import load_manifest
-    from index.merge import merge_topk
-    from index.store import Store
+    from index.live.delta import load_live_shard
+    from index.query.merge import merge_topk
+    from index.storage.manifest import load_manifest
+    from index.storage.store import Store
     from serve.api import ApiError, Limits, parse_search
 
     faiss.omp_set_num_threads(threads)

@@ -35,12 +35,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_DIR, gaussian_mixture, save_figure, write_result  # noqa: E402
-from index import schema  # noqa: E402
-from index.manifest import Manifest, commit_manifest  # noqa: E402
-from index.recall import recall_at_k, search_all, sweep  # noqa: E402
-from index.shard_index import ShardIndex  # noqa: E402
-from index.sharding import shards_of  # noqa: E402
-from index.store import Store  # noqa: E402
+from index.ann.shard_index import ShardIndex  # noqa: E402
+from index.live.recall import recall_at_k, search_all, sweep  # noqa: E402
+from index.rows import schema  # noqa: E402
+from index.rows.sharding import shards_of  # noqa: E402
+from index.storage.manifest import Manifest, commit_manifest  # noqa: E402
+from index.storage.store import Store  # noqa: E402
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CANDIDATES = (20, 50, 100, 200, 400, 800)  # rerank candidates per shard, at the default nprobe
@@ -223,7 +223,8 @@ def run_size(args, n: int, shard_counts: list[int], name: str) -> None:
         "dim": args.dim,
         "headline_note": (
             "recall@10 against exact float32 search, at each configuration's default nprobe and "
-            "rerank candidates (measured per shard at build time, index/tune.py), worst over the "
+            "rerank candidates (measured per shard at build time, index/ann/tune.py), worst over "
+            "the "
             "shard counts; bytes_per_vector_ram = PQ codes + int64 ids as allocated in the "
             "inverted lists (fast-scan blocks included), worst over the shard counts"
         ),

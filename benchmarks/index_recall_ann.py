@@ -2,7 +2,7 @@
 
 Builds a store from each ann-benchmarks file in ``../shared/data/ann`` (caltech101-mnv2-1280:
 real MobileNetV2 embeddings of Caltech-101 photos, 4 shards; sift5k-128: real SIFT, 2 shards) with
-the index policy's defaults, then runs the recall tool (``python -m index.recall``) on it:
+the index policy's defaults, then runs the recall tool (``python -m index.live.recall``) on it:
 
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/index_recall_ann.py
 
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_DIR, machine_info  # noqa: E402
 from benchmarks.index_build import write_embeddings  # noqa: E402
-from index import recall  # noqa: E402
-from index.rebuild import rebuild_shard  # noqa: E402
+from index.live import recall  # noqa: E402
+from index.live.rebuild import rebuild_shard  # noqa: E402
 
 DATA = Path(
     os.environ.get("VISUAL_SEARCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")

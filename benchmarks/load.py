@@ -13,7 +13,7 @@ upload a catalogue photo (embedded by the QueryEmbedder), the rest send a catalo
 answer must be a full (non-partial) 200 whose top-1 is the query's own photo.
 
 Early in the run (``--barrage-at-s``, inside the warm-up), the bad-input table
-(``tests/bad_inputs.py``, the same one the test suite uses) is fired once from a thread, so 4xx
+(``harness/bad_inputs.py``, the same one the test suite uses) is fired once from a thread, so 4xx
 handling is exercised under load and any 5xx it caused is counted. Replica identity (actor id +
 pid of every Serve actor) is compared before and after.
 
@@ -97,7 +97,7 @@ class RssSampler(threading.Thread):
     def sample(self) -> None:
         import psutil
 
-        from tests.serve_app import serve_replicas
+        from harness.serve_app import serve_replicas
 
         now = time.perf_counter() - self.t0
         for row in serve_replicas(include_system=True):
@@ -209,7 +209,7 @@ async def run_load(app, args, t0: float, barrage_box: dict) -> list[dict]:
 
 def run_barrage(app, box: dict, t0: float) -> None:
     """Every bad-input kind once, from a thread, while the load runs."""
-    from tests import bad_inputs
+    from harness import bad_inputs
 
     first = app.paths[0]
     ctx = bad_inputs.context_from(
@@ -283,8 +283,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import ray
 
-    from tests.bad_inputs import KINDS
-    from tests.serve_app import make_store, replica_identity, running_app
+    from harness.bad_inputs import KINDS
+    from harness.serve_app import make_store, replica_identity, running_app
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ["TMPDIR"] = str(args.workdir)

@@ -2,7 +2,7 @@
 
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/node_loss.py      # ~5 minutes
 
-The scenario of ``tests/test_fake_cluster.py``, with its helpers (``tests/fake_cluster.py``):
+The scenario of ``tests/test_fake_cluster.py``, with its helpers (``harness/fake_cluster.py``):
 Ray's fake multi-node autoscaler runs ``cluster-fake.yaml`` on 127.0.0.1; ``ray job submit``
 embeds ``--photos`` Caltech-101 photos (the autoscaler starts a GPU-type worker; the fake GPU has
 no CUDA, so the model runs on the CPU) and builds the shard indexes (a shard worker starts for
@@ -62,8 +62,8 @@ def main(argv=None) -> int:
         saved = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
         plot(RESULTS_DIR / f"{args.name}.png", saved["queries"], saved["node_loss"])
         return 0
-    from tests import embed_samples as samples
-    from tests import fake_cluster as fc
+    from harness import embed_samples as samples
+    from harness import fake_cluster as fc
 
     work = Path(tempfile.mkdtemp(prefix="vs-nl-", dir="/tmp"))  # short: Ray's socket paths
     os.environ["TMPDIR"] = str(work)

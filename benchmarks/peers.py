@@ -7,12 +7,14 @@ Five systems answer the same held-out queries over the same ``gaussian_mixture``
 (256-d, L2-normalised, inner product):
 
 - ours: the real Serve app over HTTP (``throughput`` mode, direct ingress port) on a store of
-  ``--shards`` (4) shards built by ``index.rebuild.rebuild_shard`` (the store and the HTTP worker
+  ``--shards`` (4) shards built by ``index.live.rebuild.rebuild_shard`` (the store and the HTTP
+  worker
   are ``benchmarks/query_latency.py``'s), each shard reranking its candidates with its float16
   vectors;
 - FAISS in-process: ONE index over all N vectors, the single-index architecture of
   clip-retrieval/autofaiss, built with the factory string our policy picks for N
-  (``index.policy.choose_index``) by the same ``index.build.build_arrays`` and searched with the
+  (``index.ann.policy.choose_index``) by the same ``index.ann.build.build_arrays`` and searched
+  with the
   same float16 rerank (``ShardIndex``): the same algorithm, no scatter-gather, no HTTP;
 - the floor of a Python HTTP service (``benchmarks/floor_server.py``): one uvicorn process, no
   Ray, serving the same shards with the same search, rerank and merge code over the same
@@ -105,8 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- the three indexes ---------------------------------------------------------------------------
 def build_single(args, base: np.ndarray, ids: list[str], uris: list[str]) -> dict:
     """One FAISS index over all N with the factory our rules pick for N (cached)."""
-    from index.build import build_arrays
-    from index.policy import choose_index
+    from index.ann.build import build_arrays
+    from index.ann.policy import choose_index
 
     out = args.workdir / f"single-{args.n}-{args.dim}"
     if (out / "meta.json").exists():
@@ -299,7 +301,7 @@ def build_all(args, base, ids, uris) -> dict:
 # ---- measuring -----------------------------------------------------------------------------------
 def faiss_searcher(shards):
     """``search(q, nprobe, candidates) -> ids``: scatter over ``shards`` in-process and merge."""
-    from index.merge import merge_topk
+    from index.query.merge import merge_topk
 
     def search(q, nprobe, candidates):
         per_shard = [
@@ -394,8 +396,8 @@ def http_points(args, frontier: list[dict], chosen: dict) -> list[dict]:
 def measure_all(args, build: dict, queries, truth, ids) -> dict:
     import faiss
 
-    from index.shard_index import ShardIndex
-    from index.store import Store
+    from index.ann.shard_index import ShardIndex
+    from index.storage.store import Store
 
     faiss.omp_set_num_threads(1)  # one query, one thread: as each Serve searcher replica
     store = Store(build["ours"]["store"])

@@ -3,7 +3,7 @@ and without an OPQ rotation, measured on the Gaussian mixture and on real CNN em
 
 For each variant: build seconds, search milliseconds per query (batch of queries, 2 threads) and
 recall@10 against exact search, without and with exact rerank of the top 100, over nprobe.
-The finding is written into ``index/policy.py``'s rule table.
+The finding is written into ``index/ann/policy.py``'s rule table.
 
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/pq_choice.py [--n 200000]
 """
@@ -22,9 +22,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS_DIR, gaussian_mixture, save_figure, write_result  # noqa: E402
-from index.build import build_arrays  # noqa: E402
-from index.policy import IndexSpec  # noqa: E402
-from index.shard_index import ShardIndex  # noqa: E402
+from index.ann.build import build_arrays  # noqa: E402
+from index.ann.policy import IndexSpec  # noqa: E402
+from index.ann.shard_index import ShardIndex  # noqa: E402
 
 NPROBES = [4, 8, 16, 32, 64]
 

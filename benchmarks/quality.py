@@ -10,13 +10,14 @@ Four parts, one JSON (``results/quality.json``) and one PNG:
    exact search of every test photo against the train photos gives precision@10 and mAP@100;
    images/s is the bare model (``Embedder.embed`` on ready crops, batch 32, all cores, after a
    warm-up batch). The default backbone is chosen by ``choose_backbone``'s written rule.
-2. **Sweeps**, in-process with the same ``index.shaping`` functions the ingress runs, over exact
+2. **Sweeps**, in-process with the same ``index.query.shaping`` functions the ingress runs, over
+exact
    search of the default backbone's vectors: query expansion's ``m`` and ``alpha``, MMR's lambda,
-   the dedup threshold. The defaults in ``index/shaping.py`` are read off these tables.
+   the dedup threshold. The defaults in ``index/query/shaping.py`` are read off these tables.
 3. **Caltech-101 over HTTP**: the train photos embedded by the real Ray Data job into a 4-shard
    store with IVF+PQ indexes, served by the real app; every test photo's vector is sent to
    ``POST /search`` (k=100) with each option off and on; precision@10 and mAP@100.
-4. **The demo set** (scikit-image photos, each with 8 edits, ``pipelines/demo_images``): a small
+4. **The demo set** (scikit-image photos, each with 8 edits, ``visual_search/demo_images.py``): a small
    store served by the app; the held-out query edits and every catalogue image (id queries)
    are searched plain and with dedup / diversify / exclude_self; distinct source photos in the
    top-10 and precision@10.
@@ -47,8 +48,8 @@ from pipelines.local_ray import free_port, init_local_ray, use_local_ray_env  # 
 
 use_local_ray_env()
 
-from index.hits import Hit  # noqa: E402
-from index.shaping import (  # noqa: E402
+from index.query.hits import Hit  # noqa: E402
+from index.query.shaping import (  # noqa: E402
     DEDUP_THRESHOLD,
     DIVERSIFY_LAMBDA,
     EXPAND_ALPHA,
@@ -273,7 +274,7 @@ P10_LOSS_DIVERSIFY = 0.02  # ... and an MMR lambda
 
 
 def choose_defaults(expand: list[dict], shaping: dict) -> dict:
-    """The written rules behind ``index/shaping.py``'s defaults, applied to the sweeps:
+    """The written rules behind ``index/query/shaping.py``'s defaults, applied to the sweeps:
 
     - expansion: the (m, alpha) with the best Caltech mAP@100 (ties: smaller m, then alpha);
     - dedup: among thresholds costing at most ``P10_LOSS_DEDUP`` Caltech P@10 (a catalogue of
@@ -404,8 +405,8 @@ def caltech_http(args, store_uri, test_vectors, test_labels, relevant, model, pl
 def demo_set(args, model: tuple[str, str]) -> dict:
     """The demo's photos and edits, embedded in-process with the query path's crop."""
     from embedding import Embedder, ModelConfig
-    from index.sharding import uri_id
-    from pipelines.demo_images import group_of, write_demo_images
+    from index.rows.sharding import uri_id
+    from visual_search.demo_images import group_of, write_demo_images
 
     images, queries = args.workdir / "demo-images", args.workdir / "demo-queries"
     groups = write_demo_images(images, queries)
@@ -428,8 +429,8 @@ def demo_set(args, model: tuple[str, str]) -> dict:
 
 
 def demo_http(args, demo: dict, model: tuple[str, str], plan: dict) -> dict:
-    from index.rebuild import rebuild_shard
-    from tests.helpers import write_store
+    from harness.stores import write_store
+    from index.live.rebuild import rebuild_shard
 
     root = args.workdir / f"demo-store-{time.time_ns()}"
     store = write_store(
@@ -611,7 +612,7 @@ def main(argv=None) -> int:
         "backbones": table,
         "caltech_http": http,
         "demo_http": demo_result,
-        "defaults_served": {  # index/shaping.py's constants during the HTTP passes
+        "defaults_served": {  # index/query/shaping.py's constants during the HTTP passes
             "expand_m": EXPAND_M,
             "expand_alpha": EXPAND_ALPHA,
             "diversify_lambda": DIVERSIFY_LAMBDA,

@@ -3,7 +3,8 @@
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/query_latency.py
 
 1M x 256 Gaussian-mixture vectors (``benchmarks.common.gaussian_mixture``) in 4 shards, written
-as a real store (Parquet parts + manifest) and indexed with ``index.rebuild.rebuild_shard`` (the
+as a real store (Parquet parts + manifest) and indexed with ``index.live.rebuild.rebuild_shard``
+(the
 index rules pick the factory). Queries are held-out draws of the same mixture. Two ways to ask:
 
 - HTTP: the real Serve app (Ingress -> 4 ShardSearcher deployments; vectors only, no image model
@@ -100,7 +101,7 @@ def make_data(args) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ids_uris(n: int) -> tuple[list[str], list[str]]:
-    from index.sharding import uri_id
+    from index.rows.sharding import uri_id
 
     uris = [f"synthetic://gaussian-mixture/{i}" for i in range(n)]
     return [uri_id(u) for u in uris], uris
@@ -109,12 +110,12 @@ def ids_uris(n: int) -> tuple[list[str], list[str]]:
 def build_store(args, base: np.ndarray, ids: list[str], uris: list[str], metadata=None) -> dict:
     """Write and index the store unless a complete one for the same data is already there.
     ``metadata`` (a pyarrow table, one row per vector) is stored as typed metadata columns."""
-    from index import schema
-    from index.manifest import Manifest, commit_manifest, load_manifest
-    from index.metadata import schema_of_table
-    from index.rebuild import RebuildOptions, rebuild_shard
-    from index.sharding import shards_of
-    from index.store import Store
+    from index.live.rebuild import RebuildOptions, rebuild_shard
+    from index.rows import schema
+    from index.rows.metadata import schema_of_table
+    from index.rows.sharding import shards_of
+    from index.storage.manifest import Manifest, commit_manifest, load_manifest
+    from index.storage.store import Store
 
     suffix = "" if metadata is None else "-meta"
     store = Store(args.workdir / f"store-{args.n}-{args.dim}-{args.shards}{suffix}")
@@ -228,9 +229,9 @@ def run_load(call, n_requests: int, concurrency: int) -> tuple[dict, dict]:
 def in_process(args, store_uri: str, queries: np.ndarray, truth, ids) -> dict:
     import faiss
 
-    from index.merge import merge_topk
-    from index.shard_index import ShardIndex
-    from index.store import Store
+    from index.ann.shard_index import ShardIndex
+    from index.query.merge import merge_topk
+    from index.storage.store import Store
 
     faiss.omp_set_num_threads(1)  # as in each Serve searcher replica (search_threads: 1)
     store = Store(store_uri)

@@ -95,10 +95,10 @@ def in_process(store_uri: str, num_shards: int, queries, truth, ids, nprobes) ->
     """One shard's cost at its size, the sequential scatter, and recall over nprobe."""
     import faiss
 
-    from index.merge import merge_topk
-    from index.recall import recall_at_k, search_all
-    from index.shard_index import ShardIndex
-    from index.store import Store
+    from index.ann.shard_index import ShardIndex
+    from index.live.recall import recall_at_k, search_all
+    from index.query.merge import merge_topk
+    from index.storage.store import Store
 
     faiss.omp_set_num_threads(1)  # as each searcher replica
     shards = [ShardIndex.load(Store(store_uri), s) for s in range(num_shards)]

@@ -654,7 +654,7 @@ def section_extrapolation() -> str:
         + ". (cost(n) is measured up to 1M rows per shard; beyond that it is the fitted curve.)\n"
     )
     lines.append(
-        "\nReading it: codes + ids stay in RAM (the memory budget of `index/policy.py`); the "
+        "\nReading it: codes + ids stay in RAM (the memory budget of `index/ann/policy.py`); the "
         "float16 rerank vectors (2 x d bytes each) do not fit RAM at 1B and live on local NVMe, "
         "memory-mapped: a query reranks `candidates` rows per shard (200-800 here), i.e. that many "
         "random 1-2.5 KB reads per shard per query (0.2-2 MB); at 1,000 QPS over R replicas of a "

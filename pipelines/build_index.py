@@ -5,10 +5,11 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python pipelines/build_index.py --store /abs/path/or/s3://bucket/store
 
-What it does: for every shard that is not up to date (``index.plan``: a part or tombstone part
+What it does: for every shard that is not up to date (``index.storage.coverage``: a part or
+tombstone part
 its live version does not cover, or no version yet), a task (``num_cpus`` and a ``memory=``
 request estimated from the shard's row count, placed on a ``shard_host`` node when the cluster has
-such nodes) runs ``index.rebuild.rebuild_shard``, the one build path the serving app's rebuilds
+such nodes) runs ``index.live.rebuild.rebuild_shard``, the one build path the serving app's rebuilds
 use too: it reads the rows, applies the tombstones, builds, compacts the rows into a few base
 parts and commits the new version. Shards already up to date cost two directory listings:
 re-running with no new data is a no-op that starts no tasks (and no Ray).
@@ -38,11 +39,11 @@ if __package__ in (None, ""):  # run as a file (python pipelines/build_index.py,
 
 import yaml  # noqa: E402
 
-from index.manifest import load_manifest  # noqa: E402
-from index.plan import plan_shard  # noqa: E402
-from index.policy import estimate_build_memory, parse_memory  # noqa: E402
-from index.rebuild import RebuildOptions, rebuild_shard, source_rows  # noqa: E402
-from index.store import Store, parse_storage_options  # noqa: E402
+from index.ann.policy import estimate_build_memory, parse_memory  # noqa: E402
+from index.live.rebuild import RebuildOptions, rebuild_shard, source_rows  # noqa: E402
+from index.storage.coverage import plan_shard  # noqa: E402
+from index.storage.manifest import load_manifest  # noqa: E402
+from index.storage.store import Store, parse_storage_options  # noqa: E402
 
 log = logging.getLogger("build_index")
 

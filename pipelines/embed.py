@@ -14,7 +14,7 @@ file. Ids follow the store's id scheme (recorded in its manifest): the URI's has
 
 Metadata: ``--metadata TABLE`` (CSV, Parquet or JSON lines with a ``uri`` column), or an input
 table file with extra columns, gives each row typed metadata columns joined by URI
-(``pipelines.sidecar``); the store's schema grows by ``index.metadata``'s rule, and a column
+(``pipelines.sidecar``); the store's schema grows by ``index.rows.metadata``'s rule, and a column
 whose type differs from the store's stops the run (exit 2) before it writes a row.
 Exit status: 0 done (even with error rows), 1 job failure, 2 bad settings or inputs.
 """
@@ -35,16 +35,16 @@ if str(ROOT) not in sys.path[:1]:  # `python pipelines/embed.py`: sys.path[0] is
 from embedding import Embedder  # noqa: E402
 from embedding.backbones import WeightsUnavailable  # noqa: E402
 from embedding.model import MALLOC_ENV  # noqa: E402
-from index import schema  # noqa: E402
-from index.manifest import (  # noqa: E402
+from index.rows import schema  # noqa: E402
+from index.rows.sharding import uri_id  # noqa: E402
+from index.storage.manifest import (  # noqa: E402
     Manifest,
     ManifestMismatch,
     commit_manifest,
     evolve_metadata,
     load_manifest,
 )
-from index.sharding import uri_id  # noqa: E402
-from index.store import Store  # noqa: E402
+from index.storage.store import Store  # noqa: E402
 from pipelines import embed_config as cfg  # noqa: E402
 from pipelines.embed_config import ConfigError, EmbedJobConfig  # noqa: E402
 from pipelines.embed_plan import (  # noqa: E402

@@ -16,7 +16,7 @@ from typing import Any
 from embedding.backbones import BACKBONES, DEFAULT_BACKBONE
 from embedding.model import ModelConfig
 from embedding.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from index.store import parse_storage_options
+from index.storage.store import parse_storage_options
 from pipelines.inputs import is_table_name
 
 DEFAULT_NUM_SHARDS = 4

@@ -44,11 +44,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from index import schema
-from index.manifest import ShardState, load_manifest
-from index.sharding import shards_of
-from index.store import Store
-from index.versions import TOMBSTONES_FILE
+from index.rows import schema
+from index.rows.sharding import shards_of
+from index.storage.manifest import ShardState, load_manifest
+from index.storage.store import Store
+from index.storage.versions import TOMBSTONES_FILE
 
 STAGING = "_staging"
 STALE_STAGING_S = 24 * 3600

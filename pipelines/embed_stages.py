@@ -28,10 +28,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedding import ImageError, decode_image, prepare  # no torch: decode tasks stay light
-from index import schema
-from index.metadata import metadata_columns
-from index.sharding import content_id, shards_of
-from index.store import Store
+from index.rows import schema
+from index.rows.metadata import metadata_columns
+from index.rows.sharding import content_id, shards_of
+from index.storage.store import Store
 from pipelines.inputs import read_uri
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Turn what the user named (folders, globs, list files, fsspec URIs) into input URIs.
 
-The URI string is what a row's id is hashed from (``index.sharding.uri_id``), so it must be the
+The URI string is what a row's id is hashed from (``index.rows.sharding.uri_id``), so it must be the
 same however the user spelled the input: local files become absolute paths (``./imgs``,
 ``/abs/imgs`` and ``file:///abs/imgs`` all give ``/abs/imgs/a.jpg``), remote ones keep their
 scheme (``s3://bucket/key``). Listing happens once, on the driver; reading happens in Ray tasks.

@@ -2,9 +2,10 @@
 
     python pipelines/rebuild.py --store ROOT [--shards 0,1] [--force] [--retrain] [--grace-s 60]
 
-Runs ``index.rebuild.rebuild_shard`` (the one build path: the same function the serving app's
+Runs ``index.live.rebuild.rebuild_shard`` (the one build path: the same function the serving app's
 ``Rebuilder`` runs as a Ray task and ``pipelines/build_index.py`` runs per shard) in this
-process, one shard after another, then garbage-collects each shard (``index.gc``: old versions no
+process, one shard after another, then garbage-collects each shard (``index.storage.gc``: old
+versions no
 replica serves, and the parts and tombstones the new version folded in, after ``--grace-s``).
 For a parallel build on a cluster use ``pipelines/build_index.py``.
 """
@@ -19,10 +20,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index.gc import DEFAULT_GRACE_S, collect_garbage  # noqa: E402
-from index.manifest import load_manifest  # noqa: E402
-from index.rebuild import DEFAULT_DRIFT_RATIO, RebuildOptions, rebuild_shard  # noqa: E402
-from index.store import Store, parse_storage_options  # noqa: E402
+from index.live.rebuild import DEFAULT_DRIFT_RATIO, RebuildOptions, rebuild_shard  # noqa: E402
+from index.storage.gc import DEFAULT_GRACE_S, collect_garbage  # noqa: E402
+from index.storage.manifest import load_manifest  # noqa: E402
+from index.storage.store import Store, parse_storage_options  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

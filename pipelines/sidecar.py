@@ -8,7 +8,7 @@ folder, local paths made absolute), so they equal the input URIs they describe.
 
 Types come from the file: Parquet's own, CSV's and JSON's as pyarrow infers them (for CSV from
 the first 64 MB block: a column empty there is read as text). Every other column must be a
-string, integer, float or boolean column (``index.metadata``), with a legal name; anything else
+string, integer, float or boolean column (``index.rows.metadata``), with a legal name; anything else
 stops the job before it writes a row, naming the column. The job merges the columns into the
 store's schema (``Manifest.with_metadata``: new columns added, types never changed, ints widen
 to float columns) and each staged row gets the store's columns, typed, null where its sidecar
@@ -16,7 +16,7 @@ row has none.
 
 Memory stays flat in the catalogue size, as the job's planning does (``pipelines.embed_plan``):
 sidecar rows are streamed into one local Arrow file per (shard, table) (``embed_plan.Spill``),
-routed by the shard of their URI's id (``index.sharding``: for the default URI ids, the shard
+routed by the shard of their URI's id (``index.rows.sharding``: for the default URI ids, the shard
 their input lands in); the planner joins one shard's pending inputs with that shard's rows
 (with ``--dedup`` ids, with every shard's rows, one at a time: each bucket of inputs reads the
 spill again). Bad rows are skipped and counted, never fatal: a row with no ``uri``
@@ -34,9 +34,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from index import schema
-from index.metadata import MetadataError, conform, merge_schema, schema_of_table
-from index.sharding import shards_of, uri_id
+from index.rows import schema
+from index.rows.metadata import MetadataError, conform, merge_schema, schema_of_table
+from index.rows.sharding import shards_of, uri_id
 from pipelines.embed_plan import Spill
 from pipelines.inputs import InputError, entry_uri, filesystem_of
 

@@ -4,7 +4,8 @@
         demo-store/queries/*.png
 
 Searches in-process with the same modules the Serve graph uses (embedding.Embedder,
-index.shard_index.ShardIndex per shard, index.merge.merge_topk), so what it draws is what the
+index.ann.shard_index.ShardIndex per shard, index.query.merge.merge_topk), so what it draws is what
+the
 HTTP endpoint answers for the same image.
 """
 
@@ -23,10 +24,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from embedding import Embedder, ModelConfig, decode_image  # noqa: E402
-from index.manifest import load_manifest  # noqa: E402
-from index.merge import merge_topk  # noqa: E402
-from index.shard_index import ShardIndex  # noqa: E402
-from index.store import Store  # noqa: E402
+from index.ann.shard_index import ShardIndex  # noqa: E402
+from index.query.merge import merge_topk  # noqa: E402
+from index.storage.manifest import load_manifest  # noqa: E402
+from index.storage.store import Store  # noqa: E402
 
 
 def main() -> int:

@@ -44,7 +44,7 @@ status  error                      when
 422     invalid_metadata           ``metadata`` is not a JSON object (or over 64 KiB), names a
                                    column the store does not have, or a value of the wrong type
 422     invalid_uri                ``uri`` is not a string of at most 2048 characters
-422     invalid_filter             ``filter`` is not in the filter form (``index.filters``)
+422     invalid_filter             ``filter`` is not in the filter form (``index.query.filters``)
 422     unknown_field              ``filter`` or ``fields`` names a column the store lacks
 422     wrong_type                 a ``filter`` value or bound of the wrong type for its column
 422     invalid_fields             ``fields`` is not a list (or comma-separated string) of names
@@ -62,7 +62,8 @@ server-side error text.
 
 Parameters ``k``, ``nprobe``, ``rerank``, ``candidates`` come from the query string; a JSON body
 or multipart form fields of the same names override them. So do the answer-shaping options
-(``index.shaping``, all off by default): ``expand`` (true: average query expansion with the top
+(``index.query.shaping``, all off by default): ``expand`` (true: average query expansion with the
+top
 ``expand_m`` results weighted by ``score ** expand_alpha``), ``diversify`` (MMR; true or a
 lambda in 0..1), ``dedup`` (collapse near-duplicates; true or a similarity threshold; each kept
 result gets ``collapsed``, the ids it stands for), ``exclude_self`` and ``min_score``.
@@ -70,7 +71,7 @@ result gets ``collapsed``, the ids it stands for), ``exclude_self`` and ``min_sc
 Metadata (issue #13): results carry ``metadata``, the row's columns named by ``fields`` (a JSON
 list, or a comma-separated string in the query string or a form; default: every column of the
 store's schema; ``[]`` or ``""``: none). ``filter`` (a JSON object in the body, or JSON text in a
-multipart field) restricts the search to rows that match it, in the form of ``index.filters``:
+multipart field) restricts the search to rows that match it, in the form of ``index.query.filters``:
 ``{"field": name, "eq"|"in"|"range"|"exists": ...}`` and ``{"and"|"or": [...]}``,
 ``{"not": ...}``. ``POST /images`` takes ``metadata`` as an object of the store's typed columns.
 Both are checked against the store's metadata schema (the manifest's); the parse functions keep
@@ -96,10 +97,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedding import ImageError, decode_image, prepare
-from index import shaping
-from index.filters import Filter, FilterError, parse_filter
-from index.metadata import MetadataError, check_record, is_unicode
-from index.shaping import ShapeOptions
+from index.query import shaping
+from index.query.filters import Filter, FilterError, parse_filter
+from index.query.shaping import ShapeOptions
+from index.rows.metadata import MetadataError, check_record, is_unicode
 from serve.config import MAX_K
 
 log = logging.getLogger("ray.serve")
@@ -399,7 +400,7 @@ def _switch_or_number(name: str, value: Any, default: float) -> float | None:
 
 
 def validate_shape(raw: dict[str, Any]) -> ShapeOptions:
-    """The answer-shaping options (``index.shaping``), range-checked; all off when absent."""
+    """The answer-shaping options (``index.query.shaping``), range-checked; all off when absent."""
     expand_m = _int_param("expand_m", raw.get("expand_m"))
     if expand_m is not None and not 1 <= expand_m <= shaping.MAX_EXPAND_M:
         raise ApiError(

@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from index.manifest import Manifest, load_manifest
+from index.storage.manifest import Manifest, load_manifest
 from serve.canary import RecallCanary
 from serve.config import ConfigError, ServeConfig
 from serve.embedder import ModelMismatch, QueryEmbedder, check_model

@@ -32,8 +32,8 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from index.hits import Hit
-from index.merge import merge_topk
+from index.query.hits import Hit
+from index.query.merge import merge_topk
 from serve.metrics import PREFIX
 from serve.scatter import gather_with_deadline
 

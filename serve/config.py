@@ -189,7 +189,7 @@ class ServeConfig:
     # freshness (issue #5): searchers list the store for new parts/tombstones every delta_poll_s
     # (0 = off: only writes routed to a replica reach it); writes need api_key when it is set
     delta_poll_s: float = 0.5
-    # searchers report the version they serve (index.leases) this often; garbage collection
+    # searchers report the version they serve (index.storage.leases) this often; garbage collection
     # never deletes a version a replica reported within lease_ttl_s
     lease_interval_s: float = 10.0
     lease_ttl_s: float = 60.0
@@ -248,7 +248,7 @@ class ServeConfig:
 
     def open_store(self):
         """The store, opened with this config's fsspec options (else the environment's)."""
-        from index.store import Store
+        from index.storage.store import Store
 
         return Store(self.store, self.storage_options)
 
@@ -335,7 +335,7 @@ class ServeConfig:
             raise ConfigError("canary_window and canary_queue must be >= 1")
         if self.rebuild_threads < 1:
             raise ConfigError(f"rebuild_threads must be >= 1, got {self.rebuild_threads}")
-        from index.policy import parse_memory
+        from index.ann.policy import parse_memory
 
         try:
             parse_memory(self.rebuild_memory_budget)

@@ -4,7 +4,8 @@ The ingress holds DeploymentHandles to the QueryEmbedder and to one ShardSearche
 *group* of shards (``serve.searcher``: a replica searches all shards of its group in one call and
 merges them). Each group call gets the same deadline (``shard_deadline_ms``); a group that misses
 it or whose replica died is left out, its shards are named in ``missing_shards`` and the answer
-says ``partial: true``. The merge of the groups' top-k lists is ``index.merge.merge_topk``, the
+says ``partial: true``. The merge of the groups' top-k lists is ``index.query.merge.merge_topk``,
+the
 same one the groups and the in-process search use.
 
 Metadata (issue #13): ``filter`` and ``fields`` of a search are checked against the store's
@@ -16,7 +17,7 @@ replica does not know yet, since a batch run may have added one. The OpenAPI doc
 for the store (``serve.openapi``).
 
 Writes (issue #5): ``POST /images`` embeds the image (or takes a vector), writes the row as a
-new Parquet part of its shard (``index.delta.write_rows``: atomic, fsynced) and then hands it
+new Parquet part of its shard (``index.live.delta.write_rows``: atomic, fsynced) and then hands it
 to that shard's searcher, so the 201 means durable *and* searchable; ``DELETE /images/{id}``
 does the same with a tombstone. Other replicas of the shard see the write within
 ``delta_poll_s``. ``POST /admin/rebuild`` asks the Rebuilder deployment for rebuilds.
@@ -36,15 +37,15 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from index import schema
-from index.delta import write_rows, write_tombstones
-from index.hits import Hit
-from index.manifest import load_manifest
-from index.merge import merge_topk
-from index.metadata import record_columns
-from index.shaping import POOL_FACTOR, expanded_query, self_ids_of
-from index.shaping import shape as shape_hits
-from index.sharding import content_id, shard_of, uri_id
+from index.live.delta import write_rows, write_tombstones
+from index.query.hits import Hit
+from index.query.merge import merge_topk
+from index.query.shaping import POOL_FACTOR, expanded_query, self_ids_of
+from index.query.shaping import shape as shape_hits
+from index.rows import schema
+from index.rows.metadata import record_columns
+from index.rows.sharding import content_id, shard_of, uri_id
+from index.storage.manifest import load_manifest
 from serve.api import (
     ERROR_RESPONSES,
     SEARCH_OPENAPI_EXTRA,
@@ -389,7 +390,7 @@ class Ingress:
     async def _shape(
         self, query: ParsedQuery, vector, hits: list[Hit], fetch: int, params, keyed: bool
     ):
-        """Query expansion (a second scatter with the expanded query), then ``index.shaping``.
+        """Query expansion (a second scatter with the expanded query), then ``index.query.shaping``.
         When dedup collapses the pool into fewer than ``k`` groups, the pool grows (x4, up to
         ``MAX_K``) and is shaped again. Returns the shaped hits, their ``Shaped`` records (for
         ``collapsed``) and the shards the extra scatters missed."""

@@ -12,7 +12,8 @@ those two operations out exactly:
   of them; ``additionalProperties: false``) with ``k``, ``nprobe``, ``rerank``, ``candidates``,
   the answer-shaping options (``expand``, ``diversify``, ``dedup``, ...),
   ``filter`` (``#/components/schemas/Filter``: one condition schema per column and operator,
-  ``index.filters.openapi_schema``) and ``fields`` (an array of the column names); or multipart
+  ``index.query.filters.openapi_schema``) and ``fields`` (an array of the column names); or
+  multipart
   with a ``file`` (``encoding``: image types) and the same fields as form fields (``filter`` as
   JSON text); query parameters with their real ranges (``fields`` as a comma-separated pattern);
 - ``POST /images``: JSON ``{"vector", "id", "uri", "metadata"}`` or multipart ``file`` + ``id``,
@@ -33,9 +34,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from index import shaping
-from index.filters import openapi_schema as filter_schema
-from index.metadata import INT64_MAX, INT64_MIN, MAX_STRING_CHARS
+from index.query import shaping
+from index.query.filters import openapi_schema as filter_schema
+from index.rows.metadata import INT64_MAX, INT64_MIN, MAX_STRING_CHARS
 from serve.api import FLOAT32_MAX, MAX_ID_CHARS, MAX_URI_CHARS, Limits
 from serve.config import MAX_K
 
@@ -136,7 +137,7 @@ def _params(ctx: OpenApiContext) -> dict:
         "nprobe": {"type": "integer", "minimum": 1, "maximum": limits.max_nprobe},
         "rerank": {"type": "boolean"},
         "candidates": {"type": "integer", "minimum": 1, "maximum": limits.max_candidates},
-        # answer shaping (index.shaping, serve.api.validate_shape)
+        # answer shaping (index.query.shaping, serve.api.validate_shape)
         "expand": {"type": "boolean"},
         "expand_m": {"type": "integer", "minimum": 1, "maximum": shaping.MAX_EXPAND_M},
         "expand_alpha": {"type": "number", "minimum": 0, "maximum": shaping.MAX_EXPAND_ALPHA},

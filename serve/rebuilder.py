@@ -1,18 +1,20 @@
 """Rebuilder: the one place that decides when a shard is rebuilt, and launches the Ray task.
 
 One replica (never more: two deciders would launch duplicate builds) plans every shard
-(``index.plan``: rows in parts the live version does not cover, plus tombstone parts it did not
-apply) every ``rebuild_check_s`` and launches ``index.rebuild.rebuild_shard`` (the one build
+(``index.storage.coverage``: rows in parts the live version does not cover, plus tombstone parts it
+did not
+apply) every ``rebuild_check_s`` and launches ``index.live.rebuild.rebuild_shard`` (the one build
 path) as a Ray task when the delta reaches ``rebuild_delta_rows`` rows or
 ``rebuild_delta_fraction`` of the shard's built rows. The task asks for the memory the build
-needs (``index.policy.estimate_build_memory``) and, when the cluster has ``shard_host`` nodes,
+needs (``index.ann.policy.estimate_build_memory``) and, when the cluster has ``shard_host`` nodes,
 runs on one (``rebuild_node_resource``), never inside a serving replica. ``POST /admin/rebuild``
 asks for one at once (``request``; ``force`` rebuilds a shard that is up to date, ``retrain``
 never reuses the quantizer; both off by default). At most one build per shard runs; a request
 while one runs is queued and runs right after it. The task commits the manifest itself;
 searchers poll it and swap.
 
-Garbage collection (``index.gc``) runs for a shard after its live version changes (a build here,
+Garbage collection (``index.storage.gc``) runs for a shard after its live version changes (a build
+here,
 or one committed by ``pipelines/build_index.py``) until it has nothing left to wait for: old
 versions go once no searcher's lease names them and ``rebuild_gc_grace_s`` has passed, with the
 parts and tombstones the new version folded in.
@@ -27,11 +29,11 @@ import time
 import ray
 from ray import serve
 
-from index.gc import collect_garbage
-from index.manifest import load_manifest
-from index.plan import plan_shard
-from index.policy import build_memory_request
-from index.rebuild import RebuildOptions, delta_rows, rebuild_shard
+from index.ann.policy import build_memory_request
+from index.live.rebuild import RebuildOptions, delta_rows, rebuild_shard
+from index.storage.coverage import plan_shard
+from index.storage.gc import collect_garbage
+from index.storage.manifest import load_manifest
 from serve.config import ServeConfig
 
 log = logging.getLogger("ray.serve")

@@ -3,11 +3,11 @@
 ``ShardSearcher`` is one Serve deployment per group of shards (``serve.app``: all shards of a
 single box in one group by default, ``shards_per_group`` on a cluster, 1 for one deployment per
 shard). A replica holds one ``ShardHolder`` per shard of its group, each with that shard's own
-live view (``index.delta.LiveShard``: live version + delta - tombstones), swaps, lease and
+live view (``index.live.delta.LiveShard``: live version + delta - tombstones), swaps, lease and
 rebuilds, exactly as a one-shard replica did; what the group adds:
 
 - **One call per group.** ``search`` searches every shard of the group (in a small thread pool:
-  FAISS releases the GIL) and merges their top-k (``index.merge.merge_topk``), so the ingress
+  FAISS releases the GIL) and merges their top-k (``index.query.merge.merge_topk``), so the ingress
   makes one call per group and merges groups, not shards.
 - **Batching across requests.** Queries that reach the replica while it is searching are
   searched together next, as one FAISS batch per shard, and split back per request
@@ -18,7 +18,8 @@ Swapping: a background thread reads the manifest once for the whole group every
 ``reload_interval_s``; a shard whose live version changed loads it beside the old one and swaps
 one reference, so no query sees a half-loaded index or fails during the swap. The same thread
 lists each shard's parts and tombstones every ``delta_poll_s`` (other writers' rows), and writes
-each shard's lease (``index.leases``) every ``lease_interval_s`` and after each swap: garbage
+each shard's lease (``index.storage.leases``) every ``lease_interval_s`` and after each swap:
+garbage
 collection never deletes a version a fresh lease names. Writes routed to the replica (``add_rows``,
 ``add_tombstones``) are searchable when they return. On an object store, the node-cache copy of a
 version a shard swapped away from is evicted.
@@ -37,16 +38,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from ray import serve
 
-from index.delta import LiveShard, load_live_shard
-from index.filters import Filter
-from index.hits import Hit
-from index.leases import drop_lease, write_lease
-from index.manifest import Manifest, load_manifest
-from index.merge import merge_topk
-from index.publish import list_versions
-from index.shard_index import IndexLoadError, ShardIndex
-from index.store import Store
-from index.versions import version_number
+from index.ann.shard_index import IndexLoadError, ShardIndex
+from index.live.delta import LiveShard, load_live_shard
+from index.query.filters import Filter
+from index.query.hits import Hit
+from index.query.merge import merge_topk
+from index.storage.leases import drop_lease, write_lease
+from index.storage.manifest import Manifest, load_manifest
+from index.storage.publish import list_versions
+from index.storage.store import Store
+from index.storage.versions import version_number
 from serve.batching import QueryBatcher
 from serve.metrics import searcher_metrics
 
@@ -315,8 +316,8 @@ class ShardSearcher:
         "answered", "batch"}`` (``answered``: the shards searched; ``batch``: how many queries
         were searched together), plus ``"metadata"`` (one object per hit: the ``fields``
         asked) and ``"plans"`` (shard -> how a ``filter`` was searched there,
-        ``index.filter_plan``). ``filter`` arrives parsed and checked by the ingress
-        (``index.filters``); each shard evaluates it on its own columns. Batched with
+        ``index.ann.filter_plan``). ``filter`` arrives parsed and checked by the ingress
+        (``index.query.filters``); each shard evaluates it on its own columns. Batched with
         concurrent queries that share the parameters, filter and fields (``QueryBatcher``)."""
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
         names = tuple(fields) if fields else ()

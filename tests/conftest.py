@@ -67,8 +67,8 @@ def ray_local(scratch_root):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 server on 127.0.0.1 for the session (``tests.s3``)."""
-    from tests.s3 import S3Server
+    """moto's S3 server on 127.0.0.1 for the session (``harness.s3``)."""
+    from harness.s3 import S3Server
 
     server = S3Server()
     yield server

@@ -2,7 +2,7 @@
 interleaved from another thread: every bad request gets its 4xx and JSON error code, every odd
 image a 200, every good query its right top-1, no 5xx anywhere and no replica restarted.
 
-The table of kinds is ``tests/bad_inputs.py`` (shared with ``benchmarks/load.py``). The app runs
+The table of kinds is ``harness/bad_inputs.py`` (shared with ``benchmarks/load.py``). The app runs
 with the default limits (20 MiB uploads, 50 MP images), so the 50 MB upload and the 100 MP PNG
 bomb are over them as in production.
 """
@@ -15,8 +15,8 @@ from collections import Counter
 
 import pytest
 
-from tests import bad_inputs
-from tests.serve_app import make_store, replica_identity, running_app
+from harness import bad_inputs
+from harness.serve_app import make_store, replica_identity, running_app
 
 pytestmark = pytest.mark.slow
 

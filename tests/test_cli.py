@@ -19,9 +19,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests import embed_samples as samples
-from tests.polling import free_port, wait_for
-from tests.ray_head import ROOT, RayHead, processes_of, ray_env, stop_processes
+from harness import embed_samples as samples
+from harness.polling import free_port, wait_for
+from harness.ray_head import ROOT, RayHead, processes_of, ray_env, stop_processes
 from visual_search import exits
 from visual_search.cli import COMMANDS, main
 from visual_search.query_cli import format_results

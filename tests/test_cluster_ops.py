@@ -1,6 +1,6 @@
 """The system run the way cluster users run it, against a real ``ray start --head`` on 127.0.0.1.
 
-One head for the module (``tests.ray_head.RayHead``): ``ray job submit`` of the embedding job and
+One head for the module (``harness.ray_head.RayHead``): ``ray job submit`` of the embedding job and
 then of the index build into a store of real photos, ``serve deploy`` of a copy of
 ``serve/serve_config.yaml`` (only the store, the port and a faster reload changed) answering
 ``/readyz`` and queries, our metrics in Ray's Prometheus export, and one request id followed from
@@ -18,11 +18,11 @@ import httpx
 import pytest
 import yaml
 
-from index.manifest import load_manifest
-from index.store import Store
-from tests import embed_samples as samples
-from tests.polling import free_port, wait_for
-from tests.ray_head import ROOT, RayHead
+from harness import embed_samples as samples
+from harness.polling import free_port, wait_for
+from harness.ray_head import ROOT, RayHead
+from index.storage.manifest import load_manifest
+from index.storage.store import Store
 from tests.test_embed_job import read_store
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index.leases import read_leases
-from tests.serve_app import make_store, running_app, serve_replicas
+from harness.serve_app import make_store, running_app, serve_replicas
+from index.storage.leases import read_leases
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """The embedding job as users run it: the CLI killed half-way and re-run.
 
 The job starts Ray processes of its own in a new session (process group) with its own temp dir,
-and the test stops exactly those (see ``tests.ray_head``). ``ray job submit`` of the job is in
+and the test stops exactly those (see ``harness.ray_head``). ``ray job submit`` of the job is in
 ``tests/test_cluster_ops.py``.
 """
 
@@ -17,11 +17,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from index.sharding import uri_id
+from harness import embed_samples as samples
+from harness.ray_head import processes_of, ray_env, stop_processes
+from index.rows.sharding import uri_id
 from pipelines.embed import run_job
 from pipelines.embed_config import EmbedJobConfig
-from tests import embed_samples as samples
-from tests.ray_head import processes_of, ray_env, stop_processes
 from tests.test_embed_job import read_store
 
 ROOT = Path(__file__).resolve().parents[1]

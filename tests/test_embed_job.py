@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from index import schema
-from index.manifest import ManifestMismatch, load_manifest
-from index.sharding import content_id, shard_of, uri_id
-from index.store import Store
+from harness import embed_samples as samples
+from index.rows import schema
+from index.rows.sharding import content_id, shard_of, uri_id
+from index.storage.manifest import ManifestMismatch, load_manifest
+from index.storage.store import Store
 from pipelines.embed import run_job
 from pipelines.embed_config import EmbedJobConfig
-from tests import embed_samples as samples
 
 N_PHOTOS = 240  # 3 photos from each of 80 Caltech-101 classes
 

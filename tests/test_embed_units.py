@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from embedding import decode_image, prepare
+from harness import embed_samples as samples
 from pipelines.embed_config import ConfigError, EmbedJobConfig, config_from_args
 from pipelines.embed_stages import CROP, part_key, read_decode_batch
 from pipelines.inputs import InputError, canonical_uri, expand_inputs
-from tests import embed_samples as samples
 
 
 # ---- settings ----------------------------------------------------------------------------------
@@ -148,11 +148,11 @@ def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path, monkeypa
     from pipelines import embed_plan
 
     monkeypatch.setattr(embed_plan, "BUCKET_ROWS", bucket_rows)
-    from index import schema
-    from index.delta import write_tombstones
-    from index.sharding import shard_of, uri_id
+    from harness.stores import write_store
+    from index.live.delta import write_tombstones
+    from index.rows import schema
+    from index.rows.sharding import shard_of, uri_id
     from pipelines.embed_plan import PlanCounts, ShardSpill, chunks, plan_pending, read_block
-    from tests.helpers import write_store
 
     uris = [f"file:///photos/{i:03d}.jpg" for i in range(60)]
     store = write_store(

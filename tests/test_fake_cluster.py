@@ -1,4 +1,5 @@
-"""``cluster-fake.yaml`` run for real on this machine by Ray's autoscaler (``tests.fake_cluster``):
+"""``cluster-fake.yaml`` run for real on this machine by Ray's autoscaler
+(``harness.fake_cluster``):
 placement, node loss and scale-down, driven the way cluster users drive the system.
 
 - ``ray job submit`` of the embedding job: the autoscaler starts a GPU-type worker, the embedding
@@ -24,8 +25,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests import embed_samples as samples
-from tests import fake_cluster as fc
+from harness import embed_samples as samples
+from harness import fake_cluster as fc
 
 pytestmark = pytest.mark.slow
 

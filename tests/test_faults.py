@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import embed_samples as samples
-from tests.polling import wait_for
-from tests.serve_app import (
+from harness import embed_samples as samples
+from harness.polling import wait_for
+from harness.serve_app import (
     kill_replica,
     make_store,
     replica_identity,
@@ -146,7 +146,7 @@ def _embed_actor_pids() -> list[int]:
 
 
 def test_killed_embed_worker_mid_run_loses_and_duplicates_nothing(ray_local, caltech_dir, tmp_path):
-    from index.sharding import uri_id
+    from index.rows.sharding import uri_id
     from pipelines.embed import run_job
     from pipelines.embed_config import EmbedJobConfig
     from tests.test_embed_job import read_store
@@ -308,8 +308,8 @@ def test_killed_ingress_costs_a_bounded_stall_then_full_answers(app):
 
 
 def test_corrupt_or_missing_index_file_is_refused_and_previous_version_keeps_serving(app):
-    from index.publish import commit_results
-    from index.rebuild import RebuildOptions, build_shard
+    from index.live.rebuild import RebuildOptions, build_shard
+    from index.storage.publish import commit_results
 
     store = app.store
 

@@ -10,11 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from index import schema
-from index.columns import Columns, GrowingColumns
-from index.delta import LiveShard, load_live_shard, write_rows, write_tombstones
-from index.exact import exact_search
-from index.filters import (
+from harness.stores import write_store
+from index.ann.exact import exact_search
+from index.ann.shard_index import ShardIndex
+from index.live.delta import LiveShard, load_live_shard, write_rows, write_tombstones
+from index.live.rebuild import rebuild_shard
+from index.query.filters import (
     And,
     Eq,
     Exists,
@@ -28,18 +29,17 @@ from index.filters import (
     parse_filter,
     to_json,
 )
-from index.manifest import Manifest, ManifestMismatch, evolve_metadata, load_manifest
-from index.metadata import (
+from index.rows import schema
+from index.rows.columns import Columns, GrowingColumns
+from index.rows.metadata import (
     MetadataError,
     check_record,
     conform,
     merge_schema,
     schema_of_table,
 )
-from index.rebuild import rebuild_shard
-from index.shard_index import ShardIndex
-from index.sharding import shard_of, shards_of
-from tests.helpers import write_store
+from index.rows.sharding import shard_of, shards_of
+from index.storage.manifest import Manifest, ManifestMismatch, evolve_metadata, load_manifest
 
 SCHEMA = {"category": "string", "price": "float", "in_stock": "bool", "qty": "int"}
 DIM, N, SHARDS = 32, 6000, 2
@@ -374,7 +374,7 @@ def test_delta_tombstones_records_and_rebase_carry_metadata(catalogue):
 
 
 def test_plan_probes_where_the_allowed_rows_are():
-    from index.filter_plan import ivf_nprobe, prefer_exact
+    from index.ann.filter_plan import ivf_nprobe, prefer_exact
 
     sizes = np.full(100, 100)  # 100 lists of 100 rows, nearest first
     # uniform 10 %: twice the rows an unfiltered search scans at nprobe 4 (2 * 4 * 100 = 800)

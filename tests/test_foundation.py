@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from index import schema
-from index.manifest import Manifest, ManifestMismatch, commit_manifest, load_manifest
-from index.sharding import shard_of, shards_of, uri_id
-from index.store import Store
+from index.rows import schema
+from index.rows.sharding import shard_of, shards_of, uri_id
+from index.storage.manifest import Manifest, ManifestMismatch, commit_manifest, load_manifest
+from index.storage.store import Store
 
 
 def test_shard_of_is_stable_and_balanced():

@@ -17,12 +17,12 @@ import httpx
 import numpy as np
 import pytest
 
-from index.manifest import evolve_metadata
-from index.publish import list_versions
-from index.sharding import uri_id
+from harness.polling import free_port, wait_for
+from harness.serve_store import caltech_sample, write_caltech_store
+from index.rows.sharding import uri_id
+from index.storage.manifest import evolve_metadata
+from index.storage.publish import list_versions
 from serve.config import DeploymentSettings, ServeConfig
-from tests.polling import free_port, wait_for
-from tests.serve_store import caltech_sample, write_caltech_store
 
 pytestmark = pytest.mark.slow
 
@@ -276,9 +276,9 @@ def test_adds_deletes_and_two_rebuilds_under_continuous_queries(app):
 def test_an_embedding_job_on_a_grown_folder_feeds_the_same_delta(app, caltech_dir, tmp_path):
     """The batch path: ``pipelines/embed.py`` writes new parts into the served store, and the
     running searchers serve them (found by their own photo) without a rebuild or a restart."""
+    from harness import embed_samples as samples
     from pipelines.embed import run_job
     from pipelines.embed_config import EmbedJobConfig
-    from tests import embed_samples as samples
 
     new = caltech_sample(caltech_dir, classes=7, per_class=1)[-2:]  # classes not served yet
     photos = samples.link_images(new, tmp_path / "grown")

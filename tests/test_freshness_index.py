@@ -7,16 +7,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from index import schema
-from index.delta import LiveShard, load_live_shard, write_rows, write_tombstones
-from index.gc import collect_garbage
-from index.leases import write_lease
-from index.manifest import load_manifest
-from index.plan import plan_shard
-from index.publish import commit_results, list_versions
-from index.rebuild import RebuildOptions, build_shard, rebuild_shard
-from index.shard_index import ShardIndex
-from tests.helpers import write_store
+from harness.stores import write_store
+from index.ann.shard_index import ShardIndex
+from index.live.delta import LiveShard, load_live_shard, write_rows, write_tombstones
+from index.live.rebuild import RebuildOptions, build_shard, rebuild_shard
+from index.rows import schema
+from index.storage.coverage import plan_shard
+from index.storage.gc import collect_garbage
+from index.storage.leases import write_lease
+from index.storage.manifest import load_manifest
+from index.storage.publish import commit_results, list_versions
 
 pytestmark = pytest.mark.slow
 

@@ -11,14 +11,14 @@ import json
 import numpy as np
 import pytest
 
-from index.build import build_arrays
-from index.merge import merge_topk
-from index.policy import IndexSpec
-from index.rebuild import rebuild_shard
-from index.recall import main as recall_main
-from index.recall import recall_at_k, search_all
-from index.shard_index import ShardIndex
-from tests.helpers import load_ann, write_store
+from harness.stores import load_ann, write_store
+from index.ann.build import build_arrays
+from index.ann.policy import IndexSpec
+from index.ann.shard_index import ShardIndex
+from index.live.rebuild import rebuild_shard
+from index.live.recall import main as recall_main
+from index.live.recall import recall_at_k, search_all
+from index.query.merge import merge_topk
 
 pytestmark = pytest.mark.slow
 

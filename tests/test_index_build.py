@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 
 from benchmarks.common import gaussian_mixture
-from index.build import build_arrays
-from index.manifest import load_manifest
-from index.publish import commit_results, list_versions
-from index.rebuild import RebuildOptions, build_shard
-from index.shard_index import IndexLoadError, ShardIndex, default_candidates
-from index.store import Store
-from index.versions import INDEX_FILE, META_FILE, VECTORS_FILE, version_number
-from tests.helpers import write_store
+from harness.stores import write_store
+from index.ann.build import build_arrays
+from index.ann.shard_index import IndexLoadError, ShardIndex, default_candidates
+from index.live.rebuild import RebuildOptions, build_shard
+from index.storage.manifest import load_manifest
+from index.storage.publish import commit_results, list_versions
+from index.storage.store import Store
+from index.storage.versions import INDEX_FILE, META_FILE, VECTORS_FILE, version_number
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 32
@@ -217,8 +217,8 @@ def test_killed_build_leaves_previous_version_live(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
-        from index.rebuild import build_shard
-        from index.store import Store
+        from index.live.rebuild import build_shard
+        from index.storage.store import Store
 
         def stage(name):
             if name == "trained":
@@ -305,8 +305,8 @@ def test_every_build_applies_and_records_tombstones_and_keeps_ids_compact(tmp_pa
     their own length: one 256-character id does not widen every row."""
     import pyarrow as pa
 
-    from index import schema
-    from index.delta import write_rows, write_tombstones
+    from index.live.delta import write_rows, write_tombstones
+    from index.rows import schema
 
     ids, uris, vectors = _rows(1200)
     store = write_store(tmp_path / "s", ids, uris, vectors, num_shards=1)

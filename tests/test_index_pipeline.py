@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks.common import gaussian_mixture
-from index.manifest import load_manifest
-from index.shard_index import ShardIndex
+from harness.stores import write_store
+from index.ann.shard_index import ShardIndex
+from index.storage.manifest import load_manifest
 from pipelines.build_index import BuildConfig, load_config, main, run
-from tests.helpers import write_store
 
 ROOT = Path(__file__).resolve().parents[1]
 

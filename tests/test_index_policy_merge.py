@@ -8,9 +8,7 @@ import random
 
 import pytest
 
-from index.hits import Hit
-from index.merge import merge_topk
-from index.policy import (
+from index.ann.policy import (
     FASTSCAN_MIN_LIST,
     ID_BYTES,
     MIN_NLIST,
@@ -18,6 +16,8 @@ from index.policy import (
     choose_index,
     parse_memory,
 )
+from index.query.hits import Hit
+from index.query.merge import merge_topk
 
 
 @pytest.mark.parametrize(

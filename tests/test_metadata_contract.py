@@ -7,7 +7,7 @@ import jsonschema_rs
 import numpy as np
 import pytest
 
-from index.filters import And, Eq, Range
+from index.query.filters import And, Eq, Range
 from serve.api import (
     ApiError,
     Limits,

@@ -15,15 +15,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from index import schema
-from index.manifest import ManifestMismatch, evolve_metadata, load_manifest
-from index.rebuild import rebuild_shard
-from index.store import Store
+from harness.polling import wait_for
+from harness.serve_app import running_app
+from harness.serve_store import caltech_sample
+from index.live.rebuild import rebuild_shard
+from index.rows import schema
+from index.storage.manifest import ManifestMismatch, evolve_metadata, load_manifest
+from index.storage.store import Store
 from pipelines.embed import run_job
 from pipelines.embed_config import EmbedJobConfig
-from tests.polling import wait_for
-from tests.serve_app import running_app
-from tests.serve_store import caltech_sample
 
 pytestmark = pytest.mark.slow
 

@@ -10,15 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from index import schema
-from index.manifest import ManifestMismatch, evolve_metadata, load_manifest
-from index.sharding import uri_id
+from harness.stores import write_store
+from index.rows import schema
+from index.rows.sharding import uri_id
+from index.storage.manifest import ManifestMismatch, evolve_metadata, load_manifest
 from pipelines.embed import load_sidecar
 from pipelines.embed_config import ConfigError, EmbedJobConfig, config_from_args
 from pipelines.embed_plan import PlanCounts, ShardSpill, plan_pending
 from pipelines.inputs import InputError, expand_inputs, iter_inputs
 from pipelines.sidecar import Sidecar, read_table_batches
-from tests.helpers import write_store
 
 SHARDS = 3
 

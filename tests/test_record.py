@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from index import schema
-from index.delta import load_live_shard, write_rows, write_tombstones
-from index.manifest import load_manifest
-from index.rebuild import rebuild_shard
-from tests.helpers import write_store
+from harness.stores import write_store
+from index.live.delta import load_live_shard, write_rows, write_tombstones
+from index.live.rebuild import rebuild_shard
+from index.rows import schema
+from index.storage.manifest import load_manifest
 
 DIM = 8
 

@@ -20,17 +20,17 @@ import httpx
 import numpy as np
 import pytest
 
-from index import schema
-from index.leases import read_leases
-from index.manifest import load_manifest
-from index.publish import list_versions
+from harness.polling import free_port, wait_for
+from harness.serve_store import caltech_sample
+from index.rows import schema
+from index.storage.leases import read_leases
+from index.storage.manifest import load_manifest
+from index.storage.publish import list_versions
 from pipelines.build_index import BuildConfig
 from pipelines.build_index import run as build_run
 from pipelines.embed import run_job
 from pipelines.embed_config import EmbedJobConfig
 from serve.config import DeploymentSettings, ServeConfig
-from tests.polling import free_port, wait_for
-from tests.serve_store import caltech_sample
 from tests.test_freshness_http import Querier, top1, unit_vectors
 
 pytestmark = pytest.mark.slow
@@ -150,10 +150,10 @@ def test_s3_store_end_to_end(ray_local, s3_server, caltech_dir, tmp_path):
         script = textwrap.dedent(
             f"""
             import numpy as np
-            from index import schema
-            from index.delta import write_rows, write_tombstones
-            from index.sharding import shard_of
-            from index.store import Store
+            from index.rows import schema
+            from index.live.delta import write_rows, write_tombstones
+            from index.rows.sharding import shard_of
+            from index.storage.store import Store
             store = Store({uri!r})  # options from $VISUAL_SEARCH_STORAGE_OPTIONS
             vectors = np.load({str(tmp_path / "other.npy")!r})
             for i, v in enumerate(vectors):
@@ -221,6 +221,6 @@ def test_s3_store_end_to_end(ray_local, s3_server, caltech_dir, tmp_path):
 
 
 def load_base_parts(store, shard: int) -> list[str]:
-    from index.plan import base_parts_of, live_meta
+    from index.storage.coverage import base_parts_of, live_meta
 
     return base_parts_of(live_meta(store, shard, load_manifest(store).shards[shard]))

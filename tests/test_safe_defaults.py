@@ -14,6 +14,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
+from harness import embed_samples as samples
 from serve.api import ApiError, create_app, image_crop, validate_params
 from serve.config import ConfigError, ServeConfig
 from serve.security import (
@@ -24,7 +25,6 @@ from serve.security import (
     public_error,
     redact,
 )
-from tests import embed_samples as samples
 
 KEY = "s3cret-key"
 

@@ -14,9 +14,9 @@ import os
 import numpy as np
 import pytest
 
-from tests import embed_samples as samples
-from tests.polling import wait_for
-from tests.serve_app import make_store, running_app
+from harness import embed_samples as samples
+from harness.polling import wait_for
+from harness.serve_app import make_store, running_app
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +65,8 @@ def test_anonymous_callers_get_lower_caps_and_keyed_ones_do_not(app):
 
 
 def test_stats_show_anonymous_callers_no_paths(app):
-    from index.publish import commit_results
-    from index.rebuild import RebuildOptions, build_shard
+    from index.live.rebuild import RebuildOptions, build_shard
+    from index.storage.publish import commit_results
 
     broken = build_shard(app.store, 0, RebuildOptions(force=True))
     with open(os.path.join(app.store.index_version_dir(0, broken.dir), "index.faiss"), "r+b") as f:

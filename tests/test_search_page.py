@@ -1,6 +1,6 @@
 """The search page in a real browser, and the two GET routes it stands on.
 
-One Serve app (``tests.serve_app.running_app``) over 24 real Caltech-101 photos in 2 shards.
+One Serve app (``harness.serve_app.running_app``) over 24 real Caltech-101 photos in 2 shards.
 ``GET /images/{id}`` and ``GET /images/{id}/thumbnail`` are checked over HTTP; then Debian's
 Chromium, driven by Playwright (``executable_path``: no browser download), uploads a photo
 through the page, clicks a result, drops and pastes images, and shows errors and a partial
@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index.manifest import evolve_metadata
-from index.sharding import shard_of, uri_id
+from harness.polling import wait_for
+from harness.serve_app import running_app
+from harness.serve_store import write_caltech_store
+from index.rows.sharding import shard_of, uri_id
+from index.storage.manifest import evolve_metadata
 from tests.conftest import require_data
-from tests.polling import wait_for
-from tests.serve_app import running_app
-from tests.serve_store import write_caltech_store
 
 pytestmark = pytest.mark.slow
 

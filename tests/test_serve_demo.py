@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.polling import wait_for
+from harness.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_demo_embeds_builds_serves_and_answers(scratch_root):
     cmd = [
         sys.executable,
         "-m",
-        "pipelines.demo",
+        "visual_search.demo",
         "--exit",
         "--workdir",
         str(workdir),
@@ -69,7 +69,8 @@ def test_demo_serves_until_sigterm_then_stops_cleanly_and_frees_its_port(scratch
     port = _free_port()
     log = scratch_root / "demo-serve.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pipelines.demo", "--workdir", str(workdir), "--port", str(port)]
+    cmd = [sys.executable, "-m", "visual_search.demo", "--workdir", str(workdir)]
+    cmd += ["--port", str(port)]
     cmd += ["--ray-temp-dir", str(scratch_root / "demo-ray")]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index.sharding import shard_of, uri_id
+from harness.polling import free_port, wait_for
+from harness.serve_store import caltech_sample, write_caltech_store
+from index.rows.sharding import shard_of, uri_id
 from serve.config import DeploymentSettings, ServeConfig
-from tests.polling import free_port, wait_for
-from tests.serve_store import caltech_sample, write_caltech_store
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Answer shaping (``index.shaping``), its HTTP parameters (``serve.api``) and the client's
+"""Answer shaping (``index.query.shaping``), its HTTP parameters (``serve.api``) and the client's
 encoding of them; and the recall canary's arithmetic (``serve.canary``). No Ray, no FAISS."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import httpx
 import numpy as np
 import pytest
 
-from index import shaping
-from index.hits import Hit
-from index.shaping import ShapeOptions, collapse, drop_self, expanded_query, mmr, shape
+from index.query import shaping
+from index.query.hits import Hit
+from index.query.shaping import ShapeOptions, collapse, drop_self, expanded_query, mmr, shape
 from serve.api import ApiError, Limits, validate_params
 from serve.canary import RecallWindow, recall_at_k
 from visual_search.client import SearchClient

@@ -19,11 +19,11 @@ import httpx
 import numpy as np
 import pytest
 
-from index import shaping
-from index.rebuild import rebuild_shard
-from tests.helpers import load_ann, write_store
-from tests.polling import wait_for
-from tests.serve_app import running_app
+from harness.polling import wait_for
+from harness.serve_app import running_app
+from harness.stores import load_ann, write_store
+from index.live.rebuild import rebuild_shard
+from index.query import shaping
 
 pytestmark = pytest.mark.slow
 

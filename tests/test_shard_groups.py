@@ -12,12 +12,12 @@ import asyncio
 import numpy as np
 import pytest
 
-from index.merge import merge_topk
-from index.rebuild import rebuild_shard
-from index.shard_index import ShardIndex
+from harness.stores import write_store
+from index.ann.shard_index import ShardIndex
+from index.live.rebuild import rebuild_shard
+from index.query.merge import merge_topk
 from serve.app import shard_groups
 from serve.searcher import ShardSearcher
-from tests.helpers import write_store
 
 DIM = 32
 

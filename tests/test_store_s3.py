@@ -14,17 +14,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from index import schema
-from index.cache import node_cache
-from index.delta import load_live_shard, write_rows, write_tombstones
-from index.gc import collect_garbage, usable
-from index.manifest import commit_manifest, load_manifest
-from index.plan import plan_shard
-from index.publish import commit_results, list_versions
-from index.rebuild import RebuildOptions, build_shard, rebuild_shard
-from index.shard_index import ShardIndex
-from index.store import Store
-from tests.helpers import write_store
+from harness.stores import write_store
+from index.ann.shard_index import ShardIndex
+from index.live.delta import load_live_shard, write_rows, write_tombstones
+from index.live.rebuild import RebuildOptions, build_shard, rebuild_shard
+from index.rows import schema
+from index.storage.cache import node_cache
+from index.storage.coverage import plan_shard
+from index.storage.gc import collect_garbage, usable
+from index.storage.manifest import commit_manifest, load_manifest
+from index.storage.publish import commit_results, list_versions
+from index.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 16
@@ -57,10 +57,10 @@ def test_another_process_writes_are_seen_at_once(s3_server, s3_store_uri):
     script = textwrap.dedent(
         f"""
         import numpy as np, pyarrow as pa
-        from index import schema
-        from index.delta import write_rows, write_tombstones
-        from index.manifest import commit_manifest
-        from index.store import Store
+        from index.rows import schema
+        from index.live.delta import write_rows, write_tombstones
+        from index.storage.manifest import commit_manifest
+        from index.storage.store import Store
         store = Store({s3_store_uri!r})  # options from $VISUAL_SEARCH_STORAGE_OPTIONS
         v = np.zeros((1, {DIM}), np.float32); v[0, 0] = 1
         write_rows(store, 0, schema.embeddings_table(["other-process"], ["s3://x"], v))

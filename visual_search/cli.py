@@ -46,8 +46,10 @@ COMMANDS = {
     ),
     "search": Command("visual_search.query_cli", "search_main", "query a running app"),
     "stats": Command("visual_search.query_cli", "stats_main", "a running app's catalogue"),
-    "recall": Command("index.recall", "main", "recall@k of a store's indexes over nprobe"),
-    "demo": Command("pipelines.demo", "main", "embed, index, serve and query sample photos", True),
+    "recall": Command("index.live.recall", "main", "recall@k of a store's indexes over nprobe"),
+    "demo": Command(
+        "visual_search.demo", "main", "embed, index, serve and query sample photos", True
+    ),
 }
 
 

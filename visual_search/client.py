@@ -115,7 +115,7 @@ class SearchClient:
     ) -> dict:
         """Top-k of exactly one of an image, a catalogue ``id`` or a ``vector``.
 
-        Answer shaping (``index.shaping``; the app's defaults when None): ``expand`` (query
+        Answer shaping (``index.query.shaping``; the app's defaults when None): ``expand`` (query
         expansion with the top ``expand_m`` results, weights ``score ** expand_alpha``),
         ``diversify`` (MMR: True or a lambda in 0..1), ``dedup`` (collapse near-duplicates: True
         or a similarity threshold; results get ``collapsed``), ``exclude_self``, ``min_score``.

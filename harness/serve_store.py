@@ -1,0 +1,66 @@
+"""A small real store for the Serve tests: real Caltech-101 photos, really embedded, real indexes.
+
+Embedding in-process with ``Embedder`` (no Ray Data job) keeps it to a few seconds; the rows are
+written with ``harness.stores.write_store`` and indexed with ``index.live.rebuild``, exactly
+as the pipelines do, so the Serve graph sees what it sees in production.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from embedding import Embedder, ModelConfig
+from harness.stores import write_store
+from index.live.rebuild import rebuild_shard
+from index.rows.sharding import uri_id
+from index.storage.store import Store
+from serve.api import Limits, image_crop
+
+
+def caltech_sample(caltech_dir: Path, classes: int, per_class: int) -> list[Path]:
+    """The first ``per_class`` train images of the first ``classes`` classes (sorted, fixed)."""
+    by_class: dict[str, list[str]] = {}
+    for line in (caltech_dir / "train.txt").read_text().split():
+        cls = line.split("/")[0]
+        if cls != "BACKGROUND_Google":
+            by_class.setdefault(cls, []).append(line)
+    picked = []
+    for cls in sorted(by_class)[:classes]:
+        picked += sorted(by_class[cls])[:per_class]
+    return [caltech_dir / "101_ObjectCategories" / p for p in picked]
+
+
+def embed_files(paths: list[Path], embedder: Embedder) -> np.ndarray:
+    """Vectors of image files, with the query path's crop (the batch job's, see the contract
+    test ``test_query_crop_is_the_batch_jobs_crop``)."""
+    crops = np.stack([image_crop(p.read_bytes(), embedder.image_size, Limits()) for p in paths])
+    return np.concatenate([embedder.embed(crops[i : i + 32]) for i in range(0, len(crops), 32)])
+
+
+def write_caltech_store(
+    root: Path | str,
+    paths: list[Path],
+    num_shards: int,
+    model: ModelConfig | None = None,
+) -> tuple[Store, dict[str, np.ndarray]]:
+    """Embed ``paths`` into a new store with ``num_shards`` built, live shards.
+
+    Returns the store and ``uri -> vector`` (what the catalogue holds, for exact comparisons).
+    """
+    embedder = Embedder(model or ModelConfig())
+    vectors = embed_files(paths, embedder)
+    uris = [p.resolve().as_uri() for p in paths]
+    store = write_store(
+        root,
+        [uri_id(u) for u in uris],
+        uris,
+        vectors,
+        num_shards,
+        model=embedder.name,
+        weights=embedder.weights_tag,
+    )
+    for shard in range(num_shards):
+        rebuild_shard(store, shard)
+    return store, dict(zip(uris, vectors, strict=True))

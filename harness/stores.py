@@ -1,0 +1,84 @@
+"""Test helpers other test modules reuse: make a store of embeddings without running the model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+
+from index.rows import schema
+from index.rows.metadata import schema_of_table
+from index.rows.sharding import shards_of
+from index.storage.manifest import Manifest, commit_manifest
+from index.storage.store import Store
+
+
+def write_store(
+    root: str | os.PathLike[str] | Store,
+    ids: Sequence[str],
+    uris: Sequence[str],
+    vectors: np.ndarray,
+    num_shards: int,
+    metric: str = "ip",
+    *,
+    model: str = "test-model",
+    weights: str = "none",
+    part_key: str = "0",
+    metadata: pa.Table | None = None,
+) -> Store:
+    """Write rows into ``embeddings/shard=NNNNN/part-<part_key>.parquet`` routed by ``shard_of``
+    (as the embedding job does) and commit a manifest for them (creating it if needed).
+
+    Calling it again with another ``part_key`` appends a new part to each shard: new data for
+    the index build to pick up. ``metadata`` (one row per id) is stored as typed columns and
+    its schema merged into the manifest's, as the embedding job does with a sidecar table.
+    """
+    store = root if isinstance(root, Store) else Store(root)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    shards = shards_of(ids, num_shards)
+    ids_arr, uris_arr = np.asarray(ids, dtype=object), np.asarray(uris, dtype=object)
+    columns = schema_of_table(metadata) if metadata is not None else {}
+    for shard in range(num_shards):
+        sel = np.flatnonzero(shards == shard)
+        if len(sel) == 0:
+            continue
+        extra = None
+        if metadata is not None:
+            part = metadata.take(pa.array(sel))
+            extra = {name: part[name].combine_chunks() for name in part.column_names}
+        table = schema.embeddings_table(
+            list(ids_arr[sel]), list(uris_arr[sel]), vectors[sel], extra=extra
+        )
+        path = f"{store.embeddings_dir(shard)}/{store.new_part_name(part_key)}"
+        store.write_parquet(table, path)
+
+    def update(m: Manifest | None) -> Manifest:
+        if m is None:
+            m = Manifest(model, weights, vectors.shape[1], num_shards, metric)
+        m.check_compatible(model, weights, vectors.shape[1], num_shards)
+        return m.with_metadata(columns)
+
+    commit_manifest(store, update)
+    return store
+
+
+def load_ann(path: str | Path) -> dict:
+    """An ann-benchmarks HDF5 file: train/test vectors, exact neighbours, metric ("ip"/"l2").
+
+    Angular files are L2-normalised here (cosine == inner product on unit vectors).
+    """
+    with h5py.File(path, "r") as f:
+        train = np.asarray(f["train"], dtype=np.float32)
+        test = np.asarray(f["test"], dtype=np.float32)
+        neighbors = np.asarray(f["neighbors"], dtype=np.int64)
+        distance = f.attrs["distance"]
+    distance = distance.decode() if isinstance(distance, bytes) else str(distance)
+    metric = "ip" if distance == "angular" else "l2"
+    if metric == "ip":
+        train /= np.linalg.norm(train, axis=1, keepdims=True)
+        test /= np.linalg.norm(test, axis=1, keepdims=True)
+    return {"train": train, "test": test, "neighbors": neighbors, "metric": metric}

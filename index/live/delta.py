@@ -1,0 +1,552 @@
+"""A shard as it is *now*: its live index version, plus the rows added since, minus deletes.
+
+Three things make up the live view of one shard (``LiveShard``):
+
+- the **base**: the live ``ShardIndex`` version (IVF+PQ or Flat) the manifest names;
+- the **delta**: every row of a ``part-*`` under ``embeddings/shard=NNNNN/`` that the base
+  version does not cover (``index.storage.coverage.covered_parts``): rows written by ``POST
+  /images`` or by
+  a re-run of the embedding job. They are held in memory as float32 (rounded through float16, as
+  the base stores them, so a row scores the same before and after the rebuild that folds it in)
+  and searched exactly (``index.ann.exact``);
+- the **tombstones**: ``tombstones/shard=NNNNN/part-*.parquet`` rows ``(id, deleted_at)``, and
+  the deletes the base version applied (its ``tombstones.parquet``).
+
+Which copy of an id is seen is decided by ``index.rows.visibility`` (newest ``ingested_at`` wins; a
+tombstone hides rows it is at least as new as), applied here one part at a time: a delta row
+hides the base row of its id when it is at least as new; a tombstone the base did not apply
+hides the base row it is at least as new as, and any tombstone hides the delta rows it is at
+least as new as. Hidden base rows are excluded inside FAISS with an ``IDSelector`` over their row
+keys, so a search still returns ``k`` visible rows. Base hits (reranked) and delta hits (exact)
+are merged by ``index.query.merge.merge_topk``.
+
+Refreshing is incremental: ``refresh`` lists the two folders (fresh listings,
+``index.storage.store``)
+and reads only part files it has not seen; a writer in the same process hands its rows over
+directly (``add_rows``, ``add_tombstones``) so they are searchable before its HTTP response
+returns. ``rebased`` carries the delta rows and tombstones over to a newly built base version,
+dropping rows it covers.
+
+Metadata: delta rows keep their metadata columns in ``index.rows.columns.GrowingColumns`` (appended
+with the rows, snapshotted with them). A filtered ``search`` evaluates the filter on the base's
+columns (``ShardIndex.search_filtered``: exact or IVF+PQ by selectivity, hidden base rows
+removed from the allowed set) and on the delta's (exact search over the live rows it allows);
+``fields`` names the columns each hit carries, and ``record_of`` returns all of them.
+
+Thread safety: mutations hold a lock; searches read one immutable ``_Snapshot`` reference, so a
+search never sees a half-applied change and never waits for a refresh.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from index.ann.exact import exact_search
+from index.ann.filter_plan import FilterPlan
+from index.ann.shard_index import ShardIndex
+from index.query.filters import Filter, evaluate
+from index.query.hits import Hit
+from index.query.merge import merge_topk
+from index.rows import schema
+from index.rows.columns import Columns, GrowingColumns
+from index.rows.metadata import metadata_columns
+from index.rows.visibility import hides, ms_of, supersedes
+from index.storage.coverage import applied_tombstones, covered_parts
+from index.storage.store import Store
+from index.storage.versions import TOMBSTONES_FILE
+
+_INITIAL_CAPACITY = 256
+_NO_KEYS = np.zeros(0, np.int64)
+_BULK_LOOKUP = 64  # parts with more rows look their ids up in the base in one hash join
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    base: ShardIndex | None
+    exclude: faiss.IDSelector | None  # hidden base row keys (IDSelectorNot of a batch)
+    hidden_base_count: int
+    hidden: np.ndarray  # the hidden base row keys, sorted (what a filtered search removes)
+    vectors: np.ndarray  # (n, dim) float32 view of the delta buffer
+    ids: list[str]  # append-only; the first n belong to this snapshot
+    uris: list[str]
+    alive: np.ndarray  # (n,) bool, a private copy
+    alive_count: int
+    meta: Columns  # the delta rows' metadata columns (views of the first n rows)
+
+
+def _part_name(kind: str, ms: int) -> str:
+    """``part-<kind>-<ms>-<random>.parquet``: unique, sorts by time, and never equal to the
+    embedding job's ``part-<hash of ids>.parquet`` names."""
+    return f"part-{kind}-{ms:013d}-{uuid.uuid4().hex[:12]}.parquet"
+
+
+def write_rows(store: Store, shard: int, table: pa.Table) -> str:
+    """Write an embeddings table (``schema.embeddings_table``) as a new part of ``shard``,
+    atomically and durably (fsync on a local store); returns its relative path."""
+    path = posixpath.join(store.embeddings_dir(shard), _part_name("api", int(time.time() * 1000)))
+    store.write_parquet(table, path)
+    return store.relative(path)
+
+
+def write_tombstones(
+    store: Store, shard: int, ids: list[str], deleted_at_ms: int | None = None
+) -> tuple[str, int]:
+    """Durably delete ``ids`` of ``shard`` (at ``deleted_at_ms``, default now); returns
+    (relative part path, deleted_at ms)."""
+    ts = schema.now_ms() if deleted_at_ms is None else pa.scalar(deleted_at_ms, schema.TIMESTAMP)
+    ms = int(ts.value)
+    path = posixpath.join(store.tombstones_dir(shard), _part_name("del", ms))
+    store.write_parquet(schema.tombstones_table(ids, ts), path)
+    return store.relative(path), ms
+
+
+def read_tombstones(store: Store | None, path: str) -> tuple[list[str], np.ndarray]:
+    """(ids, deleted_at ms) of a tombstone part (relative to ``store``), or of a local file
+    (``store`` None: a version's ``tombstones.parquet`` in its local directory)."""
+    if store is None:
+        table = pq.read_table(path)
+    else:
+        table = pq.read_table(store.path(path), filesystem=store.fs)
+    return table[schema.ID].to_pylist(), ms_of(table[schema.DELETED_AT])
+
+
+def read_rows(
+    store: Store, part: str
+) -> tuple[list[str], list[str], np.ndarray, np.ndarray, pa.Table | None]:
+    """(ids, uris, float32 vectors, ingested_at ms, metadata columns or None) of one part."""
+    table = pq.read_table(store.path(part), filesystem=store.fs)
+    meta = metadata_columns(table.column_names)
+    return (
+        table[schema.ID].to_pylist(),
+        table[schema.URI].to_pylist(),
+        schema.arrow_to_vectors(table[schema.EMBEDDING]),
+        ms_of(table[schema.INGESTED_AT]),
+        table.select(meta) if meta else None,
+    )
+
+
+class LiveShard:
+    """One shard's base version + delta + tombstones; ``search`` and ``vector_of`` see them all."""
+
+    def __init__(
+        self, store: Store, shard: int, base: ShardIndex | None, dim: int, metric: str
+    ) -> None:
+        if base is not None and (base.dim != dim or base.metric != metric):
+            raise ValueError(f"base is {base.dim}-d {base.metric}, shard is {dim}-d {metric}")
+        self.store = store
+        self.shard = shard
+        self.base = base
+        self.dim = dim
+        self.metric = metric
+        meta = base.meta if base is not None else {}
+        self.covered: frozenset[str] = frozenset(covered_parts(meta))
+        self.applied_tombstones: frozenset[str] = frozenset(applied_tombstones(meta))
+        self._lock = threading.RLock()
+        # delta rows (append-only buffer; rows are marked dead, never removed)
+        self._buf = np.zeros((0, dim), np.float32)
+        self._n = 0
+        self._ids: list[str] = []
+        self._uris: list[str] = []
+        self._ingested: list[int] = []
+        self._alive = np.zeros(0, bool)
+        self._meta = GrowingColumns()  # the delta rows' metadata columns
+        self._newest: dict[str, int] = {}  # id -> its newest delta row
+        self._part_rows: dict[str, tuple[int, int]] = {}  # delta part -> [start, stop) rows
+        # tombstones
+        self._deleted: dict[str, int] = {}  # id -> newest deleted_at (ms), every tombstone
+        self._tomb_parts: dict[str, tuple[list[str], np.ndarray]] = {}
+        self._hidden_keys: set[int] = set()
+        self._snap = self._snapshot(rebuild_selector=True)
+        if base is not None and TOMBSTONES_FILE in (meta.get("files") or {}):
+            ids, deleted = read_tombstones(None, str(base.directory / TOMBSTONES_FILE))
+            with self._lock:  # the base applied these: they only hide delta rows
+                self._add_tombstones(f"{base.name}/{TOMBSTONES_FILE}", ids, deleted, True)
+                self._publish()
+
+    # ---- reading the store --------------------------------------------------------------------
+    def refresh(self) -> int:
+        """Read embedding and tombstone parts not seen yet; returns how many parts were read."""
+        parts = [
+            p
+            for p in self.store.list_parts(self.shard)
+            if p not in self.covered and p not in self._part_rows
+        ]
+        tombs = [
+            p for p in self.store.list_tombstone_parts(self.shard) if p not in self._tomb_parts
+        ]
+        loaded_rows = [(p, read_rows(self.store, p)) for p in parts]
+        loaded_tombs = [(p, read_tombstones(self.store, p)) for p in tombs]
+        with self._lock:
+            for part, (ids, uris, vectors, ingested, meta) in loaded_rows:
+                self._add_rows(part, ids, uris, vectors, ingested, meta)
+            for part, (ids, deleted) in loaded_tombs:
+                self._add_tombstones(part, ids, deleted, part in self.applied_tombstones)
+            if loaded_rows or loaded_tombs:
+                self._publish()
+        return len(loaded_rows) + len(loaded_tombs)
+
+    def add_rows(
+        self,
+        part: str,
+        ids: list[str],
+        uris: list[str],
+        vectors: np.ndarray,
+        ingested_at_ms: np.ndarray | list[int],
+        metadata: pa.Table | Mapping[str, Sequence] | None = None,
+    ) -> None:
+        """Rows its writer just wrote durably as ``part`` (relative path): searchable on return.
+        ``metadata``: their metadata columns, as written (a table, or column -> values)."""
+        if metadata is not None and not isinstance(metadata, pa.Table):
+            metadata = pa.table(dict(metadata)) if metadata else None
+        with self._lock:
+            ingested = np.asarray(ingested_at_ms, np.int64)
+            self._add_rows(part, ids, uris, vectors, ingested, metadata)
+            self._publish()
+
+    def add_tombstones(self, part: str, ids: list[str], deleted_at_ms: np.ndarray | list[int]):
+        """Tombstones its writer just wrote durably as ``part``: hidden on return."""
+        with self._lock:
+            self._add_tombstones(
+                part, ids, np.asarray(deleted_at_ms, np.int64), part in self.applied_tombstones
+            )
+            self._publish()
+
+    def rebased(self, base: ShardIndex) -> LiveShard:
+        """A view over a new base version that keeps what it does not cover (delta rows of parts
+        it was not built from) and every tombstone; the caller swaps it in as one reference."""
+        with self._lock:
+            new = LiveShard(self.store, self.shard, base, self.dim, self.metric)
+            for part, (start, stop) in self._part_rows.items():
+                if part not in new.covered:
+                    new._add_rows(
+                        part,
+                        self._ids[start:stop],
+                        self._uris[start:stop],
+                        self._buf[start:stop],
+                        np.asarray(self._ingested[start:stop], np.int64),
+                        self._meta.table(start, stop),
+                    )
+            for part, (ids, deleted) in self._tomb_parts.items():
+                if "/" + TOMBSTONES_FILE not in part:  # the old base's own applied deletes
+                    new._add_tombstones(part, ids, deleted, part in new.applied_tombstones)
+            new._publish()
+            return new
+
+    # ---- mutations (hold the lock) ------------------------------------------------------------
+    def _base_keys(self, ids: list[str]) -> list[int | None]:
+        if self.base is None:
+            return [None] * len(ids)
+        if len(ids) > _BULK_LOOKUP:
+            return [None if k < 0 else int(k) for k in self.base.row_keys(ids)]
+        return [self.base.row_key(i) for i in ids]
+
+    def _add_rows(self, part, ids, uris, vectors, ingested, meta=None) -> None:
+        if part in self._part_rows or part in self.covered:
+            return  # already here (a writer's hand-over and the poll raced)
+        vectors = np.asarray(vectors, np.float32).reshape(-1, self.dim)
+        n = len(ids)
+        if not (len(uris) == n == len(vectors) == len(ingested)):
+            raise ValueError("ids, uris, vectors and ingested_at differ in length")
+        if meta is not None and meta.num_rows != n:
+            raise ValueError(f"{meta.num_rows} rows of metadata for {n} rows")
+        self._meta.append(meta, n)  # first: it may raise; the rows below never half-apply
+        self._reserve(self._n + n)
+        start = self._n
+        # float16 rounding: the same numbers the base version will hold after a rebuild
+        self._buf[start : start + n] = vectors.astype(np.float16).astype(np.float32)
+        self._ids.extend(ids)
+        self._uris.extend(uris)
+        self._ingested.extend(int(t) for t in ingested)
+        self._n += n
+        self._part_rows[part] = (start, start + n)
+        alive = self._alive
+        for row, key in zip(range(start, start + n), self._base_keys(list(ids)), strict=True):
+            row_id, t = self._ids[row], self._ingested[row]
+            visible = not hides(self._deleted.get(row_id), t)
+            old = self._newest.get(row_id)
+            if old is not None and not supersedes(t, self._ingested[old]):
+                alive[row] = False  # an older copy arrived late: the newer row stays
+                continue
+            if old is not None:
+                alive[old] = False
+            self._newest[row_id] = row
+            if key is not None:
+                if supersedes(t, self.base.ingested_at(key)):
+                    self._hidden_keys.add(key)
+                else:
+                    visible = False  # the base holds a newer copy of this id
+            alive[row] = visible
+
+    def _add_tombstones(self, part, ids, deleted, applied: bool) -> None:
+        if part in self._tomb_parts:
+            return
+        self._tomb_parts[part] = (list(ids), np.asarray(deleted, np.int64))
+        keys = [None] * len(ids) if applied else self._base_keys(list(ids))
+        for row_id, t, key in zip(ids, deleted, keys, strict=True):
+            t = int(t)
+            if t > self._deleted.get(row_id, -1):
+                self._deleted[row_id] = t
+            row = self._newest.get(row_id)
+            if row is not None and hides(t, self._ingested[row]):
+                self._alive[row] = False
+            if key is not None and hides(t, self.base.ingested_at(key)):
+                self._hidden_keys.add(key)
+
+    def _reserve(self, rows: int) -> None:
+        if rows <= len(self._buf):
+            return
+        capacity = max(_INITIAL_CAPACITY, 2 * len(self._buf), rows)
+        buf = np.zeros((capacity, self.dim), np.float32)
+        buf[: self._n] = self._buf[: self._n]
+        alive = np.zeros(capacity, bool)
+        alive[: self._n] = self._alive[: self._n]
+        self._buf, self._alive = buf, alive  # old snapshots keep the old arrays
+
+    def _publish(self) -> None:
+        self._snap = self._snapshot(
+            rebuild_selector=len(self._hidden_keys) != self._snap.hidden_base_count
+        )
+
+    def _snapshot(self, rebuild_selector: bool) -> _Snapshot:
+        exclude = None if rebuild_selector else self._snap.exclude
+        hidden = _NO_KEYS if rebuild_selector else self._snap.hidden
+        if rebuild_selector and self._hidden_keys:
+            keys = np.fromiter(self._hidden_keys, np.int64, len(self._hidden_keys))
+            keys.sort()
+            batch = faiss.IDSelectorBatch(keys)
+            exclude = faiss.IDSelectorNot(batch)
+            exclude.referenced = batch  # keep the inner selector alive with the outer one
+            hidden = keys
+        alive = self._alive[: self._n].copy()
+        return _Snapshot(
+            base=self.base,
+            exclude=exclude,
+            hidden_base_count=len(self._hidden_keys),
+            hidden=hidden,
+            vectors=self._buf[: self._n],
+            ids=self._ids,
+            uris=self._uris,
+            alive=alive,
+            alive_count=int(alive.sum()),
+            meta=self._meta.snapshot(self._n),
+        )
+
+    # ---- reading ------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, **options) -> list[list[Hit]]:
+        """Top ``k`` visible rows per query over base (reranked) and delta (exact), merged;
+        ``options`` are ``search_with_plan``'s (nprobe, candidates, rerank, filter, fields)."""
+        return self.search_with_plan(queries, k, **options)[0]
+
+    def search_with_plan(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        nprobe: int | None = None,
+        candidates: int | None = None,
+        rerank: bool = True,
+        filter: Filter | None = None,  # noqa: A002 (the API's word)
+        fields: Sequence[str] | None = None,
+    ) -> tuple[list[list[Hit]], FilterPlan | None]:
+        """The top ``k`` hits per query, and the plan of the base's filtered search (None
+        without a filter).
+
+        ``filter`` (``index.query.filters``, already checked against the store's schema) restricts
+        the hits to the rows it matches; ``fields`` names the metadata columns each hit carries
+        (``Hit.metadata``).
+        """
+        snap = self._snap
+        q = np.asarray(queries, np.float32)
+        q = q[None, :] if q.ndim == 1 else q
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (n, {self.dim}), got shape {np.shape(queries)}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        plan = None
+        if snap.base is None:
+            base_hits = [[] for _ in range(len(q))]
+        elif filter is None:
+            base_hits = snap.base.search(
+                q,
+                k,
+                nprobe=nprobe,
+                candidates=candidates,
+                rerank=rerank,
+                exclude=snap.exclude,
+                fields=fields,
+            )
+        else:
+            base_hits, plan = snap.base.search_filtered(
+                q,
+                k,
+                filter,
+                hidden=snap.hidden,
+                nprobe=nprobe,
+                candidates=candidates,
+                rerank=rerank,
+                fields=fields,
+            )
+        delta_hits = self._search_delta(snap, q, k, filter, fields)
+        merged = [
+            merge_topk([b, d], k, self.metric) for b, d in zip(base_hits, delta_hits, strict=True)
+        ]
+        return merged, plan
+
+    def _search_delta(
+        self,
+        snap: _Snapshot,
+        q: np.ndarray,
+        k: int,
+        flt: Filter | None = None,
+        fields: Sequence[str] | None = None,
+    ) -> list[list[Hit]]:
+        if snap.alive_count == 0:
+            return [[] for _ in range(len(q))]
+        valid, count = snap.alive, snap.alive_count
+        if flt is not None:
+            valid = valid & evaluate(flt, snap.meta)
+            count = int(np.count_nonzero(valid))
+            if count == 0:
+                return [[] for _ in range(len(q))]
+        scores, rows = exact_search(q, snap.vectors, min(k, count), self.metric, valid=valid)
+        out = []
+        for i in range(len(q)):
+            found = [(float(s), int(j)) for s, j in zip(scores[i], rows[i], strict=True) if j >= 0]
+            metas = snap.meta.records(np.asarray([j for _, j in found], np.int64), fields or [])
+            out.append(
+                [
+                    Hit(snap.ids[j], snap.uris[j], s, self.shard, metas[x] if fields else None)
+                    for x, (s, j) in enumerate(found)
+                ]
+            )
+        return out
+
+    def search_exact(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """Brute-force top ``k`` of the visible rows (base rows not hidden + live delta): what
+        ``search`` answers with a perfect index. The recall canary's reference (``serve.canary``);
+        costs a scan of every vector of the shard."""
+        snap = self._snap
+        q = np.asarray(queries, np.float32)
+        q = q[None, :] if q.ndim == 1 else q
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (n, {self.dim}), got shape {np.shape(queries)}")
+        base_hits: list[list[Hit]] = [[] for _ in range(len(q))]
+        if snap.base is not None:
+            with self._lock:
+                hidden = {snap.base.id_of(key) for key in self._hidden_keys}
+            found = snap.base.search_exact(q, k + len(hidden))
+            base_hits = [[h for h in hits if h.id not in hidden][:k] for hits in found]
+        delta_hits = self._search_delta(snap, q, k)
+        return [
+            merge_topk([b, d], k, self.metric) for b, d in zip(base_hits, delta_hits, strict=True)
+        ]
+
+    def vector_of(self, row_id: str) -> np.ndarray | None:
+        """The visible vector of ``row_id`` (delta first, then base), or None."""
+        found = self._locate(row_id)
+        if found is None:
+            return None
+        snap, where, index = found
+        if where == "delta":
+            return snap.vectors[index].copy()
+        return snap.base.vector_of(row_id)
+
+    def record_of(self, row_id: str, fields: Sequence[str] | None = None) -> dict | None:
+        """The visible row ``row_id`` as ``{"id", "uri", "shard", "version", "source",
+        "ingested_at_ms", "metadata"}`` (``source``: "delta" or "index"; ``metadata``: the
+        ``fields`` asked, default every column the row's version or the delta holds), or None
+        when no visible row has that id (``GET /images/{id}``)."""
+        found = self._locate(row_id)
+        if found is None:
+            return None
+        snap, where, index = found
+        if where == "delta":
+            uri, ingested = snap.uris[index], self._ingested[index]
+            names = list(snap.meta.columns) if fields is None else list(fields)
+            metadata = snap.meta.records(np.asarray([index]), names)[0]
+        else:
+            uri, ingested = snap.base.uri_of(index), snap.base.ingested_at(index)
+            metadata = snap.base.metadata_of(np.asarray([index]), fields)[0]
+        return {
+            "id": row_id,
+            "uri": uri,
+            "shard": self.shard,
+            "version": self.version,
+            "source": "delta" if where == "delta" else "index",
+            "ingested_at_ms": int(ingested),
+            "metadata": metadata,
+        }
+
+    def _locate(self, row_id: str) -> tuple[_Snapshot, str, int] | None:
+        """Where the visible copy of ``row_id`` is: (snapshot, "delta" or "base", row)."""
+        snap = self._snap
+        key = snap.base.row_key(row_id) if snap.base is not None else None
+        with self._lock:
+            row = self._newest.get(row_id)
+            base_hidden = key is not None and key in self._hidden_keys
+        if row is not None and row < len(snap.alive) and snap.alive[row]:
+            return snap, "delta", row
+        if key is None or base_hidden:
+            return None
+        return snap, "base", key
+
+    # ---- accounting ---------------------------------------------------------------------------
+    @property
+    def version(self) -> int | None:
+        return None if self.base is None else self.base.version
+
+    @property
+    def version_dir(self) -> str | None:
+        return None if self.base is None else self.base.name
+
+    @property
+    def meta(self) -> dict:
+        return {} if self.base is None else self.base.meta
+
+    def memory_bytes(self) -> int:
+        """The base version's RAM (``ShardIndex.memory_bytes``) plus the delta buffers."""
+        base = 0 if self.base is None else self.base.memory_bytes()
+        return base + int(self._buf.nbytes) + self._meta.nbytes
+
+    def fetch_size(self, k: int, candidates: int | None = None, rerank: bool = True) -> int:
+        """Rows taken from the compressed base index for a top-``k`` search (0 without one)."""
+        return 0 if self.base is None else self.base.fetch_size(k, candidates, rerank)
+
+    @property
+    def count(self) -> int:
+        """Visible rows: base rows not hidden + live delta rows."""
+        snap = self._snap
+        base = 0 if snap.base is None else snap.base.count - snap.hidden_base_count
+        return base + snap.alive_count
+
+    def stats(self) -> dict:
+        snap = self._snap
+        return {
+            "delta": snap.alive_count,
+            "delta_rows": len(snap.alive),
+            "delta_parts": len(self._part_rows),
+            "delta_bytes": int(snap.vectors.nbytes),
+            "tombstones": len(self._deleted),
+            "hidden_base_rows": snap.hidden_base_count,
+        }
+
+
+def load_live_shard(
+    store: Store, shard: int, version: str | int | None, dim: int, metric: str
+) -> LiveShard:
+    """The live view of ``shard`` at ``version`` (a directory name or number; None: no index
+    yet, delta only), refreshed from the store."""
+    base = ShardIndex.load(store, shard, version) if version is not None else None
+    view = LiveShard(store, shard, base, dim, metric)
+    view.refresh()
+    return view

@@ -1,0 +1,167 @@
+"""The node's local cache of remote index version directories (for stores on object stores).
+
+FAISS and numpy memory-map index files, which needs a local file, so a replica serving an
+``s3://`` store copies each version directory it loads into this cache first. Version
+directories are immutable, which makes a cached copy safe to reuse, with three rules:
+
+- **The key is the full URI** (protocol, bucket and path, hashed), so two stores, or ``s3://b/x``
+  and ``gs://b/x``, never share an entry.
+- **Evicted with its version.** A replica evicts the copy of a version it swapped away from, and
+  garbage collection evicts the copies of versions it deletes (on its node).
+- **Bounded.** After each fetch the least recently used entries are removed until the cache is
+  under ``max_bytes`` (``$VISUAL_SEARCH_CACHE_BYTES``, e.g. ``100G``; default 32 GiB), never one
+  this process has pinned (loaded and serving). A copy that fails its checksum on load is evicted
+  and fetched again once (``index.ann.shard_index``).
+
+Where: ``$VISUAL_SEARCH_CACHE`` (a fast local disk, e.g. the NVMe of cluster.yaml's memory
+nodes), else the system temp folder, under ``visual-search-cache/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+
+ENV_CACHE_DIR = "VISUAL_SEARCH_CACHE"
+ENV_CACHE_BYTES = "VISUAL_SEARCH_CACHE_BYTES"
+DEFAULT_MAX_BYTES = 32 * 2**30
+_SAFE = re.compile(r"[^A-Za-z0-9._=-]+")
+
+
+def cache_key(uri: str) -> str:
+    """A folder name for ``uri``: a hash of the whole URI plus a readable tail."""
+    digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:20]
+    tail = _SAFE.sub("_", "_".join(uri.rstrip("/").split("/")[-2:]))[-60:]
+    return f"{digest}-{tail}"
+
+
+class LocalCache:
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES):
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self._pinned: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def path_of(self, uri: str) -> Path:
+        return self.root / cache_key(uri)
+
+    def fetch(self, fs: fsspec.AbstractFileSystem, remote: str, uri: str) -> Path:
+        """The local copy of directory ``remote`` (``uri`` with its protocol), fetched if absent."""
+        target = self.path_of(uri)
+        if target.exists():
+            _touch(target)
+            return target
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Two replicas on one node may fetch the same version at once: each copies into its own
+        # temporary folder and renames it into place; the loser discards its copy.
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.root))
+        try:
+            fs.get(remote.rstrip("/") + "/", str(staging), recursive=True)
+            os.rename(staging, target)
+        except OSError:
+            if not target.exists():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.enforce_bound(keep={target.name})
+        return target
+
+    def evict(self, uri: str) -> bool:
+        """Remove the copy of ``uri`` unless this process has it pinned; True if removed."""
+        target = self.path_of(uri)
+        with self._lock:
+            if self._pinned.get(target.name):
+                return False
+        if not target.exists():
+            return False
+        _remove_dir(target)
+        return True
+
+    def pin(self, uri: str) -> None:
+        name = self.path_of(uri).name
+        with self._lock:
+            self._pinned[name] = self._pinned.get(name, 0) + 1
+
+    def unpin(self, uri: str) -> None:
+        name = self.path_of(uri).name
+        with self._lock:
+            left = self._pinned.get(name, 0) - 1
+            if left > 0:
+                self._pinned[name] = left
+            else:
+                self._pinned.pop(name, None)
+
+    def entries(self) -> list[tuple[Path, int, float]]:
+        """(folder, bytes, last use) of every cached copy."""
+        if not self.root.exists():
+            return []
+        out = []
+        for child in self.root.iterdir():
+            if child.name.startswith(".") or not child.is_dir():
+                continue
+            size = sum(f.stat().st_size for f in child.iterdir() if f.is_file())
+            out.append((child, size, child.stat().st_mtime))
+        return out
+
+    def enforce_bound(self, keep: set[str] = frozenset()) -> list[str]:
+        """Remove least recently used copies until the cache fits ``max_bytes``; returns names."""
+        entries = sorted(self.entries(), key=lambda e: e[2])
+        total = sum(size for _, size, _ in entries)
+        removed = []
+        with self._lock:
+            pinned = {name for name, n in self._pinned.items() if n > 0}
+        for path, size, _ in entries:
+            if total <= self.max_bytes:
+                break
+            if path.name in keep or path.name in pinned:
+                continue
+            _remove_dir(path)
+            total -= size
+            removed.append(path.name)
+        return removed
+
+
+def _touch(path: Path) -> None:
+    now = time.time()
+    try:
+        os.utime(path, (now, now))
+    except OSError:
+        pass
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename out of the way first, so a concurrent fetch never sees a half-deleted copy.
+    (Open memory maps of its files stay valid: the data lives until they are unmapped.)"""
+    doomed = path.with_name(f".evict-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+_NODE_CACHE: LocalCache | None = None
+
+
+def node_cache() -> LocalCache:
+    """This process's view of the node cache, configured from the environment."""
+    global _NODE_CACHE
+    root = Path(os.environ.get(ENV_CACHE_DIR) or tempfile.gettempdir()) / "visual-search-cache"
+    max_bytes = parse_bytes(os.environ.get(ENV_CACHE_BYTES) or DEFAULT_MAX_BYTES)
+    if _NODE_CACHE is None or _NODE_CACHE.root != root or _NODE_CACHE.max_bytes != max_bytes:
+        _NODE_CACHE = LocalCache(root, max_bytes)
+    return _NODE_CACHE
+
+
+def parse_bytes(value: str | int) -> int:
+    from index.ann.policy import parse_memory
+
+    return parse_memory(value)

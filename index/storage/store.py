@@ -1,0 +1,348 @@
+"""Where everything lives under one store root URI, and how files get there atomically.
+
+The root is any fsspec URI (a local path, ``file://``, ``s3://``, ``gs://``...). Three rules make
+one store safe for many processes on many machines, on a local disk and on an object store:
+
+- **Listings are never cached.** s3fs and gcsfs keep a directory listing per filesystem instance
+  and never expire it, so a process that listed ``_manifests/`` once would never see another
+  process's commit. Remote filesystems are opened with ``use_listings_cache=False`` and every
+  ``ls`` asks for a refresh; ``exists`` then asks the store too.
+- **Whole files or nothing.** Local writes go to a temporary name, are fsynced and
+  ``os.replace``-d into place, and the directory is fsynced after. On an object store a single PUT
+  is atomic.
+- **Create means create.** ``create_bytes`` fails with ``FileExistsError`` when the object exists,
+  atomically: ``os.link`` locally, a conditional PUT (``If-None-Match: *``, s3fs
+  ``mode="create"``) on S3, and the same call on any fsspec backend that implements it. A backend
+  without it falls back to check-then-write, which two racing writers can both pass: that is
+  logged once per process (see ``ATOMIC_CREATE``), and such a store must have one writer of
+  manifests at a time.
+
+Filesystem options (endpoint, credentials, region) come the way fsspec users expect: the
+``storage_options`` given to ``Store`` (the serve config's ``storage_options``, the jobs'
+``--storage-options``), else the JSON in ``$VISUAL_SEARCH_STORAGE_OPTIONS``, plus whatever fsspec
+and the SDK read themselves (``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL``, ``AWS_*`` keys).
+A ``Store`` pickles as its URI and options, so Ray tasks and replicas open the same store.
+
+Layout (see DESIGN.md)::
+
+    <root>/manifest.json                      convenience copy of the newest manifest
+    <root>/_manifests/NNNNNN.json             versioned manifests (the source of truth)
+    <root>/_serving/shard=NNNNN/<replica>.json  which version each replica serves
+                                                (index.storage.leases)
+    <root>/embeddings/shard=NNNNN/part-*.parquet   rows not yet folded into a version (the delta)
+    <root>/embeddings/shard=NNNNN/base-*.parquet   a version's compacted rows (its meta names them)
+    <root>/errors/part-*.parquet              inputs that could not be embedded, with the reason
+    <root>/indexes/shard=NNNNN/vNNNNNN-xxxxxxxx/  one immutable directory per built index version
+    <root>/tombstones/shard=NNNNN/part-*.parquet  deletes (id, deleted_at), see index.live.delta
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import tempfile
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from index.rows.sharding import shard_dir_name
+
+log = logging.getLogger(__name__)
+
+ENV_STORAGE_OPTIONS = "VISUAL_SEARCH_STORAGE_OPTIONS"
+PART_PREFIX = "part-"  # a delta part: rows (or tombstones) written since the live version
+BASE_PREFIX = "base-"  # a version's compacted rows; only the version that names it reads it
+_PARQUET_RE = re.compile(r"^(part|base)-[^/]+\.parquet$")
+# whether this process has seen a backend without conditional create (logged once)
+ATOMIC_CREATE: dict[str, bool] = {}
+
+
+class Store:
+    """A store root: path arithmetic plus the few I/O primitives everything else is built on."""
+
+    def __init__(self, root: str | os.PathLike[str], storage_options: dict | None = None) -> None:
+        root = os.fspath(root)
+        self.storage_options = dict(
+            storage_options if storage_options is not None else _env_storage_options()
+        )
+        protocol = fsspec.core.split_protocol(root)[0] or "file"
+        options = dict(self.storage_options)
+        if protocol not in ("file", "local"):
+            options.setdefault("use_listings_cache", False)  # see the module docstring
+        self.fs, path = fsspec.core.url_to_fs(root, **options)
+        self.is_local = _is_local(self.fs)
+        self.root = os.path.abspath(path) if self.is_local else path.rstrip("/")
+        self.uri = self.root if self.is_local else root.rstrip("/")
+        self.protocol = protocol
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    def __reduce__(self):
+        return (Store, (self.uri, self.storage_options))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Store) and (self.uri, self.storage_options) == (
+            other.uri,
+            other.storage_options,
+        )
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
+
+    # ---- layout -------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def full_uri(self, path: str) -> str:
+        """``path`` (under the root) as a URI with its protocol: the key of local caches."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    @property
+    def manifest_path(self) -> str:
+        return self.path("manifest.json")
+
+    @property
+    def manifests_dir(self) -> str:
+        return self.path("_manifests")
+
+    @property
+    def errors_dir(self) -> str:
+        return self.path("errors")
+
+    def embeddings_dir(self, shard: int) -> str:
+        return self.path("embeddings", shard_dir_name(shard))
+
+    def tombstones_dir(self, shard: int) -> str:
+        return self.path("tombstones", shard_dir_name(shard))
+
+    def serving_dir(self, shard: int) -> str:
+        return self.path("_serving", shard_dir_name(shard))
+
+    def shard_index_dir(self, shard: int) -> str:
+        return self.path("indexes", shard_dir_name(shard))
+
+    def index_version_dir(self, shard: int, name: str) -> str:
+        """The directory of version ``name`` (``vNNNNNN-xxxxxxxx``, as the manifest names it)."""
+        return posixpath.join(self.shard_index_dir(shard), name)
+
+    def relative(self, path: str) -> str:
+        """Path relative to the root, as stored in version metadata (a store can be moved)."""
+        prefix = self.root.rstrip("/") + "/"
+        return (
+            path[len(prefix) :] if path.startswith(prefix) else posixpath.relpath(path, self.root)
+        )
+
+    # ---- primitives ---------------------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def ls(self, path: str) -> list[str]:
+        """Names (not paths) directly under ``path``, fresh from the store; [] if it is absent."""
+        try:
+            entries = self.fs.ls(path, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def read_bytes(self, path: str) -> bytes:
+        """The whole object in one GET (no HEAD first: a small file replaced between the two
+        would fail s3fs's ETag check)."""
+        return self.fs.cat_file(path)
+
+    def read_json(self, path: str) -> dict:
+        return json.loads(self.read_bytes(path))
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` so that readers see the whole file or nothing (replacing any old one)."""
+        if self.is_local:
+            _write_local(path, data, exclusive=False)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def create_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` only if ``path`` does not exist yet, else raise ``FileExistsError``;
+        atomic where the backend can do it (see the module docstring)."""
+        if self.is_local:
+            _write_local(path, data, exclusive=True)
+            return
+        protocol = self.protocol
+        if ATOMIC_CREATE.get(protocol, True):
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+                return
+            except FileExistsError:
+                raise
+            except (TypeError, NotImplementedError, ValueError) as e:  # no conditional create
+                ATOMIC_CREATE[protocol] = False
+                log.warning(
+                    "%s:// has no conditional create (%s): manifest commits fall back to "
+                    "check-then-write; run one committer at a time on this store",
+                    protocol,
+                    e,
+                )
+        if self.fs.exists(path):
+            raise FileExistsError(path)
+        self.fs.pipe_file(path, data)
+
+    def rm(self, path: str, recursive: bool = False) -> None:
+        """Delete ``path``; a path that is already gone is not an error."""
+        try:
+            self.fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+    def open_output(self, path: str):
+        """A file to stream into (not atomic: for files private to one writer, like a job's
+        staging files); its folder is created on a local store."""
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        return self.fs.open(path, "wb")
+
+    def write_parquet(self, table: pa.Table, path: str, **options) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd", **options)
+        self.write_bytes(path, buf.getvalue())
+
+    def read_parquet(self, paths: Iterable[str], columns: list[str] | None = None) -> pa.Table:
+        tables = [pq.read_table(p, columns=columns, filesystem=self.fs) for p in paths]
+        if not tables:
+            raise FileNotFoundError("no Parquet parts to read")
+        return pa.concat_tables(tables, promote_options="default")
+
+    def parquet_rows(self, path: str) -> int:
+        return pq.read_metadata(path, filesystem=self.fs).num_rows
+
+    def new_part_name(self, key: str | None = None) -> str:
+        """``part-<key>.parquet``; a deterministic key makes a retried write overwrite itself."""
+        return f"{PART_PREFIX}{key or uuid.uuid4().hex}.parquet"
+
+    # ---- listings (always fresh) --------------------------------------------------------------
+    def list_parts(self, shard: int) -> list[str]:
+        """Relative paths of a shard's delta parts (``part-*``), sorted; base parts and
+        temporary files are left out."""
+        return self._list_parquet(self.embeddings_dir(shard), PART_PREFIX)
+
+    def list_base_parts(self, shard: int) -> list[str]:
+        """Relative paths of every ``base-*`` part of a shard (live, old or orphaned)."""
+        return self._list_parquet(self.embeddings_dir(shard), BASE_PREFIX)
+
+    def list_tombstone_parts(self, shard: int) -> list[str]:
+        """Relative paths of a shard's tombstone parts, sorted (temporary files skipped)."""
+        return self._list_parquet(self.tombstones_dir(shard), PART_PREFIX)
+
+    def list_error_parts(self) -> list[str]:
+        return [self.path(p) for p in self._list_parquet(self.errors_dir, PART_PREFIX)]
+
+    def _list_parquet(self, directory: str, prefix: str) -> list[str]:
+        rel = self.relative(directory)
+        return [
+            f"{rel}/{name}"
+            for name in self.ls(directory)
+            if name.startswith(prefix) and _PARQUET_RE.match(name)
+        ]
+
+    # ---- local copies of remote version directories ------------------------------------------
+    def local_dir(self, path: str) -> Path:
+        """A local directory with the contents of ``path``: itself on a local store, else a copy
+        in the node's cache (``index.storage.cache``), which index files are memory-mapped from."""
+        if self.is_local:
+            return Path(path)
+        from index.storage.cache import node_cache
+
+        return node_cache().fetch(self.fs, path, self.full_uri(path))
+
+    def evict_local(self, path: str) -> None:
+        """Drop the node-cache copy of ``path`` (a version that was collected or swapped out)."""
+        if not self.is_local:
+            from index.storage.cache import node_cache
+
+            node_cache().evict(self.full_uri(path))
+
+
+def _env_storage_options() -> dict:
+    raw = os.environ.get(ENV_STORAGE_OPTIONS, "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"${ENV_STORAGE_OPTIONS} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"${ENV_STORAGE_OPTIONS} must be a JSON object")
+    return value
+
+
+def parse_storage_options(items: list[str] | str | dict | None) -> dict | None:
+    """``key=value`` pairs (values read as JSON when they parse, e.g. ``anon=true``), a JSON
+    object string, or a dict -> fsspec storage options; None when nothing was given."""
+    if items is None or items == [] or items == "":
+        return None
+    if isinstance(items, dict):
+        return dict(items)
+    if isinstance(items, str):
+        items = [items]
+    out: dict = {}
+    for item in items:
+        item = item.strip()
+        if item.startswith("{"):
+            out.update(json.loads(item))
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"storage option {item!r} is not key=value")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _write_local(path: str, data: bytes, exclusive: bool) -> None:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            os.link(tmp, path)  # fails with FileExistsError, atomically
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)  # the rename/link itself survives a power loss too
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory (its entries); some filesystems cannot, and the rename stays atomic."""
+    try:
+        fsync_path(path)
+    except OSError:
+        pass
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
