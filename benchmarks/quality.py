@@ -17,8 +17,9 @@ exact
 3. **Caltech-101 over HTTP**: the train photos embedded by the real Ray Data job into a 4-shard
    store with IVF+PQ indexes, served by the real app; every test photo's vector is sent to
    ``POST /search`` (k=100) with each option off and on; precision@10 and mAP@100.
-4. **The demo set** (scikit-image photos, each with 8 edits, ``visual_search/demo_images.py``): a small
-   store served by the app; the held-out query edits and every catalogue image (id queries)
+4. **The demo set** (scikit-image photos, each with 8 edits,
+   ``visual_search/demo_images.py``): a small store served by the app; the held-out query
+   edits and every catalogue image (id queries)
    are searched plain and with dedup / diversify / exclude_self; distinct source photos in the
    top-10 and precision@10.
 

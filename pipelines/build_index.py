@@ -39,11 +39,12 @@ if __package__ in (None, ""):  # run as a file (python pipelines/build_index.py,
 
 import yaml  # noqa: E402
 
-from index.ann.policy import estimate_build_memory, parse_memory  # noqa: E402
+from index.ann.policy import estimate_build_memory  # noqa: E402
 from index.live.rebuild import RebuildOptions, rebuild_shard, source_rows  # noqa: E402
 from index.storage.coverage import plan_shard  # noqa: E402
 from index.storage.manifest import load_manifest  # noqa: E402
 from index.storage.store import Store, parse_storage_options  # noqa: E402
+from index.units import parse_bytes  # noqa: E402
 
 log = logging.getLogger("build_index")
 
@@ -70,7 +71,7 @@ class BuildConfig:
     def validate(self) -> BuildConfig:
         if not self.store:
             raise ValueError("store is required (--store URI)")
-        parse_memory(self.memory_budget)
+        parse_bytes(self.memory_budget)
         if self.num_cpus <= 0:
             raise ValueError(f"num_cpus must be > 0, got {self.num_cpus}")
         if self.threads is not None and self.threads < 1:

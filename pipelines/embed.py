@@ -63,8 +63,9 @@ from pipelines.embed_stages import (  # noqa: E402
     read_decode_batch,
     write_parts,
 )
-from pipelines.inputs import InputError, is_table_name, iter_inputs  # noqa: E402
+from pipelines.inputs import is_table_name, iter_inputs  # noqa: E402
 from pipelines.sidecar import Sidecar  # noqa: E402
+from pipelines.uris import InputError  # noqa: E402
 
 
 @dataclass

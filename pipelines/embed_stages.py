@@ -32,7 +32,7 @@ from index.rows import schema
 from index.rows.metadata import metadata_columns
 from index.rows.sharding import content_id, shards_of
 from index.storage.store import Store
-from pipelines.inputs import read_uri
+from pipelines.uris import read_uri
 
 log = logging.getLogger(__name__)
 

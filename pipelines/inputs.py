@@ -20,10 +20,18 @@ from __future__ import annotations
 import glob as _glob
 import os
 import posixpath
-import re
 from collections.abc import Iterator
 
 import fsspec
+
+from pipelines.tables import iter_table_uris
+from pipelines.uris import (
+    InputError,
+    canonical_uri,
+    entry_uri,
+    filesystem_of,
+    is_local,
+)
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp"}
@@ -31,32 +39,6 @@ IMAGE_EXTENSIONS = frozenset(
 )
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
 TABLE_EXTENSIONS = frozenset({".csv", ".parquet", ".pq", ".jsonl", ".ndjson"})
-_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-_LOCAL_SCHEMES = ("file", "local")
-
-
-class InputError(ValueError):
-    """An input spec that names nothing, or a filesystem whose package is missing."""
-
-
-def scheme_of(uri: str) -> str | None:
-    m = _SCHEME_RE.match(uri)
-    return m.group(1).lower() if m else None
-
-
-def is_local(uri: str) -> bool:
-    return scheme_of(uri) in (None, *_LOCAL_SCHEMES)
-
-
-def canonical_uri(uri: str) -> str:
-    """One spelling per file: local -> absolute path without scheme, remote -> unchanged."""
-    uri = uri.strip()
-    if is_local(uri):
-        path = _SCHEME_RE.sub("", uri) if scheme_of(uri) else uri
-        return os.path.abspath(os.path.expanduser(path))
-    return uri
-
-
 def is_image_name(name: str) -> bool:
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -93,7 +75,7 @@ def iter_inputs(specs: list[str]) -> Iterator[str]:
 
 
 def _iter_one(spec: str) -> Iterator[str]:
-    fs, path = _filesystem(spec)
+    fs, path = filesystem_of(spec)
     if not _glob.has_magic(path) and is_local(spec) and os.path.isdir(path):
         for directory, dirs, files in os.walk(path):
             dirs.sort()
@@ -106,21 +88,9 @@ def _iter_one(spec: str) -> Iterator[str]:
             yield from _iter_list_file(fs, spec, path)
             return
         if is_table_name(path):
-            from pipelines.sidecar import iter_table_uris  # pyarrow readers, only when needed
-
             yield from iter_table_uris(spec)
             return
     yield from _expand_one(spec)
-
-
-def _filesystem(spec: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        return fsspec.core.url_to_fs(canonical_uri(spec) if is_local(spec) else spec)
-    except (ImportError, ValueError) as e:
-        raise InputError(
-            f"{spec}: cannot open its filesystem ({e}); install its fsspec package "
-            "(s3fs for s3://, gcsfs for gs://, adlfs for az://)"
-        ) from None
 
 
 def _to_uri(fs: fsspec.AbstractFileSystem, spec: str, path: str) -> str:
@@ -130,7 +100,7 @@ def _to_uri(fs: fsspec.AbstractFileSystem, spec: str, path: str) -> str:
 
 
 def _expand_one(spec: str) -> list[str]:
-    fs, path = _filesystem(spec)
+    fs, path = filesystem_of(spec)
     if _glob.has_magic(path):
         found = fs.glob(path, detail=True)
         files = sorted(p for p, info in found.items() if info.get("type") != "directory")
@@ -144,8 +114,6 @@ def _expand_one(spec: str) -> list[str]:
         if posixpath.splitext(path)[1].lower() in LIST_EXTENSIONS:
             return _read_list_file(fs, spec, path)
         if is_table_name(path):
-            from pipelines.sidecar import iter_table_uris
-
             return list(iter_table_uris(spec))
         return [_to_uri(fs, spec, path)]
     raise InputError(f"{spec}: no such file or folder")
@@ -165,30 +133,3 @@ def _iter_list_file(fs: fsspec.AbstractFileSystem, spec: str, path: str) -> Iter
             yield entry_uri(fs, spec, base, line)
 
 
-def entry_uri(fs: fsspec.AbstractFileSystem, spec: str, base: str, entry: str) -> str:
-    """The input URI an entry of a list or table file at ``base`` (its folder) names: a remote
-    URI as-is; a local path, relative to the file when relative; a relative entry of a remote
-    file, next to it on the same store."""
-    if scheme_of(entry) and not is_local(entry):
-        return entry
-    if is_local(spec):
-        entry = _SCHEME_RE.sub("", entry) if scheme_of(entry) else entry
-        return canonical_uri(entry if os.path.isabs(entry) else os.path.join(base, entry))
-    return fs.unstrip_protocol(posixpath.join(base, entry))
-
-
-def filesystem_of(spec: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) of a spec, local paths canonical; InputError names a missing package."""
-    return _filesystem(spec)
-
-
-def read_uri(uri: str, max_bytes: int) -> bytes:
-    """The bytes of one input, reading at most ``max_bytes + 1`` (a huge file is not loaded).
-
-    Exceptions (missing file, permission, network) propagate: the caller records them per input.
-    """
-    if is_local(uri):
-        with open(canonical_uri(uri), "rb") as f:
-            return f.read(max_bytes + 1)
-    with fsspec.open(uri, "rb") as f:
-        return f.read(max_bytes + 1)

@@ -335,10 +335,10 @@ class ServeConfig:
             raise ConfigError("canary_window and canary_queue must be >= 1")
         if self.rebuild_threads < 1:
             raise ConfigError(f"rebuild_threads must be >= 1, got {self.rebuild_threads}")
-        from index.ann.policy import parse_memory
+        from index.units import parse_bytes
 
         try:
-            parse_memory(self.rebuild_memory_budget)
+            parse_bytes(self.rebuild_memory_budget)
         except ValueError as e:
             raise ConfigError(f"rebuild_memory_budget: {e}") from None
         self.ingress.validate("ingress")

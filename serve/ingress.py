@@ -27,7 +27,6 @@ import asyncio
 import json
 import logging
 import random
-import threading
 import time
 
 import numpy as np
@@ -42,7 +41,7 @@ from index.query.hits import Hit
 from index.query.merge import merge_topk
 from index.query.shaping import POOL_FACTOR, expanded_query, self_ids_of
 from index.query.shaping import shape as shape_hits
-from index.rows import schema
+from index.rows import clock, schema
 from index.rows.metadata import record_columns
 from index.rows.sharding import content_id, shard_of, uri_id
 from index.storage.manifest import load_manifest
@@ -104,20 +103,6 @@ def _search_json(body: dict) -> Response:
     return Response(text.encode(), media_type="application/json")
 
 
-class _MonotonicMs:
-    """Wall-clock milliseconds that never repeat or go back in this process, so an add after a
-    delete of the same id (through this replica) is always newer than the tombstone."""
-
-    def __init__(self) -> None:
-        self._last = 0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> int:
-        with self._lock:
-            self._last = max(int(time.time() * 1000), self._last + 1)
-            return self._last
-
-
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
@@ -134,7 +119,6 @@ class Ingress:
         self.store = config.open_store()
         self.rebuilder = rebuilder
         self.canary = canary  # serve.canary.RecallCanary, or None (canary_fraction 0)
-        self._clock = _MonotonicMs()
         manifest = load_manifest(self.store)
         if manifest is None:
             raise RuntimeError(f"store {config.store} has no manifest")
@@ -522,7 +506,7 @@ class Ingress:
             content = np.asarray(vector, np.float32).tobytes()
         row_id, uri = self._identify(add.row_id, add.uri, content)
         shard = shard_of(row_id, self.num_shards)
-        ms = self._clock()
+        ms = clock.now_ms()
         # every column of the schema, typed (null where not given), as the batch job writes them
         columns = record_columns([add.metadata or {}], self.manifest.metadata)
         extra = {name: columns[name].combine_chunks() for name in columns.column_names}
@@ -572,7 +556,7 @@ class Ingress:
         self._authorize(request)
         row_id = validate_id(image_id)
         shard = shard_of(row_id, self.num_shards)
-        ms = self._clock()
+        ms = clock.now_ms()
         part, ms = await asyncio.to_thread(write_tombstones, self.store, shard, [row_id], ms)
         ok, answer = await call_with_deadline(
             self._searcher(shard).add_tombstones.remote(shard, part, [row_id], [ms]),

@@ -15,7 +15,8 @@ from embedding import decode_image, prepare
 from harness import embed_samples as samples
 from pipelines.embed_config import ConfigError, EmbedJobConfig, config_from_args
 from pipelines.embed_stages import CROP, part_key, read_decode_batch
-from pipelines.inputs import InputError, canonical_uri, expand_inputs
+from pipelines.inputs import expand_inputs
+from pipelines.uris import InputError, canonical_uri
 
 
 # ---- settings ----------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ from index.ann.policy import (
     MIN_NLIST,
     IndexSpec,
     choose_index,
-    parse_memory,
 )
 from index.query.hits import Hit
 from index.query.merge import merge_topk
+from index.units import parse_bytes
 
 
 @pytest.mark.parametrize(
@@ -33,14 +33,14 @@ from index.query.merge import merge_topk
         (1024, 1024),
     ],
 )
-def test_parse_memory(text, expected):
-    assert parse_memory(text) == expected
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
 
 
 @pytest.mark.parametrize("bad", ["", "G", "4X", "-1G", "four", True, -5])
-def test_parse_memory_refuses_garbage(bad):
+def test_parse_bytes_refuses_garbage(bad):
     with pytest.raises(ValueError):
-        parse_memory(bad)
+        parse_bytes(bad)
 
 
 def test_tiny_shards_get_an_exact_flat_index():
@@ -69,7 +69,7 @@ def test_ivfpq_rules_hold(n, dim):
     # PQ: m divides dim, the code fits the factory string, the shard fits the budget
     assert dim % spec.pq_m == 0
     assert f"PQ{spec.pq_m}x{spec.nbits}" in spec.factory and f"IVF{spec.nlist}," in spec.factory
-    assert n * (spec.code_bytes + ID_BYTES) + spec.nlist * dim * 4 <= parse_memory("4G")
+    assert n * (spec.code_bytes + ID_BYTES) + spec.nlist * dim * 4 <= parse_bytes("4G")
     assert 1 <= spec.nprobe <= spec.nlist
     assert IndexSpec.from_dict(spec.to_dict()) == spec
 
@@ -78,7 +78,7 @@ def test_budget_shrinks_the_code_and_refuses_the_impossible():
     roomy = choose_index(10_000_000, 256, "ip", "16G")
     tight = choose_index(10_000_000, 256, "ip", "300M")
     assert tight.code_bytes < roomy.code_bytes
-    assert 10_000_000 * (tight.code_bytes + ID_BYTES) <= parse_memory("300M")
+    assert 10_000_000 * (tight.code_bytes + ID_BYTES) <= parse_bytes("300M")
     assert any("halving" in r for r in tight.reasons)
     with pytest.raises(ValueError, match="more shards"):
         choose_index(100_000_000, 256, "ip", "500M")

@@ -17,8 +17,10 @@ from index.storage.manifest import ManifestMismatch, evolve_metadata, load_manif
 from pipelines.embed import load_sidecar
 from pipelines.embed_config import ConfigError, EmbedJobConfig, config_from_args
 from pipelines.embed_plan import PlanCounts, ShardSpill, plan_pending
-from pipelines.inputs import InputError, expand_inputs, iter_inputs
-from pipelines.sidecar import Sidecar, read_table_batches
+from pipelines.inputs import expand_inputs, iter_inputs
+from pipelines.sidecar import Sidecar
+from pipelines.tables import read_table_batches
+from pipelines.uris import InputError
 
 SHARDS = 3
 

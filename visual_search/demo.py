@@ -165,7 +165,7 @@ def held_out_precision(base_url: str, queries: list[Path], k: int) -> float:
 
 
 def _read_uri(uri: str) -> bytes:
-    from pipelines.inputs import read_uri
+    from pipelines.uris import read_uri
 
     return read_uri(uri, 64 * 1024 * 1024)
 

@@ -50,8 +50,9 @@ The float16 rerank vectors are memory-mapped from disk and are not counted.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
+
+from index.units import parse_bytes
 
 METRICS = ("ip", "l2")
 MIN_NLIST = 16
@@ -67,26 +68,6 @@ FASTSCAN_BLOCK = 32
 NPROBE_DIVISOR = 16
 NPROBE_MIN = 8
 FLOAT_BYTES = 4
-
-_MEMORY_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50}
-
-
-def parse_memory(text: str | int) -> int:
-    """``"4G"``, ``"512M"``, ``"16GB"``, ``"1.5g"``, ``"2GiB"``, ``1024`` -> bytes (binary units,
-    as Ray and Kubernetes-style memory sizes are read here: 1G = 2**30)."""
-    if isinstance(text, bool):
-        raise ValueError(f"not a memory size: {text!r}")
-    if isinstance(text, int):
-        if text < 0:
-            raise ValueError(f"memory size must be >= 0, got {text}")
-        return text
-    match = _MEMORY_RE.match(str(text))
-    if not match:
-        raise ValueError(f"not a memory size: {text!r} (expected e.g. '4G', '512M', '1.5g')")
-    number, unit, _ = match.groups()
-    return int(float(number) * _UNITS[unit.lower()])
-
 
 @dataclass
 class IndexSpec:
@@ -125,7 +106,7 @@ def choose_index(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if n < 0 or dim < 1:
         raise ValueError(f"need n >= 0 and dim >= 1, got n={n}, dim={dim}")
-    budget = parse_memory(memory_budget)
+    budget = parse_bytes(memory_budget)
     flat_bytes = n * dim * FLOAT_BYTES
     reasons: list[str] = []
 

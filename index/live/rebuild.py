@@ -55,7 +55,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from index.ann.build import build_arrays
-from index.ann.policy import IndexSpec, choose_index, parse_memory
+from index.ann.policy import IndexSpec, choose_index
 from index.rows import schema
 from index.rows.metadata import TYPES
 from index.rows.visibility import newest_deletes, read_visible
@@ -70,6 +70,7 @@ from index.storage.publish import (
 )
 from index.storage.store import BASE_PREFIX, Store
 from index.storage.versions import INDEX_FILE, TOMBSTONES_FILE, VECTORS_FILE, new_version_name
+from index.units import parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ def build_shard(
         if keep is not None:
             pq.write_table(keep, local / TOMBSTONES_FILE, compression="zstd")
         base_parts = write_base_parts(
-            store, shard, name, table, _parse_bytes(options.base_part_bytes)
+            store, shard, name, table, parse_bytes(options.base_part_bytes)
         )
         core = (schema.ID, schema.URI, schema.EMBEDDING)
         table = _typed_metadata(table, manifest.metadata)
@@ -329,7 +330,3 @@ def _rows_of_parts(store: Store, parts: list[str], dim: int) -> np.ndarray:
         return np.zeros((0, dim), np.float32)
     table = store.read_parquet([store.path(p) for p in parts], columns=[schema.EMBEDDING])
     return schema.arrow_to_vectors(table[schema.EMBEDDING])
-
-
-def _parse_bytes(value: int | str) -> int:
-    return parse_memory(value)

@@ -6,11 +6,12 @@ Parquet reader, DuckDB or pandas, can read them without Ray installed.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+
+from index.rows import clock
 
 ID = "id"
 URI = "uri"
@@ -84,7 +85,8 @@ def arrow_to_vectors(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def now_ms() -> pa.Scalar:
-    return pa.scalar(int(time.time() * 1000), type=TIMESTAMP)
+    """The write clock (``index.rows.clock``) as an Arrow timestamp."""
+    return pa.scalar(clock.now_ms(), type=TIMESTAMP)
 
 
 def embeddings_table(

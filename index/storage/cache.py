@@ -30,6 +30,8 @@ from pathlib import Path
 
 import fsspec
 
+from index.units import parse_bytes
+
 ENV_CACHE_DIR = "VISUAL_SEARCH_CACHE"
 ENV_CACHE_BYTES = "VISUAL_SEARCH_CACHE_BYTES"
 DEFAULT_MAX_BYTES = 32 * 2**30
@@ -159,9 +161,3 @@ def node_cache() -> LocalCache:
     if _NODE_CACHE is None or _NODE_CACHE.root != root or _NODE_CACHE.max_bytes != max_bytes:
         _NODE_CACHE = LocalCache(root, max_bytes)
     return _NODE_CACHE
-
-
-def parse_bytes(value: str | int) -> int:
-    from index.ann.policy import parse_memory
-
-    return parse_memory(value)
