@@ -14,14 +14,13 @@ Every step is idempotent: a second run re-embeds and rebuilds nothing.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 import time
 from pathlib import Path
 
-from pipelines.local_ray import init_local_ray, use_local_ray_env
+from pipelines.local_ray import use_local_ray_env
 from serve.local import DEFAULT_MODE, SERVE_MODES
+from visual_search.serving import run_app, serve_forever, shutdown, start_ray, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORKDIR = ROOT / "demo-store"
@@ -71,13 +70,6 @@ def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def start_ray(args: argparse.Namespace):
-    cores = len(os.sched_getaffinity(0))
-    # logical CPUs above the physical count: the embedding job's decode tasks, its actor and the
-    # Serve replicas (fractional) would otherwise wait on each other (RAY-HERE.md)
-    return init_local_ray(args.ray_temp_dir, num_cpus=args.num_cpus or max(4, cores))
-
-
 def embed(images: str, store: str, num_shards: int) -> None:
     from pipelines.embed import run_job
     from pipelines.embed_config import EmbedJobConfig
@@ -99,8 +91,6 @@ def build_indexes(store_uri: str) -> None:
 
 
 def start_serve(store: str, host: str, port: int):
-    from ray import serve
-
     from serve.app import build_app
     from serve.config import ServeConfig
 
@@ -116,8 +106,7 @@ def start_serve(store: str, host: str, port: int):
         print(
             f"writes are closed: Serve listens on {host}; set VISUAL_SEARCH_API_KEY to allow them"
         )
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
+    run_app(build_app(config), config, host, port)
     return config
 
 
@@ -189,10 +178,6 @@ def write_deploy_config(path: Path, store: str, host: str, port: int) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = args.workdir.resolve()
@@ -220,13 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     step(f"starting a local Ray on 127.0.0.1 (Serve mode: {args.serve_mode})")
-    from serve.local import set_serve_mode
-
-    set_serve_mode(args.serve_mode)  # before Ray starts: its processes read the flags
-    ray = start_ray(args)
-    # after ray.init (it installs its own handler): SIGTERM stops the demo the way Ctrl-C does,
-    # so Serve (and its HAProxy) and Ray shut down in order instead of the process aborting
-    signal.signal(signal.SIGTERM, _interrupt)
+    ray = start_ray(args.serve_mode, args.ray_temp_dir, args.num_cpus)
+    stop_on_sigterm()
     try:
         step(f"embedding {images} into {store}")
         embed(images, store, args.num_shards)
@@ -262,18 +242,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print("\nserving; Ctrl-C to stop", flush=True)
         try:
-            while True:
-                time.sleep(3600)
+            serve_forever()
         except KeyboardInterrupt:
             print("\nstopping")
         return 0
     finally:
-        from ray import serve
-
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        shutdown(ray)
 
 
 if __name__ == "__main__":

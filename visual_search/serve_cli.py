@@ -22,18 +22,15 @@ deploy, 2 bad settings (no store, another model's store), 3 the cluster cannot b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 import yaml
 
 from serve.local import DEFAULT_MODE, SERVE_MODES
 from visual_search import exits
+from visual_search.serving import run_app, serve_forever, shutdown, start_ray, stop_on_sigterm
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,57 +99,14 @@ def overrides(args: argparse.Namespace) -> dict:
     return values
 
 
-def _start_ray(args: argparse.Namespace):
-    if args.address:
-        import ray
-
-        ray.init(address=args.address, log_to_driver=False)
-        return ray
-    from pipelines.local_ray import init_local_ray
-    from serve.local import set_serve_mode
-
-    set_serve_mode(args.serve_mode)  # before Ray starts: its processes read the flags
-    cores = len(os.sched_getaffinity(0))
-    return init_local_ray(args.ray_temp_dir, num_cpus=args.num_cpus or max(4, cores))
-
-
-def _show_progress(app_name: str, total: int, done: threading.Event) -> None:
-    """A bar of the app's deployments that are up, while ``serve.run`` waits for them."""
-    from ray import serve
-    from tqdm import tqdm
-
-    def healthy() -> int:
-        try:
-            app = serve.status().applications.get(app_name)
-        except Exception:  # the controller is starting: nothing to show yet
-            return 0
-        return sum(d.status == "HEALTHY" for d in (app.deployments if app else {}).values())
-
-    with tqdm(total=total, desc="deployments ready", unit="deployment", file=sys.stderr) as bar:
-        while not done.wait(0.5):
-            bar.update(max(0, healthy() - bar.n))
-        bar.update(max(0, healthy() - bar.n))
-
-
 def _deploy(args: argparse.Namespace, config) -> None:
-    from ray import serve
-
     from serve.app import build_app, load_store_manifest
 
     manifest = load_store_manifest(config)
     groups = -(-manifest.num_shards // (config.shards_per_group or manifest.num_shards))
     total = 1 + int(config.image_queries) + groups + int(config.writes)
     total += int(config.canary_fraction > 0)
-    app = build_app(config)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    done = threading.Event()
-    progress = threading.Thread(target=_show_progress, args=(config.app_name, total, done))
-    progress.start()
-    try:
-        serve.run(app, name=config.app_name, route_prefix=config.route_prefix)
-    finally:
-        done.set()
-        progress.join()
+    run_app(build_app(config), config, args.host, args.port, deployments=total)
     host = "127.0.0.1" if args.host == "0.0.0.0" else args.host
     url = f"http://{host}:{args.port}{config.route_prefix.rstrip('/')}"
     print(
@@ -162,10 +116,6 @@ def _deploy(args: argparse.Namespace, config) -> None:
         f"  query        visual-search search IMAGE --url {url}",
         flush=True,
     )
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops the command the way Ctrl-C does
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,13 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"visual-search serve: error: {e}", file=sys.stderr)
         return exits.USAGE
     try:
-        ray = _start_ray(args)
+        ray = start_ray(args.serve_mode, args.ray_temp_dir, args.num_cpus, args.address)
     except ConnectionError as e:
         print(f"visual-search serve: cannot reach Ray at {args.address}: {e}", file=sys.stderr)
         return exits.UNREACHABLE
-    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own handler
-    from ray import serve
-
+    stop_on_sigterm()
     deployed = False
     try:
         _deploy(args, config)
@@ -194,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.detach:
             return exits.OK
         print("(Ctrl-C stops)", flush=True)
-        while True:
-            time.sleep(3600)
+        serve_forever()
     except KeyboardInterrupt:
         print("stopping", flush=True)
         return exits.OK if deployed else exits.INTERRUPTED
@@ -207,14 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return exits.FAILED
     finally:
         if not (args.detach and deployed):
-            try:
-                if args.address:
-                    with contextlib.suppress(Exception):  # never deployed: nothing to delete
-                        serve.delete(config.app_name)  # the cluster's other apps stay
-                else:
-                    serve.shutdown()
-            finally:
-                ray.shutdown()
+            shutdown(ray, config.app_name if args.address else None)
 
 
 if __name__ == "__main__":
