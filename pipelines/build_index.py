@@ -45,6 +45,7 @@ from index.storage.coverage import plan_shard  # noqa: E402
 from index.storage.manifest import load_manifest  # noqa: E402
 from index.storage.store import Store, parse_storage_options  # noqa: E402
 from index.units import parse_bytes  # noqa: E402
+from pipelines.store_args import add_store_args  # noqa: E402
 
 log = logging.getLogger("build_index")
 
@@ -217,14 +218,7 @@ def load_config(argv: list[str] | None = None) -> BuildConfig:
     """BuildConfig from an optional YAML file, overridden by command-line flags."""
     parser = argparse.ArgumentParser(description="Build per-shard FAISS indexes on Ray.")
     parser.add_argument("--config", help="YAML file with BuildConfig fields")
-    parser.add_argument("--store", help="store root URI")
-    parser.add_argument(
-        "--storage-option",
-        action="append",
-        dest="storage_options",
-        metavar="KEY=VALUE",
-        help="fsspec option of the store (repeatable), e.g. endpoint_url=http://127.0.0.1:9000",
-    )
+    add_store_args(parser)
     parser.add_argument("--memory-budget", help="RAM per loaded shard index, e.g. 4G")
     parser.add_argument("--shards", help="comma-separated subset, e.g. 0,3")
     parser.add_argument("--force", action="store_true", default=None, help="rebuild all")

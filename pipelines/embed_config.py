@@ -18,6 +18,7 @@ from embedding.model import ModelConfig
 from embedding.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from index.storage.store import parse_storage_options
 from pipelines.inputs import is_table_name
+from pipelines.store_args import add_store_args
 
 DEFAULT_NUM_SHARDS = 4
 CPU_ACTOR_CPUS = 0.5  # fractional: a pool holding whole CPUs starves the decode tasks (RAY-HERE)
@@ -175,14 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sidecar table (CSV, Parquet or JSON lines) with a uri column and metadata columns "
         "stored with each row (repeatable; an input table file's own columns count too)",
     )
-    p.add_argument("--store", help="store root URI (default ./store)")
-    p.add_argument(
-        "--storage-option",
-        dest="storage_options",
-        action="append",
-        metavar="KEY=VALUE",
-        help="fsspec option of the store (repeatable), e.g. endpoint_url=http://127.0.0.1:9000",
-    )
+    add_store_args(p, store_help="store root URI (default ./store)")
     p.add_argument("--num-shards", type=int, help="shards of a new store (default 4)")
     p.add_argument("--model", help=f"backbone (default {DEFAULT_BACKBONE}): {', '.join(BACKBONES)}")
     p.add_argument("--weights", help="'default', 'none' or a .pth path")

@@ -24,19 +24,13 @@ from index.live.rebuild import DEFAULT_DRIFT_RATIO, RebuildOptions, rebuild_shar
 from index.storage.gc import DEFAULT_GRACE_S, collect_garbage  # noqa: E402
 from index.storage.manifest import load_manifest  # noqa: E402
 from index.storage.store import Store, parse_storage_options  # noqa: E402
+from pipelines.store_args import add_store_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description="Fold each shard's delta into a new version.")
-    parser.add_argument("--store", required=True)
-    parser.add_argument(
-        "--storage-option",
-        action="append",
-        dest="storage_options",
-        metavar="KEY=VALUE",
-        help="fsspec option of the store (repeatable), e.g. endpoint_url=http://...",
-    )
+    add_store_args(parser, required=True)
     parser.add_argument("--shards", help="comma-separated subset (default: all)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     parser.add_argument("--retrain", action="store_true", help="never reuse the quantizer")
