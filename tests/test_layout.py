@@ -117,5 +117,7 @@ def test_ruff_clean():
     """``ruff check .`` as CI's reviewers run it (pyproject's rules: pycodestyle, pyflakes,
     isort, bugbear, pyupgrade; 100 columns)."""
     exe = shutil.which("ruff", path=str(Path(sys.executable).parent)) or "ruff"
-    done = subprocess.run([exe, "check", "."], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [exe, "check", "."], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
