@@ -330,10 +330,7 @@ class LiveShard:
                 fields=fields,
             )
         delta_hits = search_delta(snap, q, k, self.metric, self.shard, filter, fields)
-        merged = [
-            merge_topk([b, d], k, self.metric) for b, d in zip(base_hits, delta_hits, strict=True)
-        ]
-        return merged, plan
+        return self._merged(base_hits, delta_hits, k), plan
 
     def search_exact(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Brute-force top ``k`` of the visible rows (base rows not hidden + live delta): what
@@ -349,9 +346,14 @@ class LiveShard:
             found = snap.base.search_exact(q, k + len(hidden))
             base_hits = [[h for h in hits if h.id not in hidden][:k] for hits in found]
         delta_hits = search_delta(snap, q, k, self.metric, self.shard)
-        return [
-            merge_topk([b, d], k, self.metric) for b, d in zip(base_hits, delta_hits, strict=True)
-        ]
+        return self._merged(base_hits, delta_hits, k)
+
+    def _merged(
+        self, base_hits: list[list[Hit]], delta_hits: list[list[Hit]], k: int
+    ) -> list[list[Hit]]:
+        """Each query's base and delta hits as one top ``k``."""
+        pairs = zip(base_hits, delta_hits, strict=True)
+        return [merge_topk([b, d], k, self.metric) for b, d in pairs]
 
     def vector_of(self, row_id: str) -> np.ndarray | None:
         """The visible vector of ``row_id`` (delta first, then base), or None."""
