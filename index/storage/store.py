@@ -33,7 +33,7 @@ Layout (see DESIGN.md)::
     <root>/embeddings/shard=NNNNN/base-*.parquet   a version's compacted rows (its meta names them)
     <root>/errors/part-*.parquet              inputs that could not be embedded, with the reason
     <root>/indexes/shard=NNNNN/vNNNNNN-xxxxxxxx/  one immutable directory per built index version
-    <root>/tombstones/shard=NNNNN/part-*.parquet  deletes (id, deleted_at), see index.live.delta
+    <root>/tombstones/shard=NNNNN/part-*.parquet  deletes (id, deleted_at), see index.live.parts
 """
 
 from __future__ import annotations
