@@ -141,7 +141,7 @@ def test_node_cache_is_keyed_by_full_uri_bounded_and_evicted(s3_server, tmp_path
     monkeypatch.setenv("VISUAL_SEARCH_CACHE", str(tmp_path / "cache"))
     bucket = s3_server.new_bucket()
     # two roots the old cache key (path with "/" -> "_") mapped to the same folder
-    one, _ = small_store(s3_server, f"{bucket}/team_a/x", n=200, seed=1)
+    one, x_one = small_store(s3_server, f"{bucket}/team_a/x", n=200, seed=1)
     two, _ = small_store(s3_server, f"{bucket}/team/a/x", n=350, seed=2)
     for store in (one, two):
         rebuild_shard(store, 0)
@@ -159,17 +159,23 @@ def test_node_cache_is_keyed_by_full_uri_bounded_and_evicted(s3_server, tmp_path
 
     # garbage collection evicts the copy of a version it deletes
     rebuild_shard(one, 0, RebuildOptions(force=True))
-    ShardIndex.load(one, 0)
+    served = ShardIndex.load(one, 0)
     assert copy.exists()
     collect_garbage(one, 0, grace_s=0)
     assert not copy.exists()
 
-    # bounded: with room for about one version, older unpinned copies are dropped
+    # bounded: with room for about one version, the least recently used copies are dropped,
+    # served or not (the cache does not know what replicas serve: see index.storage.cache)
     largest = max(size for _, size, _ in node_cache().entries())
     monkeypatch.setenv("VISUAL_SEARCH_CACHE_BYTES", str(int(largest * 1.5)))
     rebuild_shard(two, 0, RebuildOptions(force=True))
     ShardIndex.load(two, 0)
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
+    # ... and a version loaded from a removed copy keeps serving from its memory-mapped vectors
+    assert not served.directory.exists()
+    q = x_one[7]
+    assert served.search_exact(q, 1)[0][0].id == "r1-0007"
+    assert np.allclose(served.vector_of("r1-0007"), q, atol=1e-3)
 
 
 def test_compaction_leaves_a_few_base_parts_after_many_small_writes(s3_server, s3_store_uri):

@@ -1,11 +1,11 @@
 """Exact (brute-force) top-k: the one implementation every exact search in the project uses.
 
 The recall ground truth (``index.live.recall``), a version's reference search
-(``ShardIndex.search_exact``), the build's tuning (``index.ann.tune``) and the delta of rows not yet
-indexed (``index.live.delta``) all rank by the same arithmetic, so their answers agree with each
-other
-and with the rerank (``index.ann.rerank``): scores are float32 inner products, or squared L2
-distances ``|q|^2 - 2 q.x + |x|^2`` clipped at 0, and ties go to the lower row index.
+(``ShardIndex.search_exact``), the build's tuning (``index.ann.tune``) and the delta of rows not
+yet indexed (``index.live.snapshot``) all rank by the same arithmetic, so their answers agree
+with each other and with the rerank (``index.ann.rerank``): scores are float32 inner products,
+or squared L2 distances ``|q|^2 - 2 q.x + |x|^2`` clipped at 0, and ties go to the lower row
+index.
 
 Vectors may be float16 or memory-mapped: they are converted ``CHUNK_ELEMENTS`` at a time, so
 a search over a large shard never holds a float32 copy of it. ``valid`` masks rows out (dead
@@ -15,6 +15,8 @@ delta rows) without copying the live ones.
 from __future__ import annotations
 
 import numpy as np
+
+from index.ann.queries import check_k
 
 CHUNK_ELEMENTS = 4_000_000  # float32 elements converted per step (~16 MB)
 
@@ -36,8 +38,7 @@ def exact_search(
         raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     n, nq = len(vectors), len(q)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    check_k(k)
     best_s = np.zeros((nq, 0), np.float32)
     best_i = np.zeros((nq, 0), np.int64)
     worst = -np.inf if metric == "ip" else np.inf

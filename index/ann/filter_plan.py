@@ -9,7 +9,7 @@ there was a minimum/maximum nprobe, lance #3903). So a filtered search raises np
 selectivity it measures, not globally but in the lists nearest this query:
 
 1. ``allowed`` (the filter's mask, less deleted or superseded rows) counted per IVF list once
-   per filter (``ShardIndex`` caches it);
+   per filter (``index.ann.ivf_lists.FilterMasks`` caches it);
 2. the query's lists in order of centroid distance; nprobe = the fewest nearest lists that both
    hold ``SCAN_FACTOR`` times the rows an unfiltered search scans at the base nprobe
    (``nprobe * n / nlist``) and include ``LIST_FACTOR`` times the base nprobe lists that hold
@@ -47,7 +47,7 @@ EXACT_ROW_COST = 64
 
 @dataclass(frozen=True)
 class FilterPlan:
-    """What a filtered search of one shard did (``ShardIndex.search_allowed`` returns it)."""
+    """What a filtered search of one shard did (``ShardIndex.search_filtered`` returns it)."""
 
     method: str  # "exact", "ivf" or "none" (no row allowed)
     allowed: int  # rows the filter allows in the base version
@@ -82,3 +82,15 @@ def ivf_nprobe(
 def prefer_exact(allowed: int, scanned: int) -> bool:
     """Exact search over ``allowed`` rows costs no more than scanning ``scanned`` codes."""
     return allowed * EXACT_ROW_COST <= scanned
+
+
+def batch_nprobe(
+    per_list: np.ndarray, sizes: np.ndarray, orders: np.ndarray, base_nprobe: int, rows: int
+) -> tuple[int, int]:
+    """(nprobe, codes scanned) for a batch of queries: the largest ``ivf_nprobe`` over them.
+    ``per_list`` and ``sizes`` are by list number, ``orders`` each query's lists nearest first."""
+    chosen, scanned = 0, 0
+    for order in orders:
+        probe, codes = ivf_nprobe(per_list[order], sizes[order], base_nprobe, rows)
+        chosen, scanned = max(chosen, probe), max(scanned, codes)
+    return chosen, scanned

@@ -69,6 +69,7 @@ NPROBE_DIVISOR = 16
 NPROBE_MIN = 8
 FLOAT_BYTES = 4
 
+
 @dataclass
 class IndexSpec:
     """The rules' decision for one shard; serialised into the version's ``meta.json``."""

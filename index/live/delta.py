@@ -4,11 +4,11 @@ Three things make up the live view of one shard (``LiveShard``):
 
 - the **base**: the live ``ShardIndex`` version (IVF+PQ or Flat) the manifest names;
 - the **delta**: every row of a ``part-*`` under ``embeddings/shard=NNNNN/`` that the base
-  version does not cover (``index.storage.coverage.covered_parts``): rows written by ``POST
-  /images`` or by
-  a re-run of the embedding job. They are held in memory as float32 (rounded through float16, as
-  the base stores them, so a row scores the same before and after the rebuild that folds it in)
-  and searched exactly (``index.ann.exact``);
+  version does not cover (``index.storage.coverage.covered_parts``): rows written by
+  ``POST /images`` (``index.live.parts``) or by a re-run of the embedding job. They are held
+  in memory as float32 (rounded through float16, as the base stores them, so a row scores the
+  same before and after the rebuild that folds it in) and searched exactly
+  (``index.ann.exact``);
 - the **tombstones**: ``tombstones/shard=NNNNN/part-*.parquet`` rows ``(id, deleted_at)``, and
   the deletes the base version applied (its ``tombstones.parquet``).
 
@@ -21,11 +21,10 @@ keys, so a search still returns ``k`` visible rows. Base hits (reranked) and del
 are merged by ``index.query.merge.merge_topk``.
 
 Refreshing is incremental: ``refresh`` lists the two folders (fresh listings,
-``index.storage.store``)
-and reads only part files it has not seen; a writer in the same process hands its rows over
-directly (``add_rows``, ``add_tombstones``) so they are searchable before its HTTP response
-returns. ``rebased`` carries the delta rows and tombstones over to a newly built base version,
-dropping rows it covers.
+``index.storage.store``) and reads only part files it has not seen (``index.live.parts``); a
+writer in the same process hands its rows over directly (``add_rows``, ``add_tombstones``) so
+they are searchable before its HTTP response returns. ``rebased`` carries the delta rows and
+tombstones over to a newly built base version, dropping rows it covers.
 
 Metadata: delta rows keep their metadata columns in ``index.rows.columns.GrowingColumns`` (appended
 with the rows, snapshotted with them). A filtered ``search`` evaluates the filter on the base's
@@ -33,106 +32,46 @@ columns (``ShardIndex.search_filtered``: exact or IVF+PQ by selectivity, hidden 
 removed from the allowed set) and on the delta's (exact search over the live rows it allows);
 ``fields`` names the columns each hit carries, and ``record_of`` returns all of them.
 
-Thread safety: mutations hold a lock; searches read one immutable ``_Snapshot`` reference, so a
-search never sees a half-applied change and never waits for a refresh.
+Thread safety: mutations hold a lock; searches read one immutable ``Snapshot`` reference
+(``index.live.snapshot``, which also searches the delta), so a search never sees a half-applied
+change and never waits for a refresh. Every search entry checks its queries and ``k`` as
+``ShardIndex`` does (``index.ann.queries``).
 """
 
 from __future__ import annotations
 
-import posixpath
 import threading
-import time
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from index.ann.exact import exact_search
 from index.ann.filter_plan import FilterPlan
+from index.ann.queries import check_k, check_queries
 from index.ann.shard_index import ShardIndex
-from index.query.filters import Filter, evaluate
+from index.live.parts import read_rows, read_tombstones, write_rows, write_tombstones
+from index.live.snapshot import Snapshot, exclude_selector, search_delta
+from index.query.filters import Filter
 from index.query.hits import Hit
 from index.query.merge import merge_topk
-from index.rows import schema
-from index.rows.columns import Columns, GrowingColumns
-from index.rows.metadata import metadata_columns
-from index.rows.visibility import hides, ms_of, supersedes
+from index.rows.columns import GrowingColumns
+from index.rows.visibility import hides, supersedes
 from index.storage.coverage import applied_tombstones, covered_parts
 from index.storage.store import Store
 from index.storage.versions import TOMBSTONES_FILE
 
+__all__ = [
+    "LiveShard",
+    "load_live_shard",
+    "read_rows",
+    "read_tombstones",
+    "write_rows",
+    "write_tombstones",
+]
+
 _INITIAL_CAPACITY = 256
 _NO_KEYS = np.zeros(0, np.int64)
 _BULK_LOOKUP = 64  # parts with more rows look their ids up in the base in one hash join
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    base: ShardIndex | None
-    exclude: faiss.IDSelector | None  # hidden base row keys (IDSelectorNot of a batch)
-    hidden_base_count: int
-    hidden: np.ndarray  # the hidden base row keys, sorted (what a filtered search removes)
-    vectors: np.ndarray  # (n, dim) float32 view of the delta buffer
-    ids: list[str]  # append-only; the first n belong to this snapshot
-    uris: list[str]
-    alive: np.ndarray  # (n,) bool, a private copy
-    alive_count: int
-    meta: Columns  # the delta rows' metadata columns (views of the first n rows)
-
-
-def _part_name(kind: str, ms: int) -> str:
-    """``part-<kind>-<ms>-<random>.parquet``: unique, sorts by time, and never equal to the
-    embedding job's ``part-<hash of ids>.parquet`` names."""
-    return f"part-{kind}-{ms:013d}-{uuid.uuid4().hex[:12]}.parquet"
-
-
-def write_rows(store: Store, shard: int, table: pa.Table) -> str:
-    """Write an embeddings table (``schema.embeddings_table``) as a new part of ``shard``,
-    atomically and durably (fsync on a local store); returns its relative path."""
-    path = posixpath.join(store.embeddings_dir(shard), _part_name("api", int(time.time() * 1000)))
-    store.write_parquet(table, path)
-    return store.relative(path)
-
-
-def write_tombstones(
-    store: Store, shard: int, ids: list[str], deleted_at_ms: int | None = None
-) -> tuple[str, int]:
-    """Durably delete ``ids`` of ``shard`` (at ``deleted_at_ms``, default now); returns
-    (relative part path, deleted_at ms)."""
-    ts = schema.now_ms() if deleted_at_ms is None else pa.scalar(deleted_at_ms, schema.TIMESTAMP)
-    ms = int(ts.value)
-    path = posixpath.join(store.tombstones_dir(shard), _part_name("del", ms))
-    store.write_parquet(schema.tombstones_table(ids, ts), path)
-    return store.relative(path), ms
-
-
-def read_tombstones(store: Store | None, path: str) -> tuple[list[str], np.ndarray]:
-    """(ids, deleted_at ms) of a tombstone part (relative to ``store``), or of a local file
-    (``store`` None: a version's ``tombstones.parquet`` in its local directory)."""
-    if store is None:
-        table = pq.read_table(path)
-    else:
-        table = pq.read_table(store.path(path), filesystem=store.fs)
-    return table[schema.ID].to_pylist(), ms_of(table[schema.DELETED_AT])
-
-
-def read_rows(
-    store: Store, part: str
-) -> tuple[list[str], list[str], np.ndarray, np.ndarray, pa.Table | None]:
-    """(ids, uris, float32 vectors, ingested_at ms, metadata columns or None) of one part."""
-    table = pq.read_table(store.path(part), filesystem=store.fs)
-    meta = metadata_columns(table.column_names)
-    return (
-        table[schema.ID].to_pylist(),
-        table[schema.URI].to_pylist(),
-        schema.arrow_to_vectors(table[schema.EMBEDDING]),
-        ms_of(table[schema.INGESTED_AT]),
-        table.select(meta) if meta else None,
-    )
 
 
 class LiveShard:
@@ -317,18 +256,16 @@ class LiveShard:
             rebuild_selector=len(self._hidden_keys) != self._snap.hidden_base_count
         )
 
-    def _snapshot(self, rebuild_selector: bool) -> _Snapshot:
+    def _snapshot(self, rebuild_selector: bool) -> Snapshot:
         exclude = None if rebuild_selector else self._snap.exclude
         hidden = _NO_KEYS if rebuild_selector else self._snap.hidden
         if rebuild_selector and self._hidden_keys:
             keys = np.fromiter(self._hidden_keys, np.int64, len(self._hidden_keys))
             keys.sort()
-            batch = faiss.IDSelectorBatch(keys)
-            exclude = faiss.IDSelectorNot(batch)
-            exclude.referenced = batch  # keep the inner selector alive with the outer one
+            exclude = exclude_selector(keys)
             hidden = keys
         alive = self._alive[: self._n].copy()
-        return _Snapshot(
+        return Snapshot(
             base=self.base,
             exclude=exclude,
             hidden_base_count=len(self._hidden_keys),
@@ -366,12 +303,8 @@ class LiveShard:
         (``Hit.metadata``).
         """
         snap = self._snap
-        q = np.asarray(queries, np.float32)
-        q = q[None, :] if q.ndim == 1 else q
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"queries must be (n, {self.dim}), got shape {np.shape(queries)}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        q = check_queries(queries, self.dim)
+        check_k(k)
         plan = None
         if snap.base is None:
             base_hits = [[] for _ in range(len(q))]
@@ -396,60 +329,31 @@ class LiveShard:
                 rerank=rerank,
                 fields=fields,
             )
-        delta_hits = self._search_delta(snap, q, k, filter, fields)
-        merged = [
-            merge_topk([b, d], k, self.metric) for b, d in zip(base_hits, delta_hits, strict=True)
-        ]
-        return merged, plan
-
-    def _search_delta(
-        self,
-        snap: _Snapshot,
-        q: np.ndarray,
-        k: int,
-        flt: Filter | None = None,
-        fields: Sequence[str] | None = None,
-    ) -> list[list[Hit]]:
-        if snap.alive_count == 0:
-            return [[] for _ in range(len(q))]
-        valid, count = snap.alive, snap.alive_count
-        if flt is not None:
-            valid = valid & evaluate(flt, snap.meta)
-            count = int(np.count_nonzero(valid))
-            if count == 0:
-                return [[] for _ in range(len(q))]
-        scores, rows = exact_search(q, snap.vectors, min(k, count), self.metric, valid=valid)
-        out = []
-        for i in range(len(q)):
-            found = [(float(s), int(j)) for s, j in zip(scores[i], rows[i], strict=True) if j >= 0]
-            metas = snap.meta.records(np.asarray([j for _, j in found], np.int64), fields or [])
-            out.append(
-                [
-                    Hit(snap.ids[j], snap.uris[j], s, self.shard, metas[x] if fields else None)
-                    for x, (s, j) in enumerate(found)
-                ]
-            )
-        return out
+        delta_hits = search_delta(snap, q, k, self.metric, self.shard, filter, fields)
+        return self._merged(base_hits, delta_hits, k), plan
 
     def search_exact(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Brute-force top ``k`` of the visible rows (base rows not hidden + live delta): what
         ``search`` answers with a perfect index. The recall canary's reference (``serve.canary``);
         costs a scan of every vector of the shard."""
         snap = self._snap
-        q = np.asarray(queries, np.float32)
-        q = q[None, :] if q.ndim == 1 else q
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"queries must be (n, {self.dim}), got shape {np.shape(queries)}")
+        q = check_queries(queries, self.dim)
+        check_k(k)
         base_hits: list[list[Hit]] = [[] for _ in range(len(q))]
         if snap.base is not None:
             with self._lock:
                 hidden = {snap.base.id_of(key) for key in self._hidden_keys}
             found = snap.base.search_exact(q, k + len(hidden))
             base_hits = [[h for h in hits if h.id not in hidden][:k] for hits in found]
-        delta_hits = self._search_delta(snap, q, k)
-        return [
-            merge_topk([b, d], k, self.metric) for b, d in zip(base_hits, delta_hits, strict=True)
-        ]
+        delta_hits = search_delta(snap, q, k, self.metric, self.shard)
+        return self._merged(base_hits, delta_hits, k)
+
+    def _merged(
+        self, base_hits: list[list[Hit]], delta_hits: list[list[Hit]], k: int
+    ) -> list[list[Hit]]:
+        """Each query's base and delta hits as one top ``k``."""
+        pairs = zip(base_hits, delta_hits, strict=True)
+        return [merge_topk([b, d], k, self.metric) for b, d in pairs]
 
     def vector_of(self, row_id: str) -> np.ndarray | None:
         """The visible vector of ``row_id`` (delta first, then base), or None."""
@@ -487,7 +391,7 @@ class LiveShard:
             "metadata": metadata,
         }
 
-    def _locate(self, row_id: str) -> tuple[_Snapshot, str, int] | None:
+    def _locate(self, row_id: str) -> tuple[Snapshot, str, int] | None:
         """Where the visible copy of ``row_id`` is: (snapshot, "delta" or "base", row)."""
         snap = self._snap
         key = snap.base.row_key(row_id) if snap.base is not None else None

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from index.rows.metadata import TYPES, metadata_columns, type_of_arrow
+from index.rows.metadata import TYPES, fits, metadata_columns, type_of_arrow
 
 _NUMPY = {"int": np.int64, "float": np.float64, "bool": np.bool_, "string": np.int32}
 
@@ -148,12 +148,18 @@ class Columns:
         return total
 
 
-def _from_arrow(kind: str, column: pa.ChunkedArray | pa.Array) -> Column:
+def _as_kind(kind: str, column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """One array of the column's values in the Arrow type of ``kind`` (chunks joined,
+    dictionary-encoded strings decoded)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
-    column = column.cast(TYPES[kind])
+    return column.cast(TYPES[kind])
+
+
+def _from_arrow(kind: str, column: pa.ChunkedArray | pa.Array) -> Column:
+    column = _as_kind(kind, column)
     valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), bool)
     if kind == "string":
         encoded = pc.dictionary_encode(column)
@@ -198,9 +204,8 @@ class GrowingColumns:
                     continue
                 if name not in self._kinds:
                     self._add_column(name, kind)
-                elif self._kinds[name] != kind:
-                    if not (self._kinds[name] == "float" and kind == "int"):
-                        continue  # refused by every writer's schema check; never mixed here
+                elif not fits(self._kinds[name], kind):
+                    continue  # refused by every writer's schema check; never mixed here
                 self._write(name, start, table[name])
         self.n = start + rows
 
@@ -213,11 +218,7 @@ class GrowingColumns:
 
     def _write(self, name: str, start: int, column: pa.ChunkedArray | pa.Array) -> None:
         kind = self._kinds[name]
-        if isinstance(column, pa.ChunkedArray):
-            column = column.combine_chunks()
-        if pa.types.is_dictionary(column.type):
-            column = column.cast(column.type.value_type)
-        column = column.cast(TYPES[kind])
+        column = _as_kind(kind, column)
         stop = start + len(column)
         self._valid[name][start:stop] = column.is_valid().to_numpy(zero_copy_only=False)
         if kind == "string":

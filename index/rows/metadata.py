@@ -123,13 +123,23 @@ def schema_of_table(table: pa.Table, skip: Iterable[str] = ()) -> dict[str, str]
     return out
 
 
+def fits(stored: str, kind: str) -> bool:
+    """Values of type ``kind`` go into a column of type ``stored``: the same type, or whole
+    numbers into a float column (a later input's whole prices); no other change of type."""
+    return kind == stored or (stored == "float" and kind == "int")
+
+
+def _check_column(name: str, kind: str) -> None:
+    check_name(name)
+    if kind not in TYPES:
+        raise MetadataError(f"metadata column {name!r}: unknown type {kind!r}")
+
+
 def check_schema(schema: Mapping[str, str]) -> dict[str, str]:
     """A schema as stored: names checked, types known, at most ``MAX_COLUMNS``."""
     out = {}
     for name, kind in schema.items():
-        check_name(name)
-        if kind not in TYPES:
-            raise MetadataError(f"metadata column {name!r}: unknown type {kind!r}")
+        _check_column(name, kind)
         out[name] = kind
     if len(out) > MAX_COLUMNS:
         raise MetadataError(f"{len(out)} metadata columns; at most {MAX_COLUMNS}")
@@ -141,13 +151,11 @@ def merge_schema(stored: Mapping[str, str], incoming: Mapping[str, str]) -> dict
     stored columns first, new ones after in the writer's order; a type conflict raises."""
     merged = dict(stored)
     for name, kind in incoming.items():
-        check_name(name)
-        if kind not in TYPES:
-            raise MetadataError(f"metadata column {name!r}: unknown type {kind!r}")
+        _check_column(name, kind)
         old = merged.get(name)
         if old is None:
             merged[name] = kind
-        elif old != kind and not (old == "float" and kind == "int"):
+        elif not fits(old, kind):
             raise MetadataError(
                 f"metadata column {name!r} is {old} in this store but {kind} in the new rows; "
                 "a column's type never changes (write it under a new name, or use a new store)"
@@ -173,9 +181,8 @@ def conform(table: pa.Table, schema: Mapping[str, str]) -> pa.Table:
         column = table[name]
         if pa.types.is_dictionary(column.type):
             column = column.cast(column.type.value_type)
-        if type_of_arrow(name, column.type) not in (None, kind) and not (
-            kind == "float" and type_of_arrow(name, column.type) == "int"
-        ):
+        found = type_of_arrow(name, column.type)
+        if found is not None and not fits(kind, found):
             raise MetadataError(
                 f"metadata column {name!r} holds {column.type} values; the store's schema "
                 f"says {kind}"

@@ -1,17 +1,29 @@
 """The node's local cache of remote index version directories (for stores on object stores).
 
-FAISS and numpy memory-map index files, which needs a local file, so a replica serving an
-``s3://`` store copies each version directory it loads into this cache first. Version
-directories are immutable, which makes a cached copy safe to reuse, with three rules:
+FAISS reads an index from a local file and numpy memory-maps a version's float16 vectors from
+one, so a replica serving an ``s3://`` store copies each version directory it loads into this
+cache first. Version directories are immutable, which makes a cached copy safe to reuse, with
+three rules:
 
 - **The key is the full URI** (protocol, bucket and path, hashed), so two stores, or ``s3://b/x``
   and ``gs://b/x``, never share an entry.
 - **Evicted with its version.** A replica evicts the copy of a version it swapped away from, and
   garbage collection evicts the copies of versions it deletes (on its node).
-- **Bounded.** After each fetch the least recently used entries are removed until the cache is
-  under ``max_bytes`` (``$VISUAL_SEARCH_CACHE_BYTES``, e.g. ``100G``; default 32 GiB), never one
-  this process has pinned (loaded and serving). A copy that fails its checksum on load is evicted
-  and fetched again once (``index.ann.shard_index``).
+- **Bounded, by what is in the folder.** After each fetch the least recently used copies (by
+  the time a load last fetched or reused them) are removed until the folder's files add up to
+  at most ``max_bytes`` (``$VISUAL_SEARCH_CACHE_BYTES``, e.g. ``100G``; default 32 GiB); the
+  copy just fetched is always kept, even alone over the bound. A copy that fails its checksum
+  on load is evicted and fetched again once (``index.ann.loading``).
+
+What the bound does *not* know is which copies the replicas on the node are serving: eviction
+(by the bound, or by a replica swapping away from a version another replica on the node still
+serves) may remove a copy that is in use. That is safe, not free. A loaded version holds what it
+reads from its copy in RAM except ``vectors.npy``, which it memory-maps; removing the folder
+unlinks the file but the kernel keeps its blocks until the last mapping goes (the replica swaps
+away or exits), so the replica keeps serving it and the disk is freed only then. So the disk the
+cache really takes is at most ``max_bytes`` plus the ``vectors.npy`` of versions still mapped
+after their copy was removed (at most those the node's replicas serve: two per shard during a
+swap), and a replica that loads an evicted version again fetches it again.
 
 Where: ``$VISUAL_SEARCH_CACHE`` (a fast local disk, e.g. the NVMe of cluster.yaml's memory
 nodes), else the system temp folder, under ``visual-search-cache/``.
@@ -24,7 +36,6 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -49,8 +60,6 @@ class LocalCache:
     def __init__(self, root: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES):
         self.root = Path(root)
         self.max_bytes = int(max_bytes)
-        self._pinned: dict[str, int] = {}
-        self._lock = threading.Lock()
 
     def path_of(self, uri: str) -> Path:
         return self.root / cache_key(uri)
@@ -77,29 +86,12 @@ class LocalCache:
         return target
 
     def evict(self, uri: str) -> bool:
-        """Remove the copy of ``uri`` unless this process has it pinned; True if removed."""
+        """Remove the copy of ``uri``; True if there was one (mappings of its files stay valid)."""
         target = self.path_of(uri)
-        with self._lock:
-            if self._pinned.get(target.name):
-                return False
         if not target.exists():
             return False
         _remove_dir(target)
         return True
-
-    def pin(self, uri: str) -> None:
-        name = self.path_of(uri).name
-        with self._lock:
-            self._pinned[name] = self._pinned.get(name, 0) + 1
-
-    def unpin(self, uri: str) -> None:
-        name = self.path_of(uri).name
-        with self._lock:
-            left = self._pinned.get(name, 0) - 1
-            if left > 0:
-                self._pinned[name] = left
-            else:
-                self._pinned.pop(name, None)
 
     def entries(self) -> list[tuple[Path, int, float]]:
         """(folder, bytes, last use) of every cached copy."""
@@ -114,16 +106,15 @@ class LocalCache:
         return out
 
     def enforce_bound(self, keep: set[str] = frozenset()) -> list[str]:
-        """Remove least recently used copies until the cache fits ``max_bytes``; returns names."""
+        """Remove least recently used copies, but those named in ``keep``, until the cache
+        fits ``max_bytes`` (served or not: see the module docstring); returns their names."""
         entries = sorted(self.entries(), key=lambda e: e[2])
         total = sum(size for _, size, _ in entries)
         removed = []
-        with self._lock:
-            pinned = {name for name, n in self._pinned.items() if n > 0}
         for path, size, _ in entries:
             if total <= self.max_bytes:
                 break
-            if path.name in keep or path.name in pinned:
+            if path.name in keep:
                 continue
             _remove_dir(path)
             total -= size

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,8 +56,6 @@ def next_version(store: Store, shard: int, state: ShardState) -> int:
 def staging_dir(store: Store, shard: int) -> Path:
     """A fresh local directory to build into: beside its final place on a local store (so the
     publish is a rename), else in the system temp folder."""
-    import tempfile
-
     if store.is_local:
         parent = Path(store.shard_index_dir(shard))
         parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ Layout (see DESIGN.md)::
     <root>/embeddings/shard=NNNNN/base-*.parquet   a version's compacted rows (its meta names them)
     <root>/errors/part-*.parquet              inputs that could not be embedded, with the reason
     <root>/indexes/shard=NNNNN/vNNNNNN-xxxxxxxx/  one immutable directory per built index version
-    <root>/tombstones/shard=NNNNN/part-*.parquet  deletes (id, deleted_at), see index.live.delta
+    <root>/tombstones/shard=NNNNN/part-*.parquet  deletes (id, deleted_at), see index.live.parts
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index.rows.sharding import shard_dir_name
+from index.storage import cache
 
 log = logging.getLogger(__name__)
 
@@ -256,16 +257,12 @@ class Store:
         in the node's cache (``index.storage.cache``), which index files are memory-mapped from."""
         if self.is_local:
             return Path(path)
-        from index.storage.cache import node_cache
-
-        return node_cache().fetch(self.fs, path, self.full_uri(path))
+        return cache.node_cache().fetch(self.fs, path, self.full_uri(path))
 
     def evict_local(self, path: str) -> None:
         """Drop the node-cache copy of ``path`` (a version that was collected or swapped out)."""
         if not self.is_local:
-            from index.storage.cache import node_cache
-
-            node_cache().evict(self.full_uri(path))
+            cache.node_cache().evict(self.full_uri(path))
 
 
 def _env_storage_options() -> dict:

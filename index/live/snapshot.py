@@ -1,0 +1,81 @@
+"""What one search of a live shard reads: an immutable snapshot, and the exact search of its delta.
+
+``index.live.delta.LiveShard`` applies every change under its lock and then publishes a new
+``Snapshot``; a search takes the current one (a single reference read) and never sees a
+half-applied change nor waits for a refresh. A snapshot holds the base version, which of its row
+keys are hidden (as a sorted array for filtered search and as a FAISS selector for the rest),
+and views of the first ``n`` delta rows: later appends write past ``n`` or into new arrays, so
+what a snapshot sees never changes.
+
+The delta is searched exactly (``index.ann.exact``) over its live rows, restricted by a filter
+(``index.query.filters``) evaluated on the delta's own metadata columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from index.ann.exact import exact_search
+from index.ann.shard_index import ShardIndex
+from index.query.filters import Filter, evaluate
+from index.query.hits import Hit
+from index.rows.columns import Columns
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    base: ShardIndex | None
+    exclude: faiss.IDSelector | None  # hidden base row keys (IDSelectorNot of a batch)
+    hidden_base_count: int
+    hidden: np.ndarray  # the hidden base row keys, sorted (what a filtered search removes)
+    vectors: np.ndarray  # (n, dim) float32 view of the delta buffer
+    ids: list[str]  # append-only; the first n belong to this snapshot
+    uris: list[str]
+    alive: np.ndarray  # (n,) bool, a private copy
+    alive_count: int
+    meta: Columns  # the delta rows' metadata columns (views of the first n rows)
+
+
+def exclude_selector(keys: np.ndarray) -> faiss.IDSelector:
+    """A FAISS selector of every row key but ``keys`` (sorted int64): hides them in a search."""
+    batch = faiss.IDSelectorBatch(keys)
+    exclude = faiss.IDSelectorNot(batch)
+    exclude.referenced = batch  # keep the inner selector alive with the outer one
+    return exclude
+
+
+def search_delta(
+    snap: Snapshot,
+    q: np.ndarray,
+    k: int,
+    metric: str,
+    shard: int,
+    flt: Filter | None = None,
+    fields: Sequence[str] | None = None,
+) -> list[list[Hit]]:
+    """Exact top ``k`` per query over the snapshot's live delta rows (those ``flt`` allows);
+    ``fields`` names the metadata columns each hit carries."""
+    if snap.alive_count == 0:
+        return [[] for _ in range(len(q))]
+    valid, count = snap.alive, snap.alive_count
+    if flt is not None:
+        valid = valid & evaluate(flt, snap.meta)
+        count = int(np.count_nonzero(valid))
+        if count == 0:
+            return [[] for _ in range(len(q))]
+    scores, rows = exact_search(q, snap.vectors, min(k, count), metric, valid=valid)
+    out = []
+    for i in range(len(q)):
+        found = [(float(s), int(j)) for s, j in zip(scores[i], rows[i], strict=True) if j >= 0]
+        metas = snap.meta.records(np.asarray([j for _, j in found], np.int64), fields or [])
+        out.append(
+            [
+                Hit(snap.ids[j], snap.uris[j], s, shard, metas[x] if fields else None)
+                for x, (s, j) in enumerate(found)
+            ]
+        )
+    return out
