@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from embedding import ModelConfig
+from embedding.config import ModelConfig
 
 ENV_STORE = "VISUAL_SEARCH_STORE"
 ENV_CONFIG = "VISUAL_SEARCH_SERVE_CONFIG"
