@@ -47,7 +47,7 @@ from index.storage.leases import drop_lease, write_lease
 from index.storage.manifest import Manifest, load_manifest
 from index.storage.publish import list_versions
 from index.storage.store import Store
-from index.storage.versions import version_number
+from index.storage.versions import fallback_order, newest_loadable
 from serve.batching import QueryBatcher
 from serve.metrics import searcher_metrics
 
@@ -81,30 +81,36 @@ class ShardHolder:
     def _load_first(self, manifest: Manifest) -> None:
         """Start on the live version; if it cannot be loaded (a corrupt or missing file), on the
         newest earlier version that can, so a replica that restarts while a bad version is live
-        still serves its shard. The poll keeps retrying the live version; the error is in
-        ``stats()`` meanwhile. Rows newer than the fallback version are its delta (exact)."""
-        try:
+        still serves its shard. Which one is the rule garbage collection keeps too
+        (``index.storage.versions.newest_loadable``). The poll keeps retrying the live version;
+        the error is in ``stats()`` meanwhile. Rows newer than the fallback version are its delta
+        (exact)."""
+        state = manifest.shards.get(self.shard)
+        if state is None or state.dir is None:  # no index yet: the delta alone
             self.load_live(manifest)
             return
-        except IndexLoadError as e:
-            self.load_error = f"{type(e).__name__}: {e}"
+        found = newest_loadable(
+            fallback_order(state.dir, state.version, lambda: list_versions(self.store, self.shard)),
+            lambda name: load_live_shard(
+                self.store, self.shard, name, manifest.dim, manifest.metric
+            ),
+            refused=lambda name, e: self._refused(name, e, live=state.dir),
+        )
+        if found is None:
+            raise IndexLoadError(f"shard {self.shard}: no version loads; {self.load_error}")
+        name, view = found
+        self._install(view)
+        if name != state.dir:
+            log.warning(
+                "shard %d: serving version %s until %d loads", self.shard, name, state.version
+            )
+
+    def _refused(self, name: str, error: IndexLoadError, live: str) -> None:
+        if name == live:
+            self.load_error = f"{type(error).__name__}: {error}"
             log.warning("shard %d: live version refused: %s", self.shard, self.load_error)
-        live = manifest.shards[self.shard].version
-        older = [
-            name
-            for name in list_versions(self.store, self.shard)
-            if (version_number(name) or 0) < live
-        ]
-        for name in reversed(older):
-            try:
-                view = load_live_shard(self.store, self.shard, name, manifest.dim, manifest.metric)
-            except IndexLoadError as e:
-                log.warning("shard %d: version %s refused too: %s", self.shard, name, e)
-                continue
-            self._install(view)
-            log.warning("shard %d: serving version %s until %d loads", self.shard, name, live)
-            return
-        raise IndexLoadError(f"shard {self.shard}: no version loads; {self.load_error}")
+        else:
+            log.warning("shard %d: version %s refused too: %s", self.shard, name, error)
 
     def load_live(self, manifest: Manifest) -> bool:
         """Load the manifest's live version if it differs from ours; True when swapped.
