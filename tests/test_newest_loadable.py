@@ -148,7 +148,7 @@ def _anchor(store: Store) -> str | None:
 
 
 def _served(store: Store) -> str:
-    from serve.searcher import ShardHolder
+    from serve.deployments.shard_holder import ShardHolder
 
     holder = ShardHolder(store, 0, "test-replica", load_manifest(store))
     assert holder.load_error is None or "IndexLoadError" in holder.load_error

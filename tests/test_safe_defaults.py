@@ -1,4 +1,4 @@
-"""Safe defaults for a port anyone can reach (``serve.security``), without Ray.
+"""Safe defaults for a port anyone can reach (``serve.http.security``), without Ray.
 
 Writes and admin calls need the key unless the config opens them; anonymous callers get lower
 caps on nprobe, candidates and image pixels, with a refusal that says the key lifts them; and
@@ -15,16 +15,13 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from harness import embed_samples as samples
-from serve.api import ApiError, create_app, image_crop, validate_params
 from serve.config import ConfigError, ServeConfig
-from serve.security import (
-    authorize_write,
-    error_kind,
-    is_keyed,
-    limits_for,
-    public_error,
-    redact,
-)
+from serve.http.crop import image_crop
+from serve.http.errors import ApiError, error_kind, public_error, redact
+from serve.http.fastapi_app import create_app
+from serve.http.limits import limits_for
+from serve.http.security import authorize_write, is_keyed
+from serve.http.validate import validate_params
 
 KEY = "s3cret-key"
 

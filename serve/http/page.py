@@ -21,7 +21,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from serve.api import ApiError
+from serve.http.errors import ApiError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 ASSETS = {
