@@ -32,6 +32,8 @@ MAX_ID_CHARS = 256
 
 @dataclass
 class SearchParams:
+    """A search's checked parameters: what every shard group is asked (``serve.planner``)."""
+
     k: int
     nprobe: int | None
     rerank: bool
