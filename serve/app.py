@@ -1,8 +1,12 @@
 """Compose the Serve graph: Ingress -> QueryEmbedder, Ingress -> ShardSearcher0..G-1.
 
 ``ShardSearcher{g}`` serves group ``g`` of the shards (``shard_groups``: ``shards_per_group``
-consecutive shards each; by default all shards in one group). ``RecallCanary`` (``serve.canary``,
-when ``canary_fraction`` > 0) recomputes sampled answers exactly in the background.
+consecutive shards each; by default all shards in one group). ``RecallCanary``
+(``serve.deployments.canary``, when ``canary_fraction`` > 0) recomputes sampled answers exactly in
+the background. The deployments live in ``serve.deployments``; below them, in floors that import
+only downward: ``serve.planner`` and ``serve.writes`` (plain classes), ``serve.catalog``,
+``serve.http`` (the HTTP API without Serve), and ``serve.scatter``, ``serve.metrics``,
+``serve.config``.
 
 Three ways in, one builder:
 
@@ -23,12 +27,12 @@ from typing import Any
 from ray.serve import Application
 
 from index.storage.manifest import Manifest, load_manifest
-from serve.canary import RecallCanary
 from serve.config import ConfigError, ServeConfig
-from serve.embedder import ModelMismatch, QueryEmbedder, check_model
-from serve.ingress import Ingress
-from serve.rebuilder import Rebuilder
-from serve.searcher import ShardSearcher, searcher_args
+from serve.deployments.canary import RecallCanary
+from serve.deployments.embedder import ModelMismatch, QueryEmbedder, check_model
+from serve.deployments.ingress import Ingress
+from serve.deployments.rebuilder import Rebuilder
+from serve.deployments.searcher import ShardSearcher, searcher_args
 
 
 def load_store_manifest(config: ServeConfig) -> Manifest:
@@ -110,11 +114,11 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
         for g, shards in enumerate(groups)
         if not config.colocate_shards  # else the ingress searches them itself (LocalGroup)
     ]
-    # one replica decides rebuilds (serve.rebuilder); none for a read-only app
+    # one replica decides rebuilds (serve.deployments.rebuilder); none for a read-only app
     rebuilder = Rebuilder.options(**logging).bind(config) if config.writes else None
     canary = None
-    # the live recall canary (serve.canary) asks the group deployments for exact answers; an app
-    # whose ingress searches the groups itself (colocate_shards) runs without it
+    # the live recall canary (serve.deployments.canary) asks the group deployments for exact
+    # answers; an app whose ingress searches the groups itself (colocate_shards) runs without it
     if config.canary_fraction > 0 and not config.colocate_shards:
         canary = RecallCanary.options(
             ray_actor_options={"num_cpus": config.canary_num_cpus}, **logging

@@ -16,7 +16,7 @@ deploy`` config, or ``serve run serve.app:app_builder key=value``) and from the 
 Defaults suit a 2-core laptop: fractional CPUs so five-plus deployments schedule on two cores,
 one replica each, no GPU unless the cluster has one (``num_gpus: auto`` on the embedder).
 
-Defaults are safe for a port anyone can reach (``serve.security``): writes and ``/admin/*``
+Defaults are safe for a port anyone can reach (``serve.http.security``): writes and ``/admin/*``
 need ``api_key``, and an app without a key refuses them unless ``open_writes: true`` says that
 anyone may write (the local demo on 127.0.0.1 does); callers without the key get the lower
 ``anon_max_*`` caps and no server-side error text.
@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from embedding import ModelConfig
+from embedding.config import ModelConfig
 
 ENV_STORE = "VISUAL_SEARCH_STORE"
 ENV_CONFIG = "VISUAL_SEARCH_SERVE_CONFIG"
@@ -162,8 +162,9 @@ class ServeConfig:
     max_batch_size: int = 16  # @serve.batch of the embedder
     batch_wait_timeout_s: float = 0.005
     search_threads: int = 1  # FAISS OpenMP threads per searcher replica (many replicas share CPUs)
-    # shard groups (serve.searcher): a searcher replica serves this many shards, one call per
-    # group per query; None = every shard in one group (one box); 1 = a deployment per shard.
+    # shard groups (serve.deployments.searcher): a searcher replica serves this many shards, one
+    # call per group per query; None = every shard in one group (one box); 1 = a deployment per
+    # shard.
     # On a cluster, one memory node's shard_host slots (the group asks for that many slots).
     shards_per_group: int | None = None
     # search the shard groups inside the ingress replica (no actor hop per query): the lowest
@@ -203,9 +204,10 @@ class ServeConfig:
     anon_max_nprobe: int = 256
     anon_max_candidates: int = 1000
     anon_max_pixels: int = 16_000_000
-    # background rebuilds (serve.rebuilder, pipelines.rebuild): a shard is rebuilt when its
-    # delta (new rows + new tombstones) reaches rebuild_delta_rows or rebuild_delta_fraction of
-    # its built rows (0 = that rule off), checked every rebuild_check_s (0 = on request only)
+    # background rebuilds (serve.deployments.rebuilder, pipelines.rebuild): a shard is rebuilt
+    # when its delta (new rows + new tombstones) reaches rebuild_delta_rows or
+    # rebuild_delta_fraction of its built rows (0 = that rule off), checked every
+    # rebuild_check_s (0 = on request only)
     rebuild_delta_rows: int = 100_000
     rebuild_delta_fraction: float = 0.1
     rebuild_check_s: float = 10.0
@@ -216,9 +218,10 @@ class ServeConfig:
     rebuild_memory_budget: str = "4G"
     # custom Ray resource rebuild tasks are placed by ("auto": shard_host when nodes have it)
     rebuild_node_resource: str = "auto"
-    # live recall canary (serve.canary): this fraction of fully answered searches is recomputed
-    # exactly in the background (0 = off, no RecallCanary deployment), at most canary_max_per_s
-    # a second (each is a scan of every shard), recall@k kept over the last canary_window
+    # live recall canary (serve.deployments.canary): this fraction of fully answered searches is
+    # recomputed exactly in the background (0 = off, no RecallCanary deployment), at most
+    # canary_max_per_s a second (each is a scan of every shard), recall@k kept over the last
+    # canary_window
     canary_fraction: float = 0.05
     canary_max_per_s: float = 0.5
     canary_window: int = 200

@@ -8,20 +8,13 @@ import numpy as np
 import pytest
 
 from index.query.filters import And, Eq, Range
-from serve.api import (
-    ApiError,
-    Limits,
-    ParsedAdd,
-    ParsedQuery,
-    SearchParams,
-    check_add_metadata,
-    create_app,
-    resolve_metadata,
-    validate_fields,
-    validate_filter,
-    validate_vector,
-)
-from serve.openapi import OpenApiContext, document
+from serve.http.errors import ApiError
+from serve.http.fastapi_app import create_app
+from serve.http.limits import Limits
+from serve.http.metadata import validate_fields, validate_filter
+from serve.http.openapi import OpenApiContext, document
+from serve.http.parse import ParsedAdd, ParsedQuery, check_add_metadata, resolve_metadata
+from serve.http.validate import SearchParams, validate_vector
 
 SCHEMA = {"category": "string", "price": "float", "in_stock": "bool", "qty": "int"}
 

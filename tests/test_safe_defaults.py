@@ -1,4 +1,4 @@
-"""Safe defaults for a port anyone can reach (``serve.security``), without Ray.
+"""Safe defaults for a port anyone can reach (``serve.http.security``), without Ray.
 
 Writes and admin calls need the key unless the config opens them; anonymous callers get lower
 caps on nprobe, candidates and image pixels, with a refusal that says the key lifts them; and
@@ -15,16 +15,14 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from harness import embed_samples as samples
-from serve.api import ApiError, create_app, image_crop, validate_params
 from serve.config import ConfigError, ServeConfig
-from serve.security import (
-    authorize_write,
-    error_kind,
-    is_keyed,
-    limits_for,
-    public_error,
-    redact,
-)
+from serve.http.crop import image_crop
+from serve.http.errors import ApiError, error_kind, public_error, redact
+from serve.http.fastapi_app import create_app
+from serve.http.limits import limits_for
+from serve.http.page import add_page_routes
+from serve.http.security import authorize_write, is_keyed
+from serve.http.validate import validate_params
 
 KEY = "s3cret-key"
 
@@ -154,3 +152,21 @@ def test_error_bodies_hide_exception_text_from_anonymous_callers(caplog):
     assert r.status_code == 503 and r.json()["error"] == "embedder_unavailable"
     assert "/tmp" not in r.text and "RayActorError" not in r.text
     assert "/tmp/ray" in client.get("/embed", headers={"x-api-key": KEY}).json()["detail"]
+
+
+def test_the_search_page_and_only_its_own_assets_are_served():
+    """``serve.http.page`` without Serve: the page and its two files (from ``serve/static/``,
+    with the CSP), and a 404 JSON ``not_found`` for any other name."""
+    app = create_app()
+    add_page_routes(app)
+    client = TestClient(app)
+    page = client.get("/")
+    assert page.status_code == 200 and "<base href=" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    for name in ("search.js", "search.css"):
+        asset = client.get(f"/static/{name}")
+        assert asset.status_code == 200 and asset.headers["etag"]
+        assert client.get(f"/static/{name}", headers={"if-none-match": asset.headers["etag"]}
+                          ).status_code == 304  # fmt: skip
+    other = client.get("/static/..%2Fconfig.py")
+    assert other.status_code == 404 and other.json()["error"] == "not_found"

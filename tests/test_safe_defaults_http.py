@@ -1,4 +1,5 @@
-"""Safe defaults over real HTTP (``serve.security``): a keyed app, an anonymous and a keyed client.
+"""Safe defaults over real HTTP (``serve.http.security``): a keyed app, an anonymous and a keyed
+client.
 
 Anonymous callers cannot write or call ``/admin``; they get the lower caps on ``nprobe``,
 ``candidates`` and image pixels, with a refusal that says the key lifts them; and ``/stats``

@@ -17,8 +17,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from serve.api import ApiError, Limits, image_crop, validate_id, validate_params, validate_vector
 from serve.config import ConfigError, DeploymentSettings, ServeConfig
+from serve.http.crop import image_crop
+from serve.http.errors import ApiError
+from serve.http.limits import Limits
+from serve.http.validate import validate_id, validate_params, validate_vector
 from serve.scatter import gather_with_deadline
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -210,7 +210,7 @@ def test_bad_inputs_get_their_4xx_and_the_app_keeps_answering(app):
 
 def test_model_mismatch_is_refused_before_deploying(app):
     from serve.app import build_app
-    from serve.embedder import ModelMismatch
+    from serve.deployments.embedder import ModelMismatch
 
     with pytest.raises(ModelMismatch, match="efficientnet_lite0@imagenet"):
         build_app(ServeConfig(store=app.store.uri, weights="none"))

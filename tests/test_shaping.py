@@ -1,5 +1,6 @@
-"""Answer shaping (``index.query.shaping``), its HTTP parameters (``serve.api``) and the client's
-encoding of them; and the recall canary's arithmetic (``serve.canary``). No Ray, no FAISS."""
+"""Answer shaping (``index.query.shaping``), its HTTP parameters (``serve.http.validate``) and the
+client's encoding of them; and the recall canary's arithmetic (``serve.deployments.canary``). No
+Ray, no FAISS."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 from index.query import shaping
 from index.query.hits import Hit
 from index.query.shaping import ShapeOptions, collapse, drop_self, expanded_query, mmr, shape
-from serve.api import ApiError, Limits, validate_params
-from serve.canary import RecallWindow, recall_at_k
+from serve.deployments.canary import RecallWindow, recall_at_k
+from serve.http.errors import ApiError
+from serve.http.limits import Limits
+from serve.http.validate import validate_params
 from visual_search.client import SearchClient
 from visual_search.query_cli import format_results
 

@@ -17,7 +17,7 @@ from index.ann.shard_index import ShardIndex
 from index.live.rebuild import rebuild_shard
 from index.query.merge import merge_topk
 from serve.app import shard_groups
-from serve.searcher import ShardSearcher
+from serve.deployments.searcher import ShardSearcher
 
 DIM = 32
 
@@ -72,7 +72,7 @@ def test_group_searches_its_shards_in_one_call_and_batches_concurrent_queries(st
 
 
 def test_batcher_starts_a_lone_query_at_once_and_fails_every_waiter_of_a_failed_batch():
-    from serve.batching import QueryBatcher
+    from serve.deployments.batching import QueryBatcher
 
     calls: list[list[int]] = []
 

@@ -21,10 +21,11 @@ from index.live.rebuild import RebuildOptions, build_shard, rebuild_shard
 from index.rows import schema
 from index.storage.cache import node_cache
 from index.storage.coverage import plan_shard
-from index.storage.gc import collect_garbage, usable
+from index.storage.gc import collect_garbage
 from index.storage.manifest import commit_manifest, load_manifest
 from index.storage.publish import commit_results, list_versions
 from index.storage.store import Store
+from index.storage.versions import LOAD_CHECKS
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 16
@@ -127,7 +128,7 @@ def test_two_builders_of_one_shard_never_share_a_directory(s3_server, s3_store_u
     a, b = results
     assert a.dir != b.dir and a.version == b.version == 1  # same number, separate directories
     for r in results:  # each directory holds exactly its own build's files
-        assert usable(store, 0, r.dir)
+        assert LOAD_CHECKS.loads(store, 0, r.dir)
         loaded = ShardIndex.load(store, 0, r.dir)
         assert loaded.meta["dir"] == r.dir and loaded.meta["seed"] == r.meta["seed"]
     commit_results(store, [a])

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from serve.app import config_from_args
     from serve.config import ConfigError
-    from serve.embedder import ModelMismatch
+    from serve.deployments.embedder import ModelMismatch
 
     try:
         config = config_from_args(args.overrides).validate()

@@ -4,8 +4,9 @@ What may go, decided by ``plan_gc`` (a pure function of what was listed) and don
 ``collect_garbage``:
 
 - **Old version directories**: every directory numbered at or below the live one, other than
-  the live one and the *anchor* (the newest version at or below the live one that loads: when
-  the live version is corrupt, replicas serve the anchor), once no fresh lease names it
+  the live one and the *anchor* (the newest version that loads, by the one rule replicas use
+  too, ``index.storage.versions.newest_loadable``: when the live version is corrupt, replicas
+  serve the anchor), once no fresh lease names it
   (``index.storage.leases``) and ``grace_s`` has passed since the live version became live
   (``ShardState.live_since``): never on a timer alone, never while a replica serves it.
   Directories numbered above the live one (a build in progress, or one that never committed) are
@@ -23,12 +24,16 @@ What may go, decided by ``plan_gc`` (a pure function of what was listed) and don
   few base parts and its live version.
 - **Orphan base parts** of builds that never published, numbered at or below the live version.
 - **Dead leases**: lease files long expired (replicas that died).
+
+A version that could not be checked (the store did not answer) is not taken for a bad one: the
+shard's plan then deletes nothing and says why it waits.
 """
 
 from __future__ import annotations
 
 import posixpath
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from index.storage.coverage import base_parts_of, live_meta
@@ -37,10 +42,10 @@ from index.storage.manifest import ShardState, load_manifest
 from index.storage.publish import list_versions
 from index.storage.store import BASE_PREFIX, Store
 from index.storage.versions import (
+    LOAD_CHECKS,
     META_FILE,
-    IndexLoadError,
-    check_meta,
-    check_version_dir,
+    fallback_order,
+    newest_loadable,
     version_number,
 )
 
@@ -67,7 +72,7 @@ class GcPlan:
 def plan_gc(
     state: ShardState,
     versions: list[str],
-    usable,
+    check: Callable[[str], object],
     leases: Leases,
     meta: dict | None,
     old_metas: dict[str, dict | None],
@@ -75,14 +80,19 @@ def plan_gc(
     grace_s: float,
     now: float,
 ) -> GcPlan:
-    """What ``collect_garbage`` deletes (see the module docstring); touches nothing."""
+    """What ``collect_garbage`` deletes (see the module docstring); touches nothing but
+    ``check`` (a version name -> returns when it loads, IndexLoadError when refused)."""
     plan = GcPlan(leases=list(leases.dead))
     if state.dir is None or state.version is None:
         return plan
     live_number = state.version
     at_or_below = [v for v in versions if (version_number(v) or 0) <= live_number]
-    ordered = sorted(at_or_below, key=lambda v: (v != state.dir, -(version_number(v) or 0)))
-    plan.anchor = next((v for v in ordered if usable(v)), None)
+    try:
+        found = newest_loadable(fallback_order(state.dir, live_number, lambda: versions), check)
+    except OSError as e:  # a failed read says nothing about the version: decide nothing now
+        plan.waiting = f"could not check the versions: {type(e).__name__}: {e}"
+        return plan
+    plan.anchor = None if found is None else found[0]
     if plan.anchor is None:  # nothing loads: keep everything for whoever repairs it
         plan.waiting = "no version at or below the live one loads"
         return plan
@@ -125,36 +135,6 @@ def plan_gc(
     return plan
 
 
-_USABLE: dict[tuple[str, int, str], bool] = {}  # versions are immutable: check each once
-
-
-def usable(store: Store, shard: int, name: str) -> bool:
-    """Whether loading would accept this version's files: on a local store sizes and SHA-256
-    (``index.storage.versions``); on an object store meta.json and every file's size, from one
-    listing
-    (no download)."""
-    key = (store.uri, shard, name)
-    if key not in _USABLE:
-        directory = store.index_version_dir(shard, name)
-        try:
-            if store.is_local:
-                check_version_dir(directory, verify=True)
-            else:
-                meta = store.read_json(posixpath.join(directory, META_FILE))
-                check_meta(meta, directory)
-                sizes = {
-                    posixpath.basename(e["name"]): e.get("size")
-                    for e in store.fs.ls(directory, detail=True, refresh=True)
-                }
-                for file, expected in meta["files"].items():
-                    if sizes.get(file) != expected["bytes"]:
-                        raise IndexLoadError(f"{directory}/{file}: missing or wrong size")
-            _USABLE[key] = True
-        except (IndexLoadError, FileNotFoundError, ValueError, KeyError):
-            _USABLE[key] = False
-    return _USABLE[key]
-
-
 def collect_garbage(
     store: Store,
     shard: int,
@@ -179,7 +159,7 @@ def collect_garbage(
     plan = plan_gc(
         state,
         versions,
-        lambda v: usable(store, shard, v),
+        lambda v: LOAD_CHECKS.check(store, shard, v),
         leases,
         meta,
         old_metas,

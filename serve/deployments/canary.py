@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 
@@ -203,3 +204,21 @@ class RecallCanary:
             "exact_ms_p50": float(np.median(self.exact_ms)) if self.exact_ms else None,
             "max_per_s": 1.0 / self.min_interval_s,
         }
+
+
+def hand_to_canary(
+    canary: DeploymentHandle | None,
+    fraction: float,
+    vector: np.ndarray,
+    k: int,
+    hits: list[Hit],
+    missing: list[dict],
+) -> None:
+    """The ingress's side: hand a sampled (``fraction``), fully answered search (its unshaped
+    top ``k``) to the recall canary; never waits for it, never fails the search."""
+    if canary is None or missing or random.random() >= fraction:
+        return
+    try:
+        canary.observe.remote(vector, k, [h.id for h in hits[:k]])
+    except Exception:  # the canary must never fail a search
+        log.exception("handing a sample to the recall canary failed")

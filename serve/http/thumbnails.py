@@ -28,23 +28,15 @@ import fsspec
 from fastapi.responses import Response
 from PIL import Image
 
-from embedding import ImageError, decode_image
-from serve.api import ApiError, ErrorResponse, Limits
+from embedding.preprocess import ImageError, decode_image
+from serve.http.errors import ApiError
+from serve.http.limits import Limits
 
 THUMBNAIL_SIZE = 256  # long side, pixels: a grid cell on a high-density screen
 JPEG_QUALITY = 80
 CACHE_BYTES = 64 * 1024 * 1024  # ~6,000 thumbnails of ~10 KB per ingress replica
 CACHE_CONTROL = "public, max-age=3600"
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-
-RECORD_ERROR_RESPONSES: dict[int | str, dict] = {
-    status: {"model": ErrorResponse, "description": text}
-    for status, text in (
-        (404, "unknown_id; for a thumbnail also image_unavailable (the source cannot be read)"),
-        (422, "invalid_id"),
-        (503, "shard_unavailable"),
-    )
-}
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ FastAPI derives a document from the route signatures, but the ingress reads ``PO
 and ``POST /images``' bodies itself (streamed, with a size limit), and what they accept depends
 on the store: the vector length is the catalogue's dimension, the metadata columns and their
 types are the manifest's, image uploads exist only when the app embeds images, and the limits
-are the config's (``max_nprobe``, ``max_candidates``: an anonymous caller's, ``serve.security``;
+are the config's (``max_nprobe``, ``max_candidates``: an anonymous caller's, ``serve.http.limits``;
 a caller with the key may go up to ``max_*``). ``document`` takes FastAPI's document and writes
 those two operations out exactly:
 
@@ -22,28 +22,34 @@ those two operations out exactly:
 - results' ``metadata`` is that object too; write operations name the API key schemes when the
   app has a key.
 
-``serve.ingress`` installs ``app_document`` as its FastAPI app's ``openapi``; its Ingress
-replica calls ``set_context`` with what it read from the manifest. Both live here, in an
-importable module, on purpose: Serve pickles the ingress class by value (the ``serve.ingress``
-decorator makes a new class), so state kept in ``serve.ingress``'s globals would be copied into
-the replica instead of shared with the app's ``openapi`` function.
+The ingress deployment installs the document on its FastAPI app (``install``: the app's
+``openapi`` becomes ``app_document(app)``, so this module never needs to know where the app is
+made); its replica calls ``set_context`` with what it read from the manifest (``serve.catalog``).
+The context lives here, in an importable module, on purpose: Serve pickles the ingress class by
+value (its ``serve.ingress`` decorator makes a new class), so state kept in the ingress module's
+globals would be copied into the replica instead of shared with the app's ``openapi``.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
+
+from fastapi import FastAPI
 
 from index.query import shaping
 from index.query.filters import openapi_schema as filter_schema
 from index.rows.metadata import INT64_MAX, INT64_MIN, MAX_STRING_CHARS
-from serve.api import FLOAT32_MAX, MAX_ID_CHARS, MAX_URI_CHARS, Limits
 from serve.config import MAX_K
+from serve.http.limits import Limits
+from serve.http.metadata import MAX_URI_CHARS
+from serve.http.validate import FLOAT32_MAX, MAX_ID_CHARS
 
 FILTER_REF = "#/components/schemas/Filter"
 METADATA_REF = "#/components/schemas/Metadata"
 BINARY = {"type": "string", "format": "binary"}
-# a row id: the /images/{id} routes could never name one holding a "/" (serve.api.validate_id)
+# a row id: the /images/{id} routes could never name one holding a "/" (validate.validate_id)
 ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS, "pattern": "^[^/]+$"}
 IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/gif, image/bmp, image/tiff"
 _VALUE = {
@@ -63,15 +69,18 @@ def set_context(ctx: OpenApiContext) -> None:
     _STATE["context"], _STATE["doc"] = ctx, None
 
 
-def app_document() -> dict:
-    """The ingress app's document for the current context (built once per context)."""
+def app_document(app: FastAPI) -> dict:
+    """``app``'s document for the current context (built once per context)."""
     if _STATE["doc"] is None:
-        from fastapi import FastAPI
-
-        from serve.ingress import api  # the routes (the app Serve runs is a copy of this one)
-
-        _STATE["doc"] = document(FastAPI.openapi(api), _STATE["context"] or OpenApiContext())
+        _STATE["doc"] = document(FastAPI.openapi(app), _STATE["context"] or OpenApiContext())
     return _STATE["doc"]
+
+
+def install(app: FastAPI) -> None:
+    """Make ``app``'s ``/openapi.json`` this module's exact document (``app_document``). A
+    ``functools.partial`` of a module function, not a closure: it pickles (Serve copies the app
+    into each replica) by reference to this module, with the app it belongs to."""
+    app.openapi = functools.partial(app_document, app)
 
 
 @dataclass
@@ -137,7 +146,7 @@ def _params(ctx: OpenApiContext) -> dict:
         "nprobe": {"type": "integer", "minimum": 1, "maximum": limits.max_nprobe},
         "rerank": {"type": "boolean"},
         "candidates": {"type": "integer", "minimum": 1, "maximum": limits.max_candidates},
-        # answer shaping (index.query.shaping, serve.api.validate_shape)
+        # answer shaping (index.query.shaping, serve.http.validate.validate_shape)
         "expand": {"type": "boolean"},
         "expand_m": {"type": "integer", "minimum": 1, "maximum": shaping.MAX_EXPAND_M},
         "expand_alpha": {"type": "number", "minimum": 0, "maximum": shaping.MAX_EXPAND_ALPHA},

@@ -21,9 +21,9 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from serve.api import ApiError
+from serve.http.errors import ApiError
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"  # serve/static/ (package data)
 ASSETS = {
     "search.js": "text/javascript; charset=utf-8",
     "search.css": "text/css; charset=utf-8",

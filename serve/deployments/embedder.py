@@ -1,5 +1,8 @@
 """QueryEmbedder: the batch job's model, run on query crops, micro-batched across requests.
 
+The only serving process that imports torch (the ingress sends it uint8 crops, made by
+``serve.http.crop`` without torch).
+
 Concurrent queries arriving within ``batch_wait_timeout_s`` of each other share one forward pass
 (``@serve.batch``): on a GPU that is nearly free throughput, on a CPU it still saves the per-call
 overhead. The model module and the crop are the batch job's own (``embedding``), and the replica
@@ -13,7 +16,8 @@ import asyncio
 import numpy as np
 from ray import serve
 
-from embedding import Embedder, ModelConfig
+from embedding.config import ModelConfig
+from embedding.model import Embedder  # torch: this deployment is the only one that runs a model
 
 
 class ModelMismatch(RuntimeError):

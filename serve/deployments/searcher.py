@@ -2,8 +2,9 @@
 
 ``ShardSearcher`` is one Serve deployment per group of shards (``serve.app``: all shards of a
 single box in one group by default, ``shards_per_group`` on a cluster, 1 for one deployment per
-shard). A replica holds one ``ShardHolder`` per shard of its group, each with that shard's own
-live view (``index.live.delta.LiveShard``: live version + delta - tombstones), swaps, lease and
+shard). A replica holds one ``ShardHolder`` per shard of its group
+(``serve.deployments.shard_holder``), each with that shard's own live view
+(``index.live.delta.LiveShard``: live version + delta - tombstones), swaps, lease and
 rebuilds, exactly as a one-shard replica did; what the group adds:
 
 - **One call per group.** ``search`` searches every shard of the group (in a small thread pool:
@@ -11,7 +12,7 @@ rebuilds, exactly as a one-shard replica did; what the group adds:
   makes one call per group and merges groups, not shards.
 - **Batching across requests.** Queries that reach the replica while it is searching are
   searched together next, as one FAISS batch per shard, and split back per request
-  (``serve.batching.QueryBatcher``; requests with other search parameters form their own
+  (``serve.deployments.batching.QueryBatcher``; requests with other search parameters form their own
   sub-batch). A lone query starts at once (or after ``batch_wait_s``, 0 by default).
 
 Swapping: a background thread reads the manifest once for the whole group every
@@ -19,10 +20,9 @@ Swapping: a background thread reads the manifest once for the whole group every
 one reference, so no query sees a half-loaded index or fails during the swap. The same thread
 lists each shard's parts and tombstones every ``delta_poll_s`` (other writers' rows), and writes
 each shard's lease (``index.storage.leases``) every ``lease_interval_s`` and after each swap:
-garbage
-collection never deletes a version a fresh lease names. Writes routed to the replica (``add_rows``,
-``add_tombstones``) are searchable when they return. On an object store, the node-cache copy of a
-version a shard swapped away from is evicted.
+garbage collection never deletes a version a fresh lease names. Writes routed to the replica
+(``add_rows``, ``add_tombstones``) are searchable when they return. On an object store, the
+node-cache copy of a version a shard swapped away from is evicted.
 """
 
 from __future__ import annotations
@@ -38,17 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from ray import serve
 
-from index.ann.shard_index import IndexLoadError, ShardIndex
-from index.live.delta import LiveShard, load_live_shard
 from index.query.filters import Filter
 from index.query.hits import Hit
 from index.query.merge import merge_topk
-from index.storage.leases import drop_lease, write_lease
-from index.storage.manifest import Manifest, load_manifest
-from index.storage.publish import list_versions
+from index.storage.leases import drop_lease
+from index.storage.manifest import load_manifest
 from index.storage.store import Store
-from index.storage.versions import version_number
-from serve.batching import QueryBatcher
+from serve.deployments.batching import QueryBatcher
+from serve.deployments.shard_holder import ShardHolder
 from serve.metrics import searcher_metrics
 
 log = logging.getLogger("ray.serve")
@@ -59,160 +56,6 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # outside a Serve replica (tests call the class directly)
         return uuid.uuid4().hex[:12]
-
-
-class ShardHolder:
-    """One shard inside a searcher replica: its live view, swaps, fallback, lease and stats."""
-
-    def __init__(self, store: Store, shard: int, replica: str, manifest: Manifest):
-        self.store = store
-        self.shard = shard
-        self.replica = replica
-        self.view: LiveShard | None = None  # base version + delta - tombstones
-        self.swap_lock = threading.Lock()  # hand-overs vs. the swap to a new version
-        self.loaded_at: float | None = None
-        self.reloads = 0
-        self.load_error: str | None = None
-        self.lease_error: str | None = None
-        self._load_first(manifest)
-        self.report()
-
-    # ---- loading ------------------------------------------------------------------------------
-    def _load_first(self, manifest: Manifest) -> None:
-        """Start on the live version; if it cannot be loaded (a corrupt or missing file), on the
-        newest earlier version that can, so a replica that restarts while a bad version is live
-        still serves its shard. The poll keeps retrying the live version; the error is in
-        ``stats()`` meanwhile. Rows newer than the fallback version are its delta (exact)."""
-        try:
-            self.load_live(manifest)
-            return
-        except IndexLoadError as e:
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.warning("shard %d: live version refused: %s", self.shard, self.load_error)
-        live = manifest.shards[self.shard].version
-        older = [
-            name
-            for name in list_versions(self.store, self.shard)
-            if (version_number(name) or 0) < live
-        ]
-        for name in reversed(older):
-            try:
-                view = load_live_shard(self.store, self.shard, name, manifest.dim, manifest.metric)
-            except IndexLoadError as e:
-                log.warning("shard %d: version %s refused too: %s", self.shard, name, e)
-                continue
-            self._install(view)
-            log.warning("shard %d: serving version %s until %d loads", self.shard, name, live)
-            return
-        raise IndexLoadError(f"shard {self.shard}: no version loads; {self.load_error}")
-
-    def load_live(self, manifest: Manifest) -> bool:
-        """Load the manifest's live version if it differs from ours; True when swapped.
-
-        The new version is loaded while the old view keeps serving; the delta rows and
-        tombstones carry over (``LiveShard.rebased``) and one reference is swapped.
-        """
-        if self.shard not in manifest.shards:
-            return False
-        state = manifest.shards[self.shard]
-        current = self.view
-        if current is not None and (state.dir is None or current.version_dir == state.dir):
-            return False
-        if current is None:
-            view = load_live_shard(self.store, self.shard, state.dir, manifest.dim, manifest.metric)
-            self._install(view)
-        else:
-            base = ShardIndex.load(self.store, self.shard, state.dir)  # the slow part, unlocked
-            with self.swap_lock:  # no hand-over lands in the old view after this copy
-                view = current.rebased(base)
-                self.view, self.loaded_at = view, time.time()
-            self._swapped(current, view)
-        view.refresh()  # parts written while the version loaded
-        return True
-
-    def _install(self, view: LiveShard) -> None:
-        """Swap ``view`` in (one reference: atomic for readers)."""
-        with self.swap_lock:
-            old, self.view, self.loaded_at = self.view, view, time.time()
-        self._swapped(old, view)
-
-    def _swapped(self, old: LiveShard | None, view: LiveShard) -> None:
-        """After a swap: report the new version, and drop the local copy of the old one."""
-        self.report()
-        if old is not None and old.base is not None and old.version_dir != view.version_dir:
-            # queries already running on the old view keep its memory-mapped files open
-            self.store.evict_local(self.store.index_version_dir(self.shard, old.version_dir))
-
-    def report(self) -> None:
-        """Write this replica's lease for the shard: the version it serves (GC reads it)."""
-        view = self.view
-        try:
-            write_lease(self.store, self.shard, self.replica, view.version_dir if view else None)
-            self.lease_error = None
-        except Exception as e:  # keep serving; GC keeps versions of replicas it cannot see
-            self.lease_error = f"{type(e).__name__}: {e}"
-            log.warning("shard %d: could not write its lease: %s", self.shard, self.lease_error)
-
-    def poll(self, manifest: Manifest | None, delta: bool) -> None:
-        """One poll round: swap to a new live version (when ``manifest`` is given), then read
-        new parts and tombstones (when ``delta``). Errors keep the current view serving."""
-        try:
-            if manifest is not None and self.load_live(manifest):
-                self.reloads += 1
-                log.info("shard %d now serves %s", self.shard, self.view.version_dir)
-            view = self.view
-            if delta and view is not None:
-                view.refresh()
-            self.load_error = None
-        except Exception as e:  # keep serving the version we have
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.warning("shard %d: reload failed: %s", self.shard, self.load_error)
-
-    # ---- requests -----------------------------------------------------------------------------
-    def hand_over(self, method: str, *args) -> dict:
-        with self.swap_lock:  # never into a view that is being replaced
-            view = self.view
-            if view is None:
-                return {"applied": False, "version": None}
-            getattr(view, method)(*args)
-            return {"applied": True, "version": view.version}
-
-    def ready(self) -> dict:
-        view = self.view
-        return {
-            "shard": self.shard,
-            "loaded": view is not None,
-            "version": None if view is None else view.version,
-            "count": 0 if view is None else view.count,
-        }
-
-    def stats(self) -> dict:
-        view = self.view
-        body = {
-            "shard": self.shard,
-            "version": None,
-            "version_dir": None,
-            "count": 0,
-            "memory_bytes": 0,
-            "loaded_at": self.loaded_at,
-            "reloads": self.reloads,
-            "reload_error": self.load_error,
-            "lease_error": self.lease_error,
-        }
-        if view is not None:
-            meta = view.meta or {}
-            body.update(
-                version=view.version,
-                version_dir=view.version_dir,
-                count=view.count,
-                dim=view.dim,
-                metric=view.metric,
-                memory_bytes=int(view.memory_bytes()),
-                kind=meta.get("kind"),
-                factory=meta.get("factory"),
-                **view.stats(),  # delta, delta_rows, tombstones, hidden_base_rows
-            )
-        return body
 
 
 @serve.deployment(name="ShardSearcher")
@@ -433,7 +276,8 @@ class ShardSearcher:
     async def search_exact(self, vector: np.ndarray, k: int) -> dict:
         """Brute-force top-k over the group's visible rows (``LiveShard.search_exact``), as
         ``{"ids", "scores", "shards", "answered"}``: the recall canary's reference. A scan of
-        every vector of the group: the canary bounds how often it asks (``serve.canary``)."""
+        every vector of the group: the canary bounds how often it asks
+        (``serve.deployments.canary``)."""
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
 
         def run() -> dict:

@@ -1,0 +1,421 @@
+"""The Ingress deployment: the HTTP routes, each a thin handler over the floors below it.
+
+A route reads its request with ``serve.http`` (parse, validate, check who may do what), does its
+job through a plain object, and answers:
+
+- ``POST /search``: the query's vector (embedded by the QueryEmbedder, looked up for an ``id``,
+  or given), then ``serve.planner.QueryPlanner`` (scatter to every shard group, gather before
+  ``shard_deadline_ms``, merge, shape; a group that misses the deadline or whose replica died
+  is named in ``missing_shards``, ``partial: true``); a sample of full answers goes to the recall
+  canary (``serve.deployments.canary``).
+- ``POST /images``, ``DELETE /images/{id}``: ``serve.writes.RowWriter`` (durable, then
+  searchable); ``POST /admin/rebuild``: the Rebuilder deployment. All need the API key.
+- ``GET /images/{id}`` (+ ``/thumbnail``): the row from the shard that owns it.
+- ``/healthz``, ``/readyz``, ``/stats``: every group's state, the embedder's and the canary's.
+
+``filter``, ``fields`` and ``metadata`` are checked against the store's metadata schema, which
+``serve.catalog.Catalog`` re-reads when a request names a column this replica does not know yet;
+the OpenAPI document is exact for the store (``serve.http.openapi``). The ingress holds
+DeploymentHandles to the QueryEmbedder, to one ShardSearcher deployment per *group* of shards
+(``serve.deployments.searcher``), or, with ``colocate_shards``, searches the groups itself
+(``LocalGroup``). It never imports torch: the embedder replica runs the model.
+"""
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+from fastapi import Query, Request
+from fastapi.responses import Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from index.rows.sharding import shard_of
+from index.storage.manifest import Manifest, load_manifest
+from serve.catalog import Catalog
+from serve.config import ServeConfig
+from serve.deployments.canary import hand_to_canary
+from serve.deployments.searcher import LocalGroup
+from serve.http import openapi
+from serve.http.answers import json_response, search_response
+from serve.http.crop import image_crop
+from serve.http.errors import (
+    ERROR_RESPONSES,
+    RECORD_ERROR_RESPONSES,
+    WRITE_ERROR_RESPONSES,
+    ApiError,
+    redact,
+)
+from serve.http.fastapi_app import create_app
+from serve.http.limits import Limits, limits_for
+from serve.http.metadata import validate_fields
+from serve.http.models import SEARCH_OPENAPI_EXTRA, AddResponse, SearchResponse
+from serve.http.page import add_page_routes
+from serve.http.parse import check_add_metadata, parse_add, parse_search, resolve_metadata
+from serve.http.security import authorize_write, is_keyed
+from serve.http.thumbnails import thumbnail_response
+from serve.http.validate import validate_id
+from serve.metrics import RequestMetrics, ingress_metrics
+from serve.planner import QueryPlanner, ShardGroup
+from serve.scatter import call_with_deadline, gather_with_deadline
+from serve.writes import RowWriter
+
+# Serve's ingress decorator pickles the FastAPI app (and through its routes these methods) when
+# the class is decorated: everything the routes use must already be defined above the class, and
+# annotations must be real objects (no ``from __future__ import annotations``) for FastAPI.
+log = logging.getLogger("ray.serve")
+api = create_app()
+api.add_middleware(RequestMetrics)  # counts, times and logs every request
+add_page_routes(api)  # GET / (the search page) and its static files
+# The OpenAPI document depends on the store (dimension, metadata columns), which only the
+# Ingress replica knows: it sets the context (``_publish_openapi``), the document builds from it.
+openapi.install(api)
+
+
+def _group(handle, shards: list[int]) -> ShardGroup:
+    """The planner's view of a group deployment's handle (or of a ``LocalGroup``)."""
+    return ShardGroup(
+        shards,
+        search=lambda *args: handle.search.remote(*args),
+        vectors_of=lambda pairs: handle.vectors_of.remote(pairs),
+    )
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self,
+        config: ServeConfig,
+        embedder: DeploymentHandle | None,
+        searchers: list[DeploymentHandle],
+        rebuilder: DeploymentHandle | None = None,
+        groups: list[list[int]] | None = None,
+        canary: DeploymentHandle | None = None,
+    ):
+        self.config = config
+        self.store = config.open_store()
+        self.rebuilder = rebuilder
+        self.canary = canary  # serve.deployments.canary.RecallCanary, or None (fraction 0)
+        manifest = load_manifest(self.store)
+        if manifest is None:
+            raise RuntimeError(f"store {config.store} has no manifest")
+        groups = groups or [[s] for s in range(manifest.num_shards)]
+        if config.colocate_shards:  # the groups live in this replica: no actor hop per query
+            searchers = [LocalGroup(config, shards) for shards in groups]
+        elif config.handle_transport == "grpc":
+            searchers = [h.options(_by_reference=False) for h in searchers]
+        if len(searchers) != len(groups) or sorted(sum(groups, [])) != list(
+            range(manifest.num_shards)
+        ):
+            raise RuntimeError(
+                f"{len(searchers)} searchers for groups {groups} of {manifest.num_shards} shards"
+            )
+        self.groups = groups
+        self.group_of = {s: g for g, shards in enumerate(groups) for s in shards}
+        self.num_shards = manifest.num_shards
+        self.dim = manifest.dim
+        self.metric = manifest.metric
+        if config.handle_transport == "grpc" and embedder is not None:
+            embedder = embedder.options(_by_reference=False)
+        self.embedder = embedder
+        self.searchers = searchers
+        self.limits = limits_for(config, keyed=True)
+        self.anon_limits = limits_for(config, keyed=False)  # serve.http.limits: lower caps
+        self.shard_timeout_s = config.shard_deadline_ms / 1000
+        self.embed_timeout_s = config.embed_deadline_ms / 1000
+        self._image_size: int | None = None
+        self.catalog = Catalog(self.store, manifest, on_change=self._publish_openapi)
+        self.planner = QueryPlanner(
+            [_group(h, shards) for h, shards in zip(searchers, groups, strict=True)],
+            self.metric,
+            self.shard_timeout_s,
+        )
+        self.writer = RowWriter(
+            self.store,
+            self.catalog,
+            lambda shard, *args: self._searcher(shard).add_rows.remote(shard, *args),
+            lambda shard, *args: self._searcher(shard).add_tombstones.remote(shard, *args),
+            self.shard_timeout_s,
+        )
+        self._publish_openapi(manifest)
+
+    def _publish_openapi(self, manifest: Manifest) -> None:
+        openapi.set_context(
+            openapi.OpenApiContext(
+                dim=self.dim,
+                metric=self.metric,
+                metadata=dict(manifest.metadata),
+                image_queries=self.embedder is not None,
+                api_key=bool(self.config.api_key),
+                limits=self.anon_limits,  # what any caller may send (keyed ones: more)
+            )
+        )
+
+    def _searcher(self, shard: int) -> DeploymentHandle:
+        """The handle of the group that serves ``shard``."""
+        return self.searchers[self.group_of[shard]]
+
+    def _caller(self, request: Request) -> Limits:
+        """Mark the request keyed or anonymous (error bodies read the mark); its limits."""
+        request.state.keyed = keyed = is_keyed(request.headers, self.config.api_key)
+        return self.limits if keyed else self.anon_limits
+
+    def _shown(self, request: Request, body: dict) -> dict:
+        """``body`` for this caller: server-side error text only with the key."""
+        return body if request.state.keyed else redact(body)
+
+    # ---- probes -------------------------------------------------------------------------------
+    @api.get("/healthz", summary="The ingress process is alive")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="Every shard has a live index loaded and the embedder is up")
+    async def readyz(self, request: Request):
+        self._caller(request)
+        rows = await self._per_shard("ready", {"loaded": False})
+        ok_embed, embedder = await self._embedder_info()
+        expected = {s: st.count for s, st in self.catalog.manifest.shards.items()}
+        ready = ok_embed and all(
+            row.get("loaded") or (expected.get(row["shard"]) == 0 and "error" not in row)
+            for row in rows
+        )
+        body = {"ready": ready, "shards": rows, "embedder": embedder if ok_embed else None}
+        if not ok_embed:
+            body["embedder_error"] = embedder
+        return json_response(self._shown(request, body), 200 if ready else 503)
+
+    @api.get("/stats", summary="Per shard: live version, row count, memory")
+    async def stats(self, request: Request) -> dict:
+        self._caller(request)
+        shards = await self._per_shard("stats", {})
+        ok_embed, embedder = await self._embedder_info()
+        body = {
+            "model": self.catalog.manifest.model_tag,
+            "dim": self.dim,
+            "metric": self.metric,
+            "num_shards": self.num_shards,
+            "total_count": sum(row.get("count", 0) for row in shards),
+            "memory_bytes": sum(row.get("memory_bytes", 0) for row in shards),
+            "shards": shards,
+            "embedder": embedder if ok_embed else {"error": embedder},
+            "groups": self.groups,
+            "canary": await self._canary_stats(),
+        }
+        return self._shown(request, body)
+
+    async def _canary_stats(self) -> dict | None:
+        """The recall canary's window (``serve.deployments.canary``); None when it is off."""
+        if self.canary is None:
+            return None
+        ok, stats = await call_with_deadline(self.canary.stats.remote(), self.shard_timeout_s)
+        return stats if ok else {"error": stats}
+
+    async def _per_shard(self, method: str, absent: dict) -> list[dict]:
+        """``method`` of every group (a list of per-shard rows each), as one row per shard;
+        shards of a group that did not answer get ``absent`` plus the reason."""
+        gathered = await gather_with_deadline(
+            {g: getattr(h, method).remote for g, h in enumerate(self.searchers)},
+            self.shard_timeout_s,
+        )
+        rows: dict[int, dict] = {}
+        for answer in gathered.answers.values():
+            rows.update((row["shard"], row) for row in answer)
+        for g, reason in gathered.missing.items():
+            rows.update((s, {"shard": s, **absent, "error": reason}) for s in self.groups[g])
+        return [rows[s] for s in range(self.num_shards)]
+
+    async def _embedder_info(self) -> tuple[bool, dict | str | None]:
+        """``(ok, info)``; ``(True, None)`` when the app takes no image queries."""
+        if self.embedder is None:
+            return True, None
+        return await call_with_deadline(self.embedder.info.remote(), self.embed_timeout_s)
+
+    # ---- search -------------------------------------------------------------------------------
+    @api.post(
+        "/search",
+        summary="Nearest catalogue images to an image, a vector or a catalogue id",
+        response_model=SearchResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=SEARCH_OPENAPI_EXTRA,
+    )
+    async def search(
+        self,
+        request: Request,
+        k: int | None = None,
+        nprobe: int | None = None,
+        rerank: bool | None = None,
+        candidates: int | None = None,
+        fields: str | None = None,
+        # still read (``?id=``), but not documented: it is the JSON body's ``id``
+        id: str | None = Query(None, include_in_schema=False),
+    ) -> dict:
+        start = time.perf_counter()
+        limits = self._caller(request)
+        query = await parse_search(request, limits, self.dim, self.metric == "ip")
+        query = await self.catalog.checked(resolve_metadata, query)
+        params = query.params
+        if query.kind == "vector":
+            vector = query.vector
+        elif query.kind == "id":
+            vector = await self._vector_of(query.row_id)
+        else:
+            vector = await self._embed(query.image, limits, "send a JSON vector or id")
+        answer = await self.planner.search(
+            vector,
+            params,
+            self.catalog.fields(params.fields),
+            keyed=request.state.keyed,
+            query_id=query.row_id if query.kind == "id" else None,
+        )
+        if params.filter is None:  # the canary's exact search knows no filter
+            hand_to_canary(
+                self.canary,
+                self.config.canary_fraction,
+                vector,
+                params.k,
+                answer.pool,
+                answer.pool_missing,
+            )
+        ingress_metrics().observe_answer({m["shard"]: m["reason"] for m in answer.missing})
+        took_ms = (time.perf_counter() - start) * 1000
+        # a Response, sent as is (``serve.http.answers``); response_model stays for OpenAPI
+        return search_response(answer.results(params.k), answer.missing, took_ms, self.num_shards)
+
+    async def _vector_of(self, row_id: str) -> np.ndarray:
+        """The vector of the catalogue row ``row_id`` (an ``id`` query), from its shard."""
+        shard = shard_of(row_id, self.num_shards)
+        ok, vector = await call_with_deadline(
+            self._searcher(shard).vector_of.remote(shard, row_id), self.shard_timeout_s
+        )
+        if not ok:
+            raise ApiError(
+                503, "shard_unavailable", f"shard {shard} (owner of the id) did not answer"
+            )
+        if vector is None:
+            raise ApiError(404, "unknown_id", f"no catalogue row has id {row_id!r}")
+        return np.asarray(vector, dtype=np.float32)
+
+    async def _embed(self, image: bytes, limits: Limits, instead: str) -> np.ndarray:
+        """The query embedder's vector of an uploaded ``image`` (cropped here, as the batch job
+        crops); ``instead``: what to send to an app that takes no images."""
+        if self.embedder is None:
+            raise ApiError(
+                501,
+                "image_queries_disabled",
+                "this app serves vectors that no image model made (image_queries: false); "
+                + instead,
+            )
+        if self._image_size is None:
+            ok, info = await call_with_deadline(self.embedder.info.remote(), self.embed_timeout_s)
+            if not ok:
+                raise ApiError(503, "embedder_unavailable", f"the query embedder failed: {info}")
+            self._image_size = int(info["image_size"])
+        crop = await asyncio.to_thread(image_crop, image, self._image_size, limits)
+        ok, vector = await call_with_deadline(
+            self.embedder.embed.remote(crop), self.embed_timeout_s
+        )
+        if not ok:
+            raise ApiError(503, "embedder_unavailable", f"the query embedder failed: {vector}")
+        return vector
+
+    # ---- catalogue rows (the search page's thumbnails) -----------------------------------------
+    @api.get(
+        "/images/{image_id}",
+        summary="A catalogue row: id, uri, shard, metadata",
+        responses=RECORD_ERROR_RESPONSES,
+    )
+    async def get_image(self, image_id: str, fields: str | None = None) -> dict:
+        """``fields``: comma-separated metadata columns to return (default all, ``""`` none)."""
+        names = await self.catalog.checked(validate_fields, fields)
+        return await self._record(image_id, names)
+
+    @api.get(
+        "/images/{image_id}/thumbnail",
+        summary="A small JPEG of a catalogue row (never an arbitrary path)",
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}, **RECORD_ERROR_RESPONSES},
+    )
+    async def get_thumbnail(self, request: Request, image_id: str) -> Response:
+        record = await self._record(image_id)
+        return await thumbnail_response(record, request.headers.get("if-none-match"), self.limits)
+
+    async def _record(self, image_id: str, fields: tuple[str, ...] | None = None) -> dict:
+        """The visible row ``image_id`` from the shard that owns it, with the metadata
+        ``fields`` (None: all); 404 ``unknown_id``."""
+        row_id = validate_id(image_id)
+        shard = shard_of(row_id, self.num_shards)
+        ok, record = await call_with_deadline(
+            self._searcher(shard).record.remote(shard, row_id, fields), self.shard_timeout_s
+        )
+        if not ok:
+            raise ApiError(
+                503, "shard_unavailable", f"shard {shard} (owner of the id) did not answer"
+            )
+        if record is None:
+            raise ApiError(404, "unknown_id", f"no catalogue row has id {row_id!r}")
+        return record
+
+    # ---- writes -------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> Limits:
+        """Refuse writes and admin calls this caller may not make (``serve.http.security``)."""
+        limits = self._caller(request)
+        authorize_write(request.headers, self.config)
+        return limits
+
+    @api.post(
+        "/images",
+        status_code=201,
+        summary="Add an image (durable and searchable when this returns)",
+        response_model=AddResponse,
+        responses=WRITE_ERROR_RESPONSES,
+    )
+    async def add_image(self, request: Request) -> dict:
+        limits = self._authorize(request)
+        add = await parse_add(request, limits, self.dim, self.metric == "ip")
+        add = await self.catalog.checked(check_add_metadata, add)
+        if add.kind == "image":
+            vector = await self._embed(add.image, limits, "send a JSON vector")
+        else:
+            vector = add.vector
+        return await self.writer.add(add, vector)
+
+    @api.delete(
+        "/images/{image_id}",
+        summary="Delete an image (durable and hidden when this returns)",
+        responses=WRITE_ERROR_RESPONSES,
+    )
+    async def delete_image(self, request: Request, image_id: str) -> dict:
+        self._authorize(request)
+        return await self.writer.delete(validate_id(image_id))
+
+    @api.post(
+        "/admin/rebuild",
+        status_code=202,
+        summary="Rebuild shards now (a Ray task per shard; searchers swap when it commits)",
+        responses=WRITE_ERROR_RESPONSES,
+    )
+    async def rebuild(
+        self,
+        request: Request,
+        shard: int | None = None,
+        force: bool = False,
+        retrain: bool = False,
+    ):
+        """``force``: rebuild shards that are up to date too; ``retrain``: never reuse the
+        live version's trained quantizer. Both off by default: a rebuild folds in the delta."""
+        self._authorize(request)
+        if self.rebuilder is None:
+            raise ApiError(501, "rebuilds_disabled", "this app runs no Rebuilder")
+        if shard is not None and not 0 <= shard < self.num_shards:
+            raise ApiError(422, "invalid_parameter", f"shard must be in 0..{self.num_shards - 1}")
+        shards = None if shard is None else [shard]
+        return await self.rebuilder.request.remote(shards, force, retrain)
+
+    @api.get("/admin/rebuild", summary="Running, queued and recent rebuilds")
+    async def rebuild_status(self, request: Request):
+        self._authorize(request)
+        if self.rebuilder is None:
+            raise ApiError(501, "rebuilds_disabled", "this app runs no Rebuilder")
+        return await self.rebuilder.status.remote()

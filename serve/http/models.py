@@ -1,0 +1,122 @@
+"""The request and response bodies of the HTTP API as pydantic models (also the OpenAPI schema).
+
+The ingress reads ``POST /search``'s and ``POST /images``' bodies itself (streamed, with a size
+limit: ``serve.http.parse``) and builds the search answer as JSON text itself (it is on every
+query's path), so these models *describe* the bodies: FastAPI puts them in the OpenAPI document,
+and ``serve.http.openapi`` writes the store-dependent parts out exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from index.query import shaping
+from serve.config import MAX_K
+
+
+class Result(BaseModel):
+    id: str = Field(description="stable row id (hash of the source URI)")
+    uri: str = Field(description="where the catalogue image came from")
+    score: float = Field(description="inner product (cosine; higher is closer) or squared L2")
+    shard: int
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the row's metadata columns named by `fields` (default: all); null = absent",
+    )
+    collapsed: list[str] | None = Field(
+        None, description="with dedup: ids of the near-duplicates this result stands for"
+    )
+
+
+class MissingShard(BaseModel):
+    shard: int
+    reason: str = Field(description="'timeout' or 'error: <type>'")
+
+
+class SearchResponse(BaseModel):
+    results: list[Result]
+    took_ms: float
+    shards_answered: int
+    shards_total: int
+    partial: bool = Field(description="true when some shard did not answer before the deadline")
+    missing_shards: list[MissingShard] = Field(default_factory=list)
+
+
+class SearchBody(BaseModel):
+    """The JSON form of a query: exactly one of ``vector`` or ``id``."""
+
+    vector: list[float] | None = Field(None, description="query vector, length = catalogue dim")
+    id: str | None = Field(None, description="id of a catalogue row: find its neighbours")
+    k: int | None = Field(None, description=f"results to return, 1..{MAX_K} (default 10)")
+    nprobe: int | None = Field(None, description="IVF lists probed per shard (index default)")
+    rerank: bool | None = Field(None, description="exact rerank of candidates (default true)")
+    candidates: int | None = Field(None, description="per-shard candidates before rerank")
+    expand: bool | None = Field(
+        None, description="average query expansion: search again with the query + top results"
+    )
+    expand_m: int | None = Field(
+        None, description=f"results averaged into the query (default {shaping.EXPAND_M})"
+    )
+    expand_alpha: float | None = Field(
+        None, description=f"weight score**alpha per result (default {shaping.EXPAND_ALPHA:g})"
+    )
+    diversify: bool | float | None = Field(
+        None,
+        description="MMR diversification: true, or lambda in 0..1 "
+        f"(1 = plain ranking; true = {shaping.DIVERSIFY_LAMBDA:g})",
+    )
+    dedup: bool | float | None = Field(
+        None,
+        description="collapse near-duplicates: true, or a similarity threshold "
+        f"(true = {shaping.DEDUP_THRESHOLD:g})",
+    )
+    exclude_self: bool | None = Field(
+        None, description="leave the query itself out (id queries; identical catalogue images)"
+    )
+    min_score: float | None = Field(None, description="leave out results scoring worse than this")
+    filter: dict[str, Any] | None = Field(None, description="metadata filter (the filter form)")
+    fields: list[str] | None = Field(None, description="metadata columns returned (default all)")
+
+
+class AddResponse(BaseModel):
+    id: str
+    uri: str
+    shard: int
+    part: str = Field(description="the Parquet part holding the row (relative to the store)")
+    ingested_at_ms: int
+    searchable: bool = Field(description="false: durable, but the shard did not answer in time")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="the row's metadata")
+
+
+# Serve's ingress hides the body from FastAPI's signature parsing (we read it ourselves, with a
+# size limit), so the two accepted bodies are described to OpenAPI here.
+SEARCH_OPENAPI_EXTRA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
+                        "nprobe": {"type": "integer", "minimum": 1},
+                        "rerank": {"type": "boolean"},
+                        "candidates": {"type": "integer", "minimum": 1},
+                        "expand": {"type": "boolean"},
+                        "expand_m": {"type": "integer", "minimum": 1},
+                        "expand_alpha": {"type": "number", "minimum": 0},
+                        "diversify": {"type": ["boolean", "number"]},
+                        "dedup": {"type": ["boolean", "number"]},
+                        "exclude_self": {"type": "boolean"},
+                        "min_score": {"type": "number"},
+                    },
+                }
+            },
+            "application/json": {"schema": SearchBody.model_json_schema()},
+        },
+    }
+}

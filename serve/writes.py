@@ -1,0 +1,111 @@
+"""Writes through the HTTP API: a row added or deleted is durable, then searchable, then answered.
+
+``POST /images`` writes the row as a new Parquet part of its shard (``index.live.delta.write_rows``:
+atomic, fsynced), with every metadata column of the schema typed as the batch job writes them,
+and then hands it to that shard's searcher (``ShardSearcher.add_rows``), so the 201 means durable
+*and* searchable (``searchable: false`` when the shard did not answer in time: durable, and every
+replica of the shard reads the part on its next store poll, ``delta_poll_s``).
+``DELETE /images/{id}`` does the same with a tombstone (``hidden``).
+
+Ids follow the store's id scheme (``Manifest.id_scheme``), the way the embedding job names rows,
+so adding a catalogue image again never duplicates it. A plain class: the hand-overs are plain
+async callables (the ingress gives it its searcher handles' methods).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from index.live.delta import write_rows, write_tombstones
+from index.rows import clock, schema
+from index.rows.metadata import record_columns
+from index.rows.sharding import content_id, shard_of, uri_id
+from index.storage.store import Store
+from serve.catalog import Catalog
+from serve.http.parse import ParsedAdd
+from serve.scatter import call_with_deadline
+
+# add_rows(shard, part, ids, uris, vectors, ingested_ms, metadata) -> {"applied": bool, ...}
+AddRowsCall = Callable[..., Awaitable[dict]]
+# add_tombstones(shard, part, ids, deleted_ms) -> {"applied": bool, ...}
+TombstonesCall = Callable[..., Awaitable[dict]]
+
+
+class RowWriter:
+    def __init__(
+        self,
+        store: Store,
+        catalog: Catalog,
+        add_rows: AddRowsCall,
+        add_tombstones: TombstonesCall,
+        deadline_s: float,
+    ):
+        self.store = store
+        self.catalog = catalog
+        self.add_rows = add_rows
+        self.add_tombstones = add_tombstones
+        self.deadline_s = deadline_s
+
+    async def add(self, add: ParsedAdd, vector: np.ndarray) -> dict:
+        """Write the checked row ``add`` with its ``vector``; the ``AddResponse`` body."""
+        content = add.image if add.kind == "image" else np.asarray(vector, np.float32).tobytes()
+        row_id, uri = self.identify(add.row_id, add.uri, content)
+        manifest = self.catalog.manifest
+        shard = shard_of(row_id, manifest.num_shards)
+        ms = clock.now_ms()
+        # every column of the schema, typed (null where not given), as the batch job writes them
+        columns = record_columns([add.metadata or {}], manifest.metadata)
+        extra = {name: columns[name].combine_chunks() for name in columns.column_names}
+        vectors = np.asarray(vector, np.float32).reshape(1, -1)
+        table = schema.embeddings_table(
+            [row_id], [uri], vectors, ingested_at=pa.scalar(ms, schema.TIMESTAMP), extra=extra
+        )
+        part = await asyncio.to_thread(write_rows, self.store, shard, table)
+        metadata = columns.to_pydict() if columns.num_columns else None
+        ok, answer = await call_with_deadline(
+            self.add_rows(shard, part, [row_id], [uri], vectors, [ms], metadata), self.deadline_s
+        )
+        return {
+            "id": row_id,
+            "uri": uri,
+            "shard": shard,
+            "part": part,
+            "ingested_at_ms": ms,
+            # false: durable, but the shard did not answer in time; every replica of the shard
+            # reads the part on its next store poll (delta_poll_s)
+            "searchable": bool(ok and answer.get("applied")),
+            "metadata": add.metadata or {},
+        }
+
+    async def delete(self, row_id: str) -> dict:
+        """Write a tombstone for the checked ``row_id``; the ``DELETE /images/{id}`` body."""
+        shard = shard_of(row_id, self.catalog.manifest.num_shards)
+        ms = clock.now_ms()
+        part, ms = await asyncio.to_thread(write_tombstones, self.store, shard, [row_id], ms)
+        ok, answer = await call_with_deadline(
+            self.add_tombstones(shard, part, [row_id], [ms]), self.deadline_s
+        )
+        return {
+            "id": row_id,
+            "shard": shard,
+            "deleted": True,
+            "part": part,
+            "deleted_at_ms": ms,
+            "hidden": bool(ok and answer.get("applied")),
+        }
+
+    def identify(self, row_id: str | None, uri: str | None, content: bytes) -> tuple[str, str]:
+        """(id, uri) of a new row by the store's id scheme (``Manifest.id_scheme``):
+        ``uri`` scheme: the hash of the URI (an upload without one is ``upload:<content hash>``);
+        ``content`` scheme: the hash of the bytes. An explicit ``id`` wins (catalogue keys)."""
+        if row_id is not None:  # a catalogue key given by the client
+            return row_id, uri or f"upload:{row_id}"
+        if self.catalog.manifest.id_scheme == "content":
+            row_id = content_id(content)
+            return row_id, uri or f"upload:{row_id}"
+        uri = uri or f"upload:{content_id(content)}"
+        return uri_id(uri), uri
