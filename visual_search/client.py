@@ -8,7 +8,7 @@
         hits = client.search("cat.jpg", expand=True, dedup=True, diversify=0.7)  # answer shaping
         client.stats(), client.record(row_id), client.thumbnail(row_id)
 
-Answers are the app's JSON as dicts (the contract is in ``serve/api.py``). A refusal raises
+Answers are the app's JSON as dicts (the contract is in ``serve/http/``). A refusal raises
 ``SearchError`` with the HTTP status and the app's reason code (``unknown_id``, ``not_an_image``,
 ...); an app that cannot be reached raises it with ``status=None`` and ``error="unreachable"``.
 The default URL is ``$VISUAL_SEARCH_URL`` or ``http://127.0.0.1:8000``.

@@ -95,7 +95,8 @@ def start_serve(store: str, host: str, port: int):
     from serve.config import ServeConfig
 
     config = ServeConfig(store=store)
-    # writes need a key (serve.security); a demo on loopback with no key opens them, and says so
+    # writes need a key (serve.http.security); a demo on loopback with no key opens them, and
+    # says so
     config.open_writes = not config.api_key and host in ("127.0.0.1", "localhost", "::1")
     if config.open_writes:
         print(

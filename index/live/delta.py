@@ -334,8 +334,8 @@ class LiveShard:
 
     def search_exact(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Brute-force top ``k`` of the visible rows (base rows not hidden + live delta): what
-        ``search`` answers with a perfect index. The recall canary's reference (``serve.canary``);
-        costs a scan of every vector of the shard."""
+        ``search`` answers with a perfect index. The recall canary's reference
+        (``serve.deployments.canary``); costs a scan of every vector of the shard."""
         snap = self._snap
         q = check_queries(queries, self.dim)
         check_k(k)

@@ -1,6 +1,6 @@
 """The files a live shard is read from besides its base version: delta parts and tombstones.
 
-Writers (``POST /images``, ``DELETE /images``: ``serve.ingress``) add rows to a shard by writing
+Writers (``POST /images``, ``DELETE /images``: ``serve.writes``) add rows to a shard by writing
 a new ``part-*.parquet`` under ``embeddings/shard=NNNNN/`` and delete them by writing a part of
 ``(id, deleted_at)`` rows under ``tombstones/shard=NNNNN/``; parts are immutable and written
 atomically and durably (``Store.write_parquet``), so a reader either sees a whole part or none.
