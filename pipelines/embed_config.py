@@ -13,8 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from embedding.backbones import BACKBONES, DEFAULT_BACKBONE
-from embedding.model import ModelConfig
+from embedding.config import BACKBONES, DEFAULT_BACKBONE, ModelConfig
 from embedding.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from index.storage.store import parse_storage_options
 from pipelines.inputs import is_table_name
