@@ -14,6 +14,11 @@ use too: it reads the rows, applies the tombstones, builds, compacts the rows in
 parts and commits the new version. Shards already up to date cost two directory listings:
 re-running with no new data is a no-op that starts no tasks (and no Ray).
 
+A shard's build commits only while the live version it started from is still live (its parent,
+``index.storage.publish``): when another build (the serving app's ``Rebuilder``, another job)
+committed first, the task discards its version and plans again, and the shard counts as up to
+date, built, or, when builds kept landing first, ``superseded`` (not a failure; run again).
+
 Commit granularity: one manifest commit per finished shard. Shards are independent (a row lives
 in exactly one), so there is no cross-shard invariant a single commit would protect, while
 per-shard commits make each shard live as soon as it is ready and keep finished work when a later
@@ -90,6 +95,9 @@ class BuildConfig:
 class BuildSummary:
     built: dict[int, int] = field(default_factory=dict)  # shard -> new live version
     skipped: list[int] = field(default_factory=list)  # already up to date
+    # another build's commit made each of this job's builds old (index.live.rebuild), and the
+    # shard was still not up to date after the last one: run the job again
+    superseded: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)  # shard -> error
     vectors: int = 0
     seconds: float = 0.0
@@ -100,6 +108,8 @@ class BuildSummary:
             f"built {len(self.built)} shard(s) ({self.vectors:,} vectors) in {self.seconds:.1f}s; "
             f"{len(self.skipped)} up to date; {len(self.failed)} failed"
         )
+        if self.superseded:
+            text += f"; {len(self.superseded)} superseded by other builds (run again)"
         if self.built:
             text += "; versions " + ", ".join(f"{s}:v{v}" for s, v in sorted(self.built.items()))
         return text
@@ -189,7 +199,9 @@ def run(config: BuildConfig) -> BuildSummary:
             summary.failed[shard] = f"{type(e).__name__}: {e}"
             log.error("shard %d failed: %s", shard, e)
         else:
-            if not result["built"]:  # became up to date meanwhile (another build committed it)
+            if not result["built"] and result.get("reason") != "up to date":
+                summary.superseded.append(shard)  # other builds kept committing first
+            elif not result["built"]:  # up to date meanwhile (another build committed it)
                 summary.skipped.append(shard)
             else:
                 summary.built[shard] = result["version"]

@@ -419,7 +419,8 @@ def _embed(ray, store, config, pending, summary, num_shards, name, dim, image_si
         batch_size=part_rows_for(dim, config),
         batch_format="pyarrow",
         num_cpus=config.write_cpus,
-        fn_kwargs={"store": store, "num_shards": num_shards},
+        # the plan's time, not the write's: a delete during the job wins (pipelines.embed_plan)
+        fn_kwargs={"store": store, "num_shards": num_shards, "ingested_at": pending.planned_at},
     )
     each = f"{num_gpus:g} GPU" if num_gpus else f"{actor_cpus:g} CPU"
     threads = config.threads or ("auto" if num_gpus else "cores/actors")

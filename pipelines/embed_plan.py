@@ -20,6 +20,13 @@ With a metadata sidecar (``pipelines.sidecar``) each shard's staged rows are joi
 that shard's sidecar rows, so the staging files carry the rows' typed metadata columns through
 the dataset to the parts.
 
+Deletes that land while the job runs: the plan reads deletes once, so every row the job writes
+is stamped with the plan's time (``PendingInputs.planned_at``, taken before the deletes are
+read), not the time its part is written. A DELETE that arrives after the plan has a newer
+``deleted_at`` than every row of the job and hides it (``index.rows.visibility`` rule 2) in
+every replica and every rebuild, however late the part lands; a Ray Data retry that rewrites a
+part writes the same stamp.
+
 Peak driver memory is one chunk of inputs plus one shard's inputs and stored ids (Arrow arrays,
 ~30 bytes a row), not a Python object per catalogue row. ``--dedup`` (content ids) needs the
 bytes first: the inputs are staged as plain URI files, hashed in Ray tasks, and the ``(uri,
@@ -44,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from index.rows import schema
+from index.rows import clock, schema
 from index.rows.sharding import shards_of
 from index.storage.manifest import ShardState, load_manifest
 from index.storage.store import Store
@@ -147,6 +154,8 @@ class PendingInputs:
     staging: str  # the run's staging directory in the store
     block_rows: int
     files: list[tuple[int, str, int, int]] = field(default_factory=list)
+    # ms: when the plan started, before it read the deletes; every row's ingested_at
+    planned_at: int | None = None
 
     @property
     def rows(self) -> int:
@@ -250,7 +259,10 @@ def plan_pending(
     ``every_shard`` when ids are not routed by URI). A shard is worked through in buckets of at
     most ``BUCKET_ROWS`` inputs (its inputs and its stored ids both spilled by ``bucket_of``), so
     memory is flat whatever the shard's size."""
+    # stamped before any delete is read: a delete the plan does not see is newer than the rows
+    planned_at = clock.now_ms()
     pending = PendingInputs(staging=new_staging(store), block_rows=block_rows)
+    pending.planned_at = planned_at
     manifest = load_manifest(store)
     states = manifest.shards if manifest is not None else {}
     for shard in spill.shards():

@@ -11,7 +11,9 @@ one image becomes an error row (uri, id, stage, error) that ends in ``<store>/er
 Parts are named by a hash of the ids they hold, so a retried task or a re-run of the same batch
 overwrites its own file instead of adding a copy, and each write is atomic (``Store``), so a
 killed job leaves only whole parts. Together with the driver skipping ids already stored, that
-makes kill + re-run end with every input exactly once.
+makes kill + re-run end with every input exactly once. Rows are stamped with the plan's time,
+not the write's (``write_parts``), so a retried write changes nothing and a delete that lands
+while the job runs stays in force.
 """
 
 from __future__ import annotations
@@ -209,8 +211,13 @@ class EmbedBatch:
 
 
 # ---- stage 3: write (CPU tasks) ----------------------------------------------------------------
-def write_parts(batch: pa.Table, *, store: Store, num_shards: int) -> pa.Table:
+def write_parts(batch: pa.Table, *, store: Store, num_shards: int, ingested_at: int) -> pa.Table:
     """Write a batch's vectors as one Parquet part per shard, and its failures as an errors part.
+
+    Rows are stamped ``ingested_at`` (ms), the plan's time (``PendingInputs.planned_at``), not
+    the time of this write: a delete that lands while the job embeds is newer than the row and
+    keeps it hidden (``pipelines.embed_plan``), and a retried write rewrites the same part with
+    the same stamp.
 
     Batches here are ``part_rows`` rows (MBs), and the driver staged the inputs in shard order,
     so a batch holds one or two shards: parts are large, not one tiny file per shard per batch.
@@ -224,7 +231,7 @@ def write_parts(batch: pa.Table, *, store: Store, num_shards: int) -> pa.Table:
         ids = good[schema.ID].to_pylist()
         vectors = schema.arrow_to_vectors(good[schema.EMBEDDING])
         shards = shards_of(ids, num_shards)
-        now = schema.now_ms()
+        stamp = pa.scalar(int(ingested_at), schema.TIMESTAMP)
         for shard in np.unique(shards):
             rows = pa.array(np.flatnonzero(shards == shard), pa.int64())
             part = good.take(rows)
@@ -235,7 +242,7 @@ def write_parts(batch: pa.Table, *, store: Store, num_shards: int) -> pa.Table:
                 vectors[rows.to_numpy()],
                 part[schema.WIDTH].to_pylist(),
                 part[schema.HEIGHT].to_pylist(),
-                ingested_at=now,
+                ingested_at=stamp,
                 extra={c: part[c].combine_chunks() for c in metadata_columns(part.column_names)},
             )
             name = store.new_part_name(part_key(shard_ids))

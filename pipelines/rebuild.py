@@ -1,13 +1,19 @@
 """Rebuild shards by hand: fold each shard's delta and tombstones into a new live version.
 
     python pipelines/rebuild.py --store ROOT [--shards 0,1] [--force] [--retrain] [--grace-s 60]
+        [--gc-wait-s 0]
 
 Runs ``index.live.rebuild.rebuild_shard`` (the one build path: the same function the serving app's
 ``Rebuilder`` runs as a Ray task and ``pipelines/build_index.py`` runs per shard) in this
-process, one shard after another, then garbage-collects each shard (``index.storage.gc``: old
-versions no
-replica serves, and the parts and tombstones the new version folded in, after ``--grace-s``).
-For a parallel build on a cluster use ``pipelines/build_index.py``.
+process, one shard after another, and garbage-collects each shard (``index.storage.gc``: old
+versions no replica serves, and the parts and tombstones the new version folded in, once
+``--grace-s`` has passed since the version went live) before and after its rebuild. The
+collection right after a rebuild falls inside the grace period, so on a store with no serving
+app (whose ``Rebuilder`` collects later) this rebuild's garbage would wait for the next run:
+``--gc-wait-s S`` keeps collecting for up to ``S`` seconds until no shard waits (for its grace
+or for a replica's lease). A build superseded by another's commit is planned again
+(``rebuild_shard``); its summary says ``superseded``. For a parallel build on a cluster use
+``pipelines/build_index.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file
@@ -37,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-budget", default="4G")
     parser.add_argument("--drift-ratio", type=float, default=DEFAULT_DRIFT_RATIO)
     parser.add_argument("--grace-s", type=float, default=DEFAULT_GRACE_S)
+    parser.add_argument(
+        "--gc-wait-s",
+        type=float,
+        default=0.0,
+        help="after the rebuilds, keep collecting garbage for up to this long until none waits",
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     store = Store(args.store, parse_storage_options(args.storage_options))
@@ -51,11 +64,36 @@ def main(argv: list[str] | None = None) -> int:
         drift_ratio=args.drift_ratio,
         threads=args.threads,
     )
+    waiting = []
     for shard in shards:
+        collect_garbage(store, shard, args.grace_s)  # what earlier rebuilds left, grace passed
         summary = rebuild_shard(store, shard, options)
         summary["gc"] = collect_garbage(store, shard, args.grace_s)
         print(summary, flush=True)
+        if summary["gc"]["waiting"] is not None:
+            waiting.append(shard)
+    collect_until_done(store, waiting, args.grace_s, args.gc_wait_s)
     return 0
+
+
+GC_POLL_S = 1.0
+
+
+def collect_until_done(store: Store, shards: list[int], grace_s: float, wait_s: float) -> None:
+    """Collect ``shards`` again every ``GC_POLL_S`` until none waits or ``wait_s`` has passed."""
+    deadline = time.monotonic() + wait_s
+    while shards and time.monotonic() < deadline:
+        time.sleep(min(GC_POLL_S, max(0.0, deadline - time.monotonic())))
+        still = []
+        for shard in shards:
+            gc = collect_garbage(store, shard, grace_s)
+            if gc["versions"] or gc["parts"]:
+                print({"shard": shard, "gc": gc}, flush=True)
+            if gc["waiting"] is not None:
+                still.append(shard)
+        shards = still
+    for shard in shards:
+        print({"shard": shard, "gc": "still waiting; the next run or the Rebuilder collects"})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ keys, so a search still returns ``k`` visible rows. Base hits (reranked) and del
 are merged by ``index.query.merge.merge_topk``.
 
 Refreshing is incremental: ``refresh`` lists the two folders (fresh listings,
-``index.storage.store``) and reads only part files it has not seen (``index.live.parts``); a
+``index.storage.store``) and reads only part files it has not seen (``index.live.parts``), each
+on its own: a part that cannot be read is retried by the next refresh while the others are
+published (a failed tombstone part holds back new row parts only, never other deletes); a
 writer in the same process hands its rows over directly (``add_rows``, ``add_tombstones``) so
 they are searchable before its HTTP response returns. ``rebased`` carries the delta rows and
 tombstones over to a newly built base version, dropping rows it covers.
@@ -40,6 +42,7 @@ change and never waits for a refresh. Every search entry checks its queries and 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -68,6 +71,8 @@ __all__ = [
     "write_rows",
     "write_tombstones",
 ]
+
+log = logging.getLogger(__name__)
 
 _INITIAL_CAPACITY = 256
 _NO_KEYS = np.zeros(0, np.int64)
@@ -105,6 +110,7 @@ class LiveShard:
         self._deleted: dict[str, int] = {}  # id -> newest deleted_at (ms), every tombstone
         self._tomb_parts: dict[str, tuple[list[str], np.ndarray]] = {}
         self._hidden_keys: set[int] = set()
+        self._unreadable: dict[str, str] = {}  # part -> why the last refresh could not read it
         self._snap = self._snapshot(rebuild_selector=True)
         if base is not None and TOMBSTONES_FILE in (meta.get("files") or {}):
             ids, deleted = read_tombstones(None, str(base.directory / TOMBSTONES_FILE))
@@ -114,7 +120,13 @@ class LiveShard:
 
     # ---- reading the store --------------------------------------------------------------------
     def refresh(self) -> int:
-        """Read embedding and tombstone parts not seen yet; returns how many parts were read."""
+        """Read embedding and tombstone parts not seen yet; returns how many parts were applied.
+
+        Each part is read on its own: one that cannot be read (a transient GET error, a torn
+        or foreign file) is left unseen, named in ``stats()["unreadable_parts"]`` and tried again
+        by the next refresh, and the others are published now. Deletes are never undone by
+        this: while a listed tombstone part cannot be read, newly listed row parts wait with it
+        (they could hold rows it hides), and tombstones that read are applied at once."""
         parts = [
             p
             for p in self.store.list_parts(self.shard)
@@ -123,16 +135,43 @@ class LiveShard:
         tombs = [
             p for p in self.store.list_tombstone_parts(self.shard) if p not in self._tomb_parts
         ]
-        loaded_rows = [(p, read_rows(self.store, p)) for p in parts]
-        loaded_tombs = [(p, read_tombstones(self.store, p)) for p in tombs]
+        failed: dict[str, str] = {}
+        loaded_tombs = self._read_each(tombs, read_tombstones, failed)
+        loaded_rows = [] if failed else self._read_each(parts, read_rows, failed)
+        applied = 0
         with self._lock:
-            for part, (ids, uris, vectors, ingested, meta) in loaded_rows:
-                self._add_rows(part, ids, uris, vectors, ingested, meta)
             for part, (ids, deleted) in loaded_tombs:
                 self._add_tombstones(part, ids, deleted, part in self.applied_tombstones)
-            if loaded_rows or loaded_tombs:
+                applied += 1
+            for part, (ids, uris, vectors, ingested, meta) in loaded_rows:
+                try:
+                    self._add_rows(part, ids, uris, vectors, ingested, meta)
+                except ValueError as e:  # rows that do not fit (lengths, metadata): this part
+                    failed[part] = f"{type(e).__name__}: {e}"
+                    continue
+                applied += 1
+            if applied:
                 self._publish()
-        return len(loaded_rows) + len(loaded_tombs)
+            self._unreadable = failed
+        if failed:
+            log.warning(
+                "shard %d: %d part(s) unreadable, tried again next refresh%s: %s",
+                self.shard,
+                len(failed),
+                " (new row parts wait for the tombstones)" if len(loaded_rows) < len(parts) else "",
+                "; ".join(f"{p}: {e}" for p, e in sorted(failed.items())[:3]),
+            )
+        return applied
+
+    def _read_each(self, parts: list[str], read, failed: dict[str, str]) -> list[tuple[str, tuple]]:
+        """``(part, read(store, part))`` of each part that reads; failures go to ``failed``."""
+        out = []
+        for part in parts:
+            try:
+                out.append((part, read(self.store, part)))
+            except Exception as e:  # noqa: BLE001 (one part's problem, whatever it is)
+                failed[part] = f"{type(e).__name__}: {e}"
+        return out
 
     def add_rows(
         self,
@@ -442,6 +481,7 @@ class LiveShard:
             "delta_bytes": int(snap.vectors.nbytes),
             "tombstones": len(self._deleted),
             "hidden_base_rows": snap.hidden_base_count,
+            "unreadable_parts": dict(self._unreadable),  # retried by every refresh
         }
 
 

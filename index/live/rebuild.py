@@ -22,7 +22,10 @@ when the
    (``tombstone_parts``);
    garbage collection (``index.storage.gc``) retires those inputs later;
 6. publishes the directory under a unique name (``index.storage.publish``) and commits it to the
-   manifest; a concurrent build that committed a newer version wins.
+   manifest, but only while the live version is still the one it planned from (its *parent*,
+   ``meta["parent"]``). When another build committed first, this one is superseded: it is
+   discarded and ``rebuild_shard`` plans again from the new live version (up to
+   ``commit_attempts`` builds), else reports ``"superseded": true`` with ``"built": false``.
 
 Drift rule (retrain or reuse the trained quantizer and PQ codebooks of the live version):
 reuse when all hold, else retrain from scratch with the policy's spec:
@@ -64,6 +67,8 @@ from index.storage.manifest import load_manifest
 from index.storage.publish import (
     ShardBuildResult,
     commit_results,
+    committed,
+    discard,
     next_version,
     publish,
     staging_dir,
@@ -100,6 +105,8 @@ class RebuildOptions:
     # how long a version keeps the deletes it applied (None: always). They hide late-arriving
     # older copies of deleted rows, and tell the embedding job a deleted image is not new.
     tombstone_keep_s: float | None = DEFAULT_TOMBSTONE_KEEP_S
+    # builds tried when another build's commit supersedes this one's (each plans afresh)
+    commit_attempts: int = 3
 
 
 # ---- planning -----------------------------------------------------------------------------------
@@ -216,7 +223,9 @@ def build_shard(
     *,
     on_stage: Stage | None = None,
 ) -> ShardBuildResult | None:
-    """Build (not commit) the next version of ``shard``; None when it is already up to date."""
+    """Build (not commit) the next version of ``shard``; None when it is already up to date.
+    ``on_stage`` hears "read" once the rows, tombstones and live quantizer are read, then the
+    build's stages (``index.ann.build.build_arrays``)."""
     options = options or RebuildOptions()
     t0 = time.perf_counter()
     manifest = load_manifest(store)
@@ -236,6 +245,8 @@ def build_shard(
         store, plan, new_vectors, len(vectors), manifest.dim, manifest.metric, options
     )
     log.info("shard %d: %s", shard, reason)
+    if on_stage is not None:
+        on_stage("read")  # every input is read (rows, tombstones, the live quantizer)
     version = next_version(store, shard, plan.state)
     name = new_version_name(version)
     local = staging_dir(store, shard)
@@ -269,6 +280,8 @@ def build_shard(
                 "shard": shard,
                 "version": version,
                 "dir": name,
+                # the live version this build read (None: none yet); the commit needs it live
+                "parent": plan.state.dir,
                 "model": manifest.model_tag,
                 "metadata": {c: t for c, t in manifest.metadata.items() if c in extra_columns},
                 "base_parts": base_parts,
@@ -288,31 +301,89 @@ def build_shard(
     return ShardBuildResult(shard, version, name, meta["count"], meta)
 
 
-def rebuild_shard(store: Store | str, shard: int, options: RebuildOptions | None = None) -> dict:
+def rebuild_shard(
+    store: Store | str,
+    shard: int,
+    options: RebuildOptions | None = None,
+    *,
+    on_stage: Stage | None = None,
+) -> dict:
     """Build ``shard`` if it is out of date (or ``force``) and commit it; returns a summary
-    ``{"shard", "built", "version", "dir", "live", "count", "retrained", "reason", "seconds"}``."""
+    ``{"shard", "built", "version", "dir", "live", "count", "retrained", "reason", "seconds"}``.
+
+    A build superseded by another's commit (its parent is no longer live) is discarded and the
+    shard planned again, up to ``options.commit_attempts`` builds, as is one whose inputs
+    vanished (``FileNotFoundError``) because the live version changed and GC retired them; the
+    summary then says ``"superseded": true`` (with ``"built": false`` when none committed:
+    ``"reason"`` is then "up to date" or says which version superseded it)."""
     options = options or RebuildOptions()
     faiss.omp_set_num_threads(options.threads)  # the worker may be reused with another count
     store = Store(store) if isinstance(store, str) else store
     t0 = time.perf_counter()
-    result = build_shard(store, shard, options)
-    summary: dict = {"shard": shard, "built": result is not None}
-    if result is None:
-        state = load_manifest(store).shards[shard]
-        summary.update(version=state.version, dir=state.dir, reason="up to date")
-    else:
-        committed = commit_results(store, [result])
-        summary.update(
-            version=result.version,
-            dir=result.dir,
-            live=committed.shards[shard].dir,
-            count=result.count,
-            retrained=result.meta["rebuild"]["retrained"],
-            reason=result.meta["rebuild"]["reason"],
-            build_seconds=result.meta["build_seconds"],
+    summary: dict = {"shard": shard, "built": False}
+    superseded, discarded = False, []
+    attempts = max(1, options.commit_attempts)
+    for attempt in range(attempts):
+        before = _live_dir(store, shard)
+        try:
+            result = build_shard(store, shard, options, on_stage=on_stage)
+        except FileNotFoundError as e:
+            # GC removed what this build was reading, after another build made it old
+            now_live = _live_dir(store, shard)
+            if now_live == before or attempt == attempts - 1:
+                raise
+            log.warning(
+                "shard %d: %s went while it was read (%s live now); planning again",
+                shard,
+                e,
+                now_live,
+            )
+            superseded = True
+            continue
+        if result is None:
+            state = load_manifest(store).shards[shard]
+            summary.update(version=state.version, dir=state.dir, reason="up to date")
+            break
+        manifest = commit_results(store, [result])
+        live = manifest.shards[shard]
+        if committed(manifest, result):
+            summary.update(
+                built=True,
+                version=result.version,
+                dir=result.dir,
+                live=live.dir,
+                count=result.count,
+                retrained=result.meta["rebuild"]["retrained"],
+                reason=result.meta["rebuild"]["reason"],
+                build_seconds=result.meta["build_seconds"],
+            )
+            break
+        discard(store, result)
+        superseded = True
+        discarded.append(result.dir)
+        log.warning(
+            "shard %d: build %s (from %s) superseded by %s; planning again",
+            shard,
+            result.dir,
+            result.meta.get("parent"),
+            live.dir,
         )
+        summary.update(
+            version=live.version,
+            dir=live.dir,
+            live=live.dir,
+            reason=f"superseded: {live.dir} became live while {result.dir} was built",
+        )
+    if superseded:
+        summary.update(superseded=True, discarded=discarded)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return summary
+
+
+def _live_dir(store: Store, shard: int) -> str | None:
+    manifest = load_manifest(store)
+    state = manifest.shards.get(shard) if manifest is not None else None
+    return None if state is None else state.dir
 
 
 def _typed_metadata(table: pa.Table, columns: dict[str, str]) -> pa.Table:

@@ -3,6 +3,8 @@
 Object stores have no atomic rename, so every change is a new file ``_manifests/NNNNNN.json``
 written with an atomic create (``Store.create_bytes``: ``os.link`` locally, a conditional PUT on
 S3): of two writers racing for one number exactly one wins, and the loser re-reads and retries.
+On a backend whose create is not conditional a commit raises ``NonAtomicCreateError`` (fails
+closed) unless check-then-write was opted in (``index.storage.store``).
 Readers take the highest-numbered file that parses and says ``"complete": true``; a writer
 proposes one past the highest *name* listed, so a torn or foreign file never blocks commits.
 ``manifest.json`` at the root is a convenience copy for humans and tools; nothing trusts it.

@@ -9,8 +9,15 @@ are uploaded with ``meta.json`` last. Nothing is visible until the manifest name
 a crash before the commit leaves an unreferenced directory that loading refuses or ignores and
 that garbage collection removes (``index.storage.gc``).
 
-``commit_results`` makes versions live with one manifest commit, never going back: of two
-builds of one shard, the higher version number wins, and on equal numbers the first to commit.
+``commit_results`` makes versions live with one manifest commit. A build records the live
+version directory it started from, its *parent* (``meta["parent"]``, from the plan it read its
+rows by), and its result becomes live only while the shard's live directory is still that
+parent. Version numbers never decide: a build that started from V1 and finishes after a faster
+build committed V2 (and GC then retired the parts and tombstones V2 folded in) would otherwise
+name itself V3 and drop V2's rows and deletes for good. A refused result is *superseded*: its
+builder discards it (``discard``) and plans again from the new live version
+(``index.live.rebuild.rebuild_shard``). The check runs inside the optimistic manifest commit
+(``index.storage.manifest.commit_manifest``), so two builds from one parent cannot both win.
 """
 
 from __future__ import annotations
@@ -81,13 +88,24 @@ def publish(store: Store, shard: int, local: Path, name: str) -> str:
     return name
 
 
+_NO_PARENT = object()
+
+
+def parent_is_live(state: ShardState, result: ShardBuildResult) -> bool:
+    """Whether ``result`` was built from the live version ``state`` names (a first build from
+    none). A result that does not say its parent cannot show it is current: never."""
+    parent = result.meta.get("parent", _NO_PARENT)
+    return parent is not _NO_PARENT and parent == state.dir
+
+
 def apply_results(manifest: Manifest, results: Sequence[ShardBuildResult]) -> Manifest:
-    """Pure manifest update: make each result its shard's live version, unless the manifest
-    already names a version at least as new (a concurrent build won; never go back)."""
+    """Pure manifest update: make each result its shard's live version when the shard's live
+    directory is still the one the build started from (``meta["parent"]``); any other result
+    is superseded and left out (see the module docstring)."""
     now = time.time()
     for r in results:
         current = manifest.shards.get(r.shard) or ShardState()
-        if current.version is not None and current.version >= r.version:
+        if not parent_is_live(current, r):
             continue
         manifest.shards[r.shard] = ShardState(
             version=r.version,
@@ -99,16 +117,44 @@ def apply_results(manifest: Manifest, results: Sequence[ShardBuildResult]) -> Ma
     return manifest
 
 
+class _NothingToCommit(Exception):
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+
+
 def commit_results(store: Store, results: Sequence[ShardBuildResult | None]) -> Manifest:
-    """Make built versions live with one manifest commit (optimistic, retried on races)."""
+    """Make built versions live with one manifest commit (optimistic, retried on races), and
+    return the manifest as committed; a result whose parent is no longer live is left out
+    (``committed`` tells). When every result is left out nothing is written and the newest
+    manifest is returned."""
     results = [r for r in results if r is not None]
 
     def update(manifest: Manifest | None) -> Manifest:
         if manifest is None:
             raise ValueError(f"{store} has no manifest")
+        shards = manifest.shards
+        if not any(parent_is_live(shards.get(r.shard) or ShardState(), r) for r in results):
+            raise _NothingToCommit(manifest)
         return apply_results(manifest, results)
 
-    return commit_manifest(store, update)
+    try:
+        return commit_manifest(store, update)
+    except _NothingToCommit as nothing:
+        return nothing.manifest
+
+
+def committed(manifest: Manifest, result: ShardBuildResult) -> bool:
+    """Whether ``manifest`` (``commit_results``'s answer) made ``result`` live."""
+    state = manifest.shards.get(result.shard)
+    return state is not None and state.dir == result.dir
+
+
+def discard(store: Store, result: ShardBuildResult) -> None:
+    """Remove a superseded build: its version directory (published, never live, so no replica
+    loads it) and the base parts it wrote (named after that directory, so no one else's)."""
+    store.rm(store.index_version_dir(result.shard, result.dir), recursive=True)
+    for part in result.meta.get("base_parts") or ():
+        store.rm(store.path(part))
 
 
 def _clean_stale_tmp(parent: Path) -> None:

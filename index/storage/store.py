@@ -10,12 +10,19 @@ one store safe for many processes on many machines, on a local disk and on an ob
 - **Whole files or nothing.** Local writes go to a temporary name, are fsynced and
   ``os.replace``-d into place, and the directory is fsynced after. On an object store a single PUT
   is atomic.
-- **Create means create.** ``create_bytes`` fails with ``FileExistsError`` when the object exists,
-  atomically: ``os.link`` locally, a conditional PUT (``If-None-Match: *``, s3fs
-  ``mode="create"``) on S3, and the same call on any fsspec backend that implements it. A backend
-  without it falls back to check-then-write, which two racing writers can both pass: that is
-  logged once per process (see ``ATOMIC_CREATE``), and such a store must have one writer of
-  manifests at a time.
+- **Create means create, or no commit.** ``create_bytes`` fails with ``FileExistsError`` when
+  the object exists, atomically: ``os.link`` locally, a conditional PUT (``If-None-Match: *``,
+  s3fs ``mode="create"``) on S3, and the same call on any fsspec backend that implements it.
+  Accepting ``mode="create"`` is not proof (obstore's fsspec adapter accepts and ignores it, and
+  fsspec's generic ``pipe_file`` checks, then writes), so the first ``create_bytes`` of a process
+  on a store *probes* it (``probe_conditional_create``: a second create of one probe object
+  under ``_probe/`` must be refused) and the answer is kept per (process, store). A backend that
+  fails the probe makes ``create_bytes`` (and so every manifest commit) raise
+  ``NonAtomicCreateError``: commits fail closed. Opting in to check-then-write, which two racing
+  writers can both pass, is explicit (``$VISUAL_SEARCH_NONATOMIC_CREATE=1``, or the storage
+  option ``"visual_search_nonatomic_create": true``, which travels with the ``Store`` to Ray
+  tasks and replicas and is never handed to fsspec); such a store must then have one writer of
+  manifests at a time, and that is logged once per process.
 
 Filesystem options (endpoint, credentials, region) come the way fsspec users expect: the
 ``storage_options`` given to ``Store`` (the serve config's ``storage_options``, the jobs'
@@ -52,6 +59,8 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.asyn import AsyncFileSystem
+from fsspec.spec import AbstractFileSystem
 
 from index.rows.sharding import shard_dir_name
 from index.storage import cache
@@ -62,8 +71,18 @@ ENV_STORAGE_OPTIONS = "VISUAL_SEARCH_STORAGE_OPTIONS"
 PART_PREFIX = "part-"  # a delta part: rows (or tombstones) written since the live version
 BASE_PREFIX = "base-"  # a version's compacted rows; only the version that names it reads it
 _PARQUET_RE = re.compile(r"^(part|base)-[^/]+\.parquet$")
-# whether this process has seen a backend without conditional create (logged once)
-ATOMIC_CREATE: dict[str, bool] = {}
+# opting in to non-atomic manifest commits (check-then-write): see the module docstring
+ENV_NONATOMIC_CREATE = "VISUAL_SEARCH_NONATOMIC_CREATE"
+OPTION_NONATOMIC_CREATE = "visual_search_nonatomic_create"  # a storage option fsspec never sees
+PROBE_DIR = "_probe"
+# per (store uri, options): None when conditional create works, else why not (probed once)
+CREATE_PROBES: dict[tuple[str, str], str | None] = {}
+_WARNED_NONATOMIC: set[tuple[str, str]] = set()
+
+
+class NonAtomicCreateError(RuntimeError):
+    """The store's backend cannot create an object only if it is absent, and nothing opted in
+    to check-then-write: a manifest commit here could silently overwrite another's."""
 
 
 class Store:
@@ -76,6 +95,7 @@ class Store:
         )
         protocol = fsspec.core.split_protocol(root)[0] or "file"
         options = dict(self.storage_options)
+        self.allow_nonatomic_create = _truthy(options.pop(OPTION_NONATOMIC_CREATE, False))
         if protocol not in ("file", "local"):
             options.setdefault("use_listings_cache", False)  # see the module docstring
         self.fs, path = fsspec.core.url_to_fs(root, **options)
@@ -170,29 +190,48 @@ class Store:
             self.fs.pipe_file(path, data)
 
     def create_bytes(self, path: str, data: bytes) -> None:
-        """Write ``data`` only if ``path`` does not exist yet, else raise ``FileExistsError``;
-        atomic where the backend can do it (see the module docstring)."""
+        """Write ``data`` only if ``path`` does not exist yet, else raise ``FileExistsError``,
+        atomically; ``NonAtomicCreateError`` on a backend that cannot, unless opted in (see the
+        module docstring)."""
         if self.is_local:
             _write_local(path, data, exclusive=True)
             return
-        protocol = self.protocol
-        if ATOMIC_CREATE.get(protocol, True):
-            try:
-                self.fs.pipe_file(path, data, mode="create")
-                return
-            except FileExistsError:
-                raise
-            except (TypeError, NotImplementedError, ValueError) as e:  # no conditional create
-                ATOMIC_CREATE[protocol] = False
-                log.warning(
-                    "%s:// has no conditional create (%s): manifest commits fall back to "
-                    "check-then-write; run one committer at a time on this store",
-                    protocol,
-                    e,
-                )
+        problem = self.conditional_create_problem()
+        if problem is None:
+            self.fs.pipe_file(path, data, mode="create")  # FileExistsError when it exists
+            return
+        if not (self.allow_nonatomic_create or _truthy(os.environ.get(ENV_NONATOMIC_CREATE))):
+            raise NonAtomicCreateError(
+                f"{self.uri} cannot create objects atomically ({problem}), so manifest commits "
+                f"are refused; with one committer at a time, set ${ENV_NONATOMIC_CREATE}=1 or "
+                f"the storage option {OPTION_NONATOMIC_CREATE}=true to allow check-then-write"
+            )
+        key = self._probe_key()
+        if key not in _WARNED_NONATOMIC:
+            _WARNED_NONATOMIC.add(key)
+            log.warning(
+                "%s cannot create objects atomically (%s); opted in to check-then-write: run "
+                "one committer of manifests at a time on this store",
+                self.uri,
+                problem,
+            )
         if self.fs.exists(path):
             raise FileExistsError(path)
         self.fs.pipe_file(path, data)
+
+    def conditional_create_problem(self) -> str | None:
+        """None when this store's backend refuses a second create of one object, else why it
+        does not; probed once per (process, store), a failed probe read is not remembered."""
+        if self.is_local:
+            return None
+        key = self._probe_key()
+        if key not in CREATE_PROBES:
+            probe = self.path(PROBE_DIR, f"create-{uuid.uuid4().hex}")
+            CREATE_PROBES[key] = probe_conditional_create(self.fs, probe)
+        return CREATE_PROBES[key]
+
+    def _probe_key(self) -> tuple[str, str]:
+        return self.uri, json.dumps(self.storage_options, sort_keys=True, default=str)
 
     def rm(self, path: str, recursive: bool = False) -> None:
         """Delete ``path``; a path that is already gone is not an error."""
@@ -263,6 +302,35 @@ class Store:
         """Drop the node-cache copy of ``path`` (a version that was collected or swapped out)."""
         if not self.is_local:
             cache.node_cache().evict(self.full_uri(path))
+
+
+def probe_conditional_create(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """Create ``path`` twice with ``mode="create"``: None when the second is refused with
+    ``FileExistsError``, else a sentence saying what the backend did. The object is removed."""
+    if not isinstance(fs, AsyncFileSystem) and type(fs).pipe_file is AbstractFileSystem.pipe_file:
+        return f"{type(fs).__name__} inherits fsspec's check-then-write pipe_file"
+    try:
+        fs.pipe_file(path, b"first", mode="create")
+    except (TypeError, NotImplementedError, ValueError) as e:
+        return f"pipe_file(mode='create') is not supported: {type(e).__name__}: {e}"
+    try:
+        fs.pipe_file(path, b"second", mode="create")
+    except FileExistsError:
+        return None
+    except (TypeError, NotImplementedError, ValueError) as e:
+        return f"a second pipe_file(mode='create') failed: {type(e).__name__}: {e}"
+    finally:
+        try:
+            fs.rm(path)
+        except OSError as e:  # the probe object is a few bytes: leave it rather than fail
+            log.warning("could not remove the create probe %s: %s", path, e)
+    return "a second pipe_file(mode='create') of one object replaced it"
+
+
+def _truthy(value: object) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def _env_storage_options() -> dict:
