@@ -31,6 +31,11 @@ Background threads, so that nothing slow on one shard holds up another shard or 
 
 Writes routed to the replica (``add_rows``, ``add_tombstones``) are searchable when they return.
 On an object store, the node-cache copy of a version a shard swapped away from is evicted.
+
+**One request fails alone.** ``_search_batch`` searches each sub-batch of requests that share
+parameters together; when that call raises, each request of the sub-batch is searched again on
+its own and only the one(s) that still fail get the error (``QueryBatcher.Failed``), so a bad
+query (an expanded query that overflowed to inf) never fails another caller's request.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from index.query.hits import Hit
 from index.query.merge import merge_topk
 from index.storage.manifest import load_manifest
 from index.storage.store import Store
-from serve.deployments.batching import QueryBatcher
+from serve.deployments.batching import Failed, QueryBatcher
 from serve.deployments.shard_holder import ShardHolder
 from serve.metrics import searcher_metrics
 
@@ -207,30 +212,45 @@ class ShardSearcher:
     def _search_batch(self, requests: list[tuple]) -> list[dict]:
         """One FAISS batch per shard for the queued requests that share search parameters,
         filter and fields (runs in the batcher's worker thread)."""
-        out: list[dict | None] = [None] * len(requests)
+        out: list[dict | Failed | None] = [None] * len(requests)
         by_params: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
             by_params.setdefault(request[2:], []).append(i)
-        for (nprobe, candidates, rerank, flt, fields), members in by_params.items():
-            queries = np.stack([requests[i][0] for i in members])
-            k = max(requests[i][1] for i in members)
-            merged = self._search_all(queries, k, nprobe, candidates, rerank, flt, fields)
-            for row, i in enumerate(members):
-                hits = merged["hits"][row][: requests[i][1]]
-                answer = {
-                    "ids": [h.id for h in hits],
-                    "uris": [h.uri for h in hits],
-                    "scores": [float(h.score) for h in hits],
-                    "shards": [h.shard for h in hits],
-                    "answered": merged["answered"],
-                    "batch": len(members),
-                }
-                if fields:
-                    answer["metadata"] = [h.metadata for h in hits]
-                if merged["plans"]:
-                    answer["plans"] = merged["plans"]
-                out[i] = answer
+        for members in by_params.values():
+            try:
+                self._search_members(requests, members, out)
+            except Exception as e:
+                if len(members) == 1:
+                    out[members[0]] = Failed(e)
+                    continue
+                for i in members:  # find the request(s) at fault: each fails alone
+                    try:
+                        self._search_members(requests, [i], out)
+                    except Exception as alone:
+                        out[i] = Failed(alone)
         return out
+
+    def _search_members(self, requests: list[tuple], members: list[int], out: list) -> None:
+        """Search ``requests[i] for i in members`` (same parameters) as one batch into ``out``."""
+        nprobe, candidates, rerank, flt, fields = requests[members[0]][2:]
+        queries = np.stack([requests[i][0] for i in members])
+        k = max(requests[i][1] for i in members)
+        merged = self._search_all(queries, k, nprobe, candidates, rerank, flt, fields)
+        for row, i in enumerate(members):
+            hits = merged["hits"][row][: requests[i][1]]
+            answer = {
+                "ids": [h.id for h in hits],
+                "uris": [h.uri for h in hits],
+                "scores": [float(h.score) for h in hits],
+                "shards": [h.shard for h in hits],
+                "answered": merged["answered"],
+                "batch": len(members),
+            }
+            if fields:
+                answer["metadata"] = [h.metadata for h in hits]
+            if merged["plans"]:
+                answer["plans"] = merged["plans"]
+            out[i] = answer
 
     def _search_all(self, queries, k, nprobe, candidates, rerank, flt=None, fields=()) -> dict:
         """Every shard of the group over the batch (in the pool), merged per query."""
