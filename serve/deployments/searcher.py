@@ -34,7 +34,7 @@ On an object store, the node-cache copy of a version a shard swapped away from i
 
 **One request fails alone.** ``_search_batch`` searches each sub-batch of requests that share
 parameters together; when that call raises, each request of the sub-batch is searched again on
-its own and only the one(s) that still fail get the error (``QueryBatcher.Failed``), so a bad
+its own and only the one(s) that still fail get the error (``batching.Failed``), so a bad
 query (an expanded query that overflowed to inf) never fails another caller's request.
 """
 
