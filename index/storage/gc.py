@@ -6,20 +6,24 @@ What may go, decided by ``plan_gc`` (a pure function of what was listed) and don
 - **Old version directories**: every directory numbered at or below the live one, other than
   the live one and the *anchor* (the newest version that loads, by the one rule replicas use
   too, ``index.storage.versions.newest_loadable``: when the live version is corrupt, replicas
-  serve the anchor), once no fresh lease names it
-  (``index.storage.leases``) and ``grace_s`` has passed since the live version became live
-  (``ShardState.live_since``): never on a timer alone, never while a replica serves it.
+  serve the anchor), once no lease names it as served *or being loaded*
+  (``index.storage.leases``: a replica leases a version before it fetches it) and ``grace_s``
+  has passed since the live version became live (``ShardState.live_since``): never on a timer
+  alone, never while a replica serves or loads it. Doubt keeps: a lease is aged by the store's
+  clock, not its writer's; one that went stale less than ``grace_s`` ago still keeps what it
+  names (its replica's lease PUTs may just be failing); and a lease file that cannot be read
+  stops the shard's collection (versions and parts) until it can, or until it is that old.
   Directories numbered above the live one (a build in progress, or one that never committed) are
   left alone. Each deleted version's ``base-*`` parts go with it, and its copy in this node's
   cache (``index.storage.cache``).
 - **Retired inputs**: the ``part-*`` and tombstone parts the live version folded in (its meta's
   ``parts`` and ``tombstone_parts``), under the same two conditions and only while the live
-  version is the anchor and every fresh lease names it (or a newer version): a replica still
-  serving an older version reads those parts as its delta. The version holds what they held:
-  their rows in its base parts, their tombstones in its ``tombstones.parquet`` (so a
-  late-arriving older copy of a deleted row stays hidden, and a re-run of the embedding job does
-  not bring a deleted image back). A version
-  built before compaction existed reads its parts as its rows: nothing of it is retired. This
+  version is the anchor and every lease in force names it (or a newer version): a replica
+  still serving, or loading, an older version reads those parts as its delta. The version
+  holds what they held: their rows in its base parts, their tombstones in its
+  ``tombstones.parquet`` (so a late-arriving older copy of a deleted row stays hidden, and a
+  re-run of the embedding job does not bring a deleted image back). A version built before
+  compaction existed reads its parts as its rows: nothing of it is retired. This
   is what keeps the control plane small: after a rebuild and its grace period a shard holds a
   few base parts and its live version.
 - **Orphan base parts** of builds that never published, numbered at or below the live version.
@@ -100,12 +104,15 @@ def plan_gc(
     if elapsed < grace_s:
         plan.waiting = f"grace: {grace_s - elapsed:.0f}s left"
         return plan
+    if leases.unknown:  # a replica we cannot read may serve or load any of them
+        plan.waiting = f"unreadable leases: {sorted(leases.unknown)}"
+        return plan
     keep = {state.dir, plan.anchor}
     for v in at_or_below:
         if v in keep:
             continue
         if v in leases.served:
-            plan.waiting = f"{v} is still served"
+            plan.waiting = f"{v} is still served or loading"
             continue
         plan.versions.append(v)
     live_bases = set(base_parts_of(meta))
@@ -143,14 +150,17 @@ def collect_garbage(
     now: float | None = None,
     lease_ttl_s: float = LEASE_TTL_S,
 ) -> dict:
-    """Plan and delete one shard's garbage; returns ``GcPlan.summary()`` of what went."""
+    """Plan and delete one shard's garbage; returns ``GcPlan.summary()`` of what went.
+
+    ``grace_s`` is also how long a lease that went stale keeps what it names (leases are aged
+    by the store's clock: ``index.storage.leases``); ``now`` shifts both clocks (tests)."""
     manifest = load_manifest(store)
     if manifest is None:
         return GcPlan().summary()
     state = manifest.shards[shard]
     now = time.time() if now is None else now
     versions = list_versions(store, shard)
-    leases = read_leases(store, shard, ttl_s=lease_ttl_s, now=now)
+    leases = read_leases(store, shard, ttl_s=lease_ttl_s, now=now, keep_s=grace_s)
     meta = live_meta(store, shard, state)
     old_metas = {}
     for v in versions:

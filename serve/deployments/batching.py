@@ -9,13 +9,27 @@ rerank's vector reads are shared), the throughput a per-request call cannot reac
 
 Unlike ``ray.serve.batch`` it has no fixed timeout to pay at low load and needs no Serve replica
 (the tests drive it directly). Plain asyncio; the batch function runs in a thread.
+
+**A request fails alone.** Requests of one batch come from different callers, so one bad
+request must not fail the others: ``run`` returns ``Failed(error)`` in the slot of an item that
+failed (its caller gets ``error``, the others their results), and when ``run`` raises for a
+batch of several items each item is run again on its own, so only the items that fail alone get
+an error (the cost of a failure: one call per item of that batch).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Failed:
+    """What ``run`` puts in the slot of an item that failed: its caller gets ``error``."""
+
+    error: BaseException
 
 
 class QueryBatcher:
@@ -51,18 +65,36 @@ class QueryBatcher:
                 await asyncio.sleep(self.wait_s)  # a short window for company
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             items = [item for item, _ in batch]
-            try:
-                results = await asyncio.to_thread(self.run, items)
-            except Exception as e:  # every waiter of the batch gets the failure
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
+            results = await asyncio.to_thread(self._run_isolated, items)
             self.batches += 1
             self.items += len(items)
             for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():  # a cancelled request is simply dropped
+                if future.done():  # a cancelled request is simply dropped
+                    continue
+                if isinstance(result, Failed):
+                    future.set_exception(result.error)
+                else:
                     future.set_result(result)
+
+    def _run_isolated(self, items: list[Any]) -> list[Any]:
+        """``run(items)``, with every failure confined to the item(s) that cause it: a batch
+        that raises is run again one item at a time (in the worker thread)."""
+        try:
+            results = list(self.run(items))
+            if len(results) != len(items):
+                raise RuntimeError(f"batch of {len(items)} returned {len(results)} results")
+            return results
+        except Exception as e:
+            if len(items) == 1:
+                return [Failed(e)]
+        out: list[Any] = []
+        for item in items:
+            try:
+                (result,) = self.run([item])
+            except Exception as e:
+                result = Failed(e)
+            out.append(result)
+        return out
 
     @property
     def mean_batch(self) -> float:

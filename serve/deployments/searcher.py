@@ -15,14 +15,27 @@ rebuilds, exactly as a one-shard replica did; what the group adds:
   (``serve.deployments.batching.QueryBatcher``; requests with other search parameters form their own
   sub-batch). A lone query starts at once (or after ``batch_wait_s``, 0 by default).
 
-Swapping: a background thread reads the manifest once for the whole group every
-``reload_interval_s``; a shard whose live version changed loads it beside the old one and swaps
-one reference, so no query sees a half-loaded index or fails during the swap. The same thread
-lists each shard's parts and tombstones every ``delta_poll_s`` (other writers' rows), and writes
-each shard's lease (``index.storage.leases``) every ``lease_interval_s`` and after each swap:
-garbage collection never deletes a version a fresh lease names. Writes routed to the replica
-(``add_rows``, ``add_tombstones``) are searchable when they return. On an object store, the
-node-cache copy of a version a shard swapped away from is evicted.
+Background threads, so that nothing slow on one shard holds up another shard or the leases:
+
+- **Manifest** (one per replica): reads the manifest once for the whole group every
+  ``reload_interval_s`` and hands it to each shard's poll thread.
+- **One poll thread per shard**: a shard whose live version changed loads it beside the old one
+  and swaps one reference, so no query sees a half-loaded index or fails during the swap; and
+  every ``delta_poll_s`` it lists the shard's parts and tombstones (other writers' rows). A swap
+  that takes minutes (a big version: download and SHA-256) stalls only its own shard's delta
+  polls (the shard's view is being replaced anyway); the group's other shards keep polling.
+- **Leases** (one per replica): writes each shard's lease (``index.storage.leases``) every
+  ``lease_interval_s``, whatever loads or polls are doing; it starts before the first load, and
+  each holder also writes its lease before fetching a version ("loading") and after a swap.
+  Garbage collection never deletes a version a lease names as served or loading.
+
+Writes routed to the replica (``add_rows``, ``add_tombstones``) are searchable when they return.
+On an object store, the node-cache copy of a version a shard swapped away from is evicted.
+
+**One request fails alone.** ``_search_batch`` searches each sub-batch of requests that share
+parameters together; when that call raises, each request of the sub-batch is searched again on
+its own and only the one(s) that still fail get the error (``batching.Failed``), so a bad
+query (an expanded query that overflowed to inf) never fails another caller's request.
 """
 
 from __future__ import annotations
@@ -41,10 +54,9 @@ from ray import serve
 from index.query.filters import Filter
 from index.query.hits import Hit
 from index.query.merge import merge_topk
-from index.storage.leases import drop_lease
 from index.storage.manifest import load_manifest
 from index.storage.store import Store
-from serve.deployments.batching import QueryBatcher
+from serve.deployments.batching import Failed, QueryBatcher
 from serve.deployments.shard_holder import ShardHolder
 from serve.metrics import searcher_metrics
 
@@ -83,42 +95,67 @@ class ShardSearcher:
         if manifest is None:
             raise RuntimeError(f"store {store_uri} has no manifest")
         self.metric = manifest.metric
-        self.holders = {s: ShardHolder(self.store, s, self.replica, manifest) for s in self.shards}
+        self._stop = threading.Event()
+        # holders first, loaded after the lease thread runs: a first load that takes longer than
+        # the lease TTL keeps its "loading" lease fresh
+        self.holders = {s: ShardHolder(self.store, s, self.replica) for s in self.shards}
+        if lease_interval_s > 0:
+            self._thread(self._renew_leases, "leases", lease_interval_s)
+        try:
+            for holder in self.holders.values():
+                holder.start(manifest)
+        except BaseException:
+            self._close()
+            raise
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, min(parallel_shards, len(self.shards))),
             thread_name_prefix="shard-search",
         )
         self.batcher = QueryBatcher(self._search_batch, max_batch=max_batch, wait_s=batch_wait_s)
         self._publish()
-        self._stop = threading.Event()
-        threading.Thread(
-            target=self._poll,
-            args=(reload_interval_s, delta_poll_s, lease_interval_s),
-            daemon=True,
-            name="reload",
-        ).start()
+        if reload_interval_s > 0:
+            self._thread(self._poll_manifest, "manifest", reload_interval_s)
+        if reload_interval_s > 0 or delta_poll_s > 0:
+            for holder in self.holders.values():
+                self._thread(self._poll_shard, f"poll-{holder.shard}", holder, delta_poll_s)
 
     # ---- background ---------------------------------------------------------------------------
-    def _poll(self, reload_s: float, delta_s: float, lease_s: float) -> None:
-        periods = [t for t in (reload_s, delta_s, lease_s) if t > 0]
-        tick = min(periods) if periods else 1.0
-        now = time.monotonic()
-        next_reload, next_lease = now + reload_s, now + lease_s
-        while not self._stop.wait(tick):
-            manifest = None
-            if reload_s > 0 and time.monotonic() >= next_reload:
-                next_reload = time.monotonic() + reload_s
-                try:
-                    manifest = load_manifest(self.store)  # once for the whole group
-                except Exception as e:
-                    log.warning("reading the manifest failed: %s", e)
-            for holder in self.holders.values():
-                holder.poll(manifest, delta_s > 0)
-            if lease_s > 0 and time.monotonic() >= next_lease:
-                next_lease = time.monotonic() + lease_s
+    def _thread(self, target, name: str, *args) -> None:
+        threading.Thread(target=target, args=args, daemon=True, name=name).start()
+
+    def _renew_leases(self, every_s: float) -> None:
+        """Every shard's lease, every ``every_s``: on its own thread, so no load or poll (each
+        on its shard's thread) delays a renewal."""
+        while not self._stop.wait(every_s):
+            for holder in list(self.holders.values()):
+                holder.report()
+
+    def _poll_manifest(self, every_s: float) -> None:
+        """The manifest, once for the whole group, handed to each shard's poll thread."""
+        while not self._stop.wait(every_s):
+            try:
+                manifest = load_manifest(self.store)
+            except Exception as e:
+                log.warning("reading the manifest failed: %s", e)
+                continue
+            if manifest is not None:
                 for holder in self.holders.values():
-                    holder.report()
-            self._publish()
+                    holder.offer(manifest)
+
+    def _poll_shard(self, holder: ShardHolder, delta_s: float) -> None:
+        """One shard: swap when the manifest thread offers a new live version, list its parts
+        every ``delta_s``. A long swap here holds up only this shard."""
+        tick = delta_s if delta_s > 0 else 1.0
+        while not self._stop.is_set():
+            holder.wake.wait(tick)
+            holder.wake.clear()
+            if self._stop.is_set():
+                return
+            manifest, holder.pending = holder.pending, None
+            if manifest is None and delta_s <= 0:
+                continue
+            holder.poll(manifest, delta_s > 0)
+            self._publish_one(holder)
 
     def reload(self) -> dict:
         """Look for new live versions now (tests and operators; the poll does it on its own)."""
@@ -129,20 +166,24 @@ class ShardSearcher:
     def _publish(self) -> None:
         """Index gauges (version, rows, memory, delta) for Ray's Prometheus export."""
         for holder in self.holders.values():
-            try:
-                searcher_metrics().publish(holder.stats())
-            except Exception:  # metrics must never take the shard down
-                log.exception("shard %d: publishing metrics failed", holder.shard)
+            self._publish_one(holder)
+
+    def _publish_one(self, holder: ShardHolder) -> None:
+        try:
+            searcher_metrics().publish(holder.stats())
+        except Exception:  # metrics must never take the shard down
+            log.exception("shard %d: publishing metrics failed", holder.shard)
+
+    def _close(self) -> None:
+        """Stop the threads and drop the leases (best effort: a stale lease expires)."""
+        self._stop.set()
+        for holder in getattr(self, "holders", {}).values():
+            holder.wake.set()
+            holder.close()
 
     def __del__(self):
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
-            for holder in getattr(self, "holders", {}).values():
-                try:
-                    drop_lease(self.store, holder.shard, self.replica)
-                except Exception:  # best effort: a stale lease expires on its own
-                    pass
+        if getattr(self, "_stop", None) is not None:
+            self._close()
 
     # ---- search -------------------------------------------------------------------------------
     async def search(
@@ -171,30 +212,45 @@ class ShardSearcher:
     def _search_batch(self, requests: list[tuple]) -> list[dict]:
         """One FAISS batch per shard for the queued requests that share search parameters,
         filter and fields (runs in the batcher's worker thread)."""
-        out: list[dict | None] = [None] * len(requests)
+        out: list[dict | Failed | None] = [None] * len(requests)
         by_params: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
             by_params.setdefault(request[2:], []).append(i)
-        for (nprobe, candidates, rerank, flt, fields), members in by_params.items():
-            queries = np.stack([requests[i][0] for i in members])
-            k = max(requests[i][1] for i in members)
-            merged = self._search_all(queries, k, nprobe, candidates, rerank, flt, fields)
-            for row, i in enumerate(members):
-                hits = merged["hits"][row][: requests[i][1]]
-                answer = {
-                    "ids": [h.id for h in hits],
-                    "uris": [h.uri for h in hits],
-                    "scores": [float(h.score) for h in hits],
-                    "shards": [h.shard for h in hits],
-                    "answered": merged["answered"],
-                    "batch": len(members),
-                }
-                if fields:
-                    answer["metadata"] = [h.metadata for h in hits]
-                if merged["plans"]:
-                    answer["plans"] = merged["plans"]
-                out[i] = answer
+        for members in by_params.values():
+            try:
+                self._search_members(requests, members, out)
+            except Exception as e:
+                if len(members) == 1:
+                    out[members[0]] = Failed(e)
+                    continue
+                for i in members:  # find the request(s) at fault: each fails alone
+                    try:
+                        self._search_members(requests, [i], out)
+                    except Exception as alone:
+                        out[i] = Failed(alone)
         return out
+
+    def _search_members(self, requests: list[tuple], members: list[int], out: list) -> None:
+        """Search ``requests[i] for i in members`` (same parameters) as one batch into ``out``."""
+        nprobe, candidates, rerank, flt, fields = requests[members[0]][2:]
+        queries = np.stack([requests[i][0] for i in members])
+        k = max(requests[i][1] for i in members)
+        merged = self._search_all(queries, k, nprobe, candidates, rerank, flt, fields)
+        for row, i in enumerate(members):
+            hits = merged["hits"][row][: requests[i][1]]
+            answer = {
+                "ids": [h.id for h in hits],
+                "uris": [h.uri for h in hits],
+                "scores": [float(h.score) for h in hits],
+                "shards": [h.shard for h in hits],
+                "answered": merged["answered"],
+                "batch": len(members),
+            }
+            if fields:
+                answer["metadata"] = [h.metadata for h in hits]
+            if merged["plans"]:
+                answer["plans"] = merged["plans"]
+            out[i] = answer
 
     def _search_all(self, queries, k, nprobe, candidates, rerank, flt=None, fields=()) -> dict:
         """Every shard of the group over the batch (in the pool), merged per query."""

@@ -6,10 +6,17 @@ older version that loads (the rule garbage collection keeps too:
 ``index.storage.versions.newest_loadable``). A new live version is loaded beside the old view
 and swapped in as one reference, the delta rows and tombstones carried over, so no query sees a
 half-loaded index or fails during the swap; writes handed over meanwhile wait on ``swap_lock``
-so none lands in a view being replaced. After each swap the holder writes its lease (the
-version it serves: garbage collection never deletes a version a fresh lease names) and drops the
-node-cache copy of the version it left. A plain class, without Serve: the searcher deployment
-(``serve.deployments.searcher``) holds one per shard of its group and polls them.
+so none lands in a view being replaced.
+
+Leases (``index.storage.leases``): *before* fetching a version the holder writes its lease
+naming it as ``loading`` next to the version it serves, so garbage collection keeps both
+while the download and SHA-256 check run (minutes for a big version); after the load the lease
+names what it serves. ``report()`` is what the searcher's lease thread calls every
+``lease_interval_s``, independent of loads and polls, so a load longer than the lease TTL never
+lets the lease lapse. Lease writes are serialised per holder, so an older body never lands after
+a newer one. After a swap the holder drops the node-cache copy of the version it left. A plain
+class, without Serve: the searcher deployment (``serve.deployments.searcher``) holds one per
+shard of its group and polls each on a thread of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import time
 
 from index.ann.shard_index import IndexLoadError, ShardIndex
 from index.live.delta import LiveShard, load_live_shard
-from index.storage.leases import write_lease
+from index.storage.leases import drop_lease, write_lease
 from index.storage.manifest import Manifest
 from index.storage.publish import list_versions
 from index.storage.store import Store
@@ -32,18 +39,34 @@ log = logging.getLogger("ray.serve")
 class ShardHolder:
     """One shard inside a searcher replica: its live view, swaps, fallback, lease and stats."""
 
-    def __init__(self, store: Store, shard: int, replica: str, manifest: Manifest):
+    def __init__(self, store: Store, shard: int, replica: str, manifest: Manifest | None = None):
         self.store = store
         self.shard = shard
         self.replica = replica
         self.view: LiveShard | None = None  # base version + delta - tombstones
+        self.loading: str | None = None  # the version being fetched (named in the lease)
+        self.live_dir: str | None = None  # the live version of the newest manifest seen
         self.swap_lock = threading.Lock()  # hand-overs vs. the swap to a new version
+        self._load_lock = threading.Lock()  # one load at a time (poll thread vs. reload())
+        self._lease_lock = threading.Lock()  # lease writes in order, none after close()
+        self._closed = False
         self.loaded_at: float | None = None
         self.reloads = 0
         self.load_error: str | None = None
         self.lease_error: str | None = None
-        self._load_first(manifest)
-        self.report()
+        # the searcher's poll thread: the newest manifest not yet looked at, and its wake-up
+        self.pending: Manifest | None = None
+        self.wake = threading.Event()
+        if manifest is not None:
+            self.start(manifest)
+
+    def start(self, manifest: Manifest) -> None:
+        """The first load (the searcher starts its lease thread first, then calls this)."""
+        with self._load_lock:
+            try:
+                self._load_first(manifest)
+            finally:
+                self._loaded()
 
     # ---- loading ------------------------------------------------------------------------------
     def _load_first(self, manifest: Manifest) -> None:
@@ -54,14 +77,19 @@ class ShardHolder:
         the error is in ``stats()`` meanwhile. Rows newer than the fallback version are its delta
         (exact)."""
         state = manifest.shards.get(self.shard)
+        self.live_dir = None if state is None else state.dir
         if state is None or state.dir is None:  # no index yet: the delta alone
-            self.load_live(manifest)
+            view = load_live_shard(self.store, self.shard, None, manifest.dim, manifest.metric)
+            self._install(view)
             return
+
+        def attempt(name: str) -> LiveShard:
+            self._loading(name)  # leased before a byte is fetched
+            return load_live_shard(self.store, self.shard, name, manifest.dim, manifest.metric)
+
         found = newest_loadable(
             fallback_order(state.dir, state.version, lambda: list_versions(self.store, self.shard)),
-            lambda name: load_live_shard(
-                self.store, self.shard, name, manifest.dim, manifest.metric
-            ),
+            attempt,
             refused=lambda name, e: self._refused(name, e, live=state.dir),
         )
         if found is None:
@@ -88,19 +116,27 @@ class ShardHolder:
         """
         if self.shard not in manifest.shards:
             return False
-        state = manifest.shards[self.shard]
-        current = self.view
-        if current is not None and (state.dir is None or current.version_dir == state.dir):
-            return False
-        if current is None:
-            view = load_live_shard(self.store, self.shard, state.dir, manifest.dim, manifest.metric)
-            self._install(view)
-        else:
-            base = ShardIndex.load(self.store, self.shard, state.dir)  # the slow part, unlocked
-            with self.swap_lock:  # no hand-over lands in the old view after this copy
-                view = current.rebased(base)
-                self.view, self.loaded_at = view, time.time()
-            self._swapped(current, view)
+        with self._load_lock:
+            state = manifest.shards[self.shard]
+            self.live_dir = state.dir
+            current = self.view
+            if current is not None and (state.dir is None or current.version_dir == state.dir):
+                return False
+            try:
+                self._loading(state.dir)  # leased before a byte is fetched
+                if current is None:
+                    view = load_live_shard(
+                        self.store, self.shard, state.dir, manifest.dim, manifest.metric
+                    )
+                    self._install(view)
+                else:
+                    base = ShardIndex.load(self.store, self.shard, state.dir)  # slow, unlocked
+                    with self.swap_lock:  # no hand-over lands in the old view after this copy
+                        view = current.rebased(base)
+                        self.view, self.loaded_at = view, time.time()
+                    self._swapped(current, view)
+            finally:
+                self._loaded()
         view.refresh()  # parts written while the version loaded
         return True
 
@@ -111,21 +147,60 @@ class ShardHolder:
         self._swapped(old, view)
 
     def _swapped(self, old: LiveShard | None, view: LiveShard) -> None:
-        """After a swap: report the new version, and drop the local copy of the old one."""
-        self.report()
+        """After a swap: drop the local copy of the old version (the lease follows in
+        ``_loaded``)."""
         if old is not None and old.base is not None and old.version_dir != view.version_dir:
             # queries already running on the old view keep its memory-mapped files open
             self.store.evict_local(self.store.index_version_dir(self.shard, old.version_dir))
 
-    def report(self) -> None:
-        """Write this replica's lease for the shard: the version it serves (GC reads it)."""
-        view = self.view
-        try:
-            write_lease(self.store, self.shard, self.replica, view.version_dir if view else None)
-            self.lease_error = None
-        except Exception as e:  # keep serving; GC keeps versions of replicas it cannot see
-            self.lease_error = f"{type(e).__name__}: {e}"
-            log.warning("shard %d: could not write its lease: %s", self.shard, self.lease_error)
+    def _loading(self, name: str | None) -> None:
+        """Lease ``name`` as being loaded, before fetching it: GC keeps it from now on. A lease
+        write that fails does not stop the load (the lease thread retries every interval); the
+        error is in ``stats()``."""
+        self.loading = name
+        self.report()
+
+    def _loaded(self) -> None:
+        """A load ended (swapped or failed): the lease names what is served, nothing loading."""
+        self.loading = None
+        self.report()
+
+    def report(self) -> bool:
+        """Write this replica's lease for the shard: the version it serves and the one it is
+        loading (GC reads it). Called by loads and by the searcher's lease thread; True when
+        written."""
+        with self._lease_lock:  # the body is taken and written in one step: never out of order
+            if self._closed:
+                return False
+            view = self.view
+            try:
+                write_lease(
+                    self.store,
+                    self.shard,
+                    self.replica,
+                    view.version_dir if view else None,
+                    loading=self.loading,
+                )
+                self.lease_error = None
+                return True
+            except Exception as e:  # keep serving; GC keeps what a lapsed lease named a while
+                self.lease_error = f"{type(e).__name__}: {e}"
+                log.warning("shard %d: could not write its lease: %s", self.shard, self.lease_error)
+                return False
+
+    def close(self) -> None:
+        """Stop leasing and drop the lease (best effort: a stale lease expires on its own)."""
+        with self._lease_lock:
+            self._closed = True
+            try:
+                drop_lease(self.store, self.shard, self.replica)
+            except Exception:
+                pass
+
+    def offer(self, manifest: Manifest) -> None:
+        """A manifest for the next poll of this shard (the searcher's manifest thread)."""
+        self.pending = manifest
+        self.wake.set()
 
     def poll(self, manifest: Manifest | None, delta: bool) -> None:
         """One poll round: swap to a new live version (when ``manifest`` is given), then read
@@ -152,11 +227,19 @@ class ShardHolder:
             return {"applied": True, "version": view.version}
 
     def ready(self) -> dict:
+        """``loaded``: the holder serves the shard now; ``ready``: it serves an index version
+        whenever the newest manifest it read names one (the live version, or the anchor while
+        the live one is refused), judged now rather than from start-up counts."""
         view = self.view
+        serving = None if view is None else view.version_dir
         return {
             "shard": self.shard,
             "loaded": view is not None,
+            "ready": view is not None and (self.live_dir is None or serving is not None),
             "version": None if view is None else view.version,
+            "version_dir": serving,
+            "live_dir": self.live_dir,
+            "loading": self.loading,
             "count": 0 if view is None else view.count,
         }
 
@@ -172,6 +255,7 @@ class ShardHolder:
             "reloads": self.reloads,
             "reload_error": self.load_error,
             "lease_error": self.lease_error,
+            "loading": self.loading,
         }
         if view is not None:
             meta = view.meta or {}
