@@ -343,3 +343,19 @@ def test_shaping_runs_in_a_worker_thread_and_its_pool_is_capped(monkeypatch):
     assert threads and all(t is not loop_thread for t in threads)  # never on the event loop
     loop_thread, answer, asked = search(max_pool=50)  # an anonymous cap of 50
     assert asked == [23, 50] and len(answer.results(3)) == 1  # fewer groups, not more work
+
+
+def test_the_demo_names_its_images_folders_as_thumbnail_roots(tmp_path):
+    from visual_search.demo import thumbnail_roots_of
+
+    images = tmp_path / "images"
+    images.mkdir()
+    photo = _jpeg(images / "a.jpg")
+    assert thumbnail_roots_of(str(images)) == [str(images.resolve())]
+    listing = tmp_path / "inputs.txt"
+    listing.write_text(f"{photo}\ns3://bucket/x/y.jpg\nhttps://example.com/z.jpg\n")
+    roots = thumbnail_roots_of(str(listing))
+    assert roots == sorted([str(images.resolve()), "s3://bucket/x/"])  # never a web root
+    sources = Sources(ServeConfig(store="x", thumbnail_roots=roots).validate().thumbnail_roots)
+    assert sources.allows(photo.resolve().as_uri()) and sources.allows("s3://bucket/x/y.jpg")
+    assert not sources.allows("https://example.com/z.jpg")

@@ -16,8 +16,10 @@ An app's HTTP port may be reachable by anyone (a proxy on every node, ``0.0.0.0`
   that are not browsers send neither header and are unaffected; the search page writes nothing,
   ``/docs`` writes same-origin. Keyed writes need none of this (a page cannot read the key).
 - **Anonymous callers cost less** (``serve.http.limits``: lower caps on ``nprobe``,
-  ``candidates`` and image pixels) and **see no server internals** (``serve.http.errors``:
-  server-side error text is cut to its kind).
+  ``candidates``, image pixels, ``k``, filter nodes and the shaping pool) and **see no server
+  internals** (``serve.http.errors``: server-side error text is cut to its kind).
+- **A stored uri grants no access**: thumbnails read only under ``thumbnail_roots``
+  (``serve.http.thumbnails``).
 
 The key comparison is ``hmac.compare_digest`` (timing-safe). Reads stay open to anyone.
 """
