@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,15 @@ class ServeConfig:
     anon_max_nprobe: int = 256
     anon_max_candidates: int = 1000
     anon_max_pixels: int = 16_000_000
+    # ... on a search's cost (keyed: MAX_K, 256 filter nodes, pools of MAX_K; serve.http.limits)
+    anon_max_k: int = 100
+    anon_max_filter_nodes: int = 16
+    anon_max_shape_pool: int = 200  # merged hits dedup/diversify choose from (and regrow to)
+    # GET /images/{id}/thumbnail reads a row's uri only under these roots: local directories
+    # (absolute, or file://) and object-store prefixes (s3://bucket/images/); [] = thumbnails
+    # of nothing (the page shows placeholders). A stored uri grants no access (thumbnails.py)
+    thumbnail_roots: list[str] = field(default_factory=list)
+    thumbnail_timeout_s: float = 10.0  # a source read slower than this is image_unavailable
     # background rebuilds (serve.deployments.rebuilder, pipelines.rebuild): a shard is rebuilt
     # when its delta (new rows + new tombstones) reaches rebuild_delta_rows or
     # rebuild_delta_fraction of its built rows (0 = that rule off), checked every
@@ -286,6 +296,9 @@ class ServeConfig:
             "anon_max_nprobe",
             "anon_max_candidates",
             "anon_max_pixels",
+            "anon_max_k",
+            "anon_max_filter_nodes",
+            "anon_max_shape_pool",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -305,6 +318,11 @@ class ServeConfig:
                 "open_writes: true opens writes to anyone, but an api_key is set too: "
                 "keep the key (writes need it) or drop it (writes open to all), not both"
             )
+        if not isinstance(self.thumbnail_roots, list):
+            raise ConfigError("thumbnail_roots must be a list of directories or URI prefixes")
+        self.thumbnail_roots = [thumbnail_root(root) for root in self.thumbnail_roots]
+        if self.thumbnail_timeout_s <= 0:
+            raise ConfigError(f"thumbnail_timeout_s must be > 0, got {self.thumbnail_timeout_s}")
         if self.handle_transport not in ("ray", "grpc"):
             raise ConfigError(
                 f"handle_transport must be 'ray' or 'grpc', got {self.handle_transport!r}"
@@ -383,6 +401,42 @@ class ServeConfig:
         return dataclasses.asdict(self)
 
 
+# object stores a thumbnail may be read from (with the server's own credentials, under the
+# prefixes the operator names); web and shell-like schemes (http, ftp, sftp, ...) never: a fetch
+# from the server's network position is SSRF, and an address check cannot outrun DNS rebinding
+OBJECT_STORE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+SYSTEM_DIRS = ("/dev", "/proc", "/sys", "/run")
+_URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
+
+
+def thumbnail_root(text: Any) -> str:
+    """One ``thumbnail_roots`` entry normalised (a local directory: an absolute path, symlinks
+    resolved where the replica reads; an object-store prefix: ``scheme://bucket/prefix/``), or
+    ConfigError: relative paths, ``/``, ``SYSTEM_DIRS``, other schemes, ``::``, ``.``/``..``."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"thumbnail_roots: {text!r} is not a directory or URI prefix")
+    text = text.strip()
+    match = _URI.match(text)
+    if match and match.group(1).lower() != "file":
+        scheme, rest = match.group(1).lower(), match.group(2).strip("/")
+        if scheme not in OBJECT_STORE_SCHEMES:
+            raise ConfigError(
+                f"thumbnail_roots: {text!r}: only local directories and object-store prefixes "
+                f"({', '.join(sorted(OBJECT_STORE_SCHEMES))}) can be roots, never {scheme}://"
+            )
+        parts = rest.split("/")
+        if not rest or "::" in text or any(p in ("", ".", "..") for p in parts):
+            raise ConfigError(f"thumbnail_roots: {text!r} is not a plain scheme://bucket/prefix")
+        return f"{scheme}://{rest}/"
+    path = text[len("file://") :] if match else text
+    if not path.startswith("/"):
+        raise ConfigError(f"thumbnail_roots: {text!r} is not an absolute path")
+    path = os.path.normpath(path)
+    if path in ("/", "//") or any(path == d or path.startswith(d + "/") for d in SYSTEM_DIRS):
+        raise ConfigError(f"thumbnail_roots: {text!r} would open the whole or a system tree")
+    return path
+
+
 def _settings_from_dict(name: str, value: Any) -> DeploymentSettings:
     """Deployment settings over that deployment's defaults (unknown keys refused)."""
     if isinstance(value, DeploymentSettings):
@@ -408,6 +462,15 @@ def _coerce(name: str, value: Any, type_text: Any) -> Any:
     if value is None or not isinstance(value, str):
         return value
     type_text = str(type_text)
+    if type_text.startswith("list"):  # a JSON list, or comma-separated
+        import json
+
+        if value.strip().startswith("["):
+            try:
+                return list(json.loads(value))
+            except ValueError:
+                raise ConfigError(f"{name}: cannot read {value!r} as a JSON list") from None
+        return [part.strip() for part in value.split(",") if part.strip()]
     if type_text.startswith("dict"):
         import json
 

@@ -15,7 +15,9 @@ the planner:
 3. **Shapes** the answer (``index.query.shaping``): query expansion scatters a second time with
    the expanded query (same filter, same parameters); dedup and diversification fetch the
    vectors of the pool from the groups that hold them; when dedup collapses the pool into fewer
-   than ``k`` groups of near-duplicates, the pool grows (x4, up to ``MAX_K``) and is shaped again.
+   than ``k`` groups of near-duplicates, the pool grows (x4, up to ``MAX_K``, or an anonymous
+   caller's ``max_shape_pool``: ``SearchParams.max_pool``) and is shaped again. The shaping
+   arithmetic (dedup is O(pool²) in Python) runs in a worker thread, never on the event loop.
 
 A plain class: its groups are plain async callables (``ShardGroup``), so it runs and is tested
 without Ray or Serve (``tests/test_planner.py``); the ingress deployment hands it callables that
@@ -24,6 +26,7 @@ call the group deployments' handles.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -104,7 +107,8 @@ class QueryPlanner:
         ``fields``. ``keyed``: the caller has the API key (else failure reasons are redacted);
         ``query_id``: the catalogue row the query is (an id query; for ``exclude_self``)."""
         shape = params.shape
-        fetch = shape.fetch_k(params.k, MAX_K)  # = k unless shaping needs more to choose from
+        # = k unless shaping needs more to choose from, and never past the caller's pool cap
+        fetch = max(params.k, shape.fetch_k(params.k, min(MAX_K, params.max_pool)))
         pool, missing = await self.gather(vector, fetch, params, fields, keyed)
         answer = Answer(pool, list(missing), pool, missing)
         if shape.active:
@@ -193,6 +197,7 @@ class QueryPlanner:
         the shaped hits, their ``Shaped`` records (for ``collapsed``) and the shards the extra
         scatters missed."""
         shape = params.shape
+        limit = max(fetch, min(MAX_K, params.max_pool))  # the pool's cap for this caller
         missing: list[dict] = []
         self_ids = None
         if shape.exclude_self:  # before expansion moves the query off its own vector
@@ -215,15 +220,17 @@ class QueryPlanner:
         while True:
             if shape.needs_vectors:
                 known |= await self.vectors_of([h for h in hits if h.id not in known])
-            shaped = shape_hits(
-                hits, params.k, shape, self.metric, vectors=known, self_ids=self_ids
+            # dedup compares every pair of the pool in Python: off the event loop, so other
+            # requests of this replica are not held up behind it
+            shaped = await asyncio.to_thread(
+                shape_hits, hits, params.k, shape, self.metric, vectors=known, self_ids=self_ids
             )
             if shape.dedup is None or len(shaped) >= params.k or len(hits) < fetch:
                 break
-            if fetch >= MAX_K:
-                break  # as many as the contract allows: fewer than k groups exist in reach
+            if fetch >= limit:
+                break  # as many as this caller may have: fewer than k groups exist in reach
             # the pool collapsed below k near-duplicate groups: search again with a larger one
-            fetch = min(MAX_K, fetch * POOL_FACTOR)
+            fetch = min(limit, fetch * POOL_FACTOR)
             hits, more = await self.gather(vector, fetch, params, fields, keyed)
             missing += [m for m in more if m not in missing]
         return [item.hit for item in shaped], shaped, missing

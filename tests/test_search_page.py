@@ -65,7 +65,8 @@ def app(ray_local, caltech_dir, tmp_path_factory):
     by_class = photos(caltech_dir, "train.txt", PER_CLASS)
     paths = [p for cls in CLASSES for p in by_class[cls]]
     store, vectors = write_caltech_store(tmp_path_factory.mktemp("page") / "store", paths, 2)
-    with running_app(store, paths, vectors) as running:
+    # thumbnails are read only under thumbnail_roots (serve.http.thumbnails): the photos' tree
+    with running_app(store, paths, vectors, thumbnail_roots=[str(caltech_dir)]) as running:
         running.extra["by_class"] = by_class
         running.extra["held_out"] = photos(caltech_dir, "test.txt", 1)
         yield running

@@ -6,8 +6,9 @@
 Steps: write the default image set (real photos shipped inside scikit-image plus deterministic
 edits of each, so every query has true matches) unless ``--images`` is given; start a local Ray
 bound to 127.0.0.1; run the Ray Data embedding job into a sharded store; build every shard's
-index; start Serve on 127.0.0.1:PORT; run a sample query and print its results and a ready
-``curl`` line; keep serving until Ctrl-C (``--exit``: stop after the sample query, for CI).
+index; start Serve on 127.0.0.1:PORT (thumbnails read under the images' folders only:
+``thumbnail_roots``); run a sample query and print its results and a ready ``curl`` line;
+keep serving until Ctrl-C (``--exit``: stop after the sample query, for CI).
 Every step is idempotent: a second run re-embeds and rebuilds nothing.
 """
 
@@ -90,11 +91,29 @@ def build_indexes(store_uri: str) -> None:
         raise SystemExit(f"demo: index build failed for shards {summary.failed}")
 
 
-def start_serve(store: str, host: str, port: int):
+def thumbnail_roots_of(images: str) -> list[str]:
+    """The ``thumbnail_roots`` that cover the demo's catalogue: the ``--images`` folder itself,
+    else the folders (object-store prefixes) of its inputs. The app reads thumbnails only under
+    its roots (``serve.http.thumbnails``); web URLs are never read, so they get none."""
+    from serve.config import ConfigError, thumbnail_root
+
+    if "://" not in images and Path(images).is_dir():
+        return [str(Path(images).resolve())]
+    roots: set[str] = set()
+    for uri in _inputs(images):
+        parent = uri.rsplit("/", 1)[0] if "://" in uri else str(Path(uri).resolve().parent)
+        try:
+            roots.add(thumbnail_root(parent))
+        except ConfigError:  # http(s) inputs, files in / itself: no thumbnails for those
+            pass
+    return sorted(roots)
+
+
+def start_serve(store: str, host: str, port: int, thumbnail_roots: list[str] | None = None):
     from serve.app import build_app
     from serve.config import ServeConfig
 
-    config = ServeConfig(store=store)
+    config = ServeConfig(store=store, thumbnail_roots=list(thumbnail_roots or []))
     # writes need a key (serve.http.security); a demo on loopback with no key opens them, and
     # says so
     config.open_writes = not config.api_key and host in ("127.0.0.1", "localhost", "::1")
@@ -160,13 +179,17 @@ def _read_uri(uri: str) -> bytes:
     return read_uri(uri, 64 * 1024 * 1024)
 
 
-def _first_image(images: str) -> str:
+def _inputs(images: str) -> list[str]:
     from pipelines.inputs import expand_inputs
 
     uris = expand_inputs([images])
     if not uris:
         raise SystemExit(f"demo: no images found in {images}")
-    return uris[0]
+    return uris
+
+
+def _first_image(images: str) -> str:
+    return _inputs(images)[0]
 
 
 def write_deploy_config(path: Path, store: str, host: str, port: int) -> None:
@@ -214,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         step("building the shard indexes")
         build_indexes(store)
         step(f"starting Serve on http://{args.host}:{args.port}")
-        start_serve(store, args.host, args.port)
+        start_serve(store, args.host, args.port, thumbnail_roots_of(images))
         base_url = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port}"
         from serve.local import direct_ingress_port
 

@@ -10,7 +10,8 @@ job through a plain object, and answers:
   canary (``serve.deployments.canary``).
 - ``POST /images``, ``DELETE /images/{id}``: ``serve.writes.RowWriter`` (durable, then
   searchable); ``POST /admin/rebuild``: the Rebuilder deployment. All need the API key.
-- ``GET /images/{id}`` (+ ``/thumbnail``): the row from the shard that owns it.
+- ``GET /images/{id}`` (+ ``/thumbnail``): the row from the shard that owns it; a thumbnail
+  reads the row's uri only under ``thumbnail_roots`` (``serve.http.thumbnails``).
 - ``/healthz``, ``/readyz``, ``/stats``: every group's state, the embedder's and the canary's.
 
 ``filter``, ``fields`` and ``metadata`` are checked against the store's metadata schema, which
@@ -54,7 +55,7 @@ from serve.http.models import SEARCH_OPENAPI_EXTRA, AddResponse, SearchResponse
 from serve.http.page import add_page_routes
 from serve.http.parse import check_add_metadata, parse_add, parse_search, resolve_metadata
 from serve.http.security import authorize_write, is_keyed
-from serve.http.thumbnails import thumbnail_response
+from serve.http.thumbnails import Sources, thumbnail_response
 from serve.http.validate import validate_id
 from serve.metrics import RequestMetrics, ingress_metrics
 from serve.planner import QueryPlanner, ShardGroup
@@ -126,6 +127,8 @@ class Ingress:
         self.shard_timeout_s = config.shard_deadline_ms / 1000
         self.embed_timeout_s = config.embed_deadline_ms / 1000
         self._image_size: int | None = None
+        # what GET /images/{id}/thumbnail may read: a stored uri grants no access by itself
+        self.sources = Sources(config.thumbnail_roots, config.thumbnail_timeout_s)
         self.catalog = Catalog(self.store, manifest, on_change=self._publish_openapi)
         self.planner = QueryPlanner(
             [_group(h, shards) for h, shards in zip(searchers, groups, strict=True)],
@@ -333,13 +336,16 @@ class Ingress:
 
     @api.get(
         "/images/{image_id}/thumbnail",
-        summary="A small JPEG of a catalogue row (never an arbitrary path)",
+        summary="A small JPEG of a catalogue row whose uri is under thumbnail_roots",
         response_class=Response,
         responses={200: {"content": {"image/jpeg": {}}}, **RECORD_ERROR_RESPONSES},
     )
     async def get_thumbnail(self, request: Request, image_id: str) -> Response:
         record = await self._record(image_id)
-        return await thumbnail_response(record, request.headers.get("if-none-match"), self.limits)
+        # anonymous limits for everyone: the route is anonymous and the cache is shared
+        return await thumbnail_response(
+            record, request.headers.get("if-none-match"), self.sources, self.anon_limits
+        )
 
     async def _record(self, image_id: str, fields: tuple[str, ...] | None = None) -> dict:
         """The visible row ``image_id`` from the shard that owns it, with the metadata
@@ -379,7 +385,10 @@ class Ingress:
             vector = await self._embed(add.image, limits, "send a JSON vector")
         else:
             vector = add.vector
-        return await self.writer.add(add, vector)
+        body = await self.writer.add(add, vector)
+        # any uri is stored (it names the row); only one under thumbnail_roots is ever read
+        body["thumbnail"] = self.sources.allows(body["uri"])
+        return body
 
     @api.delete(
         "/images/{image_id}",

@@ -26,7 +26,7 @@ status  error                      when
 422     invalid_vector             ``vector`` is not a flat list of numbers
 422     invalid_id                 ``id`` is not a non-empty string of at most 256 characters
                                    without ``/``
-422     k_out_of_range             ``k`` is not in 1..1000
+422     k_out_of_range             ``k`` is not in 1..1000 (1..``anon_max_k`` without the key)
 422     nprobe_out_of_range        ``nprobe`` is not in 1..max_nprobe
 422     candidates_out_of_range    ``candidates`` is not in 1..max_candidates
 422     invalid_parameter          a parameter of the wrong type (``k=abc``, ``rerank=maybe``)
@@ -42,15 +42,20 @@ status  error                      when
 401     unauthorized               a write/admin call without the API key (``api_key`` is set)
 403     writes_need_api_key        a write/admin call to an app with no key (``open_writes`` off)
 403     writes_disabled            a write/admin call to an app run with ``writes: false``
+403     cross_site_write           an open (keyless) write from another site's page, or from
+                                   a browser that reached the app under a host name
 400     missing_image              ``POST /images`` with neither ``file`` nor ``vector``
 422     invalid_metadata           ``metadata`` is not a JSON object (or over 64 KiB), names a
                                    column the store does not have, or a value of the wrong type
 422     invalid_uri                ``uri`` is not a string of at most 2048 characters
 422     invalid_filter             ``filter`` is not in the filter form (``index.query.filters``)
+422     filter_too_large           ``filter`` has more nodes than ``anon_max_filter_nodes``
+                                   (without the key; 256 with it)
 422     unknown_field              ``filter`` or ``fields`` names a column the store lacks
 422     wrong_type                 a ``filter`` value or bound of the wrong type for its column
 422     invalid_fields             ``fields`` is not a list (or comma-separated string) of names
-404     image_unavailable          ``GET /images/{id}/thumbnail``: the row's image cannot be read
+404     image_unavailable          ``GET /images/{id}/thumbnail``: the row's uri is not under
+                                   ``thumbnail_roots``, or its image cannot be read in time
 ======  =========================  ==========================================================
 
 **Anonymous callers see no server internals** (``serve.http.security`` decides who is keyed).
@@ -124,7 +129,11 @@ ERROR_RESPONSES = _responses(
 WRITE_ERROR_RESPONSES = _responses(
     (400, "invalid_json, invalid_multipart, missing_image, ambiguous_query"),
     (401, "unauthorized: the app has an api_key and the request did not carry it"),
-    (403, "writes_need_api_key (the app has no key and open_writes is off), writes_disabled"),
+    (
+        403,
+        "writes_need_api_key (the app has no key and open_writes is off), writes_disabled, "
+        "cross_site_write (an open write from another site's page)",
+    ),
     (413, "too_large, decompression_bomb"),
     (415, "not_an_image, unsupported, unsupported_media_type"),
     (422, "bad vector, id, uri, metadata or parameter (see the reason code)"),
@@ -132,7 +141,11 @@ WRITE_ERROR_RESPONSES = _responses(
     (503, "embedder_unavailable"),
 )
 RECORD_ERROR_RESPONSES = _responses(
-    (404, "unknown_id; for a thumbnail also image_unavailable (the source cannot be read)"),
+    (
+        404,
+        "unknown_id; for a thumbnail also image_unavailable (not under thumbnail_roots, or "
+        "unreadable)",
+    ),
     (422, "invalid_id"),
     (503, "shard_unavailable"),
 )

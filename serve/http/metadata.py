@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from index.query.filters import Filter, FilterError, parse_filter
+from index.query.filters import And, Filter, FilterError, Not, Or, parse_filter
 from index.rows.metadata import MetadataError, check_record, is_unicode
 from serve.http.errors import ApiError
+from serve.http.limits import Limits
 
 UNSET = object()  # a raw ``filter``/``fields`` that was not given
 MAX_FILTER_TEXT = 64 * 1024
@@ -44,6 +45,28 @@ def validate_filter(value: Any, schema: dict[str, str]) -> Filter | None:
         raise ApiError(422, e.code, str(e), {"path": e.path}) from None
     except RecursionError:  # deeper than Python goes: far past MAX_DEPTH
         raise ApiError(422, "invalid_filter", "filter nests too deep") from None
+
+
+def filter_nodes(node: Filter) -> int:
+    """How many nodes a parsed filter has (conditions and ``and``/``or``/``not``): the passes
+    over every row of every shard it costs."""
+    if isinstance(node, And | Or):
+        return 1 + sum(filter_nodes(item) for item in node.items)
+    if isinstance(node, Not):
+        return 1 + filter_nodes(node.item)
+    return 1
+
+
+def check_filter_size(node: Filter | None, limits: Limits) -> Filter | None:
+    """Refuse (422 ``filter_too_large``, naming the cap) a filter of more nodes than the
+    caller's ``max_filter_nodes`` (anonymous callers: ``anon_max_filter_nodes``)."""
+    if node is not None and (nodes := filter_nodes(node)) > limits.max_filter_nodes:
+        raise ApiError(
+            422,
+            "filter_too_large",
+            limits.over(f"a filter has at most {limits.max_filter_nodes} nodes, got {nodes}"),
+        )
+    return node
 
 
 def validate_fields(value: Any, schema: dict[str, str]) -> tuple[str, ...] | None:

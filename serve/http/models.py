@@ -49,7 +49,9 @@ class SearchBody(BaseModel):
 
     vector: list[float] | None = Field(None, description="query vector, length = catalogue dim")
     id: str | None = Field(None, description="id of a catalogue row: find its neighbours")
-    k: int | None = Field(None, description=f"results to return, 1..{MAX_K} (default 10)")
+    k: int | None = Field(
+        None, description=f"results to return, 1..{MAX_K} with the API key (default 10)"
+    )
     nprobe: int | None = Field(None, description="IVF lists probed per shard (index default)")
     rerank: bool | None = Field(None, description="exact rerank of candidates (default true)")
     candidates: int | None = Field(None, description="per-shard candidates before rerank")
@@ -88,6 +90,11 @@ class AddResponse(BaseModel):
     ingested_at_ms: int
     searchable: bool = Field(description="false: durable, but the shard did not answer in time")
     metadata: dict[str, Any] = Field(default_factory=dict, description="the row's metadata")
+    thumbnail: bool = Field(
+        False,
+        description="whether the server may read the uri for GET /images/{id}/thumbnail (it is "
+        "under the app's thumbnail_roots); false: the uri is stored as the row's name, never read",
+    )
 
 
 # Serve's ingress hides the body from FastAPI's signature parsing (we read it ourselves, with a

@@ -4,8 +4,9 @@ FastAPI derives a document from the route signatures, but the ingress reads ``PO
 and ``POST /images``' bodies itself (streamed, with a size limit), and what they accept depends
 on the store: the vector length is the catalogue's dimension, the metadata columns and their
 types are the manifest's, image uploads exist only when the app embeds images, and the limits
-are the config's (``max_nprobe``, ``max_candidates``: an anonymous caller's, ``serve.http.limits``;
-a caller with the key may go up to ``max_*``). ``document`` takes FastAPI's document and writes
+are the config's (``k``, ``nprobe``, ``candidates``, filter nodes and the shaping pool: an
+anonymous caller's caps, ``serve.http.limits``, each description saying that the key lifts it; a
+caller with the key may go up to ``max_*``). ``document`` takes FastAPI's document and writes
 those two operations out exactly:
 
 - ``POST /search``: JSON ``{"vector": [dim numbers, not all zero]}`` or ``{"id": "..."}`` (one
@@ -41,7 +42,6 @@ from fastapi import FastAPI
 from index.query import shaping
 from index.query.filters import openapi_schema as filter_schema
 from index.rows.metadata import INT64_MAX, INT64_MIN, MAX_STRING_CHARS
-from serve.config import MAX_K
 from serve.http.limits import Limits
 from serve.http.metadata import MAX_URI_CHARS
 from serve.http.validate import FLOAT32_MAX, MAX_ID_CHARS
@@ -100,6 +100,8 @@ def document(base: dict, ctx: OpenApiContext) -> dict:
     doc = copy.deepcopy(base)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas["Filter"] = filter_schema(ctx.metadata, FILTER_REF)
+    nodes = f"a filter of at most {ctx.limits.max_filter_nodes} nodes (conditions, and, or, not)"
+    schemas["Filter"]["description"] = _capped(ctx.limits, nodes)
     schemas["Metadata"] = metadata_schema(ctx.metadata)
     for name in ("Result", "AddResponse"):
         if name in schemas:
@@ -139,21 +141,46 @@ def vector_schema(ctx: OpenApiContext) -> dict:
     return vector
 
 
+def _capped(limits: Limits, text: str) -> str:
+    """A parameter's description, saying that the key lifts an anonymous caller's cap."""
+    return f"{text}; callers with the API key may ask more" if limits.hint else text
+
+
 def _params(ctx: OpenApiContext) -> dict:
     limits = ctx.limits
+    pool = _capped(limits, f"chosen from at most {limits.max_shape_pool} merged hits")
     return {
-        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
-        "nprobe": {"type": "integer", "minimum": 1, "maximum": limits.max_nprobe},
+        "k": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": limits.max_k,
+            "description": _capped(limits, f"results, at most {limits.max_k}"),
+        },
+        "nprobe": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": limits.max_nprobe,
+            "description": _capped(limits, f"IVF lists probed, at most {limits.max_nprobe}"),
+        },
         "rerank": {"type": "boolean"},
-        "candidates": {"type": "integer", "minimum": 1, "maximum": limits.max_candidates},
+        "candidates": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": limits.max_candidates,
+            "description": _capped(limits, f"rerank candidates, at most {limits.max_candidates}"),
+        },
         # answer shaping (index.query.shaping, serve.http.validate.validate_shape)
         "expand": {"type": "boolean"},
         "expand_m": {"type": "integer", "minimum": 1, "maximum": shaping.MAX_EXPAND_M},
         "expand_alpha": {"type": "number", "minimum": 0, "maximum": shaping.MAX_EXPAND_ALPHA},
         "diversify": {
-            "anyOf": [{"type": "boolean"}, {"type": "number", "minimum": 0, "maximum": 1}]
+            "anyOf": [{"type": "boolean"}, {"type": "number", "minimum": 0, "maximum": 1}],
+            "description": f"MMR lambda; {pool}",
         },
-        "dedup": {"anyOf": [{"type": "boolean"}, {"type": "number", "exclusiveMinimum": 0}]},
+        "dedup": {
+            "anyOf": [{"type": "boolean"}, {"type": "number", "exclusiveMinimum": 0}],
+            "description": f"near-duplicate threshold; {pool}",
+        },
         "exclude_self": {"type": "boolean"},
         "min_score": {"type": "number"},
     }

@@ -28,6 +28,7 @@ from serve.http.errors import ApiError
 from serve.http.limits import Limits
 from serve.http.metadata import (
     UNSET,
+    check_filter_size,
     check_metadata,
     validate_fields,
     validate_filter,
@@ -49,6 +50,7 @@ class ParsedQuery:
     row_id: str | None = None
     raw_filter: Any = None  # the request's ``filter`` as given (JSON value or text)
     raw_fields: Any = UNSET  # the request's ``fields`` as given
+    limits: Limits | None = None  # the caller's (the filter's size is checked against them)
 
 
 @dataclass
@@ -109,6 +111,7 @@ async def parse_search(request: Request, limits: Limits, dim: int, normalise: bo
     extras: dict[str, Any] = {"filter": None, "fields": request.query_params.get("fields", UNSET)}
     query = await _parse_search(request, limits, dim, normalise, extras)
     query.raw_filter, query.raw_fields = extras["filter"], extras["fields"]
+    query.limits = limits
     return query
 
 
@@ -185,8 +188,11 @@ _PARAM_KEYS = (
 
 def resolve_metadata(query: ParsedQuery, schema: dict[str, str]) -> ParsedQuery:
     """Check the query's raw ``filter`` and ``fields`` against the store's metadata ``schema``
-    and set ``query.params.filter`` / ``.fields``; ApiError 422 names the problem."""
-    query.params.filter = validate_filter(query.raw_filter, schema)
+    (and the filter's size against the caller's limits) and set ``query.params.filter`` /
+    ``.fields``; ApiError 422 names the problem."""
+    query.params.filter = check_filter_size(
+        validate_filter(query.raw_filter, schema), query.limits or Limits()
+    )
     query.params.fields = validate_fields(query.raw_fields, schema)
     return query
 

@@ -1,17 +1,39 @@
 """Thumbnails of catalogue rows for the search page: ``GET /images/{id}/thumbnail``.
 
 Result URIs (``s3://...``, local paths on the serving nodes) are not something a browser can
-open, so the app serves a small JPEG of each row itself. Only a row the catalogue holds is ever
-read: the ingress looks the id up on its shard (``ShardSearcher.record``) and opens that row's
-``uri`` through fsspec; nothing in the request names a path. The source is read with the app's
-upload limits and decoded with ``embedding.decode_image`` (a decompression bomb in the catalogue
-costs a header read), then shrunk to ``THUMBNAIL_SIZE`` pixels on its long side.
+open, so the app serves a small JPEG of each row itself. Nothing in the request names a path:
+the ingress looks the id up on its shard (``ShardSearcher.record``) and reads that row's ``uri``.
+
+**A stored uri grants no access.** Anyone with the key (or anyone at all, with ``open_writes``)
+can store any ``uri`` through ``POST /images``, and anyone may ask for the thumbnail, which the
+server reads with its own credentials and network position. So a uri is read only when it lies
+under the config's ``thumbnail_roots`` (``Sources``), checked on every read, not only when stored:
+
+- local directories: ``file://`` URIs and absolute paths whose real path (symlinks resolved) is
+  under a root's real path and outside ``/dev``, ``/proc``, ``/sys``, ``/run``; ``stat`` before
+  ``open`` says it is a regular file (never a device, FIFO or socket, which could block a reader
+  for good), and it is opened non-blocking, without following a link, and checked again;
+- object-store prefixes (``s3://bucket/images/``): the uri must extend a root of its scheme with
+  plain path segments (no ``..``, ``?``, ``#`` or ``::`` chains); read through fsspec with the
+  process's credentials;
+- nothing else: web schemes (``http://169.254.169.254/...``) are never read, whatever the roots.
+
+``POST /images`` stores any uri (a row's uri is also its name, and in the ``uri`` id scheme its
+id), and its answer says whether the uri lies under the roots (``thumbnail``); a uri outside them
+is stored and never read. No roots (the default) means no thumbnails: the page shows placeholders.
+
+Reads and decodes run in a small pool of their own (``READ_THREADS``), each waited for at most
+``thumbnail_timeout_s``, so a slow source ties up neither the event loop nor the default executor
+other routes use; at most ``max_upload_bytes`` are read. Images decode with an *anonymous*
+caller's limits (the route is anonymous; ``embedding.decode_image``: a decompression bomb costs a
+header read), then shrink to ``THUMBNAIL_SIZE`` pixels on the long side.
 
 Thumbnails are kept in a per-replica LRU cache keyed by ``(id, uri)`` (a re-upload of an id
 under another uri is a new entry) up to ``CACHE_BYTES``, and sent with an ``ETag`` (a hash of the
 JPEG) and ``Cache-Control``, so a browser revalidates with ``If-None-Match`` and gets a 304.
-A row whose source cannot be read or decoded (an ``upload:`` uri, a moved file) is a 404 JSON
-``image_unavailable``; the page shows a placeholder.
+A row whose source may not or cannot be read or decoded (an ``upload:`` uri, a uri outside the
+roots, a moved file, a slow read) is a 404 JSON ``image_unavailable``; the page shows a
+placeholder.
 """
 
 from __future__ import annotations
@@ -19,16 +41,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import re
+import stat
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import fsspec
 from fastapi.responses import Response
 from PIL import Image
 
 from embedding.preprocess import ImageError, decode_image
+from serve.config import OBJECT_STORE_SCHEMES, SYSTEM_DIRS, thumbnail_root
 from serve.http.errors import ApiError
 from serve.http.limits import Limits
 
@@ -36,6 +63,7 @@ THUMBNAIL_SIZE = 256  # long side, pixels: a grid cell on a high-density screen
 JPEG_QUALITY = 80
 CACHE_BYTES = 64 * 1024 * 1024  # ~6,000 thumbnails of ~10 KB per ingress replica
 CACHE_CONTROL = "public, max-age=3600"
+READ_THREADS = 4  # concurrent source reads + decodes per ingress replica (the rest queue)
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
@@ -86,23 +114,111 @@ def thumbnail_cache() -> ThumbnailCache:
     return _cache
 
 
-def read_source(uri: str, max_bytes: int) -> bytes:
-    """The bytes of a row's source image (at most ``max_bytes + 1``), through fsspec."""
-    scheme = _SCHEME.match(uri)
-    if scheme is None or scheme.group(1).lower() in ("file", "local"):
-        path = uri[scheme.end() :] if scheme else uri
-        if not path.startswith("/"):  # "upload:<id>" rows and relative paths have no file
-            raise ApiError(404, "image_unavailable", f"the row's uri {uri!r} names no file")
-        opener = lambda: open(path, "rb")  # noqa: E731
-    else:
-        opener = lambda: fsspec.open(uri, "rb")  # noqa: E731
-    try:
-        with opener() as f:
+class Sources:
+    """Where thumbnails may be read from (``thumbnail_roots``), and the read itself."""
+
+    def __init__(self, roots: list[str] | tuple[str, ...] = (), timeout_s: float = 10.0):
+        roots = [thumbnail_root(root) for root in roots]  # normalised (ServeConfig.validate)
+        # each local root as named and as its real path (a symlinked root still matches)
+        self.local = [real for r in roots if r.startswith("/") for real in {r, os.path.realpath(r)}]
+        self.remote = [r for r in roots if not r.startswith("/")]
+        self.timeout_s = timeout_s
+
+    def refusal(self, uri: str) -> str | None:
+        """Why ``uri`` may not be read (lexically: nothing is touched), or None when it may."""
+        kind, where = _parse(uri)
+        if kind == "none":
+            return where
+        if kind == "local":
+            if not any(_under(where, root) for root in self.local):
+                return "the row's uri is not under thumbnail_roots"
+            return None
+        if not any(where.startswith(root) for root in self.remote):
+            return "the row's uri is not under thumbnail_roots"
+        return None
+
+    def allows(self, uri: str) -> bool:
+        return self.refusal(uri) is None
+
+    def read(self, uri: str, max_bytes: int) -> bytes:
+        """The bytes of a row's source (refused past ``max_bytes``); ApiError 404
+        ``image_unavailable`` when it may not or cannot be read. Blocking: run it in the pool."""
+        reason = self.refusal(uri)
+        if reason is not None:
+            raise ApiError(404, "image_unavailable", reason)
+        kind, where = _parse(uri)
+        try:
+            data = self._local(where, max_bytes) if kind == "local" else _remote(where, max_bytes)
+        except (OSError, ValueError, ImportError) as e:  # missing, denied, no fsspec backend
+            raise ApiError(
+                404, "image_unavailable", f"cannot read the row's image: {type(e).__name__}"
+            ) from None
+        if len(data) > max_bytes:
+            raise ApiError(404, "image_unavailable", f"the row's image is over {max_bytes} bytes")
+        return data
+
+    def _local(self, path: str, max_bytes: int) -> bytes:
+        real = os.path.realpath(path)  # a symlink out of the roots is outside them
+        if _under_system(real) or not any(
+            _under(real, os.path.realpath(root)) for root in self.local
+        ):
+            raise ApiError(404, "image_unavailable", "the row's file is not under thumbnail_roots")
+        if not stat.S_ISREG(os.stat(real).st_mode):  # before open: a FIFO's open blocks
+            raise ApiError(404, "image_unavailable", "the row's uri is not a regular file")
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(real, flags)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # swapped since the stat
+                raise ApiError(404, "image_unavailable", "the row's uri is not a regular file")
             return f.read(max_bytes + 1)
-    except (OSError, ValueError, ImportError) as e:  # missing, denied, no fsspec backend
-        raise ApiError(
-            404, "image_unavailable", f"cannot read the row's image: {type(e).__name__}"
-        ) from None
+
+
+def _parse(uri: str) -> tuple[str, str]:
+    """``("local", path)``, ``("remote", uri)`` or ``("none", why it names nothing to read)``."""
+    match = _SCHEME.match(uri)
+    if match is None:
+        if uri.startswith("/"):
+            return "local", uri
+        return "none", "the row's uri names no file"  # "upload:<id>" rows, relative paths
+    scheme = match.group(1).lower()
+    rest = uri[match.end() :]
+    if scheme == "file":
+        if rest.lower().startswith("localhost/"):
+            rest = rest[len("localhost") :]
+        if not rest.startswith("/"):
+            return "none", "the row's file uri names another host"
+        return "local", unquote(rest)
+    if scheme not in OBJECT_STORE_SCHEMES:
+        return "none", f"the server never reads {scheme}:// uris"
+    segments = rest.split("/")
+    if any(c in rest for c in ("?", "#", "::")) or any(p in ("", ".", "..") for p in segments):
+        return "none", "the row's uri is not a plain object path"
+    return "remote", f"{scheme}://{rest}"
+
+
+def _under(path: str, root: str) -> bool:
+    path = os.path.normpath(path)
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _under_system(path: str) -> bool:
+    return any(_under(path, d) for d in SYSTEM_DIRS)
+
+
+def _remote(uri: str, max_bytes: int) -> bytes:
+    with fsspec.open(uri, "rb") as f:
+        return f.read(max_bytes + 1)
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def read_pool() -> ThreadPoolExecutor:
+    """This process's thumbnail threads: slow sources wait here, not in the default executor."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="thumbnail")
+    return _pool
 
 
 def make_thumbnail(data: bytes, limits: Limits, size: int = THUMBNAIL_SIZE) -> Thumbnail:
@@ -120,21 +236,36 @@ def make_thumbnail(data: bytes, limits: Limits, size: int = THUMBNAIL_SIZE) -> T
     return Thumbnail(jpeg, '"' + hashlib.blake2b(jpeg, digest_size=12).hexdigest() + '"')
 
 
-def _load(record: dict, limits: Limits, cache: ThumbnailCache) -> Thumbnail:
+def _load(record: dict, sources: Sources, limits: Limits, cache: ThumbnailCache) -> Thumbnail:
     key = (record["id"], record["uri"])
     item = cache.get(key)
     if item is None:
-        item = make_thumbnail(read_source(record["uri"], limits.max_upload_bytes), limits)
+        item = make_thumbnail(sources.read(record["uri"], limits.max_upload_bytes), limits)
         cache.put(key, item)
     return item
 
 
 async def thumbnail_response(
-    record: dict, if_none_match: str | None, limits: Limits, cache: ThumbnailCache | None = None
+    record: dict,
+    if_none_match: str | None,
+    sources: Sources,
+    limits: Limits,
+    cache: ThumbnailCache | None = None,
 ) -> Response:
     """The thumbnail of a catalogue ``record`` (``{"id", "uri", ...}``), or 304 when the
-    client's ``If-None-Match`` names its ETag."""
-    item = await asyncio.to_thread(_load, record, limits, cache or thumbnail_cache())
+    client's ``If-None-Match`` names its ETag. ``limits``: an anonymous caller's."""
+    if (reason := sources.refusal(record["uri"])) is not None:
+        raise ApiError(404, "image_unavailable", reason)  # no thread, nothing touched
+    loop = asyncio.get_running_loop()
+    work = loop.run_in_executor(
+        read_pool(), _load, record, sources, limits, cache or thumbnail_cache()
+    )
+    try:
+        item = await asyncio.wait_for(work, sources.timeout_s)
+    except TimeoutError:
+        raise ApiError(
+            404, "image_unavailable", f"reading the row's image took over {sources.timeout_s:g} s"
+        ) from None
     headers = {"ETag": item.etag, "Cache-Control": CACHE_CONTROL}
     tags = {t.strip().removeprefix("W/") for t in (if_none_match or "").split(",")}
     if item.etag in tags or "*" in tags:

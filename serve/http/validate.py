@@ -41,6 +41,8 @@ class SearchParams:
     filter: Filter | None = None  # checked against the store's schema (resolve_metadata)
     fields: tuple[str, ...] | None = None  # None: every column of the schema
     shape: ShapeOptions = field(default_factory=ShapeOptions)
+    # the most merged hits shaping may fetch and compare (the caller's ``max_shape_pool``)
+    max_pool: int = MAX_K
 
 
 def _int_param(name: str, value: Any) -> int | None:
@@ -74,8 +76,10 @@ def validate_params(raw: dict[str, Any], limits: Limits) -> SearchParams:
     """k, nprobe, rerank, candidates from strings or JSON values, range-checked."""
     k = _int_param("k", raw.get("k"))
     k = limits.default_k if k is None else k
-    if not 1 <= k <= MAX_K:
-        raise ApiError(422, "k_out_of_range", f"k must be in 1..{MAX_K}, got {k}")
+    if not 1 <= k <= limits.max_k:
+        raise ApiError(
+            422, "k_out_of_range", limits.over(f"k must be in 1..{limits.max_k}, got {k}")
+        )
     nprobe = _int_param("nprobe", raw.get("nprobe"))
     if nprobe is not None and not 1 <= nprobe <= limits.max_nprobe:
         raise ApiError(
@@ -97,6 +101,7 @@ def validate_params(raw: dict[str, Any], limits: Limits) -> SearchParams:
         True if rerank is None else rerank,
         limits.default_candidates if candidates is None else candidates,
         shape=validate_shape(raw),
+        max_pool=limits.max_shape_pool,
     )
 
 
