@@ -33,16 +33,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.common import RESULTS_DIR, gaussian_mixture, machine_info, save_figure, write_result  # noqa: E402
-from pipelines.local_ray import free_port, init_local_ray, use_local_ray_env  # noqa: E402
+from benchmarks import common  # noqa: E402
+from harness.serving import serving  # noqa: E402
+from harness.synthetic import cached_store, gaussian_mixture, synthetic_rows  # noqa: E402
+from pipelines.local_ray import init_local_ray, use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
 
@@ -74,24 +73,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- the store -----------------------------------------------------------------------------------
 def prepare_store(args) -> tuple[str, dict]:
     """A fresh hard-linked copy of the cached built store (building the cache if needed)."""
-    from benchmarks import query_latency as ql
-
-    name = f"store-{args.n}-{args.dim}-{args.shards}"
-    cache = LATENCY_CACHE / name
+    cache = LATENCY_CACHE / f"store-{args.n}-{args.dim}-{args.shards}"
     info: dict = {"source": str(cache)}
     if not (cache / "manifest.json").exists():
-        cache_args = SimpleNamespace(
-            workdir=LATENCY_CACHE,
-            n=args.n,
-            dim=args.dim,
-            shards=args.shards,
-            memory_budget=args.memory_budget,
-            queries=0,
-        )
         LATENCY_CACHE.mkdir(parents=True, exist_ok=True)
         base = gaussian_mixture(args.n, args.dim, seed=0)
-        ids, uris = ql.ids_uris(args.n)
-        info["built"] = ql.build_store(cache_args, base, ids, uris)
+        ids, uris = synthetic_rows(args.n)
+        info["built"] = cached_store(
+            LATENCY_CACHE, base, ids, uris, args.shards, args.memory_budget
+        )
         del base
     run = args.workdir / "store-run"
     shutil.rmtree(run, ignore_errors=True)
@@ -173,19 +163,14 @@ def versions(client) -> list:
 
 def run_benchmark(args, store_uri: str) -> dict:
     import httpx
-    import ray
-    from ray import serve
 
-    from serve.app import build_app
     from serve.config import DeploymentSettings, ServeConfig
 
     # held-out draws of the store's mixture (same centres): queries, and the rows to add
     mix = gaussian_mixture(args.n + 2000 + 5000, args.dim, seed=0)[args.n :]
     queries, new_rows = mix[:2000].copy(), mix[2000:].copy()
     del mix
-    init_local_ray(args.workdir / "ray", num_cpus=4)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    ray = init_local_ray(args.workdir / "ray", num_cpus=4)
     config = ServeConfig(
         store=store_uri,
         image_queries=False,
@@ -201,19 +186,25 @@ def run_benchmark(args, store_uri: str) -> dict:
         access_log=False,
         searcher=DeploymentSettings(num_cpus=0.25, max_ongoing_requests=64),
     )
-    t = time.perf_counter()
-    serve.run(build_app(config), name=config.app_name, route_prefix="/")
-    serve_start_s = time.perf_counter() - t
-    url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, timeout=60)
+    try:
+        with serving(config) as served, httpx.Client(base_url=served.url, timeout=60) as client:
+            run = rebuild_under_load(args, served.url, client, queries, new_rows)
+            rebuilds = client.get("/admin/rebuild").json().get("history", [])
+            run |= {"versions_after": versions(client), "rebuilds": rebuilds}
+    finally:
+        ray.shutdown()
+    return {"serve_start_s": round(served.start_s, 1), **run, "config": config.to_dict()}
+
+
+def rebuild_under_load(args, url: str, client, queries, new_rows) -> dict:
+    """Queries and adds from their threads; ``--steady-s``, a rebuild of every shard until
+    each serves its new version, ``--steady-s`` again."""
     rec, stop = Recorder(), threading.Event()
     t0 = time.perf_counter()
     threads = [
         threading.Thread(target=query_loop, args=(url, queries, rec, stop, t0), daemon=True),
         threading.Thread(
-            target=add_loop,
-            args=(url, new_rows, rec, stop, t0, args.add_interval_s),
-            daemon=True,
+            target=add_loop, args=(url, new_rows, rec, stop, t0, args.add_interval_s), daemon=True
         ),
     ]
     for th in threads:
@@ -238,21 +229,12 @@ def run_benchmark(args, store_uri: str) -> dict:
         stop.set()
         for th in threads:
             th.join(60)
-    status = client.get("/admin/rebuild").json()
-    stats = client.get("/stats").json()
-    client.close()
-    serve.shutdown()
-    ray.shutdown()
     return {
-        "serve_start_s": round(serve_start_s, 1),
         "rebuild_window_s": [round(rebuild_start, 2), round(rebuild_end, 2)],
         "swap_at_s": {str(k): round(v, 2) for k, v in sorted(swapped.items())},
         "end_s": round(end, 2),
         "versions_before": before,
-        "versions_after": [row.get("version") for row in stats["shards"]],
-        "rebuilds": status.get("history", []),
         "recorder": rec,
-        "config": config.to_dict(),
     }
 
 
@@ -300,11 +282,7 @@ def summarise(run: dict) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     q = np.array([(t, ms) for t, ms, ok in result["timeline"]["queries"] if ok]).reshape(-1, 2)
     bad = [t for t, _, ok in result["timeline"]["queries"] if not ok]
     adds = np.array([a for a in result["timeline"]["adds"] if a[1] >= 0]).reshape(-1, 2)
@@ -338,7 +316,7 @@ def plot(result: dict, path: Path) -> None:
     )
     m = result["machine"]
     fig.suptitle(f"freshness over HTTP, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -356,31 +334,14 @@ def main(argv=None) -> int:
         "dim": args.dim,
         "shards": args.shards,
         "quick": args.quick,
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "store": store_info,
         **result,
-        "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/freshness.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": common.command("freshness", argv),
     }
-    path = write_result(args.name, result)
-    plot(result, RESULTS_DIR / f"{args.name}.png")
+    common.write_and_plot(args.name, result, plot)
     shutil.rmtree(args.workdir / "store-run", ignore_errors=True)
-    print(f"wrote {path}")
-    for key in (
-        "failed_queries",
-        "add_to_searchable_p99_ms",
-        "p99_ms_during_rebuild",
-        "p99_ms_steady",
-        "p50_ms_steady",
-        "p50_ms_during_rebuild",
-        "add_to_searchable_p50_ms",
-        "adds_acknowledged",
-        "adds_not_found",
-        "queries",
-    ):
-        print(f"  {key:32s} {result[key]}")
-    for h in result["rebuilds"]:
-        print(f"  rebuild shard {h.get('shard')}: {h.get('reason')} {h.get('seconds')} s")
+    common.print_headline(result)
     return 0
 
 

@@ -37,17 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
+from benchmarks import common  # noqa: E402
 from pipelines.local_ray import init_local_ray, use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
-
-from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
-
-CALTECH = ROOT.parent / "shared" / "data" / "images" / "caltech101"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "allocators' high-water marks once, which is not growth)",
     )
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-load"))
-    p.add_argument("--caltech", type=Path, default=CALTECH)
+    p.add_argument("--caltech", type=Path, default=common.CALTECH)
     p.add_argument("--name", default="load", help="results file name")
     args = p.parse_args(argv)
     if args.quick:
@@ -235,11 +230,7 @@ def percentiles(values: list[float]) -> dict:
 
 
 def plot(path: Path, records: list[dict], series: dict, summary: dict, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     for kind, colour in (("vector", "tab:blue"), ("image", "tab:orange")):
         pts = [
@@ -276,7 +267,7 @@ def plot(path: Path, records: list[dict], series: dict, summary: dict, args) -> 
         f"RSS of every Serve process: max growth after warm-up {summary['rss_growth_mb']} MiB"
     )
     bottom.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -378,10 +369,10 @@ def main(argv=None) -> int:
             "client": "one asyncio httpx.AsyncClient in the benchmark process (shares the CPUs)",
         },
         "wall_s": round(wall, 2),
-        "machine": machine_info(),
+        "machine": common.machine_info(),
     }
-    path = write_result(args.name, summary)
-    plot(RESULTS_DIR / f"{args.name}.png", sent, sampler.series, summary, args)
+    path = common.write_result(args.name, summary)
+    plot(path.with_suffix(".png"), sent, sampler.series, summary, args)
     print(
         f"\n{'requests':>10} {'5xx':>5} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'rate/s':>7} {'RSS growth MiB':>15} {'restarts':>8}\n"

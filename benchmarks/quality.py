@@ -33,19 +33,19 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.caltech101_quality import build_catalogue, class_of, split  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
-from pipelines.local_ray import free_port, init_local_ray, use_local_ray_env  # noqa: E402
+from benchmarks import common  # noqa: E402
+from harness.caltech_catalogue import build_catalogue, class_of, split  # noqa: E402
+from harness.closed_loop import ThreadClients, run_load  # noqa: E402
+from harness.serve_store import embed_files  # noqa: E402
+from harness.serving import serving  # noqa: E402
+from pipelines.local_ray import init_local_ray, use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
 
@@ -61,8 +61,7 @@ from index.query.shaping import (  # noqa: E402
 )
 
 NAME = "quality"
-DATA = Path(os.environ.get("VISUAL_SEARCH_DATA", ROOT.parent / "shared" / "data"))
-MNV2_WEIGHTS = DATA / "weights" / "mobilenet_v2-imagenet-features.pth"
+MNV2_WEIGHTS = common.DATA / "weights" / "mobilenet_v2-imagenet-features.pth"
 BACKBONES = {  # name -> weights
     "efficientnet_lite0": "default",
     "efficientnet_lite1": "default",
@@ -77,7 +76,7 @@ MAP_MARGIN = 0.01  # ... and a slower backbone must gain at least this much mAP@
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--caltech", type=Path, default=DATA / "images" / "caltech101")
+    p.add_argument("--caltech", type=Path, default=common.CALTECH)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-quality"))
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=4)
@@ -101,45 +100,20 @@ def average_precision(labels: list[str], query: str, relevant: int, depth: int =
     return total / max(1, min(relevant, depth))
 
 
+def mean(values, digits: int) -> float:
+    return round(float(np.mean(values)), digits)
+
+
 def scores_of(answers: list[list[str]], queries: list[str], relevant: dict[str, int]) -> dict:
     """P@10 and mAP@100 of ranked label lists."""
+    pairs = list(zip(answers, queries, strict=True))
     return {
-        "precision_at_10": round(
-            float(np.mean([precision_at(a, q) for a, q in zip(answers, queries, strict=True)])), 4
-        ),
-        "map_at_100": round(
-            float(
-                np.mean(
-                    [
-                        average_precision(a, q, relevant[q])
-                        for a, q in zip(answers, queries, strict=True)
-                    ]
-                )
-            ),
-            4,
-        ),
+        "precision_at_10": mean([precision_at(a, q) for a, q in pairs], 4),
+        "map_at_100": mean([average_precision(a, q, relevant[q]) for a, q in pairs], 4),
     }
 
 
 # ---- 1. backbones ------------------------------------------------------------------------------
-def embed_paths(embedder, paths: list[Path]) -> tuple[np.ndarray, float]:
-    """Vectors with the query path's crop; returns (vectors, seconds inside the model)."""
-    from serve.api import Limits, image_crop
-
-    out, model_s = [], 0.0
-    for start in range(0, len(paths), 32):
-        crops = np.stack(
-            [
-                image_crop(p.read_bytes(), embedder.image_size, Limits())
-                for p in paths[start : start + 32]
-            ]
-        )
-        t = time.perf_counter()
-        out.append(embedder.embed(crops))
-        model_s += time.perf_counter() - t
-    return np.concatenate(out), model_s
-
-
 def bare_images_per_s(embedder, rounds: int = 8) -> float:
     """The model alone on ready crops: batch 32, after a warm-up batch."""
     rng = np.random.default_rng(0)
@@ -163,8 +137,8 @@ def backbone_vectors(args, name: str, train: list[Path], test: list[Path]) -> di
     embedder = Embedder(ModelConfig(name=name, weights=BACKBONES[name], threads=threads))
     speed = bare_images_per_s(embedder)
     t = time.perf_counter()
-    train_v, train_model_s = embed_paths(embedder, train)
-    test_v, test_model_s = embed_paths(embedder, test)
+    train_v, train_model_s = embed_files(train, embedder)
+    test_v, test_model_s = embed_files(test, embedder)
     info = {
         "model": embedder.model_tag,
         "image_size": embedder.image_size,
@@ -302,62 +276,36 @@ def choose_defaults(expand: list[dict], shaping: dict) -> dict:
 
 
 # ---- 3 and 4. over HTTP ------------------------------------------------------------------------
-def start_app(store_uri: str, port: int, model: str, weights: str):
-    from ray import serve
-
-    from serve.app import build_app
+def app_config(store_uri: str, model: tuple[str, str]):
     from serve.config import ServeConfig
 
-    config = ServeConfig(
+    return ServeConfig(
         store=store_uri,
-        model=model,
-        weights=weights,
+        model=model[0],
+        weights=model[1],
         reload_interval_s=0,
         canary_fraction=0.0,  # the benchmark measures answers, not the canary
         access_log=False,
     )
-    serve.run(build_app(config), name=config.app_name, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
 
 
 def http_pass(base: str, bodies: list[dict], params: dict, concurrency: int) -> tuple[list, dict]:
     """Every body to ``POST /search`` with ``params``: the results lists and timings."""
-    import httpx
+    clients, partial = ThreadClients(base_url=base, timeout=120), []
 
-    answers: list[list[dict] | None] = [None] * len(bodies)
-    latencies: list[float] = []
-    counter, lock = iter(range(len(bodies))), threading.Lock()
-    partial = 0
+    def call(i: int) -> list[dict]:
+        r = clients.get().post("/search", json=bodies[i], params=params)
+        r.raise_for_status()
+        partial.append(r.json()["partial"])
+        return r.json()["results"]
 
-    def worker():
-        nonlocal partial
-        with httpx.Client(base_url=base, timeout=120) as client:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                t = time.perf_counter()
-                r = client.post("/search", json=bodies[i], params=params)
-                r.raise_for_status()
-                body = r.json()
-                with lock:
-                    latencies.append(time.perf_counter() - t)
-                    partial += bool(body["partial"])
-                    answers[i] = body["results"]
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    ms = np.asarray(latencies) * 1000
-    return answers, {
-        "qps": round(len(bodies) / (time.perf_counter() - t0), 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "p99_ms": round(float(np.percentile(ms, 99)), 1),
-        "partial_answers": partial,
+    timing, answers = run_load(call, len(bodies), concurrency)
+    clients.close()
+    return [answers[i] for i in range(len(bodies))], {
+        "qps": round(timing["qps"], 1),
+        "p50_ms": round(timing["p50_ms"], 1),
+        "p99_ms": round(timing["p99_ms"], 1),
+        "partial_answers": sum(partial),
     }
 
 
@@ -385,21 +333,16 @@ def passes(d: dict) -> tuple[dict, dict]:
 
 
 def caltech_http(args, store_uri, test_vectors, test_labels, relevant, model, plan) -> dict:
-    port = free_port()
-    from ray import serve
-
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = start_app(store_uri, port, *model)
     bodies = [{"vector": v.tolist()} for v in test_vectors]
     out = {}
-    try:
+    with serving(app_config(store_uri, model)) as served:
         for name, params in plan.items():
-            answers, timing = http_pass(base, bodies, {"k": DEPTH, **params}, args.concurrency)
+            answers, timing = http_pass(
+                served.url, bodies, {"k": DEPTH, **params}, args.concurrency
+            )
             labels = [[class_of(r["uri"]) for r in a] for a in answers]
             out[name] = {**scores_of(labels, test_labels, relevant), **timing, "params": params}
             print(f"HTTP {name}: {out[name]}")
-    finally:
-        serve.shutdown()
     return out
 
 
@@ -414,8 +357,8 @@ def demo_set(args, model: tuple[str, str]) -> dict:
     paths = sorted(p for files in groups.values() for p in files)
     query_paths = sorted(queries.glob("*.jpg"))
     embedder = Embedder(ModelConfig(name=model[0], weights=model[1], threads=2))
-    vectors, _ = embed_paths(embedder, paths)
-    query_vectors, _ = embed_paths(embedder, query_paths)
+    vectors, _ = embed_files(paths, embedder)
+    query_vectors, _ = embed_files(query_paths, embedder)
     uris = [p.resolve().as_uri() for p in paths]
     return {
         "paths": paths,
@@ -440,64 +383,35 @@ def demo_http(args, demo: dict, model: tuple[str, str], plan: dict) -> dict:
     )  # fmt: skip
     for shard in range(2):
         rebuild_shard(store, shard)
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = start_app(store.uri, port, *model)
     label = dict(zip(demo["ids"], demo["labels"], strict=True))
+    held_out = [{"vector": v.tolist()} for v in demo["queries"]]
     kinds = {
-        "held_out_queries": (
-            [{"vector": v.tolist()} for v in demo["queries"]],
-            demo["query_labels"],
-        ),
+        "held_out_queries": (held_out, demo["query_labels"]),
         "catalogue_id_queries": ([{"id": i} for i in demo["ids"]], demo["labels"]),
     }
     out: dict = {}
-    try:
+    with serving(app_config(store.uri, model)) as served:
         for kind, (bodies, labels) in kinds.items():
             out[kind] = {}
             for name, params in plan.items():
-                answers, _ = http_pass(base, bodies, {"k": K, **params}, args.concurrency)
+                answers, _ = http_pass(served.url, bodies, {"k": K, **params}, args.concurrency)
                 groups = [[label[r["id"]] for r in a] for a in answers]
+                found = [{r["id"] for r in a} for a in answers]
+                precision = [precision_at(g, q) for g, q in zip(groups, labels, strict=True)]
+                own = [b.get("id") in f for f, b in zip(found, bodies, strict=True)]
                 out[kind][name] = {
-                    "distinct_sources_at_10": round(
-                        float(np.mean([len(set(g)) for g in groups])), 3
-                    ),
-                    "precision_at_10": round(
-                        float(
-                            np.mean(
-                                [precision_at(g, q) for g, q in zip(groups, labels, strict=True)]
-                            )
-                        ),
-                        4,
-                    ),
-                    "self_in_top_10": round(
-                        float(
-                            np.mean(
-                                [
-                                    b.get("id") in {r["id"] for r in a}
-                                    for a, b in zip(answers, bodies, strict=True)
-                                ]
-                            )
-                        ),
-                        3,
-                    ),
+                    "distinct_sources_at_10": mean([len(set(g)) for g in groups], 3),
+                    "precision_at_10": mean(precision, 4),
+                    "self_in_top_10": mean(own, 3),
                     "params": params,
                 }
                 print(f"demo {kind} {name}: {out[kind][name]}")
-    finally:
-        serve.shutdown()
     return out
 
 
 # ---- the figure -------------------------------------------------------------------------------
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.6))
     for name, row in result["backbones"].items():
         a.scatter(row["images_per_s"], row["map_at_100"], s=40)
@@ -540,7 +454,7 @@ def plot(result: dict, path: Path) -> None:
     c.set_ylabel("distinct source photos in the top-10")
     c.set_title("demo set (several edits of each photo)", fontsize=9)
     c.legend(fontsize=8)
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -590,11 +504,11 @@ def main(argv=None) -> int:
     print(f"defaults by the rules: {measured}")
 
     # 3. and 4. over HTTP: the real job, indexes and app
-    import ray
-
-    init_local_ray(args.workdir / "ray", num_cpus=4)
+    ray = init_local_ray(args.workdir / "ray", num_cpus=4)
     try:
-        catalogue = build_catalogue(_CatalogueArgs(args, default), train)
+        workdir = args.workdir / default
+        workdir.mkdir(parents=True, exist_ok=True)
+        catalogue = build_catalogue(workdir, args.shards, train, *model)
         caltech_plan, demo_plan = passes(measured)
         http = caltech_http(
             args, catalogue["store"], chosen["test"], test_labels, relevant, model, caltech_plan
@@ -638,26 +552,12 @@ def main(argv=None) -> int:
             "crop) sent as JSON to POST /search, k=100",
             "distinct_sources_at_10": "demo set: distinct source photos among the top-10",
         },
-        "machine": machine_info(),
-        "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/quality.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": common.machine_info(),
+        "command": common.command("quality", argv),
     }
-    path = write_result(args.name, result)
-    plot(result, RESULTS_DIR / f"{args.name}.png")
-    print(json.dumps({k: result[k] for k in list(result)[:5]}, indent=1))
-    print(f"wrote {path}")
+    common.write_and_plot(args.name, result, plot)
+    common.print_headline(result)
     return 0
-
-
-class _CatalogueArgs:
-    """``caltech101_quality.build_catalogue``'s arguments, with the chosen backbone."""
-
-    def __init__(self, args, model: str):
-        self.workdir = args.workdir / model
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.shards = args.shards
-        self.model = model
-        self.weights = BACKBONES[model]
 
 
 def _per_class(paths: list[Path], n: int) -> list[Path]:

@@ -28,26 +28,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.common import RESULTS_DIR, gaussian_mixture, machine_info, save_figure, write_result  # noqa: E402
-from pipelines.local_ray import free_port, init_local_ray, use_local_ray_env  # noqa: E402
+from benchmarks.common import command, machine_info, pyplot, save_figure, write_and_plot  # noqa: E402
+from harness import serve_runs  # noqa: E402
+from harness.closed_loop import run_load  # noqa: E402
+from harness.synthetic import (  # noqa: E402
+    base_and_queries,
+    cached_store,
+    cached_truth,
+    recall_of_rows,
+    synthetic_rows,
+)
+from pipelines.local_ray import use_local_ray_env  # noqa: E402
 from serve.local import SERVE_MODES  # noqa: E402
 
 use_local_ray_env()
 
-MODEL, WEIGHTS = "synthetic-gaussian-mixture", "seed0"
 K = 10
+# Serve modes (serve/local.py): "default" = Serve as installed (HTTP proxy -> ingress replica ->
+# shard replicas over Ray actor calls); "throughput" = RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (gRPC
+# between replicas, user code on the replica loop, buffered logs), measured both through the
+# proxy and on the ingress replica's own direct-ingress port.
+MODES = SERVE_MODES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,145 +100,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# ---- data, store, ground truth -------------------------------------------------------------------
-def make_data(args) -> tuple[np.ndarray, np.ndarray]:
-    t = time.perf_counter()
-    x = gaussian_mixture(args.n + args.queries, args.dim, seed=0)
-    print(f"generated {len(x):,} x {args.dim} vectors in {time.perf_counter() - t:.1f} s")
-    return x[: args.n], x[args.n :]
-
-
-def ids_uris(n: int) -> tuple[list[str], list[str]]:
-    from index.rows.sharding import uri_id
-
-    uris = [f"synthetic://gaussian-mixture/{i}" for i in range(n)]
-    return [uri_id(u) for u in uris], uris
-
-
-def build_store(args, base: np.ndarray, ids: list[str], uris: list[str], metadata=None) -> dict:
-    """Write and index the store unless a complete one for the same data is already there.
-    ``metadata`` (a pyarrow table, one row per vector) is stored as typed metadata columns."""
-    from index.live.rebuild import RebuildOptions, rebuild_shard
-    from index.rows import schema
-    from index.rows.metadata import schema_of_table
-    from index.rows.sharding import shards_of
-    from index.storage.manifest import Manifest, commit_manifest, load_manifest
-    from index.storage.store import Store
-
-    suffix = "" if metadata is None else "-meta"
-    store = Store(args.workdir / f"store-{args.n}-{args.dim}-{args.shards}{suffix}")
-    manifest = load_manifest(store)
-    if manifest and all(s.version is not None for s in manifest.shards.values()):
-        if sum(s.count for s in manifest.shards.values()) == args.n:
-            print(f"reusing the built store {store.uri}")
-            return {"store": store.uri, "reused": True}
-    timings: dict = {"store": store.uri, "reused": False}
-    t = time.perf_counter()
-    shard_of_row = shards_of(ids, args.shards)
-    ids_arr, uris_arr = np.asarray(ids, dtype=object), np.asarray(uris, dtype=object)
-    for shard in range(args.shards):
-        rows = np.flatnonzero(shard_of_row == shard)
-        for start in range(0, len(rows), 100_000):  # parts of <= 100k rows, as a job would write
-            sel = rows[start : start + 100_000]
-            extra = None
-            if metadata is not None:
-                part = metadata.take(sel)
-                extra = {c: part[c].combine_chunks() for c in part.column_names}
-            table = schema.embeddings_table(
-                list(ids_arr[sel]), list(uris_arr[sel]), base[sel], extra=extra
-            )
-            name = store.new_part_name(f"{start // 100_000:04d}")
-            store.write_parquet(table, f"{store.embeddings_dir(shard)}/{name}")
-    columns = {} if metadata is None else schema_of_table(metadata)
-    commit_manifest(
-        store,
-        lambda m: (m or Manifest(MODEL, WEIGHTS, args.dim, args.shards, metric="ip")).with_metadata(
-            columns
-        ),
-    )
-    timings["write_parquet_s"] = round(time.perf_counter() - t, 1)
-    timings["build_s"] = {}
-    for shard in range(args.shards):
-        t = time.perf_counter()
-        result = rebuild_shard(store, shard, RebuildOptions(memory_budget=args.memory_budget))
-        timings["build_s"][shard] = round(time.perf_counter() - t, 1)
-        print(f"shard {shard}: {result['count']:,} rows, {timings['build_s'][shard]} s")
-    return timings
-
-
-def ground_truth(args, base: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Row numbers of the exact top-K (inner product) of each query, cached."""
-    path = args.workdir / f"gt-{args.n}-{args.dim}-{args.queries}.npy"
-    if path.exists():
-        return np.load(path)
-    import faiss
-
-    t = time.perf_counter()
-    flat = faiss.IndexFlatIP(args.dim)
-    flat.add(base)
-    _, rows = flat.search(queries, K)
-    np.save(path, rows)
-    print(f"exact top-{K} of {len(queries)} queries in {time.perf_counter() - t:.1f} s")
-    return rows
-
-
-def recall(found: list[list[str]], truth_rows: np.ndarray, ids: list[str]) -> float:
-    hits = sum(
-        len(set(f[:K]) & {ids[r] for r in t}) for f, t in zip(found, truth_rows, strict=True)
-    )
-    return hits / (K * len(found))
-
-
-# ---- load generation -------------------------------------------------------------------------
-def summarise(latencies_s: list[float], wall_s: float) -> dict:
-    ms = np.asarray(latencies_s) * 1000
-    return {
-        "requests": len(ms),
-        "p50_ms": round(float(np.percentile(ms, 50)), 3),
-        "p90_ms": round(float(np.percentile(ms, 90)), 3),
-        "p99_ms": round(float(np.percentile(ms, 99)), 3),
-        "mean_ms": round(float(ms.mean()), 3),
-        "qps": round(len(ms) / wall_s, 1),
-    }
-
-
-def run_load(call, n_requests: int, concurrency: int) -> tuple[dict, dict]:
-    """``call(i) -> result`` from ``concurrency`` threads, ``n_requests`` in all."""
-    latencies: list[float] = []
-    results: dict[int, object] = {}
-    counter = iter(range(n_requests))
-    lock = threading.Lock()
-
-    def worker():
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            t = time.perf_counter()
-            out = call(i)
-            dt = time.perf_counter() - t
-            with lock:
-                latencies.append(dt)
-                results[i] = out
-
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = time.perf_counter() - t0
-    stats = summarise(latencies, wall)
-    stats["client_cpu_s_per_request_ms"] = round((time.process_time() - cpu0) / n_requests * 1e3, 3)
-    return stats, results
-
-
 def in_process(args, store_uri: str, queries: np.ndarray, truth, ids) -> dict:
+    """The same shards loaded here, each query scattered shard by shard and merged."""
     import faiss
 
     from index.ann.shard_index import ShardIndex
-    from index.query.merge import merge_topk
+    from index.live.recall import search_all
     from index.storage.store import Store
 
     faiss.omp_set_num_threads(1)  # as in each Serve searcher replica (search_threads: 1)
@@ -239,8 +114,7 @@ def in_process(args, store_uri: str, queries: np.ndarray, truth, ids) -> dict:
 
     def call(i):
         q = queries[i % len(queries)][None, :]
-        per_shard = [s.search(q, K, candidates=args.candidates)[0] for s in shards]
-        return [h.id for h in merge_topk(per_shard, K, "ip")]
+        return search_all(shards, q, K, candidates=args.candidates)[0]
 
     out = {
         "spec": {s.shard: s.meta.get("factory") for s in shards},
@@ -249,209 +123,15 @@ def in_process(args, store_uri: str, queries: np.ndarray, truth, ids) -> dict:
     for _ in range(50):
         call(0)
     for c in args.concurrency:
-        load_before = os.getloadavg()[0]
-        stats, results = run_load(call, args.requests, c)
-        stats["loadavg_1m_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        out[str(c)] = stats
-        print(f"in-process c={c:>2}: {stats}")
+        out[str(c)], _ = run_load(call, args.requests, c, loadavg=True)
+        print(f"in-process c={c:>2}: {out[str(c)]}")
     found = [call(i) for i in range(len(queries))]
-    out["recall_at_10"] = round(recall(found, truth, ids), 4)
+    out["recall_at_10"] = round(recall_of_rows(found, truth, ids, K), 4)
     return out
 
 
-# Serve modes (serve/local.py): "default" = Serve as installed (HTTP proxy -> ingress replica ->
-# shard replicas over Ray actor calls); "throughput" = RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (gRPC
-# between replicas, user code on the replica loop, buffered logs), measured both through the
-# proxy and on the ingress replica's own direct-ingress port.
-MODES = SERVE_MODES
-
-
-def http_worker(args) -> int:
-    """One Serve mode in a fresh process (Serve reads its env flags at import and at start)."""
-    import httpx
-    import psutil
-    import ray
-    from ray import serve
-
-    from serve.app import build_app
-    from serve.config import DeploymentSettings, ServeConfig
-    from serve.local import direct_ingress_port
-
-    queries = np.load(args.workdir / "queries.npy")
-    # logical CPUs: room for every searcher replica (0.25 each) next to the ingress
-    per_group = args.shards_per_group or args.shards
-    replicas = args.searcher_replicas * -(-args.shards // per_group)
-    init_local_ray(args.workdir / "ray", num_cpus=max(4, int(0.25 * replicas + 2)))
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServeConfig(
-        store=args.store,
-        image_queries=False,
-        reload_interval_s=0,
-        default_candidates=args.candidates,
-        default_nprobe=args.nprobe,
-        shards_per_group=args.shards_per_group or None,
-        colocate_shards=args.colocate,
-        canary_fraction=0,  # the recall canary's background exact searches are not measured here
-        searcher=DeploymentSettings(
-            num_replicas=args.searcher_replicas, num_cpus=0.25, max_ongoing_requests=64
-        ),
-    )
-    t = time.perf_counter()
-    serve.run(build_app(config), name=config.app_name, route_prefix="/")
-    out: dict = {"serve_start_s": round(time.perf_counter() - t, 1), "config": config.to_dict()}
-    entries = {"proxy": port}
-    direct = direct_ingress_port()
-    if direct is not None:
-        entries["direct_ingress"] = direct
-    entries = {e: p for e, p in entries.items() if e in args.entries} or entries
-    points = json.loads(args.points) if args.points else None
-    try:
-        for entry, entry_port in entries.items():
-            url = f"http://127.0.0.1:{entry_port}/search"
-            out[entry] = {"port": entry_port, **measure_points(args, url, queries, points, entry)}
-        out["stats"] = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=30).json()
-        out["processes_rss_mb"] = {
-            p.info["name"]: round(p.info["memory_info"].rss / 2**20)
-            for p in psutil.process_iter(["name", "memory_info"])
-            if p.info["name"] and p.info["name"].startswith("ray::Serve")
-        }
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    Path(args.out).write_text(json.dumps(out))
-    return 0
-
-
-class HttpClient:
-    """JSON vector queries against one ``/search`` URL on keep-alive connections (one per
-    client thread); remembers the server's ``took_ms`` of each answer."""
-
-    def __init__(self, url: str, queries: np.ndarray, extra: dict | None = None):
-        self.url = url
-        self.bodies = [
-            json.dumps({"vector": q.tolist(), "k": K, **(extra or {})}).encode() for q in queries
-        ]
-        self.local = threading.local()
-        self.server_ms: list[float] = []
-
-    def __call__(self, i: int) -> list[str]:
-        import httpx
-
-        client = getattr(self.local, "client", None)
-        if client is None:
-            client = self.local.client = httpx.Client(timeout=30)
-        r = client.post(
-            self.url,
-            content=self.bodies[i % len(self.bodies)],
-            headers={"content-type": "application/json"},
-        )
-        r.raise_for_status()
-        body = r.json()
-        if body["partial"]:
-            raise RuntimeError(f"partial answer: {body['missing_shards']}")
-        self.server_ms.append(body["took_ms"])
-        return [h["id"] for h in body["results"]]
-
-
-def measure_http(call: HttpClient, label, concurrency, requests, with_recall, n_queries) -> dict:
-    """Latency and QPS at each concurrency level (and the ids found for every query)."""
-    rows = {}
-    for c in concurrency:
-        call.server_ms.clear()
-        load_before = os.getloadavg()[0]
-        stats, _ = run_load(call, requests, c)
-        stats["loadavg_1m_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        stats["ingress_took_p50_ms"] = round(statistics.median(call.server_ms), 3)
-        rows[str(c)] = stats
-        print(f"HTTP {label} c={c:>2}: {stats}", flush=True)
-    if with_recall:
-        rows["found"] = [call(i) for i in range(n_queries)]
-    return rows
-
-
-def measure_points(args, url: str, queries: np.ndarray, points: list | None, label: str) -> dict:
-    """After a warm-up, the defaults at every level (``points`` None) or each point's body."""
-    warm = HttpClient(url, queries)
-    for i in range(100):  # warm-up: connections, replicas' first calls
-        warm(i)
-    if points is None:
-        return measure_http(warm, label, args.concurrency, args.requests, True, len(queries))
-    out = []
-    for point in points:
-        rows = measure_http(
-            HttpClient(url, queries, point.get("body")),
-            f"{label} {point.get('label', '')}",
-            point.get("concurrency", args.concurrency),
-            point.get("requests", args.requests),
-            point.get("recall", True),
-            len(queries),
-        )
-        out.append({**point, **rows})
-    return {"points": out}
-
-
-def over_http(args, store_uri: str, queries: np.ndarray, truth, ids, point_truths=None) -> dict:
-    """Run each Serve mode in its own process; recall from the ids it found (against
-    ``point_truths[i]`` for operating point ``i`` when given, e.g. one per filter)."""
-    import subprocess
-
-    np.save(args.workdir / "queries.npy", queries)
-    results = {}
-    for mode in args.modes:
-        out = args.workdir / f"http-{mode}.json"
-        cmd = [
-            sys.executable,
-            __file__,
-            "--http-worker",
-            mode,
-            "--store",
-            store_uri,
-            "--out",
-            str(out),
-            "--workdir",
-            str(args.workdir),
-            "--requests",
-            str(args.requests),
-            "--candidates",
-            str(args.candidates),
-            "--concurrency",
-            *map(str, args.concurrency),
-            "--shards",
-            str(args.shards),
-            "--searcher-replicas",
-            str(getattr(args, "searcher_replicas", 1)),
-            "--shards-per-group",
-            str(getattr(args, "shards_per_group", 0) or 0),
-            *(["--colocate"] if getattr(args, "colocate", False) else []),
-            "--entries",
-            *getattr(args, "entries", ["proxy", "direct_ingress"]),
-        ]
-        if getattr(args, "nprobe", None):
-            cmd += ["--nprobe", str(args.nprobe)]
-        if getattr(args, "points", None):
-            cmd += ["--points", args.points]
-        # Ray runs workers at nice 15 (drivers stay responsive); the in-process baseline runs at
-        # nice 0, so for a fair comparison on a shared box Serve's workers run at 0 too
-        env = {**os.environ, **MODES[mode], "RAY_worker_niceness": "0"}
-        subprocess.run(cmd, env=env, check=True)
-        body = json.loads(out.read_text())
-        for entry in ("proxy", "direct_ingress"):
-            points = body[entry].get("points", []) if entry in body else []
-            for i, rows in enumerate([body[entry], *points] if entry in body else []):
-                if "found" in rows:
-                    expected = truth if point_truths is None or i == 0 else point_truths[i - 1]
-                    rows["recall_at_10"] = round(recall(rows.pop("found"), expected, ids), 4)
-        results[mode] = body
-    return results
-
-
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     levels = result["concurrency"]
     series = [("in-process", result["inprocess"])] + [
         (f"HTTP {name}", rows) for name, rows in result["http_paths"].items()
@@ -491,21 +171,23 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.http_worker:
-        return http_worker(args)
+    if args.http_worker:  # one Serve mode, as serve_runs.over_http runs it
+        args.points = json.loads(args.points) if args.points else None
+        serve_runs.worker(serve_runs.spec_of(args, args.http_worker, args.store, args.out))
+        return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TMPDIR", str(args.workdir))
-    base, queries = make_data(args)
-    ids, uris = ids_uris(args.n)
-    build = build_store(args, base, ids, uris)
-    truth = ground_truth(args, base, queries)
+    base, queries = base_and_queries(args.n, args.queries, args.dim)
+    ids, uris = synthetic_rows(args.n)
+    build = cached_store(args.workdir, base, ids, uris, args.shards, args.memory_budget)
+    truth = cached_truth(args.workdir, base, queries, K)
     del base
     inproc = in_process(args, build["store"], queries, truth, ids)
-    http = over_http(args, build["store"], queries, truth, ids)
+    http = serve_runs.over_http(args, build["store"], queries, truth, ids)
     paths = {
         f"{mode}/{entry}": body[entry]
         for mode, body in http.items()
-        for entry in ("proxy", "direct_ingress")
+        for entry in serve_runs.ENTRIES
         if entry in body
     }
     head_name = args.headline if args.headline in paths else next(iter(paths))
@@ -531,14 +213,12 @@ def main(argv=None) -> int:
         "inprocess": inproc,
         "build": build,
         "serve": {
-            mode: {k: v for k, v in body.items() if k not in ("proxy", "direct_ingress")}
+            mode: {k: v for k, v in body.items() if k not in serve_runs.ENTRIES}
             for mode, body in http.items()
         },
-        "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/query_latency.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command("query_latency", argv),
     }
-    path = write_result(args.name, result)
-    plot(json.loads(path.read_text()), RESULTS_DIR / f"{args.name}.png")
+    write_and_plot(args.name, result, plot)
     print(f"\n{'':>30} {'c':>3} {'p50 ms':>8} {'p99 ms':>8} {'QPS':>8} {'recall@10':>9}")
     for name, rows in [("in-process", inproc), *[(f"HTTP {k}", v) for k, v in paths.items()]]:
         for c in args.concurrency:
@@ -551,7 +231,6 @@ def main(argv=None) -> int:
         f"headline ({head_name}): p50 {result['http_p50_ms']} ms, p99 {result['http_p99_ms']} ms"
         f" at concurrency {c1}; {result[f'qps_concurrency_{top}']} QPS at {top}"
     )
-    print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 
 

@@ -41,14 +41,20 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks import query_latency as ql  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    command,
+    machine_info,
+    pyplot,
+    save_figure,
+    write_and_plot,
+)
+from harness import serve_runs  # noqa: E402
+from harness.synthetic import base_and_queries, cached_store, cached_truth, synthetic_rows  # noqa: E402
 
-K = ql.K
+K = 10
 SINGLE_QUERIES = 200  # single-query timings in-process
 LAYOUTS = {"per_shard": 1, "group": 0}  # shards_per_group (0: all shards in one group)
 
@@ -151,8 +157,8 @@ def http(args, store_uri: str, layout: str, candidates: int, queries, truth, ids
         }
         for p in args.nprobes
     ]
-    run.points = json.dumps(points)
-    body = ql.over_http(run, store_uri, queries, truth, ids)["throughput"]
+    run.points = points
+    body = serve_runs.over_http(run, store_uri, queries, truth, ids)["throughput"]
     measured = body["direct_ingress"]["points"]
     return {
         "defaults": measured[0],
@@ -169,9 +175,9 @@ def main(argv=None) -> int:
         plot(json.loads(path.read_text()), path.with_suffix(".png"))
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
-    base, queries = ql.make_data(args)
-    ids, uris = ql.ids_uris(args.n)
-    truth = ql.ground_truth(args, base, queries)
+    base, queries = base_and_queries(args.n, args.queries, args.dim)
+    ids, uris = synthetic_rows(args.n)
+    truth = cached_truth(args.workdir, base, queries, K)
     rows = {}
     if path.exists() and not args.fresh:  # merge split runs of the same data
         old = json.loads(path.read_text())
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
     for num_shards in args.shards:
         run = copy.copy(args)
         run.shards = num_shards
-        build = ql.build_store(run, base, ids, uris)
+        build = cached_store(args.workdir, base, ids, uris, num_shards, args.memory_budget)
         row = {
             "shards": num_shards,
             "build": build,
@@ -220,13 +226,10 @@ def main(argv=None) -> int:
         "layouts": {k: f"shards_per_group={v or 'all'}" for k, v in LAYOUTS.items()},
         "by_shards": {str(s): rows[s] for s in sorted(rows)},
         "table": lines,
-        "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/query_scaling.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command("query_scaling", argv),
     }
-    write_result(args.name, result)
-    plot(json.loads(path.read_text()), path.with_suffix(".png"))
+    write_and_plot(args.name, result, plot)
     print_table(result["table"])
-    print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 
 
@@ -277,11 +280,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result["table"]
     levels = result["concurrency"]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))

@@ -2,8 +2,9 @@
 
 ``gaussian_mixture`` draws vectors closer to real embeddings than uniform noise (clustered,
 anisotropic neighbourhoods), so IVF+PQ recall on them means something. ``synthetic_rows`` names
-its rows, ``exact_topk`` is the ground truth (brute force in float32), and ``cached_store``
-writes and indexes a store of them once per size (the Serve benchmarks share one).
+its rows, ``exact_topk`` is the ground truth (brute force in float32), and ``cached_store`` and
+``cached_truth`` write and index a store of them, and its truth, once per size (the Serve
+benchmarks share them under their work folder).
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def gaussian_mixture(
     return (out, cluster) if labels else out
 
 
+def base_and_queries(n: int, queries: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` vectors of the mixture (seed 0) and ``queries`` held-out draws of the same one."""
+    x = gaussian_mixture(n + queries, dim, seed=0)
+    return x[:n], x[n:]
+
+
 def synthetic_rows(n: int) -> tuple[list[str], list[str]]:
     """Ids and URIs of ``n`` generated rows (the id is the URI's, as the embedding job's)."""
     uris = [f"synthetic://gaussian-mixture/{i}" for i in range(n)]
@@ -68,6 +75,16 @@ def exact_topk(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "ip"
     index = faiss.IndexFlatIP(base.shape[1]) if metric == "ip" else faiss.IndexFlatL2(base.shape[1])
     index.add(np.ascontiguousarray(base))
     return index.search(queries, k)[1]
+
+
+def cached_truth(workdir: Path, base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """``exact_topk`` (inner product), kept in ``workdir`` and reused for the same sizes."""
+    path = Path(workdir) / f"gt-{len(base)}-{base.shape[1]}-{len(queries)}.npy"
+    if not path.exists():
+        t = time.perf_counter()
+        np.save(path, exact_topk(base, queries, k))
+        print(f"exact top-{k} of {len(queries)} queries in {time.perf_counter() - t:.1f} s")
+    return np.load(path)
 
 
 def recall_of_rows(found: list[list[str]], truth_rows: np.ndarray, ids: list[str], k: int) -> float:
