@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
 from benchmarks import common  # noqa: E402
+from benchmarks.answer_scores import K, exact_labels, precision_at  # noqa: E402
 from harness.caltech_catalogue import build_catalogue, catalogue_vectors, class_of, split  # noqa: E402
 from harness.closed_loop import ThreadClients, run_load  # noqa: E402
 from harness.serve_store import embed_files  # noqa: E402
@@ -39,8 +40,6 @@ from harness.serving import serving  # noqa: E402
 from pipelines.local_ray import init_local_ray, use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
-
-K = 10
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,10 +98,8 @@ def http_answers(args, store_uri: str, test: list[Path]) -> tuple[list[list[str]
 
 # ---- metrics -----------------------------------------------------------------------------------
 def precision(answers: list[list[str]], query_classes: list[str]) -> tuple[float, float, dict]:
-    per_query = [
-        sum(class_of(u) == c for u in a[:K]) / K
-        for a, c in zip(answers, query_classes, strict=True)
-    ]
+    pairs = zip(answers, query_classes, strict=True)
+    per_query = [precision_at([class_of(u) for u in a], c) for a, c in pairs]
     by_class: dict[str, list[float]] = defaultdict(list)
     for p, c in zip(per_query, query_classes, strict=True):
         by_class[c].append(p)
@@ -143,9 +140,7 @@ def main(argv=None) -> int:
         ids, uris, vectors = catalogue_vectors(catalogue["store"])
         queries = query_vectors(args, test)
         # exact: brute force over the same catalogue vectors the indexes were built from
-        scores = queries @ vectors.T
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :K]
-        exact = [[uris[j] for j in row] for row in top]
+        exact = exact_labels(queries, vectors, uris, K)
         answers, http = http_answers(args, catalogue["store"], test)
     finally:
         ray.shutdown()

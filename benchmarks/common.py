@@ -138,15 +138,28 @@ def command(script: str, argv: list[str] | None) -> str:
 
 
 def add_scale_args(
-    parser: argparse.ArgumentParser, *, workdir: Path, queries: int, queries_help: str
+    parser: argparse.ArgumentParser,
+    *,
+    workdir: Path,
+    queries: int | None = 1000,
+    queries_help: str = "held-out queries",
+    requests: int | None = 1000,
+    requests_help: str = "requests per measurement",
+    quick: str | None = "100k vectors, fewer requests",
+    shards: int | list[int] = 4,
 ) -> None:
-    """The options of the benchmarks over one synthetic store (peers, filtered search): its
-    size, shape and memory budget, the held-out queries and the requests per measurement."""
+    """The options of the benchmarks over one synthetic store (its size, shape, shards and
+    memory budget, where it is cached), the held-out queries and the requests per measurement;
+    ``None`` leaves an option out, a list of shards makes ``--shards`` take several."""
     parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--quick", action="store_true", help="100k vectors, fewer requests")
+    if quick:
+        parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--queries", type=int, default=queries, help=queries_help)
-    parser.add_argument("--requests", type=int, default=1000, help="requests per measurement")
+    many = {"nargs": "+"} if isinstance(shards, list) else {}
+    parser.add_argument("--shards", type=int, default=shards, **many)
+    if queries is not None:
+        parser.add_argument("--queries", type=int, default=queries, help=queries_help)
+    if requests is not None:
+        parser.add_argument("--requests", type=int, default=requests, help=requests_help)
     parser.add_argument("--workdir", type=Path, default=workdir)
     parser.add_argument("--memory-budget", default="4G")

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script,
 from benchmarks import common  # noqa: E402
 from harness.serving import serving  # noqa: E402
 from harness.synthetic import cached_store, gaussian_mixture, synthetic_rows  # noqa: E402
+from harness.traffic import versions  # noqa: E402
 from pipelines.local_ray import init_local_ray, use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
@@ -51,17 +52,18 @@ LATENCY_CACHE = Path("/tmp/vs-bench-latency")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--quick", action="store_true", help="100k vectors, shorter phases")
+    common.add_scale_args(
+        p,
+        workdir=Path("/tmp/vs-bench-freshness"),
+        queries=None,
+        requests=None,
+        quick="100k vectors, shorter phases",
+    )
     p.add_argument("--steady-s", type=float, default=30.0, help="seconds before and after")
     p.add_argument("--add-interval-s", type=float, default=0.5, help="pause between adds")
     p.add_argument("--candidates", type=int, default=400, help="per-shard rerank candidates")
     p.add_argument("--rebuild-cpus", type=float, default=1.0, help="Ray CPUs per rebuild task")
     p.add_argument("--retrain", action="store_true", help="force retraining (drift_ratio 0)")
-    p.add_argument("--memory-budget", default="4G")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-freshness"))
     p.add_argument("--name", default="freshness")
     args = p.parse_args(argv)
     if args.quick:
@@ -155,10 +157,6 @@ def add_loop(url, vectors, rec: Recorder, stop: threading.Event, t0: float, paus
             with rec.lock:
                 rec.adds.append(entry)
             stop.wait(pause_s)
-
-
-def versions(client) -> list:
-    return [row.get("version") for row in client.get("/stats").json()["shards"]]
 
 
 def run_benchmark(args, store_uri: str) -> dict:

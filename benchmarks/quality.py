@@ -11,18 +11,18 @@ Four parts, one JSON (``results/quality.json``) and one PNG:
    images/s is the bare model (``Embedder.embed`` on ready crops, batch 32, all cores, after a
    warm-up batch). The default backbone is chosen by ``choose_backbone``'s written rule.
 2. **Sweeps**, in-process with the same ``index.query.shaping`` functions the ingress runs, over
-exact
-   search of the default backbone's vectors: query expansion's ``m`` and ``alpha``, MMR's lambda,
-   the dedup threshold. The defaults in ``index/query/shaping.py`` are read off these tables.
+   exact search of the default backbone's vectors: query expansion's ``m`` and ``alpha``, MMR's
+   lambda, the dedup threshold. The defaults in ``index/query/shaping.py`` are read off these
+   tables.
 3. **Caltech-101 over HTTP**: the train photos embedded by the real Ray Data job into a 4-shard
    store with IVF+PQ indexes, served by the real app; every test photo's vector is sent to
    ``POST /search`` (k=100) with each option off and on; precision@10 and mAP@100.
 4. **The demo set** (scikit-image photos, each with 8 edits,
    ``visual_search/demo_images.py``): a small store served by the app; the held-out query
-   edits and every catalogue image (id queries)
-   are searched plain and with dedup / diversify / exclude_self; distinct source photos in the
-   top-10 and precision@10.
+   edits and every catalogue image (id queries) are searched plain and with dedup / diversify /
+   exclude_self; distinct source photos in the top-10 and precision@10.
 
+Parts 3 and 4 are ``benchmarks/quality_http.py``, the scores ``benchmarks/answer_scores.py``.
 mAP@100: the mean over queries of average precision over the first 100 results, divided by
 ``min(relevant in the catalogue, 100)``. Stores, vectors and timings are cached in ``--workdir``.
 """
@@ -41,10 +41,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
 from benchmarks import common  # noqa: E402
+from benchmarks.answer_scores import DEPTH, exact_labels, scores_of  # noqa: E402
+from benchmarks.quality_http import caltech_http, demo_http, demo_set, passes  # noqa: E402
 from harness.caltech_catalogue import build_catalogue, class_of, split  # noqa: E402
-from harness.closed_loop import ThreadClients, run_load  # noqa: E402
 from harness.serve_store import embed_files  # noqa: E402
-from harness.serving import serving  # noqa: E402
 from pipelines.local_ray import init_local_ray, use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
@@ -69,7 +69,6 @@ BACKBONES = {  # name -> weights
     "mobilenet_v2": str(MNV2_WEIGHTS),
 }
 K = 10
-DEPTH = 100  # results per HTTP query: mAP@100
 SPEED_FLOOR = 0.5  # choose_backbone: at least this share of the fastest backbone's images/s
 MAP_MARGIN = 0.01  # ... and a slower backbone must gain at least this much mAP@100
 
@@ -84,33 +83,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbones", default=",".join(BACKBONES))
     p.add_argument("--name", default=NAME)
     return p.parse_args(argv)
-
-
-# ---- metrics -----------------------------------------------------------------------------------
-def precision_at(labels: list[str], query: str, k: int = K) -> float:
-    return sum(label == query for label in labels[:k]) / k
-
-
-def average_precision(labels: list[str], query: str, relevant: int, depth: int = DEPTH) -> float:
-    hits, total = 0, 0.0
-    for i, label in enumerate(labels[:depth], 1):
-        if label == query:
-            hits += 1
-            total += hits / i
-    return total / max(1, min(relevant, depth))
-
-
-def mean(values, digits: int) -> float:
-    return round(float(np.mean(values)), digits)
-
-
-def scores_of(answers: list[list[str]], queries: list[str], relevant: dict[str, int]) -> dict:
-    """P@10 and mAP@100 of ranked label lists."""
-    pairs = list(zip(answers, queries, strict=True))
-    return {
-        "precision_at_10": mean([precision_at(a, q) for a, q in pairs], 4),
-        "map_at_100": mean([average_precision(a, q, relevant[q]) for a, q in pairs], 4),
-    }
 
 
 # ---- 1. backbones ------------------------------------------------------------------------------
@@ -151,12 +123,6 @@ def backbone_vectors(args, name: str, train: list[Path], test: list[Path]) -> di
     np.savez(cache, train=train_v, test=test_v, info=json.dumps(info))
     print(f"{name}: {len(train) + len(test)} photos embedded, bare model {speed:.1f} images/s")
     return {"train": train_v, "test": test_v, **info}
-
-
-def exact_labels(queries, vectors, labels: list[str], depth: int = DEPTH) -> list[list[str]]:
-    scores = queries @ vectors.T
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
-    return [[labels[j] for j in row] for row in top]
 
 
 def choose_backbone(table: dict[str, dict]) -> tuple[str, str]:
@@ -273,140 +239,6 @@ def choose_defaults(expand: list[dict], shaping: dict) -> dict:
         "diversify_lambda": diversify["lambda"],
         "rules": choose_defaults.__doc__.split("\n\n", 1)[1].strip(),
     }
-
-
-# ---- 3 and 4. over HTTP ------------------------------------------------------------------------
-def app_config(store_uri: str, model: tuple[str, str]):
-    from serve.config import ServeConfig
-
-    return ServeConfig(
-        store=store_uri,
-        model=model[0],
-        weights=model[1],
-        reload_interval_s=0,
-        canary_fraction=0.0,  # the benchmark measures answers, not the canary
-        access_log=False,
-    )
-
-
-def http_pass(base: str, bodies: list[dict], params: dict, concurrency: int) -> tuple[list, dict]:
-    """Every body to ``POST /search`` with ``params``: the results lists and timings."""
-    clients, partial = ThreadClients(base_url=base, timeout=120), []
-
-    def call(i: int) -> list[dict]:
-        r = clients.get().post("/search", json=bodies[i], params=params)
-        r.raise_for_status()
-        partial.append(r.json()["partial"])
-        return r.json()["results"]
-
-    timing, answers = run_load(call, len(bodies), concurrency)
-    clients.close()
-    return [answers[i] for i in range(len(bodies))], {
-        "qps": round(timing["qps"], 1),
-        "p50_ms": round(timing["p50_ms"], 1),
-        "p99_ms": round(timing["p99_ms"], 1),
-        "partial_answers": sum(partial),
-    }
-
-
-def passes(d: dict) -> tuple[dict, dict]:
-    """POST /search parameters of each HTTP pass, with the defaults the rules chose (sent
-    explicitly, so the figures are those of the chosen values whatever the app's constants)."""
-    expand = {"expand": "true", "expand_m": d["expand_m"], "expand_alpha": d["expand_alpha"]}
-    dedup = {"dedup": d["dedup_threshold"]}
-    diversify = {"diversify": d["diversify_lambda"]}
-    caltech = {
-        "plain": {},
-        "expanded": expand,
-        "diversified": diversify,
-        "deduplicated": dedup,
-        "expanded_deduplicated": {**expand, **dedup},
-    }
-    demo = {
-        "plain": {},
-        "deduplicated": dedup,
-        "diversified": diversify,
-        "exclude_self": {"exclude_self": "true"},
-        "exclude_self_deduplicated": {"exclude_self": "true", **dedup},
-    }
-    return caltech, demo
-
-
-def caltech_http(args, store_uri, test_vectors, test_labels, relevant, model, plan) -> dict:
-    bodies = [{"vector": v.tolist()} for v in test_vectors]
-    out = {}
-    with serving(app_config(store_uri, model)) as served:
-        for name, params in plan.items():
-            answers, timing = http_pass(
-                served.url, bodies, {"k": DEPTH, **params}, args.concurrency
-            )
-            labels = [[class_of(r["uri"]) for r in a] for a in answers]
-            out[name] = {**scores_of(labels, test_labels, relevant), **timing, "params": params}
-            print(f"HTTP {name}: {out[name]}")
-    return out
-
-
-def demo_set(args, model: tuple[str, str]) -> dict:
-    """The demo's photos and edits, embedded in-process with the query path's crop."""
-    from embedding import Embedder, ModelConfig
-    from index.rows.sharding import uri_id
-    from visual_search.demo_images import group_of, write_demo_images
-
-    images, queries = args.workdir / "demo-images", args.workdir / "demo-queries"
-    groups = write_demo_images(images, queries)
-    paths = sorted(p for files in groups.values() for p in files)
-    query_paths = sorted(queries.glob("*.jpg"))
-    embedder = Embedder(ModelConfig(name=model[0], weights=model[1], threads=2))
-    vectors, _ = embed_files(paths, embedder)
-    query_vectors, _ = embed_files(query_paths, embedder)
-    uris = [p.resolve().as_uri() for p in paths]
-    return {
-        "paths": paths,
-        "uris": uris,
-        "ids": [uri_id(u) for u in uris],
-        "vectors": vectors,
-        "labels": [group_of(u) for u in uris],
-        "queries": query_vectors,
-        "query_labels": [group_of(str(p)) for p in query_paths],
-        "embedder": (embedder.name, embedder.weights_tag),
-    }
-
-
-def demo_http(args, demo: dict, model: tuple[str, str], plan: dict) -> dict:
-    from harness.stores import write_store
-    from index.live.rebuild import rebuild_shard
-
-    root = args.workdir / f"demo-store-{time.time_ns()}"
-    store = write_store(
-        root, demo["ids"], demo["uris"], demo["vectors"], 2, model=demo["embedder"][0],
-        weights=demo["embedder"][1],
-    )  # fmt: skip
-    for shard in range(2):
-        rebuild_shard(store, shard)
-    label = dict(zip(demo["ids"], demo["labels"], strict=True))
-    held_out = [{"vector": v.tolist()} for v in demo["queries"]]
-    kinds = {
-        "held_out_queries": (held_out, demo["query_labels"]),
-        "catalogue_id_queries": ([{"id": i} for i in demo["ids"]], demo["labels"]),
-    }
-    out: dict = {}
-    with serving(app_config(store.uri, model)) as served:
-        for kind, (bodies, labels) in kinds.items():
-            out[kind] = {}
-            for name, params in plan.items():
-                answers, _ = http_pass(served.url, bodies, {"k": K, **params}, args.concurrency)
-                groups = [[label[r["id"]] for r in a] for a in answers]
-                found = [{r["id"] for r in a} for a in answers]
-                precision = [precision_at(g, q) for g, q in zip(groups, labels, strict=True)]
-                own = [b.get("id") in f for f, b in zip(found, bodies, strict=True)]
-                out[kind][name] = {
-                    "distinct_sources_at_10": mean([len(set(g)) for g in groups], 3),
-                    "precision_at_10": mean(precision, 4),
-                    "self_in_top_10": mean(own, 3),
-                    "params": params,
-                }
-                print(f"demo {kind} {name}: {out[kind][name]}")
-    return out
 
 
 # ---- the figure -------------------------------------------------------------------------------

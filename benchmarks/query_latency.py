@@ -35,7 +35,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.common import command, machine_info, pyplot, save_figure, write_and_plot  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_scale_args,
+    command,
+    machine_info,
+    pyplot,
+    save_figure,
+    write_and_plot,  # noqa: E402
+)
 from harness import serve_runs  # noqa: E402
 from harness.closed_loop import run_load  # noqa: E402
 from harness.synthetic import (  # noqa: E402
@@ -60,14 +67,14 @@ MODES = SERVE_MODES
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--queries", type=int, default=1000, help="distinct held-out queries")
-    p.add_argument("--requests", type=int, default=1000, help="requests per concurrency level")
+    add_scale_args(
+        p,
+        workdir=Path("/tmp/vs-bench-latency"),
+        queries_help="distinct held-out queries",
+        requests_help="requests per concurrency level",
+        quick=None,
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-latency"))
-    p.add_argument("--memory-budget", default="4G")
     p.add_argument("--name", default="query_latency", help="results file name")
     p.add_argument(
         "--candidates", type=int, default=400, help="per-shard rerank candidates (app default)"

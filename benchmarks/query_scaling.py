@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script,
 
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
+    add_scale_args,
     command,
     machine_info,
     pyplot,
@@ -52,7 +53,13 @@ from benchmarks.common import (  # noqa: E402
     write_and_plot,
 )
 from harness import serve_runs  # noqa: E402
-from harness.synthetic import base_and_queries, cached_store, cached_truth, synthetic_rows  # noqa: E402
+from harness.synthetic import (  # noqa: E402  # noqa: E402
+    base_and_queries,
+    cached_store,
+    cached_truth,
+    recall_of_rows,
+    synthetic_rows,
+)
 
 K = 10
 SINGLE_QUERIES = 200  # single-query timings in-process
@@ -61,18 +68,18 @@ LAYOUTS = {"per_shard": 1, "group": 0}  # shards_per_group (0: all shards in one
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--quick", action="store_true", help="100k vectors, 1/4 shards, fewer requests")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    add_scale_args(
+        p,
+        workdir=Path("/tmp/vs-bench-scale"),
+        requests=500,
+        requests_help="per concurrency level",
+        quick="100k vectors, 1/4 shards, fewer requests",
+        shards=[1, 2, 4, 8, 16],
+    )
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--nprobes", type=int, nargs="*", default=[8, 32])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--requests", type=int, default=500, help="per concurrency level")
     p.add_argument("--sweep-requests", type=int, default=200, help="per nprobe point")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-scale"))
-    p.add_argument("--memory-budget", default="4G")
     p.add_argument("--keep-stores", action="store_true", help="keep stores other than 4 shards")
     p.add_argument("--fresh", action="store_true", help="do not merge with an earlier result")
     p.add_argument("--name", default=None)
@@ -102,42 +109,38 @@ def in_process(store_uri: str, num_shards: int, queries, truth, ids, nprobes) ->
     import faiss
 
     from index.ann.shard_index import ShardIndex
-    from index.live.recall import recall_at_k, search_all
+    from index.live.recall import search_all
     from index.query.merge import merge_topk
     from index.storage.store import Store
 
     faiss.omp_set_num_threads(1)  # as each searcher replica
     shards = [ShardIndex.load(Store(store_uri), s) for s in range(num_shards)]
-    truth_ids = [[ids[r] for r in row] for row in truth]
+
+    def recall(**kwargs) -> float:
+        return round(recall_of_rows(search_all(shards, queries, K, **kwargs), truth, ids, K), 4)
+
+    def one_shard_p50(shard, **kwargs) -> float:
+        return single_query_p50(lambda q: shard.search(q, K, **kwargs), queries)
+
     out = {
         "rows_per_shard": [s.count for s in shards],
         "factory": sorted({s.meta["factory"] for s in shards}),
         "default_nprobe": sorted({s.default_nprobe for s in shards}),
         "default_candidates": sorted({s.meta.get("candidates") for s in shards}),
-        "per_shard_p50_ms": round(
-            float(
-                np.mean([single_query_p50(lambda q, s=s: s.search(q, K), queries) for s in shards])
-            ),
-            3,
-        ),
+        "per_shard_p50_ms": round(float(np.mean([one_shard_p50(s) for s in shards])), 3),
         "sequential_scatter_p50_ms": single_query_p50(
             lambda q: merge_topk([s.search(q, K)[0] for s in shards], K, "ip"), queries
         ),
-        "recall_at_10": round(recall_at_k(search_all(shards, queries, K), truth_ids, K), 4),
-        "nprobe_sweep": [],
-    }
-    for nprobe in nprobes:
-        out["nprobe_sweep"].append(
+        "recall_at_10": recall(),
+        "nprobe_sweep": [
             {
-                "nprobe": nprobe,
-                "recall_at_10": round(
-                    recall_at_k(search_all(shards, queries, K, nprobe=nprobe), truth_ids, K), 4
-                ),
-                "per_shard_p50_ms": single_query_p50(
-                    lambda q, p=nprobe: shards[0].search(q, K, nprobe=p), queries
-                ),
+                "nprobe": p,
+                "recall_at_10": recall(nprobe=p),
+                "per_shard_p50_ms": one_shard_p50(shards[0], nprobe=p),
             }
-        )
+            for p in nprobes
+        ],
+    }
     return out
 
 
@@ -229,7 +232,8 @@ def main(argv=None) -> int:
         "command": command("query_scaling", argv),
     }
     write_and_plot(args.name, result, plot)
-    print_table(result["table"])
+    for line in result["table"]:
+        print(line)
     return 0
 
 
@@ -270,13 +274,6 @@ def summary_line(row: dict, levels) -> str:
             + f", recall {d.get('recall_at_10')}"
         )
     return "; ".join(parts)
-
-
-def print_table(rows: list[dict]) -> None:
-    keys = list(rows[0]) if rows else []
-    print(" ".join(f"{k:>12}" for k in keys))
-    for r in rows:
-        print(" ".join(f"{r.get(k)!s:>12}" for k in keys))
 
 
 def plot(result: dict, path: Path) -> None:

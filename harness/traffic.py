@@ -3,7 +3,9 @@
 ``Traffic`` sends one query every ``period_s`` (closed loop, one at a time) and keeps a ``Rec``
 of each answer; ``Writer`` does the same with ``POST /images`` writes of explicit ids, so that
 afterwards every acknowledged id can be looked for. ``recovery`` says what users saw after a
-fault and how long until answers were full again.
+fault and how long until answers were full again. ``Querier`` queries without pause and notes
+any acknowledged delete that comes back; ``top1``, ``versions`` and ``unit_vectors`` are what
+the freshness tests (and the freshness benchmark) ask an app between writes.
 """
 
 from __future__ import annotations
@@ -137,3 +139,58 @@ class Writer(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=60)
+
+
+class Querier(threading.Thread):
+    """Queries without pause; records failures and any acknowledged delete that comes back."""
+
+    def __init__(self, port: int, probes: list[np.ndarray], deleted: dict[str, float]):
+        super().__init__(daemon=True)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        self.probes = probes  # the main thread appends; reading a list while appending is safe
+        self.deleted = deleted  # id -> monotonic time its delete was acknowledged
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.resurrected: list[str] = []
+        self.latencies: list[float] = []
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            vector = self.probes[i % len(self.probes)]
+            i += 1
+            started = time.monotonic()
+            try:
+                r = self.client.post("/search", json={"vector": vector.tolist(), "k": 10})
+            except httpx.HTTPError as e:
+                self.failures.append(f"{type(e).__name__}: {e}")
+                continue
+            self.latencies.append(time.monotonic() - started)
+            if r.status_code != 200 or r.json().get("partial"):
+                self.failures.append(f"{r.status_code}: {r.text[:200]}")
+                continue
+            self.ok += 1
+            for hit in r.json()["results"]:
+                acked = self.deleted.get(hit["id"])
+                if acked is not None and acked < started:
+                    self.resurrected.append(hit["id"])
+        self.client.close()
+
+
+def unit_vectors(rng, n: int, dim: int = 1280) -> np.ndarray:
+    """``n`` random unit vectors (the default model's dimension)."""
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def top1(client: httpx.Client, vector: np.ndarray, k: int = 10) -> list[str]:
+    """The ids a vector query answers, best first (a 200 is asserted)."""
+    r = client.post("/search", json={"vector": vector.tolist(), "k": k})
+    assert r.status_code == 200, r.text
+    return [h["id"] for h in r.json()["results"]]
+
+
+def versions(client: httpx.Client) -> list[int | None]:
+    """The index version each shard serves (``/stats``)."""
+    return [row.get("version") for row in client.get("/stats").json()["shards"]]
