@@ -34,10 +34,14 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script, too
@@ -94,8 +98,6 @@ class CpuSampler:
     )
 
     def __init__(self, interval_s: float = 1.0):
-        import threading
-
         self.interval_s = interval_s
         self.seconds: dict[str, float] = {}
         self._last: dict[int, float] = {}
@@ -104,8 +106,6 @@ class CpuSampler:
 
     @staticmethod
     def _machine_busy() -> float:
-        import psutil
-
         t = psutil.cpu_times()
         return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
 
@@ -120,8 +120,6 @@ class CpuSampler:
     def sample(self, count: bool = True) -> None:
         """Add each process's CPU since the last sample to its role (a process born since the
         first sample counts whole: it is the job's)."""
-        import psutil
-
         for proc in psutil.process_iter(["pid", "cmdline", "name", "cpu_times"]):
             info = proc.info
             times = info.get("cpu_times")
@@ -175,12 +173,8 @@ class CpuSampler:
 def decode_all(photos: list[Path], image_size: int) -> np.ndarray:
     """The crops the job would make (same decode, draft mode and crop), done up front."""
     resize = round(image_size * 256 / 224)
-    return np.stack(
-        [
-            prepare(decode_image(p.read_bytes(), draft_size=resize), image_size, resize)
-            for p in photos
-        ]
-    )
+    decoded = (decode_image(p.read_bytes(), draft_size=resize) for p in photos)
+    return np.stack([prepare(image, image_size, resize) for image in decoded])
 
 
 def bare_model(embedder: Embedder, crops: np.ndarray, batch_size: int) -> float:
@@ -210,11 +204,9 @@ def bare_models(path: Path, model: str, processes: int, threads: int, batch_size
 
     ctx = mp.get_context("spawn")  # a forked torch/OpenMP runtime can hang
     barrier, results = ctx.Barrier(processes), ctx.Queue()
+    share = (str(path), model, threads, batch_size)
     procs = [
-        ctx.Process(
-            target=_bare_process,
-            args=(str(path), model, threads, batch_size, i, processes, barrier, results),
-        )
+        ctx.Process(target=_bare_process, args=(*share, i, processes, barrier, results))
         for i in range(processes)
     ]
     for proc in procs:
@@ -280,11 +272,8 @@ def plot(result: dict, path: Path, before: dict | None = None) -> None:
     names = ["bare model", "job, end to end", "job, steady state"]
     width = 0.8 / len(runs)
     for i, (label, run) in enumerate(runs):
-        values = [
-            run["bare_model_images_per_s"],
-            run["pipeline_images_per_s"],
-            run["steady_pipeline_images_per_s"],
-        ]
+        keys = ("bare_model_images_per_s", "pipeline_images_per_s", "steady_pipeline_images_per_s")
+        values = [run[k] for k in keys]
         bars = right.bar(np.arange(3) + i * width, values, width, label=label)
         for bar, v in zip(bars, values, strict=True):
             right.annotate(
@@ -337,13 +326,10 @@ def paired_round(embedder, crops, path, listing, work, batch_size, actors, threa
 
 
 def commit() -> str:
-    import subprocess
-
+    """The checkout's commit (the plot names the runs it compares by it)."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
+        git = ["git", "rev-parse", "--short", "HEAD"]
+        return subprocess.run(git, cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         return "unknown"
 

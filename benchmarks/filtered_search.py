@@ -4,7 +4,7 @@
     (LanceDB needs the benchmark extra: pip install -e '.[bench]')
 
 Data: ``--n`` (1M) ``gaussian_mixture`` vectors, 256-d, 1,000 clusters, in ``--shards`` (4)
-shards built by ``index.live.rebuild.rebuild_shard`` (``benchmarks/query_latency.py``'s store, with
+shards built by ``index.live.rebuild.rebuild_shard`` (``harness.synthetic.cached_store``, with
 metadata columns), each row with:
 
 - ``bucket``: int, uniform in 0..9999, independent of the vector;
@@ -22,13 +22,14 @@ Filters, two families at 50 %, 10 %, 1 %, 0.1 % and 0.01 % selectivity:
 plus the issue's "in stock, under $50" (about 5 %). Queries are held-out draws of the mixture;
 the ground truth of each filter is exact float32 search over its matching rows.
 
-Ours: the real Serve app over HTTP (throughput mode, direct ingress, ``query_latency``'s HTTP
-worker), JSON ``{"vector", "k": 10, "filter"}`` at concurrency 1, default nprobe and 400 rerank
+Ours: the real Serve app over HTTP (throughput mode, direct ingress, ``harness.serve_runs``),
+JSON ``{"vector", "k": 10, "filter"}`` at concurrency 1, default nprobe and 400 rerank
 candidates per shard (as the unfiltered benchmarks); also the same shards in-process
 (``LiveShard.search_with_plan``) for the plan each shard chose (exact or IVF, its nprobe).
 
 LanceDB (embedded, in-process, no HTTP) on the same vectors and columns: IVF_PQ as in
-``benchmarks/peers.py`` (~sqrt(N) partitions, 64 x 8-bit sub-vectors, L2), a BTREE index on
+``benchmarks/peers.py`` (``harness.lance_table``: ~sqrt(N) partitions, 64 x 8-bit sub-vectors,
+L2), a BTREE index on
 ``bucket`` and a BITMAP index on ``category``, ``where(sql, prefilter=True)``; its nprobes and
 refine factor are the cheapest pair reaching recall@10 >= 0.95 unfiltered (a short sweep), run
 two ways: ``fixed`` (``nprobes``) and ``adaptive`` (``minimum_nprobes`` = that, ``maximum_nprobes``
@@ -50,15 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.common import (  # noqa: E402
-    add_scale_args,
-    command,
-    machine_info,
-    print_headline,
-    pyplot,
-    save_figure,
-    write_and_plot,
-)
+from benchmarks import common  # noqa: E402
 from harness import lance_table  # noqa: E402
 from harness.closed_loop import run_load  # noqa: E402
 from harness.serve_runs import over_http  # noqa: E402
@@ -77,7 +70,7 @@ LANCE_GRID = {"nprobes": (16, 32, 64), "refine_factor": (5, 10, 20)}
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_scale_args(
+    common.add_scale_args(
         p,
         workdir=Path("/tmp/vs-bench-filtered"),
         queries=500,
@@ -320,7 +313,7 @@ def headline(result: dict) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    plt = pyplot()
+    plt = common.pyplot()
     http = {p["label"]: p for p in result["ours_http"]["points"]}
     lance = result.get("lancedb")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -356,7 +349,7 @@ def plot(result: dict, path: Path) -> None:
     )
     ax2.set_title("ours: HTTP (Serve); LanceDB: embedded, in-process", fontsize=9)
     fig.suptitle(f"filtered search vs selectivity, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -393,12 +386,12 @@ def main(argv=None) -> int:
         "ours_inprocess": inproc,
         "lancedb": lance,
         "build": {"ours": build, "lancedb": lance_build},
-        "machine": machine_info(),
-        "command": command("filtered_search", argv),
+        "machine": common.machine_info(),
+        "common.command": common.command("filtered_search", argv),
     }
     result = {**headline(result), **result}
-    write_and_plot(args.name, result, plot)
-    print_headline(result)
+    common.write_and_plot(args.name, result, plot)
+    common.print_headline(result)
     return 0
 
 

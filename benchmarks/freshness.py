@@ -3,7 +3,7 @@
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/freshness.py            # 1M x 256
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/freshness.py --quick    # 100k x 256
 
-The store: ``--n`` Gaussian-mixture vectors (``benchmarks.common.gaussian_mixture``) in
+The store: ``--n`` Gaussian-mixture vectors (``harness.synthetic.gaussian_mixture``) in
 ``--shards`` shards, the same store ``benchmarks/query_latency.py`` builds and caches in
 ``/tmp/vs-bench-latency`` (reused when present, else built the same way). Each run works on a
 hard-linked copy (``cp -al``: every file of a store is immutable or replaced atomically, so the

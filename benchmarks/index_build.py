@@ -208,7 +208,7 @@ def run_size(args, n: int, shard_counts: list[int], name: str) -> None:
         ),
         "queries": args.queries,
         "exact_search_seconds_float32": round(exact_seconds, 2),
-        "data": "benchmarks.common.gaussian_mixture(seed=0), 1000 clusters, L2-normalised",
+        "data": "harness.synthetic.gaussian_mixture(seed=0), 1000 clusters, L2-normalised",
         "configs": rows,
     }
     common.write_and_plot(name, result, plot)

@@ -49,16 +49,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
+from benchmarks import common  # noqa: E402
 from benchmarks import peer_systems as systems  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    add_scale_args,
-    command,
-    machine_info,
-    pareto,
-    pyplot,
-    save_figure,
-    write_and_plot,
-)
 from harness.closed_loop import run_load  # noqa: E402
 from harness.polling import free_port, wait_for  # noqa: E402
 from harness.serve_runs import measure_points, over_http  # noqa: E402
@@ -84,7 +76,7 @@ MILVUS_GRIDS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_scale_args(
+    common.add_scale_args(
         p,
         workdir=Path("/tmp/vs-bench-scale"),
         queries=1000,
@@ -154,7 +146,7 @@ def sweep_and_choose(name, search, grid, queries, truth, ids, args, **extra) -> 
     out = {
         **extra,
         "grid": points,
-        "frontier": pareto(points, "p50_ms", "recall_at_10"),
+        "frontier": common.pareto(points, "p50_ms", "recall_at_10"),
         "operating_point": measure_point(search, chosen, grid, queries, truth, ids, args),
     }
     print(f"{name} operating point: {out['operating_point']}", flush=True)
@@ -373,7 +365,7 @@ HTTP_SYSTEMS = ("ours_http", "ours_http_colocated", "floor_http")
 
 
 def plot(result: dict, path: Path) -> None:
-    plt = pyplot()
+    plt = common.pyplot()
     c1, top = str(result["concurrency"][0]), str(max(result["concurrency"]))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, colour in COLOURS.items():
@@ -412,7 +404,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_title(f"at equal recall@10 >= {result['target_recall']} (measured on every query)")
     m = result["machine"]
     fig.suptitle(f"peers on the same vectors, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -438,7 +430,7 @@ def main(argv=None) -> int:
         "concurrency": args.concurrency,
         "requests": args.requests,
         "tune_queries": args.tune_queries,
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "build_seconds": {
             # ours: the shards built one after another in one process (index_build.json has
             # the Ray-parallel wall); FAISS single: build_arrays wall; LanceDB: create_index
@@ -459,10 +451,10 @@ def main(argv=None) -> int:
             "operating point: lowest p50 reaching target_recall on the first tune_queries "
             "queries; its recall here is re-measured on all queries",
         ],
-        "command": command("peers", argv),
+        "common.command": common.command("peers", argv),
     }
     result = {**headline({**result, **measured}), **result}
-    write_and_plot(args.name, result, plot)
+    common.write_and_plot(args.name, result, plot)
     print(json.dumps({k: v for k, v in result.items() if k not in ("systems", "build")}, indent=1))
     return 0
 

@@ -2,15 +2,16 @@
 
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/query_latency.py
 
-1M x 256 Gaussian-mixture vectors (``benchmarks.common.gaussian_mixture``) in 4 shards, written
+1M x 256 Gaussian-mixture vectors (``harness.synthetic.gaussian_mixture``) in 4 shards, written
 as a real store (Parquet parts + manifest) and indexed with ``index.live.rebuild.rebuild_shard``
-(the
-index rules pick the factory). Queries are held-out draws of the same mixture. Two ways to ask:
+(the index rules pick the factory; ``harness.synthetic.cached_store``). Queries are held-out
+draws of the same mixture. Two ways to ask:
 
 - HTTP: the real Serve app (Ingress -> 4 ShardSearcher deployments; vectors only, no image model
   made these vectors) on 127.0.0.1, JSON vector queries on keep-alive connections from client
   threads in this process (the load generator shares the 2 cores), concurrency 1, 4 and 16, in
-  each Serve mode of ``serve/local.py`` (each in a fresh process: Serve reads its flags at start):
+  each Serve mode of ``serve/local.py`` (each in a fresh process, ``harness.serve_runs``: Serve
+  reads its flags at start):
   ``default`` through the proxy; ``throughput`` (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) through the
   proxy and on the ingress replica's direct-ingress port. ``--headline`` picks the path whose
   concurrency-1 numbers become the top-level keys (default: throughput/direct_ingress).
@@ -35,14 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.common import (  # noqa: E402
-    add_scale_args,
-    command,
-    machine_info,
-    pyplot,
-    save_figure,
-    write_and_plot,  # noqa: E402
-)
+from benchmarks import common  # noqa: E402
 from harness import serve_runs  # noqa: E402
 from harness.closed_loop import run_load  # noqa: E402
 from harness.synthetic import (  # noqa: E402
@@ -67,7 +61,7 @@ MODES = SERVE_MODES
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_scale_args(
+    common.add_scale_args(
         p,
         workdir=Path("/tmp/vs-bench-latency"),
         queries_help="distinct held-out queries",
@@ -138,7 +132,7 @@ def in_process(args, store_uri: str, queries: np.ndarray, truth, ids) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    plt = pyplot()
+    plt = common.pyplot()
     levels = result["concurrency"]
     series = [("in-process", result["inprocess"])] + [
         (f"HTTP {name}", rows) for name, rows in result["http_paths"].items()
@@ -173,7 +167,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(
         f"vector queries over HTTP vs in-process, {m['cores']} cores, GPU {m['gpu']}", fontsize=10
     )
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -208,7 +202,7 @@ def main(argv=None) -> int:
         "recall_at_10": head["recall_at_10"],
         "n_vectors": args.n,
         "shards": args.shards,
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "headline_path": head_name,
         "dim": args.dim,
         "k": K,
@@ -223,21 +217,10 @@ def main(argv=None) -> int:
             mode: {k: v for k, v in body.items() if k not in serve_runs.ENTRIES}
             for mode, body in http.items()
         },
-        "command": command("query_latency", argv),
+        "common.command": common.command("query_latency", argv),
     }
-    write_and_plot(args.name, result, plot)
-    print(f"\n{'':>30} {'c':>3} {'p50 ms':>8} {'p99 ms':>8} {'QPS':>8} {'recall@10':>9}")
-    for name, rows in [("in-process", inproc), *[(f"HTTP {k}", v) for k, v in paths.items()]]:
-        for c in args.concurrency:
-            r = rows[str(c)]
-            print(
-                f"{name:>30} {c:>3} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['qps']:8.1f} "
-                f"{rows['recall_at_10']:9.4f}"
-            )
-    print(
-        f"headline ({head_name}): p50 {result['http_p50_ms']} ms, p99 {result['http_p99_ms']} ms"
-        f" at concurrency {c1}; {result[f'qps_concurrency_{top}']} QPS at {top}"
-    )
+    common.write_and_plot(args.name, result, plot)
+    common.print_headline(result)
     return 0
 
 

@@ -43,15 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.common import (  # noqa: E402
-    RESULTS_DIR,
-    add_scale_args,
-    command,
-    machine_info,
-    pyplot,
-    save_figure,
-    write_and_plot,
-)
+from benchmarks import common  # noqa: E402
 from harness import serve_runs  # noqa: E402
 from harness.synthetic import (  # noqa: E402  # noqa: E402
     base_and_queries,
@@ -68,7 +60,7 @@ LAYOUTS = {"per_shard": 1, "group": 0}  # shards_per_group (0: all shards in one
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_scale_args(
+    common.add_scale_args(
         p,
         workdir=Path("/tmp/vs-bench-scale"),
         requests=500,
@@ -173,7 +165,7 @@ def http(args, store_uri: str, layout: str, candidates: int, queries, truth, ids
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    path = RESULTS_DIR / f"{args.name}.json"
+    path = common.RESULTS_DIR / f"{args.name}.json"
     if args.plot_only:
         plot(json.loads(path.read_text()), path.with_suffix(".png"))
         return 0
@@ -224,14 +216,14 @@ def main(argv=None) -> int:
         "k": K,
         "concurrency": args.concurrency,
         "requests": args.requests,
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "serve_path": "throughput mode, direct ingress port, JSON vector queries",
         "layouts": {k: f"shards_per_group={v or 'all'}" for k, v in LAYOUTS.items()},
         "by_shards": {str(s): rows[s] for s in sorted(rows)},
         "table": lines,
-        "command": command("query_scaling", argv),
+        "common.command": common.command("query_scaling", argv),
     }
-    write_and_plot(args.name, result, plot)
+    common.write_and_plot(args.name, result, plot)
     for line in result["table"]:
         print(line)
     return 0
@@ -277,7 +269,7 @@ def summary_line(row: dict, levels) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    plt = pyplot()
+    plt = common.pyplot()
     rows = result["table"]
     levels = result["concurrency"]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
@@ -326,7 +318,7 @@ def plot(result: dict, path: Path) -> None:
     ax3.legend(fontsize=7)
     m = result["machine"]
     fig.suptitle(f"query scaling over HTTP, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -186,8 +186,7 @@ def section_scaling() -> str:
         + headline
         + "\n\nnprobe sweep (concurrency 1, the group layout; tuned rerank candidates):\n\n"
         + md_table(
-            sweep_rows,
-            "shards | nprobe | recall@10 | one shard p50 ms | HTTP p50 ms | HTTP p99 ms",
+            sweep_rows, "shards | nprobe | recall@10 | one shard p50 ms | HTTP p50 ms | HTTP p99 ms"
         )
         + "\n\n![query scaling](results/query_scaling.png)\n"
     )
