@@ -103,6 +103,19 @@ def pyplot():
     return plt
 
 
+def work_in(workdir: Path) -> Path:
+    """Make ``workdir`` and send temporary files there too (Ray's spills, Arrow, FAISS)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TMPDIR", str(workdir))
+    return workdir
+
+
+def machine_title(fig, what: str, result: dict) -> None:
+    """The figure's title: what it shows, on which machine."""
+    m = result["machine"]
+    fig.suptitle(f"{what}, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
+
+
 def save_figure(fig, path: Path, dpi: int = 110) -> None:
     """Lay out, write and free a matplotlib figure (every benchmark's PNG the same way)."""
     fig.tight_layout()
@@ -110,11 +123,14 @@ def save_figure(fig, path: Path, dpi: int = 110) -> None:
     pyplot().close(fig)
 
 
-def write_and_plot(name: str, result: dict, plot) -> Path:
-    """``results/<name>.json`` (machine attached), then ``plot(result as written, png path)``."""
+def write_and_plot(name: str, result: dict, plot, headline: bool = False) -> Path:
+    """``results/<name>.json`` (machine attached), then ``plot(result as written, png path)``;
+    with ``headline``, the result's scalar figures are printed too."""
     path = write_result(name, result)
     plot(json.loads(path.read_text()), path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
+    if headline:
+        print_headline(result)
     return path
 
 

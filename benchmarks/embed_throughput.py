@@ -329,7 +329,8 @@ def commit() -> str:
     """The checkout's commit (the plot names the runs it compares by it)."""
     try:
         git = ["git", "rev-parse", "--short", "HEAD"]
-        return subprocess.run(git, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(git, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return out or "unknown"
     except OSError:
         return "unknown"
 
@@ -463,8 +464,9 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     before = json.loads(args.before.read_text()) if args.before else None
-    common.write_and_plot(args.name, result, lambda written, png: plot(written, png, before))
-    common.print_headline(result)
+    common.write_and_plot(
+        args.name, result, lambda written, png: plot(written, png, before), headline=True
+    )
     return result
 
 

@@ -343,19 +343,17 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_yscale("log")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
-    m = result["machine"]
     ax1.set_title(
         f"{result['n_vectors']:,} x {result['dim']} in {result['shards']} shards", fontsize=9
     )
     ax2.set_title("ours: HTTP (Serve); LanceDB: embedded, in-process", fontsize=9)
-    fig.suptitle(f"filtered search vs selectivity, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
+    common.machine_title(fig, "filtered search vs selectivity", result)
     common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TMPDIR", str(args.workdir))
+    common.work_in(args.workdir)
     os.environ.setdefault("LANCE_LOG", "error")  # one deprecation warning per query otherwise
     base, labels, queries = make_data(args)
     meta = metadata_table(labels)
@@ -387,11 +385,10 @@ def main(argv=None) -> int:
         "lancedb": lance,
         "build": {"ours": build, "lancedb": lance_build},
         "machine": common.machine_info(),
-        "common.command": common.command("filtered_search", argv),
+        "command": common.command("filtered_search", argv),
     }
     result = {**headline(result), **result}
-    common.write_and_plot(args.name, result, plot)
-    common.print_headline(result)
+    common.write_and_plot(args.name, result, plot, headline=True)
     return 0
 
 

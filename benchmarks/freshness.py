@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -312,15 +311,13 @@ def plot(result: dict, path: Path) -> None:
         f"{result['add_to_searchable_p99_ms']} ms (POST with a vector, then exact-match queries)",
         fontsize=9,
     )
-    m = result["machine"]
-    fig.suptitle(f"freshness over HTTP, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
+    common.machine_title(fig, "freshness over HTTP", result)
     common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TMPDIR", str(args.workdir))
+    common.work_in(args.workdir)
     t = time.perf_counter()
     store_uri, store_info = prepare_store(args)
     store_info["prepare_s"] = round(time.perf_counter() - t, 1)

@@ -211,8 +211,7 @@ def run_size(args, n: int, shard_counts: list[int], name: str) -> None:
         "data": "harness.synthetic.gaussian_mixture(seed=0), 1000 clusters, L2-normalised",
         "configs": rows,
     }
-    common.write_and_plot(name, result, plot)
-    common.print_headline(result)
+    common.write_and_plot(name, result, plot, headline=True)
 
 
 def summarise_sizes() -> dict:

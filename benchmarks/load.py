@@ -272,7 +272,7 @@ def plot(path: Path, records: list[dict], series: dict, summary: dict, args) -> 
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    os.environ["TMPDIR"] = str(args.workdir)
+    os.environ["TMPDIR"] = str(args.workdir)  # the store, Ray's spills: all under --workdir
     store_root = args.workdir / f"store-{args.shards}x{args.classes}x{args.per_class}"
     print(f"building the store {store_root} (real photos, embedded in-process) ...", flush=True)
     shutil.rmtree(store_root, ignore_errors=True)  # a few seconds; always the current code's

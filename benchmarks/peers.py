@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -402,15 +401,13 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_ylim(0, 1.3 * max(qps))
     ax2.set_ylabel(f"queries / s at concurrency {top}")
     ax2.set_title(f"at equal recall@10 >= {result['target_recall']} (measured on every query)")
-    m = result["machine"]
-    fig.suptitle(f"peers on the same vectors, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
+    common.machine_title(fig, "peers on the same vectors", result)
     common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TMPDIR", str(args.workdir))
+    common.work_in(args.workdir)
     base, queries = base_and_queries(args.n, args.queries, args.dim)
     ids, uris = synthetic_rows(args.n)
     build = systems.build_all(args, base, ids, uris)
@@ -451,7 +448,7 @@ def main(argv=None) -> int:
             "operating point: lowest p50 reaching target_recall on the first tune_queries "
             "queries; its recall here is re-measured on all queries",
         ],
-        "common.command": common.command("peers", argv),
+        "command": common.command("peers", argv),
     }
     result = {**headline({**result, **measured}), **result}
     common.write_and_plot(args.name, result, plot)

@@ -291,8 +291,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TMPDIR", str(args.workdir))
+    common.work_in(args.workdir)
     train, test = split(args.caltech, "train.txt"), split(args.caltech, "test.txt")
     if args.per_class:
         train, test = (
@@ -387,8 +386,7 @@ def main(argv=None) -> int:
         "machine": common.machine_info(),
         "command": common.command("quality", argv),
     }
-    common.write_and_plot(args.name, result, plot)
-    common.print_headline(result)
+    common.write_and_plot(args.name, result, plot, headline=True)
     return 0
 
 

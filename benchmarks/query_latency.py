@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -163,10 +162,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_yscale("log")
     ax2.legend(fontsize=7)
     ax2.set_title(f"recall@10 vs exact {result['recall_at_10']:.3f}", fontsize=9)
-    m = result["machine"]
-    fig.suptitle(
-        f"vector queries over HTTP vs in-process, {m['cores']} cores, GPU {m['gpu']}", fontsize=10
-    )
+    common.machine_title(fig, "vector queries over HTTP vs in-process", result)
     common.save_figure(fig, path)
 
 
@@ -176,8 +172,7 @@ def main(argv=None) -> int:
         args.points = json.loads(args.points) if args.points else None
         serve_runs.worker(serve_runs.spec_of(args, args.http_worker, args.store, args.out))
         return 0
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TMPDIR", str(args.workdir))
+    common.work_in(args.workdir)
     base, queries = base_and_queries(args.n, args.queries, args.dim)
     ids, uris = synthetic_rows(args.n)
     build = cached_store(args.workdir, base, ids, uris, args.shards, args.memory_budget)
@@ -217,10 +212,9 @@ def main(argv=None) -> int:
             mode: {k: v for k, v in body.items() if k not in serve_runs.ENTRIES}
             for mode, body in http.items()
         },
-        "common.command": common.command("query_latency", argv),
+        "command": common.command("query_latency", argv),
     }
-    common.write_and_plot(args.name, result, plot)
-    common.print_headline(result)
+    common.write_and_plot(args.name, result, plot, headline=True)
     return 0
 
 

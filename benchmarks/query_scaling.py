@@ -221,7 +221,7 @@ def main(argv=None) -> int:
         "layouts": {k: f"shards_per_group={v or 'all'}" for k, v in LAYOUTS.items()},
         "by_shards": {str(s): rows[s] for s in sorted(rows)},
         "table": lines,
-        "common.command": common.command("query_scaling", argv),
+        "command": common.command("query_scaling", argv),
     }
     common.write_and_plot(args.name, result, plot)
     for line in result["table"]:
@@ -316,8 +316,7 @@ def plot(result: dict, path: Path) -> None:
     ax3.set_ylabel("HTTP p50 ms at concurrency 1")
     ax3.set_title("nprobe sweep (tuned rerank candidates)", fontsize=10)
     ax3.legend(fontsize=7)
-    m = result["machine"]
-    fig.suptitle(f"query scaling over HTTP, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
+    common.machine_title(fig, "query scaling over HTTP", result)
     common.save_figure(fig, path)
 
 
