@@ -14,7 +14,7 @@ Five systems answer the same held-out queries over the same ``gaussian_mixture``
   clip-retrieval/autofaiss, built with the factory string our policy picks for N
   (``index.ann.policy.choose_index``) by the same ``index.ann.build.build_arrays`` and searched
   with the same float16 rerank (``ShardIndex``): the same algorithm, no scatter-gather, no HTTP;
-- the floor of a Python HTTP service (``benchmarks/floor_server.py``): one uvicorn process, no
+- the floor of a Python HTTP service (``harness/floor_server.py``): one uvicorn process, no
   Ray, serving the same shards with the same search, rerank and merge code over the same
   ``/search`` contract, measured at ours' knobs (so at the same recall);
 - Milvus Lite (``milvus-lite`` gRPC server + ``pymilvus``), HNSW (M=16, efConstruction=200, ef
@@ -218,8 +218,7 @@ def measure_floor(args, store_uri: str, queries, truth, ids) -> dict:
 
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmarks" / "floor_server.py"), "--store", store_uri]
-        + ["--port", str(port)],
+        [sys.executable, "-m", "harness.floor_server", "--store", store_uri, "--port", str(port)],
         cwd=ROOT,
     )
 

@@ -1,6 +1,6 @@
 """The floor of a Python HTTP service: one uvicorn process, no Ray, the same shards and code.
 
-    .venv/bin/python benchmarks/floor_server.py --store /tmp/vs-bench-scale/store-... --port 8123
+    .venv/bin/python -m harness.floor_server --store /tmp/vs-bench-scale/store-... --port 8123
 
 What ``benchmarks/peers.py`` measures our Serve app against: the same store's shards loaded as the
 searcher replicas load them (``index.live.delta.load_live_shard``), searched with the same search,
@@ -18,23 +18,22 @@ import asyncio
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
+import faiss
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from index.live.delta import load_live_shard
+from index.query.merge import merge_topk
+from index.storage.manifest import load_manifest
+from index.storage.store import Store
+from serve.api import ApiError, Limits, parse_search
 
 
-def make_app(store_uri: str, threads: int = 1):
-    import faiss
-    from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
-
-    from index.live.delta import load_live_shard
-    from index.query.merge import merge_topk
-    from index.storage.manifest import load_manifest
-    from index.storage.store import Store
-    from serve.api import ApiError, Limits, parse_search
-
+def make_app(store_uri: str, threads: int = 1) -> Starlette:
+    """The store's shards behind ``POST /search`` and ``GET /healthz``."""
     faiss.omp_set_num_threads(threads)
     store = Store(store_uri)
     manifest = load_manifest(store)
@@ -89,8 +88,6 @@ def make_app(store_uri: str, threads: int = 1):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--store", required=True)
     p.add_argument("--port", type=int, required=True)
