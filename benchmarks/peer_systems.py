@@ -6,8 +6,8 @@ searched one query at a time: ``search(q, knob_a, knob_b) -> ids``.
 - one FAISS index over all N with the factory our policy picks for N
   (``index.ann.policy.choose_index``, built by ``index.ann.build.build_arrays``);
 - LanceDB IVF_PQ, embedded (``harness.lance_table``);
-- Milvus Lite (``milvus-lite`` gRPC server + ``pymilvus``): HNSW (M=16, efConstruction=200)
-  and IVF_SQ8 (~sqrt(N) lists), inserted in batches of ``MILVUS_BATCH`` rows.
+- Milvus Lite (``harness.milvus_lite``: its gRPC server + ``pymilvus``): HNSW and IVF_SQ8,
+  ``--milvus-n`` rows of the N when given.
 """
 
 from __future__ import annotations
@@ -15,19 +15,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from harness import lance_table
+from harness import lance_table, milvus_lite
 from harness.synthetic import cached_store
-from pipelines.local_ray import free_port
 
 K = 10
-MILVUS_BATCH = 10_000
 
 
 def build_path(args) -> Path:
@@ -62,95 +58,8 @@ def build_single(args, base: np.ndarray, ids: list[str], uris: list[str]) -> dic
     return meta
 
 
-class MilvusLite:
-    """``milvus-lite server`` on a free loopback port (data kept under ``--workdir``)."""
-
-    def __init__(self, args):
-        self.port = free_port()
-        self.dir = args.workdir / "milvus-lite"
-        exe = Path(sys.executable).with_name("milvus-lite")
-        self.proc = subprocess.Popen(
-            [str(exe), "server", "--data-dir", str(self.dir), "--host", "127.0.0.1"]
-            + ["--port", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        from pymilvus import MilvusClient
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                self.client = MilvusClient(uri=f"http://127.0.0.1:{self.port}")
-                self.client.list_collections()
-                break
-            except Exception:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise
-                time.sleep(0.5)  # pacing the start-up poll
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-
-
 def milvus_rows(args) -> int:
     return min(args.n, args.milvus_n) if args.milvus_n else args.n
-
-
-def build_milvus(args, base: np.ndarray, server: MilvusLite) -> dict:
-    """One collection per index type, inserted and indexed (reused when complete)."""
-    from pymilvus import DataType, MilvusClient
-
-    client, n = server.client, milvus_rows(args)
-    info = {}
-    for itype, params in (
-        ("HNSW", {"M": 16, "efConstruction": 200}),
-        ("IVF_SQ8", {"nlist": lance_table.partitions(n)}),
-    ):
-        name = f"vs_{itype.lower()}_{n}_{args.dim}"
-        if client.has_collection(name):
-            stats = client.get_collection_stats(name)
-            if int(stats.get("row_count", 0)) == n:
-                client.load_collection(name)
-                info[itype] = {"collection": name, "reused": True, "params": params}
-                continue
-            client.drop_collection(name)
-        schema = MilvusClient.create_schema(auto_id=False)
-        schema.add_field("row", DataType.INT64, is_primary=True)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=args.dim)
-        index = client.prepare_index_params()
-        index.add_index(field_name="vector", index_type=itype, metric_type="IP", params=params)
-        client.create_collection(name, schema=schema, index_params=index)
-        t = time.perf_counter()
-        for start in range(0, n, MILVUS_BATCH):
-            rows = range(start, min(n, start + MILVUS_BATCH))
-            client.insert(name, [{"row": r, "vector": base[r]} for r in rows])
-        insert_s = time.perf_counter() - t
-        t = time.perf_counter()
-        client.flush(name)
-        client.load_collection(name)
-        info[itype] = {
-            "collection": name,
-            "params": params,
-            "insert_seconds": round(insert_s, 1),
-            "flush_load_seconds": round(time.perf_counter() - t, 1),
-        }
-        print(f"Milvus Lite {itype} {params}: {info[itype]}", flush=True)
-    return {"rows": n, "by_index": info}
-
-
-def milvus_searcher(client, collection: str, knob: str, ids: list[str]):
-    def search(q, value, _unused):
-        found = client.search(
-            collection,
-            data=[q.tolist()],
-            limit=K,
-            output_fields=["row"],
-            search_params={"metric_type": "IP", "params": {knob: value}},
-        )
-        return [ids[int(hit.id)] for hit in found[0]]
-
-    return search
 
 
 def build_all(args, base, ids, uris) -> dict:
@@ -175,9 +84,9 @@ def build_all(args, base, ids, uris) -> dict:
     }
     saved["lancedb"] = lance_table.build(lance_dir(args), base)
     if not args.skip_milvus:
-        server = MilvusLite(args)
+        server = milvus_lite.MilvusLite(args.workdir / "milvus-lite")
         try:
-            saved["milvus_lite"] = build_milvus(args, base, server)
+            saved["milvus_lite"] = milvus_lite.build(server.client, base, milvus_rows(args))
         finally:
             server.close()
     path.write_text(json.dumps(saved))

@@ -19,8 +19,8 @@ Five systems answer the same held-out queries over the same ``gaussian_mixture``
   ``/search`` contract, measured at ours' knobs (so at the same recall);
 - Milvus Lite (``milvus-lite`` gRPC server + ``pymilvus``), HNSW (M=16, efConstruction=200, ef
   swept) and IVF_SQ8 (~sqrt(N) lists, nprobe swept), as users meet it: its defaults otherwise,
-  inserts in batches of ``MILVUS_BATCH`` rows; ``--milvus-n`` can cap the rows it gets when a
-  full build takes too long on this box (said in the JSON);
+  inserts in batches of 10,000 rows (``harness.milvus_lite``); ``--milvus-n`` can cap the rows
+  it gets when a full build takes too long on this box (said in the JSON);
 - LanceDB (embedded) IVF_PQ with the same code size (64 sub-vectors x 8 bits = 64 B/vector at
   256-d, as ours: 128 x 4 bits) and ~sqrt(N) partitions (LanceDB's documented default), metric
   L2 (same order as inner product on unit vectors; its "dot" index ranked worse, see
@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script,
 
 from benchmarks import common  # noqa: E402
 from benchmarks import peer_systems as systems  # noqa: E402
+from harness import milvus_lite  # noqa: E402
 from harness.closed_loop import run_load  # noqa: E402
 from harness.polling import free_port, wait_for  # noqa: E402
 from harness.serve_runs import measure_points, over_http  # noqa: E402
@@ -252,14 +253,14 @@ def measure_milvus(args, queries, truth, ids) -> dict:
         base, _ = base_and_queries(args.n, 0, args.dim)
         truth = exact_topk(base[:n], queries, K)
         del base
-    server = systems.MilvusLite(args)
+    server = milvus_lite.MilvusLite(args.workdir / "milvus-lite")
     out = {}
     try:
         built = json.loads(systems.build_path(args).read_text())["milvus_lite"]["by_index"]
         for itype, grid in MILVUS_GRIDS.items():
             collection = built[itype]["collection"]
             server.client.load_collection(collection)  # a restarted server
-            search = systems.milvus_searcher(server.client, collection, next(iter(grid)), ids)
+            search = milvus_lite.searcher(server.client, collection, next(iter(grid)), ids, K)
             name = f"milvus_lite_{itype.lower()}"
             out[name] = sweep_and_choose(name, search, grid, queries, truth, ids, args, rows=n)
     finally:
