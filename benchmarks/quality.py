@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
 from benchmarks import common  # noqa: E402
-from benchmarks.answer_scores import DEPTH, exact_labels, scores_of  # noqa: E402
+from benchmarks.answer_scores import DEPTH, exact_labels, mean, scores_of  # noqa: E402
 from benchmarks.quality_http import caltech_http, demo_http, demo_set, passes  # noqa: E402
 from harness.caltech_catalogue import build_catalogue, class_of, split  # noqa: E402
 from harness.serve_store import embed_files  # noqa: E402
@@ -155,16 +155,14 @@ def exact_hits(queries, vectors, ids: list[str], depth: int) -> list[list[Hit]]:
 def sweep_expand(train, test, train_labels, test_labels, relevant) -> list[dict]:
     rows = []
     first = exact_hits(test, train, [str(i) for i in range(len(train))], 20)
+
+    def expand(q, hits, alpha):
+        return expanded_query(q, train[[int(h.id) for h in hits]], [h.score for h in hits], alpha)
+
     for m in (1, 2, 3, 5, 10):
         for alpha in (0.0, 1.0, 3.0, 5.0, 8.0):
-            expanded = np.stack(
-                [
-                    expanded_query(
-                        q, train[[int(h.id) for h in hits[:m]]], [h.score for h in hits[:m]], alpha
-                    )
-                    for q, hits in zip(test, first, strict=True)
-                ]
-            )
+            pairs = zip(test, first, strict=True)
+            expanded = np.stack([expand(q, hits[:m], alpha) for q, hits in pairs])
             answers = exact_labels(expanded, train, train_labels)
             rows.append({"m": m, "alpha": alpha, **scores_of(answers, test_labels, relevant)})
             print(f"expand m={m} alpha={alpha}: {rows[-1]}")
@@ -195,9 +193,7 @@ def sweep_shaping(train, test, train_labels, test_labels, relevant, demo) -> dic
         demo_answers = shaped_labels(demo_pool, K, options, demo_vec, demo_lab)
         return {
             **scores_of(answers, test_labels, relevant),
-            "demo_distinct_sources_at_10": round(
-                float(np.mean([len(set(a[:K])) for a in demo_answers])), 3
-            ),
+            "demo_distinct_sources_at_10": mean([len(set(a[:K])) for a in demo_answers], 3),
         }
 
     out = {"plain": measure(ShapeOptions()), "diversify": [], "dedup": []}
@@ -271,18 +267,11 @@ def plot(result: dict, path: Path) -> None:
     kinds = list(demo)
     demo_passes = list(demo[kinds[0]])
     width = 0.8 / len(kinds)
+    x = np.arange(len(demo_passes))
     for i, kind in enumerate(kinds):
-        c.bar(
-            np.arange(len(demo_passes)) + i * width,
-            [demo[kind][p]["distinct_sources_at_10"] for p in demo_passes],
-            width,
-            label=kind.replace("_", " "),
-        )
-    c.set_xticks(
-        np.arange(len(demo_passes)) + width / 2,
-        [p.replace("_", "\n") for p in demo_passes],
-        fontsize=7,
-    )
+        distinct = [demo[kind][p]["distinct_sources_at_10"] for p in demo_passes]
+        c.bar(x + i * width, distinct, width, label=kind.replace("_", " "))
+    c.set_xticks(x + width / 2, [p.replace("_", "\n") for p in demo_passes], fontsize=7)
     c.set_ylabel("distinct source photos in the top-10")
     c.set_title("demo set (several edits of each photo)", fontsize=9)
     c.legend(fontsize=8)

@@ -288,8 +288,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(s, [str(v) for v in s])
         ax.set_xlabel("shards")
-    ax1.set_yscale("log")
-    ax1.set_ylabel("ms at concurrency 1 (dashed: HTTP p99)")
+    ax1.set(yscale="log", ylabel="ms at concurrency 1 (dashed: HTTP p99)")
     ax1.set_title(f"{result['n_vectors']:,} x {result['dim']}: latency vs shards", fontsize=10)
     ax1.legend(fontsize=7)
     ax2.set_ylabel("queries / s")
@@ -300,18 +299,13 @@ def plot(result: dict, path: Path) -> None:
         layout = "group" if "group" in row["http"] else next(iter(row["http"]))
         http = {p["body"]["nprobe"]: p for p in row["http"][layout]["nprobe_sweep"]}
         pts = [
-            (p["recall_at_10"], http[p["nprobe"]]["1"]["p50_ms"])
+            (p["nprobe"], p["recall_at_10"], http[p["nprobe"]]["1"]["p50_ms"])
             for p in sweep
             if p["nprobe"] in http
         ]
-        ax3.plot(*zip(*pts, strict=True), "o-", label=f"{key} shards")
-        for p in sweep:
-            if p["nprobe"] in http:
-                ax3.annotate(
-                    str(p["nprobe"]),
-                    (p["recall_at_10"], http[p["nprobe"]]["1"]["p50_ms"]),
-                    fontsize=6,
-                )
+        ax3.plot([p[1] for p in pts], [p[2] for p in pts], "o-", label=f"{key} shards")
+        for nprobe, recall, ms in pts:
+            ax3.annotate(str(nprobe), (recall, ms), fontsize=6)
     ax3.set_xlabel("recall@10 vs exact (labels: nprobe per shard)")
     ax3.set_ylabel("HTTP p50 ms at concurrency 1")
     ax3.set_title("nprobe sweep (tuned rerank candidates)", fontsize=10)
