@@ -116,6 +116,13 @@ def machine_title(fig, what: str, result: dict) -> None:
     fig.suptitle(f"{what}, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
 
 
+def label_bars(ax, bars, texts: list[str], fontsize: int = 8, va: str = "bottom") -> None:
+    """Each text centred on its bar's top."""
+    for bar, text in zip(bars, texts, strict=True):
+        at = (bar.get_x() + bar.get_width() / 2, bar.get_height())
+        ax.annotate(text, at, ha="center", va=va, fontsize=fontsize)
+
+
 def save_figure(fig, path: Path, dpi: int = 110) -> None:
     """Lay out, write and free a matplotlib figure (every benchmark's PNG the same way)."""
     fig.tight_layout()

@@ -275,10 +275,7 @@ def plot(result: dict, path: Path, before: dict | None = None) -> None:
         keys = ("bare_model_images_per_s", "pipeline_images_per_s", "steady_pipeline_images_per_s")
         values = [run[k] for k in keys]
         bars = right.bar(np.arange(3) + i * width, values, width, label=label)
-        for bar, v in zip(bars, values, strict=True):
-            right.annotate(
-                f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", fontsize=7
-            )
+        common.label_bars(right, bars, [f"{v:.0f}" for v in values], fontsize=7, va="baseline")
     right.set_xticks(np.arange(3) + width * (len(runs) - 1) / 2, names, fontsize=8)
     right.set_ylabel("images/s")
     right.set_title(

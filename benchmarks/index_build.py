@@ -266,9 +266,7 @@ def plot_sizes(result: dict, path: Path) -> None:
         (ax2, "bytes/vector in RAM (codes + ids)"),
         (ax3, "parallel speedup (sum of shard builds / wall)"),
     ):
-        ax.set_xscale("log")
-        ax.set_xlabel("vectors (N)")
-        ax.set_ylabel(label)
+        ax.set(xscale="log", xlabel="vectors (N)", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     ax1.set_yscale("log")
@@ -281,45 +279,30 @@ def plot(result: dict, path: Path) -> None:
     plt = common.pyplot()
     rows = result["configs"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    shards = [r["shards"] for r in rows]
-    ax1.bar(
-        [str(s) for s in shards], [r["build_wall_seconds"] for r in rows], label="wall (parallel)"
-    )
-    ax1.plot(
-        [str(s) for s in shards],
-        [r["build_seconds_sum_of_shards"] for r in rows],
-        "ko--",
-        label="sum of shard builds",
-    )
-    for i, r in enumerate(rows):
-        ax1.annotate(
+    shards, wall = [str(r["shards"]) for r in rows], [r["build_wall_seconds"] for r in rows]
+    bars = ax1.bar(shards, wall, label="wall (parallel)")
+    summed = [r["build_seconds_sum_of_shards"] for r in rows]
+    ax1.plot(shards, summed, "ko--", label="sum of shard builds")
+    common.label_bars(
+        ax1,
+        bars,
+        [
             f"{r['bytes_per_vector_ram']:.0f} B/vec RAM\n{r['bytes_per_vector_disk_index']:.0f}"
-            " B/vec disk",
-            (i, r["build_wall_seconds"]),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax1.set_ylim(0, 1.2 * max(r["build_wall_seconds"] for r in rows))
-    ax1.set_xlabel("shards")
-    ax1.set_ylabel("build seconds")
+            " B/vec disk"
+            for r in rows
+        ],
+    )
+    ax1.set(ylim=(0, 1.2 * max(wall)), xlabel="shards", ylabel="build seconds")
     ax1.set_title(f"build: {result['n_vectors']:,} x {result['dim']}-d, Ray tasks on 2 cores")
     ax1.legend(fontsize=8)
     for r in rows:
-        xs = [p["nprobe"] for p in r["curve"]]
-        (line,) = ax2.plot(
-            xs, [p["recall_ivfpq_rerank"] for p in r["curve"]], "o-", label=f"{r['shards']} + rr"
-        )
-        ax2.plot(
-            xs,
-            [p["recall_ivfpq"] for p in r["curve"]],
-            "x--",
-            color=line.get_color(),
-            label=f"{r['shards']} no rr",
-        )
+        xs, s = [p["nprobe"] for p in r["curve"]], r["shards"]
+        reranked = [p["recall_ivfpq_rerank"] for p in r["curve"]]
+        (line,) = ax2.plot(xs, reranked, "o-", label=f"{s} + rr")
+        plain = [p["recall_ivfpq"] for p in r["curve"]]
+        ax2.plot(xs, plain, "x--", color=line.get_color(), label=f"{s} no rr")
     ax2.set_xscale("log", base=2)
-    ax2.set_xlabel("nprobe (per shard)")
-    ax2.set_ylabel("recall@10 vs exact")
+    ax2.set(xlabel="nprobe (per shard)", ylabel="recall@10 vs exact")
     ax2.set_title("recall@10: IVF+PQ (dashed), + exact rerank (solid), by shards")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7, ncol=2)

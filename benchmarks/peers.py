@@ -378,9 +378,8 @@ def plot(result: dict, path: Path) -> None:
         op = body["operating_point"]
         ax1.plot(op["recall_at_10"], op[c1]["p99_ms"], "*", color=colour, ms=16, mec="k")
     ax1.axvline(result["target_recall"], color="k", ls=":", lw=0.8)
-    ax1.set_yscale("log")
+    ax1.set(yscale="log", ylabel="p99 latency at concurrency 1 (ms)")
     ax1.set_xlabel(f"recall@10 vs exact (stars: operating points, {result['requests']} requests)")
-    ax1.set_ylabel("p99 latency at concurrency 1 (ms)")
     ax1.set_title(f"{result['n_vectors']:,} x {result['dim']}: frontier over each system's knobs")
     ax1.legend(fontsize=8)
     milvus = result.get("milvus_lite_index")
@@ -389,17 +388,9 @@ def plot(result: dict, path: Path) -> None:
     qps = [result["systems"][n]["operating_point"][top]["qps"] for n in names]
     bars = ax2.bar(names, qps, color=[COLOURS[n] for n in names])
     builds = result["build_seconds"]
-    for bar, n in zip(bars, names, strict=True):
-        built = f"\nbuild {builds[n]:.0f} s" if builds.get(n) else ""
-        ax2.annotate(
-            f"{bar.get_height():.0f} QPS{built}",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax2.set_ylim(0, 1.3 * max(qps))
-    ax2.set_ylabel(f"queries / s at concurrency {top}")
+    built = [f"\nbuild {builds[n]:.0f} s" if builds.get(n) else "" for n in names]
+    common.label_bars(ax2, bars, [f"{q:.0f} QPS{b}" for q, b in zip(qps, built, strict=True)])
+    ax2.set(ylim=(0, 1.3 * max(qps)), ylabel=f"queries / s at concurrency {top}")
     ax2.set_title(f"at equal recall@10 >= {result['target_recall']} (measured on every query)")
     common.machine_title(fig, "peers on the same vectors", result)
     common.save_figure(fig, path)
