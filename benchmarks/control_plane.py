@@ -233,16 +233,11 @@ def plot(result: dict, path: Path) -> None:
         for state, style in (("before", "o--"), ("after", "o-")):
             ax.plot(sizes, [get(r[state]) for r in result["sizes"]], style, label=state)
         if title.startswith("embed"):
-            ax.plot(
-                sizes,
-                [r["before"]["driver_previous_algorithm"]["peak_rss_mib"] for r in result["sizes"]],
-                "s:",
-                label="previous driver",
-            )
+            previous = [r["before"]["driver_previous_algorithm"] for r in result["sizes"]]
+            ax.plot(sizes, [p["peak_rss_mib"] for p in previous], "s:", label="previous driver")
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)
-        ax.set_title(title)
-        ax.set_xlabel("rows")
+        ax.set(title=title, xlabel="rows")
         ax.legend()
     fig.suptitle("Control plane vs catalogue size (before / after a compacting rebuild + GC)")
     common.save_figure(fig, path)

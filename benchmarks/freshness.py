@@ -292,8 +292,7 @@ def plot(result: dict, path: Path) -> None:
     ax1.plot(q[:, 0], q[:, 1], ".", ms=2, alpha=0.5, label="query latency")
     for t in bad:
         ax1.axvline(t, color="red", lw=0.5)
-    ax1.set_yscale("log")
-    ax1.set_ylabel("query latency (ms)")
+    ax1.set(yscale="log", ylabel="query latency (ms)")
     ax1.legend(fontsize=8, loc="upper left")
     ax1.set_title(
         f"{result['n_vectors']:,} x {result['dim']} in {result['shards']} shards: p99 steady "
@@ -302,9 +301,7 @@ def plot(result: dict, path: Path) -> None:
         fontsize=9,
     )
     ax2.plot(adds[:, 0], adds[:, 1], "o", ms=3, color="green", label="add -> searchable")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("add to searchable (ms)")
-    ax2.set_xlabel("seconds since start")
+    ax2.set(yscale="log", ylabel="add to searchable (ms)", xlabel="seconds since start")
     ax2.legend(fontsize=8, loc="upper left")
     ax2.set_title(
         f"add-to-searchable p50 {result['add_to_searchable_p50_ms']} ms, p99 "

@@ -133,9 +133,8 @@ def in_process(args, store_uri: str, queries: np.ndarray, truth, ids) -> dict:
 def plot(result: dict, path: Path) -> None:
     plt = common.pyplot()
     levels = result["concurrency"]
-    series = [("in-process", result["inprocess"])] + [
-        (f"HTTP {name}", rows) for name, rows in result["http_paths"].items()
-    ]
+    http = [(f"HTTP {name}", rows) for name, rows in result["http_paths"].items()]
+    series = [("in-process", result["inprocess"]), *http]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     x = np.arange(len(levels))
     width = 0.8 / len(series)
@@ -149,17 +148,14 @@ def plot(result: dict, path: Path) -> None:
     ax1.axhline(15, color="k", ls=":", lw=0.8)
     ax1.set_xticks(x, [str(c) for c in levels])
     ax1.set_xlabel("concurrency (solid p50, light p99; dotted: 15 ms goal)")
-    ax1.set_ylabel("latency (ms)")
-    ax1.set_yscale("log")
+    ax1.set(ylabel="latency (ms)", yscale="log")
     ax1.legend(fontsize=7)
     ax1.set_title(
         f"{result['n_vectors']:,} x {result['dim']} in {result['shards']} shards, k={result['k']}",
         fontsize=9,
     )
-    ax2.set_xlabel("concurrency")
-    ax2.set_ylabel("queries / s")
+    ax2.set(xlabel="concurrency", ylabel="queries / s", yscale="log")
     ax2.set_xscale("log", base=2)
-    ax2.set_yscale("log")
     ax2.legend(fontsize=7)
     ax2.set_title(f"recall@10 vs exact {result['recall_at_10']:.3f}", fontsize=9)
     common.machine_title(fig, "vector queries over HTTP vs in-process", result)
