@@ -339,8 +339,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("selectivity (% of rows the filter keeps)")
         ax.invert_xaxis()
     ax1.set_ylabel("recall@10 vs exact filtered search")
-    ax2.set_ylabel("p99 latency at concurrency 1 (ms)")
-    ax2.set_yscale("log")
+    ax2.set(ylabel="p99 latency at concurrency 1 (ms)", yscale="log")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
     ax1.set_title(

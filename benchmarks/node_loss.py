@@ -129,13 +129,8 @@ def plot(result: dict, path: Path) -> None:
     }
     for label, (rows, colour) in kinds.items():
         if rows:
-            ax.scatter(
-                [q["t"] for q in rows],
-                [q["seconds"] * 1000 for q in rows],
-                s=8,
-                c=colour,
-                label=f"{label} ({len(rows)})",
-            )
+            ms = [q["seconds"] * 1000 for q in rows]
+            ax.scatter([q["t"] for q in rows], ms, s=8, c=colour, label=f"{label} ({len(rows)})")
     marks = (
         (0.0, "node killed"),
         (loss["seconds_node_marked_dead"], "GCS marks the node dead"),
@@ -153,8 +148,7 @@ def plot(result: dict, path: Path) -> None:
                 fontsize=8,
                 color="dimgrey",
             )
-    ax.set_yscale("log")
-    ax.set_xlabel("seconds since the shard node was killed")
+    ax.set(yscale="log", xlabel="seconds since the shard node was killed")
     ax.set_ylabel("query latency, ms")
     ax.set_title(
         f"node loss under load: {loss['failed_queries']} failed queries, "
