@@ -52,16 +52,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
 from benchmarks import common  # noqa: E402
-from harness import lance_table  # noqa: E402
+from harness import (
+    lance_table,  # noqa: E402
+    synthetic,  # noqa: E402
+)
 from harness.closed_loop import run_load  # noqa: E402
 from harness.serve_runs import over_http  # noqa: E402
-from harness.synthetic import (  # noqa: E402
-    cached_store,
-    cached_truth,
-    exact_topk,
-    gaussian_mixture,
-    synthetic_rows,
-)
 
 K = 10
 SELECTIVITIES = (0.5, 0.1, 0.01, 0.001, 0.0001)
@@ -98,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- data ----------------------------------------------------------------------------------------
 def make_data(args):
     """(base vectors, their clusters, held-out queries)."""
-    x, labels = gaussian_mixture(args.n + args.queries, args.dim, seed=0, labels=True)
+    x, labels = synthetic.gaussian_mixture(args.n + args.queries, args.dim, seed=0, labels=True)
     return x[: args.n], labels[: args.n], x[args.n :]
 
 
@@ -170,7 +166,7 @@ def filtered_truth(args, base, queries, flts, rows_of) -> list[np.ndarray]:
             out.append(np.load(path))
             continue
         rows = np.flatnonzero(mask)
-        found = exact_topk(base[rows], queries, K)
+        found = synthetic.exact_topk(base[rows], queries, K)
         truth = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
         np.save(path, truth)
         out.append(truth)
@@ -356,14 +352,16 @@ def main(argv=None) -> int:
     os.environ.setdefault("LANCE_LOG", "error")  # one deprecation warning per query otherwise
     base, labels, queries = make_data(args)
     meta = metadata_table(labels)
-    ids, uris = synthetic_rows(args.n)
-    build = cached_store(args.workdir, base, ids, uris, args.shards, args.memory_budget, meta)
+    ids, uris = synthetic.synthetic_rows(args.n)
+    build = synthetic.cached_store(
+        args.workdir, base, ids, uris, args.shards, args.memory_budget, meta
+    )
     flts = filters()
     rows_of = masks(meta, flts)
     for f, mask in zip(flts, rows_of, strict=True):
         f["rows"] = int(mask.sum())
         f["selectivity"] = f["rows"] / args.n
-    truth_all = cached_truth(args.workdir, base, queries, K)
+    truth_all = synthetic.cached_truth(args.workdir, base, queries, K)
     truths = filtered_truth(args, base, queries, flts, rows_of)
     lance_build = None if args.skip_lancedb else lance_table.build(lance_dir(args), base, meta)
     del base, rows_of

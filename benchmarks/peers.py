@@ -50,17 +50,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script,
 
 from benchmarks import common  # noqa: E402
 from benchmarks import peer_systems as systems  # noqa: E402
-from harness import milvus_lite  # noqa: E402
+from harness import (
+    milvus_lite,  # noqa: E402
+    synthetic,  # noqa: E402
+)
 from harness.closed_loop import run_load  # noqa: E402
 from harness.polling import free_port, wait_for  # noqa: E402
 from harness.serve_runs import measure_points, over_http  # noqa: E402
-from harness.synthetic import (  # noqa: E402
-    base_and_queries,
-    cached_truth,
-    exact_topk,
-    recall_of_rows,
-    synthetic_rows,
-)
 
 K = 10
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +108,7 @@ def sweep(name, search, grid: dict, queries, truth, ids, args) -> list[dict]:
             )
             found = [found[i] for i in range(args.tune_queries)]
             point = {knob_a: a, knob_b: b, **stats}
-            point["recall_at_10"] = round(recall_of_rows(found, truth[subset], ids, K), 4)
+            point["recall_at_10"] = round(synthetic.recall_of_rows(found, truth[subset], ids, K), 4)
             points.append(point)
         print(f"{name}: {points[-len(values_b) :]}", flush=True)
     return points
@@ -132,7 +128,7 @@ def measure_point(search, point: dict, knobs, queries, truth, ids, args) -> dict
     n = len(queries)
     out = {k: point[k] for k in knobs}
     found = [search(q, a, b) for q in queries]
-    out["recall_at_10"] = round(recall_of_rows(found, truth, ids, K), 4)
+    out["recall_at_10"] = round(synthetic.recall_of_rows(found, truth, ids, K), 4)
     for c in args.concurrency:
         call = lambda i: search(queries[i % n], a, b)  # noqa: E731
         out[str(c)], _ = run_load(call, args.requests, c, loadavg=True)
@@ -242,7 +238,9 @@ def measure_floor(args, store_uri: str, queries, truth, ids) -> dict:
         server.wait(30)
     for rows in measured["points"]:
         if "found" in rows:
-            rows["recall_at_10"] = round(recall_of_rows(rows.pop("found"), truth, ids, K), 4)
+            rows["recall_at_10"] = round(
+                synthetic.recall_of_rows(rows.pop("found"), truth, ids, K), 4
+            )
     return {"frontier": measured["points"][:-1], "operating_point": measured["points"][-1]}
 
 
@@ -250,8 +248,8 @@ def measure_milvus(args, queries, truth, ids) -> dict:
     """Milvus Lite's two indexes: sweep, operating point, as for the in-process systems."""
     n = systems.milvus_rows(args)
     if n < args.n:  # a capped collection: its own exact truth over its rows
-        base, _ = base_and_queries(args.n, 0, args.dim)
-        truth = exact_topk(base[:n], queries, K)
+        base, _ = synthetic.base_and_queries(args.n, 0, args.dim)
+        truth = synthetic.exact_topk(base[:n], queries, K)
         del base
     server = milvus_lite.MilvusLite(args.workdir / "milvus-lite")
     out = {}
@@ -399,10 +397,10 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     common.work_in(args.workdir)
-    base, queries = base_and_queries(args.n, args.queries, args.dim)
-    ids, uris = synthetic_rows(args.n)
+    base, queries = synthetic.base_and_queries(args.n, args.queries, args.dim)
+    ids, uris = synthetic.synthetic_rows(args.n)
     build = systems.build_all(args, base, ids, uris)
-    truth = cached_truth(args.workdir, base, queries, K)
+    truth = synthetic.cached_truth(args.workdir, base, queries, K)
     del base
     if args.phase == "build":
         print(json.dumps(build, indent=1))

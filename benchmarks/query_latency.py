@@ -36,15 +36,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
 from benchmarks import common  # noqa: E402
-from harness import serve_runs  # noqa: E402
-from harness.closed_loop import run_load  # noqa: E402
-from harness.synthetic import (  # noqa: E402
-    base_and_queries,
-    cached_store,
-    cached_truth,
-    recall_of_rows,
-    synthetic_rows,
+from harness import (
+    serve_runs,  # noqa: E402
+    synthetic,  # noqa: E402
 )
+from harness.closed_loop import run_load  # noqa: E402
 from pipelines.local_ray import use_local_ray_env  # noqa: E402
 from serve.local import SERVE_MODES  # noqa: E402
 
@@ -126,7 +122,7 @@ def in_process(args, store_uri: str, queries: np.ndarray, truth, ids) -> dict:
         out[str(c)], _ = run_load(call, args.requests, c, loadavg=True)
         print(f"in-process c={c:>2}: {out[str(c)]}")
     found = [call(i) for i in range(len(queries))]
-    out["recall_at_10"] = round(recall_of_rows(found, truth, ids, K), 4)
+    out["recall_at_10"] = round(synthetic.recall_of_rows(found, truth, ids, K), 4)
     return out
 
 
@@ -169,10 +165,10 @@ def main(argv=None) -> int:
         serve_runs.worker(serve_runs.spec_of(args, args.http_worker, args.store, args.out))
         return 0
     common.work_in(args.workdir)
-    base, queries = base_and_queries(args.n, args.queries, args.dim)
-    ids, uris = synthetic_rows(args.n)
-    build = cached_store(args.workdir, base, ids, uris, args.shards, args.memory_budget)
-    truth = cached_truth(args.workdir, base, queries, K)
+    base, queries = synthetic.base_and_queries(args.n, args.queries, args.dim)
+    ids, uris = synthetic.synthetic_rows(args.n)
+    build = synthetic.cached_store(args.workdir, base, ids, uris, args.shards, args.memory_budget)
+    truth = synthetic.cached_truth(args.workdir, base, queries, K)
     del base
     inproc = in_process(args, build["store"], queries, truth, ids)
     http = serve_runs.over_http(args, build["store"], queries, truth, ids)

@@ -44,13 +44,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
 from benchmarks import common  # noqa: E402
-from harness import serve_runs  # noqa: E402
-from harness.synthetic import (  # noqa: E402  # noqa: E402
-    base_and_queries,
-    cached_store,
-    cached_truth,
-    recall_of_rows,
-    synthetic_rows,
+from harness import (
+    serve_runs,  # noqa: E402
+    synthetic,  # noqa: E402
 )
 
 K = 10
@@ -109,7 +105,9 @@ def in_process(store_uri: str, num_shards: int, queries, truth, ids, nprobes) ->
     shards = [ShardIndex.load(Store(store_uri), s) for s in range(num_shards)]
 
     def recall(**kwargs) -> float:
-        return round(recall_of_rows(search_all(shards, queries, K, **kwargs), truth, ids, K), 4)
+        return round(
+            synthetic.recall_of_rows(search_all(shards, queries, K, **kwargs), truth, ids, K), 4
+        )
 
     def one_shard_p50(shard, **kwargs) -> float:
         return single_query_p50(lambda q: shard.search(q, K, **kwargs), queries)
@@ -170,9 +168,9 @@ def main(argv=None) -> int:
         plot(json.loads(path.read_text()), path.with_suffix(".png"))
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
-    base, queries = base_and_queries(args.n, args.queries, args.dim)
-    ids, uris = synthetic_rows(args.n)
-    truth = cached_truth(args.workdir, base, queries, K)
+    base, queries = synthetic.base_and_queries(args.n, args.queries, args.dim)
+    ids, uris = synthetic.synthetic_rows(args.n)
+    truth = synthetic.cached_truth(args.workdir, base, queries, K)
     rows = {}
     if path.exists() and not args.fresh:  # merge split runs of the same data
         old = json.loads(path.read_text())
@@ -182,7 +180,9 @@ def main(argv=None) -> int:
     for num_shards in args.shards:
         run = copy.copy(args)
         run.shards = num_shards
-        build = cached_store(args.workdir, base, ids, uris, num_shards, args.memory_budget)
+        build = synthetic.cached_store(
+            args.workdir, base, ids, uris, num_shards, args.memory_budget
+        )
         row = {
             "shards": num_shards,
             "build": build,
