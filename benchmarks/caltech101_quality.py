@@ -4,11 +4,12 @@
 
 Catalogue: the Caltech-101 ``train.txt`` images (BACKGROUND_Google left out: it is not a class),
 embedded by the real Ray Data job (``pipelines.embed.run_job``) into a 4-shard store and indexed
-by ``index.ann.build`` (the index rules pick the factory). Queries: every ``test.txt`` image (same
-exclusion), uploaded as a file to ``POST /search`` of the real Serve app, k=10.
+by ``index.ann.build`` (the index rules pick the factory; ``harness/caltech_catalogue.py``).
+Queries: every ``test.txt`` image (same exclusion), uploaded as a file to ``POST /search`` of the
+real Serve app, k=10.
 
 Exact reference: the same test images embedded in-process with the query path's crop
-(``serve.api.image_crop``, pinned to the batch job's by a test) and brute-force inner product
+(``serve.http.crop.image_crop``, pinned to the batch job's by a test) and brute-force inner product
 against every catalogue vector read back from the store's Parquet. Reported:
 
 - precision@10 by class (a result is relevant when its class is the query's), HTTP and exact,
@@ -23,30 +24,27 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
-from pipelines.local_ray import free_port, init_local_ray, use_local_ray_env  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.answer_scores import K, exact_labels, precision_at  # noqa: E402
+from harness.caltech_catalogue import build_catalogue, catalogue_vectors, class_of, split  # noqa: E402
+from harness.closed_loop import ThreadClients, run_load  # noqa: E402
+from harness.serve_store import embed_files  # noqa: E402
+from harness.serving import serving  # noqa: E402
+from pipelines.local_ray import init_local_ray, use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
-
-K = 10
-DATA = Path(os.environ.get("VISUAL_SEARCH_DATA", ROOT.parent / "shared" / "data"))
-SKIP_CLASS = "BACKGROUND_Google"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--caltech", type=Path, default=DATA / "images" / "caltech101")
+    p.add_argument("--caltech", type=Path, default=common.CALTECH)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-caltech"))
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=4, help="HTTP clients (embedder batches)")
@@ -55,139 +53,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def split(caltech: Path, name: str) -> list[Path]:
-    lines = (caltech / name).read_text().split()
-    return [caltech / "101_ObjectCategories" / x for x in lines if x.split("/")[0] != SKIP_CLASS]
-
-
-def class_of(uri: str) -> str:
-    return Path(uri).parent.name
-
-
-# ---- catalogue: the real embedding job + index build ---------------------------------------------
-def build_catalogue(args, train: list[Path]) -> dict:
-    from index.live.rebuild import rebuild_shard
-    from pipelines.embed import run_job
-    from pipelines.embed_config import EmbedJobConfig
-
-    store_uri = str(args.workdir / f"store-{args.shards}")
-    listing = args.workdir / "train-list.txt"
-    listing.write_text("".join(f"{p}\n" for p in train))
-    t = time.perf_counter()
-    model = {"model": args.model, "weights": args.weights} if getattr(args, "model", None) else {}
-    summary = run_job(
-        EmbedJobConfig(input=[str(listing)], store=store_uri, num_shards=args.shards, **model)
-    )
-    info = {"store": store_uri, "embed": summary.to_dict(), "embed_s": time.perf_counter() - t}
-    print(summary.line())
-    from index.storage.store import Store
-
-    store = Store(store_uri)
-    t = time.perf_counter()
-    for shard in range(args.shards):
-        r = rebuild_shard(store, shard)
-        if r["built"]:
-            print(f"shard {shard}: {r['count']} rows, {r['dir']}")
-    info["build_s"] = time.perf_counter() - t
-    return info
-
-
-def catalogue_vectors(store_uri: str) -> tuple[list[str], list[str], np.ndarray]:
-    from index.rows import schema
-    from index.storage.manifest import load_manifest
-    from index.storage.store import Store
-
-    store = Store(store_uri)
-    manifest = load_manifest(store)
-    parts = [store.path(p) for s in range(manifest.num_shards) for p in store.list_parts(s)]
-    table = store.read_parquet(parts, columns=[schema.ID, schema.URI, schema.EMBEDDING])
-    vectors = schema.arrow_to_vectors(table[schema.EMBEDDING])
-    return table[schema.ID].to_pylist(), table[schema.URI].to_pylist(), vectors
-
-
 def query_vectors(args, test: list[Path]) -> np.ndarray:
     """Test images embedded in-process exactly as the query path does (cached)."""
     path = args.workdir / f"test-vectors-{len(test)}.npy"
-    if path.exists():
-        return np.load(path)
-    from embedding import Embedder, ModelConfig
-    from serve.http.crop import image_crop
-    from serve.http.limits import Limits
+    if not path.exists():
+        from embedding import Embedder, ModelConfig
 
-    embedder = Embedder(ModelConfig(threads=len(os.sched_getaffinity(0))))
-    t = time.perf_counter()
-    out = []
-    for start in range(0, len(test), 32):
-        crops = [
-            image_crop(p.read_bytes(), embedder.image_size, Limits())
-            for p in test[start : start + 32]
-        ]
-        out.append(embedder.embed(np.stack(crops)))
-    vectors = np.concatenate(out)
-    print(f"embedded {len(test)} test images in-process in {time.perf_counter() - t:.0f} s")
-    np.save(path, vectors)
-    return vectors
+        embedder = Embedder(ModelConfig(threads=len(os.sched_getaffinity(0))))
+        np.save(path, embed_files(test, embedder)[0])
+    return np.load(path)
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------
 def http_answers(args, store_uri: str, test: list[Path]) -> tuple[list[list[str]], dict]:
+    """Every test photo uploaded to ``POST /search`` from ``--concurrency`` clients."""
     import httpx
-    from ray import serve
 
-    from serve.app import build_app
     from serve.config import ServeConfig
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServeConfig(store=store_uri, reload_interval_s=0)
-    serve.run(build_app(config), name=config.app_name, route_prefix="/")
-    url = f"http://127.0.0.1:{port}/search"
-    answers: list[list[str] | None] = [None] * len(test)
-    latencies: list[float] = []
-    partial = 0
-    counter = iter(range(len(test)))
-    lock = threading.Lock()
+    with serving(ServeConfig(store=store_uri, reload_interval_s=0)) as served:
+        clients, partial = ThreadClients(base_url=served.url, timeout=120), []
 
-    def worker():
-        nonlocal partial
-        with httpx.Client(timeout=120) as client:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                data = test[i].read_bytes()
-                t = time.perf_counter()
-                r = client.post(
-                    url, params={"k": K}, files={"file": (test[i].name, data, "image/jpeg")}
-                )
-                dt = time.perf_counter() - t
-                r.raise_for_status()
-                body = r.json()
-                with lock:
-                    latencies.append(dt)
-                    partial += bool(body["partial"])
-                    answers[i] = [h["uri"] for h in body["results"]]
+        def call(i: int) -> list[str]:
+            files = {"file": (test[i].name, test[i].read_bytes(), "image/jpeg")}
+            r = clients.get().post("/search", params={"k": K}, files=files)
+            r.raise_for_status()
+            partial.append(r.json()["partial"])
+            return [h["uri"] for h in r.json()["results"]]
 
-    try:
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t0
-        stats = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=30).json()
-    finally:
-        serve.shutdown()
-    ms = np.asarray(latencies) * 1000
-    return answers, {
+        timing, answers = run_load(call, len(test), args.concurrency)
+        clients.close()
+        stats = httpx.get(f"{served.url}/stats", timeout=30).json()
+    return [answers[i] for i in range(len(test))], {
         "queries": len(test),
         "concurrency": args.concurrency,
-        "partial_answers": partial,
-        "qps": round(len(test) / wall, 2),
-        "p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "partial_answers": sum(partial),
+        "qps": round(timing["qps"], 2),
+        "p50_ms": round(timing["p50_ms"], 1),
+        "p99_ms": round(timing["p99_ms"], 1),
         "embedder": stats.get("embedder"),
         "shards": stats.get("shards"),
     }
@@ -195,10 +98,8 @@ def http_answers(args, store_uri: str, test: list[Path]) -> tuple[list[list[str]
 
 # ---- metrics -----------------------------------------------------------------------------------
 def precision(answers: list[list[str]], query_classes: list[str]) -> tuple[float, float, dict]:
-    per_query = [
-        sum(class_of(u) == c for u in a[:K]) / K
-        for a, c in zip(answers, query_classes, strict=True)
-    ]
+    pairs = zip(answers, query_classes, strict=True)
+    per_query = [precision_at([class_of(u) for u in a], c) for a, c in pairs]
     by_class: dict[str, list[float]] = defaultdict(list)
     for p, c in zip(per_query, query_classes, strict=True):
         by_class[c].append(p)
@@ -207,11 +108,7 @@ def precision(answers: list[list[str]], query_classes: list[str]) -> tuple[float
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     exact = result["per_class_exact"]
     http = result["per_class_http"]
     classes = sorted(exact, key=lambda c: exact[c])
@@ -227,27 +124,22 @@ def plot(result: dict, path: Path) -> None:
         f"{result['recall_at_10_vs_exact']:.3f}",
         fontsize=9,
     )
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TMPDIR", str(args.workdir))
+    common.work_in(args.workdir)
     train, test = split(args.caltech, "train.txt"), split(args.caltech, "test.txt")
     if args.limit:
         test = test[: args.limit]
-    import ray
-
-    init_local_ray(args.workdir / "ray", num_cpus=4)
+    ray = init_local_ray(args.workdir / "ray", num_cpus=4)
     try:
-        catalogue = build_catalogue(args, train)
+        catalogue = build_catalogue(args.workdir, args.shards, train)
         ids, uris, vectors = catalogue_vectors(catalogue["store"])
         queries = query_vectors(args, test)
         # exact: brute force over the same catalogue vectors the indexes were built from
-        scores = queries @ vectors.T
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :K]
-        exact = [[uris[j] for j in row] for row in top]
+        exact = exact_labels(queries, vectors, uris, K)
         answers, http = http_answers(args, catalogue["store"], test)
     finally:
         ray.shutdown()
@@ -274,22 +166,10 @@ def main(argv=None) -> int:
         "catalogue_build": catalogue,
         "per_class_http": per_class_http,
         "per_class_exact": per_class_exact,
-        "machine": machine_info(),
-        "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/caltech101_quality.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": common.machine_info(),
+        "command": common.command("caltech101_quality", argv),
     }
-    path = write_result(args.name, result)
-    plot(result, RESULTS_DIR / f"{args.name}.png")
-    print(f"\n{len(test)} test queries vs {len(uris)} catalogue images, {args.shards} shards")
-    print(
-        f"precision@10  HTTP {p_http:.4f}   exact {p_exact:.4f}   (gap {abs(p_http - p_exact):.4f})"
-    )
-    print(f"recall@10 of HTTP vs exact: {recall:.4f}")
-    print(
-        f"HTTP image queries: {http['qps']} q/s at concurrency {args.concurrency}, "
-        f"p50 {http['p50_ms']} ms, {http['partial_answers']} partial"
-    )
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    common.write_and_plot(args.name, result, plot, headline=True)
     return 0
 
 

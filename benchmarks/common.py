@@ -1,6 +1,8 @@
-"""What every benchmark shares: the machine it ran on, result writing, and the data generator.
+"""What every benchmark shares: where its data is, its common options, the machine it ran on,
+and how it writes its results (``results/<name>.json`` and a PNG).
 
-Results are only comparable on the same machine, so every JSON carries ``machine``.
+Results are only comparable on the same machine, so every JSON carries ``machine``. Generated
+data, stores, servers and load loops are the harness's (``harness/``), shared with the tests.
 """
 
 from __future__ import annotations
@@ -9,12 +11,17 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+# where results go: $VISUAL_SEARCH_BENCH_RESULTS for smoke runs that must not replace the real ones
+RESULTS_DIR = Path(os.environ.get("VISUAL_SEARCH_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
+DATA = Path(os.environ.get("VISUAL_SEARCH_DATA", ROOT.parent / "shared" / "data"))
+CALTECH = DATA / "images" / "caltech101"
 
 
 def machine_info() -> dict:
@@ -75,38 +82,6 @@ def _jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
-def gaussian_mixture(
-    n: int,
-    dim: int,
-    clusters: int = 1000,
-    seed: int = 0,
-    spread: float = 0.35,
-    chunk: int = 250_000,
-    labels: bool = False,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """``n`` L2-normalised vectors around ``clusters`` random centres: closer to real embeddings
-    (clustered, anisotropic neighbourhoods) than uniform noise, so IVF+PQ recall means something.
-    With ``labels``, also each vector's cluster (metadata correlated with the vectors, as a
-    catalogue's category is); the vectors are the same either way.
-    """
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    # each cluster gets its own scale so neighbourhood density varies as in real data
-    scales = (spread * rng.uniform(0.5, 1.5, clusters) / np.sqrt(dim)).astype(np.float32)
-    out = np.empty((n, dim), dtype=np.float32)
-    cluster = np.empty(n, dtype=np.int32)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        drawn = rng.integers(0, clusters, stop - start)
-        noise = rng.standard_normal((stop - start, dim), dtype=np.float32)
-        block = centres[drawn] + noise * scales[drawn, None]
-        block /= np.linalg.norm(block, axis=1, keepdims=True)
-        out[start:stop] = block
-        cluster[start:stop] = drawn
-    return (out, cluster) if labels else out
-
-
 def pareto(points: list[dict], cost: str, value: str) -> list[dict]:
     """The points no other point beats on both ``cost`` (lower better) and ``value`` (higher
     better), cheapest first: a system's best trade-off curve over its knobs."""
@@ -118,25 +93,96 @@ def pareto(points: list[dict], cost: str, value: str) -> list[dict]:
     return front
 
 
-def save_figure(fig, path: Path, dpi: int = 110) -> None:
-    """Lay out, write and free a matplotlib figure (every benchmark's PNG the same way)."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: the benchmarks draw PNGs, never on a screen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def work_in(workdir: Path) -> Path:
+    """Make ``workdir`` and send temporary files there too (Ray's spills, Arrow, FAISS)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TMPDIR", str(workdir))
+    return workdir
+
+
+def machine_title(fig, what: str, result: dict) -> None:
+    """The figure's title: what it shows, on which machine."""
+    m = result["machine"]
+    fig.suptitle(f"{what}, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
+
+
+def label_bars(ax, bars, texts: list[str], fontsize: int = 8, va: str = "bottom") -> None:
+    """Each text centred on its bar's top."""
+    for bar, text in zip(bars, texts, strict=True):
+        at = (bar.get_x() + bar.get_width() / 2, bar.get_height())
+        ax.annotate(text, at, ha="center", va=va, fontsize=fontsize)
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Lay out, write and free a matplotlib figure (every benchmark's PNG the same way)."""
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    pyplot().close(fig)
+
+
+def write_and_plot(name: str, result: dict, plot, headline: bool = False) -> Path:
+    """``results/<name>.json`` (machine attached), then ``plot(result as written, png path)``;
+    with ``headline``, the result's scalar figures are printed too."""
+    path = write_result(name, result)
+    plot(json.loads(path.read_text()), path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    if headline:
+        print_headline(result)
+    return path
+
+
+def replot(name: str, plot) -> None:
+    """Redraw ``results/<name>.png`` from its JSON (the benchmarks' ``--plot-only``)."""
+    path = RESULTS_DIR / f"{name}.json"
+    plot(json.loads(path.read_text()), path.with_suffix(".png"))
+
+
+def print_headline(result: dict) -> None:
+    """A result's scalar figures, one a line (each JSON puts its headline keys first)."""
+    for key, value in result.items():
+        if key != "command" and (value is None or isinstance(value, int | float | str)):
+            print(f"  {key:36} {value}")
+
+
+def command(script: str, argv: list[str] | None) -> str:
+    """How a run was started, for its JSON: the README's command line with its arguments."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["flock /tmp/vs-heavy.lock .venv/bin/python", f"benchmarks/{script}.py", *args])
 
 
 def add_scale_args(
-    parser: argparse.ArgumentParser, *, workdir: Path, queries: int, queries_help: str
+    parser: argparse.ArgumentParser,
+    *,
+    workdir: Path,
+    queries: int | None = 1000,
+    queries_help: str = "held-out queries",
+    requests: int | None = 1000,
+    requests_help: str = "requests per measurement",
+    quick: str | None = "100k vectors, fewer requests",
+    shards: int | list[int] = 4,
 ) -> None:
-    """The options of the benchmarks over one synthetic store (peers, filtered search): its
-    size, shape and memory budget, the held-out queries and the requests per measurement."""
+    """The options of the benchmarks over one synthetic store (its size, shape, shards and
+    memory budget, where it is cached), the held-out queries and the requests per measurement;
+    ``None`` leaves an option out, a list of shards makes ``--shards`` take several."""
     parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--quick", action="store_true", help="100k vectors, fewer requests")
+    if quick:
+        parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--queries", type=int, default=queries, help=queries_help)
-    parser.add_argument("--requests", type=int, default=1000, help="requests per measurement")
+    many = {"nargs": "+"} if isinstance(shards, list) else {}
+    parser.add_argument("--shards", type=int, default=shards, **many)
+    if queries is not None:
+        parser.add_argument("--queries", type=int, default=queries, help=queries_help)
+    if requests is not None:
+        parser.add_argument("--requests", type=int, default=requests, help=requests_help)
     parser.add_argument("--workdir", type=Path, default=workdir)
     parser.add_argument("--memory-budget", default="4G")

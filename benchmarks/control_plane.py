@@ -46,10 +46,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a script, too
 
-from benchmarks.common import gaussian_mixture, save_figure, write_result  # noqa: E402
+from benchmarks import common  # noqa: E402
+from harness.stores import write_store  # noqa: E402
+from harness.synthetic import gaussian_mixture  # noqa: E402
 from index.ann.shard_index import ShardIndex  # noqa: E402
 from index.live.delta import LiveShard, write_rows, write_tombstones  # noqa: E402
 from index.live.rebuild import RebuildOptions, delta_rows, rebuild_shard  # noqa: E402
@@ -57,7 +58,7 @@ from index.rows import schema  # noqa: E402
 from index.rows.sharding import shards_of, uri_id  # noqa: E402
 from index.storage.coverage import plan_shard  # noqa: E402
 from index.storage.gc import collect_garbage  # noqa: E402
-from index.storage.manifest import Manifest, commit_manifest, load_manifest  # noqa: E402
+from index.storage.manifest import load_manifest  # noqa: E402
 from index.storage.store import Store  # noqa: E402
 
 
@@ -66,18 +67,9 @@ def write_catalogue(store: Store, n: int, args) -> list[str]:
     vectors = gaussian_mixture(n, args.dim, clusters=256, seed=n)
     uris = [f"s3://catalogue/img-{i:08d}.jpg" for i in range(n)]
     ids = [uri_id(u) for u in uris]
-    shards = shards_of(ids, args.shards)
-    commit_manifest(
-        store, lambda m: m or Manifest("bench", "none", args.dim, args.shards, "ip", "uri")
+    write_store(
+        store, ids, uris, vectors, args.shards, model="bench", part_rows=args.batch_part_rows
     )
-    for shard in range(args.shards):
-        rows = np.flatnonzero(shards == shard)
-        for start in range(0, len(rows), args.batch_part_rows):
-            sel = rows[start : start + args.batch_part_rows]
-            table = schema.embeddings_table(
-                [ids[i] for i in sel], [uris[i] for i in sel], vectors[sel]
-            )
-            store.write_parquet(table, f"{store.embeddings_dir(shard)}/part-b{start:09d}.parquet")
     return uris
 
 
@@ -228,11 +220,7 @@ def run_s3_suite() -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     sizes = [r["rows"] for r in result["sizes"]]
     panels = [
         ("manifest bytes", lambda s: s["manifest_bytes"]),
@@ -245,19 +233,14 @@ def plot(result: dict, path: Path) -> None:
         for state, style in (("before", "o--"), ("after", "o-")):
             ax.plot(sizes, [get(r[state]) for r in result["sizes"]], style, label=state)
         if title.startswith("embed"):
-            ax.plot(
-                sizes,
-                [r["before"]["driver_previous_algorithm"]["peak_rss_mib"] for r in result["sizes"]],
-                "s:",
-                label="previous driver",
-            )
+            previous = [r["before"]["driver_previous_algorithm"] for r in result["sizes"]]
+            ax.plot(sizes, [p["peak_rss_mib"] for p in previous], "s:", label="previous driver")
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)
-        ax.set_title(title)
-        ax.set_xlabel("rows")
+        ax.set(title=title, xlabel="rows")
         ax.legend()
     fig.suptitle("Control plane vs catalogue size (before / after a compacting rebuild + GC)")
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": runs,
     }
     name = "control_plane_quick" if args.quick else "control_plane"
-    path = write_result(name, result)
-    plot(result, path.with_suffix(".png"))
+    common.write_and_plot(name, result, plot)
     print(json.dumps({k: v for k, v in result.items() if k not in ("sizes", "settings")}, indent=1))
     return 0
 

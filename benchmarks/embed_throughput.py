@@ -34,14 +34,17 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a script, too
 
 from pipelines.local_ray import use_local_ray_env  # noqa: E402
 
@@ -49,15 +52,14 @@ use_local_ray_env()
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
+from benchmarks import common  # noqa: E402
 from embedding import Embedder, ModelConfig, decode_image, prepare  # noqa: E402
 from embedding.model import default_threads  # noqa: E402
 from pipelines.embed import connect_ray, default_actors, run_job  # noqa: E402
 from pipelines.embed_config import EmbedJobConfig  # noqa: E402
 
 NAME = "embed_throughput"
-DATA = Path(os.environ.get("VISUAL_SEARCH_DATA", ROOT.parent / "shared" / "data"))
-CALTECH = DATA / "images" / "caltech101" / "101_ObjectCategories"
+CALTECH = common.CALTECH / "101_ObjectCategories"
 
 
 def caltech_photos(n: int, work: Path | None = None) -> list[Path]:
@@ -96,8 +98,6 @@ class CpuSampler:
     )
 
     def __init__(self, interval_s: float = 1.0):
-        import threading
-
         self.interval_s = interval_s
         self.seconds: dict[str, float] = {}
         self._last: dict[int, float] = {}
@@ -106,8 +106,6 @@ class CpuSampler:
 
     @staticmethod
     def _machine_busy() -> float:
-        import psutil
-
         t = psutil.cpu_times()
         return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
 
@@ -122,8 +120,6 @@ class CpuSampler:
     def sample(self, count: bool = True) -> None:
         """Add each process's CPU since the last sample to its role (a process born since the
         first sample counts whole: it is the job's)."""
-        import psutil
-
         for proc in psutil.process_iter(["pid", "cmdline", "name", "cpu_times"]):
             info = proc.info
             times = info.get("cpu_times")
@@ -177,12 +173,8 @@ class CpuSampler:
 def decode_all(photos: list[Path], image_size: int) -> np.ndarray:
     """The crops the job would make (same decode, draft mode and crop), done up front."""
     resize = round(image_size * 256 / 224)
-    return np.stack(
-        [
-            prepare(decode_image(p.read_bytes(), draft_size=resize), image_size, resize)
-            for p in photos
-        ]
-    )
+    decoded = (decode_image(p.read_bytes(), draft_size=resize) for p in photos)
+    return np.stack([prepare(image, image_size, resize) for image in decoded])
 
 
 def bare_model(embedder: Embedder, crops: np.ndarray, batch_size: int) -> float:
@@ -212,11 +204,9 @@ def bare_models(path: Path, model: str, processes: int, threads: int, batch_size
 
     ctx = mp.get_context("spawn")  # a forked torch/OpenMP runtime can hang
     barrier, results = ctx.Barrier(processes), ctx.Queue()
+    share = (str(path), model, threads, batch_size)
     procs = [
-        ctx.Process(
-            target=_bare_process,
-            args=(str(path), model, threads, batch_size, i, processes, barrier, results),
-        )
+        ctx.Process(target=_bare_process, args=(*share, i, processes, barrier, results))
         for i in range(processes)
     ]
     for proc in procs:
@@ -259,11 +249,7 @@ def pipeline(listing: Path, work: Path, batch_size: int, actors: int, threads: i
 def plot(result: dict, path: Path, before: dict | None = None) -> None:
     """Left: where the machine's CPU went during the job (before and after, when given);
     right: images/s of the job (end to end, steady) against the bare model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     runs = [("before", before), ("after", result)] if before else [("this run", result)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     roles = sorted({r for _, run in runs for r in run["cpu"]["share_of_capacity"]})
@@ -286,16 +272,10 @@ def plot(result: dict, path: Path, before: dict | None = None) -> None:
     names = ["bare model", "job, end to end", "job, steady state"]
     width = 0.8 / len(runs)
     for i, (label, run) in enumerate(runs):
-        values = [
-            run["bare_model_images_per_s"],
-            run["pipeline_images_per_s"],
-            run["steady_pipeline_images_per_s"],
-        ]
+        keys = ("bare_model_images_per_s", "pipeline_images_per_s", "steady_pipeline_images_per_s")
+        values = [run[k] for k in keys]
         bars = right.bar(np.arange(3) + i * width, values, width, label=label)
-        for bar, v in zip(bars, values, strict=True):
-            right.annotate(
-                f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", fontsize=7
-            )
+        common.label_bars(right, bars, [f"{v:.0f}" for v in values], fontsize=7, va="baseline")
     right.set_xticks(np.arange(3) + width * (len(runs) - 1) / 2, names, fontsize=8)
     right.set_ylabel("images/s")
     right.set_title(
@@ -304,7 +284,7 @@ def plot(result: dict, path: Path, before: dict | None = None) -> None:
         fontsize=10,
     )
     right.legend(fontsize=8)
-    save_figure(fig, path, dpi=120)
+    common.save_figure(fig, path, dpi=120)
 
 
 def load() -> float:
@@ -343,13 +323,11 @@ def paired_round(embedder, crops, path, listing, work, batch_size, actors, threa
 
 
 def commit() -> str:
-    import subprocess
-
+    """The checkout's commit (the plot names the runs it compares by it)."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
+        git = ["git", "rev-parse", "--short", "HEAD"]
+        out = subprocess.run(git, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return out or "unknown"
     except OSError:
         return "unknown"
 
@@ -395,61 +373,37 @@ def main(argv: list[str] | None = None) -> dict:
         ray_start_s = time.perf_counter() - ray_started
         actors = args.actors or default_actors(ray.cluster_resources(), 0)
 
-        header = (
-            f"{'batch':>5} {'actors':>6} {'bare/s':>7} {'job/s':>6} {'steady/s':>8} "
-            f"{'start s':>7} {'ratio':>5} {'steady':>6} {'load':>9}"
-        )
+        threads, model = args.threads, args.model
 
-        def show(r: dict) -> None:
-            print(
-                f"{r['batch_size']:>5} {r['actors']:>6} {r['bare_model_images_per_s']:>7.1f} "
-                f"{r['images_per_s']:>6.1f} {r['steady_images_per_s']:>8.1f} "
-                f"{r['first_batch_seconds']:>7.1f} {r['ratio_to_bare_model']:>5.2f} "
-                f"{r['steady_ratio_to_bare_model']:>6.2f} "
-                f"{r['load_1min'][0]:>4} {r['load_1min'][1]:>4}"
+        def paired(crops_, path, listing_, batch_size, actors_) -> dict:
+            r = paired_round(
+                embedder, crops_, path, listing_, work, batch_size, actors_, threads, model
             )
+            print(
+                f"batch {r['batch_size']}, {r['actors']} actors: bare model "
+                f"{r['bare_model_images_per_s']:.1f}/s, job {r['images_per_s']:.1f}/s (steady "
+                f"{r['steady_images_per_s']:.1f}/s, start-up {r['first_batch_seconds']:.1f} s): "
+                f"ratio {r['ratio_to_bare_model']:.2f} (steady "
+                f"{r['steady_ratio_to_bare_model']:.2f}), load {r['load_1min']}",
+                flush=True,
+            )
+            return r
 
         print(f"\nheadline: {args.rounds} round(s) of bare / job / bare on {len(photos)} photos")
-        print(header)
         headline = []
         for _ in range(args.rounds):
-            headline.append(
-                paired_round(
-                    embedder,
-                    bare_crops,
-                    bare_path,
-                    listing,
-                    work,
-                    args.batch_size,
-                    actors,
-                    args.threads,
-                    args.model,
-                )
-            )
-            show(headline[-1])
+            headline.append(paired(bare_crops, bare_path, listing, args.batch_size, actors))
             for role, share in headline[-1]["cpu"]["share_of_capacity"].items():
                 print(f"    {share:6.1%}  {role}")
-
         sweep = []
         if args.sweep:
             print(f"\nsweep on {args.sweep_images} photos")
-            print(header)
+            sweep_crops = crops[: args.sweep_images]
             for batch_size in (8, 16, 32, 64):
                 for sweep_actors in (1, 2):
                     sweep.append(
-                        paired_round(
-                            embedder,
-                            crops[: args.sweep_images],
-                            sweep_path,
-                            sweep_listing,
-                            work,
-                            batch_size,
-                            sweep_actors,
-                            args.threads,
-                            args.model,
-                        )
+                        paired(sweep_crops, sweep_path, sweep_listing, batch_size, sweep_actors)
                     )
-                    show(sweep[-1])
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -469,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu": median["cpu"],
         "goal_ratio": 0.85,
         "goal_steady_ratio": 0.9,
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "commit": commit(),
         "model": embedder.model_tag,
         "photos": "all 9,144 Caltech-101 photos (every folder), then symlinks to the first "
@@ -487,10 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sweep_images": args.sweep_images if sweep else 0,
         "sweep": sweep,
         "quick": args.quick,
-        "command": " ".join(
-            ["flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/embed_throughput.py"]
-            + (sys.argv[1:] if argv is None else argv)
-        ),
+        "command": common.command("embed_throughput", argv),
         "bare_model_layout": median["bare_model_layout"],
         "definitions": {
             "ratio_to_bare_model": "job images/s end to end (read, decode, embed, write; actor "
@@ -509,15 +460,9 @@ def main(argv: list[str] | None = None) -> dict:
             "processes shared the 2 cores and the round is noisy",
         },
     }
-    path = write_result(args.name, result)
     before = json.loads(args.before.read_text()) if args.before else None
-    plot(result, RESULTS_DIR / f"{args.name}.png", before)
-    print(
-        f"\njob {result['pipeline_images_per_s']:.1f} images/s vs bare model "
-        f"{result['bare_model_images_per_s']:.1f} images/s: ratio "
-        f"{result['ratio_to_bare_model']:.2f} (steady {result['steady_ratio_to_bare_model']:.2f}, "
-        f"start-up {result['startup_s']:.1f} s) on {len(photos)} photos; goals 0.85 / 0.9\n"
-        f"wrote {path} and {args.name}.png"
+    common.write_and_plot(
+        args.name, result, lambda written, png: plot(written, png, before), headline=True
     )
     return result
 

@@ -4,7 +4,7 @@
     (LanceDB needs the benchmark extra: pip install -e '.[bench]')
 
 Data: ``--n`` (1M) ``gaussian_mixture`` vectors, 256-d, 1,000 clusters, in ``--shards`` (4)
-shards built by ``index.live.rebuild.rebuild_shard`` (``benchmarks/query_latency.py``'s store, with
+shards built by ``index.live.rebuild.rebuild_shard`` (``harness.synthetic.cached_store``, with
 metadata columns), each row with:
 
 - ``bucket``: int, uniform in 0..9999, independent of the vector;
@@ -22,13 +22,14 @@ Filters, two families at 50 %, 10 %, 1 %, 0.1 % and 0.01 % selectivity:
 plus the issue's "in stock, under $50" (about 5 %). Queries are held-out draws of the mixture;
 the ground truth of each filter is exact float32 search over its matching rows.
 
-Ours: the real Serve app over HTTP (throughput mode, direct ingress, ``query_latency``'s HTTP
-worker), JSON ``{"vector", "k": 10, "filter"}`` at concurrency 1, default nprobe and 400 rerank
+Ours: the real Serve app over HTTP (throughput mode, direct ingress, ``harness.serve_runs``),
+JSON ``{"vector", "k": 10, "filter"}`` at concurrency 1, default nprobe and 400 rerank
 candidates per shard (as the unfiltered benchmarks); also the same shards in-process
 (``LiveShard.search_with_plan``) for the plan each shard chose (exact or IVF, its nprobe).
 
 LanceDB (embedded, in-process, no HTTP) on the same vectors and columns: IVF_PQ as in
-``benchmarks/peers.py`` (~sqrt(N) partitions, 64 x 8-bit sub-vectors, L2), a BTREE index on
+``benchmarks/peers.py`` (``harness.lance_table``: ~sqrt(N) partitions, 64 x 8-bit sub-vectors,
+L2), a BTREE index on
 ``bucket`` and a BITMAP index on ``category``, ``where(sql, prefilter=True)``; its nprobes and
 refine factor are the cheapest pair reaching recall@10 >= 0.95 unfiltered (a short sweep), run
 two ways: ``fixed`` (``nprobes``) and ``adaptive`` (``minimum_nprobes`` = that, ``maximum_nprobes``
@@ -41,39 +42,31 @@ and p99 vs selectivity).
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks import query_latency as ql  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    RESULTS_DIR,
-    add_scale_args,
-    gaussian_mixture,
-    machine_info,
-    save_figure,
-    write_result,
+from benchmarks import common  # noqa: E402
+from harness import (
+    lance_table,  # noqa: E402
+    synthetic,  # noqa: E402
 )
+from harness.closed_loop import run_load  # noqa: E402
+from harness.serve_runs import over_http  # noqa: E402
 
-K = ql.K
+K = 10
 SELECTIVITIES = (0.5, 0.1, 0.01, 0.001, 0.0001)
 LANCE_GRID = {"nprobes": (16, 32, 64), "refine_factor": (5, 10, 20)}
-LANCE_METRIC = "l2"  # see benchmarks/peers.py: LanceDB's IVF_PQ ranks better with it here
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_scale_args(
+    common.add_scale_args(
         p,
         workdir=Path("/tmp/vs-bench-filtered"),
         queries=500,
@@ -88,12 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.queries = min(args.queries, 200)
         if args.name == "filtered_search":
             args.name = "filtered_search_quick"
-    # what query_latency's HTTP worker reads from args
-    args.modes, args.entries, args.concurrency, args.nprobe = (
+    # what harness.serve_runs reads from args
+    args.modes, args.entries, args.concurrency, args.searcher_replicas = (
         ["throughput"],
         ["direct_ingress"],
         [1],
-        None,
+        1,
     )
     return args
 
@@ -101,9 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- data ----------------------------------------------------------------------------------------
 def make_data(args):
     """(base vectors, their clusters, held-out queries)."""
-    t = time.perf_counter()
-    x, labels = gaussian_mixture(args.n + args.queries, args.dim, seed=0, labels=True)
-    print(f"generated {len(x):,} x {args.dim} vectors in {time.perf_counter() - t:.1f} s")
+    x, labels = synthetic.gaussian_mixture(args.n + args.queries, args.dim, seed=0, labels=True)
     return x[: args.n], labels[: args.n], x[args.n :]
 
 
@@ -126,58 +117,28 @@ def metadata_table(labels: np.ndarray, seed: int = 1):
 
 def filters() -> list[dict]:
     """Every filter measured: name, family, nominal selectivity, our JSON, LanceDB's SQL."""
-    out = []
-    for s in SELECTIVITIES:
-        below = round(s * 10_000)
-        out.append(
-            {
-                "name": f"uniform {_pct(s)}",
-                "family": "uniform",
-                "nominal": s,
-                "filter": {"field": "bucket", "range": {"lt": below}},
-                "sql": f"bucket < {below}",
-            }
-        )
-    cats = [f"c{i:02d}" for i in range(100)]
-    clustered = [
-        (0.5, {"field": "category", "in": cats[:50]}, _sql_in(cats[:50])),
-        (0.1, {"field": "category", "in": cats[:10]}, _sql_in(cats[:10])),
-        (0.01, {"field": "category", "eq": "c07"}, "category = 'c07'"),
+    cats, c07 = [f"c{i:02d}" for i in range(100)], {"field": "category", "eq": "c07"}
+
+    def below(n: int) -> dict:
+        return {"field": "bucket", "range": {"lt": n}}
+
+    rows = [
+        ("uniform", s, below(round(s * 1e4)), f"bucket < {round(s * 1e4)}") for s in SELECTIVITIES
     ]
-    for s, below in ((0.001, 1000), (0.0001, 100)):
-        body = {
-            "and": [{"field": "category", "eq": "c07"}, {"field": "bucket", "range": {"lt": below}}]
-        }
-        clustered.append((s, body, f"category = 'c07' AND bucket < {below}"))
-    for s, body, sql in clustered:
-        out.append(
-            {
-                "name": f"clustered {_pct(s)}",
-                "family": "clustered",
-                "nominal": s,
-                "filter": body,
-                "sql": sql,
-            }
-        )
-    out.append(
-        {
-            "name": "in stock, under $50",
-            "family": "example",
-            "nominal": 0.5 * 49 / 499,
-            "filter": {
-                "and": [
-                    {"field": "in_stock", "eq": True},
-                    {"field": "price", "range": {"lt": 50}},
-                ]
-            },
-            "sql": "in_stock = true AND price < 50",
-        }
-    )
-    return out
-
-
-def _pct(s: float) -> str:
-    return f"{s * 100:g} %"
+    rows += [
+        ("clustered", 0.5, {"field": "category", "in": cats[:50]}, _sql_in(cats[:50])),
+        ("clustered", 0.1, {"field": "category", "in": cats[:10]}, _sql_in(cats[:10])),
+        ("clustered", 0.01, c07, "category = 'c07'"),
+        ("clustered", 0.001, {"and": [c07, below(1000)]}, "category = 'c07' AND bucket < 1000"),
+        ("clustered", 0.0001, {"and": [c07, below(100)]}, "category = 'c07' AND bucket < 100"),
+    ]
+    out = [
+        {"name": f"{fam} {s * 100:g} %", "family": fam, "nominal": s, "filter": body, "sql": sql}
+        for fam, s, body, sql in rows
+    ]
+    in_stock = [{"field": "in_stock", "eq": True}, {"field": "price", "range": {"lt": 50}}]
+    example = {"name": "in stock, under $50", "family": "example", "nominal": 0.5 * 49 / 499}
+    return [*out, {**example, "filter": {"and": in_stock}, "sql": "in_stock = true AND price < 50"}]
 
 
 def _sql_in(values: list[str]) -> str:
@@ -197,8 +158,6 @@ def masks(meta, flts: list[dict]) -> list[np.ndarray]:
 
 def filtered_truth(args, base, queries, flts, rows_of) -> list[np.ndarray]:
     """Exact float32 top-K row numbers of each query among each filter's rows (cached)."""
-    import faiss
-
     out = []
     for f, mask in zip(flts, rows_of, strict=True):
         key = f["name"].replace(" ", "_").replace("%", "pct").replace(",", "").replace("$", "")
@@ -207,9 +166,7 @@ def filtered_truth(args, base, queries, flts, rows_of) -> list[np.ndarray]:
             out.append(np.load(path))
             continue
         rows = np.flatnonzero(mask)
-        flat = faiss.IndexFlatIP(args.dim)
-        flat.add(np.ascontiguousarray(base[rows]))
-        _, found = flat.search(queries, K)
+        found = synthetic.exact_topk(base[rows], queries, K)
         truth = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
         np.save(path, truth)
         out.append(truth)
@@ -277,99 +234,22 @@ def in_process(args, store_uri, queries, flts, truths, ids) -> list[dict]:
 
 
 # ---- ours over HTTP ------------------------------------------------------------------------------
-def over_http(args, store_uri, queries, flts, truths, truth_all, ids) -> dict:
-    points = [{"label": "unfiltered", "body": {}, "concurrency": [1], "requests": args.requests}]
-    points += [
-        {
-            "label": f["name"],
-            "body": {"filter": f["filter"]},
-            "concurrency": [1],
-            "requests": args.requests,
-        }
-        for f in flts
-    ]
-    args.points = json.dumps(points)
-    args.searcher_replicas = 1
-    http = ql.over_http(args, store_uri, queries, truth_all, ids, point_truths=[truth_all, *truths])
-    measured = http["throughput"]["direct_ingress"]["points"]
-    out = {"points": measured}
-    out["serve"] = {
-        k: v for k, v in http["throughput"].items() if k not in ("proxy", "direct_ingress")
-    }
-    return out
+def http_rows(args, store_uri, queries, flts, truths, truth_all, ids) -> dict:
+    points = [{"label": "unfiltered", "body": {}}]
+    points += [{"label": f["name"], "body": {"filter": f["filter"]}} for f in flts]
+    args.points = [{**p, "concurrency": [1], "requests": args.requests} for p in points]
+    http = over_http(args, store_uri, queries, truth_all, ids, point_truths=[truth_all, *truths])
+    serve = {k: v for k, v in http["throughput"].items() if k not in ("proxy", "direct_ingress")}
+    return {"points": http["throughput"]["direct_ingress"]["points"], "serve": serve}
 
 
 # ---- LanceDB -------------------------------------------------------------------------------------
 def lance_dir(args) -> Path:
-    return args.workdir / f"lance-{args.n}-{args.dim}-{LANCE_METRIC}-meta"
-
-
-def build_lance(args, base, meta) -> dict:
-    import lancedb
-    import pyarrow as pa
-    from lancedb.index import IvfPq
-
-    path = lance_dir(args)
-    info_path = path / "bench-build.json"
-    if info_path.exists():
-        return json.loads(info_path.read_text())
-    shutil.rmtree(path, ignore_errors=True)
-    db = lancedb.connect(str(path))
-    t = time.perf_counter()
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(base.reshape(-1)), args.dim)
-    table = meta.append_column("row", pa.array(np.arange(len(base), dtype=np.int64)))
-    tbl = db.create_table("vectors", data=table.append_column("vector", vectors), mode="overwrite")
-    write_s = time.perf_counter() - t
-    partitions = 2 ** round(math.log2(max(1, math.sqrt(args.n))))
-    params = {
-        "distance_type": LANCE_METRIC,
-        "num_partitions": partitions,
-        "num_sub_vectors": args.dim // 4,
-        "num_bits": 8,
-    }
-    t = time.perf_counter()
-    tbl.create_index("vector", config=IvfPq(**params))
-    index_s = time.perf_counter() - t
-    t = time.perf_counter()
-    tbl.create_scalar_index("bucket", index_type="BTREE")
-    tbl.create_scalar_index("category", index_type="BITMAP")
-    info = {
-        "params": params,
-        "scalar_indexes": {"bucket": "BTREE", "category": "BITMAP"},
-        "write_seconds": round(write_s, 2),
-        "index_seconds": round(index_s, 2),
-        "scalar_index_seconds": round(time.perf_counter() - t, 2),
-        "lancedb": lancedb.__version__,
-    }
-    info_path.write_text(json.dumps(info))
-    print(f"LanceDB: {info}", flush=True)
-    return info
-
-
-def lance_search(args, ids):
-    import lancedb
-
-    tbl = lancedb.connect(str(lance_dir(args))).open_table("vectors")
-    partitions = json.loads((lance_dir(args) / "bench-build.json").read_text())["params"][
-        "num_partitions"
-    ]
-
-    def search(q, nprobes, refine, sql=None, adaptive=False):
-        query = tbl.search(q).distance_type(LANCE_METRIC)
-        if adaptive:
-            query = query.minimum_nprobes(nprobes).maximum_nprobes(partitions)
-        else:
-            query = query.nprobes(nprobes)
-        if sql:
-            query = query.where(sql, prefilter=True)
-        query = query.select(["row"]).limit(K).refine_factor(refine)
-        return [ids[r] for r in query.to_arrow()["row"].to_pylist()]
-
-    return search
+    return args.workdir / f"lance-{args.n}-{args.dim}-{lance_table.METRIC}-meta"
 
 
 def lancedb_rows(args, queries, flts, truths, truth_all, ids) -> dict:
-    search = lance_search(args, ids)
+    search = lance_table.searcher(lance_dir(args), ids, K)
     sweep_n = min(len(queries), 200)
     grid = []
     for nprobes in LANCE_GRID["nprobes"]:
@@ -396,13 +276,9 @@ def lancedb_rows(args, queries, flts, truths, truth_all, ids) -> dict:
                     queries[i % len(queries)], nprobes, refine, f["sql"], mode == "adaptive"
                 )
 
-            found = [call(i) for i in range(len(queries))]
-            stats, _ = ql.run_load(call, min(args.requests, 500), 1)
-            row = {
-                "name": f["name"],
-                "recall_at_10": round(recall_of(found, truth, ids), 4),
-                **stats,
-            }
+            recall = recall_of([call(i) for i in range(len(queries))], truth, ids)
+            stats, _ = run_load(call, min(args.requests, 500), 1)
+            row = {"name": f["name"], "recall_at_10": round(recall, 4), **stats}
             out[mode].append(row)
             print(f"LanceDB {mode} {f['name']:>22}: {row}", flush=True)
     return out
@@ -433,23 +309,13 @@ def headline(result: dict) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     http = {p["label"]: p for p in result["ours_http"]["points"]}
     lance = result.get("lancedb")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     # one series per system: (marker, colour, label, {filter name: (recall, p99 ms)})
-    series = [
-        (
-            "o",
-            "C0",
-            "ours over HTTP",
-            {n: (p["recall_at_10"], p["1"]["p99_ms"]) for n, p in http.items()},
-        )
-    ]
+    ours = {n: (p["recall_at_10"], p["1"]["p99_ms"]) for n, p in http.items()}
+    series = [("o", "C0", "ours over HTTP", ours)]
     for mode, colour in (("adaptive", "C3"), ("fixed", "C1")) if lance else ():
         rows = {r["name"]: (r["recall_at_10"], r["p99_ms"]) for r in lance[mode]}
         series.append(("s", colour, f"LanceDB {mode} nprobes", rows))
@@ -460,55 +326,47 @@ def plot(result: dict, path: Path) -> None:
             for ax, i in ((ax1, 0), (ax2, 1)):
                 y = [values[f["name"]][i] for f in rows]
                 ax.plot(x, y, marker + ls, color=colour, alpha=0.85, label=f"{label}, {family}")
-    ax2.axhline(
-        http["unfiltered"]["1"]["p99_ms"], color="C0", ls=":", lw=1, label="ours unfiltered p99"
-    )
-    ax2.axhline(
-        2 * http["unfiltered"]["1"]["p99_ms"],
-        color="k",
-        ls=":",
-        lw=0.8,
-        label="goal: 2x unfiltered p99",
-    )
+    unfiltered = http["unfiltered"]["1"]["p99_ms"]
+    ax2.axhline(unfiltered, color="C0", ls=":", lw=1, label="ours unfiltered p99")
+    ax2.axhline(2 * unfiltered, color="k", ls=":", lw=0.8, label="goal: 2x unfiltered p99")
     ax1.axhline(0.95, color="k", ls=":", lw=0.8)
     for ax in (ax1, ax2):
         ax.set_xscale("log")
         ax.set_xlabel("selectivity (% of rows the filter keeps)")
         ax.invert_xaxis()
     ax1.set_ylabel("recall@10 vs exact filtered search")
-    ax2.set_ylabel("p99 latency at concurrency 1 (ms)")
-    ax2.set_yscale("log")
+    ax2.set(ylabel="p99 latency at concurrency 1 (ms)", yscale="log")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
-    m = result["machine"]
     ax1.set_title(
         f"{result['n_vectors']:,} x {result['dim']} in {result['shards']} shards", fontsize=9
     )
     ax2.set_title("ours: HTTP (Serve); LanceDB: embedded, in-process", fontsize=9)
-    fig.suptitle(f"filtered search vs selectivity, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
-    save_figure(fig, path)
+    common.machine_title(fig, "filtered search vs selectivity", result)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TMPDIR", str(args.workdir))
+    common.work_in(args.workdir)
     os.environ.setdefault("LANCE_LOG", "error")  # one deprecation warning per query otherwise
     base, labels, queries = make_data(args)
     meta = metadata_table(labels)
-    ids, uris = ql.ids_uris(args.n)
-    build = ql.build_store(args, base, ids, uris, metadata=meta)
+    ids, uris = synthetic.synthetic_rows(args.n)
+    build = synthetic.cached_store(
+        args.workdir, base, ids, uris, args.shards, args.memory_budget, meta
+    )
     flts = filters()
     rows_of = masks(meta, flts)
     for f, mask in zip(flts, rows_of, strict=True):
         f["rows"] = int(mask.sum())
         f["selectivity"] = f["rows"] / args.n
-    truth_all = ql.ground_truth(args, base, queries)
+    truth_all = synthetic.cached_truth(args.workdir, base, queries, K)
     truths = filtered_truth(args, base, queries, flts, rows_of)
-    lance_build = None if args.skip_lancedb else build_lance(args, base, meta)
+    lance_build = None if args.skip_lancedb else lance_table.build(lance_dir(args), base, meta)
     del base, rows_of
     inproc = in_process(args, build["store"], queries, flts, truths, ids)
-    http = over_http(args, build["store"], queries, flts, truths, truth_all, ids)
+    http = http_rows(args, build["store"], queries, flts, truths, truth_all, ids)
     lance = None if args.skip_lancedb else lancedb_rows(args, queries, flts, truths, truth_all, ids)
     result = {
         "n_vectors": args.n,
@@ -523,25 +381,11 @@ def main(argv=None) -> int:
         "ours_inprocess": inproc,
         "lancedb": lance,
         "build": {"ours": build, "lancedb": lance_build},
-        "machine": machine_info(),
-        "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/filtered_search.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": common.machine_info(),
+        "command": common.command("filtered_search", argv),
     }
     result = {**headline(result), **result}
-    path = write_result(args.name, result)
-    plot(json.loads(path.read_text()), RESULTS_DIR / f"{args.name}.png")
-    http_by = {p["label"]: p for p in http["points"]}
-    print(f"\n{'filter':>22} {'sel %':>8} {'recall':>7} {'p50 ms':>8} {'p99 ms':>8} {'LanceDB':>8}")
-    lance_by = {r["name"]: r for r in (lance or {}).get("adaptive", [])}
-    for name, sel in [("unfiltered", 1.0)] + [(f["name"], f["selectivity"]) for f in flts]:
-        p = http_by[name]
-        lr = lance_by.get(name, {}).get("recall_at_10", float("nan"))
-        print(
-            f"{name:>22} {sel * 100:8.3f} {p['recall_at_10']:7.4f} {p['1']['p50_ms']:8.2f} "
-            f"{p['1']['p99_ms']:8.2f} {lr:8.4f}"
-        )
-    print({k: result[k] for k in list(headline(result))})
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    common.write_and_plot(args.name, result, plot, headline=True)
     return 0
 
 

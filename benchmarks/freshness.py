@@ -3,7 +3,7 @@
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/freshness.py            # 1M x 256
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/freshness.py --quick    # 100k x 256
 
-The store: ``--n`` Gaussian-mixture vectors (``benchmarks.common.gaussian_mixture``) in
+The store: ``--n`` Gaussian-mixture vectors (``harness.synthetic.gaussian_mixture``) in
 ``--shards`` shards, the same store ``benchmarks/query_latency.py`` builds and caches in
 ``/tmp/vs-bench-latency`` (reused when present, else built the same way). Each run works on a
 hard-linked copy (``cp -al``: every file of a store is immutable or replaced atomically, so the
@@ -26,23 +26,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.common import RESULTS_DIR, gaussian_mixture, machine_info, save_figure, write_result  # noqa: E402
-from pipelines.local_ray import free_port, init_local_ray, use_local_ray_env  # noqa: E402
+from benchmarks import common  # noqa: E402
+from harness.serving import serving  # noqa: E402
+from harness.synthetic import cached_store, gaussian_mixture, synthetic_rows  # noqa: E402
+from harness.traffic import versions  # noqa: E402
+from pipelines.local_ray import init_local_ray, use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
 
@@ -52,17 +51,18 @@ LATENCY_CACHE = Path("/tmp/vs-bench-latency")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--quick", action="store_true", help="100k vectors, shorter phases")
+    common.add_scale_args(
+        p,
+        workdir=Path("/tmp/vs-bench-freshness"),
+        queries=None,
+        requests=None,
+        quick="100k vectors, shorter phases",
+    )
     p.add_argument("--steady-s", type=float, default=30.0, help="seconds before and after")
     p.add_argument("--add-interval-s", type=float, default=0.5, help="pause between adds")
     p.add_argument("--candidates", type=int, default=400, help="per-shard rerank candidates")
     p.add_argument("--rebuild-cpus", type=float, default=1.0, help="Ray CPUs per rebuild task")
     p.add_argument("--retrain", action="store_true", help="force retraining (drift_ratio 0)")
-    p.add_argument("--memory-budget", default="4G")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-freshness"))
     p.add_argument("--name", default="freshness")
     args = p.parse_args(argv)
     if args.quick:
@@ -74,24 +74,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- the store -----------------------------------------------------------------------------------
 def prepare_store(args) -> tuple[str, dict]:
     """A fresh hard-linked copy of the cached built store (building the cache if needed)."""
-    from benchmarks import query_latency as ql
-
-    name = f"store-{args.n}-{args.dim}-{args.shards}"
-    cache = LATENCY_CACHE / name
+    cache = LATENCY_CACHE / f"store-{args.n}-{args.dim}-{args.shards}"
     info: dict = {"source": str(cache)}
     if not (cache / "manifest.json").exists():
-        cache_args = SimpleNamespace(
-            workdir=LATENCY_CACHE,
-            n=args.n,
-            dim=args.dim,
-            shards=args.shards,
-            memory_budget=args.memory_budget,
-            queries=0,
-        )
         LATENCY_CACHE.mkdir(parents=True, exist_ok=True)
         base = gaussian_mixture(args.n, args.dim, seed=0)
-        ids, uris = ql.ids_uris(args.n)
-        info["built"] = ql.build_store(cache_args, base, ids, uris)
+        ids, uris = synthetic_rows(args.n)
+        info["built"] = cached_store(
+            LATENCY_CACHE, base, ids, uris, args.shards, args.memory_budget
+        )
         del base
     run = args.workdir / "store-run"
     shutil.rmtree(run, ignore_errors=True)
@@ -167,25 +158,16 @@ def add_loop(url, vectors, rec: Recorder, stop: threading.Event, t0: float, paus
             stop.wait(pause_s)
 
 
-def versions(client) -> list:
-    return [row.get("version") for row in client.get("/stats").json()["shards"]]
-
-
 def run_benchmark(args, store_uri: str) -> dict:
     import httpx
-    import ray
-    from ray import serve
 
-    from serve.app import build_app
     from serve.config import DeploymentSettings, ServeConfig
 
     # held-out draws of the store's mixture (same centres): queries, and the rows to add
     mix = gaussian_mixture(args.n + 2000 + 5000, args.dim, seed=0)[args.n :]
     queries, new_rows = mix[:2000].copy(), mix[2000:].copy()
     del mix
-    init_local_ray(args.workdir / "ray", num_cpus=4)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    ray = init_local_ray(args.workdir / "ray", num_cpus=4)
     config = ServeConfig(
         store=store_uri,
         image_queries=False,
@@ -201,19 +183,25 @@ def run_benchmark(args, store_uri: str) -> dict:
         access_log=False,
         searcher=DeploymentSettings(num_cpus=0.25, max_ongoing_requests=64),
     )
-    t = time.perf_counter()
-    serve.run(build_app(config), name=config.app_name, route_prefix="/")
-    serve_start_s = time.perf_counter() - t
-    url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, timeout=60)
+    try:
+        with serving(config) as served, httpx.Client(base_url=served.url, timeout=60) as client:
+            run = rebuild_under_load(args, served.url, client, queries, new_rows)
+            rebuilds = client.get("/admin/rebuild").json().get("history", [])
+            run |= {"versions_after": versions(client), "rebuilds": rebuilds}
+    finally:
+        ray.shutdown()
+    return {"serve_start_s": round(served.start_s, 1), **run, "config": config.to_dict()}
+
+
+def rebuild_under_load(args, url: str, client, queries, new_rows) -> dict:
+    """Queries and adds from their threads; ``--steady-s``, a rebuild of every shard until
+    each serves its new version, ``--steady-s`` again."""
     rec, stop = Recorder(), threading.Event()
     t0 = time.perf_counter()
     threads = [
         threading.Thread(target=query_loop, args=(url, queries, rec, stop, t0), daemon=True),
         threading.Thread(
-            target=add_loop,
-            args=(url, new_rows, rec, stop, t0, args.add_interval_s),
-            daemon=True,
+            target=add_loop, args=(url, new_rows, rec, stop, t0, args.add_interval_s), daemon=True
         ),
     ]
     for th in threads:
@@ -238,21 +226,12 @@ def run_benchmark(args, store_uri: str) -> dict:
         stop.set()
         for th in threads:
             th.join(60)
-    status = client.get("/admin/rebuild").json()
-    stats = client.get("/stats").json()
-    client.close()
-    serve.shutdown()
-    ray.shutdown()
     return {
-        "serve_start_s": round(serve_start_s, 1),
         "rebuild_window_s": [round(rebuild_start, 2), round(rebuild_end, 2)],
         "swap_at_s": {str(k): round(v, 2) for k, v in sorted(swapped.items())},
         "end_s": round(end, 2),
         "versions_before": before,
-        "versions_after": [row.get("version") for row in stats["shards"]],
-        "rebuilds": status.get("history", []),
         "recorder": rec,
-        "config": config.to_dict(),
     }
 
 
@@ -300,11 +279,7 @@ def summarise(run: dict) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     q = np.array([(t, ms) for t, ms, ok in result["timeline"]["queries"] if ok]).reshape(-1, 2)
     bad = [t for t, _, ok in result["timeline"]["queries"] if not ok]
     adds = np.array([a for a in result["timeline"]["adds"] if a[1] >= 0]).reshape(-1, 2)
@@ -317,8 +292,7 @@ def plot(result: dict, path: Path) -> None:
     ax1.plot(q[:, 0], q[:, 1], ".", ms=2, alpha=0.5, label="query latency")
     for t in bad:
         ax1.axvline(t, color="red", lw=0.5)
-    ax1.set_yscale("log")
-    ax1.set_ylabel("query latency (ms)")
+    ax1.set(yscale="log", ylabel="query latency (ms)")
     ax1.legend(fontsize=8, loc="upper left")
     ax1.set_title(
         f"{result['n_vectors']:,} x {result['dim']} in {result['shards']} shards: p99 steady "
@@ -327,24 +301,20 @@ def plot(result: dict, path: Path) -> None:
         fontsize=9,
     )
     ax2.plot(adds[:, 0], adds[:, 1], "o", ms=3, color="green", label="add -> searchable")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("add to searchable (ms)")
-    ax2.set_xlabel("seconds since start")
+    ax2.set(yscale="log", ylabel="add to searchable (ms)", xlabel="seconds since start")
     ax2.legend(fontsize=8, loc="upper left")
     ax2.set_title(
         f"add-to-searchable p50 {result['add_to_searchable_p50_ms']} ms, p99 "
         f"{result['add_to_searchable_p99_ms']} ms (POST with a vector, then exact-match queries)",
         fontsize=9,
     )
-    m = result["machine"]
-    fig.suptitle(f"freshness over HTTP, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
-    save_figure(fig, path)
+    common.machine_title(fig, "freshness over HTTP", result)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TMPDIR", str(args.workdir))
+    common.work_in(args.workdir)
     t = time.perf_counter()
     store_uri, store_info = prepare_store(args)
     store_info["prepare_s"] = round(time.perf_counter() - t, 1)
@@ -356,31 +326,14 @@ def main(argv=None) -> int:
         "dim": args.dim,
         "shards": args.shards,
         "quick": args.quick,
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "store": store_info,
         **result,
-        "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/freshness.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": common.command("freshness", argv),
     }
-    path = write_result(args.name, result)
-    plot(result, RESULTS_DIR / f"{args.name}.png")
+    common.write_and_plot(args.name, result, plot)
     shutil.rmtree(args.workdir / "store-run", ignore_errors=True)
-    print(f"wrote {path}")
-    for key in (
-        "failed_queries",
-        "add_to_searchable_p99_ms",
-        "p99_ms_during_rebuild",
-        "p99_ms_steady",
-        "p50_ms_steady",
-        "p50_ms_during_rebuild",
-        "add_to_searchable_p50_ms",
-        "adds_acknowledged",
-        "adds_not_found",
-        "queries",
-    ):
-        print(f"  {key:32s} {result[key]}")
-    for h in result["rebuilds"]:
-        print(f"  rebuild shard {h.get('shard')}: {h.get('reason')} {h.get('seconds')} s")
+    common.print_headline(result)
     return 0
 
 

@@ -32,49 +32,27 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.common import RESULTS_DIR, gaussian_mixture, save_figure, write_result  # noqa: E402
+from benchmarks import common  # noqa: E402
+from harness.stores import write_store  # noqa: E402
+from harness.synthetic import exact_topk, gaussian_mixture  # noqa: E402
 from index.ann.shard_index import ShardIndex  # noqa: E402
 from index.live.recall import recall_at_k, search_all, sweep  # noqa: E402
-from index.rows import schema  # noqa: E402
-from index.rows.sharding import shards_of  # noqa: E402
-from index.storage.manifest import Manifest, commit_manifest  # noqa: E402
 from index.storage.store import Store  # noqa: E402
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CANDIDATES = (20, 50, 100, 200, 400, 800)  # rerank candidates per shard, at the default nprobe
-PART_ROWS = 250_000
 
 
 def write_embeddings(
     root: Path, ids: np.ndarray, vectors: np.ndarray, num_shards: int, metric: str = "ip"
 ) -> Store:
-    """The embedding job's output for these vectors: sharded Parquet parts + a manifest."""
-    store = Store(root)
-    owner = shards_of(ids, num_shards)
-    for shard in range(num_shards):
-        rows = np.flatnonzero(owner == shard)
-        for p, start in enumerate(range(0, len(rows), PART_ROWS)):
-            sel = rows[start : start + PART_ROWS]
-            table = schema.embeddings_table(
-                ids[sel].tolist(), [f"gen://{i}" for i in ids[sel]], vectors[sel]
-            )
-            name = store.new_part_name(f"{p:05d}")
-            store.write_parquet(table, os.path.join(store.embeddings_dir(shard), name))
-    commit_manifest(
-        store,
-        lambda m: m or Manifest("generated", "none", vectors.shape[1], num_shards, metric),
+    """The embedding job's output for these vectors: sharded Parquet parts of <= 250k rows."""
+    uris = [f"gen://{i}" for i in ids]
+    return write_store(
+        root, list(ids), uris, vectors, num_shards, metric, model="generated", part_rows=250_000
     )
-    return store
-
-
-def exact_truth(base: np.ndarray, queries: np.ndarray, k: int) -> list[list[int]]:
-    import faiss
-
-    index = faiss.IndexFlatIP(base.shape[1])
-    index.add(base)
-    return index.search(queries, k)[1]
 
 
 def bench_shards(
@@ -173,7 +151,7 @@ def main(argv=None) -> None:
     n = args.n or (100_000 if args.quick else 1_000_000)
     name = args.name or ("index_build_quick" if args.quick else "index_build")
     if args.plot_only:
-        plot(json.loads((RESULTS_DIR / f"{name}.json").read_text()), RESULTS_DIR / f"{name}.png")
+        common.replot(name, plot)
         return
     run_size(args, n, shard_counts, name)
 
@@ -194,7 +172,7 @@ def run_size(args, n: int, shard_counts: list[int], name: str) -> None:
     ids = np.array([f"{i:08d}" for i in range(n)], dtype=object)
     faiss.omp_set_num_threads(args.cores)
     t = time.perf_counter()
-    truth_rows = exact_truth(base, queries, 10)
+    truth_rows = exact_topk(base, queries, 10)
     truth = [[ids[i] for i in row] for row in truth_rows]
     print(f"data {n:,} x {args.dim} + exact truth in {time.perf_counter() - t0:.1f}s", flush=True)
     exact_seconds = time.perf_counter() - t
@@ -230,22 +208,16 @@ def run_size(args, n: int, shard_counts: list[int], name: str) -> None:
         ),
         "queries": args.queries,
         "exact_search_seconds_float32": round(exact_seconds, 2),
-        "data": "benchmarks.common.gaussian_mixture(seed=0), 1000 clusters, L2-normalised",
+        "data": "harness.synthetic.gaussian_mixture(seed=0), 1000 clusters, L2-normalised",
         "configs": rows,
     }
-    path = write_result(name, result)
-    plot(result, RESULTS_DIR / f"{name}.png")
-    print(
-        f"headline: recall@10 {result['recall_at_10_no_rerank']:.3f} -> "
-        f"{result['recall_at_10_rerank']:.3f} with rerank; {result['bytes_per_vector_ram']:.1f} "
-        f"B/vector RAM (codes + ids); wrote {path}"
-    )
+    common.write_and_plot(name, result, plot, headline=True)
 
 
 def summarise_sizes() -> dict:
     """Gather every ``index_build*.json`` of the full benchmark into one table over N."""
     rows = []
-    for path in sorted(RESULTS_DIR.glob("index_build*.json")):
+    for path in sorted(common.RESULTS_DIR.glob("index_build*.json")):
         if path.stem in ("index_build_sizes", "index_build_quick"):
             continue
         body = json.loads(path.read_text())
@@ -273,19 +245,15 @@ def summarise_sizes() -> dict:
             )
     rows.sort(key=lambda r: (r["n_vectors"], r["shards"]))
     result = {"configs": rows, "note": "gathered from the index_build*.json files listed"}
-    write_result("index_build_sizes", result)
-    plot_sizes(rows, RESULTS_DIR / "index_build_sizes.png")
+    common.write_and_plot("index_build_sizes", result, plot_sizes)
     for r in rows:
         print({k: v for k, v in r.items() if k not in ("source", "when")})
     return result
 
 
-def plot_sizes(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_sizes(result: dict, path: Path) -> None:
+    plt = common.pyplot()
+    rows = result["configs"]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
     for shards in sorted({r["shards"] for r in rows}):
         sel = [r for r in rows if r["shards"] == shards]
@@ -298,68 +266,47 @@ def plot_sizes(rows: list[dict], path: Path) -> None:
         (ax2, "bytes/vector in RAM (codes + ids)"),
         (ax3, "parallel speedup (sum of shard builds / wall)"),
     ):
-        ax.set_xscale("log")
-        ax.set_xlabel("vectors (N)")
-        ax.set_ylabel(label)
+        ax.set(xscale="log", xlabel="vectors (N)", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     ax1.set_yscale("log")
     ax3.axhline(2, color="k", ls=":", lw=0.8)
     fig.suptitle("index build vs N and shards (256-d Gaussian mixture, 2 cores)", fontsize=10)
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     rows = result["configs"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    shards = [r["shards"] for r in rows]
-    ax1.bar(
-        [str(s) for s in shards], [r["build_wall_seconds"] for r in rows], label="wall (parallel)"
-    )
-    ax1.plot(
-        [str(s) for s in shards],
-        [r["build_seconds_sum_of_shards"] for r in rows],
-        "ko--",
-        label="sum of shard builds",
-    )
-    for i, r in enumerate(rows):
-        ax1.annotate(
+    shards, wall = [str(r["shards"]) for r in rows], [r["build_wall_seconds"] for r in rows]
+    bars = ax1.bar(shards, wall, label="wall (parallel)")
+    summed = [r["build_seconds_sum_of_shards"] for r in rows]
+    ax1.plot(shards, summed, "ko--", label="sum of shard builds")
+    common.label_bars(
+        ax1,
+        bars,
+        [
             f"{r['bytes_per_vector_ram']:.0f} B/vec RAM\n{r['bytes_per_vector_disk_index']:.0f}"
-            " B/vec disk",
-            (i, r["build_wall_seconds"]),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax1.set_ylim(0, 1.2 * max(r["build_wall_seconds"] for r in rows))
-    ax1.set_xlabel("shards")
-    ax1.set_ylabel("build seconds")
+            " B/vec disk"
+            for r in rows
+        ],
+    )
+    ax1.set(ylim=(0, 1.2 * max(wall)), xlabel="shards", ylabel="build seconds")
     ax1.set_title(f"build: {result['n_vectors']:,} x {result['dim']}-d, Ray tasks on 2 cores")
     ax1.legend(fontsize=8)
     for r in rows:
-        xs = [p["nprobe"] for p in r["curve"]]
-        (line,) = ax2.plot(
-            xs, [p["recall_ivfpq_rerank"] for p in r["curve"]], "o-", label=f"{r['shards']} + rr"
-        )
-        ax2.plot(
-            xs,
-            [p["recall_ivfpq"] for p in r["curve"]],
-            "x--",
-            color=line.get_color(),
-            label=f"{r['shards']} no rr",
-        )
+        xs, s = [p["nprobe"] for p in r["curve"]], r["shards"]
+        reranked = [p["recall_ivfpq_rerank"] for p in r["curve"]]
+        (line,) = ax2.plot(xs, reranked, "o-", label=f"{s} + rr")
+        plain = [p["recall_ivfpq"] for p in r["curve"]]
+        ax2.plot(xs, plain, "x--", color=line.get_color(), label=f"{s} no rr")
     ax2.set_xscale("log", base=2)
-    ax2.set_xlabel("nprobe (per shard)")
-    ax2.set_ylabel("recall@10 vs exact")
+    ax2.set(xlabel="nprobe (per shard)", ylabel="recall@10 vs exact")
     ax2.set_title("recall@10: IVF+PQ (dashed), + exact rerank (solid), by shards")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7, ncol=2)
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -11,41 +11,34 @@ Writes benchmarks/results/index_recall_<dataset>.json and .png.
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import h5py
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import RESULTS_DIR, machine_info  # noqa: E402
-from benchmarks.index_build import write_embeddings  # noqa: E402
+from benchmarks.common import DATA, RESULTS_DIR, machine_info  # noqa: E402
+from harness.stores import load_ann, write_store  # noqa: E402
 from index.live import recall  # noqa: E402
 from index.live.rebuild import rebuild_shard  # noqa: E402
 
-DATA = Path(
-    os.environ.get("VISUAL_SEARCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
 DATASETS = {"caltech101-mnv2-1280-angular": 4, "sift5k-128-euclidean": 2}
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     for name, num_shards in DATASETS.items():
         path = DATA / "ann" / f"{name}.hdf5"
-        with h5py.File(path, "r") as f:
-            train = np.asarray(f["train"], dtype=np.float32)
-            angular = f.attrs["distance"] in ("angular", b"angular")
-        if angular:
-            train /= np.linalg.norm(train, axis=1, keepdims=True)
-        ids = np.array([str(i) for i in range(len(train))], dtype=object)
+        ann = load_ann(path)  # angular: L2-normalised, searched by inner product
+        ids = [str(i) for i in range(len(ann["train"]))]
+        uris = [f"gen://{i}" for i in ids]
         with tempfile.TemporaryDirectory(prefix="vs-recall-") as tmp:
-            store = write_embeddings(Path(tmp), ids, train, num_shards, "ip" if angular else "l2")
+            vectors, metric = ann["train"], ann["metric"]
+            store = write_store(tmp, ids, uris, vectors, num_shards, metric, model="generated")
             t = time.perf_counter()
             for s in range(num_shards):
                 rebuild_shard(store, s)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import sys
 import threading
 import time
@@ -36,18 +37,17 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
 from pipelines.local_ray import init_local_ray, use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
 
-from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
-
-CALTECH = ROOT.parent / "shared" / "data" / "images" / "caltech101"
+from benchmarks import common  # noqa: E402
+from harness import bad_inputs  # noqa: E402
+from harness.serve_app import make_store, replica_identity, running_app, serve_replicas  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "allocators' high-water marks once, which is not growth)",
     )
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-load"))
-    p.add_argument("--caltech", type=Path, default=CALTECH)
+    p.add_argument("--caltech", type=Path, default=common.CALTECH)
     p.add_argument("--name", default="load", help="results file name")
     args = p.parse_args(argv)
     if args.quick:
@@ -95,10 +95,6 @@ class RssSampler(threading.Thread):
         self._halt = threading.Event()
 
     def sample(self) -> None:
-        import psutil
-
-        from harness.serve_app import serve_replicas
-
         now = time.perf_counter() - self.t0
         for row in serve_replicas(include_system=True):
             key = f"{row['deployment']} pid {row['pid']}"
@@ -209,8 +205,6 @@ async def run_load(app, args, t0: float, barrage_box: dict) -> list[dict]:
 
 def run_barrage(app, box: dict, t0: float) -> None:
     """Every bad-input kind once, from a thread, while the load runs."""
-    from harness import bad_inputs
-
     first = app.paths[0]
     ctx = bad_inputs.context_from(
         len(app.vectors[first.resolve().as_uri()]),
@@ -235,11 +229,7 @@ def percentiles(values: list[float]) -> dict:
 
 
 def plot(path: Path, records: list[dict], series: dict, summary: dict, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     for kind, colour in (("vector", "tab:blue"), ("image", "tab:orange")):
         pts = [
@@ -276,27 +266,20 @@ def plot(path: Path, records: list[dict], series: dict, summary: dict, args) -> 
         f"RSS of every Serve process: max growth after warm-up {summary['rss_growth_mb']} MiB"
     )
     bottom.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import ray
-
-    from harness.bad_inputs import KINDS
-    from harness.serve_app import make_store, replica_identity, running_app
-
     args.workdir.mkdir(parents=True, exist_ok=True)
-    os.environ["TMPDIR"] = str(args.workdir)
+    os.environ["TMPDIR"] = str(args.workdir)  # the store, Ray's spills: all under --workdir
     store_root = args.workdir / f"store-{args.shards}x{args.classes}x{args.per_class}"
     print(f"building the store {store_root} (real photos, embedded in-process) ...", flush=True)
-    import shutil
-
     shutil.rmtree(store_root, ignore_errors=True)  # a few seconds; always the current code's
     store, paths, vectors = make_store(
         store_root, args.caltech, args.shards, args.classes, args.per_class
     )
-    init_local_ray(args.workdir / "ray", num_cpus=4)
+    ray = init_local_ray(args.workdir / "ray", num_cpus=4)
     try:
         with running_app(store, paths, vectors) as app:
             before = replica_identity()
@@ -330,7 +313,7 @@ def main(argv=None) -> int:
         "errors_5xx": load_5xx + bad_5xx,
         "p99_ms": percentiles([r["latency_ms"] for r in sent]).get("p99_ms"),
         "rss_growth_mb": max((v["growth_mb"] for v in rss.values()), default=None),
-        "bad_input_kinds": len(KINDS),
+        "bad_input_kinds": len(bad_inputs.KINDS),
         "errors": sum(1 for r in sent if not r["ok"]),
         "dropped": len(records) - len(sent),
         "restarts": len(restarts),
@@ -378,26 +361,12 @@ def main(argv=None) -> int:
             "client": "one asyncio httpx.AsyncClient in the benchmark process (shares the CPUs)",
         },
         "wall_s": round(wall, 2),
-        "machine": machine_info(),
+        "machine": common.machine_info(),
     }
-    path = write_result(args.name, summary)
-    plot(RESULTS_DIR / f"{args.name}.png", sent, sampler.series, summary, args)
-    print(
-        f"\n{'requests':>10} {'5xx':>5} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'rate/s':>7} {'RSS growth MiB':>15} {'restarts':>8}\n"
-        f"{summary['requests']:>10} {summary['errors_5xx']:>5} {summary['errors']:>6} "
-        f"{summary['latency']['all'].get('p50_ms', 0):>8} {summary['p99_ms']:>8} "
-        f"{summary['achieved_rate']:>7} {summary['rss_growth_mb']!s:>15} {summary['restarts']:>8}"
-    )
-    print(
-        f"bad-input barrage under load: {len(outcomes)} requests of {len(KINDS)} kinds, "
-        f"{summary['bad_input_barrage']['as_expected']} as expected, {bad_5xx} 5xx"
-    )
-    for key, v in sorted(rss.items()):
-        print(
-            f"  {key:<40} {v['first_mb']:>8.1f} -> {v['last_mb']:>8.1f} MiB ({v['growth_mb']:+.1f})"
-        )
-    print(f"wrote {path}")
+    path = common.write_result(args.name, summary)
+    plot(path.with_suffix(".png"), sent, sampler.series, summary, args)
+    print(f"wrote {path}; bad-input barrage: {summary['bad_input_barrage']}")
+    common.print_headline(summary)
     ok = summary["errors_5xx"] == 0 and summary["errors"] == 0 and not restarts
     return 0 if ok else 1
 

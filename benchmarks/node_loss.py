@@ -31,24 +31,21 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
 from pipelines.local_ray import use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
 
-from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
+from benchmarks import common  # noqa: E402
 
-CALTECH = ROOT.parent / "shared" / "data" / "images" / "caltech101"
 KEY = "node-loss-benchmark-key"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--photos", type=int, default=40, help="Caltech-101 photos in the store")
-    p.add_argument("--caltech", type=Path, default=CALTECH)
+    p.add_argument("--caltech", type=Path, default=common.CALTECH)
     p.add_argument("--name", default="node_loss", help="results/<name>.json and .png")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     return p.parse_args(argv)
@@ -57,10 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plot_only:
-        import json
-
-        saved = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())
-        plot(RESULTS_DIR / f"{args.name}.png", saved["queries"], saved["node_loss"])
+        common.replot(args.name, plot)
         return 0
     from harness import embed_samples as samples
     from harness import fake_cluster as fc
@@ -110,10 +104,9 @@ def main(argv=None) -> int:
             "autoscaler_heartbeat_timeout_s": int(fc.FAKE_ENV["AUTOSCALER_HEARTBEAT_TIMEOUT_S"]),
         },
         "queries": queries,
-        "machine": machine_info(),
+        "machine": common.machine_info(),
     }
-    path = write_result(args.name, result)
-    plot(RESULTS_DIR / f"{args.name}.png", queries, loss)
+    common.write_and_plot(args.name, result, plot)
     print(
         f"failed queries {result['failed_queries']}, acknowledged writes lost "
         f"{result['acked_writes_lost']}, full answers again after "
@@ -121,17 +114,13 @@ def main(argv=None) -> int:
         f"{loss['queries_after_loss']} queries after the loss); workers started "
         f"{result['workers_started']}, removed when idle {result['workers_removed']}"
     )
-    print(f"wrote {path}")
     ok = result["failed_queries"] == 0 and result["acked_writes_lost"] == 0
     return 0 if ok else 1
 
 
-def plot(path: Path, queries: list[dict], loss: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict, path: Path) -> None:
+    plt = common.pyplot()
+    queries, loss = result["queries"], result["node_loss"]
     fig, ax = plt.subplots(figsize=(9, 4.2))
     kinds = {
         "full": ([q for q in queries if q["status"] == 200 and not q["partial"]], "tab:blue"),
@@ -140,13 +129,8 @@ def plot(path: Path, queries: list[dict], loss: dict) -> None:
     }
     for label, (rows, colour) in kinds.items():
         if rows:
-            ax.scatter(
-                [q["t"] for q in rows],
-                [q["seconds"] * 1000 for q in rows],
-                s=8,
-                c=colour,
-                label=f"{label} ({len(rows)})",
-            )
+            ms = [q["seconds"] * 1000 for q in rows]
+            ax.scatter([q["t"] for q in rows], ms, s=8, c=colour, label=f"{label} ({len(rows)})")
     marks = (
         (0.0, "node killed"),
         (loss["seconds_node_marked_dead"], "GCS marks the node dead"),
@@ -164,15 +148,14 @@ def plot(path: Path, queries: list[dict], loss: dict) -> None:
                 fontsize=8,
                 color="dimgrey",
             )
-    ax.set_yscale("log")
-    ax.set_xlabel("seconds since the shard node was killed")
+    ax.set(yscale="log", xlabel="seconds since the shard node was killed")
     ax.set_ylabel("query latency, ms")
     ax.set_title(
         f"node loss under load: {loss['failed_queries']} failed queries, "
         f"{loss['acked_writes_lost']} acknowledged writes lost"
     )
     ax.legend(loc="upper right", fontsize=8)
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

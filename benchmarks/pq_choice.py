@@ -19,28 +19,21 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.common import RESULTS_DIR, gaussian_mixture, save_figure, write_result  # noqa: E402
+from benchmarks import common  # noqa: E402
+from harness.synthetic import exact_topk, gaussian_mixture  # noqa: E402
 from index.ann.build import build_arrays  # noqa: E402
 from index.ann.policy import IndexSpec  # noqa: E402
 from index.ann.shard_index import ShardIndex  # noqa: E402
+from index.live.recall import recall_at_k  # noqa: E402
 
 NPROBES = [4, 8, 16, 32, 64]
 
 
-def exact_topk(base: np.ndarray, queries: np.ndarray, k: int, metric: str) -> np.ndarray:
-    index = faiss.IndexFlatIP(base.shape[1]) if metric == "ip" else faiss.IndexFlatL2(base.shape[1])
-    index.add(base)
-    return index.search(queries, k)[1]
-
-
 def recall(found: list[list], truth: np.ndarray, k: int = 10) -> float:
-    hits = sum(
-        len({int(h.id) for h in f[:k]} & set(t[:k].tolist()))
-        for f, t in zip(found, truth, strict=True)
-    )
-    return hits / (k * len(found))
+    """recall@k of the hits found (their ids are row numbers) against the exact top-k rows."""
+    return recall_at_k([[h.id for h in f] for f in found], [[str(r) for r in t] for t in truth], k)
 
 
 def run_variant(name, factory, nlist, base, queries, truth, metric, workdir) -> dict:
@@ -79,13 +72,13 @@ def run_variant(name, factory, nlist, base, queries, truth, metric, workdir) -> 
     return row
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     faiss.omp_set_num_threads(args.threads)
 
     data = gaussian_mixture(args.n + args.queries, args.dim, seed=1)
@@ -108,19 +101,13 @@ def main() -> None:
     result = {"n": args.n, "dim": args.dim, "queries": args.queries, "nlist": nlist}
     result["threads"] = args.threads
     result["variants"] = rows
-    path = write_result("pq_choice", result)
-    plot(rows, RESULTS_DIR / "pq_choice.png", args)
-    print(f"wrote {path}")
+    common.write_and_plot("pq_choice", result, plot)
 
 
-def plot(rows: list[dict], path: Path, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict, path: Path) -> None:
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for row in rows:
+    for row in result["variants"]:
         curve = row["curve"]
         for ax, label, style in ((axes[0], "no_rerank", "--"), (axes[1], "rerank", "-")):
             ax.plot(
@@ -133,10 +120,10 @@ def plot(rows: list[dict], path: Path, args) -> None:
     for ax, title in zip(axes, ("IVF+PQ alone", "IVF+PQ + exact rerank of top 100"), strict=True):
         ax.set_xlabel("ms per query (batch, 2 threads)")
         ax.set_ylabel("recall@10")
-        ax.set_title(f"{title}: {args.n:,} x {args.dim}-d Gaussian mixture")
+        ax.set_title(f"{title}: {result['n']:,} x {result['dim']}-d Gaussian mixture")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

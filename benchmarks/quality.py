@@ -11,18 +11,18 @@ Four parts, one JSON (``results/quality.json``) and one PNG:
    images/s is the bare model (``Embedder.embed`` on ready crops, batch 32, all cores, after a
    warm-up batch). The default backbone is chosen by ``choose_backbone``'s written rule.
 2. **Sweeps**, in-process with the same ``index.query.shaping`` functions the ingress runs, over
-exact
-   search of the default backbone's vectors: query expansion's ``m`` and ``alpha``, MMR's lambda,
-   the dedup threshold. The defaults in ``index/query/shaping.py`` are read off these tables.
+   exact search of the default backbone's vectors: query expansion's ``m`` and ``alpha``, MMR's
+   lambda, the dedup threshold. The defaults in ``index/query/shaping.py`` are read off these
+   tables.
 3. **Caltech-101 over HTTP**: the train photos embedded by the real Ray Data job into a 4-shard
    store with IVF+PQ indexes, served by the real app; every test photo's vector is sent to
    ``POST /search`` (k=100) with each option off and on; precision@10 and mAP@100.
 4. **The demo set** (scikit-image photos, each with 8 edits,
    ``visual_search/demo_images.py``): a small store served by the app; the held-out query
-   edits and every catalogue image (id queries)
-   are searched plain and with dedup / diversify / exclude_self; distinct source photos in the
-   top-10 and precision@10.
+   edits and every catalogue image (id queries) are searched plain and with dedup / diversify /
+   exclude_self; distinct source photos in the top-10 and precision@10.
 
+Parts 3 and 4 are ``benchmarks/quality_http.py``, the scores ``benchmarks/answer_scores.py``.
 mAP@100: the mean over queries of average precision over the first 100 results, divided by
 ``min(relevant in the catalogue, 100)``. Stores, vectors and timings are cached in ``--workdir``.
 """
@@ -33,19 +33,19 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.caltech101_quality import build_catalogue, class_of, split  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
-from pipelines.local_ray import free_port, init_local_ray, use_local_ray_env  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.answer_scores import DEPTH, exact_labels, mean, scores_of  # noqa: E402
+from benchmarks.quality_http import caltech_http, demo_http, demo_set, passes  # noqa: E402
+from harness.caltech_catalogue import build_catalogue, class_of, split  # noqa: E402
+from harness.serve_store import embed_files  # noqa: E402
+from pipelines.local_ray import init_local_ray, use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
 
@@ -61,8 +61,7 @@ from index.query.shaping import (  # noqa: E402
 )
 
 NAME = "quality"
-DATA = Path(os.environ.get("VISUAL_SEARCH_DATA", ROOT.parent / "shared" / "data"))
-MNV2_WEIGHTS = DATA / "weights" / "mobilenet_v2-imagenet-features.pth"
+MNV2_WEIGHTS = common.DATA / "weights" / "mobilenet_v2-imagenet-features.pth"
 BACKBONES = {  # name -> weights
     "efficientnet_lite0": "default",
     "efficientnet_lite1": "default",
@@ -70,14 +69,13 @@ BACKBONES = {  # name -> weights
     "mobilenet_v2": str(MNV2_WEIGHTS),
 }
 K = 10
-DEPTH = 100  # results per HTTP query: mAP@100
 SPEED_FLOOR = 0.5  # choose_backbone: at least this share of the fastest backbone's images/s
 MAP_MARGIN = 0.01  # ... and a slower backbone must gain at least this much mAP@100
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--caltech", type=Path, default=DATA / "images" / "caltech101")
+    p.add_argument("--caltech", type=Path, default=common.CALTECH)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-quality"))
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=4)
@@ -87,60 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# ---- metrics -----------------------------------------------------------------------------------
-def precision_at(labels: list[str], query: str, k: int = K) -> float:
-    return sum(label == query for label in labels[:k]) / k
-
-
-def average_precision(labels: list[str], query: str, relevant: int, depth: int = DEPTH) -> float:
-    hits, total = 0, 0.0
-    for i, label in enumerate(labels[:depth], 1):
-        if label == query:
-            hits += 1
-            total += hits / i
-    return total / max(1, min(relevant, depth))
-
-
-def scores_of(answers: list[list[str]], queries: list[str], relevant: dict[str, int]) -> dict:
-    """P@10 and mAP@100 of ranked label lists."""
-    return {
-        "precision_at_10": round(
-            float(np.mean([precision_at(a, q) for a, q in zip(answers, queries, strict=True)])), 4
-        ),
-        "map_at_100": round(
-            float(
-                np.mean(
-                    [
-                        average_precision(a, q, relevant[q])
-                        for a, q in zip(answers, queries, strict=True)
-                    ]
-                )
-            ),
-            4,
-        ),
-    }
-
-
 # ---- 1. backbones ------------------------------------------------------------------------------
-def embed_paths(embedder, paths: list[Path]) -> tuple[np.ndarray, float]:
-    """Vectors with the query path's crop; returns (vectors, seconds inside the model)."""
-    from serve.http.crop import image_crop
-    from serve.http.limits import Limits
-
-    out, model_s = [], 0.0
-    for start in range(0, len(paths), 32):
-        crops = np.stack(
-            [
-                image_crop(p.read_bytes(), embedder.image_size, Limits())
-                for p in paths[start : start + 32]
-            ]
-        )
-        t = time.perf_counter()
-        out.append(embedder.embed(crops))
-        model_s += time.perf_counter() - t
-    return np.concatenate(out), model_s
-
-
 def bare_images_per_s(embedder, rounds: int = 8) -> float:
     """The model alone on ready crops: batch 32, after a warm-up batch."""
     rng = np.random.default_rng(0)
@@ -164,8 +109,8 @@ def backbone_vectors(args, name: str, train: list[Path], test: list[Path]) -> di
     embedder = Embedder(ModelConfig(name=name, weights=BACKBONES[name], threads=threads))
     speed = bare_images_per_s(embedder)
     t = time.perf_counter()
-    train_v, train_model_s = embed_paths(embedder, train)
-    test_v, test_model_s = embed_paths(embedder, test)
+    train_v, train_model_s = embed_files(train, embedder)
+    test_v, test_model_s = embed_files(test, embedder)
     info = {
         "model": embedder.model_tag,
         "image_size": embedder.image_size,
@@ -178,12 +123,6 @@ def backbone_vectors(args, name: str, train: list[Path], test: list[Path]) -> di
     np.savez(cache, train=train_v, test=test_v, info=json.dumps(info))
     print(f"{name}: {len(train) + len(test)} photos embedded, bare model {speed:.1f} images/s")
     return {"train": train_v, "test": test_v, **info}
-
-
-def exact_labels(queries, vectors, labels: list[str], depth: int = DEPTH) -> list[list[str]]:
-    scores = queries @ vectors.T
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
-    return [[labels[j] for j in row] for row in top]
 
 
 def choose_backbone(table: dict[str, dict]) -> tuple[str, str]:
@@ -216,16 +155,14 @@ def exact_hits(queries, vectors, ids: list[str], depth: int) -> list[list[Hit]]:
 def sweep_expand(train, test, train_labels, test_labels, relevant) -> list[dict]:
     rows = []
     first = exact_hits(test, train, [str(i) for i in range(len(train))], 20)
+
+    def expand(q, hits, alpha):
+        return expanded_query(q, train[[int(h.id) for h in hits]], [h.score for h in hits], alpha)
+
     for m in (1, 2, 3, 5, 10):
         for alpha in (0.0, 1.0, 3.0, 5.0, 8.0):
-            expanded = np.stack(
-                [
-                    expanded_query(
-                        q, train[[int(h.id) for h in hits[:m]]], [h.score for h in hits[:m]], alpha
-                    )
-                    for q, hits in zip(test, first, strict=True)
-                ]
-            )
+            pairs = zip(test, first, strict=True)
+            expanded = np.stack([expand(q, hits[:m], alpha) for q, hits in pairs])
             answers = exact_labels(expanded, train, train_labels)
             rows.append({"m": m, "alpha": alpha, **scores_of(answers, test_labels, relevant)})
             print(f"expand m={m} alpha={alpha}: {rows[-1]}")
@@ -256,9 +193,7 @@ def sweep_shaping(train, test, train_labels, test_labels, relevant, demo) -> dic
         demo_answers = shaped_labels(demo_pool, K, options, demo_vec, demo_lab)
         return {
             **scores_of(answers, test_labels, relevant),
-            "demo_distinct_sources_at_10": round(
-                float(np.mean([len(set(a[:K])) for a in demo_answers])), 3
-            ),
+            "demo_distinct_sources_at_10": mean([len(set(a[:K])) for a in demo_answers], 3),
         }
 
     out = {"plain": measure(ShapeOptions()), "diversify": [], "dedup": []}
@@ -302,203 +237,9 @@ def choose_defaults(expand: list[dict], shaping: dict) -> dict:
     }
 
 
-# ---- 3 and 4. over HTTP ------------------------------------------------------------------------
-def start_app(store_uri: str, port: int, model: str, weights: str):
-    from ray import serve
-
-    from serve.app import build_app
-    from serve.config import ServeConfig
-
-    config = ServeConfig(
-        store=store_uri,
-        model=model,
-        weights=weights,
-        reload_interval_s=0,
-        canary_fraction=0.0,  # the benchmark measures answers, not the canary
-        access_log=False,
-    )
-    serve.run(build_app(config), name=config.app_name, route_prefix="/")
-    return f"http://127.0.0.1:{port}"
-
-
-def http_pass(base: str, bodies: list[dict], params: dict, concurrency: int) -> tuple[list, dict]:
-    """Every body to ``POST /search`` with ``params``: the results lists and timings."""
-    import httpx
-
-    answers: list[list[dict] | None] = [None] * len(bodies)
-    latencies: list[float] = []
-    counter, lock = iter(range(len(bodies))), threading.Lock()
-    partial = 0
-
-    def worker():
-        nonlocal partial
-        with httpx.Client(base_url=base, timeout=120) as client:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                t = time.perf_counter()
-                r = client.post("/search", json=bodies[i], params=params)
-                r.raise_for_status()
-                body = r.json()
-                with lock:
-                    latencies.append(time.perf_counter() - t)
-                    partial += bool(body["partial"])
-                    answers[i] = body["results"]
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    ms = np.asarray(latencies) * 1000
-    return answers, {
-        "qps": round(len(bodies) / (time.perf_counter() - t0), 1),
-        "p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "p99_ms": round(float(np.percentile(ms, 99)), 1),
-        "partial_answers": partial,
-    }
-
-
-def passes(d: dict) -> tuple[dict, dict]:
-    """POST /search parameters of each HTTP pass, with the defaults the rules chose (sent
-    explicitly, so the figures are those of the chosen values whatever the app's constants)."""
-    expand = {"expand": "true", "expand_m": d["expand_m"], "expand_alpha": d["expand_alpha"]}
-    dedup = {"dedup": d["dedup_threshold"]}
-    diversify = {"diversify": d["diversify_lambda"]}
-    caltech = {
-        "plain": {},
-        "expanded": expand,
-        "diversified": diversify,
-        "deduplicated": dedup,
-        "expanded_deduplicated": {**expand, **dedup},
-    }
-    demo = {
-        "plain": {},
-        "deduplicated": dedup,
-        "diversified": diversify,
-        "exclude_self": {"exclude_self": "true"},
-        "exclude_self_deduplicated": {"exclude_self": "true", **dedup},
-    }
-    return caltech, demo
-
-
-def caltech_http(args, store_uri, test_vectors, test_labels, relevant, model, plan) -> dict:
-    port = free_port()
-    from ray import serve
-
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = start_app(store_uri, port, *model)
-    bodies = [{"vector": v.tolist()} for v in test_vectors]
-    out = {}
-    try:
-        for name, params in plan.items():
-            answers, timing = http_pass(base, bodies, {"k": DEPTH, **params}, args.concurrency)
-            labels = [[class_of(r["uri"]) for r in a] for a in answers]
-            out[name] = {**scores_of(labels, test_labels, relevant), **timing, "params": params}
-            print(f"HTTP {name}: {out[name]}")
-    finally:
-        serve.shutdown()
-    return out
-
-
-def demo_set(args, model: tuple[str, str]) -> dict:
-    """The demo's photos and edits, embedded in-process with the query path's crop."""
-    from embedding import Embedder, ModelConfig
-    from index.rows.sharding import uri_id
-    from visual_search.demo_images import group_of, write_demo_images
-
-    images, queries = args.workdir / "demo-images", args.workdir / "demo-queries"
-    groups = write_demo_images(images, queries)
-    paths = sorted(p for files in groups.values() for p in files)
-    query_paths = sorted(queries.glob("*.jpg"))
-    embedder = Embedder(ModelConfig(name=model[0], weights=model[1], threads=2))
-    vectors, _ = embed_paths(embedder, paths)
-    query_vectors, _ = embed_paths(embedder, query_paths)
-    uris = [p.resolve().as_uri() for p in paths]
-    return {
-        "paths": paths,
-        "uris": uris,
-        "ids": [uri_id(u) for u in uris],
-        "vectors": vectors,
-        "labels": [group_of(u) for u in uris],
-        "queries": query_vectors,
-        "query_labels": [group_of(str(p)) for p in query_paths],
-        "embedder": (embedder.name, embedder.weights_tag),
-    }
-
-
-def demo_http(args, demo: dict, model: tuple[str, str], plan: dict) -> dict:
-    from harness.stores import write_store
-    from index.live.rebuild import rebuild_shard
-
-    root = args.workdir / f"demo-store-{time.time_ns()}"
-    store = write_store(
-        root, demo["ids"], demo["uris"], demo["vectors"], 2, model=demo["embedder"][0],
-        weights=demo["embedder"][1],
-    )  # fmt: skip
-    for shard in range(2):
-        rebuild_shard(store, shard)
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = start_app(store.uri, port, *model)
-    label = dict(zip(demo["ids"], demo["labels"], strict=True))
-    kinds = {
-        "held_out_queries": (
-            [{"vector": v.tolist()} for v in demo["queries"]],
-            demo["query_labels"],
-        ),
-        "catalogue_id_queries": ([{"id": i} for i in demo["ids"]], demo["labels"]),
-    }
-    out: dict = {}
-    try:
-        for kind, (bodies, labels) in kinds.items():
-            out[kind] = {}
-            for name, params in plan.items():
-                answers, _ = http_pass(base, bodies, {"k": K, **params}, args.concurrency)
-                groups = [[label[r["id"]] for r in a] for a in answers]
-                out[kind][name] = {
-                    "distinct_sources_at_10": round(
-                        float(np.mean([len(set(g)) for g in groups])), 3
-                    ),
-                    "precision_at_10": round(
-                        float(
-                            np.mean(
-                                [precision_at(g, q) for g, q in zip(groups, labels, strict=True)]
-                            )
-                        ),
-                        4,
-                    ),
-                    "self_in_top_10": round(
-                        float(
-                            np.mean(
-                                [
-                                    b.get("id") in {r["id"] for r in a}
-                                    for a, b in zip(answers, bodies, strict=True)
-                                ]
-                            )
-                        ),
-                        3,
-                    ),
-                    "params": params,
-                }
-                print(f"demo {kind} {name}: {out[kind][name]}")
-    finally:
-        serve.shutdown()
-    return out
-
-
 # ---- the figure -------------------------------------------------------------------------------
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.6))
     for name, row in result["backbones"].items():
         a.scatter(row["images_per_s"], row["map_at_100"], s=40)
@@ -526,28 +267,20 @@ def plot(result: dict, path: Path) -> None:
     kinds = list(demo)
     demo_passes = list(demo[kinds[0]])
     width = 0.8 / len(kinds)
+    x = np.arange(len(demo_passes))
     for i, kind in enumerate(kinds):
-        c.bar(
-            np.arange(len(demo_passes)) + i * width,
-            [demo[kind][p]["distinct_sources_at_10"] for p in demo_passes],
-            width,
-            label=kind.replace("_", " "),
-        )
-    c.set_xticks(
-        np.arange(len(demo_passes)) + width / 2,
-        [p.replace("_", "\n") for p in demo_passes],
-        fontsize=7,
-    )
+        distinct = [demo[kind][p]["distinct_sources_at_10"] for p in demo_passes]
+        c.bar(x + i * width, distinct, width, label=kind.replace("_", " "))
+    c.set_xticks(x + width / 2, [p.replace("_", "\n") for p in demo_passes], fontsize=7)
     c.set_ylabel("distinct source photos in the top-10")
     c.set_title("demo set (several edits of each photo)", fontsize=9)
     c.legend(fontsize=8)
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TMPDIR", str(args.workdir))
+    common.work_in(args.workdir)
     train, test = split(args.caltech, "train.txt"), split(args.caltech, "test.txt")
     if args.per_class:
         train, test = (
@@ -591,11 +324,11 @@ def main(argv=None) -> int:
     print(f"defaults by the rules: {measured}")
 
     # 3. and 4. over HTTP: the real job, indexes and app
-    import ray
-
-    init_local_ray(args.workdir / "ray", num_cpus=4)
+    ray = init_local_ray(args.workdir / "ray", num_cpus=4)
     try:
-        catalogue = build_catalogue(_CatalogueArgs(args, default), train)
+        workdir = args.workdir / default
+        workdir.mkdir(parents=True, exist_ok=True)
+        catalogue = build_catalogue(workdir, args.shards, train, *model)
         caltech_plan, demo_plan = passes(measured)
         http = caltech_http(
             args, catalogue["store"], chosen["test"], test_labels, relevant, model, caltech_plan
@@ -639,26 +372,11 @@ def main(argv=None) -> int:
             "crop) sent as JSON to POST /search, k=100",
             "distinct_sources_at_10": "demo set: distinct source photos among the top-10",
         },
-        "machine": machine_info(),
-        "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/quality.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": common.machine_info(),
+        "command": common.command("quality", argv),
     }
-    path = write_result(args.name, result)
-    plot(result, RESULTS_DIR / f"{args.name}.png")
-    print(json.dumps({k: result[k] for k in list(result)[:5]}, indent=1))
-    print(f"wrote {path}")
+    common.write_and_plot(args.name, result, plot, headline=True)
     return 0
-
-
-class _CatalogueArgs:
-    """``caltech101_quality.build_catalogue``'s arguments, with the chosen backbone."""
-
-    def __init__(self, args, model: str):
-        self.workdir = args.workdir / model
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.shards = args.shards
-        self.model = model
-        self.weights = BACKBONES[model]
 
 
 def _per_class(paths: list[Path], n: int) -> list[Path]:

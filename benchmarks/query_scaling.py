@@ -41,32 +41,33 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks import query_latency as ql  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine_info, save_figure, write_result  # noqa: E402
+from benchmarks import common  # noqa: E402
+from harness import (
+    serve_runs,  # noqa: E402
+    synthetic,  # noqa: E402
+)
 
-K = ql.K
+K = 10
 SINGLE_QUERIES = 200  # single-query timings in-process
 LAYOUTS = {"per_shard": 1, "group": 0}  # shards_per_group (0: all shards in one group)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--quick", action="store_true", help="100k vectors, 1/4 shards, fewer requests")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    common.add_scale_args(
+        p,
+        workdir=Path("/tmp/vs-bench-scale"),
+        requests=500,
+        requests_help="per concurrency level",
+        quick="100k vectors, 1/4 shards, fewer requests",
+        shards=[1, 2, 4, 8, 16],
+    )
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--nprobes", type=int, nargs="*", default=[8, 32])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--requests", type=int, default=500, help="per concurrency level")
     p.add_argument("--sweep-requests", type=int, default=200, help="per nprobe point")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-scale"))
-    p.add_argument("--memory-budget", default="4G")
     p.add_argument("--keep-stores", action="store_true", help="keep stores other than 4 shards")
     p.add_argument("--fresh", action="store_true", help="do not merge with an earlier result")
     p.add_argument("--name", default=None)
@@ -96,42 +97,40 @@ def in_process(store_uri: str, num_shards: int, queries, truth, ids, nprobes) ->
     import faiss
 
     from index.ann.shard_index import ShardIndex
-    from index.live.recall import recall_at_k, search_all
+    from index.live.recall import search_all
     from index.query.merge import merge_topk
     from index.storage.store import Store
 
     faiss.omp_set_num_threads(1)  # as each searcher replica
     shards = [ShardIndex.load(Store(store_uri), s) for s in range(num_shards)]
-    truth_ids = [[ids[r] for r in row] for row in truth]
+
+    def recall(**kwargs) -> float:
+        return round(
+            synthetic.recall_of_rows(search_all(shards, queries, K, **kwargs), truth, ids, K), 4
+        )
+
+    def one_shard_p50(shard, **kwargs) -> float:
+        return single_query_p50(lambda q: shard.search(q, K, **kwargs), queries)
+
     out = {
         "rows_per_shard": [s.count for s in shards],
         "factory": sorted({s.meta["factory"] for s in shards}),
         "default_nprobe": sorted({s.default_nprobe for s in shards}),
         "default_candidates": sorted({s.meta.get("candidates") for s in shards}),
-        "per_shard_p50_ms": round(
-            float(
-                np.mean([single_query_p50(lambda q, s=s: s.search(q, K), queries) for s in shards])
-            ),
-            3,
-        ),
+        "per_shard_p50_ms": round(float(np.mean([one_shard_p50(s) for s in shards])), 3),
         "sequential_scatter_p50_ms": single_query_p50(
             lambda q: merge_topk([s.search(q, K)[0] for s in shards], K, "ip"), queries
         ),
-        "recall_at_10": round(recall_at_k(search_all(shards, queries, K), truth_ids, K), 4),
-        "nprobe_sweep": [],
-    }
-    for nprobe in nprobes:
-        out["nprobe_sweep"].append(
+        "recall_at_10": recall(),
+        "nprobe_sweep": [
             {
-                "nprobe": nprobe,
-                "recall_at_10": round(
-                    recall_at_k(search_all(shards, queries, K, nprobe=nprobe), truth_ids, K), 4
-                ),
-                "per_shard_p50_ms": single_query_p50(
-                    lambda q, p=nprobe: shards[0].search(q, K, nprobe=p), queries
-                ),
+                "nprobe": p,
+                "recall_at_10": recall(nprobe=p),
+                "per_shard_p50_ms": one_shard_p50(shards[0], nprobe=p),
             }
-        )
+            for p in nprobes
+        ],
+    }
     return out
 
 
@@ -151,8 +150,8 @@ def http(args, store_uri: str, layout: str, candidates: int, queries, truth, ids
         }
         for p in args.nprobes
     ]
-    run.points = json.dumps(points)
-    body = ql.over_http(run, store_uri, queries, truth, ids)["throughput"]
+    run.points = points
+    body = serve_runs.over_http(run, store_uri, queries, truth, ids)["throughput"]
     measured = body["direct_ingress"]["points"]
     return {
         "defaults": measured[0],
@@ -164,14 +163,14 @@ def http(args, store_uri: str, layout: str, candidates: int, queries, truth, ids
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    path = RESULTS_DIR / f"{args.name}.json"
+    path = common.RESULTS_DIR / f"{args.name}.json"
     if args.plot_only:
         plot(json.loads(path.read_text()), path.with_suffix(".png"))
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
-    base, queries = ql.make_data(args)
-    ids, uris = ql.ids_uris(args.n)
-    truth = ql.ground_truth(args, base, queries)
+    base, queries = synthetic.base_and_queries(args.n, args.queries, args.dim)
+    ids, uris = synthetic.synthetic_rows(args.n)
+    truth = synthetic.cached_truth(args.workdir, base, queries, K)
     rows = {}
     if path.exists() and not args.fresh:  # merge split runs of the same data
         old = json.loads(path.read_text())
@@ -181,7 +180,9 @@ def main(argv=None) -> int:
     for num_shards in args.shards:
         run = copy.copy(args)
         run.shards = num_shards
-        build = ql.build_store(run, base, ids, uris)
+        build = synthetic.cached_store(
+            args.workdir, base, ids, uris, num_shards, args.memory_budget
+        )
         row = {
             "shards": num_shards,
             "build": build,
@@ -215,18 +216,16 @@ def main(argv=None) -> int:
         "k": K,
         "concurrency": args.concurrency,
         "requests": args.requests,
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "serve_path": "throughput mode, direct ingress port, JSON vector queries",
         "layouts": {k: f"shards_per_group={v or 'all'}" for k, v in LAYOUTS.items()},
         "by_shards": {str(s): rows[s] for s in sorted(rows)},
         "table": lines,
-        "command": "flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/query_scaling.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": common.command("query_scaling", argv),
     }
-    write_result(args.name, result)
-    plot(json.loads(path.read_text()), path.with_suffix(".png"))
-    print_table(result["table"])
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    common.write_and_plot(args.name, result, plot)
+    for line in result["table"]:
+        print(line)
     return 0
 
 
@@ -269,19 +268,8 @@ def summary_line(row: dict, levels) -> str:
     return "; ".join(parts)
 
 
-def print_table(rows: list[dict]) -> None:
-    keys = list(rows[0]) if rows else []
-    print(" ".join(f"{k:>12}" for k in keys))
-    for r in rows:
-        print(" ".join(f"{r.get(k)!s:>12}" for k in keys))
-
-
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     rows = result["table"]
     levels = result["concurrency"]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
@@ -300,8 +288,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(s, [str(v) for v in s])
         ax.set_xlabel("shards")
-    ax1.set_yscale("log")
-    ax1.set_ylabel("ms at concurrency 1 (dashed: HTTP p99)")
+    ax1.set(yscale="log", ylabel="ms at concurrency 1 (dashed: HTTP p99)")
     ax1.set_title(f"{result['n_vectors']:,} x {result['dim']}: latency vs shards", fontsize=10)
     ax1.legend(fontsize=7)
     ax2.set_ylabel("queries / s")
@@ -312,25 +299,19 @@ def plot(result: dict, path: Path) -> None:
         layout = "group" if "group" in row["http"] else next(iter(row["http"]))
         http = {p["body"]["nprobe"]: p for p in row["http"][layout]["nprobe_sweep"]}
         pts = [
-            (p["recall_at_10"], http[p["nprobe"]]["1"]["p50_ms"])
+            (p["nprobe"], p["recall_at_10"], http[p["nprobe"]]["1"]["p50_ms"])
             for p in sweep
             if p["nprobe"] in http
         ]
-        ax3.plot(*zip(*pts, strict=True), "o-", label=f"{key} shards")
-        for p in sweep:
-            if p["nprobe"] in http:
-                ax3.annotate(
-                    str(p["nprobe"]),
-                    (p["recall_at_10"], http[p["nprobe"]]["1"]["p50_ms"]),
-                    fontsize=6,
-                )
+        ax3.plot([p[1] for p in pts], [p[2] for p in pts], "o-", label=f"{key} shards")
+        for nprobe, recall, ms in pts:
+            ax3.annotate(str(nprobe), (recall, ms), fontsize=6)
     ax3.set_xlabel("recall@10 vs exact (labels: nprobe per shard)")
     ax3.set_ylabel("HTTP p50 ms at concurrency 1")
     ax3.set_title("nprobe sweep (tuned rerank candidates)", fontsize=10)
     ax3.legend(fontsize=7)
-    m = result["machine"]
-    fig.suptitle(f"query scaling over HTTP, {m['cores']} cores, GPU {m['gpu']}", fontsize=10)
-    save_figure(fig, path)
+    common.machine_title(fig, "query scaling over HTTP", result)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

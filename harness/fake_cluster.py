@@ -31,10 +31,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psutil
 import yaml
 
+from harness.polling import free_port, wait_for
 from harness.ray_head import ROOT, RayHead
+from harness.serve_app import RunningApp
+from harness.stores import read_store
+from harness.traffic import Traffic, Writer, recovery, wait_for_full_answers
+from index.storage.store import Store
+from serve.config import ServeConfig
 
 CONFIG = ROOT / "cluster-fake.yaml"
 ROLE = "visual-search/role"
@@ -202,8 +209,6 @@ def embed_and_build(cluster: FakeCluster, photos: Path, store: Path) -> dict[str
     asks for ``memory=`` never makes it start a node; on AWS, ``ray up`` fills each worker
     type's memory in from its instance type. So the shard pool is scaled up for the build first
     (``request_resources``, as an operator would before a large build) and released after."""
-    from harness.polling import wait_for
-
     embed = cluster.submit(
         "python", "pipelines/embed.py", "--input", str(photos), "--store", str(store),
         "--num-shards", str(SHARDS), "--num-gpus", "1", "--actors", "1", "--batch-size", "8",
@@ -232,8 +237,6 @@ def serve_config(store: Path, port: int, api_key: str) -> dict:
     127.0.0.1; fixed replica counts; rebuilds on request only (no background rebuild joins
     the node-loss run); where the app has shard groups, one shard a group (a fake node has one
     ``shard_host`` slot)."""
-    from serve.config import ServeConfig
-
     config = yaml.safe_load((ROOT / "serve" / "serve_config.yaml").read_text())
     config["proxy_location"] = "HeadOnly"
     config["http_options"] = {"host": "127.0.0.1", "port": port}
@@ -250,12 +253,6 @@ def serve_config(store: Path, port: int, api_key: str) -> dict:
 def deploy(cluster: FakeCluster, store: Path, photos: list[Path], api_key: str, workdir: Path):
     """``serve deploy`` of ``serve_config`` and wait for ``/readyz``; a ``RunningApp`` whose
     ``vectors`` are the catalogue's own (for vector queries)."""
-    from harness.polling import free_port, wait_for
-    from harness.serve_app import RunningApp
-    from index.storage.store import Store
-    from serve.config import ServeConfig
-    from tests.test_embed_job import read_store
-
     port = free_port()
     path = workdir / "serve_config.yaml"
     path.write_text(yaml.safe_dump(serve_config(store, port, api_key)))
@@ -266,8 +263,6 @@ def deploy(cluster: FakeCluster, store: Path, photos: list[Path], api_key: str, 
     app = RunningApp(f"http://127.0.0.1:{port}", port, Store(store), photos, vectors, config)
 
     def ready() -> bool:
-        import httpx
-
         try:
             with app.client(10) as client:
                 return client.get("/readyz").status_code == 200
@@ -324,10 +319,6 @@ def lose_a_shard_node(cluster: FakeCluster, app, timeout_s: float = 300) -> dict
     API while the worker node holding a shard replica (and not the ingress) is killed; until
     Serve's replacement replica runs on a new node the autoscaler started and answers are full
     again. Returns the figures, each query's record and each write's answer."""
-    from harness.polling import wait_for
-    from tests.test_embed_job import read_store
-    from tests.test_faults import Traffic, Writer, recovery, wait_for_full_answers
-
     traffic, writer = Traffic(app, "vector", period_s=0.1), Writer(app, period_s=0.2)
     traffic.start()
     writer.start()
@@ -415,8 +406,6 @@ def _since(end_s: float | None, start_s: float) -> float | None:
 
 
 def _eventually(check, row_id: str, timeout_s: float = 30.0) -> bool:
-    from harness.polling import wait_for
-
     try:
         wait_for(lambda: check(row_id), timeout_s, f"{row_id} to be searchable")
     except AssertionError:
@@ -428,8 +417,6 @@ def _eventually(check, row_id: str, timeout_s: float = 30.0) -> bool:
 def idle_removal(cluster: FakeCluster, timeout_s: float = 240) -> dict:
     """``serve shutdown``, then the seconds until the autoscaler removed every worker, and its
     own account of each termination (``idle`` vs ``lost contact with raylet``)."""
-    from harness.polling import wait_for
-
     cluster.run(["serve", "shutdown", "-y", "--address", cluster.dashboard_url], timeout_s=120)
     start = time.monotonic()
     wait_for(lambda: not cluster.workers("ALIVE"), timeout_s, "every idle worker removed", 1.0)

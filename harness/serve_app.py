@@ -20,8 +20,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from harness.polling import free_port, wait_for
+from harness.polling import wait_for
 from harness.serve_store import caltech_sample, write_caltech_store
+from harness.serving import serving
 from serve.config import DeploymentSettings, ServeConfig
 
 
@@ -85,21 +86,12 @@ def running_app(
     store, paths: list[Path], vectors: dict[str, np.ndarray], **overrides: Any
 ) -> Iterator[RunningApp]:
     """Deploy the app over ``store`` (Ray must be initialised) and yield how to reach it."""
-    from ray import serve
-
-    from serve.app import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = app_config(store.uri, **overrides)
-    try:
-        serve.run(build_app(config), name=config.app_name, route_prefix="/")
-        app = RunningApp(f"http://127.0.0.1:{port}", port, store, paths, vectors, config)
+    with serving(config) as served:
+        app = RunningApp(served.url, served.port, store, paths, vectors, config)
         with app.client(10) as client:
             wait_for(lambda: client.get("/readyz").status_code == 200, 120, "/readyz 200")
         yield app
-    finally:
-        serve.shutdown()
 
 
 # ---- the Serve actors and their processes -------------------------------------------------------

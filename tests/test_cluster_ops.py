@@ -21,9 +21,9 @@ import yaml
 from harness import embed_samples as samples
 from harness.polling import free_port, wait_for
 from harness.ray_head import ROOT, RayHead
+from harness.stores import read_store
 from index.storage.manifest import load_manifest
 from index.storage.store import Store
-from tests.test_embed_job import read_store
 
 pytestmark = pytest.mark.slow
 

@@ -19,10 +19,10 @@ import pytest
 
 from harness import embed_samples as samples
 from harness.ray_head import processes_of, ray_env, stop_processes
+from harness.stores import read_store
 from index.rows.sharding import uri_id
 from pipelines.embed import run_job
 from pipelines.embed_config import EmbedJobConfig
-from tests.test_embed_job import read_store
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,12 +7,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from harness import embed_samples as samples
-from index.rows import schema
+from harness.stores import read_store
 from index.rows.sharding import content_id, shard_of, uri_id
 from index.storage.manifest import ManifestMismatch, load_manifest
 from index.storage.store import Store
@@ -20,26 +19,6 @@ from pipelines.embed import run_job
 from pipelines.embed_config import EmbedJobConfig
 
 N_PHOTOS = 240  # 3 photos from each of 80 Caltech-101 classes
-
-
-def read_store(root: Path) -> tuple[dict[str, list], list[str]]:
-    """All embedding rows of a store (plus the shard each part sits in) and its part paths."""
-    store = Store(root)
-    manifest = load_manifest(store)
-    rows: dict[str, list] = {k: [] for k in ("id", "uri", "vec", "w", "h", "shard")}
-    parts = []
-    for shard in range(manifest.num_shards):
-        for rel in store.list_parts(shard):
-            parts.append(rel)
-            t = pq.read_table(store.path(rel))
-            rows["id"] += t[schema.ID].to_pylist()
-            rows["uri"] += t[schema.URI].to_pylist()
-            rows["vec"].append(schema.arrow_to_vectors(t[schema.EMBEDDING]))
-            rows["w"] += t[schema.WIDTH].to_pylist()
-            rows["h"] += t[schema.HEIGHT].to_pylist()
-            rows["shard"] += [shard] * t.num_rows
-    rows["vec"] = np.concatenate(rows["vec"]) if rows["vec"] else np.zeros((0, 0), np.float32)
-    return rows, parts
 
 
 def read_errors(root: Path) -> list[dict]:

@@ -9,7 +9,6 @@ restarts the whole app. Every wait is a poll with a deadline.
 
 from __future__ import annotations
 
-import threading
 import time
 from types import SimpleNamespace
 
@@ -19,6 +18,7 @@ import pytest
 
 from harness.polling import free_port, wait_for
 from harness.serve_store import caltech_sample, write_caltech_store
+from harness.traffic import Querier, top1, unit_vectors, versions
 from index.rows.sharding import uri_id
 from index.storage.manifest import evolve_metadata
 from index.storage.publish import list_versions
@@ -78,58 +78,6 @@ def app(ray_local, scratch_root, caltech_dir):
     finally:
         client.close()
         serve.shutdown()
-
-
-class Querier(threading.Thread):
-    """Queries without pause; records failures and any acknowledged delete that comes back."""
-
-    def __init__(self, port: int, probes: list[np.ndarray], deleted: dict[str, float]):
-        super().__init__(daemon=True)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        self.probes = probes  # the main thread appends; reading a list while appending is safe
-        self.deleted = deleted  # id -> monotonic time its delete was acknowledged
-        self.stop = threading.Event()
-        self.ok = 0
-        self.failures: list[str] = []
-        self.resurrected: list[str] = []
-        self.latencies: list[float] = []
-
-    def run(self) -> None:
-        i = 0
-        while not self.stop.is_set():
-            vector = self.probes[i % len(self.probes)]
-            i += 1
-            started = time.monotonic()
-            try:
-                r = self.client.post("/search", json={"vector": vector.tolist(), "k": 10})
-            except httpx.HTTPError as e:
-                self.failures.append(f"{type(e).__name__}: {e}")
-                continue
-            self.latencies.append(time.monotonic() - started)
-            if r.status_code != 200 or r.json().get("partial"):
-                self.failures.append(f"{r.status_code}: {r.text[:200]}")
-                continue
-            self.ok += 1
-            for hit in r.json()["results"]:
-                acked = self.deleted.get(hit["id"])
-                if acked is not None and acked < started:
-                    self.resurrected.append(hit["id"])
-        self.client.close()
-
-
-def unit_vectors(rng, n: int) -> np.ndarray:
-    x = rng.standard_normal((n, DIM)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def top1(client: httpx.Client, vector: np.ndarray, k: int = 10) -> list[str]:
-    r = client.post("/search", json={"vector": vector.tolist(), "k": k})
-    assert r.status_code == 200, r.text
-    return [h["id"] for h in r.json()["results"]]
-
-
-def versions(client: httpx.Client) -> list[int | None]:
-    return [row.get("version") for row in client.get("/stats").json()["shards"]]
 
 
 def test_adds_deletes_and_two_rebuilds_under_continuous_queries(app):

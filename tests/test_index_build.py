@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.common import gaussian_mixture
 from harness.stores import write_store
+from harness.synthetic import gaussian_mixture
 from index.ann.build import build_arrays
 from index.ann.shard_index import IndexLoadError, ShardIndex, default_candidates
 from index.live.rebuild import RebuildOptions, build_shard

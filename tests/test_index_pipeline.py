@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import gaussian_mixture
 from harness.stores import write_store
+from harness.synthetic import gaussian_mixture
 from index.ann.shard_index import ShardIndex
 from index.storage.manifest import load_manifest
 from pipelines.build_index import BuildConfig, load_config, main, run

@@ -22,6 +22,7 @@ import pytest
 
 from harness.polling import free_port, wait_for
 from harness.serve_store import caltech_sample
+from harness.traffic import Querier, top1, unit_vectors
 from index.rows import schema
 from index.storage.leases import read_leases
 from index.storage.manifest import load_manifest
@@ -31,7 +32,6 @@ from pipelines.build_index import run as build_run
 from pipelines.embed import run_job
 from pipelines.embed_config import EmbedJobConfig
 from serve.config import DeploymentSettings, ServeConfig
-from tests.test_freshness_http import Querier, top1, unit_vectors
 
 pytestmark = pytest.mark.slow
 

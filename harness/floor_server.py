@@ -1,11 +1,11 @@
 """The floor of a Python HTTP service: one uvicorn process, no Ray, the same shards and code.
 
-    .venv/bin/python benchmarks/floor_server.py --store /tmp/vs-bench-scale/store-... --port 8123
+    .venv/bin/python -m harness.floor_server --store /tmp/vs-bench-scale/store-... --port 8123
 
 What ``benchmarks/peers.py`` measures our Serve app against: the same store's shards loaded as the
 searcher replicas load them (``index.live.delta.load_live_shard``), searched with the same search,
 rerank and merge code (``LiveShard.search``, ``index.query.merge.merge_topk``), behind the same
-``POST /search`` contract (``serve.api.parse_search``, the same JSON answer), in a single
+``POST /search`` contract (``serve.http.parse.parse_search``, the same JSON answer), in a single
 uvicorn process: no Serve proxy, no actor calls, no scatter over processes. A search runs in a
 worker thread (FAISS releases the GIL), as a FastAPI service would run it. Vector and id queries
 only (no image model here).
@@ -18,27 +18,24 @@ import asyncio
 import json
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import faiss
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from index.live.delta import load_live_shard
+from index.query.merge import merge_topk
+from index.storage.manifest import load_manifest
+from index.storage.store import Store
+from serve.http.errors import ApiError
+from serve.http.limits import Limits
+from serve.http.parse import parse_search
 
 
-def make_app(store_uri: str, threads: int = 1):
-    import faiss
-    from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
-
-    from index.live.delta import load_live_shard
-    from index.query.merge import merge_topk
-    from index.storage.manifest import load_manifest
-    from index.storage.store import Store
-    from serve.http.errors import ApiError
-    from serve.http.limits import Limits
-    from serve.http.parse import parse_search
-
+def make_app(store_uri: str, threads: int = 1) -> Starlette:
+    """The store's shards behind ``POST /search`` and ``GET /healthz``."""
     faiss.omp_set_num_threads(threads)
     store = Store(store_uri)
     manifest = load_manifest(store)
@@ -93,8 +90,6 @@ def make_app(store_uri: str, threads: int = 1):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--store", required=True)
     p.add_argument("--port", type=int, required=True)

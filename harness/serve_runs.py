@@ -1,0 +1,168 @@
+"""The real Serve app over HTTP, one Serve mode per fresh process, measured at operating points.
+
+Serve reads its mode flags (``serve.local.SERVE_MODES``) at import and at start, so
+``over_http`` runs each mode as ``python -m harness.serve_runs <spec.json>``: a local Ray, the
+app over a built store (vector queries only, no image model; the recall canary off), then, after
+a warm-up, JSON vector queries from client threads (``closed_loop.HttpClient``) on each entry
+(``proxy``: Serve's HTTP port; ``direct_ingress``: the ingress replica's own port, where the mode
+has one), either the server's defaults at every concurrency level or each operating point
+(``{"label", "body": {nprobe, candidates, filter...}, "concurrency", "requests", "recall"}``).
+The child returns the ids each point found; recall is computed here. Ray runs workers at nice 15
+(drivers stay responsive); the child runs them at 0, as the in-process baselines run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from harness.closed_loop import HttpClient, run_load
+from harness.serving import serving
+from harness.synthetic import recall_of_rows
+from pipelines.local_ray import init_local_ray
+from serve.config import DeploymentSettings, ServeConfig
+from serve.local import SERVE_MODES, direct_ingress_port
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 10
+ENTRIES = ("proxy", "direct_ingress")
+
+
+def measure_http(call: HttpClient, label, concurrency, requests, with_recall, n_queries) -> dict:
+    """Latency and QPS at each concurrency level (and the ids found for every query)."""
+    rows = {}
+    for c in concurrency:
+        call.server_ms.clear()
+        stats, _ = run_load(call, requests, c, loadavg=True)
+        stats["ingress_took_p50_ms"] = round(statistics.median(call.server_ms), 3)
+        rows[str(c)] = stats
+        print(f"HTTP {label} c={c:>2}: {stats}", flush=True)
+    if with_recall:
+        rows["found"] = [call(i) for i in range(n_queries)]
+    return rows
+
+
+def measure_points(url, queries, points: list | None, label: str, concurrency, requests) -> dict:
+    """After a warm-up, the defaults at every level (``points`` None) or each point's body."""
+    warm = HttpClient(url, queries)
+    for i in range(100):  # warm-up: connections, replicas' first calls
+        warm(i)
+    if points is None:
+        return measure_http(warm, label, concurrency, requests, True, len(queries))
+    out = []
+    for point in points:
+        rows = measure_http(
+            HttpClient(url, queries, point.get("body")),
+            f"{label} {point.get('label', '')}",
+            point.get("concurrency", concurrency),
+            point.get("requests", requests),
+            point.get("recall", True),
+            len(queries),
+        )
+        out.append({**point, **rows})
+    return {"points": out}
+
+
+def worker(spec: dict) -> None:
+    """One Serve mode in this (fresh) process; writes what it measured to ``spec["out"]``."""
+    workdir = Path(spec["workdir"])
+    queries = np.load(workdir / "queries.npy")
+    # logical CPUs: room for every searcher replica (0.25 each) next to the ingress
+    per_group = spec["shards_per_group"] or spec["shards"]
+    replicas = spec["searcher_replicas"] * -(-spec["shards"] // per_group)
+    ray = init_local_ray(workdir / "ray", num_cpus=max(4, int(0.25 * replicas + 2)))
+    config = ServeConfig(
+        store=spec["store"],
+        image_queries=False,
+        reload_interval_s=0,
+        default_candidates=spec["candidates"],
+        default_nprobe=spec["nprobe"],
+        shards_per_group=spec["shards_per_group"] or None,
+        colocate_shards=spec["colocate"],
+        canary_fraction=0,  # the recall canary's background exact searches are not measured here
+        searcher=DeploymentSettings(
+            num_replicas=spec["searcher_replicas"], num_cpus=0.25, max_ongoing_requests=64
+        ),
+    )
+    try:
+        with serving(config) as served:
+            out: dict = {"serve_start_s": round(served.start_s, 1), "config": config.to_dict()}
+            entries = {"proxy": served.port}
+            direct = direct_ingress_port()
+            if direct is not None:
+                entries["direct_ingress"] = direct
+            entries = {e: p for e, p in entries.items() if e in spec["entries"]} or entries
+            for entry, port in entries.items():
+                url = f"http://127.0.0.1:{port}/search"
+                measured = measure_points(
+                    url, queries, spec["points"], entry, spec["concurrency"], spec["requests"]
+                )
+                out[entry] = {"port": port, **measured}
+            out["stats"] = httpx.get(f"{served.url}/stats", timeout=30).json()
+            out["processes_rss_mb"] = {
+                p.info["name"]: round(p.info["memory_info"].rss / 2**20)
+                for p in psutil.process_iter(["name", "memory_info"])
+                if p.info["name"] and p.info["name"].startswith("ray::Serve")
+            }
+    finally:
+        ray.shutdown()
+    Path(spec["out"]).write_text(json.dumps(out))
+
+
+def spec_of(args, mode: str, store_uri: str, out: Path) -> dict:
+    """What the child needs, from a benchmark's options (``args``: workdir, requests,
+    candidates, concurrency, shards; optionally searcher_replicas, shards_per_group, colocate,
+    entries, nprobe and points, a list of operating points)."""
+    return {
+        "mode": mode,
+        "store": store_uri,
+        "out": str(out),
+        "workdir": str(args.workdir),
+        "requests": args.requests,
+        "candidates": args.candidates,
+        "concurrency": args.concurrency,
+        "shards": args.shards,
+        "searcher_replicas": getattr(args, "searcher_replicas", 1),
+        "shards_per_group": getattr(args, "shards_per_group", 0) or 0,
+        "colocate": getattr(args, "colocate", False),
+        "entries": getattr(args, "entries", list(ENTRIES)),
+        "nprobe": getattr(args, "nprobe", None) or None,
+        "points": getattr(args, "points", None),
+    }
+
+
+def over_http(args, store_uri: str, queries: np.ndarray, truth, ids, point_truths=None) -> dict:
+    """Run each of ``args.modes`` in its own process; recall from the ids it found (against
+    ``point_truths[i]`` for operating point ``i`` when given, e.g. one per filter)."""
+    np.save(args.workdir / "queries.npy", queries)
+    results = {}
+    for mode in args.modes:
+        out = args.workdir / f"http-{mode}.json"
+        spec = args.workdir / f"http-{mode}-spec.json"
+        spec.write_text(json.dumps(spec_of(args, mode, store_uri, out)))
+        env = {**os.environ, **SERVE_MODES[mode], "RAY_worker_niceness": "0"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        subprocess.run([sys.executable, "-m", "harness.serve_runs", str(spec)], env=env, check=True)
+        body = json.loads(out.read_text())
+        for entry in ENTRIES:
+            points = body[entry].get("points", []) if entry in body else []
+            for i, rows in enumerate([body[entry], *points] if entry in body else []):
+                if "found" in rows:
+                    expected = truth if point_truths is None or i == 0 else point_truths[i - 1]
+                    rows["recall_at_10"] = round(
+                        recall_of_rows(rows.pop("found"), expected, ids, K), 4
+                    )
+        results[mode] = body
+    return results
+
+
+if __name__ == "__main__":
+    worker(json.loads(Path(sys.argv[1]).read_text()))
