@@ -55,6 +55,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from embedding import Embedder, ModelConfig, decode_image, prepare  # noqa: E402
 from embedding.model import default_threads  # noqa: E402
+from embedding.preprocess import resize_size_of  # noqa: E402
 from pipelines.embed import connect_ray, default_actors, run_job  # noqa: E402
 from pipelines.embed_config import EmbedJobConfig  # noqa: E402
 
@@ -172,7 +173,7 @@ class CpuSampler:
 
 def decode_all(photos: list[Path], image_size: int) -> np.ndarray:
     """The crops the job would make (same decode, draft mode and crop), done up front."""
-    resize = round(image_size * 256 / 224)
+    resize = resize_size_of(image_size)
     decoded = (decode_image(p.read_bytes(), draft_size=resize) for p in photos)
     return np.stack([prepare(image, image_size, resize) for image in decoded])
 

@@ -197,6 +197,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resize_size_of(image_size: int) -> int:
+    """The short side an image is resized to before its centre crop: the usual ImageNet ratio
+    256/224 of ``image_size``. The batch job, the query path and the benchmarks all use this,
+    so a catalogue image sent as a query gets the catalogue's own crop (and draft decode)."""
+    return round(image_size * 256 / 224)
+
+
 def prepare(img: Image.Image, image_size: int, resize_size: int | None = None) -> np.ndarray:
     """Aspect-preserving resize of the short side to ``resize_size``, then a centre crop.
 
@@ -205,7 +212,7 @@ def prepare(img: Image.Image, image_size: int, resize_size: int | None = None) -
     source box that lands in the crop (half the time of resizing the whole picture and
     cropping after; pixels differ by ~0.03/255 on average).
     """
-    resize_size = resize_size or round(image_size * 256 / 224)
+    resize_size = resize_size or resize_size_of(image_size)
     width, height = img.size
     scale = resize_size / min(width, height)
     new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))

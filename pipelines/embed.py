@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path[:1]:  # `python pipelines/embed.py`: sys.path[0] is
 from embedding import Embedder  # noqa: E402
 from embedding.backbones import WeightsUnavailable  # noqa: E402
 from embedding.model import MALLOC_ENV  # noqa: E402
+from embedding.preprocess import resize_size_of  # noqa: E402
 from index.rows import schema  # noqa: E402
 from index.rows.sharding import uri_id  # noqa: E402
 from index.storage.manifest import (  # noqa: E402
@@ -388,7 +389,7 @@ def _embed(ray, store, config, pending, summary, num_shards, name, dim, image_si
     batch_size = config.batch_size or (cfg.GPU_BATCH_SIZE if num_gpus else cfg.CPU_BATCH_SIZE)
     model = asdict(config.model_config())
     model["device"] = "cuda" if num_gpus else "cpu"
-    resize_size = round(image_size * 256 / 224)  # prepare()'s default short side
+    resize_size = resize_size_of(image_size)
 
     ds = _block_dataset(ray, store, pending, config.decode_cpus)
     ds = ds.map_batches(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedding.preprocess import ImageError, decode_image, prepare
+from embedding.preprocess import ImageError, decode_image, prepare, resize_size_of
 from serve.http.errors import IMAGE_ERROR_STATUS, ApiError
 from serve.http.limits import Limits
 
@@ -19,7 +19,7 @@ def image_crop(data: bytes, image_size: int, limits: Limits) -> np.ndarray:
     """Uploaded bytes -> the model's uint8 centre crop, exactly as the batch job prepares it
     (``pipelines.embed_stages.read_decode_batch``: JPEG draft decode at the resize size, then
     ``prepare``), so a catalogue image uploaded as a query gets the catalogue's own vector."""
-    resize_size = round(image_size * 256 / 224)  # prepare()'s default short side
+    resize_size = resize_size_of(image_size)
     try:
         img = decode_image(
             data,
