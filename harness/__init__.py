@@ -9,7 +9,9 @@
   (``serve_store``) or by the real job (``caltech_catalogue``), sample and broken images
   (``embed_samples``), the bad-input table (``bad_inputs``);
 - load: closed-loop requests from client threads (``closed_loop``), background traffic that
-  records every answer (``traffic``), waiting with a deadline (``polling``).
+  records every answer (``traffic``), waiting with a deadline (``polling``);
+- histories: seeded concurrent clients that record every operation (``workload``) and the checker
+  that finds lost writes and resurrected deletes in what they recorded (``history``).
 
 Nothing in the product packages imports it, and it imports nothing from ``tests`` or
 ``benchmarks``.
