@@ -1,11 +1,21 @@
 """Nothing lost under any interleaving: the history checker (``harness.history``) on hand-written
-histories, each anomaly class found and a clean history clean."""
+histories (each anomaly class found, a clean history clean), the seeded clients
+(``harness.workload``) against a tiny in-memory app that is right or loses writes on purpose,
+and two short seeded histories against the real app on moto's S3 behind the seeded fault proxy
+(``harness.faultproxy``), one of them with a ShardSearcher replica SIGKILLed and a forced rebuild.
+"""
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
 import pytest
 
 from harness.history import History, Op, check, summary
+from harness.workload import Workload
 
 
 def op(h: History, client, kind, row_id, invoke, ack, status, **outcome) -> Op:
@@ -173,3 +183,100 @@ def test_final_reads_may_be_passed_apart_from_the_history():
     reads = [Op("final", "get", "x", 50.0, 50.1, 404, {"found": False})]
     assert kinds(check(h, reads)) == [("lost", "x")]
     assert check(h) == []  # without final reads, nothing says it is gone
+
+
+# ---- the seeded clients against a tiny in-memory app -------------------------------------------
+class MemoryApp(BaseHTTPRequestHandler):
+    """The HTTP API's add/delete/get/search on a dict; ``forget`` drops every n-th add after
+    acknowledging it (a lost write on purpose)."""
+
+    rows: dict[str, list[float]] = {}
+    lock = threading.Lock()
+    forget = 0
+    adds = 0
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _answer(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> dict:
+        return json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+
+    def do_GET(self) -> None:
+        if self.path == "/readyz":
+            return self._answer(200, {})
+        row_id = self.path.rsplit("/", 1)[1]
+        with self.lock:
+            known = row_id in self.rows
+        if known:
+            return self._answer(200, {"id": row_id})
+        self._answer(404, {"error": "unknown_id"})
+
+    def do_DELETE(self) -> None:
+        row_id = self.path.rsplit("/", 1)[1]
+        with self.lock:
+            self.rows.pop(row_id, None)
+        self._answer(200, {"id": row_id, "hidden": True})
+
+    def do_POST(self) -> None:
+        body = self._body()
+        cls = type(self)
+        with self.lock:
+            if self.path == "/images":
+                row_id = body.get("id") or body["uri"].rsplit("/", 1)[1]
+                cls.adds += 1
+                if not (cls.forget and cls.adds % cls.forget == 0):
+                    self.rows[row_id] = body["vector"]
+                return self._answer(201, {"id": row_id, "searchable": True})
+            if "id" in body and body["id"] not in self.rows:
+                return self._answer(404, {"error": "unknown_id"})
+            query = np.asarray(self.rows[body["id"]] if "id" in body else body["vector"])
+            ids = list(self.rows)
+            scores = np.asarray([self.rows[i] for i in ids]) @ query if ids else np.zeros(0)
+            top = [{"id": ids[j]} for j in np.argsort(-scores)[: body.get("k", 5)]]
+        self._answer(
+            200, {"results": top, "partial": False, "shards_answered": 1, "shards_total": 1}
+        )
+
+
+@pytest.fixture
+def memory_app():
+    MemoryApp.rows, MemoryApp.forget, MemoryApp.adds = {}, 0, 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MemoryApp)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_the_seeded_clients_on_a_correct_app_record_a_clean_history(memory_app):
+    work = Workload(memory_app, "key", dim=8, seed=3, clients=3, duration_s=2.0, max_ops=240)
+    history = work.run()
+    finals = work.final_reads(quiet_s=0.1)
+    counts = history.counts()
+    ran = sum(counts.values()) - len(finals)  # the final reads are recorded too
+    assert 150 <= ran <= 240 and finals  # max_ops, or fewer when duration_s ran out first
+    assert {"add", "delete", "get", "search_id", "search_vector"} <= set(counts)
+    assert check(history, finals) == [] and work.top1_misses == 0
+    again = Workload(memory_app, "key", dim=8, seed=3, clients=3, duration_s=2.0, max_ops=240)
+    # the same seed makes the same choices (the interleaving may differ)
+    first = [(o.client, o.kind) for o in history.ops if o.client == "0"]
+    MemoryApp.rows = {}
+    second = [(o.client, o.kind) for o in again.run().ops if o.client == "0"]
+    n = min(len(first), len(second))  # the duration may cut either run a little shorter
+    assert n > 50 and second[:n] == first[:n]
+
+
+def test_the_seeded_clients_catch_an_app_that_forgets_writes(memory_app):
+    MemoryApp.forget = 5
+    work = Workload(memory_app, "key", dim=8, seed=4, clients=2, duration_s=2.0, max_ops=120)
+    history = work.run()
+    anomalies = check(history, work.final_reads(quiet_s=0.1))
+    assert summary(anomalies)["lost"] >= 3 and all(a.seed == 4 for a in anomalies)
