@@ -11,10 +11,13 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import numpy as np
 import pytest
 
+from harness.faultproxy import FaultProxy, FaultRates, FaultSchedule
 from harness.history import History, Op, check, summary
+from harness.polling import wait_for
 from harness.workload import Workload
 
 
@@ -280,3 +283,89 @@ def test_the_seeded_clients_catch_an_app_that_forgets_writes(memory_app):
     history = work.run()
     anomalies = check(history, work.final_reads(quiet_s=0.1))
     assert summary(anomalies)["lost"] >= 3 and all(a.seed == 4 for a in anomalies)
+
+
+# ---- the real app on S3 behind the fault proxy --------------------------------------------------
+DIM = 64
+RATES = FaultRates(delay=0.05, reset=0.01, drop=0.005, error_500=0.01, error_503=0.01)
+RETRIES = {"retries": {"max_attempts": 10, "mode": "standard"}}  # botocore's standard retries
+DELTA_POLL_S = 0.5  # the documented bound for a write to reach every replica
+QUIET_S = 6 * DELTA_POLL_S
+
+
+@pytest.fixture(scope="module")
+def s3_app(ray_local, s3_server):
+    """The app (2 shards, one ShardSearcher deployment each, no image model) over a small
+    indexed store on moto's S3, reading and writing through the fault proxy; each history
+    swaps in its own seeded schedule."""
+    from harness.serve_app import app_config
+    from harness.serving import serving
+    from harness.stores import write_store
+    from index.live.rebuild import rebuild_shard
+    from index.storage.store import Store
+
+    uri = f"{s3_server.new_bucket()}/store"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"base-{i:04d}" for i in range(len(x))]
+    store = write_store(Store(uri, dict(s3_server.storage_options)), ids, ids, x, 2)
+    for shard in (0, 1):
+        rebuild_shard(store, shard)
+    proxy = FaultProxy(s3_server.endpoint, FaultSchedule(0, RATES, enabled=False)).start()
+    config = app_config(
+        uri,
+        storage_options={**proxy.storage_options, "config_kwargs": RETRIES},
+        image_queries=False,
+        model="test-model",
+        weights="none",
+        delta_poll_s=DELTA_POLL_S,
+        lease_interval_s=0.5,
+        lease_ttl_s=3,
+        rebuild_check_s=0,  # rebuilds on request only (the chaos thread asks for one)
+        rebuild_gc_grace_s=1,
+        rebuild_num_cpus=0.5,
+    )
+    try:
+        with serving(config) as served:
+            with httpx.Client(base_url=served.url, timeout=10) as client:
+                wait_for(lambda: client.get("/readyz").status_code == 200, 120, "/readyz 200")
+            yield served.url, config, proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "seed, chaos", [(1101, False), (2202, True)], ids=["faults", "faults+kill+rebuild"]
+)
+def test_a_seeded_history_on_s3_with_faults_loses_nothing(s3_app, seed, chaos, tmp_path):
+    url, config, proxy = s3_app
+    proxy.schedule = FaultSchedule(seed, RATES)  # the seed decides the S3 faults too
+    faults_before = proxy.faults_injected
+    work = Workload(
+        url,
+        config.api_key,
+        DIM,
+        seed,
+        clients=2,
+        duration_s=25.0,
+        max_ops=200,
+        kill_at_s=8.0 if chaos else None,
+        rebuild_at_s=14.0 if chaos else None,
+        prefix=f"s{seed}-",
+    )
+    history = work.run()
+    finals = work.final_reads(quiet_s=QUIET_S)
+    anomalies = check(history, finals)
+    saved = history.dump(tmp_path / f"history-{seed}.json")
+    faults = proxy.faults_injected - faults_before
+    print(
+        f"\nhistory seed {seed}: {history.counts()}, {faults} S3 faults injected, "
+        f"{work.kills} kills, {work.top1_misses} top-1 misses, anomalies {summary(anomalies)}"
+        f" ({saved})"
+    )
+    assert faults > 0
+    if chaos:
+        assert work.kills == 1
+    assert not anomalies, "\n".join(str(a) for a in anomalies[:30])
