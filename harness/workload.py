@@ -11,20 +11,26 @@ rebuild (``POST /admin/rebuild?force=true``) at ``rebuild_at_s``. The choices re
 seed; the interleaving does not, which is the point: ``harness.history.check`` judges whatever
 interleaving happened.
 
+``s3_app`` is the app these histories run against: a small indexed store on moto's S3, the app
+reading and writing it through the seeded fault proxy with botocore's standard retries.
+
 ``final_reads`` waits until the app is ready and no write was answered for longer than the
 documented visibility bound, then reads every id once (``outcome["final"]``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
 
+from harness.faultproxy import FaultProxy, FaultRates, FaultSchedule
 from harness.history import History, Op
 from harness.polling import wait_for
 
@@ -289,3 +295,65 @@ class Workload:
                 {op.id for op in self.history.snapshot() if op.kind in ("add", "delete") and op.id}
             )
             return [self._read(http, "final", "get", row_id, final=True) for row_id in written]
+
+
+# ---- the app under test --------------------------------------------------------------------------
+DIM = 64
+RATES = FaultRates(delay=0.05, reset=0.01, drop=0.005, error_500=0.01, error_503=0.01)
+RETRIES = {"retries": {"max_attempts": 10, "mode": "standard"}}  # botocore's standard retries
+DELTA_POLL_S = 0.5  # the documented bound for a write to reach every replica
+
+
+@dataclass
+class S3App:
+    url: str
+    api_key: str
+    proxy: FaultProxy
+
+    def workload(self, seed: int, rates: FaultRates = RATES, **kwargs) -> Workload:
+        """Clients for one history: the proxy switches to ``seed``'s own fault schedule (so the
+        seed replays the S3 faults too) and ids are prefixed with the seed."""
+        self.proxy.schedule = FaultSchedule(seed, rates)
+        return Workload(self.url, self.api_key, DIM, seed, prefix=f"s{seed}-", **kwargs)
+
+
+@contextlib.contextmanager
+def s3_app(s3_server, rows: int = 300) -> Iterator[S3App]:
+    """The app (2 shards, one ShardSearcher deployment each, no image model) over ``rows``
+    random vectors indexed on moto's S3 (Ray must be initialised); the store is written
+    directly, the app goes through the fault proxy (no faults until ``workload`` picks a seed)."""
+    from harness.serve_app import app_config
+    from harness.serving import serving
+    from harness.stores import write_store
+    from index.live.rebuild import rebuild_shard
+    from index.storage.store import Store
+
+    uri = f"{s3_server.new_bucket()}/store"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"base-{i:04d}" for i in range(rows)]
+    store = write_store(Store(uri, dict(s3_server.storage_options)), ids, ids, x, 2)
+    for shard in (0, 1):
+        rebuild_shard(store, shard)
+    proxy = FaultProxy(s3_server.endpoint, FaultSchedule(0, RATES, enabled=False)).start()
+    config = app_config(
+        uri,
+        storage_options={**proxy.storage_options, "config_kwargs": RETRIES},
+        image_queries=False,
+        model="test-model",
+        weights="none",
+        delta_poll_s=DELTA_POLL_S,
+        lease_interval_s=0.5,
+        lease_ttl_s=3,
+        rebuild_check_s=0,  # rebuilds on request only (the chaos thread asks for one)
+        rebuild_gc_grace_s=1,
+        rebuild_num_cpus=0.5,
+    )
+    try:
+        with serving(config) as served:
+            with httpx.Client(base_url=served.url, timeout=10) as client:
+                wait_for(lambda: client.get("/readyz").status_code == 200, 120, "/readyz 200")
+            yield S3App(served.url, config.api_key, proxy)
+    finally:
+        proxy.stop()

@@ -11,14 +11,11 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import numpy as np
 import pytest
 
-from harness.faultproxy import FaultProxy, FaultRates, FaultSchedule
 from harness.history import History, Op, check, summary
-from harness.polling import wait_for
-from harness.workload import Workload
+from harness.workload import DELTA_POLL_S, Workload, s3_app
 
 
 def op(h: History, client, kind, row_id, invoke, ack, status, **outcome) -> Op:
@@ -197,6 +194,7 @@ class MemoryApp(BaseHTTPRequestHandler):
     lock = threading.Lock()
     forget = 0
     adds = 0
+    forgotten: set[str] = set()
 
     def log_message(self, *args) -> None:  # quiet
         pass
@@ -235,7 +233,9 @@ class MemoryApp(BaseHTTPRequestHandler):
             if self.path == "/images":
                 row_id = body.get("id") or body["uri"].rsplit("/", 1)[1]
                 cls.adds += 1
-                if not (cls.forget and cls.adds % cls.forget == 0):
+                if cls.forget and cls.adds % cls.forget == 0:
+                    cls.forgotten.add(row_id)
+                else:
                     self.rows[row_id] = body["vector"]
                 return self._answer(201, {"id": row_id, "searchable": True})
             if "id" in body and body["id"] not in self.rows:
@@ -251,7 +251,7 @@ class MemoryApp(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def memory_app():
-    MemoryApp.rows, MemoryApp.forget, MemoryApp.adds = {}, 0, 0
+    MemoryApp.rows, MemoryApp.forget, MemoryApp.adds, MemoryApp.forgotten = {}, 0, 0, set()
     server = ThreadingHTTPServer(("127.0.0.1", 0), MemoryApp)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -282,78 +282,35 @@ def test_the_seeded_clients_catch_an_app_that_forgets_writes(memory_app):
     work = Workload(memory_app, "key", dim=8, seed=4, clients=2, duration_s=2.0, max_ops=120)
     history = work.run()
     anomalies = check(history, work.final_reads(quiet_s=0.1))
-    assert summary(anomalies)["lost"] >= 3 and all(a.seed == 4 for a in anomalies)
+    lost = {a.id for a in anomalies if a.kind == "lost"}
+    assert lost and lost <= MemoryApp.forgotten  # found, and only what was forgotten
+    assert summary(anomalies)["lost"] == len(anomalies) and all(a.seed == 4 for a in anomalies)
 
 
 # ---- the real app on S3 behind the fault proxy --------------------------------------------------
-DIM = 64
-RATES = FaultRates(delay=0.05, reset=0.01, drop=0.005, error_500=0.01, error_503=0.01)
-RETRIES = {"retries": {"max_attempts": 10, "mode": "standard"}}  # botocore's standard retries
-DELTA_POLL_S = 0.5  # the documented bound for a write to reach every replica
-QUIET_S = 6 * DELTA_POLL_S
+QUIET_S = 6 * DELTA_POLL_S  # well past the documented bound before the final reads
 
 
 @pytest.fixture(scope="module")
-def s3_app(ray_local, s3_server):
-    """The app (2 shards, one ShardSearcher deployment each, no image model) over a small
-    indexed store on moto's S3, reading and writing through the fault proxy; each history
-    swaps in its own seeded schedule."""
-    from harness.serve_app import app_config
-    from harness.serving import serving
-    from harness.stores import write_store
-    from index.live.rebuild import rebuild_shard
-    from index.storage.store import Store
-
-    uri = f"{s3_server.new_bucket()}/store"
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((300, DIM)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    ids = [f"base-{i:04d}" for i in range(len(x))]
-    store = write_store(Store(uri, dict(s3_server.storage_options)), ids, ids, x, 2)
-    for shard in (0, 1):
-        rebuild_shard(store, shard)
-    proxy = FaultProxy(s3_server.endpoint, FaultSchedule(0, RATES, enabled=False)).start()
-    config = app_config(
-        uri,
-        storage_options={**proxy.storage_options, "config_kwargs": RETRIES},
-        image_queries=False,
-        model="test-model",
-        weights="none",
-        delta_poll_s=DELTA_POLL_S,
-        lease_interval_s=0.5,
-        lease_ttl_s=3,
-        rebuild_check_s=0,  # rebuilds on request only (the chaos thread asks for one)
-        rebuild_gc_grace_s=1,
-        rebuild_num_cpus=0.5,
-    )
-    try:
-        with serving(config) as served:
-            with httpx.Client(base_url=served.url, timeout=10) as client:
-                wait_for(lambda: client.get("/readyz").status_code == 200, 120, "/readyz 200")
-            yield served.url, config, proxy
-    finally:
-        proxy.stop()
+def app_on_s3(ray_local, s3_server):
+    with s3_app(s3_server) as app:
+        yield app
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "seed, chaos", [(1101, False), (2202, True)], ids=["faults", "faults+kill+rebuild"]
 )
-def test_a_seeded_history_on_s3_with_faults_loses_nothing(s3_app, seed, chaos, tmp_path):
-    url, config, proxy = s3_app
-    proxy.schedule = FaultSchedule(seed, RATES)  # the seed decides the S3 faults too
+def test_a_seeded_history_on_s3_with_faults_loses_nothing(app_on_s3, seed, chaos, tmp_path):
+    proxy = app_on_s3.proxy
     faults_before = proxy.faults_injected
-    work = Workload(
-        url,
-        config.api_key,
-        DIM,
+    work = app_on_s3.workload(
         seed,
         clients=2,
         duration_s=25.0,
         max_ops=200,
         kill_at_s=8.0 if chaos else None,
         rebuild_at_s=14.0 if chaos else None,
-        prefix=f"s{seed}-",
     )
     history = work.run()
     finals = work.final_reads(quiet_s=QUIET_S)
