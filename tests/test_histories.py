@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -317,8 +318,9 @@ def test_a_seeded_history_on_s3_with_faults_loses_nothing(app_on_s3, seed, chaos
     anomalies = check(history, finals)
     saved = history.dump(tmp_path / f"history-{seed}.json")
     faults = proxy.faults_injected - faults_before
+    statuses = Counter(f"{o.kind}:{o.status}" for o in history.ops)
     print(
-        f"\nhistory seed {seed}: {history.counts()}, {faults} S3 faults injected, "
+        f"\nhistory seed {seed}: {dict(sorted(statuses.items()))}, {faults} S3 faults injected, "
         f"{work.kills} kills, {work.top1_misses} top-1 misses, anomalies {summary(anomalies)}"
         f" ({saved})"
     )
