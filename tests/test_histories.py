@@ -8,9 +8,11 @@ and two short seeded histories against the real app on moto's S3 behind the seed
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,7 +318,8 @@ def test_a_seeded_history_on_s3_with_faults_loses_nothing(app_on_s3, seed, chaos
     history = work.run()
     finals = work.final_reads(quiet_s=QUIET_S)
     anomalies = check(history, finals)
-    saved = history.dump(tmp_path / f"history-{seed}.json")
+    keep = Path(os.environ.get("VISUAL_SEARCH_HISTORY_DIR") or tmp_path)  # to keep a failing one
+    saved = history.dump(keep / f"history-{seed}.json")
     faults = proxy.faults_injected - faults_before
     statuses = Counter(f"{o.kind}:{o.status}" for o in history.ops)
     print(
