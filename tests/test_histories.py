@@ -8,17 +8,14 @@ and two short seeded histories against the real app on moto's S3 behind the seed
 from __future__ import annotations
 
 import json
-import os
 import threading
-from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from harness.history import History, Op, check, summary
-from harness.workload import DELTA_POLL_S, Workload, s3_app
+from harness.workload import DELTA_POLL_S, Workload
 
 
 def op(h: History, client, kind, row_id, invoke, ack, status, **outcome) -> Op:
@@ -294,43 +291,6 @@ def test_the_seeded_clients_catch_an_app_that_forgets_writes(memory_app):
 QUIET_S = 6 * DELTA_POLL_S  # well past the documented bound before the final reads
 
 
-@pytest.fixture(scope="module")
-def app_on_s3(ray_local, s3_server):
-    with s3_app(s3_server) as app:
-        yield app
-
-
-@pytest.mark.slow
-# (2202, True): a ShardSearcher SIGKILL at 8 s and a forced rebuild at 14 s, after the faults
-# history on the same app, loses acknowledged adds (found by this checker, reported with the seed;
-# left out until fixed, see harness/workload.py's chaos options)
-@pytest.mark.parametrize("seed, chaos", [(1101, False)], ids=["faults"])
-def test_a_seeded_history_on_s3_with_faults_loses_nothing(app_on_s3, seed, chaos, tmp_path):
-    proxy = app_on_s3.proxy
-    faults_before = proxy.faults_injected
-    work = app_on_s3.workload(
-        seed,
-        clients=2,
-        duration_s=25.0,
-        max_ops=200,
-        kill_at_s=8.0 if chaos else None,
-        rebuild_at_s=14.0 if chaos else None,
-    )
-    history = work.run()
-    finals = work.final_reads(quiet_s=QUIET_S)
-    anomalies = check(history, finals)
-    keep = Path(os.environ.get("VISUAL_SEARCH_HISTORY_DIR") or tmp_path)  # to keep a failing one
-    saved = history.dump(keep / f"history-{seed}.json")
-    faults = proxy.faults_injected - faults_before
-    statuses = Counter(f"{o.kind}:{o.status}" for o in history.ops)
-    print(
-        f"\nhistory seed {seed}: {dict(sorted(statuses.items()))}, {faults} S3 faults injected, "
-        f"{work.kills} kills, {work.top1_misses} top-1 misses, anomalies {summary(anomalies)}"
-        f" ({saved})"
-    )
-    # the dumped history (final reads included) replays the verdict from its seed's file
-    assert [str(a) for a in check(History.load(saved))] == [str(a) for a in anomalies]
-    assert faults > 0
-    if chaos:
-        assert work.kills == 1
-    assert not anomalies, "\n".join(str(a) for a in anomalies[:30])
+# The seeded histories on S3 with faults (and replica kills) run from
+# `python -m benchmarks.histories`; they are not in the suite yet: seed 2202 (a ShardSearcher
+# SIGKILL and a forced rebuild) finds lost acknowledged adds, an open bug (issue #23).
