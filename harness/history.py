@@ -22,7 +22,11 @@ Anomaly classes (each reported with the history's seed):
 - ``resurrected``: an acknowledged delete whose id the final reads still find, when every add of
   that id had been answered before the delete was invoked; or found by a read invoked after the
   delete's answer with no add of that id possibly in between;
-- ``server_error``: any 5xx answer;
+- ``server_error``: any 5xx answer, except a 503 that says a shard did not answer
+  (``UNAVAILABLE_ERRORS``) while a searcher replica was down: between a ``kill`` and the
+  ``recovered`` event after it (``/readyz`` 200 again; open-ended when it never came). With
+  one replica per shard that is the API's documented answer (503 + ``Retry-After``: the data
+  is durable, the only process that serves it is restarting); ``unavailable`` counts them;
 - ``unflagged_partial``: an answer with ``shards_answered < shards_total`` not flagged
   ``partial``.
 """
@@ -41,6 +45,8 @@ from pathlib import Path
 WRITES = ("add", "delete")
 READS = ("get", "search_id", "search_vector")
 ANOMALY_KINDS = ("lost", "resurrected", "server_error", "unflagged_partial")
+# 503 errors that say a shard did not answer (serve.http.errors): expected while one is down
+UNAVAILABLE_ERRORS = ("shard_unavailable", "no_shard_answered")
 
 
 @dataclass
@@ -175,10 +181,31 @@ def _between(writes: list[Op], after: Op, before: Op) -> list[Op]:
     return [w for w in writes if w.invoke < end and w.done_at > after.invoke]
 
 
+def outage_windows(ops: list[Op]) -> list[tuple[float, float]]:
+    """(from, to) of each searcher outage: a ``kill`` until its ``recovered`` answer (``inf``
+    when it has none)."""
+    kills = [op for op in ops if op.kind == "kill"]
+    recovered = [op for op in ops if op.kind == "recovered"]
+    windows = []
+    for kill in kills:
+        back = [r.ack for r in recovered if r.ack is not None and r.invoke >= kill.invoke]
+        windows.append((kill.invoke, min(back, default=math.inf)))
+    return windows
+
+
+def unavailable(op: Op, windows: list[tuple[float, float]]) -> bool:
+    """A 503 saying a shard did not answer, invoked or answered while a replica was down."""
+    if op.status != 503 or op.outcome.get("error") not in UNAVAILABLE_ERRORS:
+        return False
+    end = op.ack if op.ack is not None else op.invoke
+    return any(start <= end and op.invoke <= stop for start, stop in windows)
+
+
 def _status_anomalies(ops: list[Op], seed: int) -> list[Anomaly]:
     out = []
+    windows = outage_windows(ops)
     for op in ops:
-        if op.status is not None and op.status >= 500:
+        if op.status is not None and op.status >= 500 and not unavailable(op, windows):
             error = op.outcome.get("error")
             out.append(
                 Anomaly(

@@ -88,6 +88,7 @@ class Workload:
         self._vectors: dict[str, np.ndarray] = {}  # id -> its newest vector (any client)
         self._lock = threading.Lock()
         self._halt = threading.Event()
+        self._recoveries: list[threading.Thread] = []
 
     # ---- running -------------------------------------------------------------------------------
     def client(self) -> httpx.Client:
@@ -107,6 +108,8 @@ class Workload:
             t.join()
         self._halt.set()
         chaos.join()
+        for t in self._recoveries:  # each kill's "recovered" is in the history before it ends
+            t.join()
         return self.history
 
     def ids(self) -> list[str]:
@@ -268,6 +271,30 @@ class Workload:
         os.kill(row["pid"], signal.SIGKILL)
         self.kills += 1
         self.history.ack(op, 0, pid=row["pid"])
+        waiter = threading.Thread(
+            target=self._await_recovery, args=(row["deployment"],), name="history-recovery"
+        )
+        self._recoveries.append(waiter)
+        waiter.start()
+
+    def _await_recovery(self, deployment: str, timeout_s: float = 180.0) -> None:
+        """Record ``recovered`` (invoked at the kill's answer, answered when ``/readyz`` is 200
+        again): the window in which the killed shard may answer 503 ``shard_unavailable``."""
+        op = self.history.invoke("chaos", "recovered", deployment)
+
+        def ready(http: httpx.Client) -> bool:
+            try:
+                return http.get("/readyz").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        with self.client() as http:
+            try:
+                wait_for(lambda: ready(http), timeout_s, "/readyz 200 after a kill", 0.2)
+            except AssertionError:
+                self.history.ack(op, None, error="not ready again")
+                return
+        self.history.ack(op, 200)
 
     # ---- the final reads -----------------------------------------------------------------------
     def final_reads(self, quiet_s: float, ready_timeout_s: float = 120.0) -> list[Op]:
@@ -279,7 +306,7 @@ class Workload:
             acks = [
                 op.ack or op.invoke
                 for op in self.history.snapshot()
-                if op.kind in ("add", "delete", "rebuild", "kill")
+                if op.kind in ("add", "delete", "rebuild", "kill", "recovered")
             ]
             return max(acks, default=0.0)
 
@@ -309,6 +336,7 @@ class S3App:
     url: str
     api_key: str
     proxy: FaultProxy
+    store_uri: str  # the store, for reading it directly (not through the proxy)
 
     def workload(self, seed: int, rates: FaultRates = RATES, **kwargs) -> Workload:
         """Clients for one history: the proxy switches to ``seed``'s own fault schedule (so the
@@ -354,6 +382,6 @@ def s3_app(s3_server, rows: int = 300) -> Iterator[S3App]:
         with serving(config) as served:
             with httpx.Client(base_url=served.url, timeout=10) as client:
                 wait_for(lambda: client.get("/readyz").status_code == 200, 120, "/readyz 200")
-            yield S3App(served.url, config.api_key, proxy)
+            yield S3App(served.url, config.api_key, proxy, uri)
     finally:
         proxy.stop()
