@@ -1,19 +1,24 @@
 """Nothing lost under any interleaving: many seeded histories against the app on S3 with faults.
 
-    flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/histories.py --seeds 10 --duration 60
+    flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/histories.py --seeds 50
 
 The longer run of ``tests/test_histories.py`` (its helpers are ``harness/workload.py`` and
 ``harness/history.py``): the app over a small indexed store on moto's S3, reading and writing
 through the seeded fault proxy (``harness/faultproxy.py``, botocore's standard retries in the
 app). For each seed, ``--clients`` seeded clients add (with and without ids), delete, re-add and
-read for ``--duration`` seconds; every other seed also SIGKILLs a ShardSearcher replica and asks
-for a forced rebuild mid-run. After a quiet period past the documented bound every id is read
-once, and ``harness.history.check`` lists the anomalies, each with its seed. Every history is
-written to ``--workdir`` as JSON (``History.load`` + ``check`` replays the verdict).
+read for ``--duration`` seconds (as fast as the app answers, up to ``--ops``); every seed also
+SIGKILLs a ShardSearcher replica at a seeded time in the first half, and every other seed asks
+for a forced rebuild after it (every fourth with ``retrain``), so kills land mid-load, mid-swap
+and mid-rebuild by turns. After ``/readyz`` is 200 again and a quiet period past the documented
+bound, every id is read once, and ``harness.history.check`` lists the anomalies, each with its
+seed. Every history is written to ``--workdir`` as JSON (``History.load`` + ``check`` replays
+the verdict); the result JSON is rewritten after every history.
 
-Headline keys: ``anomalies`` (goal 0; per class in ``anomaly_classes``), ``operations``,
-``faults_injected`` (S3 faults the proxy injected), ``kills``, ``top1_misses`` (an id visible
-to a search with its own vector, but not ranked first).
+Headline keys: ``anomalies`` (goal 0; per class in ``anomaly_classes``), ``histories``,
+``operations``, ``faults_injected`` (S3 faults the proxy injected), ``replica_kills``,
+``unavailable`` (503 ``shard_unavailable`` answers while a killed replica was down: the API's
+documented answer then, not anomalies), ``top1_misses`` (an id visible to a search with its
+own vector, but not ranked first).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from pipelines.local_ray import init_local_ray, use_local_ray_env  # noqa: E402
+from pipelines.local_ray import use_local_ray_env  # noqa: E402
 
 use_local_ray_env()
 
@@ -34,10 +39,10 @@ from benchmarks import common  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=6, help="histories, seeds 1..N")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds per history")
-    p.add_argument("--ops", type=int, default=600, help="operations per history at most")
-    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=50, help="histories, seeds 1..N")
+    p.add_argument("--duration", type=float, default=40.0, help="seconds of load per history")
+    p.add_argument("--ops", type=int, default=20_000, help="operations per history at most")
+    p.add_argument("--clients", type=int, default=4)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vs-histories")
     p.add_argument("--name", default="histories", help="results/<name>.json and .png")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
@@ -45,30 +50,43 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_one(app, seed: int, args: argparse.Namespace) -> dict:
-    from harness.history import check, summary
+    import numpy as np
+
+    from harness.history import READS, WRITES, check, outage_windows, summary, unavailable
     from harness.workload import DELTA_POLL_S
 
-    chaos = seed % 2 == 0
+    rebuild = seed % 2 == 0
+    kill_at = float(np.random.default_rng([seed, 7]).uniform(0.1, 0.5)) * args.duration
     faults_before = app.proxy.faults_injected
     work = app.workload(
         seed,
         clients=args.clients,
         duration_s=args.duration,
         max_ops=args.ops,
-        kill_at_s=args.duration / 3 if chaos else None,
-        rebuild_at_s=args.duration / 2 if chaos else None,
+        kill_at_s=kill_at,
+        rebuild_at_s=kill_at + 0.15 * args.duration if rebuild else None,
+        retrain=seed % 4 == 0,
     )
     history = work.run()
     finals = work.final_reads(quiet_s=6 * DELTA_POLL_S)
     anomalies = check(history, finals)
     path = history.dump(args.workdir / f"history-{seed}.json")
+    ops = history.snapshot()
+    windows = outage_windows(ops)
     row = {
         "seed": seed,
-        "chaos": chaos,
-        "operations": sum(history.counts().values()) - len(finals),
+        "rebuild": rebuild,
+        "retrain": rebuild and seed % 4 == 0,
+        "kill_at_s": round(kill_at, 2),
+        "operations": sum(
+            1 for o in ops if o.kind in WRITES + READS and not o.outcome.get("final")
+        ),
         "counts": history.counts(),
+        "final_reads": len(finals),
         "faults_injected": app.proxy.faults_injected - faults_before,
         "kills": work.kills,
+        "recovery_s": [round(b - a, 2) for a, b in windows],
+        "unavailable": sum(unavailable(o, windows) for o in ops),
         "top1_misses": work.top1_misses,
         "anomalies": len(anomalies),
         "anomaly_classes": summary(anomalies),
@@ -77,7 +95,8 @@ def run_one(app, seed: int, args: argparse.Namespace) -> dict:
     }
     print(
         f"seed {seed}: {row['operations']} ops, {row['faults_injected']} faults, "
-        f"{row['kills']} kills, anomalies {row['anomaly_classes']}",
+        f"{row['kills']} kills (back in {row['recovery_s']} s), "
+        f"anomalies {row['anomaly_classes']}",
         flush=True,
     )
     return row
@@ -85,14 +104,18 @@ def run_one(app, seed: int, args: argparse.Namespace) -> dict:
 
 def plot(result: dict, path: Path) -> None:
     plt = common.pyplot()
-    rows = result["histories"]
+    rows = result["runs"]
     fig, ax = plt.subplots(figsize=(8, 4))
-    seeds = [str(r["seed"]) + (" (kill)" if r["chaos"] else "") for r in rows]
-    bars = ax.bar(seeds, [r["operations"] for r in rows], color="#4c72b0")
-    common.label_bars(
-        ax, bars, [f"{r['anomalies']} anomalies\n{r['faults_injected']} faults" for r in rows]
+    seeds = [str(r["seed"]) for r in rows]
+    colors = ["#c44e52" if r["anomalies"] else "#4c72b0" for r in rows]
+    ax.bar(seeds, [r["operations"] for r in rows], color=colors)
+    ax.tick_params(axis="x", labelsize=6, rotation=90)
+    ax.set_title(
+        f"{result['operations']:,} operations, {result['faults_injected']:,} S3 faults, "
+        f"{result['replica_kills']} replica kills: {result['anomalies']} anomalies",
+        fontsize=9,
     )
-    ax.set_xlabel("seed")
+    ax.set_xlabel("seed (red: anomalies found)")
     ax.set_ylabel("operations")
     common.machine_title(fig, "Seeded histories on S3 with faults", result)
     common.save_figure(fig, path)
@@ -103,29 +126,39 @@ def main(argv=None) -> int:
     if args.plot_only:
         common.replot(args.name, plot)
         return 0
-    from harness.s3 import S3Server
-    from harness.workload import s3_app
+    from harness.workload import s3_app_session
 
     common.work_in(args.workdir)
-    ray = init_local_ray(args.workdir / "ray", num_cpus=4)
-    server = S3Server()
-    try:
-        with s3_app(server) as app:
-            rows = [run_one(app, seed, args) for seed in range(1, args.seeds + 1)]
-    finally:
-        server.stop()
-        ray.shutdown()
-    result = {
-        "command": common.command("histories", argv),
-        "anomalies": sum(r["anomalies"] for r in rows),
-        "operations": sum(r["operations"] for r in rows),
-        "faults_injected": sum(r["faults_injected"] for r in rows),
-        "kills": sum(r["kills"] for r in rows),
-        "top1_misses": sum(r["top1_misses"] for r in rows),
-        "histories": rows,
-    }
+    rows: list[dict] = []
+    result: dict = {}
+    with s3_app_session(args.workdir) as app:
+        for seed in range(1, args.seeds + 1):
+            rows.append(run_one(app, seed, args))
+            result = summarise(rows, argv)
+            common.write_result(args.name, result)  # a long run keeps what it has done
     common.write_and_plot(args.name, result, plot, headline=True)
     return 1 if result["anomalies"] else 0
+
+
+def summarise(rows: list[dict], argv) -> dict:
+    recovery = sorted(s for r in rows for s in r["recovery_s"])
+    return {
+        "command": common.command("histories", argv),
+        "histories": len(rows),
+        "operations": sum(r["operations"] for r in rows),
+        "faults_injected": sum(r["faults_injected"] for r in rows),
+        "replica_kills": sum(r["kills"] for r in rows),
+        "rebuilds_requested": sum(r["rebuild"] for r in rows),
+        "anomalies": sum(r["anomalies"] for r in rows),
+        "anomaly_classes": {
+            kind: sum(r["anomaly_classes"].get(kind, 0) for r in rows)
+            for kind in rows[0]["anomaly_classes"]
+        },
+        "unavailable": sum(r["unavailable"] for r in rows),
+        "recovery_s_median": recovery[len(recovery) // 2] if recovery else None,
+        "top1_misses": sum(r["top1_misses"] for r in rows),
+        "runs": rows,
+    }
 
 
 if __name__ == "__main__":

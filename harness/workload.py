@@ -7,7 +7,9 @@ the newest row wins), and reading any id written so far by ``GET /images/{id}``,
 or a search by the id's own vector (its own id expected at top-1 when visible). Optional chaos on
 a thread of its own: SIGKILL one ShardSearcher replica's process at ``kill_at_s`` (found with
 ``harness.serve_app.serve_replicas``, so Ray must be initialised in this process) and a forced
-rebuild (``POST /admin/rebuild?force=true``) at ``rebuild_at_s``. The choices replay from the
+rebuild (``POST /admin/rebuild?force=true``, ``&retrain=true`` with ``retrain``) at
+``rebuild_at_s`` and every ``rebuild_every_s`` after it. After a kill, a ``recovered`` event is
+answered once ``/readyz`` is 200 again (the checker's outage window). The choices replay from the
 seed; the interleaving does not, which is the point: ``harness.history.check`` judges whatever
 interleaving happened.
 
@@ -74,6 +76,8 @@ class Workload:
     k: int = 5
     kill_at_s: float | None = None
     rebuild_at_s: float | None = None
+    rebuild_every_s: float | None = None  # more forced rebuilds after the first (a soak's)
+    retrain: bool = False  # the forced rebuilds retrain (``--retrain``) instead of reusing
     timeout_s: float = 20.0
     prefix: str = ""  # id prefix, so several histories can share one app
     history: History = field(init=False)
@@ -243,11 +247,12 @@ class Workload:
     # ---- chaos ---------------------------------------------------------------------------------
     def _chaos(self) -> None:
         rng = np.random.default_rng([self.seed, 1_000_000])
-        events = sorted(
-            (t, what)
-            for t, what in ((self.kill_at_s, "kill"), (self.rebuild_at_s, "rebuild"))
-            if t is not None
-        )
+        rebuilds = [] if self.rebuild_at_s is None else [self.rebuild_at_s]
+        while self.rebuild_every_s and rebuilds[-1] + self.rebuild_every_s < self.duration_s:
+            rebuilds.append(rebuilds[-1] + self.rebuild_every_s)
+        kills = [] if self.kill_at_s is None else [(self.kill_at_s, "kill")]
+        events = sorted(kills + [(t, "rebuild") for t in rebuilds])
+        path = "/admin/rebuild?force=true" + ("&retrain=true" if self.retrain else "")
         for t, what in events:
             if self._halt.wait(max(0.0, t - self.history.now())):
                 return
@@ -256,7 +261,7 @@ class Workload:
             else:
                 with self.client() as http:
                     op = self.history.invoke("chaos", "rebuild")
-                    r = self._call(op, lambda: http.post("/admin/rebuild?force=true"))
+                    r = self._call(op, lambda: http.post(path))
                     if r is not None:
                         self.history.ack(op, r.status_code, error=_error(r))
 
@@ -385,3 +390,21 @@ def s3_app(s3_server, rows: int = 300) -> Iterator[S3App]:
             yield S3App(served.url, config.api_key, proxy, uri)
     finally:
         proxy.stop()
+
+
+@contextlib.contextmanager
+def s3_app_session(workdir) -> Iterator[S3App]:
+    """A local Ray (its temp dir under ``workdir``), moto's S3 server and ``s3_app`` on them:
+    what a benchmark over the app on S3 with faults needs (``benchmarks/histories.py``,
+    ``benchmarks/soak.py``); everything is stopped on the way out."""
+    from harness.s3 import S3Server
+    from pipelines.local_ray import init_local_ray
+
+    ray = init_local_ray(os.path.join(workdir, "ray"), num_cpus=4)
+    server = S3Server()
+    try:
+        with s3_app(server) as app:
+            yield app
+    finally:
+        server.stop()
+        ray.shutdown()
