@@ -204,3 +204,21 @@ def test_delta_only_shard_and_l2(tmp_path):
     assert hits[0].id == "a7" and hits[0].score == pytest.approx(0.0, abs=1e-3)
     assert hits[0].score <= hits[1].score <= hits[2].score
     assert view.count == 20
+
+
+def test_the_grace_runs_by_the_collectors_clock_too(tmp_path):
+    """``live_since`` is the committer's wall clock; a committer an hour behind GC made the
+    grace look long over already (review 1.2, the grace clock). With ``seen_for_s`` (how long
+    the collector has seen the live version, its own clock) the grace waits for both."""
+    rng = np.random.default_rng(6)
+    store = write_store(
+        tmp_path / "s", [f"r{i}" for i in range(200)], [""] * 200, unit(rng, 200), 1
+    )
+    rebuild_shard(store, 0)
+    old = live_dir(store)
+    assert rebuild_shard(store, 0, RebuildOptions(force=True))["built"]
+    ahead = __import__("time").time() + 3600  # GC an hour ahead = a committer an hour behind
+    held = collect_garbage(store, 0, grace_s=60, now=ahead, seen_for_s=5.0)
+    assert held["versions"] == [] and held["waiting"].startswith("grace: 55s"), held
+    assert old in list_versions(store, 0)
+    assert collect_garbage(store, 0, grace_s=60, now=ahead, seen_for_s=61.0)["versions"] == [old]

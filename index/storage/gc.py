@@ -8,7 +8,8 @@ What may go, decided by ``plan_gc`` (a pure function of what was listed) and don
   too, ``index.storage.versions.newest_loadable``: when the live version is corrupt, replicas
   serve the anchor), once no lease names it as served *or being loaded*
   (``index.storage.leases``: a replica leases a version before it fetches it) and ``grace_s``
-  has passed since the live version became live (``ShardState.live_since``): never on a timer
+  has passed since the live version became live (``ShardState.live_since``, and, in the
+  serving app, since the collector itself first saw it, by its own clock): never on a timer
   alone, never while a replica serves or loads it. Doubt keeps: a lease is aged by the store's
   clock, not its writer's; one that went stale less than ``grace_s`` ago still keeps what it
   names (its replica's lease PUTs may just be failing); and a lease file that cannot be read
@@ -83,9 +84,11 @@ def plan_gc(
     base_parts: list[str],
     grace_s: float,
     now: float,
+    seen_for_s: float | None = None,
 ) -> GcPlan:
     """What ``collect_garbage`` deletes (see the module docstring); touches nothing but
-    ``check`` (a version name -> returns when it loads, IndexLoadError when refused)."""
+    ``check`` (a version name -> returns when it loads, IndexLoadError when refused).
+    ``seen_for_s``: how long the collector itself has seen this live version (its own clock)."""
     plan = GcPlan(leases=list(leases.dead))
     if state.dir is None or state.version is None:
         return plan
@@ -101,6 +104,8 @@ def plan_gc(
         plan.waiting = "no version at or below the live one loads"
         return plan
     elapsed = now - (state.live_since or state.built_at or now)
+    if seen_for_s is not None:  # never more than the collector has seen by its own clock
+        elapsed = min(elapsed, seen_for_s)
     if elapsed < grace_s:
         plan.waiting = f"grace: {grace_s - elapsed:.0f}s left"
         return plan
@@ -149,11 +154,16 @@ def collect_garbage(
     *,
     now: float | None = None,
     lease_ttl_s: float = LEASE_TTL_S,
+    seen_for_s: float | None = None,
 ) -> dict:
     """Plan and delete one shard's garbage; returns ``GcPlan.summary()`` of what went.
 
     ``grace_s`` is also how long a lease that went stale keeps what it names (leases are aged
-    by the store's clock: ``index.storage.leases``); ``now`` shifts both clocks (tests)."""
+    by the store's clock: ``index.storage.leases``); ``now`` shifts both clocks (tests).
+    ``seen_for_s``: seconds since this collector first saw the live version, on its own
+    monotonic clock (the serving app's Rebuilder passes it). The grace then runs from the later
+    of the commit's ``live_since`` (the committer's wall clock) and that sighting, so a
+    committer whose clock runs behind the collector's cannot shorten it."""
     manifest = load_manifest(store)
     if manifest is None:
         return GcPlan().summary()
@@ -176,6 +186,7 @@ def collect_garbage(
         store.list_base_parts(shard),
         grace_s,
         now,
+        seen_for_s,
     )
     for path in plan.leases:
         store.rm(path)

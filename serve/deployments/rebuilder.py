@@ -59,6 +59,7 @@ class Rebuilder:
         self._queued: dict[int, tuple[str, bool, bool]] = {}  # shard -> why, force, retrain
         self._rows: dict[str, int] = {}  # part -> rows (parts are immutable)
         self._live: dict[int, str | None] = {}  # live version dir last seen per shard
+        self._live_seen: dict[int, float] = {}  # shard -> monotonic time that dir was first seen
         self._dirty: set[int] = set(range(self.num_shards))  # shards that may have garbage
         self.history: list[dict] = []
         self.gc_history: list[dict] = []
@@ -147,6 +148,7 @@ class Rebuilder:
         for shard, state in manifest.shards.items():
             if self._live.get(shard, "unseen") != state.dir:
                 self._live[shard] = state.dir
+                self._live_seen[shard] = time.monotonic()
                 self._dirty.add(shard)
         for shard in sorted(self._dirty):
             if shard in self._running:
@@ -156,6 +158,8 @@ class Rebuilder:
                 shard,
                 self.config.rebuild_gc_grace_s,
                 lease_ttl_s=self.config.lease_ttl_s,
+                # the grace by this process's clock too, not only the committer's live_since
+                seen_for_s=time.monotonic() - self._live_seen.get(shard, time.monotonic()),
             )
             if summary["versions"] or summary["parts"]:
                 self.gc_history = [*self.gc_history[-49:], {"shard": shard, **summary}]
