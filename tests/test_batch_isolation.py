@@ -96,3 +96,13 @@ def test_an_overflowed_expanded_query_fails_only_its_own_request(l2_store):
     assert answer["ids"][0] == "r0005" and answer["answered"] == [0, 1]
     assert answer["batch"] == 1  # searched again on its own after the shared call failed
     assert batcher.batches == 1 and batcher.items == 2  # the two arrived as one batch
+
+
+def test_a_small_k_never_batches_with_a_huge_one():
+    """A sub-batch runs at its largest k (review 2.3: co-batched callers paid for k=1000):
+    requests batch only with the same parameters and a k of the same power-of-4 band."""
+    from serve.deployments.batching import k_band, sub_batches
+
+    assert [k_band(k) for k in (1, 2, 4, 5, 16, 17, 64, 65, 1000)] == [0, 1, 1, 2, 2, 3, 3, 4, 5]
+    keys = [(10, "p"), (1000, "p"), (12, "p"), (10, "filtered"), (900, "p"), (16, "p")]
+    assert sub_batches(keys) == [[0, 2, 5], [1, 4], [3]]

@@ -20,9 +20,27 @@ an error (the cost of a failure: one call per item of that batch).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+
+def k_band(k: int) -> int:
+    """The power-of-4 band of ``k`` (1, 2-4, 5-16, 17-64, 65-256, ...): a sub-batch runs at its
+    largest ``k`` (and rerank candidates scale with ``k``), so requests batch only with ``k`` of
+    their own band, and a k=10 caller never pays for a co-batched k=1000 (review 2.3)."""
+    return max(0, math.ceil(math.log(max(int(k), 1), 4) - 1e-9))
+
+
+def sub_batches(keys: Sequence[tuple[int, Hashable]]) -> list[list[int]]:
+    """Indices of ``(k, parameters)`` items grouped into sub-batches that are searched as one
+    call: same parameters (filter, fields, nprobe, ...) and the same ``k_band``; in arrival
+    order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (k, params) in enumerate(keys):
+        groups.setdefault((k_band(k), params), []).append(i)
+    return list(groups.values())
 
 
 @dataclass(frozen=True)

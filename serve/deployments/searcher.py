@@ -12,8 +12,9 @@ rebuilds, exactly as a one-shard replica did; what the group adds:
   makes one call per group and merges groups, not shards.
 - **Batching across requests.** Queries that reach the replica while it is searching are
   searched together next, as one FAISS batch per shard, and split back per request
-  (``serve.deployments.batching.QueryBatcher``; requests with other search parameters form their own
-  sub-batch). A lone query starts at once (or after ``batch_wait_s``, 0 by default).
+  (``serve.deployments.batching.QueryBatcher``; requests with other search parameters, or a
+  ``k`` in another power-of-4 band, form their own sub-batch: ``batching.sub_batches``). A
+  lone query starts at once (or after ``batch_wait_s``, 0 by default).
 
 Background threads, so that nothing slow on one shard holds up another shard or the leases:
 
@@ -56,7 +57,7 @@ from index.query.hits import Hit
 from index.query.merge import merge_topk
 from index.storage.manifest import load_manifest
 from index.storage.store import Store
-from serve.deployments.batching import Failed, QueryBatcher
+from serve.deployments.batching import Failed, QueryBatcher, sub_batches
 from serve.deployments.shard_holder import ShardHolder
 from serve.metrics import searcher_metrics
 
@@ -213,10 +214,7 @@ class ShardSearcher:
         """One FAISS batch per shard for the queued requests that share search parameters,
         filter and fields (runs in the batcher's worker thread)."""
         out: list[dict | Failed | None] = [None] * len(requests)
-        by_params: dict[tuple, list[int]] = {}
-        for i, request in enumerate(requests):
-            by_params.setdefault(request[2:], []).append(i)
-        for members in by_params.values():
+        for members in sub_batches([(request[1], request[2:]) for request in requests]):
             try:
                 self._search_members(requests, members, out)
             except Exception as e:
