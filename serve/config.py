@@ -195,6 +195,9 @@ class ServeConfig:
     # never deletes a version a replica reported within lease_ttl_s
     lease_interval_s: float = 10.0
     lease_ttl_s: float = 60.0
+    # tests only: each Ingress and ShardSearcher replica offsets its wall clock by a seeded draw
+    # in [-clock_skew_ms, +clock_skew_ms] (the history checker's clock skew; index.rows.clock)
+    clock_skew_ms: int = 0
     # Authorization: Bearer <key> or X-API-Key. Writes (POST /images, DELETE /images/{id}) and
     # /admin/* need it; with no key they are refused unless open_writes opens them to anyone
     api_key: str = ""
@@ -333,6 +336,8 @@ class ServeConfig:
             raise ConfigError("batch_wait_timeout_s and reload_interval_s must be >= 0")
         if self.storage_options is not None and not isinstance(self.storage_options, dict):
             raise ConfigError("storage_options must be a mapping of fsspec options")
+        if self.clock_skew_ms < 0:
+            raise ConfigError(f"clock_skew_ms must be >= 0, got {self.clock_skew_ms}")
         if self.lease_interval_s <= 0 or self.lease_ttl_s < 2 * self.lease_interval_s:
             raise ConfigError("need lease_interval_s > 0 and lease_ttl_s >= 2 x lease_interval_s")
         for name in (

@@ -7,6 +7,15 @@ and then hands it to that shard's searcher (``ShardSearcher.add_rows``), so the 
 replica of the shard reads the part on its next store poll, ``delta_poll_s``).
 ``DELETE /images/{id}`` does the same with a tombstone (``hidden``).
 
+**Order without wall clocks.** Before writing, the writer asks the replica of the id's shard for
+the write's stamp (``ShardSearcher.stamp``): later than every write of that id the replica knows,
+after it read what other writers added (``index.rows.clock``). So a write acknowledged before
+another write of the same id was sent is older than it, whichever ingress replica made each and
+whatever their clocks say: a re-add after a delete is visible, a delete after an add hides it
+(review 1.5; issue #23). When the shard cannot stamp in time the write is refused with 503
+``shard_unavailable`` and nothing is written: a retry is safe, and no write lands with a stamp
+that could order it before a write it followed.
+
 Ids follow the store's id scheme (``Manifest.id_scheme``), the way the embedding job names rows,
 so adding a catalogue image again never duplicates it. A plain class: the hand-overs are plain
 async callables (the ingress gives it its searcher handles' methods).
@@ -21,11 +30,12 @@ import numpy as np
 import pyarrow as pa
 
 from index.live.delta import write_rows, write_tombstones
-from index.rows import clock, schema
+from index.rows import schema
 from index.rows.metadata import record_columns
 from index.rows.sharding import content_id, shard_of, uri_id
 from index.storage.store import Store
 from serve.catalog import Catalog
+from serve.http.errors import ApiError
 from serve.http.parse import ParsedAdd
 from serve.scatter import call_with_deadline
 
@@ -33,6 +43,8 @@ from serve.scatter import call_with_deadline
 AddRowsCall = Callable[..., Awaitable[dict]]
 # add_tombstones(shard, part, ids, deleted_ms) -> {"applied": bool, ...}
 TombstonesCall = Callable[..., Awaitable[dict]]
+# stamp(shard, ids) -> ms: the write's stamp, after every write of ids the shard knows
+StampCall = Callable[[int, list[str]], Awaitable[int]]
 
 
 class RowWriter:
@@ -42,13 +54,27 @@ class RowWriter:
         catalog: Catalog,
         add_rows: AddRowsCall,
         add_tombstones: TombstonesCall,
+        stamp: StampCall,
         deadline_s: float,
     ):
         self.store = store
         self.catalog = catalog
         self.add_rows = add_rows
         self.add_tombstones = add_tombstones
+        self.stamp = stamp
         self.deadline_s = deadline_s
+
+    async def _stamp(self, shard: int, row_id: str) -> int:
+        """The stamp of a write of ``row_id`` from its shard; 503 when the shard cannot say."""
+        ok, answer = await call_with_deadline(self.stamp(shard, [row_id]), self.deadline_s)
+        if not ok:
+            raise ApiError(
+                503,
+                "shard_unavailable",
+                f"shard {shard} (owner of the id) did not answer ({answer}); nothing was "
+                "written, retry",
+            )
+        return int(answer)
 
     async def add(self, add: ParsedAdd, vector: np.ndarray) -> dict:
         """Write the checked row ``add`` with its ``vector``; the ``AddResponse`` body."""
@@ -56,7 +82,7 @@ class RowWriter:
         row_id, uri = self.identify(add.row_id, add.uri, content)
         manifest = self.catalog.manifest
         shard = shard_of(row_id, manifest.num_shards)
-        ms = clock.now_ms()
+        ms = await self._stamp(shard, row_id)
         # every column of the schema, typed (null where not given), as the batch job writes them
         columns = record_columns([add.metadata or {}], manifest.metadata)
         extra = {name: columns[name].combine_chunks() for name in columns.column_names}
@@ -84,7 +110,7 @@ class RowWriter:
     async def delete(self, row_id: str) -> dict:
         """Write a tombstone for the checked ``row_id``; the ``DELETE /images/{id}`` body."""
         shard = shard_of(row_id, self.catalog.manifest.num_shards)
-        ms = clock.now_ms()
+        ms = await self._stamp(shard, row_id)
         part, ms = await asyncio.to_thread(write_tombstones, self.store, shard, [row_id], ms)
         ok, answer = await call_with_deadline(
             self.add_tombstones(shard, part, [row_id], [ms]), self.deadline_s

@@ -404,6 +404,25 @@ class LiveShard:
             return snap.vectors[index].copy()
         return snap.base.vector_of(row_id)
 
+    def newest_stamp(self, ids: Sequence[str]) -> int:
+        """The newest stamp this view knows for any of ``ids``: a row's ``ingested_at`` (delta or
+        base, visible or not) or a delete's ``deleted_at``; -1 when it knows none. A writer
+        stamps the next write of these ids after it (``index.rows.clock.stamp_after``)."""
+        newest = -1
+        snap = self._snap
+        with self._lock:
+            for row_id in ids:
+                row = self._newest.get(row_id)
+                if row is not None:
+                    newest = max(newest, self._ingested[row])
+                newest = max(newest, self._deleted.get(row_id, -1))
+        if snap.base is not None:
+            for row_id in ids:
+                key = snap.base.row_key(row_id)
+                if key is not None:
+                    newest = max(newest, int(snap.base.ingested_at(key)))
+        return newest
+
     def record_of(self, row_id: str, fields: Sequence[str] | None = None) -> dict | None:
         """The visible row ``row_id`` as ``{"id", "uri", "shard", "version", "source",
         "ingested_at_ms", "metadata"}`` (``source``: "delta" or "index"; ``metadata``: the

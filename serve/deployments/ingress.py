@@ -24,6 +24,7 @@ DeploymentHandles to the QueryEmbedder, to one ShardSearcher deployment per *gro
 
 import asyncio
 import logging
+import os
 import time
 
 import numpy as np
@@ -32,6 +33,7 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from index.rows import clock
 from index.rows.sharding import shard_of
 from index.storage.manifest import Manifest, load_manifest
 from serve.catalog import Catalog
@@ -96,6 +98,7 @@ class Ingress:
         canary: DeploymentHandle | None = None,
     ):
         self.config = config
+        clock.skew_for(f"ingress-{os.getpid()}", config.clock_skew_ms)  # tests only
         self.store = config.open_store()
         self.rebuilder = rebuilder
         self.canary = canary  # serve.deployments.canary.RecallCanary, or None (fraction 0)
@@ -140,6 +143,7 @@ class Ingress:
             self.catalog,
             lambda shard, *args: self._searcher(shard).add_rows.remote(shard, *args),
             lambda shard, *args: self._searcher(shard).add_tombstones.remote(shard, *args),
+            lambda shard, ids: self._searcher(shard).stamp.remote(shard, ids),
             self.shard_timeout_s,
         )
         self._publish_openapi(manifest)

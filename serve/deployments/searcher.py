@@ -55,6 +55,7 @@ from ray import serve
 from index.query.filters import Filter
 from index.query.hits import Hit
 from index.query.merge import merge_topk
+from index.rows import clock
 from index.storage.manifest import load_manifest
 from index.storage.store import Store
 from serve.deployments.batching import Failed, QueryBatcher, sub_batches
@@ -85,6 +86,7 @@ class ShardSearcher:
         batch_wait_s: float = 0.0,
         max_batch: int = 64,
         parallel_shards: int = 2,
+        clock_skew_ms: int = 0,
     ):
         import faiss
 
@@ -92,6 +94,7 @@ class ShardSearcher:
         self.store = Store(store_uri, storage_options)
         self.shards = [shards] if isinstance(shards, int) else list(shards)
         self.replica = _replica_id()
+        clock.skew_for(self.replica, clock_skew_ms)  # tests: the history checker's skew
         manifest = load_manifest(self.store)
         if manifest is None:
             raise RuntimeError(f"store {store_uri} has no manifest")
@@ -306,6 +309,11 @@ class ShardSearcher:
         args = (part, ids, uris, np.asarray(vectors), ingested_ms, metadata)
         return await asyncio.to_thread(holder.hand_over, "add_rows", *args)
 
+    async def stamp(self, shard: int, ids: list[str]) -> int:
+        """The stamp for a write of ``ids`` of ``shard`` (``ShardHolder.stamp``): after every
+        write of them this replica knows. The ingress asks before it writes the part."""
+        return await asyncio.to_thread(self._holder(shard).stamp, list(ids))
+
     async def add_tombstones(
         self, shard: int, part: str, ids: list[str], deleted_ms: list[int]
     ) -> dict:
@@ -389,6 +397,7 @@ def searcher_args(config, shards: list[int]) -> tuple:
         config.search_batch_wait_ms / 1000,
         config.search_max_batch,
         config.search_parallel_shards,
+        config.clock_skew_ms,
     )
 
 

@@ -27,6 +27,7 @@ import time
 
 from index.ann.shard_index import IndexLoadError, ShardIndex
 from index.live.delta import LiveShard, load_live_shard
+from index.rows import clock
 from index.storage.leases import drop_lease, write_lease
 from index.storage.manifest import Manifest
 from index.storage.publish import list_versions
@@ -248,6 +249,21 @@ class ShardHolder:
         except Exception as e:  # keep serving the version we have
             self.load_error = f"{type(e).__name__}: {e}"
             log.warning("shard %d: reload failed: %s", self.shard, self.load_error)
+
+    # ---- requests -----------------------------------------------------------------------------
+    def stamp(self, ids: list[str]) -> int:
+        """The stamp (ms) for a write of ``ids`` about to be made: later than every write of
+        them this replica knows, after reading what other writers added since its last poll
+        (``index.rows.clock``: ordering without trusting clocks across processes). A refresh
+        that fails still stamps from what the view holds; no view at all raises."""
+        view = self.view
+        if view is None:
+            raise RuntimeError(f"shard {self.shard} is not loaded yet")
+        try:
+            view.refresh()
+        except Exception as e:  # the poll retries; what the view holds still orders
+            log.warning("shard %d: refresh before a stamp failed: %s", self.shard, e)
+        return clock.stamp_after(view.newest_stamp(ids))
 
     # ---- requests -----------------------------------------------------------------------------
     def hand_over(self, method: str, *args) -> dict:

@@ -35,7 +35,8 @@ status  error                      when
 422     diversify_out_of_range     ``diversify`` (MMR lambda) is not in 0..1
 422     dedup_out_of_range         ``dedup`` (near-duplicate threshold) is not a number > 0
 503     embedder_unavailable       the query embedder did not answer in time
-503     shard_unavailable          the shard owning ``id`` did not answer in time
+503     shard_unavailable          the shard owning ``id`` did not answer in time (a read by id;
+                                   a write: nothing was written, retry)
 503     no_shard_answered          no shard answered in time (some did: 200, ``partial: true``)
 404     not_found                  no such path (any unknown URL)
 405     method_not_allowed         a known path with another method (``GET /search``)
@@ -138,7 +139,11 @@ WRITE_ERROR_RESPONSES = _responses(
     (415, "not_an_image, unsupported, unsupported_media_type"),
     (422, "bad vector, id, uri, metadata or parameter (see the reason code)"),
     (501, "image_queries_disabled (send a vector)"),
-    (503, "embedder_unavailable"),
+    (
+        503,
+        "embedder_unavailable; shard_unavailable (the id's shard could not order the write: "
+        "nothing was written, retry)",
+    ),
 )
 RECORD_ERROR_RESPONSES = _responses(
     (
