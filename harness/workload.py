@@ -352,14 +352,16 @@ class S3App:
 
 @contextlib.contextmanager
 def s3_app(s3_server, rows: int = 300) -> Iterator[S3App]:
-    """The app (2 shards, one ShardSearcher deployment each, no image model) over ``rows``
-    random vectors indexed on moto's S3 (Ray must be initialised); the store is written
-    directly, the app goes through the fault proxy (no faults until ``workload`` picks a seed)."""
+    """The app (2 shards, one ShardSearcher deployment each, two Ingress replicas, every
+    replica's clock skewed by up to 2 s, no image model) over ``rows`` random vectors indexed
+    on moto's S3 (Ray must be initialised); the store is written directly, the app goes
+    through the fault proxy (no faults until ``workload`` picks a seed)."""
     from harness.serve_app import app_config
     from harness.serving import serving
     from harness.stores import write_store
     from index.live.rebuild import rebuild_shard
     from index.storage.store import Store
+    from serve.config import DeploymentSettings
 
     uri = f"{s3_server.new_bucket()}/store"
     rng = np.random.default_rng(0)
@@ -372,11 +374,21 @@ def s3_app(s3_server, rows: int = 300) -> Iterator[S3App]:
     proxy = FaultProxy(s3_server.endpoint, FaultSchedule(0, RATES, enabled=False)).start()
     config = app_config(
         uri,
+        # two ingress replicas whose clocks (and the searchers') disagree by up to 2 x 2 s
+        ingress=DeploymentSettings(
+            num_replicas=2,
+            num_cpus=0.25,
+            max_ongoing_requests=64,
+            health_check_period_s=1.0,
+            health_check_timeout_s=5.0,
+        ),
+        clock_skew_ms=2000,
         storage_options={**proxy.storage_options, "config_kwargs": RETRIES},
         image_queries=False,
         model="test-model",
         weights="none",
         delta_poll_s=DELTA_POLL_S,
+        reload_interval_s=1.0,  # searchers swap to what the rebuilds commit (then GC retires)
         lease_interval_s=0.5,
         lease_ttl_s=3,
         rebuild_check_s=0,  # rebuilds on request only (the chaos thread asks for one)
