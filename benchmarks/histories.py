@@ -7,12 +7,15 @@ The longer run of ``tests/test_histories.py`` (its helpers are ``harness/workloa
 through the seeded fault proxy (``harness/faultproxy.py``, botocore's standard retries in the
 app). For each seed, ``--clients`` seeded clients add (with and without ids), delete, re-add and
 read for ``--duration`` seconds (as fast as the app answers, up to ``--ops``); every seed also
-SIGKILLs a ShardSearcher replica at a seeded time in the first half, and every other seed asks
-for a forced rebuild after it (every fourth with ``retrain``), so kills land mid-load, mid-swap
-and mid-rebuild by turns. After ``/readyz`` is 200 again and a quiet period past the documented
-bound, every id is read once, and ``harness.history.check`` lists the anomalies, each with its
-seed. Every history is written to ``--workdir`` as JSON (``History.load`` + ``check`` replays
-the verdict); the result JSON is rewritten after every history.
+SIGKILLs a ShardSearcher replica at a seeded time in the first half, every other seed asks the
+Rebuilder for a forced rebuild after it (every fourth with ``retrain``), and two seeds in three
+run a command-line build (``pipelines/rebuild.py --force``, some with ``--retrain``) a second
+later, racing the Rebuilder's when both run; so kills land mid-load, mid-swap and mid-rebuild
+by turns, and concurrent builds meet the parent-checked commit. After ``/readyz`` is 200 again
+and a quiet period past the documented bound, every id is read once, and
+``harness.history.check`` lists the anomalies, each with its seed. Every history is written
+to ``--workdir`` as JSON (``History.load`` + ``check`` replays the verdict); the result JSON
+is rewritten after every history.
 
 Headline keys: ``anomalies`` (goal 0; per class in ``anomaly_classes``), ``histories``,
 ``operations``, ``faults_injected`` (S3 faults the proxy injected), ``replica_kills``,
@@ -66,6 +69,9 @@ def run_one(app, seed: int, args: argparse.Namespace) -> dict:
         kill_at_s=kill_at,
         rebuild_at_s=kill_at + 0.15 * args.duration if rebuild else None,
         retrain=seed % 4 == 0,
+        # a command-line build racing the Rebuilder's (or alone), with and without --retrain
+        cli_build_at_s=kill_at + 0.15 * args.duration + 1.0 if seed % 3 else None,
+        cli_retrain=seed % 4 == 1,
     )
     history = work.run()
     finals = work.final_reads(quiet_s=6 * DELTA_POLL_S)
@@ -77,6 +83,7 @@ def run_one(app, seed: int, args: argparse.Namespace) -> dict:
         "seed": seed,
         "rebuild": rebuild,
         "retrain": rebuild and seed % 4 == 0,
+        "cli_build": [o.status for o in history.snapshot() if o.kind == "cli_build"],
         "kill_at_s": round(kill_at, 2),
         "operations": sum(
             1 for o in ops if o.kind in WRITES + READS and not o.outcome.get("final")
@@ -149,6 +156,8 @@ def summarise(rows: list[dict], argv) -> dict:
         "faults_injected": sum(r["faults_injected"] for r in rows),
         "replica_kills": sum(r["kills"] for r in rows),
         "rebuilds_requested": sum(r["rebuild"] for r in rows),
+        "cli_builds": sum(len(r["cli_build"]) for r in rows),
+        "cli_builds_failed": sum(1 for r in rows for rc in r["cli_build"] if rc != 0),
         "anomalies": sum(r["anomalies"] for r in rows),
         "anomaly_classes": {
             kind: sum(r["anomaly_classes"].get(kind, 0) for r in rows)

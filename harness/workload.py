@@ -8,7 +8,9 @@ or a search by the id's own vector (its own id expected at top-1 when visible). 
 a thread of its own: SIGKILL one ShardSearcher replica's process at ``kill_at_s`` (found with
 ``harness.serve_app.serve_replicas``, so Ray must be initialised in this process) and a forced
 rebuild (``POST /admin/rebuild?force=true``, ``&retrain=true`` with ``retrain``) at
-``rebuild_at_s`` and every ``rebuild_every_s`` after it. After a kill, a ``recovered`` event is
+``rebuild_at_s`` and every ``rebuild_every_s`` after it, and a command-line build
+(``pipelines/rebuild.py --force``, ``--retrain`` with ``cli_retrain``, a process of its own) at
+``cli_build_at_s``. After a kill, a ``recovered`` event is
 answered once ``/readyz`` is 200 again (the checker's outage window). The choices replay from the
 seed; the interleaving does not, which is the point: ``harness.history.check`` judges whatever
 interleaving happened.
@@ -23,8 +25,11 @@ documented visibility bound, then reads every id once (``outcome["final"]``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -78,6 +83,9 @@ class Workload:
     rebuild_at_s: float | None = None
     rebuild_every_s: float | None = None  # more forced rebuilds after the first (a soak's)
     retrain: bool = False  # the forced rebuilds retrain (``--retrain``) instead of reusing
+    cli_build_at_s: float | None = None  # ``pipelines/rebuild.py --force`` of every shard
+    cli_retrain: bool = False  # ... with ``--retrain``
+    cli_build: list[str] | None = None  # its command line (``S3App.workload`` gives it)
     timeout_s: float = 20.0
     prefix: str = ""  # id prefix, so several histories can share one app
     history: History = field(init=False)
@@ -251,19 +259,37 @@ class Workload:
         while self.rebuild_every_s and rebuilds[-1] + self.rebuild_every_s < self.duration_s:
             rebuilds.append(rebuilds[-1] + self.rebuild_every_s)
         kills = [] if self.kill_at_s is None else [(self.kill_at_s, "kill")]
-        events = sorted(kills + [(t, "rebuild") for t in rebuilds])
+        cli = [] if self.cli_build_at_s is None else [(self.cli_build_at_s, "cli_build")]
+        events = sorted(kills + cli + [(t, "rebuild") for t in rebuilds])
         path = "/admin/rebuild?force=true" + ("&retrain=true" if self.retrain else "")
         for t, what in events:
             if self._halt.wait(max(0.0, t - self.history.now())):
                 return
             if what == "kill":
                 self._kill(rng)
+            elif what == "cli_build":
+                self._cli_build()
             else:
                 with self.client() as http:
                     op = self.history.invoke("chaos", "rebuild")
                     r = self._call(op, lambda: http.post(path))
                     if r is not None:
                         self.history.ack(op, r.status_code, error=_error(r))
+
+    def _cli_build(self) -> None:
+        """A command-line build of every shard (``--force``, ``--retrain`` with ``cli_retrain``)
+        as a process of its own, racing the Rebuilder's: commits are parent-checked, so one of
+        two builds from the same live version is superseded and planned again."""
+        if not self.cli_build:
+            return
+        command = [*self.cli_build, "--force"] + (["--retrain"] if self.cli_retrain else [])
+        op = self.history.invoke("chaos", "cli_build")
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            self.history.ack(op, None, error="timeout")
+            return
+        self.history.ack(op, done.returncode, error=done.stderr[-300:] if done.returncode else None)
 
     def _kill(self, rng: np.random.Generator) -> None:
         from harness.serve_app import serve_replicas  # needs Ray: imported only for a kill
@@ -311,7 +337,7 @@ class Workload:
             acks = [
                 op.ack or op.invoke
                 for op in self.history.snapshot()
-                if op.kind in ("add", "delete", "rebuild", "kill", "recovered")
+                if op.kind in ("add", "delete", "rebuild", "cli_build", "kill", "recovered")
             ]
             return max(acks, default=0.0)
 
@@ -334,6 +360,7 @@ DIM = 64
 RATES = FaultRates(delay=0.05, reset=0.01, drop=0.005, error_500=0.01, error_503=0.01)
 RETRIES = {"retries": {"max_attempts": 10, "mode": "standard"}}  # botocore's standard retries
 DELTA_POLL_S = 0.5  # the documented bound for a write to reach every replica
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -347,7 +374,29 @@ class S3App:
         """Clients for one history: the proxy switches to ``seed``'s own fault schedule (so the
         seed replays the S3 faults too) and ids are prefixed with the seed."""
         self.proxy.schedule = FaultSchedule(seed, rates)
-        return Workload(self.url, self.api_key, DIM, seed, prefix=f"s{seed}-", **kwargs)
+        return Workload(
+            self.url,
+            self.api_key,
+            DIM,
+            seed,
+            prefix=f"s{seed}-",
+            cli_build=self.cli_build_command(),
+            **kwargs,
+        )
+
+    def cli_build_command(self) -> list[str]:
+        """``pipelines/rebuild.py`` on this store through the fault proxy, as a user runs it."""
+        options = {**self.proxy.storage_options, "config_kwargs": RETRIES}
+        return [
+            sys.executable,
+            os.path.join(REPO, "pipelines", "rebuild.py"),
+            "--store",
+            self.store_uri,
+            "--storage-option",
+            json.dumps(options),
+            "--grace-s",
+            "1",
+        ]
 
 
 @contextlib.contextmanager
