@@ -3,10 +3,11 @@
 Wall-clock milliseconds that never repeat or go back within a process (``now_ms``), and that
 move past any stamp this process was shown (``stamp_after``): the serving app asks the replica
 of the shard that owns an id for the stamp of every write of that id
-(``serve.deployments.shard_holder.ShardHolder.stamp``), and that replica stamps it after the
-newest write of the id it knows (its view, refreshed from the store first). So a write of an id
-acknowledged before another write of the same id was sent is older than it, on any process and
-whatever their clocks say: a delete after an add hides it, a re-add after a delete shows again
+(``serve.deployments.shard_holder.ShardHolder.stamp``), and that replica stamps it after every
+stamp it gave and after the newest write of the id its view holds (a replica that restarts has
+read every part before it serves). So a write of an id acknowledged before another write of the
+same id was sent is older than it, on any process and whatever their clocks say: a delete
+after an add hides it, a re-add after a delete shows again
 (``index.rows.visibility``: a tombstone hides rows it is at least as new as). Wall clocks still
 order writes that are concurrent (neither answered before the other was sent), and the
 embedding job's rows, stamped with its plan time (``pipelines/embed_plan.py``), which every

@@ -252,17 +252,15 @@ class ShardHolder:
 
     # ---- requests -----------------------------------------------------------------------------
     def stamp(self, ids: list[str]) -> int:
-        """The stamp (ms) for a write of ``ids`` about to be made: later than every write of
-        them this replica knows, after reading what other writers added since its last poll
-        (``index.rows.clock``: ordering without trusting clocks across processes). A refresh
-        that fails still stamps from what the view holds; no view at all raises."""
+        """The stamp (ms) for a write of ``ids`` about to be made: later than every stamp this
+        process gave (all of this shard's writes while it serves it: one clock per shard) and
+        than every write of ``ids`` its view holds (what it read from the store: writes stamped
+        by a replica that ran before it, or by another replica of the shard, once polled).
+        ``index.rows.clock``: ordering without trusting clocks across processes. No store
+        call: a stamp costs microseconds, also while the object store is slow. No view raises."""
         view = self.view
         if view is None:
             raise RuntimeError(f"shard {self.shard} is not loaded yet")
-        try:
-            view.refresh()
-        except Exception as e:  # the poll retries; what the view holds still orders
-            log.warning("shard %d: refresh before a stamp failed: %s", self.shard, e)
         return clock.stamp_after(view.newest_stamp(ids))
 
     # ---- requests -----------------------------------------------------------------------------
