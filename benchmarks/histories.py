@@ -8,14 +8,14 @@ through the seeded fault proxy (``harness/faultproxy.py``, botocore's standard r
 app). For each seed, ``--clients`` seeded clients add (with and without ids), delete, re-add and
 read for ``--duration`` seconds (as fast as the app answers, up to ``--ops``); every seed also
 SIGKILLs a ShardSearcher replica at a seeded time in the first half, every other seed asks the
-Rebuilder for a forced rebuild after it (every fourth with ``retrain``), and two seeds in three
-run a command-line build (``pipelines/rebuild.py --force``, some with ``--retrain``) a second
-later, racing the Rebuilder's when both run; so kills land mid-load, mid-swap and mid-rebuild
-by turns, and concurrent builds meet the parent-checked commit. After ``/readyz`` is 200 again
-and a quiet period past the documented bound, every id is read once, and
-``harness.history.check`` lists the anomalies, each with its seed. Every history is written
-to ``--workdir`` as JSON (``History.load`` + ``check`` replays the verdict); the result JSON
-is rewritten after every history.
+Rebuilder for a forced rebuild after it (every fourth with ``retrain``), and every third seed
+runs a command-line build of one shard (``pipelines/rebuild.py --force``, some with
+``--retrain``) a second later, racing the Rebuilder's when both run. So kills land mid-load,
+mid-swap and mid-rebuild by turns, and concurrent builds meet the parent-checked commit. After
+``/readyz`` is 200 again and a quiet period past the documented bound, every id is read once,
+and ``harness.history.check`` lists the anomalies, each with its seed. Every history is
+written to ``--workdir`` as JSON (``History.load`` + ``check`` replays the verdict); the
+result JSON is rewritten after every history.
 
 Headline keys: ``anomalies`` (goal 0; per class in ``anomaly_classes``), ``histories``,
 ``operations``, ``faults_injected`` (S3 faults the proxy injected), ``replica_kills``,
@@ -70,7 +70,7 @@ def run_one(app, seed: int, args: argparse.Namespace) -> dict:
         rebuild_at_s=kill_at + 0.15 * args.duration if rebuild else None,
         retrain=seed % 4 == 0,
         # a command-line build racing the Rebuilder's (or alone), with and without --retrain
-        cli_build_at_s=kill_at + 0.15 * args.duration + 1.0 if seed % 3 else None,
+        cli_build_at_s=kill_at + 0.15 * args.duration + 1.0 if seed % 3 == 0 else None,
         cli_retrain=seed % 4 == 1,
     )
     history = work.run()

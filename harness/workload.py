@@ -9,8 +9,8 @@ a thread of its own: SIGKILL one ShardSearcher replica's process at ``kill_at_s`
 ``harness.serve_app.serve_replicas``, so Ray must be initialised in this process) and a forced
 rebuild (``POST /admin/rebuild?force=true``, ``&retrain=true`` with ``retrain``) at
 ``rebuild_at_s`` and every ``rebuild_every_s`` after it, and a command-line build
-(``pipelines/rebuild.py --force``, ``--retrain`` with ``cli_retrain``, a process of its own) at
-``cli_build_at_s``. After a kill, a ``recovered`` event is
+(``pipelines/rebuild.py --force`` of one shard, ``--retrain`` with ``cli_retrain``, a process of
+its own) at ``cli_build_at_s``. After a kill, a ``recovered`` event is
 answered once ``/readyz`` is 200 again (the checker's outage window). The choices replay from the
 seed; the interleaving does not, which is the point: ``harness.history.check`` judges whatever
 interleaving happened.
@@ -277,12 +277,15 @@ class Workload:
                         self.history.ack(op, r.status_code, error=_error(r))
 
     def _cli_build(self) -> None:
-        """A command-line build of every shard (``--force``, ``--retrain`` with ``cli_retrain``)
-        as a process of its own, racing the Rebuilder's: commits are parent-checked, so one of
-        two builds from the same live version is superseded and planned again."""
+        """A command-line build of a seeded shard (``--force``, ``--retrain`` with
+        ``cli_retrain``) as a process of its own, racing the Rebuilder's: commits are
+        parent-checked, so one of two builds from the same live version is superseded and
+        planned again."""
         if not self.cli_build:
             return
-        command = [*self.cli_build, "--force"] + (["--retrain"] if self.cli_retrain else [])
+        shard = int(np.random.default_rng([self.seed, 3]).integers(2))
+        command = [*self.cli_build, "--force", "--shards", str(shard)]
+        command += ["--retrain"] if self.cli_retrain else []
         op = self.history.invoke("chaos", "cli_build")
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=300)
