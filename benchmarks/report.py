@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.readme import jobs, serving, tables  # noqa: E402
+from benchmarks.readme import jobs, reliability, serving, tables  # noqa: E402
 from benchmarks.readme.extrapolation import section_extrapolation  # noqa: E402
 
 README = Path(__file__).resolve().parent / "README.md"
@@ -39,6 +39,8 @@ def render() -> str:
         jobs.section_control_plane(),
         jobs.section_embed(),
         jobs.section_quality(),
+        reliability.section_histories(),
+        reliability.section_soak(),
         section_extrapolation(),
     ]
     return "\n".join(p for p in parts if p)
