@@ -336,17 +336,10 @@ class ServeConfig:
             raise ConfigError("batch_wait_timeout_s and reload_interval_s must be >= 0")
         if self.storage_options is not None and not isinstance(self.storage_options, dict):
             raise ConfigError("storage_options must be a mapping of fsspec options")
-        if self.clock_skew_ms < 0:
-            raise ConfigError(f"clock_skew_ms must be >= 0, got {self.clock_skew_ms}")
         if self.lease_interval_s <= 0 or self.lease_ttl_s < 2 * self.lease_interval_s:
             raise ConfigError("need lease_interval_s > 0 and lease_ttl_s >= 2 x lease_interval_s")
-        for name in (
-            "delta_poll_s",
-            "rebuild_delta_rows",
-            "rebuild_check_s",
-            "rebuild_gc_grace_s",
-            "rebuild_num_cpus",
-        ):
+        names = ("delta_poll_s", "rebuild_delta_rows", "rebuild_check_s", "rebuild_gc_grace_s")
+        for name in (*names, "rebuild_num_cpus", "clock_skew_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.rebuild_delta_fraction <= 1:

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pyarrow as pa
 
-from index.live.delta import write_rows, write_tombstones
+from index.live.parts import write_rows, write_tombstones
 from index.rows import schema
 from index.rows.metadata import record_columns
 from index.rows.sharding import content_id, shard_of, uri_id

@@ -150,7 +150,7 @@ def test_plan_drops_repeats_failures_and_stored_ids_per_shard(tmp_path, monkeypa
 
     monkeypatch.setattr(embed_plan, "BUCKET_ROWS", bucket_rows)
     from harness.stores import write_store
-    from index.live.delta import write_tombstones
+    from index.live.parts import write_tombstones
     from index.rows import schema
     from index.rows.sharding import shard_of, uri_id
     from pipelines.embed_plan import PlanCounts, ShardSpill, chunks, plan_pending, read_block

@@ -305,7 +305,7 @@ def test_every_build_applies_and_records_tombstones_and_keeps_ids_compact(tmp_pa
     their own length: one 256-character id does not widen every row."""
     import pyarrow as pa
 
-    from index.live.delta import write_rows, write_tombstones
+    from index.live.parts import write_rows, write_tombstones
     from index.rows import schema
 
     ids, uris, vectors = _rows(1200)

@@ -151,7 +151,7 @@ def test_s3_store_end_to_end(ray_local, s3_server, caltech_dir, tmp_path):
             f"""
             import numpy as np
             from index.rows import schema
-            from index.live.delta import write_rows, write_tombstones
+            from index.live.parts import write_rows, write_tombstones
             from index.rows.sharding import shard_of
             from index.storage.store import Store
             store = Store({uri!r})  # options from $VISUAL_SEARCH_STORAGE_OPTIONS

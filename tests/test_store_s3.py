@@ -59,7 +59,7 @@ def test_another_process_writes_are_seen_at_once(s3_server, s3_store_uri):
         f"""
         import numpy as np, pyarrow as pa
         from index.rows import schema
-        from index.live.delta import write_rows, write_tombstones
+        from index.live.parts import write_rows, write_tombstones
         from index.storage.manifest import commit_manifest
         from index.storage.store import Store
         store = Store({s3_store_uri!r})  # options from $VISUAL_SEARCH_STORAGE_OPTIONS

@@ -1,16 +1,14 @@
 """A shard as it is *now*: its live index version, plus the rows added since, minus deletes.
 
-Three things make up the live view of one shard (``LiveShard``):
-
-- the **base**: the live ``ShardIndex`` version (IVF+PQ or Flat) the manifest names;
-- the **delta**: every row of a ``part-*`` under ``embeddings/shard=NNNNN/`` that the base
-  version does not cover (``index.storage.coverage.covered_parts``): rows written by
-  ``POST /images`` (``index.live.parts``) or by a re-run of the embedding job. They are held
-  in memory as float32 (rounded through float16, as the base stores them, so a row scores the
-  same before and after the rebuild that folds it in) and searched exactly
-  (``index.ann.exact``);
-- the **tombstones**: ``tombstones/shard=NNNNN/part-*.parquet`` rows ``(id, deleted_at)``, and
-  the deletes the base version applied (its ``tombstones.parquet``).
+Three things make up the live view of one shard (``LiveShard``): the **base**, the live
+``ShardIndex`` version (IVF+PQ or Flat) the manifest names; the **delta**, every row of a
+``part-*`` under ``embeddings/shard=NNNNN/`` the base does not cover
+(``index.storage.coverage.covered_parts``: rows written by ``POST /images`` through
+``index.live.parts``, or by a re-run of the embedding job), held in memory as float32 (rounded
+through float16 as the base stores them, so a row scores the same before and after the rebuild
+that folds it in) and searched exactly (``index.ann.exact``); the **tombstones**,
+``tombstones/shard=NNNNN/part-*.parquet`` rows ``(id, deleted_at)`` and the deletes the base
+applied (its ``tombstones.parquet``).
 
 Which copy of an id is seen is decided by ``index.rows.visibility`` (newest ``ingested_at`` wins; a
 tombstone hides rows it is at least as new as), applied here one part at a time: a delta row
@@ -21,23 +19,20 @@ keys, so a search still returns ``k`` visible rows. Base hits (reranked) and del
 are merged by ``index.query.merge.merge_topk``.
 
 Refreshing is incremental: ``refresh`` lists the two folders (fresh listings,
-``index.storage.store``) and reads only part files it has not seen (``index.live.parts``), each
-on its own: a part that cannot be read is retried by the next refresh while the others are
-published (a failed tombstone part holds back new row parts only, never other deletes); a
-writer in the same process hands its rows over directly (``add_rows``, ``add_tombstones``) so
-they are searchable before its HTTP response returns. ``rebased`` carries the delta rows and
-tombstones over to a newly built base version, dropping rows it covers.
+``index.storage.store``) and reads only part files it has not seen, each on its own: a part
+that cannot be read is retried by the next refresh while the others are published (a failed
+tombstone part holds back new row parts only, never other deletes); a writer in the same
+process hands its rows over directly (``add_rows``, ``add_tombstones``) so they are searchable
+before its HTTP response returns. ``rebased`` carries the delta rows and tombstones over to a
+newly built base version, dropping rows it covers.
 
-Metadata: delta rows keep their metadata columns in ``index.rows.columns.GrowingColumns`` (appended
-with the rows, snapshotted with them). A filtered ``search`` evaluates the filter on the base's
-columns (``ShardIndex.search_filtered``: exact or IVF+PQ by selectivity, hidden base rows
-removed from the allowed set) and on the delta's (exact search over the live rows it allows);
-``fields`` names the columns each hit carries, and ``record_of`` returns all of them.
-
-Thread safety: mutations hold a lock; searches read one immutable ``Snapshot`` reference
-(``index.live.snapshot``, which also searches the delta), so a search never sees a half-applied
-change and never waits for a refresh. Every search entry checks its queries and ``k`` as
-``ShardIndex`` does (``index.ann.queries``).
+Metadata: delta rows keep their metadata columns in ``index.rows.columns.GrowingColumns``. A
+filtered ``search`` evaluates the filter on the base's columns (``ShardIndex.search_filtered``)
+and on the delta's (exact search over the live rows it allows); ``fields`` names the columns
+each hit carries, and ``record_of`` returns all of them. Thread safety: mutations hold a lock;
+searches read one immutable ``Snapshot`` (``index.live.snapshot``), so a search never sees a
+half-applied change and never waits for a refresh. Every search entry checks its queries and
+``k`` as ``ShardIndex`` does (``index.ann.queries``).
 """
 
 from __future__ import annotations
@@ -52,7 +47,7 @@ import pyarrow as pa
 from index.ann.filter_plan import FilterPlan
 from index.ann.queries import check_k, check_queries
 from index.ann.shard_index import ShardIndex
-from index.live.parts import read_rows, read_tombstones, write_rows, write_tombstones
+from index.live.parts import read_rows, read_tombstones
 from index.live.snapshot import Snapshot, exclude_selector, search_delta
 from index.query.filters import Filter
 from index.query.hits import Hit
@@ -63,14 +58,7 @@ from index.storage.coverage import applied_tombstones, covered_parts
 from index.storage.store import Store
 from index.storage.versions import TOMBSTONES_FILE
 
-__all__ = [
-    "LiveShard",
-    "load_live_shard",
-    "read_rows",
-    "read_tombstones",
-    "write_rows",
-    "write_tombstones",
-]
+__all__ = ["LiveShard", "load_live_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -405,22 +393,20 @@ class LiveShard:
         return snap.base.vector_of(row_id)
 
     def newest_stamp(self, ids: Sequence[str]) -> int:
-        """The newest stamp this view knows for any of ``ids``: a row's ``ingested_at`` (delta or
-        base, visible or not) or a delete's ``deleted_at``; -1 when it knows none. A writer
-        stamps the next write of these ids after it (``index.rows.clock.stamp_after``)."""
-        newest = -1
-        snap = self._snap
+        """The newest stamp this view knows for any of ``ids`` (a row's ``ingested_at``, delta or
+        base, visible or not, or a ``deleted_at``); -1 for none. The next write of these ids is
+        stamped after it (``index.rows.clock.stamp_after``)."""
+        snap, newest = self._snap, -1
         with self._lock:
             for row_id in ids:
                 row = self._newest.get(row_id)
-                if row is not None:
-                    newest = max(newest, self._ingested[row])
-                newest = max(newest, self._deleted.get(row_id, -1))
-        if snap.base is not None:
-            for row_id in ids:
-                key = snap.base.row_key(row_id)
-                if key is not None:
-                    newest = max(newest, int(snap.base.ingested_at(key)))
+                key = snap.base.row_key(row_id) if snap.base is not None else None
+                newest = max(
+                    newest,
+                    -1 if row is None else self._ingested[row],
+                    self._deleted.get(row_id, -1),
+                    -1 if key is None else int(snap.base.ingested_at(key)),
+                )
         return newest
 
     def record_of(self, row_id: str, fields: Sequence[str] | None = None) -> dict | None:
@@ -507,8 +493,7 @@ class LiveShard:
 def load_live_shard(
     store: Store, shard: int, version: str | int | None, dim: int, metric: str
 ) -> LiveShard:
-    """The live view of ``shard`` at ``version`` (a directory name or number; None: no index
-    yet, delta only), refreshed from the store."""
+    """The live view of ``shard`` at ``version`` (a name or number; None: delta only), read."""
     base = ShardIndex.load(store, shard, version) if version is not None else None
     view = LiveShard(store, shard, base, dim, metric)
     view.refresh()
