@@ -52,7 +52,8 @@ from benchmarks import common  # noqa: E402
 from harness.stores import write_store  # noqa: E402
 from harness.synthetic import gaussian_mixture  # noqa: E402
 from index.ann.shard_index import ShardIndex  # noqa: E402
-from index.live.delta import LiveShard, write_rows, write_tombstones  # noqa: E402
+from index.live.delta import LiveShard  # noqa: E402
+from index.live.parts import write_rows, write_tombstones  # noqa: E402
 from index.live.rebuild import RebuildOptions, delta_rows, rebuild_shard  # noqa: E402
 from index.rows import schema  # noqa: E402
 from index.rows.sharding import shards_of, uri_id  # noqa: E402

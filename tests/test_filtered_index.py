@@ -13,7 +13,8 @@ import pytest
 from harness.stores import write_store
 from index.ann.exact import exact_search
 from index.ann.shard_index import ShardIndex
-from index.live.delta import LiveShard, load_live_shard, write_rows, write_tombstones
+from index.live.delta import LiveShard, load_live_shard
+from index.live.parts import write_rows, write_tombstones
 from index.live.rebuild import rebuild_shard
 from index.query.filters import (
     And,

@@ -9,7 +9,8 @@ import pytest
 
 from harness.stores import write_store
 from index.ann.shard_index import ShardIndex
-from index.live.delta import LiveShard, load_live_shard, write_rows, write_tombstones
+from index.live.delta import LiveShard, load_live_shard
+from index.live.parts import write_rows, write_tombstones
 from index.live.rebuild import RebuildOptions, build_shard, rebuild_shard
 from index.rows import schema
 from index.storage.coverage import plan_shard

@@ -12,7 +12,8 @@ import pytest
 from harness.stores import write_store
 from index.ann.queries import check_k, check_queries
 from index.ann.shard_index import ShardIndex
-from index.live.delta import LiveShard, load_live_shard, write_rows
+from index.live.delta import LiveShard, load_live_shard
+from index.live.parts import write_rows
 from index.live.rebuild import rebuild_shard
 from index.query.filters import Exists, Not
 from index.rows import schema

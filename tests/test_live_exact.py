@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow as pa
 
 from harness.stores import write_store
-from index.live.delta import load_live_shard, write_rows, write_tombstones
+from index.live.delta import load_live_shard
+from index.live.parts import write_rows, write_tombstones
 from index.live.rebuild import rebuild_shard
 from index.rows import schema
 from index.storage.manifest import load_manifest

@@ -27,7 +27,8 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from harness.stores import write_store
-from index.live.delta import load_live_shard, write_rows, write_tombstones
+from index.live.delta import load_live_shard
+from index.live.parts import write_rows, write_tombstones
 from index.live.rebuild import RebuildOptions, rebuild_shard
 from index.rows import schema
 from index.rows.sharding import shard_of, uri_id

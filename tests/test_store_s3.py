@@ -16,7 +16,8 @@ import pytest
 
 from harness.stores import write_store
 from index.ann.shard_index import ShardIndex
-from index.live.delta import load_live_shard, write_rows, write_tombstones
+from index.live.delta import load_live_shard
+from index.live.parts import write_rows, write_tombstones
 from index.live.rebuild import RebuildOptions, build_shard, rebuild_shard
 from index.rows import schema
 from index.storage.cache import node_cache
