@@ -395,3 +395,29 @@ def test_rebuild_command_waits_out_the_grace_and_collects(tmp_path, capsys):
     assert list_versions(store, 0) == [live]  # the old version went once its grace passed
     assert store.list_parts(0) == []  # and the parts the new version folded in
     assert "still waiting" not in capsys.readouterr().out
+
+
+def test_a_build_never_reads_the_tombstone_parts_the_live_version_applied(tmp_path):
+    """Found by the history checker (``benchmarks/histories.py`` seeds 3, 6, 24, 27): a
+    command-line build listed a tombstone part the live version had applied, the Rebuilder's
+    GC retired it (as it may, once that version is live), and the build failed reading it.
+    Those deletes are in the live version's ``tombstones.parquet``: the build reads that and
+    only the parts it did not apply, so the retired part is not missed and the deletes hold."""
+    from index.live import rebuild as rebuild_module
+    from index.storage.coverage import plan_shard
+
+    store, _ = local_store(tmp_path, 300)
+    write_tombstones(store, 0, ["base-0000"])
+    rebuild_shard(store, 0)  # V1 applies the first delete
+    applied = store.list_tombstone_parts(0)
+    write_tombstones(store, 0, ["base-0001"])  # not applied yet
+    plan = plan_shard(store, 0)
+    assert plan.tombstone_parts != plan.new_tombstones and len(plan.new_tombstones) == 1
+    store.rm(store.path(applied[0]))  # GC retires it after the plan listed it
+    deleted = rebuild_module.read_tombstones(store, plan)[schema.ID].to_pylist()
+    assert sorted(deleted) == ["base-0000", "base-0001"]
+    write_tombstones(store, 0, ["base-0002"])
+    summary = rebuild_shard(store, 0, RebuildOptions(force=True))
+    view = load_live_shard(store, 0, summary["dir"], DIM, "ip")
+    assert summary["built"] and view.count == 297
+    assert all(view.vector_of(f"base-{i:04d}") is None for i in range(3))

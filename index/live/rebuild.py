@@ -11,7 +11,7 @@ when the
    live version already covers them all, unless ``force``;
 2. decides whether to retrain (the drift rule below) or reuse the live version's quantizer;
 3. reads the live version's base parts, the new parts and its tombstones (the live version's
-   ``tombstones.parquet`` and every tombstone part), keeps the visible rows
+   ``tombstones.parquet`` and the tombstone parts it did not apply), keeps the visible rows
    (``index.rows.visibility``: newest copy of an id, deletes applied), sorted by id;
 4. builds the index from those arrays (``index.ann.build.build_arrays``) into a local directory,
    with ``tombstones.parquet`` (the deletes it applied: all of them by default, or those of the
@@ -177,14 +177,23 @@ def drift_decision(
 
 # ---- reading ------------------------------------------------------------------------------------
 def read_tombstones(store: Store, plan: ShardPlan) -> pa.Table | None:
-    """Every delete that applies to the next build: the live version's own, plus every part."""
+    """Every delete that applies to the next build: the live version's own
+    (``tombstones.parquet``) and the tombstone parts it did not apply.
+
+    The parts the live version applied are not read again: its ``tombstones.parquet`` holds
+    their deletes, and garbage collection may retire them at any moment once that version is
+    live (a command-line build racing the Rebuilder failed on one GC had just removed: found by
+    the history checker, ``benchmarks/histories.py`` seeds 3, 6, 24, 27). A live version without
+    that file (written before it existed) has all its parts read, as GC keeps them."""
     tables = []
+    parts = plan.tombstone_parts
     if plan.meta is not None and TOMBSTONES_FILE in (plan.meta.get("files") or {}):
         path = posixpath.join(store.index_version_dir(plan.shard, plan.state.dir), TOMBSTONES_FILE)
         tables.append(pq.read_table(path, filesystem=store.fs, schema=schema.TOMBSTONES_SCHEMA))
+        parts = plan.new_tombstones
     tables += [
         pq.read_table(store.path(p), filesystem=store.fs, schema=schema.TOMBSTONES_SCHEMA)
-        for p in plan.tombstone_parts
+        for p in parts
     ]
     return pa.concat_tables(tables) if tables else None
 

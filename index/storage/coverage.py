@@ -11,7 +11,8 @@ A version's ``meta.json`` says what it covers (``index.live.rebuild`` writes the
 A shard is **up to date** when it has a live version and every listed ``part-*`` and tombstone
 part is covered by it. The next build reads the live version's base parts (a version written
 before compaction existed has none: its ``parts`` are its rows) plus the uncovered parts, and
-applies every tombstone part. Parts are listed before tombstones, so a tombstone the build did
+applies every delete: the live version's (its ``tombstones.parquet``) and the tombstone parts it
+did not apply. Parts are listed before tombstones, so a tombstone the build did
 not see is newer than every row it read (``index.rows.visibility`` rule 2 then holds on replicas).
 """
 
