@@ -42,7 +42,8 @@ from benchmarks import common  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=50, help="histories, seeds 1..N")
+    p.add_argument("--seeds", type=int, default=50, help="histories: seeds START..START+N-1")
+    p.add_argument("--start", type=int, default=1, help="the first seed (rerun one: --seeds 1)")
     p.add_argument("--duration", type=float, default=40.0, help="seconds of load per history")
     p.add_argument("--ops", type=int, default=20_000, help="operations per history at most")
     p.add_argument("--clients", type=int, default=4)
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     result: dict = {}
     with s3_app_session(args.workdir) as app:
-        for seed in range(1, args.seeds + 1):
+        for seed in range(args.start, args.start + args.seeds):
             rows.append(run_one(app, seed, args))
             result = summarise(rows, argv)
             common.write_result(args.name, result)  # a long run keeps what it has done
