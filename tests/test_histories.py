@@ -295,7 +295,9 @@ def test_the_seeded_clients_on_a_correct_app_record_a_clean_history(memory_app):
     finals = work.final_reads(quiet_s=0.1)
     counts = history.counts()
     ran = sum(counts.values()) - len(finals)  # the final reads are recorded too
-    assert 150 <= ran <= 240 and finals  # max_ops, or fewer when duration_s ran out first
+    # max_ops at most; fewer when duration_s ran out first (a loaded box: 121 seen under a soak),
+    # so the lower bound only says the clients made progress: speed is not this test's business
+    assert 40 <= ran <= 240 and finals
     assert {"add", "delete", "get", "search_id", "search_vector"} <= set(counts)
     assert check(history, finals) == [] and work.top1_misses == 0
     again = Workload(memory_app, "key", dim=8, seed=3, clients=3, duration_s=2.0, max_ops=240)
@@ -304,7 +306,7 @@ def test_the_seeded_clients_on_a_correct_app_record_a_clean_history(memory_app):
     MemoryApp.rows = {}
     second = [(o.client, o.kind) for o in again.run().ops if o.client == "0"]
     n = min(len(first), len(second))  # the duration may cut either run a little shorter
-    assert n > 50 and second[:n] == first[:n]
+    assert n > 10 and second[:n] == first[:n]
 
 
 def test_the_seeded_clients_catch_an_app_that_forgets_writes(memory_app):
