@@ -66,6 +66,11 @@ class Rebuilder:
         self.last_error: str | None = None
         self._task = ray.remote(rebuild_shard)
         self._stop = threading.Event()
+        # POST /admin/rebuild only queues here (never waits on a plan or a GC pass): the loop
+        # launches the requests within a tick
+        self._requests: list[tuple[int, bool, bool]] = []  # (shard, force, retrain)
+        self._requests_lock = threading.Lock()
+        self._wake = threading.Event()
         threading.Thread(target=self._loop, daemon=True, name="rebuilder").start()
 
     def _options(self, force: bool, retrain: bool) -> RebuildOptions:
@@ -170,6 +175,7 @@ class Rebuilder:
     def _check(self, automatic: bool) -> None:
         with self._lock:
             self._reap()
+            self._take_requests()
             if automatic:
                 for shard in range(self.num_shards):
                     if shard not in self._running:
@@ -181,7 +187,11 @@ class Rebuilder:
     def _loop(self) -> None:
         automatic = self.config.rebuild_check_s > 0
         interval = self.config.rebuild_check_s if automatic else 1.0
-        while not self._stop.wait(min(interval, 1.0)):
+        while not self._stop.is_set():
+            self._wake.wait(min(interval, 1.0))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self._check(automatic and self._tick(interval))
                 self.last_error = None
@@ -203,22 +213,33 @@ class Rebuilder:
         self, shards: list[int] | None = None, force: bool = False, retrain: bool = False
     ) -> dict:
         """Rebuild ``shards`` (default: all) now if they have anything to fold in (``force``:
-        even if not); one already running gets a follow-up queued."""
+        even if not); one already running gets a follow-up queued. Answers at once: the loop
+        plans and launches within a tick (planning lists the store and reads a row count per
+        new part, and the loop may be in a GC pass: seconds on an object store, which a request
+        waited for before; the soak's timed-out rebuild requests)."""
         shards = list(range(self.num_shards)) if shards is None else shards
-        started, queued = [], []
-        with self._lock:
-            self._reap()
-            for shard in shards:
-                if not 0 <= shard < self.num_shards:
-                    raise ValueError(f"shard {shard} out of range 0..{self.num_shards - 1}")
-                if shard in self._running:
-                    why = "requested (queued after the running build)"
-                    self._queued[shard] = (why, force, retrain)
-                    queued.append(shard)
-                else:
-                    self._launch(shard, "requested", force=force, retrain=retrain)
-                    started.append(shard)
-        return {"started": started, "queued": queued}
+        for shard in shards:
+            if not 0 <= shard < self.num_shards:
+                raise ValueError(f"shard {shard} out of range 0..{self.num_shards - 1}")
+        running = set(self._running)  # a snapshot, for the answer only
+        with self._requests_lock:
+            self._requests.extend((shard, force, retrain) for shard in shards)
+        self._wake.set()
+        return {
+            "started": [s for s in shards if s not in running],
+            "queued": [s for s in shards if s in running],
+        }
+
+    def _take_requests(self) -> None:
+        """Launch the requested shards (holding ``_lock``); a running one gets a follow-up."""
+        with self._requests_lock:
+            requests, self._requests = self._requests, []
+        for shard, force, retrain in requests:
+            if shard in self._running:
+                why = "requested (queued after the running build)"
+                self._queued[shard] = (why, force, retrain)
+            else:
+                self._launch(shard, "requested", force=force, retrain=retrain)
 
     def status(self) -> dict:
         with self._lock:
@@ -241,3 +262,4 @@ class Rebuilder:
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
+            self._wake.set()
