@@ -44,6 +44,17 @@ class RunningApp:
 TEST_API_KEY = "test-key-not-secret"
 
 
+def ingress_settings(num_replicas: int = 1) -> DeploymentSettings:
+    """The test app's Ingress: a small CPU share, quick health checks."""
+    return DeploymentSettings(
+        num_replicas=num_replicas,
+        num_cpus=0.25,
+        max_ongoing_requests=64,
+        health_check_period_s=1.0,
+        health_check_timeout_s=5.0,
+    )
+
+
 def app_config(store_uri: str, **overrides: Any) -> ServeConfig:
     """The test app's config: small CPU shares, quick health checks, quick manifest polling,
     and an API key (writes need one; ``RunningApp.client`` sends it)."""
@@ -64,12 +75,7 @@ def app_config(store_uri: str, **overrides: Any) -> ServeConfig:
         "embedder": DeploymentSettings(
             num_cpus=0.5, health_check_period_s=1.0, health_check_timeout_s=5.0
         ),
-        "ingress": DeploymentSettings(
-            num_cpus=0.25,
-            max_ongoing_requests=64,
-            health_check_period_s=1.0,
-            health_check_timeout_s=5.0,
-        ),
+        "ingress": ingress_settings(),
     }
     values.update(overrides)
     return ServeConfig(**values)

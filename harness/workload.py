@@ -408,12 +408,11 @@ def s3_app(s3_server, rows: int = 300) -> Iterator[S3App]:
     replica's clock skewed by up to 2 s, no image model) over ``rows`` random vectors indexed
     on moto's S3 (Ray must be initialised); the store is written directly, the app goes
     through the fault proxy (no faults until ``workload`` picks a seed)."""
-    from harness.serve_app import app_config
+    from harness.serve_app import app_config, ingress_settings
     from harness.serving import serving
     from harness.stores import write_store
     from index.live.rebuild import rebuild_shard
     from index.storage.store import Store
-    from serve.config import DeploymentSettings
 
     uri = f"{s3_server.new_bucket()}/store"
     rng = np.random.default_rng(0)
@@ -427,13 +426,7 @@ def s3_app(s3_server, rows: int = 300) -> Iterator[S3App]:
     config = app_config(
         uri,
         # two ingress replicas whose clocks (and the searchers') disagree by up to 2 x 2 s
-        ingress=DeploymentSettings(
-            num_replicas=2,
-            num_cpus=0.25,
-            max_ongoing_requests=64,
-            health_check_period_s=1.0,
-            health_check_timeout_s=5.0,
-        ),
+        ingress=ingress_settings(num_replicas=2),
         clock_skew_ms=2000,
         storage_options={**proxy.storage_options, "config_kwargs": RETRIES},
         image_queries=False,
