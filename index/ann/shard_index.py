@@ -44,6 +44,7 @@ from index.ann.row_table import RowTable
 from index.ann.tune import find_ivf
 from index.query.filters import Filter
 from index.query.hits import Hit
+from index.rows.columns import Columns
 from index.storage.store import Store
 from index.storage.versions import IndexLoadError, check_version_dir, version_number
 
@@ -346,6 +347,11 @@ class ShardIndex:
     def metadata_schema(self) -> dict[str, str]:
         """``{column: type}`` of the metadata this version holds."""
         return {} if self._rows.meta is None else self._rows.meta.schema
+
+    @property
+    def metadata(self) -> Columns:
+        """Every row's metadata columns, by row key (``index.rows.columns``)."""
+        return self._rows.columns()
 
     def metadata_of(self, keys: np.ndarray, fields: Sequence[str] | None = None) -> list[dict]:
         """The metadata of row ``keys`` (``fields``, default every column this version has;

@@ -26,13 +26,13 @@ process hands its rows over directly (``add_rows``, ``add_tombstones``) so they 
 before its HTTP response returns. ``rebased`` carries the delta rows and tombstones over to a
 newly built base version, dropping rows it covers.
 
-Metadata: delta rows keep their metadata columns in ``index.rows.columns.GrowingColumns``. A
-filtered ``search`` evaluates the filter on the base's columns (``ShardIndex.search_filtered``)
-and on the delta's (exact search over the live rows it allows); ``fields`` names the columns
-each hit carries, and ``record_of`` returns all of them. Thread safety: mutations hold a lock;
-searches read one immutable ``Snapshot`` (``index.live.snapshot``), so a search never sees a
-half-applied change and never waits for a refresh. Every search entry checks its queries and
-``k`` as ``ShardIndex`` does (``index.ann.queries``).
+Metadata: delta rows keep their columns in ``index.rows.columns.GrowingColumns``. A filtered
+``search`` evaluates the filter on the base's columns (``ShardIndex.search_filtered``) and on the
+delta's (exact search over the live rows it allows); ``fields`` names the columns each hit
+carries, ``record_of`` returns all of them, ``facets`` what each column holds. Mutations hold a
+lock; searches read one immutable ``Snapshot`` (``index.live.snapshot``), so a search never sees
+a half-applied change nor waits for a refresh; each checks its queries and ``k`` as ``ShardIndex``
+does (``index.ann.queries``).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ import pyarrow as pa
 from index.ann.filter_plan import FilterPlan
 from index.ann.queries import check_k, check_queries
 from index.ann.shard_index import ShardIndex
-from index.live.parts import read_rows, read_tombstones
-from index.live.snapshot import Snapshot, exclude_selector, search_delta
+from index.live.parts import read_each, read_rows, read_tombstones
+from index.live.snapshot import Snapshot, exclude_selector, search_delta, snapshot_facets
 from index.query.filters import Filter
 from index.query.hits import Hit
 from index.query.merge import merge_topk
@@ -124,8 +124,8 @@ class LiveShard:
             p for p in self.store.list_tombstone_parts(self.shard) if p not in self._tomb_parts
         ]
         failed: dict[str, str] = {}
-        loaded_tombs = self._read_each(tombs, read_tombstones, failed)
-        loaded_rows = [] if failed else self._read_each(parts, read_rows, failed)
+        loaded_tombs = read_each(self.store, tombs, read_tombstones, failed)
+        loaded_rows = [] if failed else read_each(self.store, parts, read_rows, failed)
         applied = 0
         with self._lock:
             for part, (ids, deleted) in loaded_tombs:
@@ -150,16 +150,6 @@ class LiveShard:
                 "; ".join(f"{p}: {e}" for p, e in sorted(failed.items())[:3]),
             )
         return applied
-
-    def _read_each(self, parts: list[str], read, failed: dict[str, str]) -> list[tuple[str, tuple]]:
-        """``(part, read(store, part))`` of each part that reads; failures go to ``failed``."""
-        out = []
-        for part in parts:
-            try:
-                out.append((part, read(self.store, part)))
-            except Exception as e:  # noqa: BLE001 (one part's problem, whatever it is)
-                failed[part] = f"{type(e).__name__}: {e}"
-        return out
 
     def add_rows(
         self,
@@ -323,12 +313,9 @@ class LiveShard:
         fields: Sequence[str] | None = None,
     ) -> tuple[list[list[Hit]], FilterPlan | None]:
         """The top ``k`` hits per query, and the plan of the base's filtered search (None
-        without a filter).
-
-        ``filter`` (``index.query.filters``, already checked against the store's schema) restricts
-        the hits to the rows it matches; ``fields`` names the metadata columns each hit carries
-        (``Hit.metadata``).
-        """
+        without a filter). ``filter`` (``index.query.filters``, checked against the store's
+        schema) restricts the hits to the rows it matches; ``fields`` names the metadata columns
+        each hit carries (``Hit.metadata``)."""
         snap = self._snap
         q = check_queries(queries, self.dim)
         check_k(k)
@@ -476,6 +463,9 @@ class LiveShard:
         snap = self._snap
         base = 0 if snap.base is None else snap.base.count - snap.hidden_base_count
         return base + snap.alive_count
+
+    def facets(self) -> dict:
+        return snapshot_facets(self._snap)  # index.query.facets over the visible rows
 
     def stats(self) -> dict:
         snap = self._snap

@@ -4,8 +4,9 @@ Writers (``POST /images``, ``DELETE /images``: ``serve.writes``) add rows to a s
 a new ``part-*.parquet`` under ``embeddings/shard=NNNNN/`` and delete them by writing a part of
 ``(id, deleted_at)`` rows under ``tombstones/shard=NNNNN/``; parts are immutable and written
 atomically and durably (``Store.write_parquet``), so a reader either sees a whole part or none.
-``index.live.delta.LiveShard`` reads them back with ``read_rows`` and ``read_tombstones``; the
-rebuild (``index.live.rebuild``) folds them into the next version.
+``index.live.delta.LiveShard`` reads them back with ``read_rows`` and ``read_tombstones``, several
+at a time and each on its own (``read_each``); the rebuild (``index.live.rebuild``) folds them
+into the next version.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import posixpath
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +25,8 @@ from index.rows import schema
 from index.rows.metadata import metadata_columns
 from index.rows.visibility import ms_of
 from index.storage.store import Store
+
+READERS = 8  # parts read at once by read_each (a replica starting on an object store)
 
 
 def part_name(kind: str, ms: int) -> str:
@@ -73,3 +78,25 @@ def read_rows(
         ms_of(table[schema.INGESTED_AT]),
         table.select(meta) if meta else None,
     )
+
+
+def read_each(
+    store: Store, parts: list[str], read: Callable, failed: dict[str, str]
+) -> list[tuple[str, tuple]]:
+    """``(part, read(store, part))`` of each part that reads, in order, up to ``READERS`` at a
+    time (a replica starting on an object store has many small parts, each a round trip); each
+    part that cannot be read goes to ``failed`` (part -> why) alone."""
+
+    def one(part: str) -> tuple[str, tuple | None, str | None]:
+        try:
+            return part, read(store, part), None
+        except Exception as e:  # noqa: BLE001 (one part's problem, whatever it is)
+            return part, None, f"{type(e).__name__}: {e}"
+
+    if len(parts) > 1:
+        with ThreadPoolExecutor(min(READERS, len(parts)), "read-part") as pool:
+            done = list(pool.map(one, parts))
+    else:
+        done = [one(part) for part in parts]
+    failed.update((part, why) for part, _, why in done if why is not None)
+    return [(part, got) for part, got, why in done if why is None]

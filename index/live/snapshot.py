@@ -21,6 +21,7 @@ import numpy as np
 
 from index.ann.exact import exact_search
 from index.ann.shard_index import ShardIndex
+from index.query.facets import column_facets, merge_facets
 from index.query.filters import Filter, evaluate
 from index.query.hits import Hit
 from index.rows.columns import Columns
@@ -79,3 +80,16 @@ def search_delta(
             ]
         )
     return out
+
+
+def snapshot_facets(snap: Snapshot) -> dict:
+    """What each metadata column holds among the snapshot's visible rows (``index.query.facets``):
+    the base's rows less its hidden keys, and the live delta rows."""
+    parts = []
+    if snap.base is not None:
+        visible = np.ones(snap.base.count, bool)
+        visible[snap.hidden[snap.hidden < snap.base.count]] = False
+        parts.append(column_facets(snap.base.metadata, visible))
+    if snap.alive_count:
+        parts.append(column_facets(snap.meta, snap.alive))
+    return merge_facets(parts)
