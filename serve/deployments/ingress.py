@@ -12,7 +12,8 @@ job through a plain object, and answers:
   searchable); ``POST /admin/rebuild``: the Rebuilder deployment. All need the API key.
 - ``GET /images/{id}`` (+ ``/thumbnail``): the row from the shard that owns it; a thumbnail
   reads the row's uri only under ``thumbnail_roots`` (``serve.http.thumbnails``).
-- ``/healthz``, ``/readyz``, ``/stats``: every group's state, the embedder's and the canary's.
+- ``/healthz``, ``/readyz``, ``/stats``: every group's state, the embedder's and the canary's;
+  ``/facets``: what each metadata column holds, for the page's filter controls.
 
 ``filter``, ``fields`` and ``metadata`` are checked against the store's metadata schema, which
 ``serve.catalog.Catalog`` re-reads when a request names a column this replica does not know yet;
@@ -33,6 +34,7 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from index.query.facets import merge_facets
 from index.rows import clock
 from index.rows.sharding import shard_of
 from index.storage.manifest import Manifest, load_manifest
@@ -53,7 +55,7 @@ from serve.http.errors import (
 from serve.http.fastapi_app import create_app
 from serve.http.limits import Limits, limits_for
 from serve.http.metadata import validate_fields
-from serve.http.models import SEARCH_OPENAPI_EXTRA, AddResponse, SearchResponse
+from serve.http.models import SEARCH_OPENAPI_EXTRA, AddResponse, FacetsResponse, SearchResponse
 from serve.http.page import add_page_routes
 from serve.http.parse import check_add_metadata, parse_add, parse_search, resolve_metadata
 from serve.http.security import authorize_write, is_keyed
@@ -209,6 +211,26 @@ class Ingress:
             "embedder": embedder if ok_embed else {"error": embedder},
             "groups": self.groups,
             "canary": await self._canary_stats(),
+        }
+        return self._shown(request, body)
+
+    @api.get(
+        "/facets",
+        summary="What each metadata column holds: values and counts, numeric ranges",
+        response_model=FacetsResponse,
+    )
+    async def facets(self, request: Request) -> dict:
+        """The search page builds its filter controls from this; counts are over the rows a
+        search could return now (``index.query.facets``), merged over the shards that answered."""
+        self._caller(request)
+        rows = await self._per_shard("facets", {})
+        missing = {r["shard"]: r["error"] for r in rows if "error" in r}
+        body = {
+            "fields": merge_facets(r["fields"] for r in rows if "fields" in r),
+            "shards_answered": self.num_shards - len(missing),
+            "shards_total": self.num_shards,
+            "partial": bool(missing),
+            "missing_shards": [{"shard": s, "reason": why} for s, why in sorted(missing.items())],
         }
         return self._shown(request, body)
 

@@ -383,6 +383,10 @@ class ShardSearcher:
     def stats(self) -> list[dict]:
         return [holder.stats() for holder in self.holders.values()]
 
+    async def facets(self) -> list[dict]:
+        """Each shard's column facets (one pass over its metadata: off the event loop)."""
+        return await asyncio.to_thread(lambda: [h.facets() for h in self.holders.values()])
+
 
 def searcher_args(config, shards: list[int]) -> tuple:
     """``ShardSearcher``'s constructor arguments for a group, from a ``ServeConfig``."""

@@ -289,6 +289,14 @@ class ShardHolder:
             "count": 0 if view is None else view.count,
         }
 
+    def facets(self) -> dict:
+        """What each metadata column holds among the rows this replica serves (``GET /facets``);
+        a shard with nothing loaded yet says so rather than answering empty columns."""
+        view = self.view
+        if view is None:
+            return {"shard": self.shard, "error": "no index loaded yet"}
+        return {"shard": self.shard, "fields": view.facets()}
+
     def stats(self) -> dict:
         view = self.view
         body = {

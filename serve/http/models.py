@@ -44,6 +44,29 @@ class SearchResponse(BaseModel):
     missing_shards: list[MissingShard] = Field(default_factory=list)
 
 
+class Facet(BaseModel):
+    """One metadata column among the rows a search could return (``index.query.facets``)."""
+
+    kind: str = Field(description="the column's type: string, int, float or bool")
+    values: dict[str, int] | None = Field(
+        None, description="string and bool columns: rows per value (strings: the most frequent)"
+    )
+    other_values: int | None = Field(None, description="strings: distinct values not named")
+    other_rows: int | None = Field(None, description="strings: rows holding values not named")
+    min: float | None = Field(None, description="numbers: the smallest value")
+    max: float | None = Field(None, description="numbers: the largest value")
+    rows: int | None = Field(None, description="numbers: rows with a value")
+    nulls: int = Field(description="rows without a value")
+
+
+class FacetsResponse(BaseModel):
+    fields: dict[str, Facet]
+    shards_answered: int
+    shards_total: int
+    partial: bool = Field(description="true when some shard could not say (counts leave it out)")
+    missing_shards: list[MissingShard] = Field(default_factory=list)
+
+
 class SearchBody(BaseModel):
     """The JSON form of a query: exactly one of ``vector`` or ``id``."""
 
