@@ -182,7 +182,9 @@ class Rebuilder:
                         why = self._due(self.delta_of(shard))
                         if why:
                             self._launch(shard, why, force=False)
-            self._collect()
+        # outside the lock: GET /admin/rebuild (status) never waits out a GC pass over the
+        # store; only this thread launches builds, so none starts while it collects
+        self._collect()
 
     def _loop(self) -> None:
         automatic = self.config.rebuild_check_s > 0
