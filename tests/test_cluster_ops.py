@@ -3,8 +3,9 @@
 One head for the module (``harness.ray_head.RayHead``): ``ray job submit`` of the embedding job and
 then of the index build into a store of real photos, ``serve deploy`` of a copy of
 ``serve/serve_config.yaml`` (only the store, the port and a faster reload changed) answering
-``/readyz`` and queries, our metrics in Ray's Prometheus export, and one request id followed from
-the HTTP response header into the JSON logs of the ingress and of a shard replica.
+``/readyz`` and queries, our metrics in Ray's Prometheus export, the Grafana board
+(``deploy/grafana/visual-search.json``) reading exactly the series the app exports, and one request
+id followed from the HTTP response header into the JSON logs of the ingress and of a shard replica.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import pytest
 import yaml
 
 from harness import embed_samples as samples
+from harness.grafana_board import app_series, board_series, load_board
 from harness.polling import free_port, wait_for
+from harness.promql import parse_scrape
 from harness.ray_head import ROOT, RayHead
 from harness.stores import read_store
 from index.storage.manifest import load_manifest
@@ -29,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 PHOTOS = 40
 SHARDS = 2
+API_KEY = "ops-test-key"
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +72,9 @@ def deployed(head, catalogue, tmp_path_factory):
     args = config["applications"][0]["args"]
     args["store"] = str(catalogue.root)
     args["reload_interval_s"] = 1  # index gauges are published on each manifest poll
+    args["api_key"] = API_KEY  # POST /admin/rebuild: the board's rebuild and GC series
+    args["rebuild_gc_grace_s"] = 0  # a rebuilt shard's old version is collected at once
+    args["canary_fraction"] = 1.0  # every full answer sampled: the canary reports within seconds
     path = tmp_path_factory.mktemp("deploy") / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     head.run(["serve", "deploy", "--address", head.dashboard_url, str(path)], timeout_s=120)
@@ -195,3 +202,53 @@ def test_request_id_follows_a_request_into_the_json_logs(head, deployed):
     ours = [r for r in found["Ingress"] if r.get("endpoint") == "/search"]
     assert ours and ours[0]["status"] == 200 and ours[0]["latency_ms"] > 0
     assert all(r["request_id"] == request_id for rows in found.values() for r in rows)
+
+
+# Series exported only after an event this module does not cause (a shard left out of an answer,
+# the canary's queue overflowing or a recomputation failing): the board must still read them,
+# by the names the code defines.
+UNTRIGGERED = {
+    "visual_search_partial_answers",
+    "visual_search_shards_missing",
+    "visual_search_canary_dropped",
+    "visual_search_canary_failed",
+}
+
+
+def test_the_grafana_board_reads_exactly_the_series_the_app_exports(head, deployed):
+    """After searches, a forced rebuild (then GC) and the fixture's embed job: every series the
+    board reads is in the scrape (or defined and untriggered), and every series the app defines,
+    the embed job's included, is on the board."""
+    defined = app_series()  # from serve.metrics.SERIES and pipelines.job_metrics.SERIES
+    assert UNTRIGGERED <= set(defined)
+    vector = [0.0, 0.0, 1.0] + [0.0] * 1277
+    for _ in range(4):
+        assert deployed.client.post("/search", json={"vector": vector}).status_code == 200
+    rebuild = deployed.client.post(
+        "/admin/rebuild", params={"force": "true"}, headers={"x-api-key": API_KEY}
+    )
+    assert rebuild.status_code == 202, rebuild.text
+    wanted = {n for name, names in defined.items() if name not in UNTRIGGERED for n in names}
+    missing: list[str] = []
+
+    def scraped() -> set[str] | None:
+        try:
+            text = httpx.get(head.metrics_url, timeout=10).text
+        except httpx.TransportError:
+            return None
+        have = set(parse_scrape(text, prefix="ray_visual_search_").series)
+        missing[:] = sorted(wanted - have)
+        return None if missing else have
+
+    try:
+        have = wait_for(scraped, 120, "every triggered series in the scrape", interval_s=1.0)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; still missing: {missing}") from None
+    known = set().union(*defined.values())
+    assert have <= known, f"exported but not in the code's lists: {sorted(have - known)}"
+    on_board = board_series(load_board())
+    assert on_board <= known, f"the board reads series nobody exports: {sorted(on_board - known)}"
+    unseen = on_board - have
+    assert unseen <= {n for name in UNTRIGGERED for n in defined[name]}, sorted(unseen)
+    off_board = sorted(name for name, names in defined.items() if not names & on_board)
+    assert not off_board, f"series the app exports that the board leaves out: {off_board}"
