@@ -14,8 +14,12 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from harness.promql import Scrape, evaluate, metric_names, parse
 from pipelines import job_metrics
@@ -86,3 +90,34 @@ def panel_series(panel: Panel, scrapes: list[Scrape], range_s: float) -> dict[st
                 if not math.isnan(v):
                     lines.setdefault(legend(form, labels), []).append((scrape.t, v))
     return lines
+
+
+class Scraper(threading.Thread):
+    """Scrapes ``url`` (Ray's Prometheus export) every ``every_s`` and keeps each scrape's lines
+    that start with ``prefix``, with its time: what the board is drawn from."""
+
+    def __init__(self, url: str, every_s: float = 2.0, prefix: str = "ray_visual_search_"):
+        super().__init__(daemon=True, name="scraper")
+        self.url, self.every_s, self.prefix = url, every_s, prefix
+        self.scrapes: list[tuple[float, str]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            t = time.time()
+            try:
+                text = httpx.get(self.url, timeout=10).text
+            except httpx.HTTPError:
+                text = None
+            if text is not None:
+                kept = [line for line in text.splitlines() if line.startswith(self.prefix)]
+                self.scrapes.append((t, "\n".join(kept)))
+            self._halt.wait(max(0.0, self.every_s - (time.time() - t)))  # pacing
+
+    def last(self) -> str:
+        return self.scrapes[-1][1] if self.scrapes else ""
+
+    def stop(self) -> list[tuple[float, str]]:
+        self._halt.set()
+        self.join()
+        return self.scrapes

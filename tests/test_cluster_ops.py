@@ -2,7 +2,7 @@
 
 One head for the module (``harness.ray_head.RayHead``): ``ray job submit`` of the embedding job and
 then of the index build into a store of real photos, ``serve deploy`` of a copy of
-``serve/serve_config.yaml`` (only the store, the port and a faster reload changed) answering
+``serve/serve_config.yaml`` (the store, the port and a few settings changed) answering
 ``/readyz`` and queries, our metrics in Ray's Prometheus export, the Grafana board
 (``deploy/grafana/visual-search.json``) reading exactly the series the app exports, and one request
 id followed from the HTTP response header into the JSON logs of the ingress and of a shard replica.
@@ -17,13 +17,13 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-import yaml
 
 from harness import embed_samples as samples
 from harness.grafana_board import app_series, board_series, load_board
-from harness.polling import free_port, wait_for
+from harness.ops_app import deploy, embed_and_build
+from harness.polling import wait_for
 from harness.promql import parse_scrape
-from harness.ray_head import ROOT, RayHead
+from harness.ray_head import RayHead
 from harness.stores import read_store
 from index.storage.manifest import load_manifest
 from index.storage.store import Store
@@ -55,43 +55,27 @@ def catalogue(head, caltech_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("ops")
     photos = samples.link_images(samples.caltech_subset(caltech_dir, PHOTOS), work / "photos")
     root = work / "store"
-    embed_log = head.submit(
-        "python", "pipelines/embed.py", "--input", str(work / "photos"), "--store", str(root),
-        "--num-shards", str(SHARDS), "--batch-size", "8", "--actors", "2",
-    )  # fmt: skip
-    build_log = head.submit("python", "pipelines/build_index.py", "--store", str(root))
-    return SimpleNamespace(root=root, photos=photos, embed_log=embed_log, build_log=build_log)
+    logs = embed_and_build(head, work / "photos", root, SHARDS)
+    return SimpleNamespace(root=root, photos=photos, **vars(logs))
 
 
 @pytest.fixture(scope="module")
 def deployed(head, catalogue, tmp_path_factory):
-    """``serve deploy`` of the repo's config file with only the store and the port changed."""
-    config = yaml.safe_load((ROOT / "serve" / "serve_config.yaml").read_text())
-    port = free_port()
-    config["http_options"]["port"] = port
-    args = config["applications"][0]["args"]
-    args["store"] = str(catalogue.root)
-    args["reload_interval_s"] = 1  # index gauges are published on each manifest poll
-    args["api_key"] = API_KEY  # POST /admin/rebuild: the board's rebuild and GC series
-    args["rebuild_gc_grace_s"] = 0  # a rebuilt shard's old version is collected at once
-    args["canary_fraction"] = 1.0  # every full answer sampled: the canary reports within seconds
-    path = tmp_path_factory.mktemp("deploy") / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    head.run(["serve", "deploy", "--address", head.dashboard_url, str(path)], timeout_s=120)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-
-    def ready():
-        try:
-            response = client.get("/readyz")
-        except httpx.TransportError:
-            return None
-        return response if response.status_code == 200 else None
-
-    readyz = wait_for(ready, 240, "/readyz of the deployed app to answer 200", interval_s=1.0)
+    """``serve deploy`` of the repo's config file with only the store, the port and a few
+    settings changed."""
+    app = deploy(
+        head,
+        catalogue.root,
+        tmp_path_factory.mktemp("deploy"),
+        reload_interval_s=1,  # index gauges are published on each manifest poll
+        api_key=API_KEY,  # POST /admin/rebuild: the board's rebuild and GC series
+        rebuild_gc_grace_s=0,  # a rebuilt shard's old version is collected at once
+        canary_fraction=1.0,  # every full answer sampled: the canary reports within seconds
+    )
     try:
-        yield SimpleNamespace(client=client, readyz=readyz.json(), config=config)
+        yield app
     finally:
-        client.close()
+        app.client.close()
 
 
 def test_ray_job_submit_embeds_then_builds_the_indexes(catalogue):
