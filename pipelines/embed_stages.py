@@ -34,6 +34,7 @@ from index.rows import schema
 from index.rows.metadata import metadata_columns
 from index.rows.sharding import content_id, shards_of
 from index.storage.store import Store
+from pipelines.job_metrics import embed_metrics, record
 from pipelines.uris import read_uri
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ class EmbedBatch:
             # the pool shares this machine: split its cores between the actors on it
             model["threads"] = max(1, len(os.sched_getaffinity(0)) // max(1, actors))
         self.embedder = Embedder(ModelConfig(**model))
+        self.metrics = embed_metrics(self.embedder.name)  # throughput on the board's Jobs row
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -173,6 +175,10 @@ class EmbedBatch:
             for j, reason in failures.items():
                 stages[good[j]], errors[good[j]] = EMBED, reason
         ok = np.array([s is None for s in stages], bool)
+        embedded = int(ok.sum())
+        record(
+            self.metrics, embedded=embedded, errors=n - embedded, model_seconds=model_s * len(good)
+        )
         column = pa.FixedSizeListArray.from_arrays(
             pa.array(vectors.reshape(-1), pa.float32()), self.embedder.dim, mask=pa.array(~ok)
         )

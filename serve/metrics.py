@@ -11,6 +11,14 @@ What is measured, by whom:
   ``/images/{id}`` is one series) and status, and their latency; partial answers.
 - ShardSearcher: per-shard search latency and rerank candidates, and gauges of the live index:
   version, rows, memory, delta rows.
+- RecallCanary (``serve.deployments.canary``): the live recall@k and its samples.
+- Rebuilder: rebuilds by outcome and their duration, builds in flight, what garbage collection
+  removed and the shards still waiting for it (``RebuilderMetrics``).
+
+``SERIES`` names every series the app exports and every metric is made through ``make``, which
+refuses a name missing there: the list stays whole, and the Grafana board
+(``deploy/grafana/visual-search.json``) is checked against it and against a scrape of a running
+app (``tests/test_cluster_ops.py``). The embed job's own series are ``pipelines.job_metrics``'s.
 
 Structured logs: Serve stamps every log record emitted while a request is handled with that
 request's id (``x-request-id``: taken from the client's header, or made up and returned in the
@@ -31,30 +39,59 @@ log = logging.getLogger("ray.serve")
 PREFIX = "visual_search_"
 LATENCY_MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 15000]
 CANDIDATE_BOUNDARIES = [10, 50, 100, 200, 400, 800, 1600, 3200, 10000]
+REBUILD_S_BOUNDARIES = [1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200]
+
+# Every series of the app (names without PREFIX) -> the ray.serve.metrics class that makes it.
+SERIES = {
+    "requests": "Counter",
+    "request_latency_ms": "Histogram",
+    "partial_answers": "Counter",
+    "shards_missing": "Counter",
+    "shard_search_latency_ms": "Histogram",
+    "shard_candidates": "Histogram",
+    "index_version": "Gauge",
+    "index_rows": "Gauge",
+    "index_memory_bytes": "Gauge",
+    "delta_rows": "Gauge",
+    "canary_recall_at_k": "Gauge",
+    "canary_samples": "Counter",
+    "canary_dropped": "Counter",
+    "canary_failed": "Counter",
+    "rebuilds": "Counter",
+    "rebuild_duration_s": "Histogram",
+    "rebuilds_running": "Gauge",
+    "gc_removed": "Counter",
+    "gc_pending_shards": "Gauge",
+}
+
+
+def make(name: str, description: str, **options: Any) -> Any:
+    """The ``ray.serve.metrics`` metric ``PREFIX + name`` of ``SERIES`` (KeyError otherwise)."""
+    from ray.serve import metrics
+
+    return getattr(metrics, SERIES[name])(PREFIX + name, description=description, **options)
 
 
 class IngressMetrics:
     def __init__(self) -> None:
-        from ray.serve.metrics import Counter, Histogram
-
-        self.requests = Counter(
-            PREFIX + "requests",
-            description="HTTP requests by endpoint (route template), method and status code.",
+        self.requests = make(
+            "requests",
+            "HTTP requests by endpoint (route template), method and status code.",
             tag_keys=("endpoint", "method", "status"),
         )
-        self.latency_ms = Histogram(
-            PREFIX + "request_latency_ms",
-            description="HTTP request latency in the ingress, in milliseconds.",
+        self.latency_ms = make(
+            "request_latency_ms",
+            "HTTP request latency in the ingress, in milliseconds.",
             boundaries=LATENCY_MS_BOUNDARIES,
             tag_keys=("endpoint", "method"),
         )
-        self.partial = Counter(
-            PREFIX + "partial_answers",
-            description="Search answers that left out at least one shard (partial: true).",
+        self.partial = make(
+            "partial_answers",
+            "Search answers that left out at least one shard (partial: true).",
         )
-        self.shards_missing = Counter(
-            PREFIX + "shards_missing",
-            description="Shards left out of answers, by shard and reason (timeout, error).",
+        self.shards_missing = make(
+            "shards_missing",
+            "Shards left out of answers, by shard and reason (timeout, error).",
             tag_keys=("shard", "reason"),
         )
 
@@ -72,36 +109,32 @@ class IngressMetrics:
 
 class SearcherMetrics:
     def __init__(self) -> None:
-        from ray.serve.metrics import Gauge, Histogram
-
-        self.search_ms = Histogram(
-            PREFIX + "shard_search_latency_ms",
-            description="Search time of one query inside a shard replica, in milliseconds.",
+        self.search_ms = make(
+            "shard_search_latency_ms",
+            "Search time of one query inside a shard replica, in milliseconds.",
             boundaries=LATENCY_MS_BOUNDARIES,
             tag_keys=("shard",),
         )
-        self.candidates = Histogram(
-            PREFIX + "shard_candidates",
-            description="Candidates taken from the IVF+PQ index per query for rerank.",
+        self.candidates = make(
+            "shard_candidates",
+            "Candidates taken from the IVF+PQ index per query for rerank.",
             boundaries=CANDIDATE_BOUNDARIES,
             tag_keys=("shard",),
         )
-        self.version = Gauge(
-            PREFIX + "index_version",
-            description="Live index version a shard replica serves.",
+        self.version = make(
+            "index_version",
+            "Live index version a shard replica serves.",
             tag_keys=("shard",),
         )
-        self.rows = Gauge(
-            PREFIX + "index_rows", description="Rows in the live index.", tag_keys=("shard",)
-        )
-        self.memory = Gauge(
-            PREFIX + "index_memory_bytes",
-            description="Memory of the live index (codes, ids, lists).",
+        self.rows = make("index_rows", "Rows in the live index.", tag_keys=("shard",))
+        self.memory = make(
+            "index_memory_bytes",
+            "Memory of the live index (codes, ids, lists).",
             tag_keys=("shard",),
         )
-        self.delta = Gauge(
-            PREFIX + "delta_rows",
-            description="Rows of the shard not yet in its live index, searched exactly.",
+        self.delta = make(
+            "delta_rows",
+            "Rows of the shard not yet in its live index, searched exactly.",
             tag_keys=("shard",),
         )
 
@@ -124,6 +157,62 @@ class SearcherMetrics:
         self.delta.set(delta or 0, tags=tags)
 
 
+class RebuilderMetrics:
+    """The Rebuilder's: how rebuilds ended and how long they took, how many run, and what garbage
+    collection removed and still waits for. Tags stay small and bounded (an outcome of three, a
+    kind of two); which shard did what is in ``GET /admin/rebuild``, and the board shows each
+    shard's version from the searchers' gauges."""
+
+    def __init__(self) -> None:
+        self.rebuilds = make(
+            "rebuilds",
+            "Rebuilds finished, by outcome: built (a version committed), unchanged (up to date "
+            "or superseded), failed (the live version kept serving).",
+            tag_keys=("outcome",),
+        )
+        self.duration_s = make(
+            "rebuild_duration_s",
+            "Rebuild time from launch to end in seconds (waiting for the task's resources too).",
+            boundaries=REBUILD_S_BOUNDARIES,
+            tag_keys=("outcome",),
+        )
+        self.running = make("rebuilds_running", "Rebuild tasks in flight.")
+        self.gc_removed = make(
+            "gc_removed",
+            "What garbage collection deleted, by kind: version (an old index version) or part "
+            "(a Parquet or tombstone part a live version folded in).",
+            tag_keys=("kind",),
+        )
+        self.gc_pending = make(
+            "gc_pending_shards",
+            "Shards whose garbage still waits (grace period, a lease, a running build).",
+        )
+
+    def observe_rebuild(self, summary: dict[str, Any], seconds: float) -> None:
+        tags = {"outcome": rebuild_outcome(summary)}
+        self.rebuilds.inc(tags=tags)
+        self.duration_s.observe(seconds, tags=tags)
+
+    def observe_gc(self, summary: dict[str, Any]) -> None:
+        """Counts from an ``index.storage.gc.collect_garbage`` summary."""
+        for kind, n in (
+            ("version", len(summary.get("versions") or ())),
+            ("part", summary["parts"]),
+        ):
+            if n:
+                self.gc_removed.inc(n, tags={"kind": kind})
+
+    def publish(self, running: int, gc_pending: int) -> None:
+        self.running.set(running)
+        self.gc_pending.set(gc_pending)
+
+
+def rebuild_outcome(summary: dict[str, Any]) -> str:
+    if summary.get("error"):
+        return "failed"
+    return "built" if summary.get("built") else "unchanged"
+
+
 @cache
 def ingress_metrics() -> IngressMetrics:
     return IngressMetrics()
@@ -132,6 +221,11 @@ def ingress_metrics() -> IngressMetrics:
 @cache
 def searcher_metrics() -> SearcherMetrics:
     return SearcherMetrics()
+
+
+@cache
+def rebuilder_metrics() -> RebuilderMetrics:
+    return RebuilderMetrics()
 
 
 def _reason_tag(reason: str) -> str:

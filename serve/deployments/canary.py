@@ -35,7 +35,7 @@ from ray.serve.handle import DeploymentHandle
 
 from index.query.hits import Hit
 from index.query.merge import merge_topk
-from serve.metrics import PREFIX
+from serve.metrics import make
 from serve.scatter import gather_with_deadline
 
 log = logging.getLogger("ray.serve")
@@ -69,23 +69,16 @@ class RecallWindow:
 
 class CanaryMetrics:
     def __init__(self) -> None:
-        from ray.serve.metrics import Counter, Gauge
-
-        self.recall = Gauge(
-            PREFIX + "canary_recall_at_k",
-            description="Recall@k of sampled live answers against exact search (window mean).",
+        self.recall = make(
+            "canary_recall_at_k",
+            "Recall@k of sampled live answers against exact search (window mean).",
         )
-        self.samples = Counter(
-            PREFIX + "canary_samples",
-            description="Live answers the canary recomputed exactly.",
+        self.samples = make("canary_samples", "Live answers the canary recomputed exactly.")
+        self.dropped = make(
+            "canary_dropped", "Sampled answers dropped because the canary's queue was full."
         )
-        self.dropped = Counter(
-            PREFIX + "canary_dropped",
-            description="Sampled answers dropped because the canary's queue was full.",
-        )
-        self.failed = Counter(
-            PREFIX + "canary_failed",
-            description="Recomputations that failed or lacked a shard group (not counted).",
+        self.failed = make(
+            "canary_failed", "Recomputations that failed or lacked a shard group (not counted)."
         )
 
 

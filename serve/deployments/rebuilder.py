@@ -18,6 +18,10 @@ here,
 or one committed by ``pipelines/build_index.py``) until it has nothing left to wait for: old
 versions go once no searcher's lease names them and ``rebuild_gc_grace_s`` has passed, with the
 parts and tombstones the new version folded in.
+
+Metrics (``serve.metrics.RebuilderMetrics``): each finished rebuild by outcome and its duration,
+what each GC pass removed, and, every tick, the builds in flight and the shards GC still waits
+for: the board's Maintenance row.
 """
 
 from __future__ import annotations
@@ -35,11 +39,19 @@ from index.storage.coverage import plan_shard
 from index.storage.gc import collect_garbage
 from index.storage.manifest import load_manifest
 from serve.config import ServeConfig
+from serve.metrics import RebuilderMetrics, rebuilder_metrics
 
 log = logging.getLogger("ray.serve")
 
 
 GC_INTERVAL_S = 5.0  # how often shards with garbage pending are looked at
+
+
+def _metrics() -> RebuilderMetrics | None:
+    try:
+        return rebuilder_metrics()
+    except Exception:  # outside a Serve replica (no export); metrics never stop the Rebuilder
+        return None
 
 
 def _largest_node_memory() -> float:
@@ -136,6 +148,8 @@ class Rebuilder:
                 summary = {"shard": shard, "built": False, "error": f"{type(e).__name__}: {e}"}
                 log.error("rebuild of shard %d failed: %s", shard, e)
             summary.update(trigger=why, started_at=started, finished_at=time.time())
+            if (metrics := _metrics()) is not None:
+                metrics.observe_rebuild(summary, summary["finished_at"] - started)
             self.history = [*self.history[-49:], summary]
             self._dirty.add(shard)
             if shard in self._queued:
@@ -169,6 +183,8 @@ class Rebuilder:
             if summary["versions"] or summary["parts"]:
                 self.gc_history = [*self.gc_history[-49:], {"shard": shard, **summary}]
                 log.info("shard %d: garbage collected %s", shard, summary)
+                if (metrics := _metrics()) is not None:
+                    metrics.observe_gc(summary)
             if summary["waiting"] is None:
                 self._dirty.discard(shard)
 
@@ -200,6 +216,8 @@ class Rebuilder:
             except Exception as e:  # keep deciding; the next check retries
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.warning("rebuilder check failed: %s", self.last_error)
+            if (metrics := _metrics()) is not None:  # every tick: gauges go stale unrefreshed
+                metrics.publish(len(self._running), len(self._dirty))
 
     _last_auto = 0.0
 
