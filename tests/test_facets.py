@@ -53,3 +53,12 @@ def test_merge_adds_counts_widens_ranges_and_bounds_the_values_named():
     assert top["values"] == {"t0": 10, "t1": 10, "t2": 10}  # most frequent, ties by value
     assert (top["other_values"], top["other_rows"]) == (5, 41)
     assert merge_facets([]) == {}
+
+
+def test_a_column_the_rows_lack_counts_them_as_nulls():
+    old = column_facets(columns([{"x": 1}] * 3), np.ones(3, bool), kinds={"category": "string"})
+    assert old["category"]["nulls"] == 3 and old["category"]["values"] == {}
+    new = column_facets(columns([{"category": "cat"}]), np.ones(1, bool), kinds={"x": "int"})
+    merged = merge_facets([old, new])
+    assert merged["category"]["values"] == {"cat": 1} and merged["category"]["nulls"] == 3
+    assert merged["x"] == {"kind": "int", "min": 1, "max": 1, "rows": 3, "nulls": 1}

@@ -89,7 +89,8 @@ def snapshot_facets(snap: Snapshot) -> dict:
     if snap.base is not None:
         visible = np.ones(snap.base.count, bool)
         visible[snap.hidden[snap.hidden < snap.base.count]] = False
-        parts.append(column_facets(snap.base.metadata, visible))
+        parts.append((snap.base.metadata, visible))
     if snap.alive_count:
-        parts.append(column_facets(snap.meta, snap.alive))
-    return merge_facets(parts)
+        parts.append((snap.meta, snap.alive))
+    kinds = {name: kind for columns, _ in parts for name, kind in columns.schema.items()}
+    return merge_facets(column_facets(columns, rows, kinds=kinds) for columns, rows in parts)

@@ -26,9 +26,20 @@ from index.rows.columns import Columns
 TOP_VALUES = 50  # distinct string values named per column; the rest are counted
 
 
-def column_facets(columns: Columns, visible: np.ndarray, top: int = TOP_VALUES) -> dict:
-    """The facet of every column of ``columns`` over the rows ``visible`` (bool, one per row)."""
+def column_facets(
+    columns: Columns,
+    visible: np.ndarray,
+    top: int = TOP_VALUES,
+    kinds: dict[str, str] | None = None,
+) -> dict:
+    """The facet of every column of ``columns`` over the rows ``visible`` (bool, one per row);
+    a column of ``kinds`` (name -> type) these rows lack (written before it existed) is all
+    nulls, so every row without a value counts as one wherever it lives."""
     out: dict[str, dict] = {}
+    rows = int(np.count_nonzero(visible))
+    for name, kind in (kinds or {}).items():
+        if name not in columns.columns:
+            out[name] = _all_null(kind, rows)
     for name, column in columns.columns.items():
         valid = column.valid[: len(visible)] & visible[: len(column.valid)]
         seen = int(np.count_nonzero(visible[: len(column.valid)]))
@@ -59,6 +70,14 @@ def column_facets(columns: Columns, visible: np.ndarray, top: int = TOP_VALUES) 
                 "nulls": nulls + int(len(values) - len(finite)),
             }
     return out
+
+
+def _all_null(kind: str, rows: int) -> dict:
+    if kind == "string":
+        return {"kind": kind, "values": {}, "other_values": 0, "other_rows": 0, "nulls": rows}
+    if kind == "bool":
+        return {"kind": kind, "values": {"true": 0, "false": 0}, "nulls": rows}
+    return {"kind": kind, "min": None, "max": None, "rows": 0, "nulls": rows}
 
 
 def merge_facets(parts: Iterable[dict], top: int = TOP_VALUES) -> dict:
