@@ -6,6 +6,8 @@ Chromium, driven by Playwright (``executable_path``: no browser download), uploa
 through the page, clicks a result, drops and pastes images, and shows errors and a partial
 answer. A row whose stored ``uri``, id and metadata carry ``<script>`` and ``onerror=``
 payloads is added through ``POST /images``; the page must show them as text and run none.
+Last, rows with metadata columns are added and the page's filter controls, built from
+``GET /facets``, are used as a user would: a choice, a range, a toggle, the JSON box.
 
 ``VISUAL_SEARCH_SCREENSHOT=docs/search-page.png`` also writes the screenshot the README shows.
 """
@@ -317,44 +319,119 @@ def test_search_page_in_chromium(app, browser, tmp_path):
     page.close()
 
 
-def test_filter_box_appears_when_the_api_takes_filters(app, browser):
-    """Once ``POST /search`` takes a ``filter`` (its OpenAPI body schema says so), the page shows
-    a filter box and sends its JSON with the query; simulated here by amending the schema."""
-    page = browser.new_page()
-    sent = []
+# rows with metadata for the filter controls: (id, category, price, in_stock)
+FILTER_ROWS = [
+    ("f-0", "red", 10.0, True),
+    ("f-1", "red", 20.0, False),
+    ("f-2", "red", 40.0, True),
+    ("f-3", "blue", 30.0, True),
+    ("f-4", None, 50.0, False),
+]
 
-    def openapi(route):
-        spec = route.fetch().json()
-        body = spec["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]
-        body["schema"]["properties"]["filter"] = {"type": "object"}
-        route.fulfill(json=spec)
 
-    def search(route):
-        sent.append(route.request.post_data_json)
-        route.fulfill(
-            json={
-                "results": [],
-                "took_ms": 1.0,
-                "shards_answered": 2,
-                "shards_total": 2,
-                "partial": False,
-                "missing_shards": [],
+def test_filter_controls_built_from_the_stores_columns(app, browser):
+    """The page builds its filter from ``GET /facets``: a choice list with counts for a string
+    column, a range for a number, a toggle for a bool, and the JSON box beside them; what it
+    sends is the conditions and'ed, the answer honours it, and the filter is said in words."""
+    evolve_metadata(app.store, {"category": "string", "price": "float", "in_stock": "bool"})
+    base = app.vectors[uri_of(app.paths[0])]
+    rng = np.random.default_rng(7)
+    with app.client() as client:
+        for row_id, category, price, in_stock in FILTER_ROWS:
+            v = base + rng.normal(0, 0.05, base.shape)
+            body = {
+                "vector": (v / np.linalg.norm(v)).tolist(),
+                "id": row_id,
+                "metadata": {"category": category, "price": price, "in_stock": in_stock},
             }
-        )
+            # the ingress re-reads the schema for new columns (at most once a second)
+            r = wait_for(
+                lambda b=body: (r := client.post("/images", json=b)).status_code != 422 and r,
+                10,
+                "the new columns accepted",
+            )
+            assert r.status_code == 201, r.text
+        facets = client.get("/facets").json()
+        # the endpoint counts the visible rows (the payload row's caption column is there too);
+        # the 24 photos, the payload row and f-4 have no category
+        fields = facets["fields"]
+        assert fields["category"]["values"] == {"red": 3, "blue": 1}
+        assert fields["category"]["nulls"] == 26
+        assert (fields["price"]["min"], fields["price"]["max"]) == (10.0, 50.0)
+        assert fields["in_stock"]["values"] == {"true": 3, "false": 2}
+        assert facets["partial"] is False and facets["shards_answered"] == 2
+        # a deleted row leaves the counts at once
+        assert client.delete("/images/f-4").status_code == 200
+        fields = client.get("/facets").json()["fields"]
+        assert fields["category"]["nulls"] == 25 and fields["price"]["max"] == 40.0
+        assert fields["in_stock"]["values"] == {"true": 3, "false": 1}
 
-    page.route("**/openapi.json", openapi)
-    page.route(is_search, search)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    sent: list = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if is_search(r.url) else None)
     page.goto(app.base_url + "/")
     page.wait_for_selector("#filter-row:not([hidden])")
-    page.fill("#filter", '{"category": {"in": ["cat", "dog"]}}')
-    page.fill("#id-input", "some-id")
-    # a route handler runs when the test calls into Playwright: wait there, not in a sleep loop
-    with page.expect_request(lambda r: is_search(r.url)):
+    page.wait_for_selector("fieldset[data-field=category] input[value=red]")
+    choices = page.eval_on_selector_all(
+        "fieldset[data-field=category] label",
+        "labels => labels.map(l => [l.querySelector('.value').textContent,"
+        " l.querySelector('.count').textContent])",
+    )
+    assert choices == [["red", "3"], ["blue", "1"]]
+    assert page.get_attribute("fieldset[data-field=price] input[name=from]", "placeholder") == "10"
+    assert "yes (3)" in page.text_content("fieldset[data-field=in_stock] select")
+    # the stored caption payload is a choice too: shown as text, never run
+    assert EVIL_META["caption"] in page.text_content("fieldset[data-field=caption]")
+
+    def search_by_id(row_id: str, n: int) -> list[dict]:
+        before = len(sent)
+        page.fill("#id-input", row_id)
         page.click("#id-form button")
-    page.wait_for_selector("#status:has-text('0 results')")
-    assert sent == [{"id": "some-id", "k": 12, "filter": {"category": {"in": ["cat", "dog"]}}}]
+        until(
+            page,
+            "([n, id]) => document.querySelector('#query-label').textContent.includes(id)"
+            " && document.querySelectorAll('#results .result').length === n"
+            " && document.querySelector('#results').getAttribute('aria-busy') === null",
+            [n, row_id],
+            what=f"{n} filtered results",
+        )
+        assert len(sent) == before + 1
+        return [r["id"] for r in results(page)]
+
+    # 1. one value of a string column: eq, answered with the three red rows
+    page.check("fieldset[data-field=category] input[value=red]")
+    assert page.text_content("#filter-words") == 'Only images where category is "red".'
+    assert sorted(search_by_id("f-0", 3)) == ["f-0", "f-1", "f-2"]
+    assert sent[-1]["filter"] == {"field": "category", "eq": "red"}
+    assert page.text_content("#filter-matched") == '3 matching images where category is "red".'
+
+    # 2. and a range and a toggle: all required
+    page.fill("fieldset[data-field=price] input[name=to]", "30")
+    page.select_option("fieldset[data-field=in_stock] select", "true")
+    assert search_by_id("f-0", 1) == ["f-0"]
+    assert sent[-1]["filter"] == {
+        "and": [
+            {"field": "category", "eq": "red"},
+            {"field": "in_stock", "eq": True},
+            {"field": "price", "range": {"lte": 30}},
+        ]
+    }
+    assert page.text_content("#filter-matched") == (
+        '1 matching image where category is "red" and in_stock is yes and price ≤ 30.'
+    )
+
+    # 3. the JSON box for what the controls cannot say, and'ed with them
+    page.select_option("fieldset[data-field=in_stock] select", "")
+    page.fill("fieldset[data-field=price] input[name=to]", "")
+    page.click("#filter-json summary")
+    page.fill("#filter", '{"not": {"field": "price", "range": {"lt": 15}}}')
+    assert sorted(search_by_id("f-1", 2)) == ["f-1", "f-2"]
+    assert page.text_content("#filter-matched") == (
+        '2 matching images where category is "red" and not price < 15.'
+    )
     page.fill("#filter", "{not json")
     page.click("#id-form button")
     page.wait_for_selector("#error:not([hidden])")
-    assert "not valid JSON" in page.text_content("#error") and len(sent) == 1
+    assert "not valid JSON" in page.text_content("#error")
+    assert page.evaluate("window.__pwned") is None
     page.close()

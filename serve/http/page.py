@@ -1,7 +1,7 @@
-"""The search page for people: ``GET /`` and its two assets under ``/static/``.
+"""The search page for people: ``GET /`` and its assets under ``/static/``.
 
 Plain HTML, CSS and JavaScript kept in ``serve/static/`` (no build step, no CDN, works offline).
-The page talks to the same HTTP API as everyone else (``/search``, ``/stats``,
+The page talks to the same HTTP API as everyone else (``/search``, ``/stats``, ``/facets``,
 ``/images/{id}/thumbnail``). Its files are read once per replica and sent with an ETag; the page
 is sent with a Content-Security-Policy that allows scripts, styles and connections only from the
 app itself, a second line of defence behind the page's rule of putting catalogue text in as text.
@@ -25,6 +25,7 @@ from serve.http.errors import ApiError
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"  # serve/static/ (package data)
 ASSETS = {
+    "filters.js": "text/javascript; charset=utf-8",  # the filter controls (from GET /facets)
     "search.js": "text/javascript; charset=utf-8",
     "search.css": "text/css; charset=utf-8",
 }

@@ -53,7 +53,8 @@ async function loadStats() {
 }
 
 // Filters appear in the page once the API accepts them: the JSON body schema of POST /search
-// (in the app's OpenAPI document) has a "filter" property.
+// (in the app's OpenAPI document) has a "filter" property. The controls come from GET /facets
+// (filters.js); without it the JSON box alone is the filter.
 async function detectFilters() {
   try {
     const spec = await (await fetch("openapi.json")).json();
@@ -65,16 +66,19 @@ async function detectFilters() {
     filtersSupported = false;
   }
   $("#filter-row").hidden = !filtersSupported;
+  if (!filtersSupported) return;
+  let facets = null;
+  try {
+    const response = await fetch("facets");
+    if (response.ok) facets = await response.json();
+  } catch (e) {
+    facets = null;
+  }
+  Filters.build(facets);
 }
 
 function filterValue() {
-  const text = filtersSupported ? $("#filter").value.trim() : "";
-  if (!text) return undefined;
-  try {
-    return JSON.parse(text);
-  } catch (e) {
-    throw new Error(`the filter is not valid JSON: ${e.message}`);
-  }
+  return filtersSupported ? Filters.value() : undefined;
 }
 
 // ---- searching ----------------------------------------------------------------------------------
@@ -88,6 +92,7 @@ async function search(query) {
   let response;
   try {
     const filter = filterValue();
+    query = { ...query, filter };
     if (query.kind === "image") {
       const form = new FormData();
       form.append("file", query.blob, query.label || "query");
@@ -117,20 +122,25 @@ async function search(query) {
   if (!response.ok) {
     return fail(`${body.error || response.status}: ${body.detail || response.statusText}`);
   }
-  render(body);
+  render(body, query.filter);
 }
 
 function fail(message) {
   $("#status").textContent = "";
+  $("#filter-matched").textContent = "";
   $("#results").removeAttribute("aria-busy");
   $("#results").replaceChildren();
   show($("#error"), message);
 }
 
-function render(body) {
+function render(body, filter) {
   const results = body.results || [];
   $("#status").textContent = `${results.length} result${results.length === 1 ? "" : "s"} in `
     + `${Number(body.took_ms).toFixed(1)} ms · ${body.shards_answered}/${body.shards_total} shards`;
+  // what the filter matched, in words: the answer holds only rows it allows
+  const words = filter === undefined ? "" : Filters.describe(filter);
+  $("#filter-matched").textContent = words
+    ? `${results.length} matching image${results.length === 1 ? "" : "s"} where ${words}.` : "";
   if (body.partial) {
     const missing = (body.missing_shards || [])
       .map((m) => `shard ${m.shard} (${m.reason})`).join(", ");
