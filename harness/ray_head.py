@@ -28,10 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
-def ray_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def ray_env(activated: bool = True, **extra: str) -> dict[str, str]:
+    """The environment of a user's shell: with the project's venv activated (its ``python`` and
+    ``ray`` first on ``PATH``), or not (``PATH`` without it, as after ``.venv/bin/ray``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "VIRTUAL_ENV")}
     env.update(LOCAL_RAY_ENV)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # `python`/`ray`: this venv's
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and Path(p) != VENV_BIN]
+    env["PATH"] = os.pathsep.join([str(VENV_BIN)] * activated + path)
+    if activated:
+        env["VIRTUAL_ENV"] = str(VENV_BIN.parent)
     env.update(extra)
     return env
 
@@ -91,6 +96,7 @@ class RayHead:
     metrics_port: int = field(default_factory=free_port)
     gcs_port: int = field(default_factory=free_port)
     extra_args: list[str] = field(default_factory=list)  # more `ray start` flags
+    activated: bool = True  # started from a shell with the venv activated (ray_env)
     pid: int | None = None
 
     @property
@@ -103,7 +109,7 @@ class RayHead:
 
     @property
     def env(self) -> dict[str, str]:
-        return ray_env(**self.env_extra)
+        return ray_env(self.activated, **self.env_extra)
 
     @property
     def logs_dir(self) -> Path:
@@ -111,7 +117,8 @@ class RayHead:
 
     def start(self) -> RayHead:
         cmd = [
-            "ray", "start", "--head", f"--num-cpus={self.num_cpus}", f"--port={self.gcs_port}",
+            str(VENV_BIN / "ray"), "start", "--head", f"--num-cpus={self.num_cpus}",
+            f"--port={self.gcs_port}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}",
@@ -133,22 +140,32 @@ class RayHead:
             pytest.fail(f"ray start --head failed: {out[-3000:]}")
         return self
 
-    def run(self, args: list[str], timeout_s: float = 300, cwd: Path = ROOT) -> str:
-        """A CLI command against this head (``ray job submit ...``, ``serve deploy ...``);
+    def run(
+        self, args: list[str], timeout_s: float = 300, cwd: Path = ROOT, check: bool = True
+    ) -> str:
+        """A CLI command against this head (``ray job submit ...``, ``serve deploy ...``; ``ray``
+        and ``serve`` are the venv's, typed by path when it is not activated); with ``check``,
         fails the test with the command's output unless it exits 0. Returns the output."""
+        if args[0] in ("ray", "serve"):
+            args = [str(VENV_BIN / args[0]), *args[1:]]
         done = subprocess.run(
             args, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout_s
         )
         output = done.stdout + done.stderr
-        assert done.returncode == 0, f"{' '.join(args[:4])} ... failed:\n{output[-4000:]}"
+        if check:
+            assert done.returncode == 0, f"{' '.join(args[:4])} ... failed:\n{output[-4000:]}"
         return output
 
-    def submit(self, *job: str, timeout_s: float = 300) -> str:
-        """``ray job submit --working-dir . -- <job>``: waits for the job and returns its log."""
+    def submit(
+        self, *job: str, timeout_s: float = 300, options: tuple[str, ...] = (), check=True
+    ) -> str:
+        """``ray job submit --working-dir . [options] -- <job>``: waits for the job and returns
+        its log (``check``: fails the test unless the job succeeded)."""
         return self.run(
-            ["ray", "job", "submit", "--address", self.dashboard_url, "--working-dir", ".", "--"]
-            + list(job),
+            ["ray", "job", "submit", "--address", self.dashboard_url, "--working-dir", "."]
+            + [*options, "--", *job],
             timeout_s=timeout_s,
+            check=check,
         )
 
     def stop(self) -> None:

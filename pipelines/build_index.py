@@ -42,6 +42,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python pipelines/build_index.py, ray job submit)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.job_python import require_project_python  # noqa: E402
+
+if __name__ == "__main__":  # a job under a Python without the project: say so, exit 2
+    require_project_python("pipelines/build_index.py")
+
 import yaml  # noqa: E402
 
 from index.ann.policy import estimate_build_memory  # noqa: E402

@@ -32,6 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path[:1]:  # `python pipelines/embed.py`: sys.path[0] is pipelines/
     sys.path.insert(0, str(ROOT))
 
+from pipelines.job_python import require_project_python  # noqa: E402
+
+if __name__ == "__main__":  # a job under a Python without the project: say so, exit 2
+    require_project_python("pipelines/embed.py", ("torch", "torchvision"))
+
 from embedding import Embedder  # noqa: E402
 from embedding.backbones import WeightsUnavailable  # noqa: E402
 from embedding.model import MALLOC_ENV  # noqa: E402

@@ -27,6 +27,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.job_python import require_project_python  # noqa: E402
+
+if __name__ == "__main__":  # a job under a Python without the project: say so, exit 2
+    require_project_python("pipelines/rebuild.py")
+
 from index.live.rebuild import DEFAULT_DRIFT_RATIO, RebuildOptions, rebuild_shard  # noqa: E402
 from index.storage.gc import DEFAULT_GRACE_S, collect_garbage  # noqa: E402
 from index.storage.manifest import load_manifest  # noqa: E402

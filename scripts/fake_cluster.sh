@@ -24,6 +24,9 @@ DASHBOARD_PORT=${FAKE_DASHBOARD_PORT:-8265}
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 export RAY_FAKE_CLUSTER=1 AUTOSCALER_UPDATE_INTERVAL_S=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the venv first on the PATH Ray keeps: a job's `python` (and the workers' `ray`) are the
+# project's even when this script is run from a shell without the venv activated
+export PATH="$(dirname "$RAY"):$PATH"
 
 case "${1:-up}" in
 up)
