@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
@@ -49,6 +50,14 @@ from serve.http.validate import FLOAT32_MAX, MAX_ID_CHARS
 FILTER_REF = "#/components/schemas/Filter"
 METADATA_REF = "#/components/schemas/Metadata"
 BINARY = {"type": "string", "format": "binary"}
+# an upload: the bytes of an image file in one of IMAGE_TYPES (the app sniffs the bytes, not the
+# part's Content-Type); empty is 422 ``empty``, other bytes 415 ``not_an_image``
+IMAGE_FILE = {
+    **BINARY,
+    "minLength": 1,
+    "description": "the bytes of a JPEG, PNG, WebP, GIF, BMP or TIFF image (not empty); other "
+    "bytes are refused: 422 empty, 415 not_an_image, 413 too_large or decompression_bomb",
+}
 # a row id: the /images/{id} routes could never name one holding a "/" (validate.validate_id)
 ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS, "pattern": "^[^/]+$"}
 IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/gif, image/bmp, image/tiff"
@@ -89,6 +98,7 @@ class OpenApiContext:
 
     dim: int | None = None
     metric: str = "ip"
+    num_shards: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     image_queries: bool = True
     api_key: bool = False
@@ -100,6 +110,7 @@ def document(base: dict, ctx: OpenApiContext) -> dict:
     doc = copy.deepcopy(base)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas["Filter"] = filter_schema(ctx.metadata, FILTER_REF)
+    _name_filter_parts(schemas)
     nodes = f"a filter of at most {ctx.limits.max_filter_nodes} nodes (conditions, and, or, not)"
     schemas["Filter"]["description"] = _capped(ctx.limits, nodes)
     schemas["Metadata"] = metadata_schema(ctx.metadata)
@@ -114,9 +125,66 @@ def document(base: dict, ctx: OpenApiContext) -> dict:
     add = paths.get("/images", {}).get("post")
     if add is not None:
         add["requestBody"] = add_body(ctx)
+        add.get("responses", {}).get("201", {})["links"] = ROW_LINKS
+    for operation in [
+        *paths.get("/images/{image_id}", {}).values(),
+        *paths.get("/images/{image_id}/thumbnail", {}).values(),
+    ]:
+        _set_parameter(operation, "image_id", ID)  # validate_id's rule, not any string
+    record = paths.get("/images/{image_id}", {}).get("get")
+    if record is not None:  # the same columns as a search's ``fields``
+        _set_parameter(record, "fields", _fields_pattern(ctx.metadata))
+    rebuild = paths.get("/admin/rebuild", {}).get("post")
+    if rebuild is not None and ctx.num_shards is not None:
+        shard = {"type": "integer", "minimum": 0, "maximum": ctx.num_shards - 1}
+        _set_parameter(rebuild, "shard", {**shard, "description": "one shard (default: all)"})
     if ctx.api_key:
         _security(doc)
     return doc
+
+
+# what a 201 of POST /images promises: the row, and deleting it. Not its thumbnail: that exists
+# only when the answer's ``thumbnail`` is true (its uri lies under ``thumbnail_roots``)
+ROW_LINKS = {
+    "GetImage": {
+        "operationRef": "#/paths/~1images~1{image_id}/get",
+        "parameters": {"image_id": "$response.body#/id"},
+        "description": "the row just added",
+    },
+    "DeleteImage": {
+        "operationRef": "#/paths/~1images~1{image_id}/delete",
+        "parameters": {"image_id": "$response.body#/id"},
+        "description": "hide the row again",
+    },
+}
+
+
+def _name_filter_parts(schemas: dict) -> None:
+    """Give the filter's ``and``/``or``/``not`` forms and its ``range`` bounds names of their own
+    (``FilterAnd``, ``FilterOr``, ``FilterNot``, ``FilterRange``): the same schema, but a client
+    generator resolves a recursion through a named schema, not through an anonymous member of a
+    ``oneOf``, and makes one model of the bounds, not one per numeric column (openapi-python-client
+    drops the filter, or those columns' ranges, otherwise)."""
+    branches = []
+    for branch in schemas["Filter"]["oneOf"]:
+        properties = branch.get("properties", {})
+        key = next(iter(properties), "")
+        if key in ("and", "or", "not"):
+            name = f"Filter{key.capitalize()}"
+            schemas[name] = branch
+            branch = {"$ref": f"#/components/schemas/{name}"}
+        elif "range" in properties:
+            schemas["FilterRange"] = properties["range"]
+            properties["range"] = {"$ref": "#/components/schemas/FilterRange"}
+        branches.append(branch)
+    schemas["Filter"]["oneOf"] = branches
+
+
+def _set_parameter(operation: dict, name: str, schema: dict) -> None:
+    """Give ``operation``'s parameter ``name`` the exact ``schema`` (FastAPI's says string/int)."""
+    for parameter in operation.get("parameters", []):
+        if parameter.get("name") == name:
+            parameter["schema"] = schema
 
 
 def metadata_schema(metadata: dict[str, str]) -> dict:
@@ -187,7 +255,7 @@ def _params(ctx: OpenApiContext) -> dict:
 
 
 def _fields_pattern(metadata: dict[str, str]) -> dict:
-    names = "|".join(metadata)
+    names = "|".join(re.escape(name) for name in metadata)
     pattern = f"^$|^({names})(,({names}))*$" if names else "^$"
     return {
         "type": "string",
@@ -258,7 +326,7 @@ def _upload(fields: dict, json_field: str) -> dict:
     """A multipart body: an image ``file`` and form ``fields``, ``json_field`` as JSON text."""
     return {
         "multipart/form-data": {
-            "schema": _object({"file": BINARY, **fields}, ["file"]),
+            "schema": _object({"file": IMAGE_FILE, **fields}, ["file"]),
             "encoding": {
                 "file": {"contentType": IMAGE_TYPES},
                 json_field: {"contentType": "application/json"},
