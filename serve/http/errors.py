@@ -232,10 +232,20 @@ def allowed_methods(request: Request) -> list[str]:
     a 405, RFC 9110): Starlette's own 405 names only the methods of the first route whose path
     matched, and ``GET /images/{id}`` and ``DELETE /images/{id}`` are two routes."""
     methods: set[str] = set()
-    for route in getattr(request.app, "routes", ()):
+    for route in _flat_routes(getattr(request.app, "routes", ())):
         if route.matches(request.scope)[0] != Match.NONE:  # PARTIAL: the path, not the method
             methods |= set(getattr(route, "methods", None) or ())
     return sorted(methods)
+
+
+def _flat_routes(routes) -> list:
+    """The routes of an app, with those of included routers (Serve's ``serve.ingress`` includes
+    the class's routes as a router of their own, FastAPI keeps it nested) in their place."""
+    out = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)  # fastapi.routing._IncludedRouter
+        out += _flat_routes(inner.routes) if inner is not None else [route]
+    return out
 
 
 # ---- the handlers ----------------------------------------------------------------------------
