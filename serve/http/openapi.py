@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 
 from index.query import shaping
+from index.query.filters import MAX_CHILDREN
 from index.query.filters import openapi_schema as filter_schema
 from index.rows.metadata import INT64_MAX, INT64_MIN, MAX_STRING_CHARS
 from serve.http.limits import Limits
@@ -110,7 +111,7 @@ def document(base: dict, ctx: OpenApiContext) -> dict:
     doc = copy.deepcopy(base)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas["Filter"] = filter_schema(ctx.metadata, FILTER_REF)
-    _name_filter_parts(schemas)
+    _name_filter_parts(schemas, min(MAX_CHILDREN, ctx.limits.max_filter_nodes - 1))
     nodes = f"a filter of at most {ctx.limits.max_filter_nodes} nodes (conditions, and, or, not)"
     schemas["Filter"]["description"] = _capped(ctx.limits, nodes)
     schemas["Metadata"] = metadata_schema(ctx.metadata)
@@ -159,17 +160,20 @@ ROW_LINKS = {
 }
 
 
-def _name_filter_parts(schemas: dict) -> None:
+def _name_filter_parts(schemas: dict, max_items: int) -> None:
     """Give the filter's ``and``/``or``/``not`` forms and its ``range`` bounds names of their own
     (``FilterAnd``, ``FilterOr``, ``FilterNot``, ``FilterRange``): the same schema, but a client
     generator resolves a recursion through a named schema, not through an anonymous member of a
     ``oneOf``, and makes one model of the bounds, not one per numeric column (openapi-python-client
-    drops the filter, or those columns' ranges, otherwise)."""
+    drops the filter, or those columns' ranges, otherwise). An ``and``/``or`` holds at most
+    ``max_items`` filters: one more is a node over the caller's cap (``filter_too_large``)."""
     branches = []
     for branch in schemas["Filter"]["oneOf"]:
         properties = branch.get("properties", {})
         key = next(iter(properties), "")
         if key in ("and", "or", "not"):
+            if key != "not":
+                properties[key]["maxItems"] = max_items
             name = f"Filter{key.capitalize()}"
             schemas[name] = branch
             branch = {"$ref": f"#/components/schemas/{name}"}
@@ -281,8 +285,7 @@ def search_body(ctx: OpenApiContext) -> dict:
     common["fields"] = {
         "type": "array",
         "items": {"type": "string", "enum": list(ctx.metadata)} if ctx.metadata else {"not": {}},
-        "uniqueItems": True,
-        "description": "metadata columns to return (default: all; []: none)",
+        "description": "metadata columns to return (default: all; []: none; a repeat is one)",
     }
     by_vector = _object({"vector": vector_schema(ctx), **common}, ["vector"])
     by_id = _object({"id": ID, **common}, ["id"])

@@ -257,10 +257,14 @@ async def parse_add(request: Request, limits: Limits, dim: int, normalise: bool)
             f"Content-Type {content_type!r}: send multipart/form-data (file) or JSON (vector)",
         )
     row_id = _text_field(fields.get("id", request.query_params.get("id")))
+    uri = fields.get("uri", request.query_params.get("uri"))
+    if "" in (row_id, _text_field(uri)):  # given, but empty: the document's minLength is 1
+        empty = "id" if row_id == "" else "uri"
+        raise ApiError(422, f"invalid_{empty}", f"{empty} is empty: leave it out for the default")
     parsed = ParsedAdd(
         kind="image",
-        row_id=None if row_id in (None, "") else validate_id(row_id),
-        uri=validate_uri(fields.get("uri", request.query_params.get("uri"))),
+        row_id=None if row_id is None else validate_id(row_id),
+        uri=validate_uri(uri),
         raw_metadata=validate_metadata(fields.get("metadata")),
     )
     image, vector = fields.get("file"), fields.get("vector")
