@@ -104,11 +104,16 @@ def test_openapi_says_exactly_what_search_and_images_accept():
     # the document is a valid JSON Schema, and it accepts exactly the filters the store does
     # (and/or/not and the range bounds are named schemas of their own: FilterAnd, ...)
     defs = {name: _rewrite_refs(s) for name, s in schemas.items() if name.startswith("Filter")}
-    assert set(defs) == {"Filter", "FilterAnd", "FilterOr", "FilterNot", "FilterRange"}
-    validator = jsonschema_rs.validator_for({"$defs": defs, **defs["Filter"]})
-    good = {
-        "and": [{"field": "price", "range": {"lt": 5}}, {"not": {"field": "qty", "in": [1, 2]}}]
+    assert set(defs) == {
+        "Filter",
+        "FilterCondition",
+        "FilterAnd",
+        "FilterOr",
+        "FilterNot",
+        "FilterRange",
     }
+    validator = jsonschema_rs.validator_for({"$defs": defs, **defs["Filter"]})
+    good = {"and": [{"field": "price", "range": {"lt": 5}}, {"field": "qty", "in": [1, 2]}]}
     assert validator.is_valid(good) and validate_filter(good, SCHEMA)
     for bad in (
         {"field": "colour", "eq": 1},

@@ -56,7 +56,7 @@ BINARY = {"type": "string", "format": "binary"}
 IMAGE_FILE = {
     **BINARY,
     "minLength": 1,
-    "description": "the bytes of a JPEG, PNG, WebP, GIF, BMP or TIFF image (not empty); other "
+    "description": "the bytes of a JPEG, PNG, WebP, GIF, BMP or TIFF image, not empty; other "
     "bytes are refused: 422 empty, 415 not_an_image, 413 too_large or decompression_bomb",
 }
 # a row id: the /images/{id} routes could never name one holding a "/" (validate.validate_id)
@@ -111,7 +111,7 @@ def document(base: dict, ctx: OpenApiContext) -> dict:
     doc = copy.deepcopy(base)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas["Filter"] = filter_schema(ctx.metadata, FILTER_REF)
-    _name_filter_parts(schemas, min(MAX_CHILDREN, ctx.limits.max_filter_nodes - 1))
+    _bounded_filter(schemas, ctx.limits.max_filter_nodes)
     nodes = f"a filter of at most {ctx.limits.max_filter_nodes} nodes (conditions, and, or, not)"
     schemas["Filter"]["description"] = _capped(ctx.limits, nodes)
     schemas["Metadata"] = metadata_schema(ctx.metadata)
@@ -160,28 +160,45 @@ ROW_LINKS = {
 }
 
 
-def _name_filter_parts(schemas: dict, max_items: int) -> None:
-    """Give the filter's ``and``/``or``/``not`` forms and its ``range`` bounds names of their own
-    (``FilterAnd``, ``FilterOr``, ``FilterNot``, ``FilterRange``): the same schema, but a client
-    generator resolves a recursion through a named schema, not through an anonymous member of a
-    ``oneOf``, and makes one model of the bounds, not one per numeric column (openapi-python-client
-    drops the filter, or those columns' ranges, otherwise). An ``and``/``or`` holds at most
-    ``max_items`` filters: one more is a node over the caller's cap (``filter_too_large``)."""
-    branches = []
-    for branch in schemas["Filter"]["oneOf"]:
+def _bounded_filter(schemas: dict, cap: int) -> None:
+    """The document's filter form: every filter it allows fits an anonymous caller's node cap
+    (``filter_too_large`` otherwise, and a node count is no JSON Schema keyword), so two levels:
+    a condition (``FilterCondition``, one per column and operator), ``not`` of one
+    (``FilterNot``), or ``and``/``or`` of at most ``cap - 1`` conditions (``FilterAnd``,
+    ``FilterOr``): exactly the longest list the cap takes. The app takes any nesting within the
+    cap (``index.query.filters``); a client sends deeper filters with the key. Named schemas,
+    not anonymous ``oneOf`` members, and one ``FilterRange`` for every numeric column's bounds:
+    a client generator (openapi-python-client) drops the filter or its ranges otherwise."""
+    conditions = []
+    for branch in schemas["Filter"].pop("oneOf"):
         properties = branch.get("properties", {})
-        key = next(iter(properties), "")
-        if key in ("and", "or", "not"):
-            if key != "not":
-                properties[key]["maxItems"] = max_items
-            name = f"Filter{key.capitalize()}"
-            schemas[name] = branch
-            branch = {"$ref": f"#/components/schemas/{name}"}
-        elif "range" in properties:
+        if next(iter(properties), "") in ("and", "or", "not"):
+            continue
+        if "range" in properties:
             schemas["FilterRange"] = properties["range"]
             properties["range"] = {"$ref": "#/components/schemas/FilterRange"}
-        branches.append(branch)
-    schemas["Filter"]["oneOf"] = branches
+        conditions.append(branch)
+    if not conditions:  # no columns: no filter matches anything
+        schemas["Filter"]["not"] = {}
+        return
+    schemas["FilterCondition"] = {"oneOf": conditions, "description": "a condition on a column"}
+    forms = ["FilterCondition"]
+    if cap >= 2:
+        schemas["FilterNot"] = _object({"not": _ref("FilterCondition")}, ["not"])
+        forms.append("FilterNot")
+    items = min(MAX_CHILDREN, cap - 1)
+    if items >= 1:
+        clause = _ref("FilterCondition")
+        for key in ("and", "or"):
+            name = f"Filter{key.capitalize()}"
+            array = {"type": "array", "items": clause, "minItems": 1, "maxItems": items}
+            schemas[name] = _object({key: array}, [key])
+            forms.append(name)
+    schemas["Filter"]["oneOf"] = [_ref(name) for name in forms]
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
 
 
 def _set_parameter(operation: dict, name: str, schema: dict) -> None:
