@@ -5,7 +5,8 @@ JSON Schema can say that an upload is non-empty bytes, not that the bytes decode
 document says it in words and in the part's ``encoding`` (image types), and schemathesis's way to
 generate a valid body of a media type is a strategy registered for it. ``register_image_types``
 registers small real images of each type the document names (``serve.http.openapi.IMAGE_TYPES``),
-so a "valid" upload in the positive phases is an image; ``harness.schemathesis_hooks`` calls it,
+so a "valid" upload in the positive phases is an image, and ``upload_as_image`` swaps one in for
+the other bytes its coverage phase sends as a file; ``harness.schemathesis_hooks`` installs both
 for the CLI (``SCHEMATHESIS_HOOKS=harness.schemathesis_hooks``). ``run_schemathesis`` runs the
 CLI with every check and every phase, bounded and seeded, and reads its JUnit report.
 """
@@ -70,6 +71,33 @@ def register_image_types() -> list[str]:
     return types
 
 
+def decodes(data: bytes) -> bool:
+    """Whether ``data`` is an image PIL reads (the app's decoders take what PIL does)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        return True
+    except Exception:  # PIL raises many kinds for bytes that are not an image
+        return False
+
+
+def upload_as_image(body: object) -> bool:
+    """Replace a multipart body's ``file`` that is non-empty bytes but no image by a real image
+    (in place; True when it did). The document's words say an upload is an image, its schema
+    only "non-empty bytes", and the generator's coverage phase sends file samples of other
+    formats (PDF, ZIP, random bytes) as bytes that satisfy the schema. An empty file, or a
+    ``file`` that is not bytes, is left alone; the hook calls this for positive cases only."""
+    if not isinstance(body, dict) or "file" not in body:
+        return False
+    data = getattr(body["file"], "data", body["file"])  # schemathesis' Binary wraps bytes
+    if not isinstance(data, bytes) or not data or decodes(data):
+        return False
+    image = sample_images("image/png")[len(data) % 3]
+    # the generator's own wrapper (schemathesis' Binary), so it judges the case as before
+    body["file"] = type(body["file"])(image) if hasattr(body["file"], "data") else image
+    return True
+
+
 @dataclass
 class FuzzRun:
     returncode: int
@@ -79,7 +107,7 @@ class FuzzRun:
     errors: int
     output: str  # the CLI's stdout and stderr
 
-    def failures_text(self, width: int = 240) -> str:
+    def failures_text(self, width: int = 1500) -> str:
         """The report's FAILURES section, each line cut to ``width`` (bodies run long)."""
         start = self.output.find("FAILURES")
         lines = self.output[start if start >= 0 else 0 :].splitlines()
