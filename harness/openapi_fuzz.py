@@ -5,9 +5,10 @@ JSON Schema can say that an upload is non-empty bytes, not that the bytes decode
 document says it in words and in the part's ``encoding`` (image types), and schemathesis's way to
 generate a valid body of a media type is a strategy registered for it. ``register_image_types``
 registers small real images of each type the document names (``serve.http.openapi.IMAGE_TYPES``),
-so a "valid" upload in the positive phases is an image, and ``upload_as_image`` swaps one in for
-the other bytes its coverage phase sends as a file; ``harness.schemathesis_hooks`` installs both
-for the CLI (``SCHEMATHESIS_HOOKS=harness.schemathesis_hooks``). ``run_schemathesis`` runs the
+so a "valid" upload in the positive phases is an image, and leaves out the positive cases whose
+file is other bytes (``non_image_upload``: its coverage phase takes file samples of other formats);
+``harness.schemathesis_hooks`` installs both for the CLI
+(``SCHEMATHESIS_HOOKS=harness.schemathesis_hooks``). ``run_schemathesis`` runs the
 CLI with every check and every phase, bounded and seeded, and reads its JUnit report.
 """
 
@@ -81,21 +82,15 @@ def decodes(data: bytes) -> bool:
         return False
 
 
-def upload_as_image(body: object) -> bool:
-    """Replace a multipart body's ``file`` that is non-empty bytes but no image by a real image
-    (in place; True when it did). The document's words say an upload is an image, its schema
-    only "non-empty bytes", and the generator's coverage phase sends file samples of other
-    formats (PDF, ZIP, random bytes) as bytes that satisfy the schema. An empty file, or a
-    ``file`` that is not bytes, is left alone; the hook calls this for positive cases only."""
+def non_image_upload(body: object) -> bool:
+    """Whether a multipart body's ``file`` is non-empty bytes that are no image. The document's
+    words say an upload is an image, its schema only "non-empty bytes", and the generator's
+    coverage phase takes file samples of other formats (PDF, ZIP, random bytes) for valid
+    uploads; the hooks leave such positive cases out (a negative case is sent as generated)."""
     if not isinstance(body, dict) or "file" not in body:
         return False
     data = getattr(body["file"], "data", body["file"])  # schemathesis' Binary wraps bytes
-    if not isinstance(data, bytes) or not data or decodes(data):
-        return False
-    image = sample_images("image/png")[len(data) % 3]
-    # the generator's own wrapper (schemathesis' Binary), so it judges the case as before
-    body["file"] = type(body["file"])(image) if hasattr(body["file"], "data") else image
-    return True
+    return isinstance(data, bytes) and bool(data) and not decodes(data)
 
 
 @dataclass
