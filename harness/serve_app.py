@@ -37,7 +37,8 @@ class RunningApp:
     extra: dict = field(default_factory=dict)
 
     def client(self, timeout: float = 60.0, keyed: bool = True) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.config.api_key}"} if keyed else {}
+        key = self.config.api_key if keyed else ""  # an app with no key (open_writes): none
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from embedding import Embedder, ModelConfig
 from harness.stores import write_store
@@ -55,8 +56,10 @@ def write_caltech_store(
     paths: list[Path],
     num_shards: int,
     model: ModelConfig | None = None,
+    metadata: pa.Table | None = None,
 ) -> tuple[Store, dict[str, np.ndarray]]:
-    """Embed ``paths`` into a new store with ``num_shards`` built, live shards.
+    """Embed ``paths`` into a new store with ``num_shards`` built, live shards (``metadata``: one
+    row per path, stored as typed columns).
 
     Returns the store and ``uri -> vector`` (what the catalogue holds, for exact comparisons).
     """
@@ -71,6 +74,7 @@ def write_caltech_store(
         num_shards,
         model=embedder.name,
         weights=embedder.weights_tag,
+        metadata=metadata,
     )
     for shard in range(num_shards):
         rebuild_shard(store, shard)

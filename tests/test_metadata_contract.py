@@ -100,13 +100,20 @@ def test_openapi_says_exactly_what_search_and_images_accept():
     shaping = {"expand", "expand_m", "expand_alpha", "diversify", "dedup", "exclude_self"}
     assert set(params) == {"k", "nprobe", "rerank", "candidates", "fields", "min_score"} | shaping
     assert "id" not in params  # the JSON body's, not documented in the query string
-    filter_schema = doc["components"]["schemas"]["Filter"]
+    schemas = doc["components"]["schemas"]
     # the document is a valid JSON Schema, and it accepts exactly the filters the store does
-    fixed = _rewrite_refs(filter_schema)
-    validator = jsonschema_rs.validator_for({"$defs": {"Filter": fixed}, **fixed})
-    good = {
-        "and": [{"field": "price", "range": {"lt": 5}}, {"not": {"field": "qty", "in": [1, 2]}}]
+    # (and/or/not and the range bounds are named schemas of their own: FilterAnd, ...)
+    defs = {name: _rewrite_refs(s) for name, s in schemas.items() if name.startswith("Filter")}
+    assert set(defs) == {
+        "Filter",
+        "FilterCondition",
+        "FilterAnd",
+        "FilterOr",
+        "FilterNot",
+        "FilterRange",
     }
+    validator = jsonschema_rs.validator_for({"$defs": defs, **defs["Filter"]})
+    good = {"and": [{"field": "price", "range": {"lt": 5}}, {"field": "qty", "in": [1, 2]}]}
     assert validator.is_valid(good) and validate_filter(good, SCHEMA)
     for bad in (
         {"field": "colour", "eq": 1},
@@ -132,7 +139,10 @@ def test_openapi_says_exactly_what_search_and_images_accept():
 
 def _rewrite_refs(node):
     if isinstance(node, dict):
-        return {k: ("#/$defs/Filter" if k == "$ref" else _rewrite_refs(v)) for k, v in node.items()}
+        return {
+            k: v.replace("#/components/schemas/", "#/$defs/") if k == "$ref" else _rewrite_refs(v)
+            for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_rewrite_refs(v) for v in node]
     return node

@@ -337,7 +337,8 @@ def test_openapi_is_exact_for_the_store_and_requests_generated_from_it_are_accep
     by_vector = search["requestBody"]["content"]["application/json"]["schema"]["oneOf"][0]
     assert by_vector["properties"]["vector"]["minItems"] == 1280
     assert set(COLUMNS) <= set(doc["components"]["schemas"]["Metadata"]["properties"])
-    conditions = [c["properties"] for c in doc["components"]["schemas"]["Filter"]["oneOf"]]
+    branches = doc["components"]["schemas"]["FilterCondition"]["oneOf"]
+    conditions = [c["properties"] for c in branches]
     ranges = {c["field"]["const"] for c in conditions if "range" in c}
     assert ranges == {"price"}  # ranges are offered on numeric columns only
     photos = [p.read_bytes() for p in app.photos[:5]]

@@ -29,7 +29,7 @@ import os
 import time
 
 import numpy as np
-from fastapi import Query, Request
+from fastapi import Header, Query, Request
 from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -48,6 +48,7 @@ from serve.http.crop import image_crop
 from serve.http.errors import (
     ERROR_RESPONSES,
     RECORD_ERROR_RESPONSES,
+    THUMBNAIL_RESPONSES,
     WRITE_ERROR_RESPONSES,
     ApiError,
     redact,
@@ -155,6 +156,7 @@ class Ingress:
             openapi.OpenApiContext(
                 dim=self.dim,
                 metric=self.metric,
+                num_shards=self.num_shards,
                 metadata=dict(manifest.metadata),
                 image_queries=self.embedder is not None,
                 api_key=bool(self.config.api_key),
@@ -364,14 +366,18 @@ class Ingress:
         "/images/{image_id}/thumbnail",
         summary="A small JPEG of a catalogue row whose uri is under thumbnail_roots",
         response_class=Response,
-        responses={200: {"content": {"image/jpeg": {}}}, **RECORD_ERROR_RESPONSES},
+        responses=THUMBNAIL_RESPONSES,
     )
-    async def get_thumbnail(self, request: Request, image_id: str) -> Response:
+    async def get_thumbnail(
+        self,
+        image_id: str,
+        if_none_match: str | None = Header(
+            None, description="ETags of a copy the caller has: 304 when one is current"
+        ),
+    ) -> Response:
         record = await self._record(image_id)
         # anonymous limits for everyone: the route is anonymous and the cache is shared
-        return await thumbnail_response(
-            record, request.headers.get("if-none-match"), self.sources, self.anon_limits
-        )
+        return await thumbnail_response(record, if_none_match, self.sources, self.anon_limits)
 
     async def _record(self, image_id: str, fields: tuple[str, ...] | None = None) -> dict:
         """The visible row ``image_id`` from the shard that owns it, with the metadata

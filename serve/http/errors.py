@@ -78,6 +78,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("ray.serve")
 
@@ -154,6 +155,14 @@ RECORD_ERROR_RESPONSES = _responses(
     (422, "invalid_id"),
     (503, "shard_unavailable"),
 )
+THUMBNAIL_RESPONSES = {
+    200: {
+        "description": "a JPEG of at most 256 px",
+        "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    304: {"description": "If-None-Match names the current ETag: the caller's copy is current"},
+    **RECORD_ERROR_RESPONSES,
+}
 
 
 # ---- what an anonymous caller sees --------------------------------------------------------------
@@ -218,6 +227,27 @@ def request_id(request: Request) -> str:
         return ""
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route of the app answers at the request's path (its ``Allow`` header on
+    a 405, RFC 9110): Starlette's own 405 names only the methods of the first route whose path
+    matched, and ``GET /images/{id}`` and ``DELETE /images/{id}`` are two routes."""
+    methods: set[str] = set()
+    for route in _flat_routes(getattr(request.app, "routes", ())):
+        if route.matches(request.scope)[0] != Match.NONE:  # PARTIAL: the path, not the method
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def _flat_routes(routes) -> list:
+    """The routes of an app, with those of included routers (Serve's ``serve.ingress`` includes
+    the class's routes as a router of their own, FastAPI keeps it nested) in their place."""
+    out = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)  # fastapi.routing._IncludedRouter
+        out += _flat_routes(inner.routes) if inner is not None else [route]
+    return out
+
+
 # ---- the handlers ----------------------------------------------------------------------------
 def add_error_handlers(app: FastAPI) -> None:
     """Every refusal and failure of ``app`` as the JSON error body, redacted for anonymous
@@ -229,13 +259,18 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # routing refusals (unknown path 404, wrong method 405) in the same JSON error shape
         error = HTTP_ERROR_CODES.get(exc.status_code, "http_error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        detail = str(exc.detail)
+        if exc.status_code == 405:
+            allowed = allowed_methods(request)
+            if allowed:  # every method of the path, not only those of the route matched first
+                headers["Allow"] = ", ".join(allowed)
+                detail = f"{request.method} {request.url.path}: allowed {headers['Allow']}"
         return JSONResponse(
-            {"error": error, "detail": str(exc.detail)},
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            {"error": error, "detail": detail}, status_code=exc.status_code, headers=headers
         )
 
     @app.exception_handler(RequestValidationError)

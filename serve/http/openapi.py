@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
 from index.query import shaping
+from index.query.filters import MAX_CHILDREN
 from index.query.filters import openapi_schema as filter_schema
 from index.rows.metadata import INT64_MAX, INT64_MIN, MAX_STRING_CHARS
 from serve.http.limits import Limits
@@ -49,6 +51,14 @@ from serve.http.validate import FLOAT32_MAX, MAX_ID_CHARS
 FILTER_REF = "#/components/schemas/Filter"
 METADATA_REF = "#/components/schemas/Metadata"
 BINARY = {"type": "string", "format": "binary"}
+# an upload: the bytes of an image file in one of IMAGE_TYPES (the app sniffs the bytes, not the
+# part's Content-Type); empty is 422 ``empty``, other bytes 415 ``not_an_image``
+IMAGE_FILE = {
+    **BINARY,
+    "minLength": 1,
+    "description": "the bytes of a JPEG, PNG, WebP, GIF, BMP or TIFF image, not empty; other "
+    "bytes are refused: 422 empty, 415 not_an_image, 413 too_large or decompression_bomb",
+}
 # a row id: the /images/{id} routes could never name one holding a "/" (validate.validate_id)
 ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS, "pattern": "^[^/]+$"}
 IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/gif, image/bmp, image/tiff"
@@ -89,6 +99,7 @@ class OpenApiContext:
 
     dim: int | None = None
     metric: str = "ip"
+    num_shards: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     image_queries: bool = True
     api_key: bool = False
@@ -100,6 +111,7 @@ def document(base: dict, ctx: OpenApiContext) -> dict:
     doc = copy.deepcopy(base)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas["Filter"] = filter_schema(ctx.metadata, FILTER_REF)
+    _bounded_filter(schemas, ctx.limits.max_filter_nodes)
     nodes = f"a filter of at most {ctx.limits.max_filter_nodes} nodes (conditions, and, or, not)"
     schemas["Filter"]["description"] = _capped(ctx.limits, nodes)
     schemas["Metadata"] = metadata_schema(ctx.metadata)
@@ -114,9 +126,86 @@ def document(base: dict, ctx: OpenApiContext) -> dict:
     add = paths.get("/images", {}).get("post")
     if add is not None:
         add["requestBody"] = add_body(ctx)
+        add.get("responses", {}).get("201", {})["links"] = ROW_LINKS
+    for operation in [
+        *paths.get("/images/{image_id}", {}).values(),
+        *paths.get("/images/{image_id}/thumbnail", {}).values(),
+    ]:
+        _set_parameter(operation, "image_id", ID)  # validate_id's rule, not any string
+    record = paths.get("/images/{image_id}", {}).get("get")
+    if record is not None:  # the same columns as a search's ``fields``
+        _set_parameter(record, "fields", _fields_pattern(ctx.metadata))
+    rebuild = paths.get("/admin/rebuild", {}).get("post")
+    if rebuild is not None and ctx.num_shards is not None:
+        shard = {"type": "integer", "minimum": 0, "maximum": ctx.num_shards - 1}
+        _set_parameter(rebuild, "shard", {**shard, "description": "one shard (default: all)"})
     if ctx.api_key:
         _security(doc)
     return doc
+
+
+# what a 201 of POST /images promises: the row, and deleting it. Not its thumbnail: that exists
+# only when the answer's ``thumbnail`` is true (its uri lies under ``thumbnail_roots``)
+ROW_LINKS = {
+    "GetImage": {
+        "operationRef": "#/paths/~1images~1{image_id}/get",
+        "parameters": {"image_id": "$response.body#/id"},
+        "description": "the row just added",
+    },
+    "DeleteImage": {
+        "operationRef": "#/paths/~1images~1{image_id}/delete",
+        "parameters": {"image_id": "$response.body#/id"},
+        "description": "hide the row again",
+    },
+}
+
+
+def _bounded_filter(schemas: dict, cap: int) -> None:
+    """The document's filter form: every filter it allows fits an anonymous caller's node cap
+    (``filter_too_large`` otherwise, and a node count is no JSON Schema keyword), so two levels:
+    a condition (``FilterCondition``, one per column and operator), ``not`` of one
+    (``FilterNot``), or ``and``/``or`` of at most ``cap - 1`` conditions (``FilterAnd``,
+    ``FilterOr``): exactly the longest list the cap takes. The app takes any nesting within the
+    cap (``index.query.filters``); a client sends deeper filters with the key. Named schemas,
+    not anonymous ``oneOf`` members, and one ``FilterRange`` for every numeric column's bounds:
+    a client generator (openapi-python-client) drops the filter or its ranges otherwise."""
+    conditions = []
+    for branch in schemas["Filter"].pop("oneOf"):
+        properties = branch.get("properties", {})
+        if next(iter(properties), "") in ("and", "or", "not"):
+            continue
+        if "range" in properties:
+            schemas["FilterRange"] = properties["range"]
+            properties["range"] = {"$ref": "#/components/schemas/FilterRange"}
+        conditions.append(branch)
+    if not conditions:  # no columns: no filter matches anything
+        schemas["Filter"]["not"] = {}
+        return
+    schemas["FilterCondition"] = {"oneOf": conditions, "description": "a condition on a column"}
+    forms = ["FilterCondition"]
+    if cap >= 2:
+        schemas["FilterNot"] = _object({"not": _ref("FilterCondition")}, ["not"])
+        forms.append("FilterNot")
+    items = min(MAX_CHILDREN, cap - 1)
+    if items >= 1:
+        clause = _ref("FilterCondition")
+        for key in ("and", "or"):
+            name = f"Filter{key.capitalize()}"
+            array = {"type": "array", "items": clause, "minItems": 1, "maxItems": items}
+            schemas[name] = _object({key: array}, [key])
+            forms.append(name)
+    schemas["Filter"]["oneOf"] = [_ref(name) for name in forms]
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _set_parameter(operation: dict, name: str, schema: dict) -> None:
+    """Give ``operation``'s parameter ``name`` the exact ``schema`` (FastAPI's says string/int)."""
+    for parameter in operation.get("parameters", []):
+        if parameter.get("name") == name:
+            parameter["schema"] = schema
 
 
 def metadata_schema(metadata: dict[str, str]) -> dict:
@@ -187,7 +276,7 @@ def _params(ctx: OpenApiContext) -> dict:
 
 
 def _fields_pattern(metadata: dict[str, str]) -> dict:
-    names = "|".join(metadata)
+    names = "|".join(re.escape(name) for name in metadata)
     pattern = f"^$|^({names})(,({names}))*$" if names else "^$"
     return {
         "type": "string",
@@ -213,8 +302,7 @@ def search_body(ctx: OpenApiContext) -> dict:
     common["fields"] = {
         "type": "array",
         "items": {"type": "string", "enum": list(ctx.metadata)} if ctx.metadata else {"not": {}},
-        "uniqueItems": True,
-        "description": "metadata columns to return (default: all; []: none)",
+        "description": "metadata columns to return (default: all; []: none; a repeat is one)",
     }
     by_vector = _object({"vector": vector_schema(ctx), **common}, ["vector"])
     by_id = _object({"id": ID, **common}, ["id"])
@@ -258,7 +346,7 @@ def _upload(fields: dict, json_field: str) -> dict:
     """A multipart body: an image ``file`` and form ``fields``, ``json_field`` as JSON text."""
     return {
         "multipart/form-data": {
-            "schema": _object({"file": BINARY, **fields}, ["file"]),
+            "schema": _object({"file": IMAGE_FILE, **fields}, ["file"]),
             "encoding": {
                 "file": {"contentType": IMAGE_TYPES},
                 json_field: {"contentType": "application/json"},

@@ -50,6 +50,7 @@ class ParsedQuery:
     row_id: str | None = None
     raw_filter: Any = None  # the request's ``filter`` as given (JSON value or text)
     raw_fields: Any = UNSET  # the request's ``fields`` as given
+    query_fields: Any = UNSET  # ``fields`` in the query string (checked even when overridden)
     limits: Limits | None = None  # the caller's (the filter's size is checked against them)
 
 
@@ -108,9 +109,11 @@ async def _parse_multipart(request: Request, body: bytes) -> dict[str, Any]:
 async def parse_search(request: Request, limits: Limits, dim: int, normalise: bool) -> ParsedQuery:
     """One of: multipart ``file``, JSON ``vector``, JSON ``id`` (or ``?id=``), validated; the
     ``filter`` and ``fields`` as given (``resolve_metadata`` checks them against the schema)."""
-    extras: dict[str, Any] = {"filter": None, "fields": request.query_params.get("fields", UNSET)}
+    query_fields = request.query_params.get("fields", UNSET)
+    extras: dict[str, Any] = {"filter": None, "fields": query_fields}
     query = await _parse_search(request, limits, dim, normalise, extras)
     query.raw_filter, query.raw_fields = extras["filter"], extras["fields"]
+    query.query_fields = query_fields
     query.limits = limits
     return query
 
@@ -120,6 +123,9 @@ async def _parse_search(
 ) -> ParsedQuery:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     raw: dict[str, Any] = {key: request.query_params.get(key) for key in _PARAM_KEYS}
+    # a body's value overrides the query string's, but a query string value out of its range is
+    # refused all the same: what the request says anywhere is checked (the document's rule)
+    validate_params(raw, limits)
     query_id = request.query_params.get("id")
     if content_type == "multipart/form-data":
         body = await read_body(request, limits.max_upload_bytes + MULTIPART_OVERHEAD)
@@ -157,6 +163,7 @@ async def _parse_search(
         unknown = sorted(set(data) - {"vector", "id", *_PARAM_KEYS, *extras})
         if unknown:
             raise ApiError(422, "invalid_parameter", f"unknown fields: {', '.join(unknown)}")
+        refuse_nulls(data)
         raw.update({k: data[k] for k in _PARAM_KEYS if k in data})
         extras.update({k: data[k] for k in extras if k in data})
         row_id = data.get("id", query_id)
@@ -186,6 +193,16 @@ _PARAM_KEYS = (
 )
 
 
+def refuse_nulls(data: dict[str, Any]) -> None:
+    """A JSON body's field is a value or absent, never ``null`` (the document's types have no
+    null there, so a generated client never sends one): 422 naming the fields."""
+    nulls = sorted(key for key, value in data.items() if value is None)
+    if nulls:
+        raise ApiError(
+            422, "invalid_parameter", f"null given for {', '.join(nulls)}: leave those out"
+        )
+
+
 def resolve_metadata(query: ParsedQuery, schema: dict[str, str]) -> ParsedQuery:
     """Check the query's raw ``filter`` and ``fields`` against the store's metadata ``schema``
     (and the filter's size against the caller's limits) and set ``query.params.filter`` /
@@ -194,6 +211,8 @@ def resolve_metadata(query: ParsedQuery, schema: dict[str, str]) -> ParsedQuery:
         validate_filter(query.raw_filter, schema), query.limits or Limits()
     )
     query.params.fields = validate_fields(query.raw_fields, schema)
+    if query.query_fields is not query.raw_fields:  # overridden by the body: still checked
+        validate_fields(query.query_fields, schema)
     return query
 
 
@@ -230,6 +249,7 @@ async def parse_add(request: Request, limits: Limits, dim: int, normalise: bool)
         unknown = sorted(set(fields) - {"vector", "id", "uri", "metadata"})
         if unknown:
             raise ApiError(422, "invalid_parameter", f"unknown fields: {', '.join(unknown)}")
+        refuse_nulls(fields)
     else:
         raise ApiError(
             415,
@@ -237,10 +257,14 @@ async def parse_add(request: Request, limits: Limits, dim: int, normalise: bool)
             f"Content-Type {content_type!r}: send multipart/form-data (file) or JSON (vector)",
         )
     row_id = _text_field(fields.get("id", request.query_params.get("id")))
+    uri = fields.get("uri", request.query_params.get("uri"))
+    if "" in (row_id, _text_field(uri)):  # given, but empty: the document's minLength is 1
+        empty = "id" if row_id == "" else "uri"
+        raise ApiError(422, f"invalid_{empty}", f"{empty} is empty: leave it out for the default")
     parsed = ParsedAdd(
         kind="image",
-        row_id=None if row_id in (None, "") else validate_id(row_id),
-        uri=validate_uri(fields.get("uri", request.query_params.get("uri"))),
+        row_id=None if row_id is None else validate_id(row_id),
+        uri=validate_uri(uri),
         raw_metadata=validate_metadata(fields.get("metadata")),
     )
     image, vector = fields.get("file"), fields.get("vector")
