@@ -4,7 +4,7 @@
 the ann-benchmarks HDF5 layout (``train``, ``test``, ``neighbors`` = exact top-100 int32 ids
 into ``train``, ``distances``, attribute ``distance``), with the same shapes:
 
-- ``caltech101-mnv2-1280-angular.hdf5``: 8,177 x 1280 train, 500 test, with ``train_labels``,
+- ``caltech101-mnv2-1280-angular.hdf5``: 8,177 x 1280 train, with ``train_labels``,
   ``test_labels``, ``train_paths`` and ``test_paths``. Stands in for CNN embeddings: each row is
   ``relu(W @ (centre_c + s * z))``, a point of a 48-d latent space around its class centre (101
   classes) pushed through a fixed random 1280 x 48 projection and a ReLU, as pooled CNN features
@@ -76,7 +76,7 @@ def _write(path: Path, metric: str, train: np.ndarray, test: np.ndarray, **extra
 
 def caltech_like(seed: int = 101) -> dict[str, np.ndarray]:
     """The stand-in for ``caltech101-mnv2-1280-angular``'s arrays (unit rows)."""
-    vectors, label = latent_mixture(8177 + 500, 1280, classes=101, latent=48, spread=0.9, seed=seed)
+    vectors, label = latent_mixture(8677, 1280, classes=101, latent=48, spread=0.65, seed=seed)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     paths = np.array(
         [f"class_{c:03d}/image_{i + 1:04d}.jpg" for i, c in enumerate(label)], dtype=object

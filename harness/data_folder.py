@@ -36,7 +36,7 @@ from harness.ann_files import write_ann_files
 from harness.photo_tree import write_photo_tree
 
 ROOT = Path(__file__).resolve().parents[1]
-VERSION = "1"  # bump when a generator changes what it writes
+VERSIONS = {"photos": 1, "ann": 2, "weights": 1}  # bump one when its generator changes
 KINDS = {"photos": "images/caltech101", "ann": "ann", "weights": "weights"}
 WEIGHTS_FILE = "mobilenet_v2-imagenet-features.pth"
 
@@ -74,7 +74,7 @@ GENERATORS = {"photos": write_photo_tree, "ann": write_ann_files, "weights": wri
 
 def generated(kind: str) -> Path:
     """The generated folder of ``kind``, written now if this version has none yet."""
-    target = cache_root() / f"{kind}-v{VERSION}"
+    target = cache_root() / f"{kind}-v{VERSIONS[kind]}"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
