@@ -21,7 +21,7 @@ folder only (``benchmarks/common.py``): their figures are about real data.
 
 Generated folders are written once per version under ``.cache/test-data/`` in the checkout
 (``VISUAL_SEARCH_TEST_CACHE`` elsewhere), built in a temporary folder and renamed into place,
-so an interrupted or concurrent run never leaves half a folder behind; ~15 s on 2 cores.
+so an interrupted or concurrent run never leaves half a folder behind; ~25 s on 2 cores.
 """
 
 from __future__ import annotations
