@@ -1,5 +1,8 @@
 """Inputs for the embedding job's tests: a fixed Caltech-101 subset, broken files, odd images.
 
+The Caltech helpers read any tree of Caltech's layout (the shared photos or
+``harness.photo_tree``'s): classes and picks come from the tree, never from class names.
+
 Broken files are built byte by byte (no network, a few KB each) so each one exercises exactly
 one failure: empty, truncated, not an image, and two decompression bombs (a header that claims
 100,000 x 100,000 pixels, and a real 10,000 x 10,000 PNG that is 12 KB on disk).
@@ -18,16 +21,39 @@ from PIL import Image
 CATEGORIES = "101_ObjectCategories"
 
 
-def caltech_subset(caltech_dir: Path, n: int, per_class: int = 3) -> list[Path]:
-    """``n`` photos, ``per_class`` from each class in name order (BACKGROUND_Google excluded)."""
-    classes = sorted(
+def classes(caltech_dir: Path) -> list[Path]:
+    """The class folders, in name order (``BACKGROUND_Google`` is not a class)."""
+    return sorted(
         p
         for p in (caltech_dir / CATEGORIES).iterdir()
         if p.is_dir() and p.name != "BACKGROUND_Google"
     )
+
+
+def class_photos(caltech_dir: Path, index: int = 0) -> list[Path]:
+    """The photos of the ``index``-th class, in name order."""
+    return sorted(classes(caltech_dir)[index].glob("*.jpg"))
+
+
+def grey_photos(caltech_dir: Path, n: int) -> list[Path]:
+    """The first ``n`` greyscale photos of the classes, in name order."""
+    found = []
+    for cls in classes(caltech_dir):
+        for path in sorted(cls.glob("*.jpg")):
+            with Image.open(path) as img:
+                if img.mode == "L":
+                    found.append(path)
+            if len(found) == n:
+                return found
+    return found
+
+
+def caltech_subset(caltech_dir: Path, n: int, per_class: int = 3) -> list[Path]:
+    """``n`` photos, ``per_class`` from each class in name order (BACKGROUND_Google excluded)."""
+    folders = classes(caltech_dir)
     picked: list[Path] = []
     for offset in range(0, 1000, per_class):
-        for cls in classes:
+        for cls in folders:
             files = sorted(cls.glob("*.jpg"))[offset : offset + per_class]
             picked.extend(files)
             if len(picked) >= n:

@@ -1,7 +1,7 @@
 """A real Serve app on 127.0.0.1 for the reliability tests and the load benchmark.
 
 ``running_app`` starts the whole graph (Ingress -> QueryEmbedder, ShardSearcher0..S-1) over a
-small store of real Caltech photos, on a free loopback port, and shuts Serve down afterwards.
+small store of real photos (``caltech_dir``) on a free loopback port, and stops Serve after.
 The app has an API key (``TEST_API_KEY``) and ``RunningApp.client()`` sends it, so the tests
 write and read error details as an operator does; ``client(keyed=False)`` is an anonymous caller.
 ``serve_replicas`` lists the live Serve actors with their process ids straight from the GCS

@@ -1,4 +1,4 @@
-"""A small real store for the Serve tests: real Caltech-101 photos, really embedded, real indexes.
+"""A small real store for the Serve tests: real photos, really embedded, real indexes.
 
 Embedding in-process with ``Embedder`` (no Ray Data job) keeps it to a few seconds; the rows are
 written with ``harness.stores.write_store`` and indexed with ``index.live.rebuild``, exactly

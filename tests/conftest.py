@@ -1,4 +1,10 @@
-"""Fixtures shared by the suite: the shared data folder and one real local Ray per session.
+"""Fixtures shared by the suite: the test data folders and one real local Ray per session.
+
+The photos, ANN files and weights come from the shared data folder ``../shared/data``
+(``VISUAL_SEARCH_DATA`` elsewhere) where it holds them, else from folders generated from what a
+fresh clone has (``harness.data_folder``: scikit-image's photos, seeded vectors and weights), so
+no test skips for missing data; the session's header says which was used, and its summary
+counts any test that skipped for missing data (none should).
 
 Ray here binds to 127.0.0.1 only with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and token auth is off
 for the throwaway clusters tests start (see shared/RAY-HERE.md).
@@ -7,45 +13,71 @@ for the throwaway clusters tests start (see shared/RAY-HERE.md).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from harness.data_folder import KINDS, data_folder, shared_root
 from pipelines.local_ray import init_local_ray, use_local_ray_env
 
 use_local_ray_env()
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("VISUAL_SEARCH_DATA", ROOT.parent / "shared" / "data"))
-CALTECH = DATA_DIR / "images" / "caltech101"
-ANN_DIR = DATA_DIR / "ann"
-WEIGHTS_DIR = DATA_DIR / "weights"
+USED: dict[str, str] = {}  # kind -> "shared <path>" / "generated <path>", as the fixtures chose
+MISSING_DATA = re.compile(r"missing data|shared data .* is missing")
 
 
-def require_data(path: Path) -> Path:
-    """Skip when the shared data is absent on a developer box; never skip in CI."""
+def require_installed(path: Path) -> Path:
+    """Skip when a tool (a browser, a package) is absent on a developer box; fail in CI."""
     if not path.exists():
         if os.environ.get("CI"):
-            pytest.fail(f"shared data {path} is missing in CI")
-        pytest.skip(f"shared data {path} is missing")
+            pytest.fail(f"{path} is not installed in CI")
+        pytest.skip(f"not installed: {path}")
     return path
+
+
+def _data(kind: str) -> Path:
+    found = data_folder(kind)
+    USED[kind] = f"{found.source} {found.path}"
+    return found.path
 
 
 @pytest.fixture(scope="session")
 def caltech_dir() -> Path:
-    return require_data(CALTECH)
+    """Caltech-101's layout: ``101_ObjectCategories/<class>/*.jpg``, ``train.txt``/``test.txt``."""
+    return _data("photos")
 
 
 @pytest.fixture(scope="session")
 def ann_dir() -> Path:
-    return require_data(ANN_DIR)
+    """``caltech101-mnv2-1280-angular.hdf5`` and ``sift5k-128-euclidean.hdf5``."""
+    return _data("ann")
 
 
 @pytest.fixture(scope="session")
 def weights_dir() -> Path:
-    return require_data(WEIGHTS_DIR)
+    """``mobilenet_v2-imagenet-features.pth``: torchvision ``features.*`` keys."""
+    return _data("weights")
+
+
+def pytest_report_header(config) -> str:
+    shared = shared_root()
+    found = [kind for kind, sub in KINDS.items() if (shared / sub).is_dir()]
+    where = ", ".join(found) if found else "none of photos, ann, weights"
+    return f"test data: shared folder {shared} holds {where}; the rest is generated on first use"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    skipped = terminalreporter.stats.get("skipped", [])
+    reasons = [str(r.longrepr[2]) if isinstance(r.longrepr, tuple) else "" for r in skipped]
+    missing = sum(bool(MISSING_DATA.search(reason)) for reason in reasons)
+    used = "; ".join(f"{kind}: {USED[kind]}" for kind in sorted(USED)) or "none used"
+    terminalreporter.write_line(f"test data: {used}")
+    terminalreporter.write_line(
+        f"tests skipped for missing data: {missing} (of {len(skipped)} skipped)"
+    )
 
 
 @pytest.fixture(scope="session")

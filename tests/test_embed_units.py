@@ -92,7 +92,7 @@ def test_inputs_folder_glob_list_and_uri_spellings(tmp_path, monkeypatch):
 
 # ---- decode stage ------------------------------------------------------------------------------
 def test_read_decode_batch_turns_every_failure_into_an_error_row(tmp_path, caltech_dir):
-    real = sorted((caltech_dir / samples.CATEGORIES / "accordion").glob("*.jpg"))[0].read_bytes()
+    real = samples.class_photos(caltech_dir)[0].read_bytes()
     bad = samples.bad_files(real)
     odd = samples.odd_valid_files()
     paths = samples.write_files(tmp_path, {k: v[0] for k, v in bad.items()})
@@ -119,6 +119,30 @@ def test_read_decode_batch_turns_every_failure_into_an_error_row(tmp_path, calte
     valid = out.filter(pc.is_null(out["stage"]))
     flat = valid[CROP].combine_chunks().flatten().to_numpy()
     assert flat.reshape(-1, 224, 224, 3).shape[0] == len(odd)
+
+
+def test_a_weights_file_loads_whole_and_is_named_by_its_content(weights_dir, tmp_path):
+    """``weights=<.pth>`` in torchvision's key names: every tensor lands in the backbone, the
+    tag is the file's name and content hash, and a file for another network is refused."""
+    import hashlib
+
+    import torch
+
+    from embedding.backbones import load_backbone
+
+    path = weights_dir / "mobilenet_v2-imagenet-features.pth"
+    backbone = load_backbone("mobilenet_v2", str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert backbone.weights_tag == f"file:{path.name}:{digest}"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = backbone.module.state_dict()
+    assert state and all(torch.equal(own[key], value) for key, value in state.items())
+    with torch.no_grad():
+        features = backbone.module.eval()(torch.rand(2, 3, 224, 224))
+    assert features.shape == (2, 1280) and torch.isfinite(features).all()
+    torch.save({"layer1.0.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_backbone("mobilenet_v2", str(tmp_path / "other.pth"))
 
 
 def test_jpeg_draft_decode_keeps_orientation_and_pixels():

@@ -1,6 +1,6 @@
 """The search page in a real browser, and the two GET routes it stands on.
 
-One Serve app (``harness.serve_app.running_app``) over 24 real Caltech-101 photos in 2 shards.
+One Serve app (``harness.serve_app.running_app``) over 24 photos of 6 classes in 2 shards.
 ``GET /images/{id}`` and ``GET /images/{id}/thumbnail`` are checked over HTTP; then Debian's
 Chromium, driven by Playwright (``executable_path``: no browser download), uploads a photo
 through the page, clicks a result, drops and pastes images, and shows errors and a partial
@@ -29,11 +29,17 @@ from harness.serve_app import running_app
 from harness.serve_store import write_caltech_store
 from index.rows.sharding import shard_of, uri_id
 from index.storage.manifest import evolve_metadata
-from tests.conftest import require_data
+from tests.conftest import require_installed
 
 pytestmark = pytest.mark.slow
 
-CLASSES = ("airplanes", "Leopards", "Motorbikes", "sunflower", "watch", "dalmatian")
+# six clearly different classes: Caltech-101's where the photos are Caltech's, else the
+# generated tree's (harness.photo_tree); a query, a pasted and a held-out dropped photo come from
+# the 2nd, 5th and 4th (the README's screenshot is Caltech's sunflower)
+SHOWCASE = (
+    ("airplanes", "Leopards", "Motorbikes", "sunflower", "watch", "dalmatian"),
+    ("astronaut", "chelsea_cat", "motorcycle", "coffee", "rocket", "hubble"),
+)
 PER_CLASS = 4
 EVIL_URI = (
     '"><script>window.__pwned="uri-script"</script>'
@@ -52,9 +58,16 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def photos(caltech_dir: Path, split: str, per_class: int) -> dict[str, list[Path]]:
-    """The first ``per_class`` photos of each of ``CLASSES`` in ``split`` (train/test.txt)."""
-    out: dict[str, list[Path]] = {c: [] for c in CLASSES}
+def showcase(caltech_dir: Path) -> tuple[str, ...]:
+    present = {p.name for p in (caltech_dir / "101_ObjectCategories").iterdir()}
+    return next(classes for classes in SHOWCASE if set(classes) <= present)
+
+
+def photos(
+    caltech_dir: Path, classes: tuple[str, ...], split: str, per_class: int
+) -> dict[str, list[Path]]:
+    """The first ``per_class`` photos of each of ``classes`` in ``split`` (train/test.txt)."""
+    out: dict[str, list[Path]] = {c: [] for c in classes}
     for line in sorted((caltech_dir / split).read_text().split()):
         cls = line.split("/")[0]
         if cls in out and len(out[cls]) < per_class:
@@ -64,13 +77,15 @@ def photos(caltech_dir: Path, split: str, per_class: int) -> dict[str, list[Path
 
 @pytest.fixture(scope="module")
 def app(ray_local, caltech_dir, tmp_path_factory):
-    by_class = photos(caltech_dir, "train.txt", PER_CLASS)
-    paths = [p for cls in CLASSES for p in by_class[cls]]
+    classes = showcase(caltech_dir)
+    by_class = photos(caltech_dir, classes, "train.txt", PER_CLASS)
+    paths = [p for cls in classes for p in by_class[cls]]
     store, vectors = write_caltech_store(tmp_path_factory.mktemp("page") / "store", paths, 2)
     # thumbnails are read only under thumbnail_roots (serve.http.thumbnails): the photos' tree
     with running_app(store, paths, vectors, thumbnail_roots=[str(caltech_dir)]) as running:
         running.extra["by_class"] = by_class
-        running.extra["held_out"] = photos(caltech_dir, "test.txt", 1)
+        running.extra["held_out"] = photos(caltech_dir, classes, "test.txt", 1)
+        running.extra["classes"] = classes
         yield running
 
 
@@ -80,8 +95,8 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        require_data(Path("/nonexistent/playwright (pip install -e .[dev])"))
-    chromium = shutil.which("chromium") or str(require_data(Path("/usr/bin/chromium")))
+        require_installed(Path("/nonexistent/playwright (pip install -e .[dev])"))
+    chromium = shutil.which("chromium") or str(require_installed(Path("/usr/bin/chromium")))
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         try:
@@ -213,7 +228,8 @@ def test_search_page_in_chromium(app, browser, tmp_path):
     page.fill("#k", "8")
 
     # 1. choose a catalogue photo: the first result is that photo, its thumbnail loads
-    query = by_class["Leopards"][0]
+    classes = app.extra["classes"]
+    query = by_class[classes[1]][0]
     page.set_input_files("#file", str(query))
     got = wait_results(page, query.name, 8)
     assert got[0]["uri"] == uri_of(query) and got[0]["id"] == uri_id(uri_of(query))
@@ -227,13 +243,13 @@ def test_search_page_in_chromium(app, browser, tmp_path):
     assert page.url.endswith(f"#id={clicked['id']}")
 
     # 3. paste a catalogue photo, then drop a held-out photo (not in the catalogue)
-    pasted = by_class["watch"][1]
+    pasted = by_class[classes[4]][1]
     put_file(page, "paste", pasted)
     assert wait_results(page, "pasted image", 8)[0]["uri"] == uri_of(pasted)
-    dropped = held_out["sunflower"][0]
+    dropped = held_out[classes[3]][0]
     put_file(page, "drop", dropped)
     shown = wait_results(page, dropped.name, 8)
-    assert "/sunflower/" in shown[0]["uri"]
+    assert f"/{classes[3]}/" in shown[0]["uri"]
     until(
         page,
         "() => [...document.querySelectorAll('#results img')].every(i => i.naturalWidth > 0)",
@@ -281,7 +297,7 @@ def test_search_page_in_chromium(app, browser, tmp_path):
     page.unroute(is_search)
 
     # 6. stored script and onerror payloads are shown as text and never run
-    near = app.vectors[uri_of(query)] * 0.9 + app.vectors[uri_of(by_class["Leopards"][1])] * 0.1
+    near = app.vectors[uri_of(query)] * 0.9 + app.vectors[uri_of(by_class[classes[1]][1])] * 0.1
     evolve_metadata(app.store, {"caption": "string"})  # metadata is typed (issue #13)
     body = {
         "vector": (near / np.linalg.norm(near)).tolist(),

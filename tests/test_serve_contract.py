@@ -17,6 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from harness import embed_samples as samples
 from serve.config import ConfigError, DeploymentSettings, ServeConfig
 from serve.http.crop import image_crop
 from serve.http.errors import ApiError
@@ -195,8 +196,8 @@ def test_query_crop_is_the_batch_jobs_crop(caltech_dir):
 
     from pipelines.embed_stages import CROP, read_decode_batch
 
-    files = sorted((caltech_dir / "101_ObjectCategories" / "airplanes").glob("*.jpg"))[:3]
-    files.append(caltech_dir / "101_ObjectCategories" / "car_side" / "image_0001.jpg")  # grey
+    files = samples.class_photos(caltech_dir)[:3] + samples.grey_photos(caltech_dir, 1)
+    assert len(files) == 4 and Image.open(files[-1]).mode == "L"
     uris = [f.as_uri() for f in files]
     table = pa.table({"id": [str(i) for i in range(len(uris))], "uri": uris})
     out = read_decode_batch(

@@ -1,7 +1,8 @@
 """Answer shaping and the live recall canary through the real Serve app on 127.0.0.1.
 
-The catalogue is real CNN embeddings with IVF+PQ indexes (the 8,177 MobileNetV2 vectors of
-Caltech-101 photos in ``caltech101-mnv2-1280-angular.hdf5``, 2 shards), plus planted
+The catalogue is CNN embeddings with IVF+PQ indexes (the 8,177 MobileNetV2 vectors of
+Caltech-101 photos in ``caltech101-mnv2-1280-angular.hdf5``, 2 shards; where the shared data
+folder is absent, its generated stand-in of the same shape: ``harness.ann_files``), plus planted
 near-duplicates: two slightly perturbed copies of three rows, as a catalogue holding several
 edits of one photo has. Vector and id queries only (``image_queries: false``): shaping acts on
 vectors, wherever they came from.
