@@ -245,7 +245,8 @@ class ShardHolder:
             view = self.view
             if delta and view is not None:
                 view.refresh()
-            self.load_error = None
+            if view is None or self.live_dir in (None, view.version_dir):
+                self.load_error = None  # serving a fallback: the live one's refusal stays said
         except Exception as e:  # keep serving the version we have
             self.load_error = f"{type(e).__name__}: {e}"
             log.warning("shard %d: reload failed: %s", self.shard, self.load_error)
