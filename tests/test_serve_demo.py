@@ -15,58 +15,20 @@ import psutil
 import pytest
 
 from harness.polling import wait_for
+from pipelines.local_ray import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_demo_embeds_builds_serves_and_answers(scratch_root):
+def test_demo_embeds_builds_serves_answers_and_stops_on_sigterm(scratch_root):
+    """The demo as the README runs it (served, not ``--exit``): it embeds every catalogue image,
+    builds both shards, answers the held-out queries (printed), then serves on its port behind
+    Serve's HAProxy ingress (the default mode); SIGTERM stops it as Ctrl-C does: exit 0, and
+    nothing (no HAProxy left behind) keeps the port. One run for all of it: each demo run starts
+    its own local Ray and Serve (~40 s on 2 cores)."""
     workdir = scratch_root / "demo"
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "visual_search.demo",
-        "--exit",
-        "--workdir",
-        str(workdir),
-        "--port",
-        str(port),
-        "--ray-temp-dir",
-        str(scratch_root / "demo-ray"),
-    ]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    out = run.stdout
-    assert run.returncode == 0, out[-3000:] + run.stderr[-3000:]
-    # every catalogue image embedded, both shards built, Serve answered the held-out query
-    assert re.search(r"embedded 153 images .* 0 errors", out), out[-3000:]
-    assert re.search(r"built 2 shard\(s\) \(153 vectors\).*0 failed; versions 0:v1, 1:v1", out), (
-        out[-3000:]
-    )
-    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+(\d+)\s+(\S+)\s+\[(same photo|other)\]$", out, re.M)
-    assert len(rows) == 5 and rows[0][4] == "same photo", out[-3000:]
-    assert "chelsea_cat__" in rows[0][3]
-    precision = float(re.search(r"precision@5 over 16 held-out edits.*: ([\d.]+)", out).group(1))
-    assert precision >= 0.9
-    assert f"curl -s -F file=@{workdir}/queries/chelsea_cat__query.jpg" in out
-    assert f"http://127.0.0.1:{port}/search?k=5" in out
-    assert (workdir / "serve_config.yaml").exists()
-
-
-@pytest.mark.slow
-def test_demo_serves_until_sigterm_then_stops_cleanly_and_frees_its_port(scratch_root):
-    """Served (not --exit), the demo answers on its port behind Serve's HAProxy ingress (the
-    default mode); SIGTERM stops it as Ctrl-C does: exit 0, and nothing (no HAProxy left behind)
-    keeps the port. Reuses the first test's store when it ran: the demo is idempotent."""
-    workdir = scratch_root / "demo"
-    port = _free_port()
+    port = free_port()
     log = scratch_root / "demo-serve.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "visual_search.demo", "--workdir", str(workdir)]
@@ -81,7 +43,9 @@ def test_demo_serves_until_sigterm_then_stops_cleanly_and_frees_its_port(scratch
             "the demo to serve",
         )
         assert proc.poll() is None, log.read_text()[-3000:]
-        assert "Serve mode: haproxy" in log.read_text()
+        out = log.read_text()
+        assert "Serve mode: haproxy" in out
+        _check_demo_output(out, workdir, port)
         reply = httpx.post(f"http://127.0.0.1:{port}/search", json={"id": "no-such-id"}, timeout=10)
         assert reply.status_code == 404 and reply.json()["error"] == "unknown_id"
         proc.send_signal(signal.SIGTERM)
@@ -110,3 +74,21 @@ def test_demo_serves_until_sigterm_then_stops_cleanly_and_frees_its_port(scratch
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def _check_demo_output(out: str, workdir: Path, port: int) -> None:
+    """What the demo printed before serving: every catalogue image embedded, both shards built,
+    the held-out query answered by its own photo first, precision over the edits, the curl line
+    and a deploy file."""
+    assert re.search(r"embedded 153 images .* 0 errors", out), out[-3000:]
+    assert re.search(r"built 2 shard\(s\) \(153 vectors\).*0 failed; versions 0:v1, 1:v1", out), (
+        out[-3000:]
+    )
+    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+(\d+)\s+(\S+)\s+\[(same photo|other)\]$", out, re.M)
+    assert len(rows) == 5 and rows[0][4] == "same photo", out[-3000:]
+    assert "chelsea_cat__" in rows[0][3]
+    precision = float(re.search(r"precision@5 over 16 held-out edits.*: ([\d.]+)", out).group(1))
+    assert precision >= 0.9
+    assert f"curl -s -F file=@{workdir}/queries/chelsea_cat__query.jpg" in out
+    assert f"http://127.0.0.1:{port}/search?k=5" in out
+    assert (workdir / "serve_config.yaml").exists()
