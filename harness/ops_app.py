@@ -18,12 +18,14 @@ from harness.ray_head import ROOT, RayHead
 
 
 def embed_and_build(head: RayHead, photos: Path, root: Path, shards: int) -> SimpleNamespace:
-    """Two jobs submitted to the head: embed ``photos`` into ``shards`` shards, then build."""
+    """Two jobs submitted to the head: embed ``photos`` into ``shards`` shards with the README's
+    job line (``python pipelines/embed.py``), then build with the console script
+    (``visual-search build``: the installed command resolves in a job as the scripts do)."""
     embed_log = head.submit(
         "python", "pipelines/embed.py", "--input", str(photos), "--store", str(root),
         "--num-shards", str(shards), "--batch-size", "8", "--actors", "2",
     )  # fmt: skip
-    build_log = head.submit("python", "pipelines/build_index.py", "--store", str(root))
+    build_log = head.submit("visual-search", "build", "--store", str(root))
     return SimpleNamespace(embed_log=embed_log, build_log=build_log)
 
 

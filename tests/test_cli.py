@@ -4,8 +4,9 @@ The end-to-end test runs the installed console script as a user does, each step 
 its own: ``embed`` a handful of Caltech photos into 2 shards, ``build`` the indexes, ``serve``
 in the background (its own local Ray, bound to 127.0.0.1), ``search`` by image, id and vector,
 ``stats``; then it stops ``serve`` with SIGTERM and checks that no process of any of the Rays
-these commands started is left (they run in new sessions with their own temp dirs). The last
-test submits ``visual-search embed`` and ``build`` to a ``ray start --head`` (``ray job submit``).
+these commands started is left (they run in new sessions with their own temp dirs).
+``ray job submit -- visual-search build`` on a ``ray start --head`` is in test_cluster_ops.py
+(its head's build job), which saves this module a head of its own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 
 from harness import embed_samples as samples
 from harness.polling import free_port, wait_for
-from harness.ray_head import ROOT, RayHead, processes_of, ray_env, stop_processes
+from harness.ray_head import ROOT, processes_of, ray_env, stop_processes
 from visual_search import exits
 from visual_search.cli import COMMANDS, main
 from visual_search.query_cli import format_results
@@ -181,21 +182,3 @@ def test_embed_build_serve_search_end_to_end(caltech_dir, scratch_root, tmp_path
         if server.poll() is None:
             server.kill()
         stop_processes(server.pid, str(serve_tmp), grace_s=0.0)
-
-
-@pytest.mark.slow
-def test_ray_job_submit_runs_the_console_script(caltech_dir, scratch_root, tmp_path):
-    """``ray job submit -- visual-search embed|build`` runs on a cluster as the scripts do."""
-    head = RayHead(temp_dir=scratch_root / "cli-job").start()
-    try:
-        samples.link_images(samples.caltech_subset(caltech_dir, 4), tmp_path / "p")
-        store = str(tmp_path / "store")
-        log = head.submit(
-            "visual-search", "embed", "--input", str(tmp_path / "p"), "--store", store,
-            "--num-shards", "1", "--batch-size", "4", "--actors", "1",
-        )  # fmt: skip
-        assert "embedded 4 images (0 skipped as already present), 0 errors" in log
-        log = head.submit("visual-search", "build", "--store", store, "--num-cpus", "0.5")
-        assert "built 1 shard(s) (4 vectors)" in log and "succeeded" in log
-    finally:
-        head.stop()

@@ -1,7 +1,8 @@
 """The system run the way cluster users run it, against a real ``ray start --head`` on 127.0.0.1.
 
-One head for the module (``harness.ray_head.RayHead``): ``ray job submit`` of the embedding job and
-then of the index build into a store of real photos, ``serve deploy`` of a copy of
+One head for the module (``harness.ray_head.RayHead``): ``ray job submit`` of the embedding job
+(``python pipelines/embed.py``, the README's line) and then of the index build (``visual-search
+build``, the console script) into a store of real photos, ``serve deploy`` of a copy of
 ``serve/serve_config.yaml`` (the store, the port and a few settings changed) answering
 ``/readyz`` and queries, our metrics in Ray's Prometheus export, the Grafana board
 (``deploy/grafana/visual-search.json``) reading exactly the series the app exports, and one request
