@@ -90,14 +90,15 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
     config.validate()
     manifest = load_store_manifest(config)
     gpus = _cluster_gpus()
-    logging = {
-        "logging_config": {"enable_access_log": config.access_log, "encoding": config.log_encoding}
+    common = {  # every deployment's: its logs, and how it stops
+        "logging_config": {"enable_access_log": config.access_log, "encoding": config.log_encoding},
+        "graceful_shutdown_wait_loop_s": config.shutdown_wait_s,
     }
     embedder = None
     if config.image_queries:
         if verify_model:
             check_model_config(config, manifest)
-        options = {**config.embedder.deployment_options(gpus), **logging}
+        options = {**config.embedder.deployment_options(gpus), **common}
         embedder = QueryEmbedder.options(**options).bind(
             config.model_config,
             _expected(manifest),
@@ -109,19 +110,19 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
         ShardSearcher.options(
             name=f"ShardSearcher{g}",
             **config.searcher.deployment_options(gpus, slots=len(shards)),
-            **logging,
+            **common,
         ).bind(*searcher_args(config, shards))
         for g, shards in enumerate(groups)
         if not config.colocate_shards  # else the ingress searches them itself (LocalGroup)
     ]
     # one replica decides rebuilds (serve.deployments.rebuilder); none for a read-only app
-    rebuilder = Rebuilder.options(**logging).bind(config) if config.writes else None
+    rebuilder = Rebuilder.options(**common).bind(config) if config.writes else None
     canary = None
     # the live recall canary (serve.deployments.canary) asks the group deployments for exact
     # answers; an app whose ingress searches the groups itself (colocate_shards) runs without it
     if config.canary_fraction > 0 and not config.colocate_shards:
         canary = RecallCanary.options(
-            ray_actor_options={"num_cpus": config.canary_num_cpus}, **logging
+            ray_actor_options={"num_cpus": config.canary_num_cpus}, **common
         ).bind(
             searchers,
             manifest.metric,
@@ -129,7 +130,7 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
             config.canary_max_per_s,
             config.canary_queue,
         )
-    return Ingress.options(**config.ingress.deployment_options(gpus), **logging).bind(
+    return Ingress.options(**config.ingress.deployment_options(gpus), **common).bind(
         config, embedder, searchers, rebuilder, groups, canary
     )
 

@@ -247,6 +247,10 @@ class ServeConfig:
     # how the ingress calls the embedder and searchers: "ray" (actor tasks, Serve's default) or
     # "grpc" (DeploymentHandle.options(_by_reference=False): direct gRPC to the replica)
     handle_transport: str = "ray"
+    # how long a stopping replica (a redeploy, a scale-down, ``serve delete``) waits between its
+    # checks for requests still in flight before it exits (Serve's graceful_shutdown_wait_loop_s,
+    # every deployment): an idle replica stops after one wait
+    shutdown_wait_s: float = 2.0
     # deployments
     ingress: DeploymentSettings = field(default_factory=_ingress_defaults)
     embedder: DeploymentSettings = field(default_factory=_embedder_defaults)
@@ -348,6 +352,8 @@ class ServeConfig:
             )
         if not 0 <= self.canary_fraction <= 1:
             raise ConfigError(f"canary_fraction must be in 0..1, got {self.canary_fraction}")
+        if self.shutdown_wait_s <= 0:
+            raise ConfigError(f"shutdown_wait_s must be > 0, got {self.shutdown_wait_s}")
         if self.canary_max_per_s <= 0 or self.canary_num_cpus < 0:
             raise ConfigError("canary_max_per_s must be > 0 and canary_num_cpus >= 0")
         if self.canary_window < 1 or self.canary_queue < 1:
