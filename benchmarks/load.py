@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     )
     ray = init_local_ray(args.workdir / "ray", num_cpus=4)
     try:
-        with running_app(store, paths, vectors) as app:
+        with running_app(store, paths, vectors, shards_per_group=1) as app:  # S deployments
             before = replica_identity()
             print(
                 f"app up at {app.base_url}: {len(paths)} photos in {args.shards} shards; "

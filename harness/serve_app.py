@@ -1,7 +1,9 @@
 """A real Serve app on 127.0.0.1 for the reliability tests and the load benchmark.
 
-``running_app`` starts the whole graph (Ingress -> QueryEmbedder, ShardSearcher0..S-1) over a
-small store of real photos (``caltech_dir``) on a free loopback port, and stops Serve after.
+``running_app`` starts the whole graph (Ingress -> QueryEmbedder, the ShardSearcher groups,
+Rebuilder, RecallCanary) over a small store of real photos (``caltech_dir``) on a loopback port,
+and deletes the app after; Serve itself stays up for the session's next app on the same port
+(``harness.serving``, ``keep_serve``).
 The app has an API key (``TEST_API_KEY``) and ``RunningApp.client()`` sends it, so the tests
 write and read error details as an operator does; ``client(keyed=False)`` is an anonymous caller.
 ``serve_replicas`` lists the live Serve actors with their process ids straight from the GCS
@@ -58,7 +60,11 @@ def ingress_settings(num_replicas: int = 1) -> DeploymentSettings:
 
 def app_config(store_uri: str, **overrides: Any) -> ServeConfig:
     """The test app's config: small CPU shares, quick health checks, quick manifest polling,
-    and an API key (writes need one; ``RunningApp.client`` sends it)."""
+    and an API key (writes need one; ``RunningApp.client`` sends it).
+
+    The shards are served as the default layout serves one box: one ``ShardSearcher0`` group
+    holding them all (one process to start, not one per shard). Tests that kill one shard's
+    replica pass ``shards_per_group=1`` (a deployment per shard)."""
     values: dict[str, Any] = {
         "store": store_uri,
         "api_key": TEST_API_KEY,
@@ -67,9 +73,7 @@ def app_config(store_uri: str, **overrides: Any) -> ServeConfig:
         "embed_threads": 1,
         "reload_interval_s": 0,
         "access_log": False,
-        # a deployment per shard: the fault tests kill one shard's replica (the default puts all
-        # shards of one box in one group, and test_freshness_http runs that way)
-        "shards_per_group": 1,
+        "shutdown_wait_s": 0.2,  # an idle replica of a deleted app stops at once
         "searcher": DeploymentSettings(
             num_cpus=0.25, health_check_period_s=1.0, health_check_timeout_s=5.0
         ),
@@ -94,7 +98,7 @@ def running_app(
 ) -> Iterator[RunningApp]:
     """Deploy the app over ``store`` (Ray must be initialised) and yield how to reach it."""
     config = app_config(store.uri, **overrides)
-    with serving(config) as served:
+    with serving(config, keep_serve=True) as served:
         app = RunningApp(served.url, served.port, store, paths, vectors, config)
         with app.client(10) as client:
             wait_for(lambda: client.get("/readyz").status_code == 200, 120, "/readyz 200")

@@ -430,6 +430,7 @@ def s3_app(s3_server, rows: int = 300) -> Iterator[S3App]:
         clock_skew_ms=2000,
         storage_options={**proxy.storage_options, "config_kwargs": RETRIES},
         image_queries=False,
+        shards_per_group=1,  # one ShardSearcher deployment per shard: the chaos kills one
         model="test-model",
         weights="none",
         delta_poll_s=DELTA_POLL_S,
@@ -441,7 +442,7 @@ def s3_app(s3_server, rows: int = 300) -> Iterator[S3App]:
         rebuild_num_cpus=0.5,
     )
     try:
-        with serving(config) as served:
+        with serving(config, keep_serve=True) as served:
             with httpx.Client(base_url=served.url, timeout=10) as client:
                 wait_for(lambda: client.get("/readyz").status_code == 200, 120, "/readyz 200")
             yield S3App(served.url, config.api_key, proxy, uri)

@@ -28,8 +28,9 @@ import pytest
 from ray import serve
 
 from harness import embed_samples as samples
-from harness.polling import free_port, wait_for
+from harness.polling import wait_for
 from harness.serve_app import RunningApp, app_config, make_store
+from harness.serving import serve_port
 from index.rows.sharding import uri_id
 from index.storage.manifest import evolve_metadata
 from serve.app import build_app
@@ -79,8 +80,7 @@ def app(ray_local, scratch_root, caltech_dir):
         thumbnail_timeout_s=5.0,
     )
     # not harness.serve_app.running_app: its clients send the key, and this app has none
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_port(keep_serve=True)  # the session's Serve (harness.serving)
     try:
         serve.run(build_app(config), name=config.app_name, route_prefix="/")
         running = RunningApp(f"http://127.0.0.1:{port}", port, store, paths, vectors, config)
@@ -89,7 +89,7 @@ def app(ray_local, scratch_root, caltech_dir):
         running.extra.update(uploads=uploads, private=private)
         yield running
     finally:
-        serve.shutdown()
+        serve.delete(config.app_name)
 
 
 def _vector(app) -> list[float]:

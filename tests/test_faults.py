@@ -118,8 +118,14 @@ def app(ray_local, scratch_root, caltech_dir):
     store, paths, vectors = make_store(
         scratch_root / "faults-store", caltech_dir, NUM_SHARDS, classes=5, per_class=8
     )
+    # a deployment per shard: the tests below kill one shard's replica
     with running_app(
-        store, paths, vectors, reload_interval_s=0.5, embed_deadline_ms=EMBED_DEADLINE_MS
+        store,
+        paths,
+        vectors,
+        reload_interval_s=0.5,
+        embed_deadline_ms=EMBED_DEADLINE_MS,
+        shards_per_group=1,
     ) as running:
         yield running
 

@@ -16,8 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
-from harness.polling import free_port, wait_for
+from harness.polling import wait_for
 from harness.serve_store import caltech_sample, write_caltech_store
+from harness.serving import serve_port
 from harness.traffic import Querier, top1, unit_vectors, versions
 from index.rows.sharding import uri_id
 from index.storage.manifest import evolve_metadata
@@ -47,6 +48,7 @@ def _config(store_uri: str) -> ServeConfig:
         rebuild_gc_grace_s=2.0,
         rebuild_num_cpus=0.5,
         access_log=False,
+        shutdown_wait_s=0.2,  # its replicas stop at once when the module ends
         searcher=DeploymentSettings(num_cpus=0.25),
     )
 
@@ -66,8 +68,7 @@ def app(ray_local, scratch_root, caltech_dir):
     paths = caltech_sample(caltech_dir, classes=3, per_class=10)
     extra = caltech_sample(caltech_dir, classes=5, per_class=2)[-4:]  # not in the catalogue
     store, vectors = write_caltech_store(scratch_root / "fresh-http-store", paths, NUM_SHARDS)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_port(keep_serve=True)  # the session's Serve (harness.serving)
     config = _config(store.uri)
     _start(config)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
@@ -77,7 +78,7 @@ def app(ray_local, scratch_root, caltech_dir):
         )
     finally:
         client.close()
-        serve.shutdown()
+        serve.delete(config.app_name)
 
 
 def test_adds_deletes_and_two_rebuilds_under_continuous_queries(app):

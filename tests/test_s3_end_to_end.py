@@ -20,8 +20,9 @@ import httpx
 import numpy as np
 import pytest
 
-from harness.polling import free_port, wait_for
+from harness.polling import wait_for
 from harness.serve_store import caltech_sample
+from harness.serving import serve_port
 from harness.traffic import Querier, top1, unit_vectors
 from index.rows import schema
 from index.storage.leases import read_leases
@@ -102,8 +103,7 @@ def test_s3_store_end_to_end(ray_local, s3_server, caltech_dir, tmp_path):
     )
     assert len(catalogue) == len(photos)
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_port(keep_serve=True)  # the session's Serve (harness.serving)
     config = ServeConfig(
         store=uri,
         storage_options=options,
@@ -118,6 +118,7 @@ def test_s3_store_end_to_end(ray_local, s3_server, caltech_dir, tmp_path):
         rebuild_gc_grace_s=1,
         rebuild_num_cpus=0.5,
         access_log=False,
+        shutdown_wait_s=0.2,  # its replicas stop at once when the module ends
         searcher=DeploymentSettings(num_cpus=0.25),
     )
     serve.run(build_app(config), name=config.app_name, route_prefix="/")
@@ -207,7 +208,7 @@ def test_s3_store_end_to_end(ray_local, s3_server, caltech_dir, tmp_path):
         querier.join(30)
         monitor.join(30)
         client.close()
-        serve.shutdown()
+        serve.delete(config.app_name)
     assert querier.ok > 20, querier.ok
     assert querier.failures == [], querier.failures[:5]
     assert querier.resurrected == [], querier.resurrected[:5]

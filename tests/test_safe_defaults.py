@@ -3,7 +3,7 @@
 Writes and admin calls need the key unless the config opens them; anonymous callers get lower
 caps on nprobe, candidates and image pixels, with a refusal that says the key lifts them; and
 they never see server-side error text (file paths, hosts, exception messages). The same rules
-run over HTTP in ``test_safe_defaults_http.py``.
+run over HTTP in ``test_bad_input.py``.
 """
 
 from __future__ import annotations

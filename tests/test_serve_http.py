@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.polling import free_port, wait_for
+from harness.polling import wait_for
 from harness.serve_store import caltech_sample, write_caltech_store
+from harness.serving import serve_port
 from index.rows.sharding import shard_of, uri_id
 from serve.config import DeploymentSettings, ServeConfig
 
@@ -38,14 +39,14 @@ def app(ray_local, scratch_root, caltech_dir):
 
     paths = caltech_sample(caltech_dir, classes=6, per_class=10)
     store, vectors = write_caltech_store(scratch_root / "serve-http-store", paths, NUM_SHARDS)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_port(keep_serve=True)  # the session's Serve (harness.serving)
     config = ServeConfig(
         store=store.uri,
         max_upload_bytes=MAX_UPLOAD,
         shard_deadline_ms=1500,
         embed_threads=1,
         reload_interval_s=0,
+        shutdown_wait_s=0.2,  # its replicas stop at once when the module ends
         shards_per_group=1,  # a deployment per shard: the kill test below loses one shard
         searcher=DeploymentSettings(
             num_cpus=0.25, health_check_period_s=1.0, health_check_timeout_s=5.0
@@ -57,7 +58,7 @@ def app(ray_local, scratch_root, caltech_dir):
         yield SimpleNamespace(client=client, store=store, paths=paths, vectors=vectors, cfg=config)
     finally:
         client.close()
-        serve.shutdown()
+        serve.delete(config.app_name)
 
 
 def search(app, **kwargs) -> httpx.Response:
