@@ -91,7 +91,10 @@ def scratch_root():
 
 @pytest.fixture(scope="session")
 def ray_local(scratch_root):
-    """One in-process local Ray for the session, 4 logical CPUs on 2 cores (avoids starvation)."""
+    """One in-process local Ray for the session, 4 logical CPUs on 2 cores (avoids starvation).
+    Its metrics reach the Prometheus export every 2 s (Ray's default: 10 s), so the tests that
+    read a gauge there wait seconds, not tens of seconds."""
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
     ray = init_local_ray(scratch_root / "ray", num_cpus=4)
     yield ray
     ray.shutdown()
