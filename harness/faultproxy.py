@@ -96,9 +96,7 @@ class FaultSchedule:
 
 def _target(request: web.Request) -> str:
     """Path and query without the signature parts (they change with time and credentials)."""
-    query = sorted(
-        (k, v) for k, v in request.query.items() if not k.lower().startswith("x-amz-")
-    )
+    query = sorted((k, v) for k, v in request.query.items() if not k.lower().startswith("x-amz-"))
     return request.path + ("?" + "&".join(f"{k}={v}" for k, v in query) if query else "")
 
 

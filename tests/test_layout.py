@@ -17,7 +17,14 @@ import grimp
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = (
-    "embedding", "index", "pipelines", "serve", "visual_search", "harness", "tests", "benchmarks"
+    "embedding",
+    "index",
+    "pipelines",
+    "serve",
+    "visual_search",
+    "harness",
+    "tests",
+    "benchmarks",
 )
 MAX_LINES = 500
 BENCHMARK_SHARE = 0.25

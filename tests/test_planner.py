@@ -38,8 +38,15 @@ class FakeGroup:
 
     async def search(self, vector, k, nprobe, candidates, rerank, flt, fields) -> dict:
         self.searches.append(
-            {"vector": np.array(vector), "k": k, "nprobe": nprobe, "candidates": candidates,
-             "rerank": rerank, "filter": flt, "fields": fields}  # fmt: skip
+            {
+                "vector": np.array(vector),
+                "k": k,
+                "nprobe": nprobe,
+                "candidates": candidates,
+                "rerank": rerank,
+                "filter": flt,
+                "fields": fields,
+            }  # fmt: skip
         )
         if self.behaviour == "stuck":
             await asyncio.Event().wait()  # never set: only the planner's deadline ends it
