@@ -46,11 +46,15 @@ OPEN_CLIP_TINY_CONFIG = {
 }
 
 
-def open_clip_tiny(folder: Path | str) -> str:
-    """Write the tiny open_clip config into ``folder``; returns the ``--model`` name."""
+def open_clip_tiny(folder: Path | str, embed_dim: int | None = None) -> str:
+    """Write the tiny open_clip config into ``folder`` (``embed_dim``: the shared space's
+    dimension, 32 by default); returns the ``--model`` name."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "open_clip_config.json").write_text(json.dumps(OPEN_CLIP_TINY_CONFIG, indent=1))
+    config = json.loads(json.dumps(OPEN_CLIP_TINY_CONFIG))
+    if embed_dim is not None:
+        config["model_cfg"]["embed_dim"] = embed_dim
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=1))
     return f"open_clip:local-dir:{folder}"
 
 

@@ -18,18 +18,8 @@ from embedding.model import Embedder, NoTextEncoder
 from embedding.preprocess import prepare
 from embedding.weights import WeightsUnavailable
 from harness import embed_samples as samples
+from harness.model_runs import embed_and_build, self_retrieval
 from harness.tiny_models import TIMM_TINY, onnx_tiny, open_clip_tiny
-from index.ann.shard_index import ShardIndex
-from index.live.recall import search_all
-from index.rows.sharding import uri_id
-from index.storage.manifest import load_manifest
-from index.storage.store import Store
-from pipelines.build_index import BuildConfig
-from pipelines.build_index import run as build
-from pipelines.embed import run_job
-from pipelines.embed_config import EmbedJobConfig
-from serve.http.crop import image_crop
-from serve.http.limits import Limits
 
 
 @pytest.fixture(scope="module")
@@ -155,24 +145,8 @@ def test_each_kind_through_embed_build_and_the_query_path(
     """The batch job's actors and the query path use one Embedder: a catalogue photo sent as a
     query (the ingress's crop) finds itself first in the built index, for every kind."""
     photos = samples.caltech_subset(caltech_dir, 12)
-    root = tmp_path / "store"
-    config = EmbedJobConfig(
-        input=[str(p) for p in photos],
-        store=str(root),
-        num_shards=2,
-        batch_size=8,
-        actors=1,
-        model=tiny[kind],
-        weights="default" if kind == "onnx" else "none",
-    )
-    summary = run_job(config)
-    assert (summary.embedded, summary.errors) == (12, 0)
-    manifest = load_manifest(Store(root))
-    assert manifest.model == canonical_model_name(tiny[kind])
-    build(BuildConfig(store=str(root), num_cpus=0.5))
-    shards = [ShardIndex.load(Store(root), s) for s in range(2)]
-    embedder = Embedder(config.model_config(threads=1))
-    assert embedder.model_tag == manifest.model_tag
-    crops = np.stack([image_crop(p.read_bytes(), embedder.crop, Limits()) for p in photos[:4]])
-    found = search_all(shards, embedder.embed(crops), 3)
-    assert [f[0] for f in found] == [uri_id(str(p)) for p in photos[:4]]
+    weights = "default" if kind == "onnx" else "none"  # an ONNX file is its own weights
+    built = embed_and_build(tiny[kind], weights, photos, tmp_path / "store")
+    assert built.manifest.model == canonical_model_name(tiny[kind])
+    assert built.embedder.model_tag == built.manifest.model_tag
+    assert self_retrieval(built, photos[:4]) == 1.0
