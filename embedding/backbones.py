@@ -46,6 +46,9 @@ __all__ = [  # the names callers import from here (some now live in config, towe
     "load_backbone",
 ]
 
+# "none" weights are random but seeded: a store embedded by the batch job's actors and queried by
+# a Serve replica must see one network, not one per process
+RANDOM_SEED = 0
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
@@ -56,7 +59,13 @@ def load_backbone(
     name: str = DEFAULT_BACKBONE, weights: str = "default", threads: int | None = None
 ) -> Backbone:
     """The backbone ``name`` with ``weights``; ``threads``: ONNX Runtime's intra-op threads."""
-    backbone = _load(model_kind(name), name, weights, threads)  # ValueError: an unknown name
+    kind = model_kind(name)  # ValueError: an unknown name
+    if weights == "none":  # the same random weights in every process (job actors, replicas)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            backbone = _load(kind, name, weights, threads)
+    else:
+        backbone = _load(kind, name, weights, threads)
     backbone.name = canonical_model_name(name)  # no file location in a store's model name
     return backbone
 

@@ -39,9 +39,16 @@ class BuiltStore:
 
 
 def embed_and_build(
-    model: str, weights: str, photos: list[Path], root: Path, num_shards: int = 2
+    model: str,
+    weights: str,
+    photos: list[Path],
+    root: Path,
+    num_shards: int = 2,
+    metadata: list[str] | None = None,
 ) -> BuiltStore:
+    """``metadata``: sidecar tables (a ``uri`` column and typed columns) stored with the rows."""
     config = EmbedJobConfig(
+        metadata=metadata or [],
         input=[str(p) for p in photos],
         store=str(root),
         num_shards=num_shards,

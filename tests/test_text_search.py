@@ -1,25 +1,29 @@
-"""Text -> image through the real Serve app (issue #25, part 2), and the no-text-tower refusal.
+"""Text -> image through the real Serve app (issue #25, part 2).
 
-One app over a store of real photos embedded by a tiny random open_clip model (image and text
-towers; ``harness.tiny_models``): text queries, image + text mixes, filters on text queries, the
-CLI's ``--text``, the OpenAPI document's text forms. Random weights put texts nowhere in
-particular, so what is checked is the path: the vector the app searches by is the model's own
-text vector (the same top-k as an in-process search by it), and mixing follows the documented
-formula.
+One app over a store of photos embedded by the embedding job with a tiny random open_clip model
+(image and text towers; ``harness.tiny_models``) and indexed by the build job: the open_clip
+kind's embed -> build -> serve -> search, with text queries, image + text mixes, filters on text
+queries, the CLI's ``--text`` and the OpenAPI document's text forms. Random weights put texts
+nowhere in particular, so what is checked is the path: the vector the app searches by is the
+model's own text vector (the same top-k as an exact search by it), and mixing follows the
+documented formula. The refusal for a model without a text tower (422 ``no_text_encoder``) is
+in ``tests/test_serve_http.py``'s bad-input test.
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
-import pyarrow as pa
 import pytest
 
-from embedding.config import ModelConfig
-from embedding.model import Embedder
+from harness.model_runs import embed_and_build, query_vectors
 from harness.serve_app import running_app
-from harness.serve_store import caltech_sample, write_caltech_store
+from harness.serve_store import caltech_sample
 from harness.tiny_models import open_clip_tiny
+from index.live.recall import exact_all
 from index.rows.sharding import uri_id
+from index.storage.store import Store
 from serve.deployments.query_model import mix
 from visual_search.query_cli import search_main
 
@@ -28,23 +32,28 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def app(ray_local, scratch_root, caltech_dir):
-    model = ModelConfig(name=open_clip_tiny(scratch_root / "tiny-clip"), weights="none", threads=1)
+    model = open_clip_tiny(scratch_root / "tiny-clip")
     paths = caltech_sample(caltech_dir, classes=4, per_class=6)
-    classes = pa.table({"cls": [p.parent.name for p in paths]})
-    store, vectors = write_caltech_store(
-        scratch_root / "text-store", paths, 2, model=model, metadata=classes
-    )
+    sidecar = scratch_root / "text-classes.csv"
+    sidecar.write_text("uri,cls\n" + "".join(f"{p},{p.parent.name}\n" for p in paths))
+    root = scratch_root / "text-store"
+    built = embed_and_build(model, "none", paths, root, metadata=[str(sidecar)])
+    vectors = dict(zip(paths, query_vectors(built.embedder, paths), strict=True))
     with running_app(
-        store, paths, vectors, model=model.name, weights="none", shards_per_group=None
+        Store(root), paths, vectors, model=model, weights="none", shards_per_group=None
     ) as running:
-        running.extra["embedder"] = Embedder(model)
+        running.extra.update(embedder=built.embedder, shards=built.shards)
         yield running
 
 
 def exact_top(app, vector: np.ndarray, k: int) -> list[str]:
-    uris = list(app.vectors)
-    scores = np.stack([app.vectors[u] for u in uris]) @ vector
-    return [uri_id(uris[i]) for i in np.argsort(-scores)[:k]]
+    return exact_all(app.extra["shards"], vector[None].astype(np.float32), k)[0]
+
+
+def stored(app, row_id: str) -> np.ndarray:
+    """A row's vector as the shards hold it (what an id query and the rerank use)."""
+    found = (s.vector_of(row_id) for s in app.extra["shards"])
+    return next(v for v in found if v is not None).astype(np.float32)
 
 
 def ids(body: dict) -> list[str]:
@@ -58,19 +67,20 @@ def test_text_mixed_and_filtered_queries(app, capsys):
         body = client.post("/search", json={"text": "red shoes", "k": 5, "rerank": True}).json()
         assert ids(body) == exact_top(app, text_vector, 5)
         assert body["results"][0]["score"] == pytest.approx(
-            float(app.vectors[body["results"][0]["uri"]] @ text_vector), abs=1e-3
+            float(stored(app, body["results"][0]["id"]) @ text_vector), abs=1e-4
         )
         photo = app.paths[0]
-        image_vector = app.vectors[photo.resolve().as_uri()]
+        image_vector = app.vectors[photo]
         files = {"file": ("q.jpg", photo.read_bytes(), "image/jpeg")}
         mixed = client.post(
             "/search?k=5", files=files, data={"text": "red shoes", "text_weight": "0.3"}
         ).json()
         assert ids(mixed) == exact_top(app, mix(image_vector, text_vector, 0.3), 5)
         by_id = client.post(
-            "/search", json={"id": uri_id(photo.resolve().as_uri()), "text": "red shoes", "k": 5}
+            "/search", json={"id": uri_id(str(photo)), "text": "red shoes", "k": 5}
         ).json()
-        assert ids(by_id) == exact_top(app, mix(image_vector, text_vector, 0.5), 5)
+        row = uri_id(str(photo))
+        assert ids(by_id) == exact_top(app, mix(stored(app, row), text_vector, 0.5), 5)
         wanted = app.paths[-1].parent.name
         only = client.post(
             "/search",
@@ -92,6 +102,4 @@ def test_text_mixed_and_filtered_queries(app, capsys):
         stats = client.get("/stats").json()
         assert stats["embedder"]["text"] is True and stats["model"].startswith("open_clip:")
     assert search_main(["--url", app.base_url, "--text", "red shoes", "--k", "5", "--json"]) == 0
-    import json
-
     assert ids(json.loads(capsys.readouterr().out)) == exact_top(app, text_vector, 5)
