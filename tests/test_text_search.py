@@ -84,7 +84,12 @@ def test_text_mixed_and_filtered_queries(app, capsys):
         wanted = app.paths[-1].parent.name
         only = client.post(
             "/search",
-            json={"text": "red shoes", "k": 3, "filter": {"cls": wanted}, "fields": ["cls"]},
+            json={
+                "text": "red shoes",
+                "k": 3,
+                "filter": {"field": "cls", "eq": wanted},
+                "fields": ["cls"],
+            },
         ).json()
         assert len(only["results"]) == 3
         assert {r["metadata"]["cls"] for r in only["results"]} == {wanted}
