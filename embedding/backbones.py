@@ -10,48 +10,82 @@ Weights sources, by the ``weights`` argument:
   (downloaded there on first use where the internet is reachable; a clear error where it is not).
 - a path to a ``.pth`` state dict in the backbone's own key names (a classifier may be missing).
 - ``"none"``: random initialisation, for tests of plumbing only.
+
+Other libraries' backbones, by prefix: ``timm:<name>`` (``embedding.timm_backbone``),
+``open_clip:<arch>`` (``embedding.open_clip_backbone``: image and text towers) and
+``onnx:<file>`` (``embedding.onnx_backbone``), each with the library's own preprocessing.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 # the names live with ModelConfig, torch-free (embedding.config); kept importable from here
-from embedding.config import BACKBONES, DEFAULT_BACKBONE, LITE_BACKBONES, TORCHVISION_BACKBONES
+from embedding.config import (
+    BACKBONES,
+    DEFAULT_BACKBONE,
+    LITE_BACKBONES,
+    TORCHVISION_BACKBONES,
+    canonical_model_name,
+    model_kind,
+)
+from embedding.towers import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from embedding.weights import WeightsUnavailable, file_tag
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = [  # the names callers import from here (some now live in config, towers, weights)
+    "BACKBONES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LITE_BACKBONES",
+    "TORCHVISION_BACKBONES",
+    "Backbone",
+    "WeightsUnavailable",
+    "load_backbone",
+]
+
+# "none" weights are random but seeded: a store embedded by the batch job's actors and queried by
+# a Serve replica must see one network, not one per process
+RANDOM_SEED = 0
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
 _HEAD_ATTRS = ("fc", "classifier", "heads", "head")
 
 
-class WeightsUnavailable(RuntimeError):
-    """The requested pretrained weights are not on this machine and cannot be fetched."""
+def load_backbone(
+    name: str = DEFAULT_BACKBONE, weights: str = "default", threads: int | None = None
+) -> Backbone:
+    """The backbone ``name`` with ``weights``; ``threads``: ONNX Runtime's intra-op threads."""
+    kind = model_kind(name)  # ValueError: an unknown name
+    if weights == "none":  # the same random weights in every process (job actors, replicas)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            backbone = _load(kind, name, weights, threads)
+    else:
+        backbone = _load(kind, name, weights, threads)
+    backbone.name = canonical_model_name(name)  # no file location in a store's model name
+    return backbone
 
 
-@dataclass
-class Backbone:
-    name: str
-    weights_tag: str
-    module: nn.Module  # NCHW float (normalised) -> (N, D) features, classifier removed
-    image_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-
-def load_backbone(name: str = DEFAULT_BACKBONE, weights: str = "default") -> Backbone:
-    if name in LITE_BACKBONES:
+def _load(kind: str, name: str, weights: str, threads: int | None) -> Backbone:
+    if kind == "lite":
         return _efficientnet_lite(name, weights)
-    if name in TORCHVISION_BACKBONES:
+    if kind == "torchvision":
         return _torchvision(name, weights)
-    raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    if kind == "timm":
+        from embedding.timm_backbone import load_timm
+
+        return load_timm(name, weights)
+    if kind == "open_clip":
+        from embedding.open_clip_backbone import load_open_clip
+
+        return load_open_clip(name, weights)
+    from embedding.onnx_backbone import load_onnx
+
+    return load_onnx(name, weights, threads)
 
 
 class _PooledFeatures(nn.Module):
@@ -87,7 +121,7 @@ def _efficientnet_lite(name: str, weights: str) -> Backbone:
     elif weights == "none":
         tag = "random"
     else:
-        tag = _file_tag(weights)
+        tag = file_tag(weights)
         _load_state_dict(net, weights)
     # EfficientNet-Lite was trained on inputs scaled to [-1, 1] (mean 127, std 128 in the TF code)
     size = LITE_BACKBONES[name]
@@ -115,7 +149,7 @@ def _torchvision(name: str, weights: str) -> Backbone:
     elif weights == "none":
         tag = "random"
     else:
-        tag = _file_tag(weights)
+        tag = file_tag(weights)
         _load_state_dict(net, weights)
     for attr in _HEAD_ATTRS:
         if hasattr(net, attr):
@@ -136,12 +170,3 @@ def _load_state_dict(net: nn.Module, path: str) -> None:
             f"weights {path} do not fit this backbone: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
-
-
-def _file_tag(path: str) -> str:
-    """``file:<name>:<sha256 prefix>``: names the weights by content, not by where they lie."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"file:{os.path.basename(path)}:{digest.hexdigest()[:12]}"

@@ -25,7 +25,15 @@ log = logging.getLogger(__name__)
 _warned_no_cuda = False
 
 
+class NoTextEncoder(ValueError):
+    """Text was asked of a model without a usable text tower (the reason is the message)."""
+
+
 class Embedder:
+    """A backbone on this process's device: uint8 crops (and, with a text tower, texts) in,
+    unit vectors out. ``crop`` is the model's own ``CropSpec``: callers that cut crops elsewhere
+    (the batch job's decode tasks, the HTTP ingress) get it as a dict (``crop.to_dict()``)."""
+
     def __init__(self, config: ModelConfig | None = None):
         self.config = config = config or ModelConfig()
         if config.threads:
@@ -34,17 +42,23 @@ class Embedder:
         if self.device.type == "cpu":
             tune_malloc()
         self.half = config.half if config.half is not None else self.device.type == "cuda"
-        backbone = load_backbone(config.name, config.weights)
+        backbone = load_backbone(config.name, config.weights, config.threads)
         self.name = backbone.name
         self.weights_tag = backbone.weights_tag
+        self.crop = backbone.crop
         self.image_size = backbone.image_size
-        self.memory_format = (
-            torch.channels_last if config.channels_last else torch.contiguous_format
-        )
+        if not backbone.runs_on_torch:  # ONNX Runtime: float32 NCHW, its own device choice
+            self.half = False
+        channels_last = config.channels_last and backbone.runs_on_torch
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         dtype = torch.float16 if self.half else torch.float32
         self.dtype = dtype
         self.module = backbone.module.eval().to(self.device, dtype=dtype)
         self.module = self.module.to(memory_format=self.memory_format)
+        self.text = backbone.text
+        if self.text is not None:
+            self.text = self.text.eval().to(self.device, dtype=dtype)
+        self.text_error = backbone.text_error
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(backbone.mean, device=self.device, dtype=dtype).view(shape) * 255
         self.std = torch.tensor(backbone.std, device=self.device, dtype=dtype).view(shape) * 255
@@ -55,6 +69,29 @@ class Embedder:
     @property
     def model_tag(self) -> str:
         return f"{self.name}@{self.weights_tag}"
+
+    @property
+    def has_text(self) -> bool:
+        return self.text is not None
+
+    def text_refusal(self) -> str:
+        """Why this model takes no text (for a 422 ``no_text_encoder``)."""
+        return self.text_error or (
+            f"{self.model_tag} has no text tower: text queries need a model with one "
+            "(open_clip:<arch>, e.g. CLIP)"
+        )
+
+    @torch.inference_mode()
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """Texts -> (N, D) float32 unit vectors in the image vectors' space (CLIP-style
+        models); ``NoTextEncoder`` for a model without a usable text tower."""
+        if self.text is None:
+            raise NoTextEncoder(self.text_refusal())
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        tokens = self.text.tokenize(list(texts)).to(self.device)
+        features = self.text(tokens).float()
+        return torch.nn.functional.normalize(features, dim=1).cpu().numpy()
 
     @torch.inference_mode()
     def embed(self, crops: np.ndarray) -> np.ndarray:
@@ -74,7 +111,7 @@ class Embedder:
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         """Decoded images -> vectors, with exactly the batch job's crop."""
-        crops = np.stack([prepare(img, self.image_size) for img in images])
+        crops = np.stack([prepare(img, self.crop) for img in images])
         return self.embed(crops)
 
 

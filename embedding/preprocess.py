@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -204,21 +205,102 @@ def resize_size_of(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
-def prepare(img: Image.Image, image_size: int, resize_size: int | None = None) -> np.ndarray:
-    """Aspect-preserving resize of the short side to ``resize_size``, then a centre crop.
+CROP_MODES = ("center", "squash", "border")
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
-    Returns a (image_size, image_size, 3) uint8 array. ``resize_size`` defaults to the usual
-    ImageNet ratio 256/224 of ``image_size``. Resize and crop are one resample of just the
-    source box that lands in the crop (half the time of resizing the whole picture and
-    cropping after; pixels differ by ~0.03/255 on average).
+
+@dataclass(frozen=True)
+class CropSpec:
+    """How an image becomes the model's square input: what the model's library says.
+
+    ``mode``: ``center`` (resize the short side to ``resize``, crop the centre: torchvision,
+    timm's default, CLIP), ``squash`` (resize the whole picture to ``resize`` x ``resize``, then
+    crop the centre: SigLIP, timm's ``squash``), ``border`` (fit the long side to ``resize``,
+    pad with ``fill``, crop or pad to ``size``: timm's ``border``, open_clip's ``longest``).
+    ``resize`` None: the ImageNet ratio 256/224 of ``size`` (the torchvision backbones' crop).
+    ``long_side``: how ``center`` sizes the long side, ``round`` (this project's torchvision
+    crop, kept so existing stores' vectors do not move) or ``floor`` (torchvision's ``Resize``,
+    which timm's and open_clip's transforms use: ``int(resize * long / short)``).
+    A plain dict of it travels to the batch job's decode tasks and the HTTP ingress (no torch).
     """
-    resize_size = resize_size or resize_size_of(image_size)
+
+    size: int = 224
+    resize: int | None = None
+    mode: str = "center"
+    interpolation: str = "bilinear"
+    fill: tuple[int, int, int] = (0, 0, 0)
+    long_side: str = "round"
+
+    def __post_init__(self) -> None:
+        if self.mode not in CROP_MODES:
+            raise ValueError(f"crop mode {self.mode!r}: expected one of {CROP_MODES}")
+        if self.long_side not in ("round", "floor"):
+            raise ValueError(f"long_side {self.long_side!r}: expected 'round' or 'floor'")
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation {self.interpolation!r}: expected {tuple(_RESAMPLE)}")
+        if self.size < 1 or (self.resize is not None and self.resize < 1):
+            raise ValueError(f"crop size {self.size} / resize {self.resize} must be >= 1")
+        object.__setattr__(self, "fill", tuple(int(v) for v in self.fill))
+
+    @property
+    def resize_size(self) -> int:
+        return self.resize or resize_size_of(self.size)
+
+    @property
+    def draft_size(self) -> int:
+        """The short side a JPEG may be draft-decoded down to without losing pixels the crop
+        uses (``border`` fits the long side, so a smaller draft would do; kept simple)."""
+        return self.resize_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, value: CropSpec | dict | int) -> CropSpec:
+        """A CropSpec from itself, its dict, or a bare size (the torchvision crop)."""
+        if isinstance(value, CropSpec):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        return cls(size=int(value))
+
+
+def prepare(
+    img: Image.Image, image_size: int | CropSpec, resize_size: int | None = None
+) -> np.ndarray:
+    """The model's (size, size, 3) uint8 input from a decoded image, by its ``CropSpec``
+    (a bare ``image_size`` with ``resize_size``: the torchvision centre crop).
+
+    ``center``: resize and crop are one resample of just the source box that lands in the crop
+    (half the time of resizing the whole picture and cropping after; pixels differ by
+    ~0.03/255 on average).
+    """
+    spec = image_size if isinstance(image_size, CropSpec) else CropSpec(image_size, resize_size)
+    size, resample = spec.size, _RESAMPLE[spec.interpolation]
     width, height = img.size
-    scale = resize_size / min(width, height)
-    new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
-    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+    if spec.mode == "center":
+        short = spec.resize_size
+        fit = round if spec.long_side == "round" else int
+        new_w = short if width <= height else fit(short * width / height)
+        new_h = short if height <= width else fit(short * height / width)
+        new_w, new_h = max(size, new_w), max(size, new_h)
+    elif spec.mode == "squash":
+        new_w = new_h = max(size, spec.resize_size)
+    else:  # border: the whole picture inside resize x resize, centred on a fill colour
+        return _border(img, spec, resample)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
     sx, sy = width / new_w, height / new_h
-    box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
-    # reducing_gap: a cheap box-reduce first for big sources, then an antialiased bilinear
-    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    # reducing_gap: a cheap box-reduce first for big sources, then an antialiased resample
+    img = img.resize((size, size), resample, box=box, reducing_gap=3.0)
     return np.asarray(img, dtype=np.uint8)
+
+
+def _border(img: Image.Image, spec: CropSpec, resample: Image.Resampling) -> np.ndarray:
+    width, height = img.size
+    scale = spec.resize_size / max(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    img = img.resize((new_w, new_h), resample, reducing_gap=3.0)
+    canvas = Image.new("RGB", (spec.size, spec.size), spec.fill)
+    canvas.paste(img, ((spec.size - new_w) // 2, (spec.size - new_h) // 2))
+    return np.asarray(canvas, dtype=np.uint8)

@@ -42,8 +42,7 @@ def embed_files(paths: list[Path], embedder: Embedder) -> tuple[np.ndarray, floa
     out, model_s = [], 0.0
     for start in range(0, len(paths), 32):
         crops = [
-            image_crop(p.read_bytes(), embedder.image_size, Limits())
-            for p in paths[start : start + 32]
+            image_crop(p.read_bytes(), embedder.crop, Limits()) for p in paths[start : start + 32]
         ]
         t = time.perf_counter()
         out.append(embedder.embed(np.stack(crops)))

@@ -40,7 +40,6 @@ if __name__ == "__main__":  # a job under a Python without the project: say so, 
 from embedding import Embedder  # noqa: E402
 from embedding.backbones import WeightsUnavailable  # noqa: E402
 from embedding.model import MALLOC_ENV  # noqa: E402
-from embedding.preprocess import resize_size_of  # noqa: E402
 from index.rows import schema  # noqa: E402
 from index.rows.sharding import uri_id  # noqa: E402
 from index.storage.manifest import (  # noqa: E402
@@ -356,9 +355,9 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
     store = Store(config.store, config.storage_options)
     summary = EmbedSummary(store=store.uri)
 
-    # name, weights tag, dim and crop size, from the model itself (weights load in ~1 s)
+    # name, weights tag, dim and crop, from the model itself (weights load in ~1 s)
     probe = Embedder(replace(config.model_config(), device="cpu", threads=None))
-    name, weights, dim, image_size = probe.name, probe.weights_tag, probe.dim, probe.image_size
+    name, weights, dim, crop = probe.name, probe.weights_tag, probe.dim, probe.crop
     del probe
     manifest = open_manifest(store, config, name, weights, dim)
     num_shards = manifest.num_shards
@@ -376,15 +375,13 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
     if not pending.files:
         return summary
     try:
-        _embed(
-            ray_factory(), store, config, pending, summary, num_shards, name, dim, image_size, log
-        )
+        _embed(ray_factory(), store, config, pending, summary, num_shards, name, dim, crop, log)
     finally:
         store.rm(pending.staging, recursive=True)
     return summary
 
 
-def _embed(ray, store, config, pending, summary, num_shards, name, dim, image_size, log) -> None:
+def _embed(ray, store, config, pending, summary, num_shards, name, dim, crop, log) -> None:
     """Run the embedding dataset over the staged inputs, filling ``summary``."""
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
@@ -394,7 +391,6 @@ def _embed(ray, store, config, pending, summary, num_shards, name, dim, image_si
     batch_size = config.batch_size or (cfg.GPU_BATCH_SIZE if num_gpus else cfg.CPU_BATCH_SIZE)
     model = asdict(config.model_config())
     model["device"] = "cuda" if num_gpus else "cpu"
-    resize_size = resize_size_of(image_size)
 
     ds = _block_dataset(ray, store, pending, config.decode_cpus)
     ds = ds.map_batches(
@@ -403,8 +399,7 @@ def _embed(ray, store, config, pending, summary, num_shards, name, dim, image_si
         batch_format="pyarrow",
         num_cpus=config.decode_cpus,
         fn_kwargs={
-            "image_size": image_size,
-            "resize_size": resize_size,
+            "crop": crop.to_dict(),  # the model's own resize, crop and interpolation
             "max_pixels": config.max_pixels,
             "max_bytes": config.max_bytes,
         },

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from embedding.config import BACKBONES, DEFAULT_BACKBONE, ModelConfig
+from embedding.config import DEFAULT_BACKBONE, MODEL_HELP, ModelConfig, model_error
 from embedding.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from index.storage.store import parse_storage_options
 from pipelines.inputs import is_table_name
@@ -96,8 +96,8 @@ class EmbedJobConfig:
                 )
         if not str(self.store).strip():
             raise ConfigError("store: empty")
-        if self.model not in BACKBONES:
-            raise ConfigError(f"model: unknown {self.model!r}; known: {', '.join(BACKBONES)}")
+        if (problem := model_error(self.model)) is not None:
+            raise ConfigError(problem)
         names = ("num_shards", "batch_size", "threads", "read_batch", "limit", "actors")
         for name in (*names, "part_rows"):
             if getattr(self, name) is not None:
@@ -177,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_store_args(p, store_help="store root URI (default ./store)")
     p.add_argument("--num-shards", type=int, help="shards of a new store (default 4)")
-    p.add_argument("--model", help=f"backbone (default {DEFAULT_BACKBONE}): {', '.join(BACKBONES)}")
-    p.add_argument("--weights", help="'default', 'none' or a .pth path")
+    p.add_argument("--model", help=f"backbone (default {DEFAULT_BACKBONE}): {MODEL_HELP}")
+    p.add_argument(
+        "--weights",
+        help="'default' (the library's pretrained weights, from its cache), a weights file, an "
+        "open_clip pretrained tag, or 'none' (random, tests only)",
+    )
     p.add_argument("--batch-size", type=int, help="images per model call (32 CPU / 256 GPU)")
     p.add_argument("--actors", type=int, help="model actors (default: 1 per GPU, else per CPU)")
     p.add_argument("--actor-cpus", type=float, help="CPUs per actor (0.5 CPU / 1 GPU)")

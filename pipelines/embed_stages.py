@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedding import ImageError, decode_image, prepare  # no torch: decode tasks stay light
+from embedding.preprocess import CropSpec
 from index.rows import schema
 from index.rows.metadata import metadata_columns
 from index.rows.sharding import content_id, shards_of
@@ -59,13 +60,19 @@ def _describe(e: BaseException) -> str:
 def read_decode_batch(
     batch: pa.Table,
     *,
-    image_size: int,
-    resize_size: int,
     max_pixels: int,
     max_bytes: int,
+    crop: dict | None = None,
+    image_size: int | None = None,
+    resize_size: int | None = None,
 ) -> pa.Table:
     """(id, uri) rows -> (id, uri, crop, width, height, stage, error) rows, one per input; the
-    batch's metadata columns (from a sidecar) ride along unchanged."""
+    batch's metadata columns (from a sidecar) ride along unchanged.
+
+    ``crop``: the model's ``CropSpec`` as a dict (``Embedder.crop``); without it, the
+    torchvision centre crop of ``image_size`` after a resize to ``resize_size``."""
+    spec = CropSpec.of(crop) if crop is not None else CropSpec(image_size or 224, resize_size)
+    image_size = spec.size
     uris = batch[schema.URI].to_pylist()
     ids = batch[schema.ID].to_pylist()
     n = len(uris)
@@ -82,8 +89,8 @@ def read_decode_batch(
             stages[i], errors[i] = READ, _describe(e)
             continue
         try:
-            img = decode_image(data, max_pixels, max_bytes, draft_size=resize_size)
-            crops[i] = prepare(img, image_size, resize_size)
+            img = decode_image(data, max_pixels, max_bytes, draft_size=spec.draft_size)
+            crops[i] = prepare(img, spec)
         except ImageError as e:
             stages[i], errors[i] = DECODE, str(e)
             continue

@@ -26,6 +26,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from embedding.config import canonical_model_name
 from index.storage.manifest import Manifest, load_manifest
 from serve.config import ConfigError, ServeConfig
 from serve.deployments.canary import RecallCanary
@@ -52,14 +53,14 @@ def check_model_config(config: ServeConfig, manifest: Manifest) -> None:
     by their file or content), which is done here too unless ``weights`` already disagrees with
     an obviously different tag. The embedder replica checks again, with the dimension.
     """
-    if config.model != manifest.model:
+    if canonical_model_name(config.model) != manifest.model:
         raise ModelMismatch(
             f"serve config model {config.model!r} differs from the catalogue's "
             f"{manifest.model_tag!r}; set model: {manifest.model} (and its weights)"
         )
     from embedding.backbones import load_backbone
 
-    backbone = load_backbone(config.model, config.weights)
+    backbone = load_backbone(config.model, config.weights, config.embed_threads)
     check_model(backbone.name, backbone.weights_tag, None, {**_expected(manifest), "dim": None})
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from embedding.config import ModelConfig
+from embedding.config import ModelConfig, model_error
 
 ENV_STORE = "VISUAL_SEARCH_STORE"
 ENV_CONFIG = "VISUAL_SEARCH_SERVE_CONFIG"
@@ -283,6 +283,8 @@ class ServeConfig:
             raise ConfigError(
                 f"no store: pass store=... (YAML, serve args, --store) or set ${ENV_STORE}"
             )
+        if (problem := model_error(self.model)) is not None:
+            raise ConfigError(problem)
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"route_prefix must start with '/', got {self.route_prefix!r}")
         if not 1 <= self.default_k <= MAX_K:

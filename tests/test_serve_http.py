@@ -192,6 +192,9 @@ def test_bad_inputs_get_their_4xx_and_the_app_keeps_answering(app):
         ("missing_query", 400, {"json": {}}),
         ("missing_query", 400, {"files": {"other": ("x.txt", b"x", "text/plain")}}),
         ("ambiguous_query", 400, {"json": {"vector": good, "id": "abc"}}),
+        # EfficientNet-Lite has no text tower: text queries (alone or mixed) are refused
+        ("no_text_encoder", 422, {"json": {"text": "red shoes"}}),
+        ("no_text_encoder", 422, {"json": {"vector": good, "text": "red", "text_weight": 0.2}}),
         (
             "unsupported_media_type",
             415,

@@ -112,8 +112,12 @@ class SearchClient:
         dedup: bool | float | None = None,
         exclude_self: bool | None = None,
         min_score: float | None = None,
+        text: str | None = None,
+        text_weight: float | None = None,
     ) -> dict:
-        """Top-k of exactly one of an image, a catalogue ``id`` or a ``vector``.
+        """Top-k of exactly one of an image, a catalogue ``id`` or a ``vector``, or of a
+        ``text`` (models with a text tower); ``text`` beside one of the others is a mixed query
+        (``text_weight`` in 0..1, the app's default 0.5).
 
         Answer shaping (``index.query.shaping``; the app's defaults when None): ``expand`` (query
         expansion with the top ``expand_m`` results, weights ``score ** expand_alpha``),
@@ -123,8 +127,10 @@ class SearchClient:
         given = [
             name for name, v in (("image", image), ("id", id), ("vector", vector)) if v is not None
         ]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of image, id, vector (got {given or 'none'})")
+        if len(given) > 1 or not (given or text is not None):
+            raise ValueError(
+                f"give one of image, id, vector, and/or a text (got {given or 'none'})"
+            )
         params = {
             key: value
             for key, value in (
@@ -148,11 +154,19 @@ class SearchClient:
                 params[key] = "true" if value else "false"
             elif value is not None:
                 params[key] = value
+        mixed = {"text": text} if text is not None else {}
+        if text_weight is not None:
+            mixed["text_weight"] = text_weight
         if image is not None:
             name, data = read_image(image)
             files = {"file": (name, data, "application/octet-stream")}
-            return self._send("POST", "/search", params=params, files=files).json()
-        body = {"id": id} if id is not None else {"vector": [float(x) for x in vector]}
+            form = {k: str(v) for k, v in mixed.items()}
+            return self._send("POST", "/search", params=params, files=files, data=form).json()
+        body = dict(mixed)
+        if id is not None:
+            body["id"] = id
+        elif vector is not None:
+            body["vector"] = [float(x) for x in vector]
         return self._send("POST", "/search", params=params, json=body).json()
 
     def stats(self) -> dict:

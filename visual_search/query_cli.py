@@ -3,6 +3,8 @@
     visual-search search cat.jpg --k 5                # an image file or fsspec URI
     visual-search search --id 3f2a9c0d1e2b4a5c        # a catalogue row's neighbours
     visual-search search --vector q.npy --json        # a vector (.npy, or a JSON list; - = stdin)
+    visual-search search --text "red shoes"           # a text (models with a text tower: CLIP)
+    visual-search search shoe.jpg --text "in red" --text-weight 0.3   # image + text, mixed
     visual-search search cat.jpg --expand --dedup --diversify 0.7    # answer shaping
     visual-search stats [--json]
 
@@ -89,13 +91,19 @@ def format_results(body: dict) -> str:
 
 def search_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Query a running app with an image, a catalogue id or a vector.",
+        description="Query a running app with an image, a catalogue id, a vector or a text.",
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("image", nargs="?", help="query image: a file or an fsspec URI")
     parser.add_argument("--id", help="search by a catalogue row's id")
     parser.add_argument("--vector", help="query vector: a .npy file, a JSON file, or - (stdin)")
+    parser.add_argument("--text", help="a text query (models with a text tower, e.g. CLIP)")
+    parser.add_argument(
+        "--text-weight",
+        type=float,
+        help="with --text and an image, id or vector: the text's share, 0..1 (default 0.5)",
+    )
     parser.add_argument("--k", type=int, help="results (1..1000; default the app's, 10)")
     parser.add_argument("--nprobe", type=int, help="IVF lists probed per shard")
     parser.add_argument("--candidates", type=int, help="per-shard candidates for rerank")
@@ -132,8 +140,8 @@ def search_main(argv: list[str] | None = None) -> int:
     _common(parser)
     args = parser.parse_args(argv)
     given = [name for name in ("image", "id", "vector") if getattr(args, name) is not None]
-    if len(given) != 1:
-        parser.error("give exactly one of IMAGE, --id, --vector")
+    if len(given) > 1 or not (given or args.text is not None):
+        parser.error("give one of IMAGE, --id, --vector, and/or --text")
     try:
         vector = _load_vector(args.vector) if args.vector is not None else None
         with SearchClient(args.url, timeout=args.timeout) as client:
@@ -152,6 +160,8 @@ def search_main(argv: list[str] | None = None) -> int:
                 dedup=args.dedup,
                 exclude_self=args.exclude_self,
                 min_score=args.min_score,
+                text=args.text,
+                text_weight=args.text_weight,
             )
     except SearchError as e:
         return _fail(e)

@@ -1,7 +1,7 @@
 """QueryEmbedder: the batch job's model, run on query crops, micro-batched across requests.
 
 The only serving process that imports torch (the ingress sends it uint8 crops, made by
-``serve.http.crop`` without torch).
+``serve.http.crop`` without torch, and texts for models with a text tower: ``embed_text``).
 
 Concurrent queries arriving within ``batch_wait_timeout_s`` of each other share one forward pass
 (``@serve.batch``): on a GPU that is nearly free throughput, on a CPU it still saves the per-call
@@ -49,10 +49,12 @@ class QueryEmbedder:
     ):
         self.embedder = Embedder(model)
         check_model(self.embedder.name, self.embedder.weights_tag, self.embedder.dim, expected)
-        self.embed.set_max_batch_size(max_batch_size)
-        self.embed.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        for batched in (self.embed, self.embed_text):
+            batched.set_max_batch_size(max_batch_size)
+            batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batches = 0
         self.images = 0
+        self.texts = 0
 
     def info(self) -> dict:
         return {
@@ -60,9 +62,13 @@ class QueryEmbedder:
             "weights": self.embedder.weights_tag,
             "dim": self.embedder.dim,
             "image_size": self.embedder.image_size,
+            "crop": self.embedder.crop.to_dict(),  # the ingress cuts query crops by it
+            "text": self.embedder.has_text,
+            "text_error": None if self.embedder.has_text else self.embedder.text_refusal(),
             "device": str(self.embedder.device),
             "batches": self.batches,
             "images": self.images,
+            "texts": self.texts,
         }
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -73,4 +79,13 @@ class QueryEmbedder:
         vectors = await asyncio.to_thread(self.embedder.embed, batch)
         self.batches += 1
         self.images += len(crops)
+        return list(vectors)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def embed_text(self, texts: list[str]) -> list[np.ndarray]:
+        """One text per call -> its (D,) float32 unit vector in the images' space (models with
+        a text tower: ``info()["text"]``; the ingress refuses text for the others)."""
+        vectors = await asyncio.to_thread(self.embedder.embed_text, texts)
+        self.batches += 1
+        self.texts += len(texts)
         return list(vectors)

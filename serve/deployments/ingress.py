@@ -23,7 +23,6 @@ DeploymentHandles to the QueryEmbedder, to one ShardSearcher deployment per *gro
 (``LocalGroup``). It never imports torch: the embedder replica runs the model.
 """
 
-import asyncio
 import logging
 import os
 import time
@@ -34,6 +33,7 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from embedding.config import has_text_tower
 from index.query.facets import merge_facets
 from index.rows import clock
 from index.rows.sharding import shard_of
@@ -41,10 +41,10 @@ from index.storage.manifest import Manifest, load_manifest
 from serve.catalog import Catalog
 from serve.config import ServeConfig
 from serve.deployments.canary import hand_to_canary
+from serve.deployments.query_model import QueryModel
 from serve.deployments.searcher import LocalGroup
 from serve.http import openapi
 from serve.http.answers import json_response, search_response
-from serve.http.crop import image_crop
 from serve.http.errors import (
     ERROR_RESPONSES,
     RECORD_ERROR_RESPONSES,
@@ -127,12 +127,13 @@ class Ingress:
         if config.handle_transport == "grpc" and embedder is not None:
             embedder = embedder.options(_by_reference=False)
         self.embedder = embedder
+        # images cropped as the batch job crops them, texts, mixed queries (query_model)
+        self.query_model = QueryModel(embedder, config.embed_deadline_ms / 1000)
         self.searchers = searchers
         self.limits = limits_for(config, keyed=True)
         self.anon_limits = limits_for(config, keyed=False)  # serve.http.limits: lower caps
         self.shard_timeout_s = config.shard_deadline_ms / 1000
         self.embed_timeout_s = config.embed_deadline_ms / 1000
-        self._image_size: int | None = None
         # what GET /images/{id}/thumbnail may read: a stored uri grants no access by itself
         self.sources = Sources(config.thumbnail_roots, config.thumbnail_timeout_s)
         self.catalog = Catalog(self.store, manifest, on_change=self._publish_openapi)
@@ -159,6 +160,9 @@ class Ingress:
                 num_shards=self.num_shards,
                 metadata=dict(manifest.metadata),
                 image_queries=self.embedder is not None,
+                # the store's model kind has a text tower (open_clip); a tokenizer that cannot
+                # load here still answers 422 no_text_encoder, with the reason
+                text_queries=self.embedder is not None and has_text_tower(manifest.model),
                 api_key=bool(self.config.api_key),
                 limits=self.anon_limits,  # what any caller may send (keyed ones: more)
             )
@@ -266,7 +270,7 @@ class Ingress:
     # ---- search -------------------------------------------------------------------------------
     @api.post(
         "/search",
-        summary="Nearest catalogue images to an image, a vector or a catalogue id",
+        summary="Nearest catalogue images to an image, a vector, a catalogue id or a text",
         response_model=SearchResponse,
         responses=ERROR_RESPONSES,
         openapi_extra=SEARCH_OPENAPI_EXTRA,
@@ -287,12 +291,15 @@ class Ingress:
         query = await parse_search(request, limits, self.dim, self.metric == "ip")
         query = await self.catalog.checked(resolve_metadata, query)
         params = query.params
+        vector = None  # a text query's vector is its text's
         if query.kind == "vector":
             vector = query.vector
         elif query.kind == "id":
             vector = await self._vector_of(query.row_id)
-        else:
-            vector = await self._embed(query.image, limits, "send a JSON vector or id")
+        elif query.kind == "image":
+            vector = await self.query_model.image(query.image, limits, "send a JSON vector or id")
+        if query.text is not None:  # alone, or mixed into the query at text_weight
+            vector = await self.query_model.with_text(vector, query.text, query.text_weight)
         answer = await self.planner.search(
             vector,
             params,
@@ -327,29 +334,6 @@ class Ingress:
         if vector is None:
             raise ApiError(404, "unknown_id", f"no catalogue row has id {row_id!r}")
         return np.asarray(vector, dtype=np.float32)
-
-    async def _embed(self, image: bytes, limits: Limits, instead: str) -> np.ndarray:
-        """The query embedder's vector of an uploaded ``image`` (cropped here, as the batch job
-        crops); ``instead``: what to send to an app that takes no images."""
-        if self.embedder is None:
-            raise ApiError(
-                501,
-                "image_queries_disabled",
-                "this app serves vectors that no image model made (image_queries: false); "
-                + instead,
-            )
-        if self._image_size is None:
-            ok, info = await call_with_deadline(self.embedder.info.remote(), self.embed_timeout_s)
-            if not ok:
-                raise ApiError(503, "embedder_unavailable", f"the query embedder failed: {info}")
-            self._image_size = int(info["image_size"])
-        crop = await asyncio.to_thread(image_crop, image, self._image_size, limits)
-        ok, vector = await call_with_deadline(
-            self.embedder.embed.remote(crop), self.embed_timeout_s
-        )
-        if not ok:
-            raise ApiError(503, "embedder_unavailable", f"the query embedder failed: {vector}")
-        return vector
 
     # ---- catalogue rows (the search page's thumbnails) -----------------------------------------
     @api.get(
@@ -414,7 +398,7 @@ class Ingress:
         add = await parse_add(request, limits, self.dim, self.metric == "ip")
         add = await self.catalog.checked(check_add_metadata, add)
         if add.kind == "image":
-            vector = await self._embed(add.image, limits, "send a JSON vector")
+            vector = await self.query_model.image(add.image, limits, "send a JSON vector")
         else:
             vector = add.vector
         body = await self.writer.add(add, vector)

@@ -11,7 +11,7 @@ status  error                      when
 ======  =========================  ==========================================================
 400     invalid_json               the body is not a JSON object
 400     invalid_multipart          the multipart body cannot be parsed
-400     missing_query              none of ``file`` / ``vector`` / ``id`` was given
+400     missing_query              none of ``file`` / ``vector`` / ``id`` / ``text`` was given
 400     ambiguous_query            more than one of them was given
 404     unknown_id                 ``id`` names no row of the catalogue
 501     image_queries_disabled     a file was sent to an app run with ``image_queries: false``
@@ -24,6 +24,9 @@ status  error                      when
 422     non_finite_vector          ``vector`` holds NaN or +-Infinity
 422     zero_vector                ``vector`` is all zeros (no direction to compare, metric ip)
 422     invalid_vector             ``vector`` is not a flat list of numbers
+422     invalid_text               ``text`` is not a string of 1..1000 characters
+422     no_text_encoder            ``text`` sent to a store whose model has no text tower (or
+                                   whose tokenizer cannot load here: the detail says why)
 422     invalid_id                 ``id`` is not a non-empty string of at most 256 characters
                                    without ``/``
 422     k_out_of_range             ``k`` is not in 1..1000 (1..``anon_max_k`` without the key)
@@ -124,7 +127,7 @@ ERROR_RESPONSES = _responses(
     (404, "unknown_id"),
     (413, "too_large, decompression_bomb"),
     (415, "not_an_image, unsupported, unsupported_media_type"),
-    (422, "bad vector, id, parameter, filter or fields (see the reason code)"),
+    (422, "bad vector, id, text, parameter, filter or fields; no_text_encoder (see the code)"),
     (501, "image_queries_disabled (an app of vectors only)"),
     (503, "embedder_unavailable, shard_unavailable, no_shard_answered"),
 )

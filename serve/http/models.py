@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from index.query import shaping
 from serve.config import MAX_K
+from serve.http.validate import DEFAULT_TEXT_WEIGHT
 
 
 class Result(BaseModel):
@@ -68,10 +69,19 @@ class FacetsResponse(BaseModel):
 
 
 class SearchBody(BaseModel):
-    """The JSON form of a query: exactly one of ``vector`` or ``id``."""
+    """The JSON form of a query: one of ``vector``, ``id`` or ``text``; ``text`` beside a
+    ``vector`` or an ``id`` mixes the two (``text_weight``)."""
 
     vector: list[float] | None = Field(None, description="query vector, length = catalogue dim")
     id: str | None = Field(None, description="id of a catalogue row: find its neighbours")
+    text: str | None = Field(
+        None, description="a text query (models with a text tower: CLIP, SigLIP; else 422)"
+    )
+    text_weight: float | None = Field(
+        None,
+        description="a mixed query's text share in 0..1: normalize((1-w)*query + w*text) "
+        f"(default {DEFAULT_TEXT_WEIGHT})",
+    )
     k: int | None = Field(
         None, description=f"results to return, 1..{MAX_K} with the API key (default 10)"
     )
@@ -132,6 +142,8 @@ SEARCH_OPENAPI_EXTRA = {
                     "required": ["file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
+                        "text": {"type": "string", "minLength": 1},
+                        "text_weight": {"type": "number", "minimum": 0, "maximum": 1},
                         "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
                         "nprobe": {"type": "integer", "minimum": 1},
                         "rerank": {"type": "boolean"},

@@ -17,6 +17,8 @@ those two operations out exactly:
   multipart
   with a ``file`` (``encoding``: image types) and the same fields as form fields (``filter`` as
   JSON text); query parameters with their real ranges (``fields`` as a comma-separated pattern);
+- with a text tower (``text_queries``): a third JSON form ``{"text": "..."}``, and ``text`` +
+  ``text_weight`` beside the vector, id and file forms (a mixed query);
 - ``POST /images``: JSON ``{"vector", "id", "uri", "metadata"}`` or multipart ``file`` + ``id``,
   ``uri``, ``metadata`` (JSON text), where ``metadata`` is ``#/components/schemas/Metadata``:
   the store's columns with their types, nothing else;
@@ -46,7 +48,7 @@ from index.query.filters import openapi_schema as filter_schema
 from index.rows.metadata import INT64_MAX, INT64_MIN, MAX_STRING_CHARS
 from serve.http.limits import Limits
 from serve.http.metadata import MAX_URI_CHARS
-from serve.http.validate import FLOAT32_MAX, MAX_ID_CHARS
+from serve.http.validate import DEFAULT_TEXT_WEIGHT, FLOAT32_MAX, MAX_ID_CHARS, MAX_TEXT_CHARS
 
 FILTER_REF = "#/components/schemas/Filter"
 METADATA_REF = "#/components/schemas/Metadata"
@@ -102,6 +104,7 @@ class OpenApiContext:
     num_shards: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     image_queries: bool = True
+    text_queries: bool = False  # the model has a text tower: ``text`` (and mixed) queries
     api_key: bool = False
     limits: Limits = field(default_factory=Limits)
 
@@ -304,26 +307,55 @@ def search_body(ctx: OpenApiContext) -> dict:
         "items": {"type": "string", "enum": list(ctx.metadata)} if ctx.metadata else {"not": {}},
         "description": "metadata columns to return (default: all; []: none; a repeat is one)",
     }
-    by_vector = _object({"vector": vector_schema(ctx), **common}, ["vector"])
-    by_id = _object({"id": ID, **common}, ["id"])
+    text = _text_fields() if ctx.text_queries else {}
+    by_vector = _object({"vector": vector_schema(ctx), **common, **text}, ["vector"])
+    by_id = _object({"id": ID, **common, **text}, ["id"])
+    forms = [by_vector, by_id]
+    what = "a vector, or the id of a catalogue row (its neighbours)"
+    if text:
+        forms.append(_object({**text, **common}, ["text"]))
+        what += (
+            ", or a text (the model's text tower); a text beside a vector or an id mixes "
+            "the two by text_weight"
+        )
     content = {
         "application/json": {
             "schema": {
                 "type": "object",
-                "oneOf": [by_vector, by_id],
-                # what both forms share, at the top too (the search page looks for "filter")
+                "oneOf": forms,
+                # what every form shares, at the top too (the search page looks for "filter")
                 "properties": common,
-                "description": "a vector, or the id of a catalogue row (its neighbours)",
+                "description": what,
             }
         }
     }
     if ctx.image_queries:
-        form = dict(_params(ctx))
+        form = {**_params(ctx), **text}
         if ctx.metadata:
             form["filter"] = {"$ref": FILTER_REF}
         form["fields"] = _fields_pattern(ctx.metadata)
         content = {**_upload(form, "filter"), **content}
     return {"required": True, "content": content}
+
+
+def _text_fields() -> dict:
+    """``text`` and ``text_weight`` (``serve.http.validate``, ``serve.deployments.query_model``)."""
+    return {
+        "text": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_TEXT_CHARS,
+            "description": "a text query, embedded by the model's text tower (CLIP, SigLIP); "
+            "beside an image, a vector or an id: a mixed query",
+        },
+        "text_weight": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "a mixed query's text share: normalize((1 - w) * query + w * text), "
+            f"default {DEFAULT_TEXT_WEIGHT}",
+        },
+    }
 
 
 def add_body(ctx: OpenApiContext) -> dict:

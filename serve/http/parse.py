@@ -1,8 +1,11 @@
 """Reading a request: the body (size-limited, JSON or multipart), into a checked query or row.
 
 ``POST /search`` is one of: a multipart ``file`` (an image to embed), a JSON ``vector`` or a JSON
-``id`` (or ``?id=``: a catalogue row's neighbours). Its parameters come from the query string; a
-JSON body or multipart form fields of the same names override them (``serve.http.validate``).
+``id`` (or ``?id=``: a catalogue row's neighbours), or a JSON ``text`` (models with a text tower).
+``text`` may also come with any of the others (a JSON field, or a form field beside the ``file``):
+a mixed query, weighted by ``text_weight`` (``serve.deployments.query_model``). Its parameters
+come from the query string; a JSON body or multipart form fields of the same names override them
+(``serve.http.validate``).
 
 Writes (issue #5): ``POST /images`` takes a multipart ``file`` (or JSON ``vector`` for apps of
 external embeddings) with optional ``id`` (default: the content hash of the bytes), ``uri`` and
@@ -35,15 +38,23 @@ from serve.http.metadata import (
     validate_metadata,
     validate_uri,
 )
-from serve.http.validate import SearchParams, validate_id, validate_params, validate_vector
+from serve.http.validate import (
+    SearchParams,
+    validate_id,
+    validate_params,
+    validate_text,
+    validate_text_weight,
+    validate_vector,
+)
 
+_MISSING = "send a multipart 'file', or JSON 'vector', 'id' or 'text'"
 MAX_JSON_BYTES = 4 * 1024 * 1024  # a 4096-d vector as JSON text is ~100 KB
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, headers and small form fields around the file
 
 
 @dataclass
 class ParsedQuery:
-    kind: str  # "image", "vector" or "id"
+    kind: str  # "image", "vector", "id" or "text"
     params: SearchParams
     image: bytes | None = None
     vector: np.ndarray | None = None
@@ -52,6 +63,8 @@ class ParsedQuery:
     raw_fields: Any = UNSET  # the request's ``fields`` as given
     query_fields: Any = UNSET  # ``fields`` in the query string (checked even when overridden)
     limits: Limits | None = None  # the caller's (the filter's size is checked against them)
+    text: str | None = None  # a text query, alone (kind "text") or mixed into the others
+    text_weight: float | None = None  # the text's share of a mixed query (0..1)
 
 
 @dataclass
@@ -111,7 +124,13 @@ async def parse_search(request: Request, limits: Limits, dim: int, normalise: bo
     ``filter`` and ``fields`` as given (``resolve_metadata`` checks them against the schema)."""
     query_fields = request.query_params.get("fields", UNSET)
     extras: dict[str, Any] = {"filter": None, "fields": query_fields}
+    extras.update(text=None, text_weight=None)
     query = await _parse_search(request, limits, dim, normalise, extras)
+    if extras["text"] is not None:
+        query.text = validate_text(extras["text"])
+    elif extras["text_weight"] is not None:
+        raise ApiError(422, "invalid_parameter", "text_weight without a text: give both")
+    query.text_weight = validate_text_weight(extras["text_weight"])
     query.raw_filter, query.raw_fields = extras["filter"], extras["fields"]
     query.query_fields = query_fields
     query.limits = limits
@@ -138,7 +157,7 @@ async def _parse_search(
         if image is not None and query_id is not None:
             raise ApiError(400, "ambiguous_query", "give a file or an id, not both")
         if image is None:
-            if query_id is None:
+            if query_id is None:  # a text goes as JSON; as a form field, beside a file
                 raise ApiError(400, "missing_query", "multipart body has no 'file' field")
             return ParsedQuery("id", validate_params(raw, limits), row_id=validate_id(query_id))
         if len(image) > limits.max_upload_bytes:
@@ -151,7 +170,9 @@ async def _parse_search(
         if not body.strip():
             if query_id is None:
                 raise ApiError(
-                    400, "missing_query", "send a multipart 'file', or JSON 'vector' or 'id'"
+                    400,
+                    "missing_query",
+                    "send a multipart 'file', or JSON 'vector', 'id' or 'text'",
                 )
             return ParsedQuery("id", validate_params(raw, limits), row_id=validate_id(query_id))
         try:
@@ -166,11 +187,16 @@ async def _parse_search(
         refuse_nulls(data)
         raw.update({k: data[k] for k in _PARAM_KEYS if k in data})
         extras.update({k: data[k] for k in extras if k in data})
+        weight = data.get("text_weight")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int | float)):
+            raise ApiError(422, "invalid_parameter", "text_weight must be a number in 0..1")
         row_id = data.get("id", query_id)
         candidates = (("vector", data.get("vector")), ("id", row_id))
         given = [name for name, value in candidates if value is not None]
+        if not given and "text" in data:
+            return ParsedQuery("text", validate_params(raw, limits))
         if not given:
-            raise ApiError(400, "missing_query", "send a multipart 'file', or JSON 'vector'/'id'")
+            raise ApiError(400, "missing_query", _MISSING)
         if len(given) > 1:
             raise ApiError(400, "ambiguous_query", "give a vector or an id, not both")
         params = validate_params(raw, limits)

@@ -211,3 +211,27 @@ def validate_id(value: Any) -> str:
     if not is_unicode(value):
         raise ApiError(422, "invalid_id", "id is not valid Unicode (a lone surrogate)")
     return value
+
+
+MAX_TEXT_CHARS = 1000  # a query, not a document (CLIP reads 77 tokens, SigLIP 64)
+DEFAULT_TEXT_WEIGHT = 0.5  # a mixed query's text share (serve.deployments.query_model)
+
+
+def validate_text(value: Any) -> str:
+    """A text query: a non-empty string of at most ``MAX_TEXT_CHARS`` characters (the tokenizer
+    reads anything, spaces too)."""
+    if not isinstance(value, str) or not value or len(value) > MAX_TEXT_CHARS:
+        raise ApiError(
+            422, "invalid_text", f"text must be a string of 1..{MAX_TEXT_CHARS} characters"
+        )
+    if not is_unicode(value):
+        raise ApiError(422, "invalid_text", "text is not valid Unicode (a lone surrogate)")
+    return value
+
+
+def validate_text_weight(value: Any) -> float | None:
+    """``text_weight`` of a mixed query: a number in 0..1 (form fields: its decimal text)."""
+    weight = _float_param("text_weight", value)
+    if weight is not None and not 0.0 <= weight <= 1.0:
+        raise ApiError(422, "invalid_parameter", "text_weight must be in 0..1")
+    return weight

@@ -62,6 +62,9 @@ async function detectFilters() {
     let schema = content.schema;
     if (schema.$ref) schema = spec.components.schemas[schema.$ref.split("/").pop()];
     filtersSupported = Boolean((schema.properties || {}).filter);
+    // text queries: the model has a text tower when one JSON form requires "text"
+    $("#text-form").hidden = !(schema.oneOf || []).some((form) =>
+      (form.required || []).includes("text"));
   } catch (e) {
     filtersSupported = false;
   }
@@ -97,9 +100,13 @@ async function search(query) {
       const form = new FormData();
       form.append("file", query.blob, query.label || "query");
       if (filter !== undefined) form.append("filter", JSON.stringify(filter));
+      if (query.text !== undefined) {
+        form.append("text", query.text);
+        form.append("text_weight", String(query.textWeight));
+      }
       response = await fetch(`search?k=${k()}`, { method: "POST", body: form });
     } else {
-      const body = { id: query.id, k: k() };
+      const body = query.kind === "text" ? { text: query.text, k: k() } : { id: query.id, k: k() };
       if (filter !== undefined) body.filter = filter;
       response = await fetch("search", {
         method: "POST",
@@ -216,6 +223,19 @@ function searchId(id) {
   search({ kind: "id", id });
 }
 
+// words: alone, or mixed into the image above at the chosen weight (POST /search text_weight)
+function searchText(text) {
+  const image = lastQuery && lastQuery.kind === "image" ? lastQuery : null;
+  if ($("#text-mix").checked && image) {
+    const textWeight = Math.min(1, Math.max(0, Number($("#text-weight").value) || 0));
+    $("#query-label").textContent = `query: ${image.label || "image"} + "${text}" (${textWeight})`;
+    return search({ kind: "image", blob: image.blob, label: image.label, text, textWeight });
+  }
+  $("#query-preview").hidden = true;
+  $("#query-label").textContent = `query: "${text}"`;
+  search({ kind: "text", text });
+}
+
 // "#id=<id>" is the page's state: clicking a result sets it, so Back returns to the last query
 function fromHash() {
   const match = /^#id=(.+)$/.exec(location.hash);
@@ -268,6 +288,12 @@ function setUp() {
     if (!id) return show($("#error"), "give a catalogue id");
     if (location.hash === "#id=" + encodeURIComponent(id)) searchId(id);
     else location.hash = "id=" + encodeURIComponent(id);
+  });
+  $("#text-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = $("#text-input").value;
+    if (!text.trim()) return show($("#error"), "type some words to search by");
+    searchText(text);
   });
   $("#k").addEventListener("change", () => {
     if (lastQuery) search(lastQuery);

@@ -1,0 +1,110 @@
+"""Text -> image through the real Serve app (issue #25, part 2).
+
+One app over a store of photos embedded by the embedding job with a tiny random open_clip model
+(image and text towers; ``harness.tiny_models``) and indexed by the build job: the open_clip
+kind's embed -> build -> serve -> search, with text queries, image + text mixes, filters on text
+queries, the CLI's ``--text`` and the OpenAPI document's text forms. Random weights put texts
+nowhere in particular, so what is checked is the path: the vector the app searches by is the
+model's own text vector (the same top-k as an exact search by it), and mixing follows the
+documented formula. The refusal for a model without a text tower (422 ``no_text_encoder``) is
+in ``tests/test_serve_http.py``'s bad-input test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from harness.model_runs import embed_and_build, query_vectors
+from harness.serve_app import running_app
+from harness.serve_store import caltech_sample
+from harness.tiny_models import open_clip_tiny
+from index.live.recall import exact_all
+from index.rows.sharding import uri_id
+from index.storage.store import Store
+from serve.deployments.query_model import mix
+from visual_search.query_cli import search_main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, scratch_root, caltech_dir):
+    model = open_clip_tiny(scratch_root / "tiny-clip")
+    paths = caltech_sample(caltech_dir, classes=4, per_class=6)
+    sidecar = scratch_root / "text-classes.csv"
+    sidecar.write_text("uri,cls\n" + "".join(f"{p},{p.parent.name}\n" for p in paths))
+    root = scratch_root / "text-store"
+    built = embed_and_build(model, "none", paths, root, metadata=[str(sidecar)])
+    vectors = dict(zip(paths, query_vectors(built.embedder, paths), strict=True))
+    with running_app(
+        Store(root), paths, vectors, model=model, weights="none", shards_per_group=None
+    ) as running:
+        running.extra.update(embedder=built.embedder, shards=built.shards)
+        yield running
+
+
+def exact_top(app, vector: np.ndarray, k: int) -> list[str]:
+    return exact_all(app.extra["shards"], vector[None].astype(np.float32), k)[0]
+
+
+def stored(app, row_id: str) -> np.ndarray:
+    """A row's vector as the shards hold it (what an id query and the rerank use)."""
+    found = (s.vector_of(row_id) for s in app.extra["shards"])
+    return next(v for v in found if v is not None).astype(np.float32)
+
+
+def ids(body: dict) -> list[str]:
+    return [r["id"] for r in body["results"]]
+
+
+def test_text_mixed_and_filtered_queries(app, capsys):
+    embedder = app.extra["embedder"]
+    text_vector = embedder.embed_text(["red shoes"])[0]
+    with app.client() as client:
+        body = client.post("/search", json={"text": "red shoes", "k": 5, "rerank": True}).json()
+        assert ids(body) == exact_top(app, text_vector, 5)
+        assert body["results"][0]["score"] == pytest.approx(
+            float(stored(app, body["results"][0]["id"]) @ text_vector), abs=1e-4
+        )
+        photo = app.paths[0]
+        image_vector = app.vectors[photo]
+        files = {"file": ("q.jpg", photo.read_bytes(), "image/jpeg")}
+        mixed = client.post(
+            "/search?k=5", files=files, data={"text": "red shoes", "text_weight": "0.3"}
+        ).json()
+        assert ids(mixed) == exact_top(app, mix(image_vector, text_vector, 0.3), 5)
+        by_id = client.post(
+            "/search", json={"id": uri_id(str(photo)), "text": "red shoes", "k": 5}
+        ).json()
+        row = uri_id(str(photo))
+        assert ids(by_id) == exact_top(app, mix(stored(app, row), text_vector, 0.5), 5)
+        wanted = app.paths[-1].parent.name
+        only = client.post(
+            "/search",
+            json={
+                "text": "red shoes",
+                "k": 3,
+                "filter": {"field": "cls", "eq": wanted},
+                "fields": ["cls"],
+            },
+        ).json()
+        assert len(only["results"]) == 3
+        assert {r["metadata"]["cls"] for r in only["results"]} == {wanted}
+        for bad, code in (
+            ({"text": ""}, "invalid_text"),
+            ({"text": 3}, "invalid_text"),
+            ({"text": "a", "text_weight": 2}, "invalid_parameter"),
+            ({"id": "x", "text_weight": 0.5}, "invalid_parameter"),
+        ):
+            answer = client.post("/search", json=bad)
+            assert (answer.status_code, answer.json()["error"]) == (422, code), bad
+        doc = client.get("/openapi.json").json()
+        forms = doc["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]
+        assert ["text"] in [form["required"] for form in forms["schema"]["oneOf"]]
+        stats = client.get("/stats").json()
+        assert stats["embedder"]["text"] is True and stats["model"].startswith("open_clip:")
+    assert search_main(["--url", app.base_url, "--text", "red shoes", "--k", "5", "--json"]) == 0
+    assert ids(json.loads(capsys.readouterr().out)) == exact_top(app, text_vector, 5)
