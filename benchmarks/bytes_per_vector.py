@@ -291,6 +291,7 @@ def main(argv=None) -> None:
             chosen_candidates=point["candidates"],
             chosen_build_seconds=chosen["build_seconds"],
         )
+    add_policy_keys(result)
     result["today_ram_bytes_per_vector"] = today["ram_bytes_per_vector"]
     result["today_recall_at_10"] = today["at_target_float16"]["recall"]
     result["today_ms_per_query"] = today["at_target_float16"]["ms"]
@@ -313,6 +314,22 @@ def main(argv=None) -> None:
             **run_dataset(real, code_variants(ann["train"].shape[1]), kinds),
         }
     common.write_and_plot("bytes_per_vector", result, plot, headline=True)
+
+
+def add_policy_keys(result: dict) -> None:
+    """``policy_*``: the measured row of what ``index.ann.policy`` picks for this shape (the
+    fewest bytes at the target is ``chosen_*``)."""
+    mixture = result["mixture"]
+    spec = choose_index(mixture["n"], mixture["dim"], mixture["metric"], "64G")
+    for row in mixture["variants"]:
+        if row["factory"] == spec.factory and (not getattr(spec, "qb", 0) or row["qb"] == spec.qb):
+            point = row["at_target_float16"]
+            result.update(
+                policy_codes=row["variant"],
+                policy_ram_bytes_per_vector=row["ram_bytes_per_vector"],
+                policy_recall_at_10=point["recall"],
+                policy_ms_per_query=point["ms"],
+            )
 
 
 def plot(result: dict, path: Path) -> None:

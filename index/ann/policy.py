@@ -35,6 +35,14 @@ OPQ / PCA              not chosen: an OPQ rotation gained +0.003 recall at 8x th
                        on 256-d and took > 5 minutes to train on 1280-d; PCA is not used
                        because rerank needs the full vectors anyway (the factory accepts both
                        when a caller passes its own IndexSpec).
+RaBitQ, SQ, rerank     measured, not chosen yet (benchmarks/bytes_per_vector.json, 300k x 256-d,
+vectors                recall@10 >= 0.95 after float16 rerank): IVF-RaBitQ 1-bit with 8-bit
+                       queries 48 B/vector, recall 0.983 in 0.21 ms/query vs 79 B and 0.31 ms
+                       for ``PQ128x4fsr``; ``PQ64x4fsr`` 44 B but 0.65 ms (400 candidates);
+                       SQ4/SQ8 136/264 B. A RaBitQ rule made an add at 1280-d take > 1 s to
+                       show in tests/test_freshness_http.py, not yet explained, so PQ stays.
+                       SQ8 and PCA-to-dim/2 rerank vectors reached only 0.91 / 0.28 on the
+                       mixture (0.985 / 0.964 on the CNN embeddings): float16 stays.
 default nprobe         ``clamp(nlist / NPROBE_DIVISOR, NPROBE_MIN, nlist)`` as the starting
                        point; the build then measures the index (``index.ann.tune``): recall@10
                        after rerank over nprobe <= 4x that and 50..1600 candidates, on sample
