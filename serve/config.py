@@ -165,8 +165,7 @@ class ServeConfig:
     search_threads: int = 1  # FAISS OpenMP threads per searcher replica (many replicas share CPUs)
     # shard groups (serve.deployments.searcher): a searcher replica serves this many shards, one
     # call per group per query; None = every shard in one group (one box); 1 = a deployment per
-    # shard.
-    # On a cluster, one memory node's shard_host slots (the group asks for that many slots).
+    # shard. On a cluster, one memory node's shard_host slots (the group asks for that many).
     shards_per_group: int | None = None
     # search the shard groups inside the ingress replica (no actor hop per query): the lowest
     # latency on one box with one ingress replica; every ingress replica holds the shards then
@@ -217,10 +216,9 @@ class ServeConfig:
     # of nothing (the page shows placeholders). A stored uri grants no access (thumbnails.py)
     thumbnail_roots: list[str] = field(default_factory=list)
     thumbnail_timeout_s: float = 10.0  # a source read slower than this is image_unavailable
-    # background rebuilds (serve.deployments.rebuilder, pipelines.rebuild): a shard is rebuilt
-    # when its delta (new rows + new tombstones) reaches rebuild_delta_rows or
-    # rebuild_delta_fraction of its built rows (0 = that rule off), checked every
-    # rebuild_check_s (0 = on request only)
+    # background rebuilds (serve.deployments.rebuilder, pipelines.rebuild): a shard is rebuilt when
+    # its delta (new rows + tombstones) reaches rebuild_delta_rows or rebuild_delta_fraction of its
+    # built rows (0 = that rule off), checked every rebuild_check_s (0 = on request only)
     rebuild_delta_rows: int = 100_000
     rebuild_delta_fraction: float = 0.1
     rebuild_check_s: float = 10.0
@@ -233,8 +231,7 @@ class ServeConfig:
     rebuild_node_resource: str = "auto"
     # live recall canary (serve.deployments.canary): this fraction of fully answered searches is
     # recomputed exactly in the background (0 = off, no RecallCanary deployment), at most
-    # canary_max_per_s a second (each is a scan of every shard), recall@k kept over the last
-    # canary_window
+    # canary_max_per_s a second (each scans every shard), recall@k over the last canary_window
     canary_fraction: float = 0.05
     canary_max_per_s: float = 0.5
     canary_window: int = 200
@@ -247,9 +244,7 @@ class ServeConfig:
     # how the ingress calls the embedder and searchers: "ray" (actor tasks, Serve's default) or
     # "grpc" (DeploymentHandle.options(_by_reference=False): direct gRPC to the replica)
     handle_transport: str = "ray"
-    # how long a stopping replica (a redeploy, a scale-down, ``serve delete``) waits between its
-    # checks for requests still in flight before it exits (Serve's graceful_shutdown_wait_loop_s,
-    # every deployment): an idle replica stops after one wait
+    # a stopping replica's wait between checks for requests in flight (Serve's graceful_shutdown_*)
     shutdown_wait_s: float = 2.0
     # deployments
     ingress: DeploymentSettings = field(default_factory=_ingress_defaults)
@@ -283,7 +278,7 @@ class ServeConfig:
             raise ConfigError(
                 f"no store: pass store=... (YAML, serve args, --store) or set ${ENV_STORE}"
             )
-        if (problem := model_error(self.model)) is not None:
+        if self.image_queries and (problem := model_error(self.model)) is not None:
             raise ConfigError(problem)
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"route_prefix must start with '/', got {self.route_prefix!r}")

@@ -69,6 +69,48 @@ def pytest_report_header(config) -> str:
     return f"test data: shared folder {shared} holds {where}; the rest is generated on first use"
 
 
+# Modules that take a minute or more, longest first (from the suite's own --durations list). They
+# are collected first, so that run in parallel (``-n 2``, pytest-xdist, each module on one
+# worker) the suite does not end on one of them while the other worker idles.
+HEAVY_FIRST = (
+    "test_fake_cluster",
+    "test_freshness_http",
+    "test_openapi_fuzz",
+    "test_histories",
+    "test_faults",
+    "test_cluster_ops",
+    "test_cli",
+    "test_serve_demo",
+    "test_metadata_http",
+    "test_embed_cli",
+    "test_shaping_http",
+    "test_s3_end_to_end",
+    "test_colocated",
+    "test_text_search",
+    "test_backbones",
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    def rank(item) -> int:
+        name = item.module.__name__.rpartition(".")[2] if item.module else ""
+        return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
+
+
+def pytest_sessionfinish(session) -> None:
+    """On an xdist worker: hand the data folders it used to the controller's summary."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["test_data_used"] = dict(USED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    USED.update(getattr(node, "workeroutput", {}).get("test_data_used", {}))
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     skipped = terminalreporter.stats.get("skipped", [])
     reasons = [str(r.longrepr[2]) if isinstance(r.longrepr, tuple) else "" for r in skipped]
