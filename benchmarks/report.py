@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.readme import jobs, reliability, serving, tables  # noqa: E402
+from benchmarks.readme import capacity, jobs, reliability, serving, tables  # noqa: E402
 from benchmarks.readme.extrapolation import section_extrapolation  # noqa: E402
 
 README = Path(__file__).resolve().parent / "README.md"
@@ -36,8 +36,10 @@ def render() -> str:
         serving.section_scaling(),
         serving.section_findings(),
         jobs.section_build(),
+        capacity.section_bytes_per_vector(),
         jobs.section_control_plane(),
         jobs.section_embed(),
+        capacity.section_models(),
         jobs.section_quality(),
         reliability.section_histories(),
         reliability.section_soak(),
