@@ -134,12 +134,28 @@ def test_query_expansion_searches_again_with_the_expanded_query(app):
         assert bad.status_code == 422 and bad.json()["error"] == "diversify_out_of_range"
 
 
-def _gauge(url: str) -> float | None:
+def _live_canary_replicas(ray_local) -> set[str]:
+    """The unique ids of this app's live RecallCanary replicas (Serve names its replica actors).
+
+    Ray keeps exporting a dead worker's last gauge values for two minutes, and the session's
+    Serve outlives each module's app, so an earlier module's canary series can still be there.
+    """
+    names = ray_local.util.list_named_actors(all_namespaces=True)
+    return {
+        entry["name"].rsplit("#", 1)[-1] for entry in names if "#RecallCanary#" in entry["name"]
+    }
+
+
+def _gauge(url: str, replicas: set[str]) -> float | None:
     try:
         text = httpx.get(url, timeout=10).text
     except httpx.TransportError:
         return None
-    found = re.findall(rf"^{GAUGE}{{[^}}]*}} (\S+)$", text, re.M)
+    found = [
+        value
+        for labels, value in re.findall(rf"^{GAUGE}{{([^}}]*)}} (\S+)$", text, re.M)
+        if any(f'replica="{replica}"' in labels for replica in replicas)
+    ]
     return float(found[-1]) if found else None
 
 
@@ -161,8 +177,14 @@ def test_canary_gauge_drops_when_the_index_is_made_worse_and_recovers(app, ray_l
 
             canary = wait_for(settled, 60, "the canary to recompute the phase's answers")
         recall = canary["recall_at_k"]
-        gauge = wait_for(
-            lambda: (g := _gauge(metrics_url)) is not None and abs(g - recall) < 1e-6 and g,
+        replicas = _live_canary_replicas(ray_local)
+
+        def exported():
+            g = _gauge(metrics_url, replicas)
+            return (g,) if g is not None and abs(g - recall) < 1e-6 else None
+
+        (gauge,) = wait_for(
+            exported,
             90,
             f"{GAUGE} = {recall} in Ray's Prometheus export",
             interval_s=1.0,
