@@ -101,7 +101,8 @@ def _target(request: web.Request) -> str:
 
 
 class FaultProxy:
-    """The proxy, on its own thread and event loop; ``counts`` says what it injected."""
+    """The proxy, on its own thread and event loop; ``counts`` says what it injected, how many
+    ``requests`` passed and of which ``kind:<method>`` (``kind:LIST`` for a listing)."""
 
     def __init__(self, upstream: str, schedule: FaultSchedule, port: int | None = None):
         self.upstream = upstream.rstrip("/")
@@ -160,6 +161,8 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         kind, v = self.schedule.decide(request.method, _target(request))
         self.counts["requests"] += 1
+        listing = request.method == "GET" and "list-type" in request.query
+        self.counts[f"kind:{'LIST' if listing else request.method}"] += 1  # what was asked
         if kind is not None:
             self.counts[kind] += 1
         body = await request.read()

@@ -171,9 +171,8 @@ class ServeConfig:
     # latency on one box with one ingress replica; every ingress replica holds the shards then
     colocate_shards: bool = False  # (then without the recall canary, which needs deployments)
     search_parallel_shards: int = 2  # shards of a group searched at once (threads)
-    # queries that arrive while a group replica searches are searched together next, as one
-    # FAISS batch; a query reaching an idle replica waits this long for company first (0: none,
-    # so a lone query is not slowed; batches still form under load)
+    # queries arriving while a group replica searches are searched together next (one FAISS
+    # batch); a lone query waits this long for company first (0: none; batches form under load)
     search_batch_wait_ms: float = 0.0
     search_max_batch: int = 64
     # per-request behaviour
@@ -190,10 +189,14 @@ class ServeConfig:
     # freshness (issue #5): searchers list the store for new parts/tombstones every delta_poll_s
     # (0 = off: only writes routed to a replica reach it); writes need api_key when it is set
     delta_poll_s: float = 0.5
-    # searchers report the version they serve (index.storage.leases) this often; garbage collection
-    # never deletes a version a replica reported within lease_ttl_s
-    lease_interval_s: float = 10.0
-    lease_ttl_s: float = 60.0
+    # a replica unused for poll_idle_after_s polls less while nothing changes: waits double up to
+    # these caps (None: never), back at once on use or change (serve.deployments.idle)
+    delta_poll_idle_max_s: float | None = 60.0
+    reload_idle_max_s: float | None = 120.0
+    poll_idle_after_s: float = 10.0
+    # searchers report their version (index.storage.leases) this often; GC keeps it for the TTL
+    lease_interval_s: float = 30.0
+    lease_ttl_s: float = 120.0
     # tests only: each Ingress and ShardSearcher replica offsets its wall clock by a seeded draw
     # in [-clock_skew_ms, +clock_skew_ms] (the history checker's clock skew; index.rows.clock)
     clock_skew_ms: int = 0
@@ -340,8 +343,9 @@ class ServeConfig:
         if self.lease_interval_s <= 0 or self.lease_ttl_s < 2 * self.lease_interval_s:
             raise ConfigError("need lease_interval_s > 0 and lease_ttl_s >= 2 x lease_interval_s")
         names = ("delta_poll_s", "rebuild_delta_rows", "rebuild_check_s", "rebuild_gc_grace_s")
+        names = (*names, "poll_idle_after_s", "delta_poll_idle_max_s", "reload_idle_max_s")
         for name in (*names, "rebuild_num_cpus", "clock_skew_ms"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.rebuild_delta_fraction <= 1:
             raise ConfigError(

@@ -41,8 +41,8 @@ from datetime import UTC, datetime
 
 from index.storage.store import Store
 
-LEASE_INTERVAL_S = 10.0
-LEASE_TTL_S = 60.0
+LEASE_INTERVAL_S = 30.0
+LEASE_TTL_S = 120.0
 STALE_LEASE_FACTOR = 10  # a lease this many TTLs old belongs to a dead replica: delete it
 CLOCK_PROBE = ".clock"  # the reader's probe of the store's clock (dot names are not leases)
 

@@ -59,6 +59,7 @@ from index.rows import clock
 from index.storage.manifest import load_manifest
 from index.storage.store import Store
 from serve.deployments.batching import Failed, QueryBatcher, sub_batches
+from serve.deployments.idle import Backoff
 from serve.deployments.shard_holder import ShardHolder
 from serve.metrics import searcher_metrics
 
@@ -87,6 +88,9 @@ class ShardSearcher:
         max_batch: int = 64,
         parallel_shards: int = 2,
         clock_skew_ms: int = 0,
+        delta_poll_idle_max_s: float | None = None,
+        reload_idle_max_s: float | None = None,
+        poll_idle_after_s: float = 10.0,
     ):
         import faiss
 
@@ -117,8 +121,17 @@ class ShardSearcher:
         )
         self.batcher = QueryBatcher(self._search_batch, max_batch=max_batch, wait_s=batch_wait_s)
         self._publish()
+        # polls back off while the replica is idle (serve.deployments.idle); None caps: never
+        self._idle = {
+            s: Backoff(delta_poll_s or 1.0, delta_poll_idle_max_s, poll_idle_after_s)
+            for s in self.shards
+        }
+        self._manifest_idle = Backoff(
+            reload_interval_s or 1.0, reload_idle_max_s, poll_idle_after_s
+        )
+        self._manifest_wake = threading.Event()
         if reload_interval_s > 0:
-            self._thread(self._poll_manifest, "manifest", reload_interval_s)
+            self._thread(self._poll_manifest, "manifest")
         if reload_interval_s > 0 or delta_poll_s > 0:
             for holder in self.holders.values():
                 self._thread(self._poll_shard, f"poll-{holder.shard}", holder, delta_poll_s)
@@ -134,35 +147,59 @@ class ShardSearcher:
             for holder in list(self.holders.values()):
                 holder.report()
 
-    def _poll_manifest(self, every_s: float) -> None:
-        """The manifest, once for the whole group, handed to each shard's poll thread."""
-        while not self._stop.wait(every_s):
+    def _poll_manifest(self) -> None:
+        """The manifest, once for the whole group, handed to each shard's poll thread when it
+        changed (or a shard does not serve its live version yet: retried); read every
+        ``reload_interval_s``, less often while nothing changes and the replica is idle."""
+        seen = None
+        while not self._stop.is_set():
+            self._manifest_wake.wait(self._manifest_idle.wait_s)
+            self._manifest_wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 manifest = load_manifest(self.store)
             except Exception as e:
                 log.warning("reading the manifest failed: %s", e)
                 continue
-            if manifest is not None:
-                for holder in self.holders.values():
+            if manifest is None:
+                continue
+            token = (manifest.sequence, manifest.written_at)
+            changed, seen = token != seen, token
+            _ = self._manifest_idle.touch() if changed else self._manifest_idle.quiet()
+            for holder in self.holders.values():
+                if changed or not holder.serves_live():
                     holder.offer(manifest)
 
     def _poll_shard(self, holder: ShardHolder, delta_s: float) -> None:
         """One shard: swap when the manifest thread offers a new live version, list its parts
-        every ``delta_s``. A long swap here holds up only this shard."""
-        tick = delta_s if delta_s > 0 else 1.0
+        every ``delta_s`` (less often while nothing changes and the replica is idle). A long
+        swap here holds up only this shard."""
+        idle = self._idle[holder.shard]
         while not self._stop.is_set():
-            holder.wake.wait(tick)
+            holder.wake.wait(idle.wait_s)
             holder.wake.clear()
             if self._stop.is_set():
                 return
             manifest, holder.pending = holder.pending, None
             if manifest is None and delta_s <= 0:
                 continue
-            holder.poll(manifest, delta_s > 0)
+            changed = holder.poll(manifest, delta_s > 0)
+            _ = idle.touch() if changed else idle.quiet()
             self._publish_one(holder)
+
+    def _used(self) -> None:
+        """A search, write or stamp: polls go back to their intervals, and a backed-off poll
+        thread looks at the store now (``serve.deployments.idle``)."""
+        for shard, idle in self._idle.items():
+            if idle.touch():
+                self.holders[shard].wake.set()
+        if self._manifest_idle.touch():
+            self._manifest_wake.set()
 
     def reload(self) -> dict:
         """Look for new live versions now (tests and operators; the poll does it on its own)."""
+        self._used()
         manifest = load_manifest(self.store)
         swapped = {s: h.load_live(manifest) for s, h in self.holders.items()}
         return {"swapped": swapped}
@@ -181,6 +218,8 @@ class ShardSearcher:
     def _close(self) -> None:
         """Stop the threads and drop the leases (best effort: a stale lease expires)."""
         self._stop.set()
+        if getattr(self, "_manifest_wake", None) is not None:
+            self._manifest_wake.set()
         for holder in getattr(self, "holders", {}).values():
             holder.wake.set()
             holder.close()
@@ -207,6 +246,7 @@ class ShardSearcher:
         ``index.ann.filter_plan``). ``filter`` arrives parsed and checked by the ingress
         (``index.query.filters``); each shard evaluates it on its own columns. Batched with
         concurrent queries that share the parameters, filter and fields (``QueryBatcher``)."""
+        self._used()
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
         names = tuple(fields) if fields else ()
         return await self.batcher.submit(
@@ -305,6 +345,7 @@ class ShardSearcher:
     ) -> dict:
         """Rows the ingress just wrote durably as ``part`` (with their typed ``metadata``
         columns, column -> values): searchable when this returns."""
+        self._used()
         holder = self._holder(shard)
         args = (part, ids, uris, np.asarray(vectors), ingested_ms, metadata)
         return await asyncio.to_thread(holder.hand_over, "add_rows", *args)
@@ -312,12 +353,14 @@ class ShardSearcher:
     async def stamp(self, shard: int, ids: list[str]) -> int:
         """The stamp for a write of ``ids`` of ``shard`` (``ShardHolder.stamp``): after every
         write of them this replica knows. The ingress asks before it writes the part."""
+        self._used()
         return self._holder(shard).stamp(list(ids))  # microseconds: no thread hop
 
     async def add_tombstones(
         self, shard: int, part: str, ids: list[str], deleted_ms: list[int]
     ) -> dict:
         """Deletes the ingress just wrote durably as ``part``: hidden when this returns."""
+        self._used()
         holder = self._holder(shard)
         return await asyncio.to_thread(holder.hand_over, "add_tombstones", part, ids, deleted_ms)
 
@@ -402,6 +445,9 @@ def searcher_args(config, shards: list[int]) -> tuple:
         config.search_max_batch,
         config.search_parallel_shards,
         config.clock_skew_ms,
+        config.delta_poll_idle_max_s,
+        config.reload_idle_max_s,
+        config.poll_idle_after_s,
     )
 
 

@@ -235,21 +235,33 @@ class ShardHolder:
         self.pending = manifest
         self.wake.set()
 
-    def poll(self, manifest: Manifest | None, delta: bool) -> None:
+    def poll(self, manifest: Manifest | None, delta: bool) -> bool:
         """One poll round: swap to a new live version (when ``manifest`` is given), then read
-        new parts and tombstones (when ``delta``). Errors keep the current view serving."""
+        new parts and tombstones (when ``delta``). Errors keep the current view serving. True
+        when something changed or failed (a swap, parts applied, a part or the live version
+        that could not be read): the poll then keeps its interval rather than backing off."""
+        changed = False
         try:
             if manifest is not None and self.load_live(manifest):
                 self.reloads += 1
+                changed = True
                 log.info("shard %d now serves %s", self.shard, self.view.version_dir)
             view = self.view
             if delta and view is not None:
-                view.refresh()
+                changed = view.refresh() > 0 or bool(view.stats()["unreadable_parts"]) or changed
             if view is None or self.live_dir in (None, view.version_dir):
                 self.load_error = None  # serving a fallback: the live one's refusal stays said
         except Exception as e:  # keep serving the version we have
             self.load_error = f"{type(e).__name__}: {e}"
             log.warning("shard %d: reload failed: %s", self.shard, self.load_error)
+            return True
+        return changed
+
+    def serves_live(self) -> bool:
+        """Whether this holder serves the live version of the newest manifest it saw (if not,
+        the manifest thread keeps offering it, so a refused version is retried)."""
+        view = self.view
+        return view is not None and self.live_dir in (None, view.version_dir)
 
     # ---- requests -----------------------------------------------------------------------------
     def stamp(self, ids: list[str]) -> int:
