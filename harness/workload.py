@@ -334,7 +334,11 @@ class Workload:
     def final_reads(self, quiet_s: float, ready_timeout_s: float = 120.0) -> list[Op]:
         """Once ``/readyz`` is 200 and no write was answered for ``quiet_s`` (longer than the
         documented bound, ``delta_poll_s``), read every id any add or delete named (answered or
-        not) once with ``GET /images/{id}``."""
+        not) once with ``GET /images/{id}``.
+
+        A replica unused for ``poll_idle_after_s`` polls less (``serve.deployments.idle``); its
+        documented bound is one listing after its next request. So one search (every shard
+        replica answers it, which wakes its polls) goes first, then ``quiet_s`` more."""
 
         def last_write() -> float:
             acks = [
@@ -352,6 +356,9 @@ class Workload:
                 f"{quiet_s} s without a write",
                 interval_s=0.1,
             )
+            http.post("/search", json={"vector": [1.0] * self.dim, "k": 1})  # wakes every replica
+            woken = self.history.now()
+            wait_for(lambda: self.history.now() - woken >= quiet_s, quiet_s + 5, "one more bound")
             written = sorted(
                 {op.id for op in self.history.snapshot() if op.kind in ("add", "delete") and op.id}
             )

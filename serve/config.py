@@ -152,11 +152,9 @@ class ServeConfig:
     storage_options: dict | None = None
     app_name: str = "visual-search"
     route_prefix: str = "/"
-    # image queries need the catalogue's model; false = vectors/ids only, no QueryEmbedder (for
-    # stores of vectors that no image model made: synthetic benchmarks, external embeddings)
+    # false: vectors/ids only, no QueryEmbedder (stores no image model made: synthetic, external)
     image_queries: bool = True
-    # the query model: must be the catalogue's model (refused at start otherwise)
-    model: str = "efficientnet_lite0"
+    model: str = "efficientnet_lite0"  # the catalogue's model (refused at start otherwise)
     weights: str = "default"
     device: str = "auto"
     embed_threads: int | None = None  # torch threads per embedder replica (None: torch default)
@@ -186,19 +184,18 @@ class ServeConfig:
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
     reload_interval_s: float = 30.0  # searchers poll the manifest for a new live version; 0 = off
-    # freshness (issue #5): searchers list the store for new parts/tombstones every delta_poll_s
-    # (0 = off: only writes routed to a replica reach it); writes need api_key when it is set
+    # searchers list the store for new parts/tombstones every delta_poll_s (0 = off: only writes
+    # routed to a replica reach it)
     delta_poll_s: float = 0.5
-    # a replica unused for poll_idle_after_s polls less while nothing changes: waits double up to
-    # these caps (None: never), back at once on use or change (serve.deployments.idle)
+    # unused for poll_idle_after_s, a replica's waits double up to these caps while nothing
+    # changes (None: never); back at once on use or change (serve.deployments.idle)
     delta_poll_idle_max_s: float | None = 60.0
     reload_idle_max_s: float | None = 120.0
     poll_idle_after_s: float = 10.0
     # searchers report their version (index.storage.leases) this often; GC keeps it for the TTL
     lease_interval_s: float = 30.0
     lease_ttl_s: float = 120.0
-    # tests only: each Ingress and ShardSearcher replica offsets its wall clock by a seeded draw
-    # in [-clock_skew_ms, +clock_skew_ms] (the history checker's clock skew; index.rows.clock)
+    # tests only: a seeded per-replica wall-clock offset within +-clock_skew_ms (index.rows.clock)
     clock_skew_ms: int = 0
     # Authorization: Bearer <key> or X-API-Key. Writes (POST /images, DELETE /images/{id}) and
     # /admin/* need it; with no key they are refused unless open_writes opens them to anyone
@@ -214,9 +211,8 @@ class ServeConfig:
     anon_max_k: int = 100
     anon_max_filter_nodes: int = 16
     anon_max_shape_pool: int = 200  # merged hits dedup/diversify choose from (and regrow to)
-    # GET /images/{id}/thumbnail reads a row's uri only under these roots: local directories
-    # (absolute, or file://) and object-store prefixes (s3://bucket/images/); [] = thumbnails
-    # of nothing (the page shows placeholders). A stored uri grants no access (thumbnails.py)
+    # thumbnails read a row's uri only under these roots: local dirs (absolute, file://) and
+    # object-store prefixes (s3://bucket/images/); [] = none. A stored uri grants no access
     thumbnail_roots: list[str] = field(default_factory=list)
     thumbnail_timeout_s: float = 10.0  # a source read slower than this is image_unavailable
     # background rebuilds (serve.deployments.rebuilder, pipelines.rebuild): a shard is rebuilt when
