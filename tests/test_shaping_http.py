@@ -165,17 +165,25 @@ def test_canary_gauge_drops_when_the_index_is_made_worse_and_recovers(app, ray_l
     metrics_url = f"http://127.0.0.1:{port}/metrics"
     queries = app.extra["test"]
 
+    def quiet(client, recomputed: int = 0) -> dict:
+        """The canary once every sample handed to it is done (and ``recomputed`` reached): under
+        load it lags behind the answers, and a phase must not count an earlier one's samples."""
+
+        def done():
+            c = client.get("/stats").json()["canary"]
+            finished = c["recomputed"] + c["dropped"] + c["failed"]
+            idle = c["queued"] == 0 and finished >= c["sampled"]
+            return c if idle and c["recomputed"] >= recomputed else None
+
+        return wait_for(done, 120, "the canary to finish the samples handed to it")
+
     def phase(start: int, **params) -> tuple[float, float]:
         with app.client() as client:
-            before = client.get("/stats").json()["canary"]["recomputed"]
+            before = quiet(client)["recomputed"]
             for q in queries[start : start + WINDOW]:
                 search(client, {"vector": q.tolist()}, k=10, **params)
 
-            def settled():
-                canary = client.get("/stats").json()["canary"]
-                return canary if canary["recomputed"] >= before + WINDOW else None
-
-            canary = wait_for(settled, 60, "the canary to recompute the phase's answers")
+            canary = quiet(client, before + WINDOW)
         recall = canary["recall_at_k"]
         replicas = _live_canary_replicas(ray_local)
 
