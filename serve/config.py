@@ -173,9 +173,9 @@ class ServeConfig:
     # batch); a lone query waits this long for company first (0: none; batches form under load)
     search_batch_wait_ms: float = 0.0
     search_max_batch: int = 64
-    # per-request behaviour
     shard_deadline_ms: float = 1000.0  # a shard slower than this is left out: partial answer
     embed_deadline_ms: float = 15000.0  # embedding a query image on a busy CPU can take a while
+    verify_budget_ms: float = 2000.0  # verify's wait for its checks (serve.http.verification)
     default_k: int = 10
     default_nprobe: int | None = None  # None: each index version's own default (meta.json)
     default_candidates: int | None = None  # per-shard rerank candidates; None: the index's default
@@ -340,7 +340,7 @@ class ServeConfig:
             raise ConfigError("need lease_interval_s > 0 and lease_ttl_s >= 2 x lease_interval_s")
         names = ("delta_poll_s", "rebuild_delta_rows", "rebuild_check_s", "rebuild_gc_grace_s")
         names = (*names, "poll_idle_after_s", "delta_poll_idle_max_s", "reload_idle_max_s")
-        for name in (*names, "rebuild_num_cpus", "clock_skew_ms"):
+        for name in (*names, "rebuild_num_cpus", "clock_skew_ms", "verify_budget_ms"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.rebuild_delta_fraction <= 1:

@@ -97,7 +97,7 @@ def test_openapi_says_exactly_what_search_and_images_accept():
     assert by_vector["properties"]["nprobe"]["maximum"] == 64
     assert body["multipart/form-data"]["encoding"]["filter"]["contentType"] == "application/json"
     params = {p["name"]: p["schema"] for p in doc["paths"]["/search"]["post"]["parameters"]}
-    shaping = {"expand", "expand_m", "expand_alpha", "diversify", "dedup", "exclude_self"}
+    shaping = {"expand", "expand_m", "expand_alpha", "diversify", "dedup", "exclude_self", "verify"}
     assert set(params) == {"k", "nprobe", "rerank", "candidates", "fields", "min_score"} | shaping
     assert "id" not in params  # the JSON body's, not documented in the query string
     schemas = doc["components"]["schemas"]

@@ -212,6 +212,48 @@ def put_file(page, kind: str, path: Path) -> None:
     )
 
 
+def test_verify_puts_the_photo_a_crop_came_from_first(app):
+    """``verify``: a rotated crop of a catalogue photo is checked against every result by local
+    features (``serve.http.verification``); the results that show the same object come first,
+    most inliers first, and the rest keep the search's order."""
+    parent = app.paths[0]
+    image = Image.open(parent).convert("RGB")
+    w, h = image.size
+    crop = image.crop((w // 8, h // 8, w - w // 8, h - h // 8)).rotate(12, expand=True)
+    jpeg = io.BytesIO()
+    crop.save(jpeg, "JPEG", quality=90)
+    k = len(app.paths)
+    files = {"file": ("crop.jpg", jpeg.getvalue(), "image/jpeg")}
+    with app.client() as client:
+        plain = client.post("/search", files=files, data={"k": k})
+        checked = client.post("/search", files=files, data={"k": k, "verify": "true"})
+        by_vector = client.post(
+            "/search", json={"vector": app.vectors[uri_of(parent)].tolist(), "verify": True}
+        )
+        bad = client.post("/search", files=files, data={"verify": "maybe"})
+    assert plain.status_code == checked.status_code == by_vector.status_code == 200, checked.text
+    plain, checked = plain.json(), checked.json()
+    assert "verification" not in plain and len(checked["results"]) == k
+    summary = checked["verification"]
+    assert summary["candidates"] == summary["checked"] == k, summary
+    assert summary["unreadable"] == summary["timed_out"] == 0, summary
+    inliers = [r["inliers"] for r in checked["results"]]
+    n = summary["verified"]
+    assert n >= 1 and all(x >= summary["min_inliers"] for x in inliers[:n]), inliers
+    assert inliers[:n] == sorted(inliers[:n], reverse=True)
+    assert all(x < summary["min_inliers"] for x in inliers[n:]), inliers
+    assert checked["results"][0]["uri"] == uri_of(parent), inliers
+    # only photos of the parent's class can show its object; the unverified keep their order
+    parent_class = parent.parent.name
+    assert all(Path(r["uri"]).parent.name == parent_class for r in checked["results"][:n])
+    verified_ids = {r["id"] for r in checked["results"][:n]}
+    rest = [r["id"] for r in plain["results"] if r["id"] not in verified_ids]
+    assert [r["id"] for r in checked["results"][n:]] == rest
+    # no image to verify with: the answer says so and keeps its order
+    assert by_vector.json()["verification"]["skipped"] == "verify needs an image query"
+    assert bad.status_code == 422 and bad.json()["error"] == "invalid_parameter"
+
+
 def test_search_page_in_chromium(app, browser, tmp_path):
     by_class, held_out = app.extra["by_class"], app.extra["held_out"]
     page = browser.new_page(viewport={"width": 1280, "height": 860})

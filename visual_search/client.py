@@ -114,6 +114,7 @@ class SearchClient:
         min_score: float | None = None,
         text: str | None = None,
         text_weight: float | None = None,
+        verify: bool | None = None,
     ) -> dict:
         """Top-k of exactly one of an image, a catalogue ``id`` or a ``vector``, or of a
         ``text`` (models with a text tower); ``text`` beside one of the others is a mixed query
@@ -123,6 +124,8 @@ class SearchClient:
         expansion with the top ``expand_m`` results, weights ``score ** expand_alpha``),
         ``diversify`` (MMR: True or a lambda in 0..1), ``dedup`` (collapse near-duplicates: True
         or a similarity threshold; results get ``collapsed``), ``exclude_self``, ``min_score``.
+        ``verify`` (image queries): results showing the same object first, by local features
+        and RANSAC (results get ``inliers``, the answer ``verification``).
         """
         given = [
             name for name, v in (("image", image), ("id", id), ("vector", vector)) if v is not None
@@ -149,6 +152,7 @@ class SearchClient:
             ("diversify", diversify),
             ("dedup", dedup),
             ("exclude_self", exclude_self),
+            ("verify", verify),
         ):
             if isinstance(value, bool):
                 params[key] = "true" if value else "false"

@@ -6,6 +6,7 @@
     visual-search search --text "red shoes"           # a text (models with a text tower: CLIP)
     visual-search search shoe.jpg --text "in red" --text-weight 0.3   # image + text, mixed
     visual-search search cat.jpg --expand --dedup --diversify 0.7    # answer shaping
+    visual-search search crop.jpg --verify --k 20     # instance search: the same object first
     visual-search stats [--json]
 
 A table by default (rank, score, shard, id, uri, then any metadata fields of the results; with
@@ -134,6 +135,12 @@ def search_main(argv: list[str] | None = None) -> int:
         "--exclude-self", action="store_true", default=None, help="leave the query itself out"
     )
     shaping.add_argument("--min-score", type=float, help="leave out results scoring below this")
+    shaping.add_argument(
+        "--verify",
+        action="store_true",
+        default=None,
+        help="image queries: the same object first (local features + RANSAC; column inliers)",
+    )
     parser.add_argument(
         "--fail-partial", action="store_true", help="exit 1 when some shard did not answer"
     )
@@ -162,6 +169,7 @@ def search_main(argv: list[str] | None = None) -> int:
                 min_score=args.min_score,
                 text=args.text,
                 text_weight=args.text_weight,
+                verify=args.verify,
             )
     except SearchError as e:
         return _fail(e)

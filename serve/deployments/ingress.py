@@ -62,6 +62,7 @@ from serve.http.parse import check_add_metadata, parse_add, parse_search, resolv
 from serve.http.security import authorize_write, is_keyed
 from serve.http.thumbnails import Sources, thumbnail_response
 from serve.http.validate import validate_id
+from serve.http.verification import verify_results
 from serve.metrics import RequestMetrics, ingress_metrics
 from serve.planner import QueryPlanner, ShardGroup
 from serve.scatter import call_with_deadline, gather_with_deadline
@@ -317,9 +318,16 @@ class Ingress:
                 answer.pool_missing,
             )
         ingress_metrics().observe_answer({m["shard"]: m["reason"] for m in answer.missing})
+        results, verification = answer.results(params.k), None
+        if params.verify:  # image queries: the same object first (geometric verification)
+            results, verification = await verify_results(
+                query.image, results, self.sources, limits, self.config.verify_budget_ms / 1000
+            )
         took_ms = (time.perf_counter() - start) * 1000
         # a Response, sent as is (``serve.http.answers``); response_model stays for OpenAPI
-        return search_response(answer.results(params.k), answer.missing, took_ms, self.num_shards)
+        return search_response(
+            results, answer.missing, took_ms, self.num_shards, verification=verification
+        )
 
     async def _vector_of(self, row_id: str) -> np.ndarray:
         """The vector of the catalogue row ``row_id`` (an ``id`` query), from its shard."""

@@ -18,7 +18,11 @@ def json_response(body: dict, status: int) -> JSONResponse:
 
 
 def search_response(
-    results: list[dict], missing: list[dict], took_ms: float, shards_total: int
+    results: list[dict],
+    missing: list[dict],
+    took_ms: float,
+    shards_total: int,
+    verification: dict | None = None,
 ) -> Response:
     """``SearchResponse`` as JSON text (as JSONResponse would encode it: compact, UTF-8)."""
     body = {
@@ -29,5 +33,7 @@ def search_response(
         "partial": bool(missing),
         "missing_shards": missing,
     }
+    if verification is not None:
+        body["verification"] = verification
     text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     return Response(text.encode(), media_type="application/json")

@@ -29,11 +29,29 @@ class Result(BaseModel):
     collapsed: list[str] | None = Field(
         None, description="with dedup: ids of the near-duplicates this result stands for"
     )
+    inliers: int | None = Field(
+        None,
+        description="with verify: local-feature matches one homography explains (null: "
+        "not checked: unreadable, or out of the time budget)",
+    )
 
 
 class MissingShard(BaseModel):
     shard: int
     reason: str = Field(description="'timeout' or 'error: <type>'")
+
+
+class Verification(BaseModel):
+    """What ``verify`` did (``serve.http.verification``)."""
+
+    candidates: int = Field(description="results it was asked to check")
+    checked: int | None = Field(None, description="results compared with the query image")
+    verified: int | None = Field(None, description="results with at least min_inliers inliers")
+    unreadable: int | None = Field(None, description="results whose image may not be read")
+    timed_out: int | None = Field(None, description="results left out of time (order kept)")
+    min_inliers: int | None = None
+    ms: float | None = None
+    skipped: str | None = Field(None, description="why nothing was checked (not an image query)")
 
 
 class SearchResponse(BaseModel):
@@ -43,6 +61,9 @@ class SearchResponse(BaseModel):
     shards_total: int
     partial: bool = Field(description="true when some shard did not answer before the deadline")
     missing_shards: list[MissingShard] = Field(default_factory=list)
+    verification: Verification | None = Field(
+        None, description="with verify: what geometric verification checked"
+    )
 
 
 class Facet(BaseModel):
@@ -111,6 +132,9 @@ class SearchBody(BaseModel):
         None, description="leave the query itself out (id queries; identical catalogue images)"
     )
     min_score: float | None = Field(None, description="leave out results scoring worse than this")
+    verify: bool | None = Field(
+        None, description="image queries: results showing the same object first (local features)"
+    )
     filter: dict[str, Any] | None = Field(None, description="metadata filter (the filter form)")
     fields: list[str] | None = Field(None, description="metadata columns returned (default all)")
 
@@ -155,6 +179,7 @@ SEARCH_OPENAPI_EXTRA = {
                         "dedup": {"type": ["boolean", "number"]},
                         "exclude_self": {"type": "boolean"},
                         "min_score": {"type": "number"},
+                        "verify": {"type": "boolean"},
                     },
                 }
             },

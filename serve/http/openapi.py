@@ -275,6 +275,10 @@ def _params(ctx: OpenApiContext) -> dict:
         },
         "exclude_self": {"type": "boolean"},
         "min_score": {"type": "number"},
+        "verify": {
+            "type": "boolean",
+            "description": "image queries: re-order the results by geometric verification",
+        },
     }
 
 

@@ -216,6 +216,7 @@ _PARAM_KEYS = (
     "rerank",
     "candidates",
     *("expand", "expand_m", "expand_alpha", "diversify", "dedup", "exclude_self", "min_score"),
+    "verify",
 )
 
 

@@ -46,8 +46,10 @@ import re
 import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 from urllib.parse import unquote
 
 import fsspec
@@ -73,34 +75,46 @@ class Thumbnail:
     etag: str
 
 
-class ThumbnailCache:
-    """A byte-bounded LRU of thumbnails; thread-safe (thumbnails are made in worker threads)."""
+T = TypeVar("T")
 
-    def __init__(self, max_bytes: int = CACHE_BYTES):
+
+class ByteLru(Generic[T]):
+    """A byte-bounded LRU keyed by a row's ``(id, uri)``; thread-safe (items are made in worker
+    threads). ``size_of`` says what an item costs; the newest item stays even when over."""
+
+    def __init__(self, max_bytes: int, size_of: Callable[[T], int]):
         self.max_bytes = max_bytes
+        self.size_of = size_of
         self.bytes = 0
-        self._items: OrderedDict[tuple[str, str], Thumbnail] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], T] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, str]) -> Thumbnail | None:
+    def get(self, key: tuple[str, str]) -> T | None:
         with self._lock:
             item = self._items.get(key)
             if item is not None:
                 self._items.move_to_end(key)
             return item
 
-    def put(self, key: tuple[str, str], item: Thumbnail) -> None:
+    def put(self, key: tuple[str, str], item: T) -> None:
         with self._lock:
             old = self._items.pop(key, None)
-            self.bytes -= len(old.jpeg) if old else 0
+            self.bytes -= self.size_of(old) if old is not None else 0
             self._items[key] = item
-            self.bytes += len(item.jpeg)
+            self.bytes += self.size_of(item)
             while self.bytes > self.max_bytes and len(self._items) > 1:
                 _, dropped = self._items.popitem(last=False)
-                self.bytes -= len(dropped.jpeg)
+                self.bytes -= self.size_of(dropped)
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class ThumbnailCache(ByteLru[Thumbnail]):
+    """Thumbnails by ``(id, uri)``, up to ``max_bytes`` of JPEG."""
+
+    def __init__(self, max_bytes: int = CACHE_BYTES):
+        super().__init__(max_bytes, lambda t: len(t.jpeg))
 
 
 _cache: ThumbnailCache | None = None

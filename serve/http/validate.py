@@ -43,6 +43,7 @@ class SearchParams:
     shape: ShapeOptions = field(default_factory=ShapeOptions)
     # the most merged hits shaping may fetch and compare (the caller's ``max_shape_pool``)
     max_pool: int = MAX_K
+    verify: bool = False  # image queries: re-order by geometric verification (verification.py)
 
 
 def _int_param(name: str, value: Any) -> int | None:
@@ -73,7 +74,8 @@ def _bool_param(name: str, value: Any) -> bool | None:
 
 
 def validate_params(raw: dict[str, Any], limits: Limits) -> SearchParams:
-    """k, nprobe, rerank, candidates from strings or JSON values, range-checked."""
+    """k, nprobe, rerank, candidates (and shaping, verify) from strings or JSON values,
+    range-checked."""
     k = _int_param("k", raw.get("k"))
     k = limits.default_k if k is None else k
     if not 1 <= k <= limits.max_k:
@@ -102,6 +104,7 @@ def validate_params(raw: dict[str, Any], limits: Limits) -> SearchParams:
         limits.default_candidates if candidates is None else candidates,
         shape=validate_shape(raw),
         max_pool=limits.max_shape_pool,
+        verify=bool(_bool_param("verify", raw.get("verify"))),
     )
 
 
