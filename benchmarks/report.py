@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
-from benchmarks.readme import capacity, jobs, reliability, serving, tables  # noqa: E402
+from benchmarks.readme import capacity, instance, jobs, reliability, serving, tables  # noqa: E402
 from benchmarks.readme.extrapolation import section_extrapolation  # noqa: E402
 
 README = Path(__file__).resolve().parent / "README.md"
@@ -41,6 +41,8 @@ def render() -> str:
         jobs.section_embed(),
         capacity.section_models(),
         jobs.section_quality(),
+        instance.section_verify(),
+        instance.section_whitening(),
         reliability.section_histories(),
         reliability.section_soak(),
         section_extrapolation(),

@@ -31,7 +31,7 @@ MAX_SIDE = 480  # pixels on the long side the features are found at
 N_FEATURES = 500  # ORB keypoints per image at most (1000: 5x the matching time, measured)
 RATIO = 0.8  # Lowe's ratio test: best match closer than this x the second best
 RANSAC_PX = 6.0  # reprojection error (pixels at MAX_SIDE) an inlier may have
-MIN_INLIERS = 15  # this many inliers or more: the same object (benchmarks/verify.py)
+MIN_INLIERS = 30  # this many inliers or more: the same object (benchmarks/verify.py's rule)
 SEED = 0  # RANSAC draws from OpenCV's global generator: seeded per call, reproducible
 
 cv2.setNumThreads(1)  # callers run several verifications in threads of their own

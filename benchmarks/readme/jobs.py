@@ -151,5 +151,25 @@ def section_control_plane() -> str:
             f"x{c['driver_rss_growth_previous_algorithm']}). The moto-backed S3 suite in the "
             f"same run: {c['s3_suite']['summary']}.\n",
             "![control plane](results/control_plane.png)\n",
+            _idle_line(c),
         ]
+    )
+
+
+def _idle_line(c: dict) -> str:
+    """``control_plane_idle.py``'s count, when it has run: an idle replica-shard's requests."""
+    idle = c.get("idle")
+    if not idle:
+        return ""
+    now, before = idle["runs"]["backoff"], idle["runs"]["previous"]
+    per_kind = sorted(now["by_kind_per_replica_shard_hour"].items())
+    kinds = ", ".join(f"{k} {fmt(v, 0)}" for k, v in per_kind)
+    requests = fmt(now["requests_per_replica_shard_hour"], 0)
+    previous = fmt(before["requests_per_replica_shard_hour"], 0)
+    return (
+        f"An idle replica-shard (nothing searched or written) makes **{requests} object-store "
+        f"requests an hour** with the defaults ({kinds}; polls back off while idle, "
+        f"`serve/deployments/idle.py`), against {previous} with the previous ones (delta polls "
+        "every 0.5 s), counted against moto through a counting proxy, timers sped up "
+        f"{now['speedup']:g}x. Command: `{idle['command']}`.\n"
     )

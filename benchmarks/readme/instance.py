@@ -1,0 +1,84 @@
+"""The sections on finding *the same* object and on the vectors' own geometry: geometric
+verification of an image query's results (``verify.json``) and learned PCA-whitening
+(``whitening.json``)."""
+
+from __future__ import annotations
+
+from benchmarks.readme.tables import fmt, load, md_table
+
+
+def section_verify() -> str:
+    v = load("verify")
+    if not v:
+        return ""
+    rows = []
+    for name, s in v["sets"].items():
+        rows.append(
+            [
+                name,
+                f"{fmt(s['queries'])} / {fmt(s['catalogue'])}",
+                f"{fmt(s['p_at_1_plain'], 3)} -> **{fmt(s['p_at_1_verified'], 3)}**",
+                f"{fmt(s['map_plain'], 3)} -> **{fmt(s['map_verified'], 3)}**",
+                fmt(s["answer_in_top"], 3),
+                f"{fmt(s['verify_ms_p50'], 1)} / {fmt(s['verify_ms_p99'], 1)}",
+                f"{fmt(s['verify_cold_ms_p50'], 1)} / {fmt(s['verify_cold_ms_p99'], 1)}",
+            ]
+        )
+        for kind, k in s["by_kind"].items():
+            if name == "caltech":
+                rows.append(
+                    [
+                        f"  {kind}",
+                        fmt(k["queries"]),
+                        f"{fmt(k['p_at_1_plain'], 3)} -> {fmt(k['p_at_1_verified'], 3)}",
+                        f"{fmt(k['map_plain'], 3)} -> {fmt(k['map_verified'], 3)}",
+                        fmt(k["answer_in_top"], 3),
+                        "",
+                        "",
+                    ]
+                )
+    header = (
+        "set | queries / catalogue | P@1 plain -> verified | mAP plain -> verified | answer in "
+        f"the top {v['top']} | verify ms p50 / p99 (warm) | cold ms p50 / p99"
+    )
+    return (
+        "### Instance search: geometric verification (`verify.json`)\n\n"
+        f"The top {v['top']} results of exact search ({v['backbone']}) re-ordered by ORB + "
+        f"RANSAC inliers (>= {v['min_inliers']}: the same object; `verify=true`). Command: "
+        f"`{v['command']}`.\n\n" + md_table(rows, header) + f"\n\n{v['notes']}\n\n"
+        "![verification](results/verify.png)\n"
+    )
+
+
+def section_whitening() -> str:
+    w = load("whitening")
+    if not w:
+        return ""
+    rows = []
+    for name, table in w["backbones"].items():
+        plain = table["plain"]
+        rule = w["rules"][name]
+        best, pca, small = rule["best_whitened"], rule["best_pca"], rule["pca_same_map"]
+        rows.append(
+            [
+                name,
+                f"{fmt(plain['map_at_100'], 4)} ({plain['dim']}-d)",
+                f"{fmt(best['map_at_100'], 4)} (d {best['dim']}, power {best['power']:g})",
+                "on" if rule["on"] else "off",
+                f"{fmt(pca['map_at_100'], 4)} ({pca['dim']}-d, {pca['rerank_bytes_float16']} B)",
+                "on" if rule["reduce"] else "off",
+                f"{small['dim']}-d: {fmt(small['map_at_100'], 4)}" if small else "-",
+            ]
+        )
+    header = (
+        "backbone | mAP@100 plain | best whitened | whitening | best PCA reduction (float16 "
+        "rerank bytes) | reduction | smallest d at the plain mAP"
+    )
+    return (
+        "### Learned whitening (`whitening.json`)\n\n"
+        "PCA-whitening learned on the catalogue (Caltech-101 train photos), applied to the test "
+        f"photos as queries; exact search. Rule: {w['rules']['efficientnet_lite0']['rule']}. "
+        f"Command: `{w['command']}`.\n\n"
+        + md_table(rows, header)
+        + "\n\n![whitening](results/whitening.png)\n"
+    )
