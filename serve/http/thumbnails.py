@@ -224,15 +224,22 @@ def _remote(uri: str, max_bytes: int) -> bytes:
         return f.read(max_bytes + 1)
 
 
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[str, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def named_pool(name: str, threads: int) -> ThreadPoolExecutor:
+    """This process's pool of ``threads`` threads called ``name`` (made on first use): slow
+    sources and CPU-bound image work wait there, not in the default executor other routes use."""
+    with _pools_lock:
+        if name not in _pools:
+            _pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=name)
+        return _pools[name]
 
 
 def read_pool() -> ThreadPoolExecutor:
-    """This process's thumbnail threads: slow sources wait here, not in the default executor."""
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="thumbnail")
-    return _pool
+    """This process's thumbnail threads."""
+    return named_pool("thumbnail", READ_THREADS)
 
 
 def make_thumbnail(data: bytes, limits: Limits, size: int = THUMBNAIL_SIZE) -> Thumbnail:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from embedding.preprocess import ImageError, decode_image
 from embedding.verify import (
@@ -33,11 +32,10 @@ from embedding.verify import (
 )
 from serve.http.errors import ApiError
 from serve.http.limits import Limits
-from serve.http.thumbnails import ByteLru, Sources
+from serve.http.thumbnails import ByteLru, Sources, named_pool
 
 VERIFY_THREADS = 2  # OpenCV releases the GIL: these run beside the event loop
 CACHE_BYTES = 32 * 1024 * 1024  # ~20 KB an image at 500 ORB features: ~1,600 images
-_pool: ThreadPoolExecutor | None = None
 
 
 def feature_cache(max_bytes: int = CACHE_BYTES) -> ByteLru[LocalFeatures]:
@@ -46,13 +44,6 @@ def feature_cache(max_bytes: int = CACHE_BYTES) -> ByteLru[LocalFeatures]:
 
 
 _cache = feature_cache()
-
-
-def verify_pool() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="verify")
-    return _pool
 
 
 def _features(data: bytes, limits: Limits):
@@ -82,7 +73,7 @@ async def verify_results(
     if image is None:
         return results, {"skipped": "verify needs an image query", "candidates": len(results)}
     loop = asyncio.get_running_loop()
-    pool = verify_pool()
+    pool = named_pool("verify", VERIFY_THREADS)
     deadline = started + budget_s
     try:
         query = await asyncio.wait_for(
