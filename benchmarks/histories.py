@@ -27,6 +27,7 @@ own vector, but not ranked first).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -49,6 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vs-histories")
     p.add_argument("--name", default="histories", help="results/<name>.json and .png")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the histories of seeds before --start from results/<name>.json (a long run "
+        "in several sittings: the totals are over every kept history)",
+    )
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     return p.parse_args(argv)
 
@@ -137,21 +144,33 @@ def main(argv=None) -> int:
     from harness.workload import s3_app_session
 
     common.work_in(args.workdir)
-    rows: list[dict] = []
+    rows, sittings = kept_runs(args) if args.resume else ([], [])
     result: dict = {}
     with s3_app_session(args.workdir) as app:
         for seed in range(args.start, args.start + args.seeds):
             rows.append(run_one(app, seed, args))
-            result = summarise(rows, argv)
+            result = summarise(rows, argv, sittings)
             common.write_result(args.name, result)  # a long run keeps what it has done
     common.write_and_plot(args.name, result, plot, headline=True)
     return 1 if result["anomalies"] else 0
 
 
-def summarise(rows: list[dict], argv) -> dict:
+def kept_runs(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """The earlier sittings' histories (seeds before ``--start``) from the result JSON, and the
+    commands that ran them."""
+    path = common.RESULTS_DIR / f"{args.name}.json"
+    if not path.exists():
+        return [], []
+    earlier = json.loads(path.read_text())
+    rows = [r for r in earlier.get("runs", []) if r["seed"] < args.start]
+    return rows, earlier.get("sittings", [earlier["command"]])
+
+
+def summarise(rows: list[dict], argv, sittings: list[str] = ()) -> dict:
     recovery = sorted(s for r in rows for s in r["recovery_s"])
     return {
         "command": common.command("histories", argv),
+        "sittings": [*sittings, common.command("histories", argv)],  # each sitting's command
         "histories": len(rows),
         "operations": sum(r["operations"] for r in rows),
         "faults_injected": sum(r["faults_injected"] for r in rows),
