@@ -148,8 +148,9 @@ class EmbedSummary:
 def open_manifest(
     store: Store, config: EmbedJobConfig, name: str, weights: str, dim: int
 ) -> Manifest:
-    """Create the manifest of a new store, or refuse one written by another model, sharding or
-    id scheme (``--dedup`` names rows by their bytes; the default by their URI).
+    """Create the manifest of a new store, or refuse one written by another model, sharding,
+    id scheme (``--dedup`` names rows by their bytes; the default by their URI) or region grid
+    (``--regions``; an existing store's grid when not given).
 
     ``num_shards``: an existing store's value wins; an explicit different value is an error.
     """
@@ -157,13 +158,13 @@ def open_manifest(
     existing = load_manifest(store)
     if existing is not None:
         num_shards = config.num_shards or existing.num_shards
-        existing.check_compatible(name, weights, dim, num_shards, id_scheme)
+        existing.check_compatible(name, weights, dim, num_shards, id_scheme, config.regions)
         return existing
     num_shards = config.num_shards or cfg.DEFAULT_NUM_SHARDS
 
     def create(current: Manifest | None) -> Manifest:
         if current is not None:  # another job created it meanwhile: same rules
-            current.check_compatible(name, weights, dim, num_shards, id_scheme)
+            current.check_compatible(name, weights, dim, num_shards, id_scheme, config.regions)
             return current
         return Manifest(
             model=name,
@@ -172,6 +173,7 @@ def open_manifest(
             num_shards=num_shards,
             metric="ip",
             id_scheme=id_scheme,
+            regions=config.regions or 1,
         )
 
     return commit_manifest(store, create)
@@ -361,6 +363,7 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
     del probe
     manifest = open_manifest(store, config, name, weights, dim)
     num_shards = manifest.num_shards
+    config = replace(config, regions=manifest.regions)  # a store's grid is fixed at creation
 
     ray = None
 
@@ -402,6 +405,7 @@ def _embed(ray, store, config, pending, summary, num_shards, name, dim, crop, lo
             "crop": crop.to_dict(),  # the model's own resize, crop and interpolation
             "max_pixels": config.max_pixels,
             "max_bytes": config.max_bytes,
+            "regions": config.regions or 1,  # each image's grid of region crops, if any
         },
     )
     ds = ds.map_batches(

@@ -15,6 +15,7 @@ from typing import Any
 
 from embedding.config import DEFAULT_BACKBONE, MODEL_HELP, ModelConfig, model_error
 from embedding.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from index.rows.regions import MAX_LEVELS
 from index.storage.store import parse_storage_options
 from pipelines.inputs import is_table_name
 from pipelines.store_args import add_store_args
@@ -64,6 +65,9 @@ class EmbedJobConfig:
     part_rows: int | None = None  # rows per Parquet part (None: ~PART_BYTES of vectors)
     write_cpus: float = 0.25  # CPUs reserved per write task (it mostly waits on I/O)
     dedup: bool = False  # id = hash of the bytes, so one picture under two URIs is one row
+    # region grid levels per image (index.rows.regions; 1: the whole image only); None: the
+    # store's own value, else 1
+    regions: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger declared images are decompression bombs
     max_bytes: int = DEFAULT_MAX_BYTES  # larger files are refused unread past this size
     retry_errors: bool = False  # re-try inputs already recorded in the errors Parquet
@@ -98,7 +102,7 @@ class EmbedJobConfig:
             raise ConfigError("store: empty")
         if (problem := model_error(self.model)) is not None:
             raise ConfigError(problem)
-        names = ("num_shards", "batch_size", "threads", "read_batch", "limit", "actors")
+        names = ("num_shards", "batch_size", "threads", "read_batch", "limit", "actors", "regions")
         for name in (*names, "part_rows"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name))
@@ -112,6 +116,8 @@ class EmbedJobConfig:
                 raise ConfigError(f"{name}: must be a number, got {value!r}")
             if value < 0 or (value == 0 and name != "num_gpus"):
                 raise ConfigError(f"{name}: must be > 0 (fractions allowed), got {value!r}")
+        if self.regions is not None and self.regions > MAX_LEVELS:
+            raise ConfigError(f"regions: at most {MAX_LEVELS} grid levels, got {self.regions}")
         if self.storage_options is not None and not isinstance(self.storage_options, dict):
             raise ConfigError("storage_options: must be a mapping of fsspec options")
         for name in ("dedup", "retry_errors"):
@@ -197,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--write-cpus", type=float, help="CPUs per write task (default 0.25)")
     p.add_argument("--dedup", action="store_const", const=True, help="content-hash ids")
+    p.add_argument(
+        "--regions",
+        type=int,
+        help="also store a vector per cell of an L-level grid of crops of each image, so a crop "
+        "finds its photo (2: 5 vectors per image, 3: 14, 4: 30; default: the store's, else 1)",
+    )
     p.add_argument("--max-pixels", type=int, help=f"bomb limit ({DEFAULT_MAX_PIXELS})")
     p.add_argument("--max-bytes", type=int, help=f"largest input file ({DEFAULT_MAX_BYTES})")
     p.add_argument(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import posixpath
 import time
@@ -33,6 +34,8 @@ from embedding import ImageError, decode_image, prepare  # no torch: decode task
 from embedding.preprocess import CropSpec
 from index.rows import schema
 from index.rows.metadata import metadata_columns
+from index.rows.regions import SEPARATOR
+from index.rows.regions import boxes as region_boxes
 from index.rows.sharding import content_id, shards_of
 from index.storage.store import Store
 from pipelines.job_metrics import embed_metrics, record
@@ -65,48 +68,69 @@ def read_decode_batch(
     crop: dict | None = None,
     image_size: int | None = None,
     resize_size: int | None = None,
+    regions: int = 1,
 ) -> pa.Table:
-    """(id, uri) rows -> (id, uri, crop, width, height, stage, error) rows, one per input; the
-    batch's metadata columns (from a sidecar) ride along unchanged.
+    """(id, uri) rows -> (id, uri, crop, width, height, stage, error) rows, one per input, and
+    with ``regions`` > 1 one more per region cell of each decoded image (``<id>@rL.i.j``,
+    ``index.rows.regions``: the cell cropped from the decoded image, then prepared as a whole
+    image is); the batch's metadata columns (from a sidecar) ride along unchanged.
 
     ``crop``: the model's ``CropSpec`` as a dict (``Embedder.crop``); without it, the
     torchvision centre crop of ``image_size`` after a resize to ``resize_size``."""
     spec = CropSpec.of(crop) if crop is not None else CropSpec(image_size or 224, resize_size)
+    # a JPEG draft that keeps the smallest cell's pixels (a whole-image row of a regions store
+    # may then differ from a query upload's vector of the same photo in the last digits)
+    draft = spec.draft_size if regions == 1 else math.ceil(spec.draft_size * (regions + 1) / 2)
+    cells = region_boxes(regions)
     image_size = spec.size
     uris = batch[schema.URI].to_pylist()
     ids = batch[schema.ID].to_pylist()
-    n = len(uris)
-    crops = np.zeros((n, image_size, image_size, 3), np.uint8)
-    ok = np.zeros(n, bool)
-    widths: list[int | None] = [None] * n
-    heights: list[int | None] = [None] * n
-    stages: list[str | None] = [None] * n
-    errors: list[str | None] = [None] * n
+    source: list[int] = []  # the input row of each output row
+    out_ids: list[str | None] = []
+    crops: list[np.ndarray | None] = []
+    widths: list[int | None] = []
+    heights: list[int | None] = []
+    stages: list[str | None] = []
+    errors: list[str | None] = []
+
+    def emit(i, row_id, pixels=None, size=(None, None), stage=None, error=None) -> None:
+        source.append(i)
+        out_ids.append(row_id)
+        crops.append(pixels)
+        widths.append(size[0])
+        heights.append(size[1])
+        stages.append(stage)
+        errors.append(error)
+
     for i, uri in enumerate(uris):
         try:
             data = read_uri(uri, max_bytes)
         except Exception as e:  # missing, permission, network: this input only
-            stages[i], errors[i] = READ, _describe(e)
+            emit(i, ids[i], stage=READ, error=_describe(e))
             continue
         try:
-            img = decode_image(data, max_pixels, max_bytes, draft_size=spec.draft_size)
-            crops[i] = prepare(img, spec)
+            img = decode_image(data, max_pixels, max_bytes, draft_size=draft)
+            prepared = [(ids[i] + suffix, prepare(cut(img, box), spec)) for suffix, box in cells]
         except ImageError as e:
-            stages[i], errors[i] = DECODE, str(e)
+            emit(i, ids[i], stage=DECODE, error=str(e))
             continue
         except Exception as e:  # a codec bug or odd mode: still one input's problem
-            stages[i], errors[i] = DECODE, f"unsupported: {_describe(e)}"
+            emit(i, ids[i], stage=DECODE, error=f"unsupported: {_describe(e)}")
             continue
-        widths[i], heights[i] = img.info.get("source_size", img.size)
-        ok[i] = True
-    flat = pa.array(crops.reshape(-1), pa.uint8())
+        size = img.info.get("source_size", img.size)
+        for row_id, pixels in prepared:
+            emit(i, row_id, pixels, size)
+    n = len(out_ids)
+    ok = np.array([c is not None for c in crops], bool)
+    blank = np.zeros((image_size, image_size, 3), np.uint8)
+    stacked = np.stack([blank if c is None else c for c in crops]) if n else blank[:0]
     crop_col = pa.FixedSizeListArray.from_arrays(
-        flat, image_size * image_size * 3, mask=pa.array(~ok)
+        pa.array(stacked.reshape(-1), pa.uint8()), image_size * image_size * 3, mask=pa.array(~ok)
     )
     out = pa.table(
         {
-            schema.ID: pa.array(ids, pa.string()),
-            schema.URI: pa.array(uris, pa.string()),
+            schema.ID: pa.array(out_ids, pa.string()),
+            schema.URI: pa.array([uris[i] for i in source], pa.string()),
             CROP: crop_col,
             schema.WIDTH: pa.array(widths, pa.int32()),
             schema.HEIGHT: pa.array(heights, pa.int32()),
@@ -114,9 +138,19 @@ def read_decode_batch(
             schema.ERROR: pa.array(errors, pa.string()),
         }
     )
+    rows = pa.array(source, pa.int64())
     for name in metadata_columns(batch.column_names):
-        out = out.append_column(batch.schema.field(name), batch[name])
+        out = out.append_column(batch.schema.field(name), batch[name].take(rows))
     return out
+
+
+def cut(img, box: tuple[float, float, float, float]):
+    """The part of a PIL image inside ``box`` (fractions of its width and height)."""
+    if box == (0.0, 0.0, 1.0, 1.0):
+        return img
+    w, h = img.size
+    x0, y0, x1, y1 = box
+    return img.crop((round(x0 * w), round(y0 * h), max(1, round(x1 * w)), max(1, round(y1 * h))))
 
 
 # ---- dedup pre-pass: content ids ---------------------------------------------------------------
@@ -261,6 +295,7 @@ def write_parts(batch: pa.Table, *, store: Store, num_shards: int, ingested_at: 
             name = store.new_part_name(part_key(shard_ids))
             store.write_parquet(table, posixpath.join(store.embeddings_dir(int(shard)), name))
             parts += 1
+    images = sum(1 for i in good[schema.ID].to_pylist() if SEPARATOR not in i)
     times = good[EMBEDDED_AT].to_numpy(zero_copy_only=False) if good.num_rows else np.zeros(0)
     err_stages = bad[schema.STAGE].to_pylist()
     if bad.num_rows:
@@ -270,7 +305,9 @@ def write_parts(batch: pa.Table, *, store: Store, num_shards: int, ingested_at: 
         store.write_parquet(table, posixpath.join(store.errors_dir, store.new_part_name(key)))
     return pa.table(
         {
-            "embedded": pa.array([good.num_rows], pa.int64()),
+            # images, not rows: an image's region rows (index.rows.regions) are not more images
+            "embedded": pa.array([images], pa.int64()),
+            "rows": pa.array([good.num_rows], pa.int64()),
             "errors": pa.array([bad.num_rows], pa.int64()),
             "parts": pa.array([parts], pa.int64()),
             "error_stages": pa.array([",".join(err_stages)], pa.string()),

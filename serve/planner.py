@@ -42,7 +42,8 @@ from serve.http.validate import SearchParams
 from serve.scatter import gather_with_deadline
 
 # search(vector, k, nprobe, candidates, rerank, filter, fields) -> the group's merged top list:
-# {"ids", "uris", "scores", "shards"} (+ "metadata": one object per hit) (``ShardSearcher.search``)
+# {"ids", "uris", "scores", "shards"} (+ "metadata": one object per hit, + "regions": the
+# matched region's box per hit in a store with regions) (``ShardSearcher.search``)
 SearchCall = Callable[..., Awaitable[dict]]
 # vectors_of([(shard, id), ...]) -> the rows' vectors in order, None where a row is gone
 VectorsCall = Callable[[list[tuple[int, str]]], Awaitable[list]]
@@ -79,6 +80,9 @@ class Answer:
             }
             for h in self.hits[:k]
         ]
+        for row, h in zip(rows, self.hits, strict=False):
+            if h.region is not None:  # found by one of its region rows (index.rows.regions)
+                row["region"] = list(h.region)
         if self.collapsed is not None:
             for row, ids in zip(rows, self.collapsed, strict=True):
                 row["collapsed"] = list(ids)
@@ -158,13 +162,14 @@ class QueryPlanner:
             )
         per_group = [
             [
-                Hit(i, u, score, shard, metadata)
-                for i, u, score, shard, metadata in zip(
+                Hit(i, u, score, shard, metadata, None if region is None else tuple(region))
+                for i, u, score, shard, metadata, region in zip(
                     answer["ids"],
                     answer["uris"],
                     answer["scores"],
                     answer["shards"],
                     answer.get("metadata") or [None] * len(answer["ids"]),
+                    answer.get("regions") or [None] * len(answer["ids"]),
                     strict=True,
                 )
             ]

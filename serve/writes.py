@@ -32,6 +32,7 @@ import pyarrow as pa
 from index.live.parts import write_rows, write_tombstones
 from index.rows import schema
 from index.rows.metadata import record_columns
+from index.rows.regions import region_ids
 from index.rows.sharding import content_id, shard_of, uri_id
 from index.storage.store import Store
 from serve.catalog import Catalog
@@ -91,6 +92,8 @@ class RowWriter:
             [row_id], [uri], vectors, ingested_at=pa.scalar(ms, schema.TIMESTAMP), extra=extra
         )
         part = await asyncio.to_thread(write_rows, self.store, shard, table)
+        if manifest.regions > 1:  # the id's earlier image's regions must not outlive it
+            await self._tombstone(shard, region_ids(row_id, manifest.regions), ms)
         metadata = columns.to_pydict() if columns.num_columns else None
         ok, answer = await call_with_deadline(
             self.add_rows(shard, part, [row_id], [uri], vectors, [ms], metadata), self.deadline_s
@@ -108,21 +111,30 @@ class RowWriter:
         }
 
     async def delete(self, row_id: str) -> dict:
-        """Write a tombstone for the checked ``row_id``; the ``DELETE /images/{id}`` body."""
-        shard = shard_of(row_id, self.catalog.manifest.num_shards)
+        """Write a tombstone for the checked ``row_id`` (and its region rows' ids, in a store
+        with regions: ``index.rows.regions``); the ``DELETE /images/{id}`` body."""
+        manifest = self.catalog.manifest
+        shard = shard_of(row_id, manifest.num_shards)
         ms = await self._stamp(shard, row_id)
-        part, ms = await asyncio.to_thread(write_tombstones, self.store, shard, [row_id], ms)
-        ok, answer = await call_with_deadline(
-            self.add_tombstones(shard, part, [row_id], [ms]), self.deadline_s
-        )
+        ids = [row_id, *region_ids(row_id, manifest.regions)]
+        part, ms, ok = await self._tombstone(shard, ids, ms)
         return {
             "id": row_id,
             "shard": shard,
             "deleted": True,
             "part": part,
             "deleted_at_ms": ms,
-            "hidden": bool(ok and answer.get("applied")),
+            "hidden": ok,
         }
+
+    async def _tombstone(self, shard: int, ids: list[str], ms: int) -> tuple[str, int, bool]:
+        """Write tombstones for ``ids`` at ``ms`` and hand them to the shard: (part, the stamp
+        written, whether the shard applied them in time)."""
+        part, ms = await asyncio.to_thread(write_tombstones, self.store, shard, ids, ms)
+        ok, answer = await call_with_deadline(
+            self.add_tombstones(shard, part, ids, [ms] * len(ids)), self.deadline_s
+        )
+        return part, ms, bool(ok and answer.get("applied"))
 
     def identify(self, row_id: str | None, uri: str | None, content: bytes) -> tuple[str, str]:
         """(id, uri) of a new row by the store's id scheme (``Manifest.id_scheme``):

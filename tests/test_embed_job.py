@@ -12,6 +12,7 @@ from PIL import Image
 
 from harness import embed_samples as samples
 from harness.stores import read_store
+from index.rows import regions
 from index.rows.sharding import content_id, shard_of, uri_id
 from index.storage.manifest import ManifestMismatch, load_manifest
 from index.storage.store import Store
@@ -138,7 +139,12 @@ def test_bad_inputs_are_counted_recorded_and_never_fail_the_job(ray_local, calte
 
 
 @pytest.mark.slow
-def test_dedup_gives_one_row_per_picture(ray_local, caltech_dir, tmp_path):
+def test_dedup_gives_one_image_per_picture_and_regions_a_row_per_cell(
+    ray_local, caltech_dir, tmp_path
+):
+    """One job for two id features: ``--dedup`` (one image per picture, named by its bytes)
+    and ``--regions 2`` (each image's own row and a row per cell of its 2x2 grid, all in the
+    image's shard; the store keeps its grid)."""
     real = samples.class_photos(caltech_dir)[:3]
     folder = tmp_path / "in"
     folder.mkdir()
@@ -146,10 +152,20 @@ def test_dedup_gives_one_row_per_picture(ray_local, caltech_dir, tmp_path):
         (folder / f"{i}.jpg").write_bytes(path.read_bytes())
     (folder / "copy-of-0.jpg").write_bytes(real[0].read_bytes())
     root = tmp_path / "store"
-    summary = run_job(EmbedJobConfig(input=[str(folder)], store=str(root), dedup=True, actors=1))
-    assert (summary.embedded, summary.duplicates, summary.errors) == (3, 1, 0)
+    config = EmbedJobConfig(input=[str(folder)], store=str(root), dedup=True, actors=1, regions=2)
+    summary = run_job(config)
+    assert (summary.embedded, summary.duplicates, summary.errors) == (3, 1, 0)  # images
     rows, _ = read_store(root)
-    assert sorted(rows["id"]) == sorted(content_id(p.read_bytes()) for p in real)
+    images = sorted(content_id(p.read_bytes()) for p in real)
+    assert sorted(rows["id"]) == sorted(
+        row for image in images for row in [image, *regions.region_ids(image, 2)]
+    )
+    parents = [regions.parent_of(i) for i in rows["id"]]
+    assert all(s == shard_of(p, 4) for p, s in zip(parents, rows["shard"], strict=True))
+    assert load_manifest(Store(root)).regions == 2
     (folder / "another-copy.jpg").write_bytes(real[1].read_bytes())
     again = run_job(EmbedJobConfig(input=[str(folder)], store=str(root), dedup=True))
     assert (again.embedded, again.skipped_present) == (0, 5)  # by content, not by name
+    # another grid in the same store would mix vectors per image: refused
+    with pytest.raises(ManifestMismatch, match="region"):
+        run_job(EmbedJobConfig(input=[str(folder)], store=str(root), dedup=True, regions=3))

@@ -22,3 +22,6 @@ class Hit:
     # the row's metadata columns that the search asked for (``fields``); None when none were
     # asked. Not part of equality: two hits of one row are the same hit whatever they carry.
     metadata: dict | None = field(default=None, compare=False)
+    # the matched region's box (x0, y0, x1, y1 as fractions of the image) when the hit is an
+    # image found through one of its region rows (``index.query.region_hits``); None: the whole
+    region: tuple[float, float, float, float] | None = field(default=None, compare=False)

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from index.rows.regions import parent_of
+
 ID_HEX_CHARS = 16  # 64-bit ids: collisions become likely only around 4 billion rows per catalogue
 
 
@@ -26,10 +28,13 @@ def content_id(data: bytes) -> str:
 
 
 def shard_of(row_id: str, num_shards: int) -> int:
-    """Shard of one id: the first 8 bytes of BLAKE2b(id), little-endian, modulo ``num_shards``."""
+    """Shard of one id: the first 8 bytes of BLAKE2b(id), little-endian, modulo ``num_shards``.
+
+    A region row (``index.rows.regions``) lives in its image's shard: the image's delete, its
+    tombstones and the collapse of its regions to one hit all stay within one shard."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    digest = hashlib.blake2b(row_id.encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(parent_of(row_id).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") % num_shards
 
 

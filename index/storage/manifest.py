@@ -10,11 +10,12 @@ proposes one past the highest *name* listed, so a torn or foreign file never blo
 ``manifest.json`` at the root is a convenience copy for humans and tools; nothing trusts it.
 
 The manifest is O(shards), whatever the number of rows or writes: model, dimension, metric, the
-id scheme, the metadata schema (column -> type, at most ``index.rows.metadata.MAX_COLUMNS``; every
-writer merges its columns in by ``index.rows.metadata.merge_schema`` or is refused), and per shard
-the live version (its number and directory name), its row count and
-when it was built and made live. What a version was built from (parts, applied tombstones) is
-in that version's own ``meta.json`` (``index.storage.publish``), read once per swap.
+id scheme, the region grid (``index.rows.regions``), the metadata schema (column -> type, at
+most ``index.rows.metadata.MAX_COLUMNS``; every writer merges its columns in by
+``index.rows.metadata.merge_schema`` or is refused), and per shard the live version (its number
+and directory name), its row count and when it was built and made live. What a version was
+built from (parts, applied tombstones) is in that version's own ``meta.json``
+(``index.storage.publish``), read once per swap.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from index.rows.metadata import MetadataError, check_schema, merge_schema
+from index.rows.regions import check_levels
 from index.storage.store import Store
 
 FORMAT_VERSION = 2
@@ -62,6 +64,7 @@ class Manifest:
     id_scheme: str = "uri"
     shards: dict[int, ShardState] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)  # column -> type (index.rows.metadata)
+    regions: int = 1  # grid levels of region rows per image (index.rows.regions); 1: none
     sequence: int = 0
     written_at: float = 0.0
 
@@ -73,6 +76,7 @@ class Manifest:
         if self.dim < 1 or self.num_shards < 1:
             raise ValueError(f"dim and num_shards must be >= 1, got {self.dim}, {self.num_shards}")
         self.metadata = check_schema(self.metadata)
+        self.regions = check_levels(self.regions)
         for s in range(self.num_shards):
             self.shards.setdefault(s, ShardState())
 
@@ -105,12 +109,19 @@ class Manifest:
             id_scheme=body.get("id_scheme", "uri"),
             shards=shards,
             metadata=body.get("metadata") or {},
+            regions=body.get("regions", 1),
             sequence=body["sequence"],
             written_at=body["written_at"],
         )
 
     def check_compatible(
-        self, model: str, weights: str, dim: int, num_shards: int, id_scheme: str | None = None
+        self,
+        model: str,
+        weights: str,
+        dim: int,
+        num_shards: int,
+        id_scheme: str | None = None,
+        regions: int | None = None,
     ) -> None:
         """Refuse to add vectors that cannot be compared with, or named like, the stored ones."""
         if (model, weights, dim) != (self.model, self.weights, self.dim):
@@ -127,6 +138,11 @@ class Manifest:
             raise ManifestMismatch(
                 f"store names rows by {self.id_scheme!r} ids; refusing to write {id_scheme!r} "
                 f"ids ({'drop' if id_scheme == 'content' else 'add'} --dedup, or use a new store)"
+            )
+        if regions is not None and regions != self.regions:
+            raise ManifestMismatch(
+                f"store holds {self.regions} region grid level(s) per image; refusing to write "
+                f"{regions} (--regions {self.regions}, or use a new store)"
             )
 
     def with_metadata(self, columns: dict[str, str]) -> Manifest:

@@ -212,7 +212,8 @@ class Ingress:
             "dim": self.dim,
             "metric": self.metric,
             "num_shards": self.num_shards,
-            "total_count": sum(row.get("count", 0) for row in shards),
+            "total_count": sum(row.get("count", 0) for row in shards),  # rows: regions too
+            "regions": self.catalog.manifest.regions,  # grid levels per image (1: none)
             "memory_bytes": sum(row.get("memory_bytes", 0) for row in shards),
             "shards": shards,
             "embedder": embedder if ok_embed else {"error": embedder},

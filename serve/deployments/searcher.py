@@ -55,7 +55,9 @@ from ray import serve
 from index.query.filters import Filter
 from index.query.hits import Hit
 from index.query.merge import merge_topk
+from index.query.region_hits import fetch_rows, to_images
 from index.rows import clock
+from index.rows.regions import per_image
 from index.storage.manifest import load_manifest
 from index.storage.store import Store
 from serve.deployments.batching import Failed, QueryBatcher, sub_batches
@@ -103,6 +105,8 @@ class ShardSearcher:
         if manifest is None:
             raise RuntimeError(f"store {store_uri} has no manifest")
         self.metric = manifest.metric
+        # rows per image (index.rows.regions): fixed when the store was made
+        self.per_image = per_image(manifest.regions)
         self._stop = threading.Event()
         # holders first, loaded after the lease thread runs: a first load that takes longer than
         # the lease TTL keeps its "loading" lease fresh
@@ -289,12 +293,15 @@ class ShardSearcher:
             }
             if fields:
                 answer["metadata"] = [h.metadata for h in hits]
+            if self.per_image > 1:
+                answer["regions"] = [h.region for h in hits]
             if merged["plans"]:
                 answer["plans"] = merged["plans"]
             out[i] = answer
 
     def _search_all(self, queries, k, nprobe, candidates, rerank, flt=None, fields=()) -> dict:
         """Every shard of the group over the batch (in the pool), merged per query."""
+        rows = fetch_rows(k, self.per_image)  # k, or more in a store with region rows
 
         def one(holder: ShardHolder) -> tuple[int, list[list[Hit]] | None, dict | None]:
             view = holder.view
@@ -303,7 +310,7 @@ class ShardSearcher:
             start = time.perf_counter()
             hits, plan = view.search_with_plan(
                 queries,
-                k,
+                rows,
                 nprobe=nprobe,
                 candidates=candidates,
                 rerank=rerank,
@@ -312,8 +319,10 @@ class ShardSearcher:
             )
             ms = (time.perf_counter() - start) * 1000
             searcher_metrics().observe_search(
-                holder.shard, ms / len(queries), view.fetch_size(k, candidates, rerank)
+                holder.shard, ms / len(queries), view.fetch_size(rows, candidates, rerank)
             )
+            if self.per_image > 1:  # region rows -> their images (merged below: best cell wins)
+                hits = [to_images(h) for h in hits]
             return holder.shard, hits, None if plan is None else plan.to_dict()
 
         holders = list(self.holders.values())
@@ -391,7 +400,8 @@ class ShardSearcher:
                 view = holder.view
                 if view is None:
                     continue
-                per_shard.append(view.search_exact(query, int(k))[0])
+                rows = fetch_rows(int(k), self.per_image)
+                per_shard.append(to_images(view.search_exact(query, rows)[0]))
                 answered.append(holder.shard)
             hits = merge_topk(per_shard, int(k), self.metric)
             return {

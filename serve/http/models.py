@@ -34,6 +34,12 @@ class Result(BaseModel):
         description="with verify: local-feature matches one homography explains (null: "
         "not checked: unreadable, or out of the time budget)",
     )
+    region: list[float] | None = Field(
+        None,
+        description="in a store embedded with --regions: the box [x0, y0, x1, y1] (fractions "
+        "of the image's width and height) of the part of the image that matched best; absent "
+        "when the whole image did",
+    )
 
 
 class MissingShard(BaseModel):

@@ -290,7 +290,7 @@ async def parse_add(request: Request, limits: Limits, dim: int, normalise: bool)
         raise ApiError(422, f"invalid_{empty}", f"{empty} is empty: leave it out for the default")
     parsed = ParsedAdd(
         kind="image",
-        row_id=None if row_id is None else validate_id(row_id),
+        row_id=None if row_id is None else validate_id(row_id, new=True),
         uri=validate_uri(uri),
         raw_metadata=validate_metadata(fields.get("metadata")),
     )

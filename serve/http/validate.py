@@ -22,6 +22,7 @@ from index.query import shaping
 from index.query.filters import Filter
 from index.query.shaping import ShapeOptions
 from index.rows.metadata import is_unicode
+from index.rows.regions import SEPARATOR as REGION_MARK
 from serve.config import MAX_K
 from serve.http.errors import ApiError
 from serve.http.limits import Limits
@@ -203,8 +204,10 @@ def validate_vector(value: Any, dim: int, normalise: bool) -> np.ndarray:
     return exact.astype(np.float32)
 
 
-def validate_id(value: Any) -> str:
-    """A row id: 1..256 characters, no ``/`` (``/images/{id}`` routes could never name it)."""
+def validate_id(value: Any, new: bool = False) -> str:
+    """A row id: 1..256 characters, no ``/`` (``/images/{id}`` routes could never name it); a
+    ``new`` one (an add's) without ``@r`` either, the mark of an image's region rows
+    (``index.rows.regions``), so a writer's row is never taken for another image's region."""
     if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS or "/" in value:
         raise ApiError(
             422,
@@ -213,6 +216,10 @@ def validate_id(value: Any) -> str:
         )
     if not is_unicode(value):
         raise ApiError(422, "invalid_id", "id is not valid Unicode (a lone surrogate)")
+    if new and REGION_MARK in value:
+        raise ApiError(
+            422, "invalid_id", f"an added image's id may not contain {REGION_MARK!r} (region rows)"
+        )
     return value
 
 
