@@ -305,6 +305,24 @@ def test_search_page_in_chromium(app, browser, tmp_path):
     if target:  # the README's screenshot, as a palette PNG to keep the repository small
         Image.open(shot).convert("RGB").quantize(256).save(target, optimize=True)
 
+    # 3b. drag a box over the middle of the dropped photo: the page cuts that part out and
+    # searches by it (in a store with --regions, the photos holding that part)
+    rect = page.eval_on_selector("#query-preview", "e => e.getBoundingClientRect().toJSON()")
+    page.mouse.move(rect["x"] + 0.2 * rect["width"], rect["y"] + 0.25 * rect["height"])
+    page.mouse.down()
+    page.mouse.move(rect["x"] + 0.5 * rect["width"], rect["y"] + 0.5 * rect["height"])
+    page.mouse.move(rect["x"] + 0.7 * rect["width"], rect["y"] + 0.75 * rect["height"])
+    page.mouse.up()
+    assert len(wait_results(page, f"{dropped.name}, box 20,25,70,75 %", 8)) == 8
+    # the image the page uploaded (Playwright does not see a multipart body of blobs)
+    part = page.evaluate(
+        """() => createImageBitmap(lastQuery.blob).then(b => [b.width, b.height])"""
+    )
+    whole = Image.open(dropped).size
+    assert abs(part[0] - 0.5 * whole[0]) <= 0.05 * whole[0], (part, whole)
+    assert abs(part[1] - 0.5 * whole[1]) <= 0.05 * whole[1], (part, whole)
+    assert page.is_visible("#query-box") and page.is_hidden("#error")
+
     # 4. errors: an unknown id, a file that is not an image
     page.fill("#id-input", "no-such-id")
     page.click("#id-form button")

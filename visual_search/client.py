@@ -17,6 +17,7 @@ The default URL is ``$VISUAL_SEARCH_URL`` or ``http://127.0.0.1:8000``.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,7 @@ class SearchClient:
         text: str | None = None,
         text_weight: float | None = None,
         verify: bool | None = None,
+        box: Sequence[float] | None = None,
     ) -> dict:
         """Top-k of exactly one of an image, a catalogue ``id`` or a ``vector``, or of a
         ``text`` (models with a text tower); ``text`` beside one of the others is a mixed query
@@ -126,7 +128,12 @@ class SearchClient:
         or a similarity threshold; results get ``collapsed``), ``exclude_self``, ``min_score``.
         ``verify`` (image queries): results showing the same object first, by local features
         and RANSAC (results get ``inliers``, the answer ``verification``).
+        ``box`` (image queries): search by that part of the image, ``(x0, y0, x1, y1)`` as
+        fractions of its width and height (cut out here, sent as PNG; in a store embedded with
+        ``--regions`` it finds the photos holding that part, results get ``region``).
         """
+        if box is not None and image is None:
+            raise ValueError("box: only with an image query")
         given = [
             name for name, v in (("image", image), ("id", id), ("vector", vector)) if v is not None
         ]
@@ -163,6 +170,8 @@ class SearchClient:
             mixed["text_weight"] = text_weight
         if image is not None:
             name, data = read_image(image)
+            if box is not None:
+                name, data = f"{name} (box)", cut_box(data, box)
             files = {"file": (name, data, "application/octet-stream")}
             form = {k: str(v) for k, v in mixed.items()}
             return self._send("POST", "/search", params=params, files=files, data=form).json()
@@ -187,6 +196,24 @@ class SearchClient:
     def thumbnail(self, row_id: str) -> bytes:
         """``GET /images/{id}/thumbnail``: a small JPEG."""
         return self._send("GET", f"/images/{_quote(row_id)}/thumbnail").content
+
+
+def cut_box(data: bytes, box: Sequence[float]) -> bytes:
+    """The part of an image inside ``box`` (fractions of its upright width and height), as
+    PNG bytes (lossless: the app decodes it as it would the photo)."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+        raise ValueError(f"box: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {tuple(box)}")
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    w, h = img.size
+    part = img.crop((round(x0 * w), round(y0 * h), max(1, round(x1 * w)), max(1, round(y1 * h))))
+    out = io.BytesIO()
+    part.convert("RGB").save(out, "PNG")
+    return out.getvalue()
 
 
 def _quote(row_id: str) -> str:

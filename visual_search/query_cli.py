@@ -7,6 +7,7 @@
     visual-search search shoe.jpg --text "in red" --text-weight 0.3   # image + text, mixed
     visual-search search cat.jpg --expand --dedup --diversify 0.7    # answer shaping
     visual-search search crop.jpg --verify --k 20     # instance search: the same object first
+    visual-search search shelf.jpg --box 0.2,0.1,0.6,0.5   # by a part of the photo (--regions)
     visual-search stats [--json]
 
 A table by default (rank, score, shard, id, uri, then any metadata fields of the results; with
@@ -47,6 +48,17 @@ def _load_vector(spec: str) -> list[float]:
     if not isinstance(value, list):
         raise ValueError(f"{spec}: expected a JSON list of numbers (or {{'vector': [...]}})")
     return value
+
+
+def _box(spec: str) -> tuple[float, ...]:
+    """``--box X0,Y0,X1,Y1``: four fractions of the image's width and height."""
+    try:
+        box = tuple(float(v) for v in spec.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not four numbers: {spec!r}") from None
+    if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+        raise argparse.ArgumentTypeError(f"need 0 <= X0 < X1 <= 1 and 0 <= Y0 < Y1 <= 1: {spec!r}")
+    return box
 
 
 def _fail(error: SearchError) -> int:
@@ -142,6 +154,14 @@ def search_main(argv: list[str] | None = None) -> int:
         help="image queries: the same object first (local features + RANSAC; column inliers)",
     )
     parser.add_argument(
+        "--box",
+        type=_box,
+        metavar="X0,Y0,X1,Y1",
+        help="image queries: search by this part of the image (fractions of its width and "
+        "height, e.g. 0.2,0.2,0.7,0.8); a store embedded with --regions finds the photos "
+        "holding it",
+    )
+    parser.add_argument(
         "--fail-partial", action="store_true", help="exit 1 when some shard did not answer"
     )
     _common(parser)
@@ -149,6 +169,8 @@ def search_main(argv: list[str] | None = None) -> int:
     given = [name for name in ("image", "id", "vector") if getattr(args, name) is not None]
     if len(given) > 1 or not (given or args.text is not None):
         parser.error("give one of IMAGE, --id, --vector, and/or --text")
+    if args.box is not None and args.image is None:
+        parser.error("--box: only with an IMAGE")
     try:
         vector = _load_vector(args.vector) if args.vector is not None else None
         with SearchClient(args.url, timeout=args.timeout) as client:
@@ -170,6 +192,7 @@ def search_main(argv: list[str] | None = None) -> int:
                 text=args.text,
                 text_weight=args.text_weight,
                 verify=args.verify,
+                box=args.box,
             )
     except SearchError as e:
         return _fail(e)

@@ -7,10 +7,13 @@
 // beyond the app itself.
 "use strict";
 
-const CORE_FIELDS = new Set(["id", "uri", "score", "shard"]);
+const CORE_FIELDS = new Set(["id", "uri", "score", "shard", "region"]);
 const $ = (selector) => document.querySelector(selector);
 
 let lastQuery = null; // {kind: "image", blob, label} or {kind: "id", id}
+let previewName = ""; // what the query image shows (a file's name, "catalogue id ..."): a box's label
+let drawing = null; // a box being drawn on the query image: where it started
+let drew = false; // a box was just drawn: the click that ends it must not open the file chooser
 let filtersSupported = false;
 let latest = 0; // the newest search: an older answer that arrives later is dropped
 
@@ -43,7 +46,12 @@ async function loadStats() {
     const stats = await response.json();
     if (!response.ok) throw new Error(stats.detail || response.statusText);
     const unreachable = (stats.shards || []).filter((s) => s.error).length;
-    let text = `${Number(stats.total_count).toLocaleString()} images in ${stats.num_shards} `
+    const levels = Number(stats.regions) || 1; // embed --regions: rows per image 1 + 4 + 9 ...
+    let perImage = 0;
+    for (let l = 1; l <= levels; l++) perImage += l * l;
+    const count = Number(stats.total_count).toLocaleString();
+    const what = levels > 1 ? `vectors (${perImage} per image: regions)` : "images";
+    let text = `${count} ${what} in ${stats.num_shards} `
       + `shard${stats.num_shards === 1 ? "" : "s"} · model ${stats.model} · ${stats.dim}-d`;
     if (unreachable) text += ` · ${unreachable} shard(s) not answering`;
     $("#stats").textContent = text;
@@ -176,7 +184,17 @@ function card(result, index) {
   img.loading = "lazy";
   img.addEventListener("error", () => thumb.replaceChildren(el("span", "", "no preview")));
   img.src = thumbnailUrl(result.id);
-  thumb.append(img);
+  if (Array.isArray(result.region) && result.region.length === 4) {
+    // found by a part of the image (a store embedded with --regions): outline that part
+    const frame = el("span", "frame");
+    const box = el("span", "box");
+    placeBox(box, result.region);
+    box.title = "the part of this image that matched";
+    frame.append(img, box);
+    thumb.append(frame);
+  } else {
+    thumb.append(img);
+  }
 
   const info = el("div", "info");
   const score = el("div", "score", `#${index + 1} · ${Number(result.score).toFixed(3)} `);
@@ -209,7 +227,9 @@ function searchImage(blob, label) {
   preview.dataset.url = URL.createObjectURL(blob);
   preview.src = preview.dataset.url;
   preview.hidden = false;
-  $("#query-label").textContent = `query: ${label || "pasted image"}`;
+  $("#query-box").hidden = true;
+  previewName = label || "pasted image";
+  $("#query-label").textContent = `query: ${previewName}`;
   $("#id-input").value = "";
   search({ kind: "image", blob, label });
 }
@@ -218,6 +238,8 @@ function searchId(id) {
   const preview = $("#query-preview");
   preview.src = thumbnailUrl(id);
   preview.hidden = false;
+  $("#query-box").hidden = true;
+  previewName = `catalogue id ${id}`;
   $("#id-input").value = id;
   $("#query-label").textContent = `query: catalogue id ${id}`;
   search({ kind: "id", id });
@@ -234,6 +256,83 @@ function searchText(text) {
   $("#query-preview").hidden = true;
   $("#query-label").textContent = `query: "${text}"`;
   search({ kind: "text", text });
+}
+
+// ---- a box drawn on the query image: search by that part of it -------------------------------
+// The part is cut out of the picture on a canvas and searched as an uploaded image; in a store
+// embedded with --regions it finds the photos holding that part (index.rows.regions).
+function placeBox(box, [x0, y0, x1, y1]) {
+  box.style.left = `${100 * x0}%`;
+  box.style.top = `${100 * y0}%`;
+  box.style.width = `${100 * (x1 - x0)}%`;
+  box.style.height = `${100 * (y1 - y0)}%`;
+}
+
+function fractionAt(event, rect) {
+  const x = Math.min(Math.max(event.clientX - rect.left, 0), rect.width) / rect.width;
+  const y = Math.min(Math.max(event.clientY - rect.top, 0), rect.height) / rect.height;
+  return [x, y];
+}
+
+function boxOf(start, end) {
+  return [
+    Math.min(start[0], end[0]), Math.min(start[1], end[1]),
+    Math.max(start[0], end[0]), Math.max(start[1], end[1]),
+  ];
+}
+
+async function searchPart(part) {
+  const preview = $("#query-preview");
+  const [w, h] = [preview.naturalWidth, preview.naturalHeight];
+  const sx = Math.round(part[0] * w);
+  const sy = Math.round(part[1] * h);
+  const sw = Math.max(1, Math.round((part[2] - part[0]) * w));
+  const sh = Math.max(1, Math.round((part[3] - part[1]) * h));
+  const canvas = document.createElement("canvas");
+  canvas.width = sw;
+  canvas.height = sh;
+  canvas.getContext("2d").drawImage(preview, sx, sy, sw, sh, 0, 0, sw, sh);
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.92));
+  if (!blob) return fail("could not cut the box out of the picture");
+  const pct = part.map((v) => Math.round(100 * v)).join(",");
+  const label = `${previewName}, box ${pct} %`;
+  $("#query-label").textContent = `query: ${label}`;
+  search({ kind: "image", blob, label });
+}
+
+function setUpBox() {
+  const preview = $("#query-preview");
+  const box = $("#query-box");
+  preview.addEventListener("dragstart", (event) => event.preventDefault());
+  preview.addEventListener("pointerdown", (event) => {
+    if (event.button !== 0 || !preview.naturalWidth) return;
+    event.preventDefault();
+    preview.setPointerCapture(event.pointerId);
+    const rect = preview.getBoundingClientRect();
+    drawing = { rect, start: fractionAt(event, rect) };
+    placeBox(box, [...drawing.start, ...drawing.start]);
+    box.hidden = false;
+  });
+  preview.addEventListener("pointermove", (event) => {
+    if (drawing) placeBox(box, boxOf(drawing.start, fractionAt(event, drawing.rect)));
+  });
+  preview.addEventListener("pointerup", (event) => {
+    if (!drawing) return;
+    const { rect, start } = drawing;
+    drawing = null;
+    const part = boxOf(start, fractionAt(event, rect));
+    if ((part[2] - part[0]) * rect.width < 8 || (part[3] - part[1]) * rect.height < 8) {
+      box.hidden = true; // a click, not a box: the picture opens the file chooser as before
+      return;
+    }
+    drew = true;
+    placeBox(box, part);
+    searchPart(part);
+  });
+  $("#drop").addEventListener("click", (event) => {
+    if (drew) event.preventDefault(); // the click ending a box: no file chooser
+    drew = false;
+  });
 }
 
 // "#id=<id>" is the page's state: clicking a result sets it, so Back returns to the last query
@@ -299,6 +398,7 @@ function setUp() {
     if (lastQuery) search(lastQuery);
   });
   window.addEventListener("hashchange", fromHash);
+  setUpBox();
   loadStats();
   detectFilters().then(fromHash);
 }
