@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script,
 from benchmarks import common  # noqa: E402
 from benchmarks.answer_scores import K, exact_labels, precision_at  # noqa: E402
 from harness.caltech_catalogue import build_catalogue, catalogue_vectors, class_of, split  # noqa: E402
-from harness.closed_loop import ThreadClients, run_load  # noqa: E402
+from harness.closed_loop import post_searches  # noqa: E402
 from harness.serve_store import embed_files  # noqa: E402
 from harness.serving import serving  # noqa: E402
 from pipelines.local_ray import init_local_ray, use_local_ray_env  # noqa: E402
@@ -71,23 +71,14 @@ def http_answers(args, store_uri: str, test: list[Path]) -> tuple[list[list[str]
 
     from serve.config import ServeConfig
 
+    uploads = [{"files": {"file": (p.name, p.read_bytes(), "image/jpeg")}} for p in test]
     with serving(ServeConfig(store=store_uri, reload_interval_s=0)) as served:
-        clients, partial = ThreadClients(base_url=served.url, timeout=120), []
-
-        def call(i: int) -> list[str]:
-            files = {"file": (test[i].name, test[i].read_bytes(), "image/jpeg")}
-            r = clients.get().post("/search", params={"k": K}, files=files)
-            r.raise_for_status()
-            partial.append(r.json()["partial"])
-            return [h["uri"] for h in r.json()["results"]]
-
-        timing, answers = run_load(call, len(test), args.concurrency)
-        clients.close()
+        answers, timing = post_searches(served.url, uploads, {"k": K}, args.concurrency)
         stats = httpx.get(f"{served.url}/stats", timeout=30).json()
-    return [answers[i] for i in range(len(test))], {
+    return [[h["uri"] for h in a["results"]] for a in answers], {
         "queries": len(test),
         "concurrency": args.concurrency,
-        "partial_answers": sum(partial),
+        "partial_answers": sum(a["partial"] for a in answers),
         "qps": round(timing["qps"], 2),
         "p50_ms": round(timing["p50_ms"], 1),
         "p99_ms": round(timing["p99_ms"], 1),

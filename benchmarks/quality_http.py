@@ -15,7 +15,7 @@ import time
 
 from benchmarks.answer_scores import DEPTH, K, mean, precision_at, scores_of
 from harness.caltech_catalogue import class_of
-from harness.closed_loop import ThreadClients, run_load
+from harness.closed_loop import post_searches
 from harness.serve_store import embed_files
 from harness.serving import serving
 
@@ -35,21 +35,12 @@ def app_config(store_uri: str, model: tuple[str, str]):
 
 def http_pass(base: str, bodies: list[dict], params: dict, concurrency: int) -> tuple[list, dict]:
     """Every body to ``POST /search`` with ``params``: the results lists and timings."""
-    clients, partial = ThreadClients(base_url=base, timeout=120), []
-
-    def call(i: int) -> list[dict]:
-        r = clients.get().post("/search", json=bodies[i], params=params)
-        r.raise_for_status()
-        partial.append(r.json()["partial"])
-        return r.json()["results"]
-
-    timing, answers = run_load(call, len(bodies), concurrency)
-    clients.close()
-    return [answers[i] for i in range(len(bodies))], {
+    answers, timing = post_searches(base, [{"json": b} for b in bodies], params, concurrency)
+    return [a["results"] for a in answers], {
         "qps": round(timing["qps"], 1),
         "p50_ms": round(timing["p50_ms"], 1),
         "p99_ms": round(timing["p99_ms"], 1),
-        "partial_answers": sum(partial),
+        "partial_answers": sum(a["partial"] for a in answers),
     }
 
 

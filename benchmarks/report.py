@@ -42,6 +42,7 @@ def render() -> str:
         capacity.section_models(),
         jobs.section_quality(),
         instance.section_verify(),
+        instance.section_regions(),
         instance.section_whitening(),
         reliability.section_histories(),
         reliability.section_soak(),

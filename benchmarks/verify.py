@@ -46,7 +46,7 @@ from embedding.verify import (  # noqa: E402
     local_features,
     verified_order,
 )
-from harness.caltech_catalogue import split  # noqa: E402
+from harness.caltech_catalogue import area_crop, round_robin, split  # noqa: E402
 from harness.serve_store import embed_files  # noqa: E402
 from visual_search.demo_images import group_of, write_demo_images  # noqa: E402
 
@@ -73,16 +73,6 @@ def choose_min_inliers(sets: dict) -> tuple[int, str]:
 
 
 # ---- the instance sets ---------------------------------------------------------------------------
-def crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    w, h = img.size
-    area = rng.uniform(0.2, 0.5)
-    aspect = rng.uniform(0.75, 1.33)
-    cw = int(min(w, round(w * np.sqrt(area * aspect))))
-    ch = int(min(h, round(h * np.sqrt(area / aspect))))
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    return img.crop((x, y, x + cw, y + ch))
-
-
 def rotate(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     angle = rng.uniform(10, 30) * rng.choice([-1, 1])
     return img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
@@ -96,19 +86,13 @@ def perspective(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return img.transform((w, h), Image.Transform.QUAD, quad, Image.Resampling.BILINEAR)
 
 
-TRANSFORMS = {"crop": crop, "rotate": rotate, "perspective": perspective}
+TRANSFORMS = {"crop": area_crop, "rotate": rotate, "perspective": perspective}
 
 
 def caltech_set(caltech: Path, sources: int, distractors: int, workdir: Path, seed: int) -> dict:
     """Catalogue paths, query paths and each query's relevant catalogue indices."""
     train = split(caltech, "train.txt")
-    by_class: dict[str, list[Path]] = {}
-    for p in train:
-        by_class.setdefault(p.parent.name, []).append(p)
-    order = []  # round robin over the classes: every class before any class's second photo
-    for rank in range(max(map(len, by_class.values()))):
-        order += [by_class[c][rank] for c in sorted(by_class) if rank < len(by_class[c])]
-    chosen = order[:sources]
+    chosen = round_robin(train)[:sources]  # every class before any class's second photo
     taken = set(chosen)
     rest = [p for p in train if p not in taken]
     rng = np.random.default_rng(seed)

@@ -3,8 +3,9 @@
 ``run_load`` makes ``n`` calls from ``concurrency`` threads, each thread sending its next
 request when its last one answered (the load generator shares the machine's cores with the
 server, as it does on a 2-core box); ``summarise`` turns the latencies into percentiles and QPS.
-``ThreadClients`` gives each thread its own keep-alive ``httpx.Client``, and ``HttpClient`` is
-the JSON vector query every Serve benchmark sends (it keeps the server's ``took_ms``).
+``ThreadClients`` gives each thread its own keep-alive ``httpx.Client``, ``HttpClient`` is
+the JSON vector query every Serve benchmark sends (it keeps the server's ``took_ms``), and
+``post_searches`` sends given requests (JSON bodies or image uploads) once each.
 """
 
 from __future__ import annotations
@@ -87,6 +88,33 @@ class ThreadClients:
     def close(self) -> None:
         for client in self.made:
             client.close()
+
+
+def post_searches(
+    base_url: str,
+    requests: list[dict],
+    params: dict | None = None,
+    concurrency: int = 1,
+    warm: int = 0,
+    loadavg: bool = False,
+) -> tuple[list[dict], dict]:
+    """Each request (``httpx`` keyword arguments: ``json=`` a body or ``files=`` an upload) to
+    ``POST /search`` with ``params``, once, from ``concurrency`` threads after ``warm`` untimed
+    ones: the answers' bodies in order, and ``run_load``'s timing."""
+    clients = ThreadClients(base_url=base_url, timeout=120)
+
+    def call(i: int) -> dict:
+        r = clients.get().post("/search", params=params, **requests[i])
+        r.raise_for_status()
+        return r.json()
+
+    try:
+        for i in range(min(warm, len(requests))):
+            call(i)
+        timing, answers = run_load(call, len(requests), concurrency, loadavg=loadavg)
+    finally:
+        clients.close()
+    return [answers[i] for i in range(len(requests))], timing
 
 
 class HttpClient:

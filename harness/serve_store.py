@@ -78,3 +78,33 @@ def write_caltech_store(
     for shard in range(num_shards):
         rebuild_shard(store, shard)
     return store, dict(zip(uris, vectors, strict=True))
+
+
+def search_in_process(store_uri: str, queries: np.ndarray, k: int, warm: int = 20):
+    """Each query's top-``k`` ids from the store's live shards searched as one replica searches
+    them (``ShardSearcher``: index, rerank, a store's region collapse), one query at a time
+    after ``warm`` untimed ones; and each query's milliseconds."""
+    import asyncio
+
+    from index.storage.manifest import load_manifest
+    from serve.deployments.searcher import ShardSearcher
+
+    shards = list(range(load_manifest(Store(store_uri)).num_shards))
+
+    async def run():
+        searcher = ShardSearcher.func_or_class(
+            store_uri, shards, reload_interval_s=0, delta_poll_s=0, batch_wait_s=0
+        )
+        try:
+            for q in queries[:warm]:  # pages in the index, starts the threads
+                await searcher.search(q, k)
+            answers, ms = [], []
+            for q in queries:
+                t = time.perf_counter()
+                answers.append((await searcher.search(q, k))["ids"])
+                ms.append((time.perf_counter() - t) * 1000)
+            return answers, ms
+        finally:
+            searcher._stop.set()
+
+    return asyncio.run(run())

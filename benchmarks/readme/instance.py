@@ -1,6 +1,6 @@
 """The sections on finding *the same* object and on the vectors' own geometry: geometric
-verification of an image query's results (``verify.json``) and learned PCA-whitening
-(``whitening.json``)."""
+verification of an image query's results (``verify.json``), region rows that let a crop find
+its photo (``regions.json``) and learned PCA-whitening (``whitening.json``)."""
 
 from __future__ import annotations
 
@@ -81,4 +81,43 @@ def section_whitening() -> str:
         f"Command: `{w['command']}`.\n\n"
         + md_table(rows, header)
         + "\n\n![whitening](results/whitening.png)\n"
+    )
+
+
+def section_regions() -> str:
+    r = load("regions")
+    if not r:
+        return ""
+    rows = [
+        [
+            "none" if g["levels"] == 1 else str(g["levels"]),
+            fmt(g["vectors_per_image"]),
+            f"{fmt(g['recall_at_1'], 3)} / **{fmt(g['recall_at_10'], 3)}**",
+            f"{fmt(g['recall_at_1_exact'], 3)} / {fmt(g['recall_at_10_exact'], 3)}",
+            f"{fmt(g['search_ms_p50'], 2)} / {fmt(g['search_ms_p99'], 2)}",
+            fmt(g["index_bytes_per_image"]),
+            fmt(g["parts_bytes_per_image"]),
+            fmt(g["embed_s_per_image"], 3),
+        ]
+        for g in r["grids"]
+    ]
+    header = (
+        "grid levels | vectors per image | recall@1 / @10 (index) | exact | search ms p50 / p99 "
+        "| index B per image | parts B per image | embed s per image"
+    )
+    http = (
+        f"The chosen grid ({r['regions_levels']} levels: {r['regions_rule']}) served on port "
+        f"{r['port']}, each crop uploaded once at c=1: recall@1 {fmt(r['http_recall_at_1'], 3)}, "
+        f"@10 {fmt(r['http_recall_at_10'], 3)}, p50 {fmt(r['http_p50_ms'], 1)} ms / p99 "
+        f"{fmt(r['http_p99_ms'], 1)} ms (load average before / after {r['http_load']}); "
+        f"{fmt(100 * r['http_top1_with_region'], 1)} % of the first results named the region "
+        "that matched."
+    )
+    return (
+        "### Regions: a crop finds its photo (`regions.json`)\n\n"
+        f"{fmt(r['queries'])} crops of 20-50 % of a catalogue photo's area against "
+        f"{fmt(r['photos'])} Caltech-101 photos ({r['backbone']}), one store per grid "
+        f"(`embed --regions L`). Command: `{r['command']}`.\n\n"
+        + md_table(rows, header)
+        + f"\n\n{http}\n\n{r['notes']}\n\n![regions](results/regions.png)\n"
     )
