@@ -39,6 +39,8 @@ IMAGE_EXTENSIONS = frozenset(
 )
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
 TABLE_EXTENSIONS = frozenset({".csv", ".parquet", ".pq", ".jsonl", ".ndjson"})
+
+
 def is_image_name(name: str) -> bool:
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -131,5 +133,3 @@ def _iter_list_file(fs: fsspec.AbstractFileSystem, spec: str, path: str) -> Iter
             if not line or line.startswith("#"):
                 continue
             yield entry_uri(fs, spec, base, line)
-
-

@@ -18,6 +18,7 @@ from pipelines.uris import InputError, entry_uri, filesystem_of
 CSV_BLOCK_BYTES = 64 * 2**20
 BATCH_ROWS = 65_536
 
+
 def read_table_batches(spec: str) -> Iterator[pa.Table]:
     """The rows of a sidecar table, in batches, ``uri`` resolved to input URIs; rows without a
     ``uri`` are kept with a null one (the caller counts and drops them)."""

@@ -18,7 +18,6 @@ _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _LOCAL_SCHEMES = ("file", "local")
 
 
-
 class InputError(ValueError):
     """An input spec that names nothing, or a filesystem whose package is missing."""
 
