@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -82,7 +83,8 @@ def run_one(app, seed: int, args: argparse.Namespace) -> dict:
         cli_retrain=seed % 4 == 1,
     )
     history = work.run()
-    finals = work.final_reads(quiet_s=6 * DELTA_POLL_S)
+    # a replica restarted over thousands of one-row parts under faults took 273 s to load
+    finals = work.final_reads(quiet_s=6 * DELTA_POLL_S, ready_timeout_s=600)
     anomalies = check(history, finals)
     path = history.dump(args.workdir / f"history-{seed}.json")
     ops = history.snapshot()
@@ -100,7 +102,8 @@ def run_one(app, seed: int, args: argparse.Namespace) -> dict:
         "final_reads": len(finals),
         "faults_injected": app.proxy.faults_injected - faults_before,
         "kills": work.kills,
-        "recovery_s": [round(b - a, 2) for a, b in windows],
+        # None: not ready again within the kill's 180 s watch (the final reads wait longer)
+        "recovery_s": [round(b - a, 2) if math.isfinite(b) else None for a, b in windows],
         "unavailable": sum(unavailable(o, windows) for o in ops),
         "top1_misses": work.top1_misses,
         "anomalies": len(anomalies),
@@ -163,11 +166,13 @@ def kept_runs(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
         return [], []
     earlier = json.loads(path.read_text())
     rows = [r for r in earlier.get("runs", []) if r["seed"] < args.start]
+    for r in rows:  # an earlier sitting wrote an unseen recovery as Infinity
+        r["recovery_s"] = [None if s == math.inf else s for s in r["recovery_s"]]
     return rows, earlier.get("sittings", [earlier["command"]])
 
 
 def summarise(rows: list[dict], argv, sittings: list[str] = ()) -> dict:
-    recovery = sorted(s for r in rows for s in r["recovery_s"])
+    recovery = sorted(s for r in rows for s in r["recovery_s"] if s is not None)
     return {
         "command": common.command("histories", argv),
         "sittings": [*sittings, common.command("histories", argv)],  # each sitting's command
