@@ -4,8 +4,9 @@ One replica (never more: two deciders would launch duplicate builds) plans every
 (``index.storage.coverage``: rows in parts the live version does not cover, plus tombstone parts it
 did not
 apply) every ``rebuild_check_s`` and launches ``index.live.rebuild.rebuild_shard`` (the one build
-path) as a Ray task when the delta reaches ``rebuild_delta_rows`` rows or
-``rebuild_delta_fraction`` of the shard's built rows. The task asks for the memory the build
+path) as a Ray task when the delta reaches ``rebuild_delta_rows`` rows,
+``rebuild_delta_fraction`` of the shard's built rows, ``rebuild_delta_bytes`` of vectors or
+``rebuild_delta_parts`` parts (``rebuild_due``). The task asks for the memory the build
 needs (``index.ann.policy.estimate_build_memory``) and, when the cluster has ``shard_host`` nodes,
 runs on one (``rebuild_node_resource``), never inside a serving replica. ``POST /admin/rebuild``
 asks for one at once (``request``; ``force`` rebuilds a shard that is up to date, ``retrain``
@@ -38,6 +39,7 @@ from index.live.rebuild import RebuildOptions, delta_rows, rebuild_shard
 from index.storage.coverage import plan_shard
 from index.storage.gc import collect_garbage
 from index.storage.manifest import load_manifest
+from index.units import parse_bytes
 from serve.config import ServeConfig
 from serve.metrics import RebuilderMetrics, rebuilder_metrics
 
@@ -56,6 +58,31 @@ def _metrics() -> RebuilderMetrics | None:
 
 def _largest_node_memory() -> float:
     return max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+
+
+def rebuild_due(delta: dict, dim: int, c) -> str | None:
+    """Why a shard whose delta is ``delta`` (``Rebuilder.delta_of``) should be rebuilt now, by
+    ``c``'s ``rebuild_delta_*`` rules (a ``ServeConfig``; 0 turns a rule off), or None.
+
+    Rows (and tombstone parts) against ``rebuild_delta_rows`` and ``rebuild_delta_fraction`` of
+    the built rows; the rows' float32 vectors against ``rebuild_delta_bytes`` (every query scans
+    them: a 1280-d delta costs five times a 256-d one per row); the parts against
+    ``rebuild_delta_parts`` (a replica reads each when it starts: thousands of one-row parts
+    under object-store faults kept one from serving for 273 s)."""
+    size = delta["rows"] + delta["tombstone_parts"]
+    if size == 0:
+        return None
+    if c.rebuild_delta_rows and size >= c.rebuild_delta_rows:
+        return f"delta {size} >= {c.rebuild_delta_rows} rows"
+    if c.rebuild_delta_fraction and size >= c.rebuild_delta_fraction * delta["base_count"]:
+        return f"delta {size} >= {c.rebuild_delta_fraction:.0%} of {delta['base_count']}"
+    budget = parse_bytes(c.rebuild_delta_bytes)
+    if budget and delta["rows"] * dim * 4 >= budget:
+        return f"delta {delta['rows']} x {dim}-d vectors >= {c.rebuild_delta_bytes}"
+    parts = delta["parts"] + delta["tombstone_parts"]
+    if c.rebuild_delta_parts and parts >= c.rebuild_delta_parts:
+        return f"delta {parts} parts >= {c.rebuild_delta_parts}"
+    return None
 
 
 @serve.deployment(name="Rebuilder", num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -107,15 +134,7 @@ class Rebuilder:
         }
 
     def _due(self, delta: dict) -> str | None:
-        c = self.config
-        size = delta["rows"] + delta["tombstone_parts"]
-        if size == 0:
-            return None
-        if c.rebuild_delta_rows and size >= c.rebuild_delta_rows:
-            return f"delta {size} >= {c.rebuild_delta_rows} rows"
-        if c.rebuild_delta_fraction and size >= c.rebuild_delta_fraction * delta["base_count"]:
-            return f"delta {size} >= {c.rebuild_delta_fraction:.0%} of {delta['base_count']}"
-        return None
+        return rebuild_due(delta, self.dim, self.config)
 
     def _placement(self) -> dict[str, float]:
         wanted = self.config.rebuild_node_resource
@@ -274,6 +293,8 @@ class Rebuilder:
                 "thresholds": {
                     "rows": self.config.rebuild_delta_rows,
                     "fraction": self.config.rebuild_delta_fraction,
+                    "bytes": self.config.rebuild_delta_bytes,
+                    "parts": self.config.rebuild_delta_parts,
                     "check_s": self.config.rebuild_check_s,
                 },
             }
