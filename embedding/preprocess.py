@@ -265,6 +265,26 @@ class CropSpec:
         return cls(size=int(value))
 
 
+def check_box(box) -> tuple[float, float, float, float]:
+    """``box`` as ``(x0, y0, x1, y1)`` fractions of an image's width and height, checked."""
+    values = tuple(float(v) for v in box)
+    if len(values) != 4 or not (
+        0.0 <= values[0] < values[2] <= 1.0 and 0.0 <= values[1] < values[3] <= 1.0
+    ):
+        raise ValueError(f"box: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {tuple(box)}")
+    return values
+
+
+def crop_box(img: Image.Image, box) -> Image.Image:
+    """The part of ``img`` inside ``box`` (``check_box``): what the embedding job embeds for a
+    region cell (``index.rows.regions``) and what a client sends for a box drawn on a query."""
+    x0, y0, x1, y1 = check_box(box)
+    if (x0, y0, x1, y1) == (0.0, 0.0, 1.0, 1.0):
+        return img
+    w, h = img.size
+    return img.crop((round(x0 * w), round(y0 * h), max(1, round(x1 * w)), max(1, round(y1 * h))))
+
+
 def prepare(
     img: Image.Image, image_size: int | CropSpec, resize_size: int | None = None
 ) -> np.ndarray:

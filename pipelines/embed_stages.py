@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedding import ImageError, decode_image, prepare  # no torch: decode tasks stay light
-from embedding.preprocess import CropSpec
+from embedding.preprocess import CropSpec, crop_box
 from index.rows import schema
 from index.rows.metadata import metadata_columns
 from index.rows.regions import SEPARATOR
@@ -110,7 +110,7 @@ def read_decode_batch(
             continue
         try:
             img = decode_image(data, max_pixels, max_bytes, draft_size=draft)
-            prepared = [(ids[i] + suffix, prepare(cut(img, box), spec)) for suffix, box in cells]
+            prepared = [(ids[i] + sfx, prepare(crop_box(img, box), spec)) for sfx, box in cells]
         except ImageError as e:
             emit(i, ids[i], stage=DECODE, error=str(e))
             continue
@@ -142,15 +142,6 @@ def read_decode_batch(
     for name in metadata_columns(batch.column_names):
         out = out.append_column(batch.schema.field(name), batch[name].take(rows))
     return out
-
-
-def cut(img, box: tuple[float, float, float, float]):
-    """The part of a PIL image inside ``box`` (fractions of its width and height)."""
-    if box == (0.0, 0.0, 1.0, 1.0):
-        return img
-    w, h = img.size
-    x0, y0, x1, y1 = box
-    return img.crop((round(x0 * w), round(y0 * h), max(1, round(x1 * w)), max(1, round(y1 * h))))
 
 
 # ---- dedup pre-pass: content ids ---------------------------------------------------------------

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from embedding.preprocess import CropSpec, prepare
+from embedding.preprocess import CropSpec, crop_box, prepare
 from harness.stores import write_store
 from index.live.parts import read_tombstones
 from index.live.rebuild import rebuild_shard
@@ -27,7 +27,7 @@ from index.query.region_hits import fetch_rows, to_images
 from index.rows import regions
 from index.rows.sharding import shard_of
 from index.storage.manifest import commit_manifest, load_manifest
-from pipelines.embed_stages import cut, read_decode_batch
+from pipelines.embed_stages import read_decode_batch
 from serve.catalog import Catalog
 from serve.deployments.searcher import ShardSearcher
 from serve.http.errors import ApiError
@@ -81,7 +81,7 @@ def test_the_job_crops_every_cell_of_each_decoded_image(tmp_path):
     img = Image.open(io.BytesIO(path.read_bytes())).convert("RGB")
     for row_id, crop in zip(out["id"][:5], out["crop"][:5], strict=True):
         box = regions.box_of(row_id) or (0.0, 0.0, 1.0, 1.0)
-        expected = prepare(cut(img, box), spec)
+        expected = prepare(crop_box(img, box), spec)
         np.testing.assert_array_equal(np.asarray(crop, np.uint8).reshape(32, 32, 3), expected)
 
 

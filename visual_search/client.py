@@ -199,20 +199,19 @@ class SearchClient:
 
 
 def cut_box(data: bytes, box: Sequence[float]) -> bytes:
-    """The part of an image inside ``box`` (fractions of its upright width and height), as
-    PNG bytes (lossless: the app decodes it as it would the photo)."""
+    """The part of an image inside ``box`` (fractions of its upright width and height,
+    ``embedding.preprocess.crop_box``), as PNG bytes (lossless: the app decodes it as it would
+    the photo)."""
     import io
 
     from PIL import Image, ImageOps
 
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
-        raise ValueError(f"box: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {tuple(box)}")
+    from embedding.preprocess import check_box, crop_box
+
+    check_box(box)  # before reading the image: a bad box is the caller's error, not the file's
     img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    w, h = img.size
-    part = img.crop((round(x0 * w), round(y0 * h), max(1, round(x1 * w)), max(1, round(y1 * h))))
     out = io.BytesIO()
-    part.convert("RGB").save(out, "PNG")
+    crop_box(img, box).convert("RGB").save(out, "PNG")
     return out.getvalue()
 
 

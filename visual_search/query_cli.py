@@ -52,13 +52,12 @@ def _load_vector(spec: str) -> list[float]:
 
 def _box(spec: str) -> tuple[float, ...]:
     """``--box X0,Y0,X1,Y1``: four fractions of the image's width and height."""
+    from embedding.preprocess import check_box
+
     try:
-        box = tuple(float(v) for v in spec.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not four numbers: {spec!r}") from None
-    if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-        raise argparse.ArgumentTypeError(f"need 0 <= X0 < X1 <= 1 and 0 <= Y0 < Y1 <= 1: {spec!r}")
-    return box
+        return check_box(spec.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} (from {spec!r}: X0,Y0,X1,Y1)") from None
 
 
 def _fail(error: SearchError) -> int:

@@ -36,6 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from embedding.config import has_text_tower
 from index.query.facets import merge_facets
 from index.rows import clock
+from index.rows.regions import per_image
 from index.rows.sharding import shard_of
 from index.storage.manifest import Manifest, load_manifest
 from serve.catalog import Catalog
@@ -214,6 +215,7 @@ class Ingress:
             "num_shards": self.num_shards,
             "total_count": sum(row.get("count", 0) for row in shards),  # rows: regions too
             "regions": self.catalog.manifest.regions,  # grid levels per image (1: none)
+            "rows_per_image": per_image(self.catalog.manifest.regions),
             "memory_bytes": sum(row.get("memory_bytes", 0) for row in shards),
             "shards": shards,
             "embedder": embedder if ok_embed else {"error": embedder},

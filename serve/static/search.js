@@ -46,11 +46,9 @@ async function loadStats() {
     const stats = await response.json();
     if (!response.ok) throw new Error(stats.detail || response.statusText);
     const unreachable = (stats.shards || []).filter((s) => s.error).length;
-    const levels = Number(stats.regions) || 1; // embed --regions: rows per image 1 + 4 + 9 ...
-    let perImage = 0;
-    for (let l = 1; l <= levels; l++) perImage += l * l;
+    const perImage = Number(stats.rows_per_image) || 1; // embed --regions: a row per grid cell
     const count = Number(stats.total_count).toLocaleString();
-    const what = levels > 1 ? `vectors (${perImage} per image: regions)` : "images";
+    const what = perImage > 1 ? `vectors (${perImage} per image: regions)` : "images";
     let text = `${count} ${what} in ${stats.num_shards} `
       + `shard${stats.num_shards === 1 ? "" : "s"} · model ${stats.model} · ${stats.dim}-d`;
     if (unreachable) text += ` · ${unreachable} shard(s) not answering`;
