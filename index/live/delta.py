@@ -52,7 +52,7 @@ from index.live.snapshot import Snapshot, exclude_selector, search_delta, snapsh
 from index.query.filters import Filter
 from index.query.hits import Hit
 from index.query.merge import merge_topk
-from index.rows.columns import GrowingColumns
+from index.rows.columns import GrowingColumns, rows_table
 from index.rows.visibility import hides, supersedes
 from index.storage.coverage import applied_tombstones, covered_parts
 from index.storage.store import Store
@@ -178,25 +178,35 @@ class LiveShard:
             self._publish()
 
     def rebased(self, base: ShardIndex) -> LiveShard:
-        """A view over a new base version that keeps what it does not cover (delta rows of parts
-        it was not built from) and every tombstone; the caller swaps it in as one reference."""
+        """A view over a new base version with what it does not cover (delta rows of parts it was
+        not built from) and every tombstone (``carry_into``); the caller swaps it in."""
+        new = LiveShard(self.store, self.shard, base, self.dim, self.metric)
+        self.carry_into(new)
+        return new
+
+    def carry_into(self, new: LiveShard) -> int:
+        """Apply to unpublished ``new`` the parts it lacks (none its base covers, nor the old base's
+        deletes); returns how many. Only copying slices holds this lock: stamps never wait."""
         with self._lock:
-            new = LiveShard(self.store, self.shard, base, self.dim, self.metric)
-            for part, (start, stop) in self._part_rows.items():
-                if part not in new.covered:
-                    new._add_rows(
-                        part,
-                        self._ids[start:stop],
-                        self._uris[start:stop],
-                        self._buf[start:stop],
-                        np.asarray(self._ingested[start:stop], np.int64),
-                        self._meta.table(start, stop),
-                    )
-            for part, (ids, deleted) in self._tomb_parts.items():
-                if "/" + TOMBSTONES_FILE not in part:  # the old base's own applied deletes
-                    new._add_tombstones(part, ids, deleted, part in new.applied_tombstones)
+            meta = self._meta.snapshot(self._n)
+            rows = [
+                (part, a, b, self._ids[a:b], self._uris[a:b], self._buf[a:b], self._ingested[a:b])
+                for part, (a, b) in self._part_rows.items()
+                if part not in new.covered and part not in new._part_rows
+            ]
+            tombs = [
+                (part, ids, deleted)
+                for part, (ids, deleted) in self._tomb_parts.items()
+                if "/" + TOMBSTONES_FILE not in part and part not in new._tomb_parts
+            ]
+        with new._lock:
+            for part, a, b, ids, uris, vectors, t in rows:
+                t, metadata = np.asarray(t, np.int64), rows_table(meta, a, b)
+                new._add_rows(part, ids, uris, vectors, t, metadata)
+            for part, ids, deleted in tombs:
+                new._add_tombstones(part, ids, deleted, part in new.applied_tombstones)
             new._publish()
-            return new
+        return len(rows) + len(tombs)
 
     # ---- mutations (hold the lock) ------------------------------------------------------------
     def _base_keys(self, ids: list[str]) -> list[int | None]:

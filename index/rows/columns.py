@@ -148,6 +148,17 @@ class Columns:
         return total
 
 
+def rows_table(columns: Columns, start: int, stop: int) -> pa.Table | None:
+    """Rows ``start:stop`` of ``columns`` as an Arrow table, None without columns: what
+    ``LiveShard.carry_into`` hands a new view, from a snapshot taken under the delta's lock."""
+    if not columns.columns:
+        return None
+    rows = np.arange(start, stop)
+    return pa.table(
+        {name: pa.array(c.take(rows), TYPES[c.kind]) for name, c in columns.columns.items()}
+    )
+
+
 def _as_kind(kind: str, column: pa.ChunkedArray | pa.Array) -> pa.Array:
     """One array of the column's values in the Arrow type of ``kind`` (chunks joined,
     dictionary-encoded strings decoded)."""
@@ -255,17 +266,8 @@ class GrowingColumns:
         )
 
     def table(self, start: int, stop: int) -> pa.Table | None:
-        """Rows ``start:stop`` as an Arrow table (what ``LiveShard.rebased`` carries over)."""
-        if not self._kinds:
-            return None
-        view = self.snapshot(stop)
-        rows = np.arange(start, stop)
-        return pa.table(
-            {
-                name: pa.array(view.columns[name].take(rows), TYPES[kind])
-                for name, kind in self._kinds.items()
-            }
-        )
+        """Rows ``start:stop`` as an Arrow table (``rows_table`` of a snapshot)."""
+        return rows_table(self.snapshot(stop), start, stop)
 
     @property
     def nbytes(self) -> int:

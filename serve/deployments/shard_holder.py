@@ -164,8 +164,11 @@ class ShardHolder:
                     self._install(view)
                 else:
                     base = ShardIndex.load(self.store, self.shard, state.dir)  # slow, unlocked
+                    # the rebase copies the delta and tombstones without blocking hand-overs,
+                    # stamps or lookups; under swap_lock only the parts handed over meanwhile
+                    view = current.rebased(base)
                     with self.swap_lock:  # no hand-over lands in the old view after this copy
-                        view = current.rebased(base)
+                        current.carry_into(view)
                         self.view, self.loaded_at = view, time.time()
                     self._swapped(current, view)
             finally:
