@@ -37,11 +37,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script, too
@@ -56,6 +53,7 @@ from benchmarks import common  # noqa: E402
 from embedding import Embedder, ModelConfig, decode_image, prepare  # noqa: E402
 from embedding.model import default_threads  # noqa: E402
 from embedding.preprocess import resize_size_of  # noqa: E402
+from harness.samplers import CpuSampler  # noqa: E402
 from pipelines.embed import connect_ray, default_actors, run_job  # noqa: E402
 from pipelines.embed_config import EmbedJobConfig  # noqa: E402
 
@@ -83,92 +81,37 @@ def caltech_photos(n: int, work: Path | None = None) -> list[Path]:
     return files + links
 
 
-class CpuSampler:
-    """CPU seconds of every process on the machine while it runs, by role (process title)."""
+# what each process is, by a part of its title (harness.samplers.CpuSampler)
+ROLES = (
+    ("EmbedBatch", "model actors"),
+    ("read_decode_batch", "read+decode tasks"),
+    ("write_parts", "write tasks"),
+    ("read_block", "read+decode tasks"),
+    ("ray::IDLE", "Ray idle workers"),
+    ("raylet", "Ray daemons (raylet, GCS, agents)"),
+    ("gcs_server", "Ray daemons (raylet, GCS, agents)"),
+    ("ray/", "Ray daemons (raylet, GCS, agents)"),
+    ("ray::", "Ray other workers"),
+)
 
-    ROLES = (
-        ("EmbedBatch", "model actors"),
-        ("read_decode_batch", "read+decode tasks"),
-        ("write_parts", "write tasks"),
-        ("read_block", "read+decode tasks"),
-        ("ray::IDLE", "Ray idle workers"),
-        ("raylet", "Ray daemons (raylet, GCS, agents)"),
-        ("gcs_server", "Ray daemons (raylet, GCS, agents)"),
-        ("ray/", "Ray daemons (raylet, GCS, agents)"),
-        ("ray::", "Ray other workers"),
-    )
 
-    def __init__(self, interval_s: float = 1.0):
-        self.interval_s = interval_s
-        self.seconds: dict[str, float] = {}
-        self._last: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _machine_busy() -> float:
-        t = psutil.cpu_times()
-        return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
-
-    def role(self, pid: int, title: str) -> str:
-        if pid == os.getpid():
-            return "driver (Ray Data executor)"
-        for key, role in self.ROLES:
-            if key in title:
-                return role
-        return "other processes"
-
-    def sample(self, count: bool = True) -> None:
-        """Add each process's CPU since the last sample to its role (a process born since the
-        first sample counts whole: it is the job's)."""
-        for proc in psutil.process_iter(["pid", "cmdline", "name", "cpu_times"]):
-            info = proc.info
-            times = info.get("cpu_times")
-            if times is None:
-                continue
-            used = times.user + times.system
-            before = self._last.get(info["pid"], 0.0)
-            self._last[info["pid"]] = used
-            if count:
-                title = " ".join(info.get("cmdline") or [info.get("name") or ""])
-                role = self.role(info["pid"], title)
-                self.seconds[role] = self.seconds.get(role, 0.0) + max(0.0, used - before)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> CpuSampler:
-        self.sample(count=False)  # every process alive now: only what it uses from here counts
-        self._machine_start = self._machine_busy()
-        self._started = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-        self.wall_s = time.perf_counter() - self._started
-        self.machine_busy_s = self._machine_busy() - self._machine_start
-
-    def breakdown(self, model_seconds: float) -> dict:
-        """CPU seconds by role, the model's forward split out of the actors', and shares of
-        the machine's capacity (cores x wall seconds)."""
-        seconds = dict(self.seconds)
-        actors = seconds.pop("model actors", 0.0)
-        seconds["model forward (inside the actors)"] = min(actors, model_seconds)
-        seconds["actor overhead (batching, Arrow, calls)"] = max(0.0, actors - model_seconds)
-        capacity = len(os.sched_getaffinity(0)) * self.wall_s
-        seconds["idle"] = max(0.0, capacity - self.machine_busy_s)
-        return {
-            "wall_seconds": round(self.wall_s, 2),
-            "capacity_cpu_seconds": round(capacity, 2),
-            "cpu_seconds": {k: round(v, 2) for k, v in sorted(seconds.items())},
-            "share_of_capacity": {
-                k: round(v / capacity, 4) for k, v in sorted(seconds.items()) if capacity
-            },
-        }
+def breakdown(sampler: CpuSampler, model_seconds: float) -> dict:
+    """CPU seconds by role, the model's forward split out of the actors', and shares of
+    the machine's capacity (cores x wall seconds)."""
+    seconds = dict(sampler.seconds)
+    actors = seconds.pop("model actors", 0.0)
+    seconds["model forward (inside the actors)"] = min(actors, model_seconds)
+    seconds["actor overhead (batching, Arrow, calls)"] = max(0.0, actors - model_seconds)
+    capacity = len(os.sched_getaffinity(0)) * sampler.wall_s
+    seconds["idle"] = max(0.0, capacity - sampler.machine_busy_s)
+    return {
+        "wall_seconds": round(sampler.wall_s, 2),
+        "capacity_cpu_seconds": round(capacity, 2),
+        "cpu_seconds": {k: round(v, 2) for k, v in sorted(seconds.items())},
+        "share_of_capacity": {
+            k: round(v / capacity, 4) for k, v in sorted(seconds.items()) if capacity
+        },
+    }
 
 
 def decode_all(photos: list[Path], image_size: int) -> np.ndarray:
@@ -239,12 +182,12 @@ def pipeline(listing: Path, work: Path, batch_size: int, actors: int, threads: i
         actors=actors,
         threads=max(1, threads // actors),
     )
-    with CpuSampler() as sampler:
+    with CpuSampler(ROLES, "driver (Ray Data executor)") as sampler:
         summary = run_job(config, log=lambda *_: None)
     shutil.rmtree(store, ignore_errors=True)
     if summary.errors or summary.embedded != summary.inputs:
         raise RuntimeError(f"pipeline run lost images: {summary.line()}")
-    return {**summary.to_dict(), "cpu": sampler.breakdown(summary.model_seconds)}
+    return {**summary.to_dict(), "cpu": breakdown(sampler, summary.model_seconds)}
 
 
 def plot(result: dict, path: Path, before: dict | None = None) -> None:
