@@ -10,6 +10,7 @@ benchmarks share them under their work folder).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,35 +25,46 @@ from index.storage.store import Store
 MODEL, WEIGHTS = "synthetic-gaussian-mixture", "seed0"
 
 
-def gaussian_mixture(
+def mixture_blocks(
     n: int,
     dim: int,
     clusters: int = 1000,
     seed: int = 0,
     spread: float = 0.35,
     chunk: int = 250_000,
-    labels: bool = False,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """``n`` L2-normalised vectors around ``clusters`` random centres: closer to real embeddings
-    (clustered, anisotropic neighbourhoods) than uniform noise, so IVF+PQ recall means something.
-    With ``labels``, also each vector's cluster (metadata correlated with the vectors, as a
-    catalogue's category is); the vectors are the same either way.
-    """
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``gaussian_mixture``'s vectors (and clusters) ``chunk`` rows at a time, the same draws in
+    the same order: a store of 10M rows is written without holding them all."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     # each cluster gets its own scale so neighbourhood density varies as in real data
     scales = (spread * rng.uniform(0.5, 1.5, clusters) / np.sqrt(dim)).astype(np.float32)
-    out = np.empty((n, dim), dtype=np.float32)
-    cluster = np.empty(n, dtype=np.int32)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         drawn = rng.integers(0, clusters, stop - start)
         noise = rng.standard_normal((stop - start, dim), dtype=np.float32)
         block = centres[drawn] + noise * scales[drawn, None]
         block /= np.linalg.norm(block, axis=1, keepdims=True)
-        out[start:stop] = block
-        cluster[start:stop] = drawn
+        yield block, drawn
+
+
+def gaussian_mixture(
+    n: int, dim: int, labels: bool = False, **draw
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """``n`` L2-normalised vectors around ``clusters`` random centres: closer to real embeddings
+    (clustered, anisotropic neighbourhoods) than uniform noise, so IVF+PQ recall means something.
+    With ``labels``, also each vector's cluster (metadata correlated with the vectors, as a
+    catalogue's category is); the vectors are the same either way. ``draw``: ``clusters``,
+    ``seed``, ``spread``, ``chunk`` as ``mixture_blocks`` takes them.
+    """
+    out = np.empty((n, dim), dtype=np.float32)
+    cluster = np.empty(n, dtype=np.int32)
+    start = 0
+    for block, drawn in mixture_blocks(n, dim, **draw):
+        out[start : start + len(block)] = block
+        cluster[start : start + len(block)] = drawn
+        start += len(block)
     return (out, cluster) if labels else out
 
 
@@ -62,9 +74,10 @@ def base_and_queries(n: int, queries: int, dim: int) -> tuple[np.ndarray, np.nda
     return x[:n], x[n:]
 
 
-def synthetic_rows(n: int) -> tuple[list[str], list[str]]:
-    """Ids and URIs of ``n`` generated rows (the id is the URI's, as the embedding job's)."""
-    uris = [f"synthetic://gaussian-mixture/{i}" for i in range(n)]
+def synthetic_rows(n: int, start: int = 0) -> tuple[list[str], list[str]]:
+    """Ids and URIs of ``n`` generated rows from row ``start`` (the id is the URI's, as the
+    embedding job's)."""
+    uris = [f"synthetic://gaussian-mixture/{i}" for i in range(start, start + n)]
     return [uri_id(u) for u in uris], uris
 
 
