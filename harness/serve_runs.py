@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +26,7 @@ import numpy as np
 import psutil
 
 from harness.closed_loop import HttpClient, run_load
+from harness.polling import wait_for
 from harness.serving import serving
 from harness.synthetic import recall_of_rows
 from pipelines.local_ray import init_local_ray
@@ -71,6 +73,15 @@ def measure_points(url, queries, points: list | None, label: str, concurrency, r
     return {"points": out}
 
 
+def answered(call: HttpClient) -> bool:
+    """Whether one query is answered whole (every shard)."""
+    try:
+        call(0)
+    except (httpx.HTTPError, RuntimeError):  # still loading: 503, or partial
+        return False
+    return True
+
+
 def worker(spec: dict) -> None:
     """One Serve mode in this (fresh) process; writes what it measured to ``spec["out"]``."""
     workdir = Path(spec["workdir"])
@@ -95,6 +106,11 @@ def worker(spec: dict) -> None:
     try:
         with serving(config) as served:
             out: dict = {"serve_start_s": round(served.start_s, 1), "config": config.to_dict()}
+            # serve.run returns when the replicas are up; a query is answered whole once every
+            # shard is loaded (downloaded, verified, mapped): the first-query time a user sees
+            t0, probe = time.perf_counter(), HttpClient(f"{served.url}/search", queries[:1])
+            wait_for(lambda: answered(probe), 600, "a full answer from the new replicas", 0.05)
+            out["first_query_s"] = round(served.start_s + time.perf_counter() - t0, 2)
             entries = {"proxy": served.port}
             direct = direct_ingress_port()
             if direct is not None:
