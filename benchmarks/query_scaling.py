@@ -36,7 +36,6 @@ import copy
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +47,9 @@ from harness import (
     serve_runs,  # noqa: E402
     synthetic,  # noqa: E402
 )
+from harness.closed_loop import single_query_p50  # noqa: E402
 
 K = 10
-SINGLE_QUERIES = 200  # single-query timings in-process
 LAYOUTS = {"per_shard": 1, "group": 0}  # shards_per_group (0: all shards in one group)
 
 
@@ -81,15 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.name = args.name or ("query_scaling_quick" if args.quick else "query_scaling")
     args.modes, args.entries = ["throughput"], ["direct_ingress"]
     return args
-
-
-def single_query_p50(search, queries) -> float:
-    times = []
-    for q in queries[:SINGLE_QUERIES]:
-        t = time.perf_counter()
-        search(q[None, :])
-        times.append(time.perf_counter() - t)
-    return round(float(np.median(times)) * 1000, 3)
 
 
 def in_process(store_uri: str, num_shards: int, queries, truth, ids, nprobes) -> dict:

@@ -37,6 +37,7 @@ def render() -> str:
         serving.section_findings(),
         jobs.section_build(),
         capacity.section_bytes_per_vector(),
+        capacity.section_scale(),
         jobs.section_control_plane(),
         jobs.section_embed(),
         capacity.section_models(),

@@ -36,6 +36,7 @@ def steps(size: int, quick: bool, build_sizes=()) -> list[tuple[str, list[str]]]
             ("peers", ["--quick", "--name", "peers_quick"]),
             ("control_plane", ["--quick"]),
             ("filtered_search", ["--quick"]),
+            ("scale", ["--quick"]),
         ]
     n = ["--n", str(size)]
     # above 1M only 8 shards: one 4M shard would hold the 2 cores for far too long here
@@ -56,6 +57,7 @@ def steps(size: int, quick: bool, build_sizes=()) -> list[tuple[str, list[str]]]
         ("query_scaling", [*n, "--shards", "8"]),
         ("query_scaling", [*n, "--shards", "16"]),
         ("control_plane", []),
+        ("scale", []),  # 10M vectors: ~40 minutes here
     ]
 
 

@@ -32,6 +32,16 @@ def summarise(latencies_s: list[float], wall_s: float) -> dict:
     }
 
 
+def single_query_p50(search, queries: np.ndarray, n: int = 200) -> float:
+    """Median ms of ``search(q[None, :])`` over the first ``n`` queries, one at a time."""
+    times = []
+    for q in queries[:n]:
+        t = time.perf_counter()
+        search(q[None, :])
+        times.append(time.perf_counter() - t)
+    return round(float(np.median(times)) * 1000, 3)
+
+
 def run_load(call, n_requests: int, concurrency: int, loadavg: bool = False) -> tuple[dict, dict]:
     """``call(i) -> result`` from ``concurrency`` threads, ``n_requests`` in all: the latency
     summary (with this process's CPU per request and, with ``loadavg``, the machine's 1-minute

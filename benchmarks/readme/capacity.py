@@ -89,3 +89,32 @@ def section_models() -> str:
         + md_table(recall, "index setting | text queries | image queries")
         + f"\n\n{m['notes']}\n\n![models](results/models.png)\n"
     )
+
+
+def section_scale() -> str:
+    s = load("scale")
+    if not s:
+        return ""
+    http, parts, inproc = s["http"]["proxy"], s["inprocess"]["bytes_per_vector"], s["inprocess"]
+    stages = ", ".join(
+        f"{k} {v['seconds']:.0f} s / {v['peak_rss_gib']} GiB" for k, v in s["stages"].items()
+    )
+    curve = ", ".join(f"{fmt(p['rows'])} rows {p['search_p50_ms']} ms" for p in s["cost_curve"])
+    return (
+        f"### {fmt(s['n_vectors'])} vectors on this box (`scale.json`)\n\n"
+        f"{s['dim']}-d Gaussian mixture written as Parquet parts, built by the index job into "
+        f"{s['shards']} shards ({', '.join(inproc['factory'])}), served by the Serve app in "
+        f"the default mode on Serve's port. recall@10 vs exact **{s['recall_at_10']}**; HTTP "
+        f"p50 / p99 at concurrency 1 **{http['1']['p50_ms']:.1f} / {s['http_p99_ms_c1']:.1f} "
+        f"ms**, **{s['qps_c16']} QPS** at 16 (p50 / p99 {http['16']['p50_ms']:.0f} / "
+        f"{http['16']['p99_ms']:.0f} ms); first query answered whole "
+        f"**{s['replica_first_query_s']} s** after `serve.run` began (local disk); RAM "
+        f"**{s['ram_bytes_per_vector']} B/vector** (codes {parts['codes']:.1f}, ids "
+        f"{parts['ids']:.0f}, row table {parts['rows']:.1f}, float16 rerank "
+        f"{parts['vectors_mmap']:.0f} memory-mapped). Stages (wall, peak RSS of every process "
+        f"they ran): {stages}. One shard's search (1 thread): "
+        f"{fmt(max(inproc['rows_per_shard']))} rows {inproc['one_shard_search_p50_ms']} ms (a "
+        f"shard of this store), one-shard builds: {curve or 'none'}. Commands: "
+        + "; ".join(f"`{c}`" for c in s.get("commands", [s["command"]]))
+        + ".\n\n![10M vectors](results/scale.png)\n"
+    )

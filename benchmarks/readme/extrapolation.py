@@ -28,14 +28,26 @@ def fit_power(xs, ys) -> tuple[float, float]:
     return float(math.exp(logc)), float(alpha)
 
 
+def scale_points(s: dict | None) -> list[tuple[int, float]]:
+    """(rows, one shard's search ms) measured by ``scale.py``: its store's shards and the
+    one-shard builds of its cost curve."""
+    if not s:
+        return []
+    shards = (max(s["inprocess"]["rows_per_shard"]), s["inprocess"]["one_shard_search_p50_ms"])
+    return [shards] + [(p["rows"], p["search_p50_ms"]) for p in s.get("cost_curve", [])]
+
+
 def section_extrapolation() -> str:
     q, b = load("query_scaling"), load("index_build")
     if not q or not b:
         return ""
     a = ASSUME
     rows = [(int(s), r) for s, r in q["by_shards"].items()]
-    n_shard = [max(r["inprocess"]["rows_per_shard"]) for _, r in rows]
-    cost = [r["inprocess"]["per_shard_p50_ms"] for _, r in rows]
+    points = [
+        (max(r["inprocess"]["rows_per_shard"]), r["inprocess"]["per_shard_p50_ms"]) for _, r in rows
+    ]
+    points += scale_points(load("scale"))
+    n_shard, cost = zip(*sorted(points), strict=True)
     c, alpha = fit_power(n_shard, cost)
     # a deployment per shard: one call per shard, the cost model the extrapolation scales
     first_r = {
@@ -53,7 +65,7 @@ def section_extrapolation() -> str:
     dim_in = q["dim"]
     lines = [
         "## The billion-vector extrapolation (from the measured curves)\n",
-        "Measured on this box (2 cores; `query_scaling.json`, `index_build.json`):\n",
+        "Measured on this box (2 cores; `query_scaling.json`, `scale.json`, `index_build.json`):\n",
         "- one shard's single-query search cost (tuned nprobe + rerank, 1 thread) at "
         + ", ".join(f"{n / 1e6:.3g}M -> {ms:.2f} ms" for n, ms in zip(n_shard, cost, strict=True))
         + f" fits **cost(n) = {c:.3g} ms x n^{alpha:.2f}** "
@@ -146,7 +158,8 @@ def section_extrapolation() -> str:
             f"{v * (128 + a['id_bytes']) * pad / 2**30:.1f} GiB codes/shard"
             for v in sizes
         )
-        + ". (cost(n) is measured up to 1M rows per shard; beyond that it is the fitted curve.)\n"
+        + f". (cost(n) is measured up to {max(n_shard) / 1e6:g}M rows per shard; beyond that it "
+        "is the fitted curve.)\n"
     )
     lines.append(
         "\nReading it: codes + ids stay in RAM (the memory budget of `index/ann/policy.py`); the "
