@@ -168,7 +168,7 @@ def shard_cost(
     shard = ShardIndex.open_dir(out)
     p50 = single_query_p50(lambda q: shard.search(q, k), queries)
     shutil.rmtree(out, ignore_errors=True)
-    return {
+    point = {
         "rows": n,
         "factory": meta["factory"],
         "nprobe": shard.default_nprobe,
@@ -176,3 +176,5 @@ def shard_cost(
         "build_seconds": round(build_s, 1),
         "search_p50_ms": p50,
     }
+    print(f"one shard of {n:,} rows: {point}", flush=True)
+    return point

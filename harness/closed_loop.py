@@ -42,13 +42,18 @@ def single_query_p50(search, queries: np.ndarray, n: int = 200) -> float:
     return round(float(np.median(times)) * 1000, 3)
 
 
-def run_load(call, n_requests: int, concurrency: int, loadavg: bool = False) -> tuple[dict, dict]:
+def run_load(
+    call, n_requests: int, concurrency: int, loadavg: bool = False, errors_ok: bool = False
+) -> tuple[dict, dict]:
     """``call(i) -> result`` from ``concurrency`` threads, ``n_requests`` in all: the latency
     summary (with this process's CPU per request and, with ``loadavg``, the machine's 1-minute
-    load average before and after: others' work on a shared box) and ``{i: result}``."""
+    load average before and after: others' work on a shared box) and ``{i: result}``. With
+    ``errors_ok`` a call that raises is counted in ``errors`` (its result None, its latency kept:
+    an overloaded server's 503 after its deadline is part of the tail), not fatal."""
     load_before = os.getloadavg()[0]
     latencies: list[float] = []
     results: dict[int, object] = {}
+    errors: list[int] = []
     counter = iter(range(n_requests))
     lock = threading.Lock()
 
@@ -58,8 +63,13 @@ def run_load(call, n_requests: int, concurrency: int, loadavg: bool = False) -> 
                 i = next(counter, None)
             if i is None:
                 return
-            t = time.perf_counter()
-            out = call(i)
+            t, out = time.perf_counter(), None
+            try:
+                out = call(i)
+            except Exception:
+                if not errors_ok:
+                    raise
+                errors.append(i)
             dt = time.perf_counter() - t
             with lock:
                 latencies.append(dt)
@@ -73,6 +83,8 @@ def run_load(call, n_requests: int, concurrency: int, loadavg: bool = False) -> 
         th.join()
     wall = time.perf_counter() - t0
     stats = summarise(latencies, wall)
+    if errors_ok:
+        stats["errors"] = len(errors)
     stats["client_cpu_s_per_request_ms"] = round((time.process_time() - cpu0) / n_requests * 1e3, 3)
     if loadavg:
         stats["loadavg_1m_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
