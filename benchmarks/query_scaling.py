@@ -102,7 +102,7 @@ def in_process(store_uri: str, num_shards: int, queries, truth, ids, nprobes) ->
     def one_shard_p50(shard, **kwargs) -> float:
         return single_query_p50(lambda q: shard.search(q, K, **kwargs), queries)
 
-    out = {
+    return {
         "rows_per_shard": [s.count for s in shards],
         "factory": sorted({s.meta["factory"] for s in shards}),
         "default_nprobe": sorted({s.default_nprobe for s in shards}),
@@ -121,7 +121,6 @@ def in_process(store_uri: str, num_shards: int, queries, truth, ids, nprobes) ->
             for p in nprobes
         ],
     }
-    return out
 
 
 def http(args, store_uri: str, layout: str, candidates: int, queries, truth, ids) -> dict:

@@ -20,11 +20,10 @@ Stages, each with its wall time and the peak summed RSS of every process it ran
    (``replica_first_query_s``: every shard loaded and mapped), then JSON vector queries at
    concurrency 1 and 16 (p50/p99, QPS, recall@10).
 
-With ``--cost-sizes 1000000 3000000``, stage ``cost-N`` also builds one shard of the first N
-catalogue rows (``build_arrays`` under the policy, 2 FAISS threads) and times its single-query
-search: points of cost(n) beyond a shard of this store, for the billion-vector extrapolation
-(``benchmarks/readme/extrapolation.py`` fits them with ``query_scaling.json``'s). A 10M-row
-shard does not fit here: its build holds ~2.5 copies of 10 GB of float32 vectors.
+With ``--cost-sizes 1000000 3000000``, stage ``cost-N`` builds one shard of the first N rows
+(``build_arrays`` under the policy, 2 FAISS threads) and times its warm single-query search:
+cost(n) points of one run for the billion-vector extrapolation. A 10M-row shard does not fit
+here: its build holds ~2.5 copies of 10 GB of float32 vectors.
 
 The store is kept under ``--workdir``; ``--reuse`` skips stages 1-2 and keeps the earlier run's
 write and build figures (``commands`` lists both runs).
@@ -54,7 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p,
         workdir=Path("/tmp/vs-bench-10m"),
         requests=500,
-        requests_help="per concurrency level",
         quick="200k vectors, 4 shards, fewer requests",
         shards=16,
     )

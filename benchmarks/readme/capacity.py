@@ -99,7 +99,9 @@ def section_scale() -> str:
     stages = ", ".join(
         f"{k} {v['seconds']:.0f} s / {v['peak_rss_gib']} GiB" for k, v in s["stages"].items()
     )
-    curve = ", ".join(f"{fmt(p['rows'])} rows {p['search_p50_ms']} ms" for p in s["cost_curve"])
+    curve = ", ".join(
+        f"{fmt(p['rows'])} rows {p['search_p50_ms']} ms" for p in s.get("cost_curve", [])
+    )
     return (
         f"### {fmt(s['n_vectors'])} vectors on this box (`scale.json`)\n\n"
         f"{s['dim']}-d Gaussian mixture written as Parquet parts, built by the index job into "
@@ -107,9 +109,9 @@ def section_scale() -> str:
         f"the default mode on Serve's port. recall@10 vs exact **{s['recall_at_10']}**; HTTP "
         f"p50 / p99 at concurrency 1 **{http['1']['p50_ms']:.1f} / {s['http_p99_ms_c1']:.1f} "
         f"ms**, **{s['qps_c16']} QPS** at 16 (p50 / p99 {http['16']['p50_ms']:.0f} / "
-        f"{http['16']['p99_ms']:.0f} ms); first query answered whole "
-        f"**{s['replica_first_query_s']} s** after `serve.run` began (local disk); RAM "
-        f"**{s['ram_bytes_per_vector']} B/vector** (codes {parts['codes']:.1f}, ids "
+        f"{http['16']['p99_ms']:.0f} ms, {http['16'].get('errors', 0)} errors); first query "
+        f"answered whole **{s['replica_first_query_s']} s** after `serve.run` began (local "
+        f"disk); RAM **{s['ram_bytes_per_vector']} B/vector** (codes {parts['codes']:.1f}, ids "
         f"{parts['ids']:.0f}, row table {parts['rows']:.1f}, float16 rerank "
         f"{parts['vectors_mmap']:.0f} memory-mapped). Stages (wall, peak RSS of every process "
         f"they ran): {stages}. One shard's search (1 thread): "
