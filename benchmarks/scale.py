@@ -41,7 +41,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
 from benchmarks import common  # noqa: E402
-from benchmarks.readme.extrapolation import scale_points  # noqa: E402
 from harness import big_store  # noqa: E402
 
 NAME, K = "scale", 10  # results/scale.json; recall@K
@@ -76,14 +75,14 @@ def main(argv=None) -> int:
         return common.replot(args.name, plot)
     args.workdir.mkdir(parents=True, exist_ok=True)
     store_uri = str(args.workdir / f"store-{args.n}-{args.dim}-{args.shards}")
-    rss, curve = big_store.PeakRss(), {}
+    rss, curve = big_store.PeakRss(), []
     result = {"command": common.command(NAME, argv if argv is not None else sys.argv[1:])}
     result["commands"], stages = [result["command"]], rss.stages
     if args.reuse and path.exists():  # keep what the earlier run measured and this one does not
         old = json.loads(path.read_text())
         result.update(build=old.get("build"), commands=old.get("commands", [old["command"]]))
         result["commands"].append(result["command"])
-        curve, stages = {c["rows"]: c for c in old.get("cost_curve", [])}, old["stages"]
+        curve, stages = old.get("cost_curve", []), old["stages"]
     elif not args.reuse:
         result["build"] = big_store.write_and_build(args, store_uri, rss, K)
     queries = np.load(args.workdir / "queries.npy")
@@ -92,9 +91,12 @@ def main(argv=None) -> int:
         result["inprocess"] = big_store.loaded_report(store_uri, args.shards, queries, truth, K)
     with rss.stage("http"):  # before the one-shard builds: they churn the page cache
         http = big_store.http_report(args, store_uri, queries, truth, K)
+    built = []
     for n in args.cost_sizes:
-        with rss.stage(f"cost-{n}"):
-            curve[n] = big_store.shard_cost(n, args.dim, queries, args.workdir, K, block=args.block)
+        with rss.stage(f"build-{n}"):
+            built.append(big_store.shard_cost(n, args.dim, queries, args.workdir, block=args.block))
+    if built:
+        curve = big_store.time_interleaved(store_uri, built, queries, K)
     rss.close()
     stages = {**stages, **rss.stages}
     levels = http["proxy"]
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
         build_seconds=stages.get("build", {}).get("seconds"),
         peak_rss_gib=max(s["peak_rss_gib"] for s in stages.values()),
         replica_first_query_s=http["first_query_s"],
-        cost_curve=[curve[n] for n in sorted(curve)],
+        cost_curve=curve,
         stages=stages,
         http=http,
         store=store_uri,
@@ -137,7 +139,7 @@ def plot(result: dict, out: Path) -> None:
         f"recall@10 {result['recall_at_10']}, first query {result['replica_first_query_s']} s"
     )
     b.legend()
-    c.loglog(*zip(*sorted(scale_points(result)), strict=True), "o-")
+    c.loglog(*zip(*sorted(big_store.cost_points(result)), strict=True), "o-")
     c.set_xlabel("rows in the shard")
     c.set_ylabel("one shard's single-query search ms p50 (1 thread)")
     c.set_title("cost(n): the shards of this store, and one-shard builds", fontsize=9)

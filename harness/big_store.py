@@ -141,18 +141,17 @@ def http_report(args, store_uri: str, queries, truth, k: int = 10) -> dict:
 
 
 def shard_cost(
-    n: int, dim: int, queries: np.ndarray, workdir, k: int = 10, threads: int = 2, block=500_000
+    n: int, dim: int, queries: np.ndarray, workdir, threads: int = 2, block=500_000
 ) -> dict:
     """One shard of ``n`` rows (the store's first ``n`` catalogue vectors: the same draws, in
     ``write_mixture_store``'s ``block``) built by ``build_arrays`` under the policy, as a
-    rebuild builds it (``threads`` FAISS threads), then its single-query search cost on 1
-    thread, as a replica searches: a point of cost(n)."""
+    rebuild builds it (``threads`` FAISS threads), into ``workdir/cost-<n>``; timed later, with
+    the others, by ``time_interleaved``."""
     import shutil
 
     import faiss
 
     from index.ann.build import build_arrays
-    from index.ann.shard_index import ShardIndex
 
     blocks = synthetic.mixture_blocks(len(queries) + n, dim, chunk=block)
     vectors = np.concatenate([b for b, _ in blocks])[len(queries) :]
@@ -161,23 +160,52 @@ def shard_cost(
     shutil.rmtree(out, ignore_errors=True)
     faiss.omp_set_num_threads(threads)
     t = time.perf_counter()
-    meta = build_arrays(vectors, ids, uris, out, None, "ip", memory_budget="16G")
-    build_s = time.perf_counter() - t
-    del vectors
+    build_arrays(vectors, ids, uris, out, None, "ip", memory_budget="16G")
+    return {"rows": n, "dir": str(out), "build_seconds": round(time.perf_counter() - t, 1)}
+
+
+def time_interleaved(store_uri: str, built: list[dict], queries: np.ndarray, k: int = 10):
+    """Single-query search ms p50 (1 thread) of the store's shard 0 and each ``shard_cost``
+    build, the shards taking turns query by query: CPU steal on these VMs changes from minute to
+    minute (0-25 % within one run), and interleaving gives every shard the same share of it. A
+    first pass maps the pages the rerank rows sit on (first-touch faults cost as much as the
+    search); the second is timed. Returns the cost(n) points; the builds are deleted."""
+    import shutil
+
+    import faiss
+
+    from index.ann.shard_index import ShardIndex
+
     faiss.omp_set_num_threads(1)
-    shard = ShardIndex.open_dir(out)
-    # a first pass maps the pages the queries' rerank rows sit on (first-touch faults cost as much
-    # as the search here); the second is the steady state a serving replica reaches
-    single_query_p50(lambda q: shard.search(q, k), queries)
-    p50 = single_query_p50(lambda q: shard.search(q, k), queries)
-    shutil.rmtree(out, ignore_errors=True)
-    point = {
-        "rows": n,
-        "factory": meta["factory"],
-        "nprobe": shard.default_nprobe,
-        "candidates": shard.meta.get("candidates"),
-        "build_seconds": round(build_s, 1),
-        "search_p50_ms": p50,
-    }
-    print(f"one shard of {n:,} rows: {point}", flush=True)
-    return point
+    shards = [("store shard", ShardIndex.load(Store(store_uri), 0))]
+    shards += [
+        (f"one-shard build ({b['build_seconds']} s)", ShardIndex.open_dir(b["dir"])) for b in built
+    ]
+    times: list[list[float]] = [[] for _ in shards]
+    for timed in (False, True):
+        for q in queries[:200]:
+            for i, (_, shard) in enumerate(shards):
+                t = time.perf_counter()
+                shard.search(q[None, :], k)
+                if timed:
+                    times[i].append(time.perf_counter() - t)
+    points = [
+        {
+            "rows": shard.count,
+            "source": source,
+            "factory": shard.meta["factory"],
+            "nprobe": shard.default_nprobe,
+            "candidates": shard.meta.get("candidates"),
+            "search_p50_ms": round(float(np.median(ms)) * 1000, 3),
+        }
+        for (source, shard), ms in zip(shards, times, strict=True)
+    ]
+    for b in built:
+        shutil.rmtree(b["dir"], ignore_errors=True)
+    print(f"cost(n), interleaved: {points}", flush=True)
+    return points
+
+
+def cost_points(result: dict) -> list[tuple[int, float]]:
+    """(rows, one shard's search ms) of a ``scale.json``'s interleaved cost(n) timing."""
+    return [(p["rows"], p["search_p50_ms"]) for p in result.get("cost_curve", [])]

@@ -114,9 +114,9 @@ def section_scale() -> str:
         f"disk); RAM **{s['ram_bytes_per_vector']} B/vector** (codes {parts['codes']:.1f}, ids "
         f"{parts['ids']:.0f}, row table {parts['rows']:.1f}, float16 rerank "
         f"{parts['vectors_mmap']:.0f} memory-mapped). Stages (wall, peak RSS of every process "
-        f"they ran): {stages}. One shard's search (1 thread): "
-        f"{fmt(max(inproc['rows_per_shard']))} rows {inproc['one_shard_search_p50_ms']} ms (a "
-        f"shard of this store), one-shard builds: {curve or 'none'}. Commands: "
+        f"they ran): {stages}. One shard's warm single-query search (1 thread), a shard of "
+        f"this store and one-shard builds taking turns query by query: {curve or 'none'}. "
+        "Commands: "
         + "; ".join(f"`{c}`" for c in s.get("commands", [s["command"]]))
         + ".\n\n![10M vectors](results/scale.png)\n"
     )

@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from benchmarks.readme.tables import load, md_table
+from harness.big_store import cost_points
 
 # assumptions of the extrapolation, in one place (everything else is measured)
 ASSUME = {
@@ -28,15 +29,6 @@ def fit_power(xs, ys) -> tuple[float, float]:
     return float(math.exp(logc)), float(alpha)
 
 
-def scale_points(s: dict | None) -> list[tuple[int, float]]:
-    """(rows, one shard's search ms) measured by ``scale.py``: its store's shards and the
-    one-shard builds of its cost curve."""
-    if not s:
-        return []
-    shards = (max(s["inprocess"]["rows_per_shard"]), s["inprocess"]["one_shard_search_p50_ms"])
-    return [shards] + [(p["rows"], p["search_p50_ms"]) for p in s.get("cost_curve", [])]
-
-
 def section_extrapolation() -> str:
     q, b = load("query_scaling"), load("index_build")
     if not q or not b:
@@ -44,7 +36,7 @@ def section_extrapolation() -> str:
     a = ASSUME
     rows = [(int(s), r) for s, r in q["by_shards"].items()]
     # one run's points (absolute ms differ ~2.5x between runs here): scale.json's when it has 3
-    points, source = scale_points(load("scale")), "`scale.json`, one run"
+    points, source = cost_points(load("scale") or {}), "`scale.json`, one run, interleaved"
     if len(points) < 3:
         points, source = (
             [
