@@ -20,10 +20,10 @@ Stages, each with its wall time and the peak summed RSS of every process it ran
    (``replica_first_query_s``: every shard loaded and mapped), then JSON vector queries at
    concurrency 1 and 16 (p50/p99, QPS, recall@10).
 
-With ``--cost-sizes 1000000 3000000``, stage ``cost-N`` builds one shard of the first N rows
-(``build_arrays`` under the policy, 2 FAISS threads) and times its warm single-query search:
-cost(n) points of one run for the billion-vector extrapolation. A 10M-row shard does not fit
-here: its build holds ~2.5 copies of 10 GB of float32 vectors.
+With ``--cost-sizes 1000000 3000000``, stage ``build-N`` builds one shard of the first N rows
+(``build_arrays`` under the policy, 2 FAISS threads); then those and a shard of the store are
+timed warm, taking turns query by query: the cost(n) points of the extrapolation. A 10M-row
+shard does not fit here: its build holds ~2.5 copies of 10 GB of float32 vectors.
 
 The store is kept under ``--workdir``; ``--reuse`` skips stages 1-2 and keeps the earlier run's
 write and build figures (``commands`` lists both runs).
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     built = []
     for n in args.cost_sizes:
         with rss.stage(f"build-{n}"):
-            built.append(big_store.shard_cost(n, args.dim, queries, args.workdir, block=args.block))
+            built.append(big_store.build_one_shard(n, args.dim, queries, args.workdir, args.block))
     if built:
         curve = big_store.time_interleaved(store_uri, built, queries, K)
     rss.close()

@@ -5,9 +5,9 @@ memory of every stage that touches them (``benchmarks/scale.py``'s 10M vectors).
 queries, the next ``n`` the catalogue), writes each block as one part per shard (as
 ``harness.stores.write_store`` and the embedding job do) and folds the block into every query's
 exact top-k (float32 inner product, FAISS ``knn``) before drawing the next: the whole catalogue
-is never in memory. ``write_and_build``,
-``loaded_report`` and ``http_report`` are the stages of such a benchmark: write and build the
-store, load its shards in-process, serve it over HTTP.
+is never in memory. ``write_and_build``, ``loaded_report`` and ``http_report`` are the stages
+of such a benchmark (write and build the store, load its shards in-process, serve it over HTTP);
+``build_one_shard`` and ``time_interleaved`` measure one shard's search cost against its size.
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ def http_report(args, store_uri: str, queries, truth, k: int = 10) -> dict:
     return serve_runs.over_http(run, store_uri, queries, rows, ids)["haproxy"]
 
 
-def shard_cost(
-    n: int, dim: int, queries: np.ndarray, workdir, threads: int = 2, block=500_000
+def build_one_shard(
+    n: int, dim: int, queries: np.ndarray, workdir, block: int = 500_000, threads: int = 2
 ) -> dict:
     """One shard of ``n`` rows (the store's first ``n`` catalogue vectors: the same draws, in
     ``write_mixture_store``'s ``block``) built by ``build_arrays`` under the policy, as a
@@ -153,8 +153,7 @@ def shard_cost(
 
     from index.ann.build import build_arrays
 
-    blocks = synthetic.mixture_blocks(len(queries) + n, dim, chunk=block)
-    vectors = np.concatenate([b for b, _ in blocks])[len(queries) :]
+    vectors = synthetic.gaussian_mixture(len(queries) + n, dim, chunk=block)[len(queries) :]
     ids, uris = synthetic.synthetic_rows(n)
     out = Path(workdir) / f"cost-{n}"
     shutil.rmtree(out, ignore_errors=True)
@@ -165,7 +164,7 @@ def shard_cost(
 
 
 def time_interleaved(store_uri: str, built: list[dict], queries: np.ndarray, k: int = 10):
-    """Single-query search ms p50 (1 thread) of the store's shard 0 and each ``shard_cost``
+    """Single-query search ms p50 (1 thread) of the store's shard 0 and each ``build_one_shard``
     build, the shards taking turns query by query: CPU steal on these VMs changes from minute to
     minute (0-25 % within one run), and interleaving gives every shard the same share of it. A
     first pass maps the pages the rerank rows sit on (first-touch faults cost as much as the

@@ -44,7 +44,7 @@ def section_extrapolation() -> str:
                 for _, r in rows
             ],
             "`query_scaling.json`",
-        )  # noqa: E501
+        )
     n_shard, cost = zip(*sorted(points), strict=True)
     c, alpha = fit_power(n_shard, cost)
     # a deployment per shard: one call per shard, the cost model the extrapolation scales
