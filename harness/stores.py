@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from index.ann.routing import Router, route_region_rows, save_router
 from index.rows import schema
 from index.rows.metadata import schema_of_table
 from index.rows.sharding import shards_of
@@ -32,6 +33,7 @@ def write_store(
     part_key: str = "0",
     metadata: pa.Table | None = None,
     part_rows: int | None = None,
+    router: Router | None = None,
 ) -> Store:
     """Write rows into ``embeddings/shard=NNNNN/part-<part_key>.parquet`` routed by ``shard_of``
     (as the embedding job does) and commit a manifest for them (creating it if needed).
@@ -39,11 +41,17 @@ def write_store(
     Calling it again with another ``part_key`` appends a new part to each shard: new data for
     the index build to pick up. ``metadata`` (one row per id) is stored as typed columns and
     its schema merged into the manifest's, as the embedding job does with a sidecar table.
-    ``part_rows`` splits each shard's rows into parts of at most that many rows.
+    ``part_rows`` splits each shard's rows into parts of at most that many rows. With a
+    ``router`` (``index.ann.routing``) the store is in the routed layout: rows go to their
+    vectors' shards (region rows to their image's) and the manifest names the router.
     """
     store = root if isinstance(root, Store) else Store(root)
     vectors = np.asarray(vectors, dtype=np.float32)
-    shards = shards_of(ids, num_shards)
+    if router is None:
+        shards = shards_of(ids, num_shards)
+    else:
+        shards = route_region_rows(list(ids), router.shards_of(vectors))
+        router_path = save_router(store, router)
     ids_arr, uris_arr = np.asarray(ids, dtype=object), np.asarray(uris, dtype=object)
     columns = schema_of_table(metadata) if metadata is not None else {}
     for shard in range(num_shards):
@@ -63,8 +71,11 @@ def write_store(
 
     def update(m: Manifest | None) -> Manifest:
         if m is None:
-            m = Manifest(model, weights, vectors.shape[1], num_shards, metric)
+            routed = {"layout": "routed", "router": router_path} if router is not None else {}
+            m = Manifest(model, weights, vectors.shape[1], num_shards, metric, **routed)
         m.check_compatible(model, weights, vectors.shape[1], num_shards)
+        if router is not None and m.router != router_path:
+            raise ValueError(f"the store is routed by {m.router}, not {router_path}")
         return m.with_metadata(columns)
 
     commit_manifest(store, update)

@@ -36,6 +36,7 @@ from index.storage.store import Store
 FORMAT_VERSION = 2
 METRICS = ("ip", "l2")
 ID_SCHEMES = ("uri", "content")  # id = BLAKE2b of the source URI, or of the image bytes
+LAYOUTS = ("hash", "routed")  # a row's shard: a hash of its id, or its vector's nearest cell
 KEEP_MANIFESTS = 50
 
 
@@ -65,6 +66,8 @@ class Manifest:
     shards: dict[int, ShardState] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)  # column -> type (index.rows.metadata)
     regions: int = 1  # grid levels of region rows per image (index.rows.regions); 1: none
+    layout: str = "hash"  # LAYOUTS; "routed": rows placed by ``router`` (index.ann.routing)
+    router: str | None = None  # the routed layout's router file, relative to the store root
     sequence: int = 0
     written_at: float = 0.0
 
@@ -75,6 +78,10 @@ class Manifest:
             raise ValueError(f"id_scheme must be one of {ID_SCHEMES}, got {self.id_scheme!r}")
         if self.dim < 1 or self.num_shards < 1:
             raise ValueError(f"dim and num_shards must be >= 1, got {self.dim}, {self.num_shards}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if (self.layout == "routed") != (self.router is not None):
+            raise ValueError("a routed store names its router file; a hashed store has none")
         self.metadata = check_schema(self.metadata)
         self.regions = check_levels(self.regions)
         for s in range(self.num_shards):
@@ -110,6 +117,8 @@ class Manifest:
             shards=shards,
             metadata=body.get("metadata") or {},
             regions=body.get("regions", 1),
+            layout=body.get("layout", "hash"),
+            router=body.get("router"),
             sequence=body["sequence"],
             written_at=body["written_at"],
         )
