@@ -40,6 +40,7 @@ if __name__ == "__main__":  # a job under a Python without the project: say so, 
 from embedding import Embedder  # noqa: E402
 from embedding.backbones import WeightsUnavailable  # noqa: E402
 from embedding.model import MALLOC_ENV  # noqa: E402
+from index.ann.routing import load_router  # noqa: E402
 from index.rows import schema  # noqa: E402
 from index.rows.sharding import uri_id  # noqa: E402
 from index.storage.manifest import (  # noqa: E402
@@ -69,6 +70,7 @@ from pipelines.embed_stages import (  # noqa: E402
     write_parts,
 )
 from pipelines.inputs import is_table_name, iter_inputs  # noqa: E402
+from pipelines.shard_parts import place_orphans  # noqa: E402
 from pipelines.sidecar import Sidecar  # noqa: E402
 from pipelines.uris import InputError  # noqa: E402
 
@@ -378,14 +380,16 @@ def run_job(config: EmbedJobConfig, log=print) -> EmbedSummary:
     if not pending.files:
         return summary
     try:
-        _embed(ray_factory(), store, config, pending, summary, num_shards, name, dim, crop, log)
+        _embed(ray_factory(), store, config, pending, summary, manifest, name, dim, crop, log)
     finally:
         store.rm(pending.staging, recursive=True)
     return summary
 
 
-def _embed(ray, store, config, pending, summary, num_shards, name, dim, crop, log) -> None:
+def _embed(ray, store, config, pending, summary, manifest, name, dim, crop, log) -> None:
     """Run the embedding dataset over the staged inputs, filling ``summary``."""
+    num_shards, router = manifest.num_shards, load_router(store, manifest)  # routed: by vector
+    routed = {"router": router, "staging": pending.staging, "regions": config.regions or 1}
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
     num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if gpus else 0.0)
@@ -425,7 +429,8 @@ def _embed(ray, store, config, pending, summary, num_shards, name, dim, crop, lo
         batch_format="pyarrow",
         num_cpus=config.write_cpus,
         # the plan's time, not the write's: a delete during the job wins (pipelines.embed_plan)
-        fn_kwargs={"store": store, "num_shards": num_shards, "ingested_at": pending.planned_at},
+        fn_kwargs={"store": store, "num_shards": num_shards, "ingested_at": pending.planned_at}
+        | (routed if router is not None else {}),
     )
     each = f"{num_gpus:g} GPU" if num_gpus else f"{actor_cpus:g} CPU"
     threads = config.threads or ("auto" if num_gpus else "cores/actors")
@@ -457,6 +462,8 @@ def _embed(ray, store, config, pending, summary, num_shards, name, dim, crop, lo
         summary.parts += sum(out["parts"].to_pylist())
         for joined in out["error_stages"].to_pylist():
             stages.update(s for s in joined.split(",") if s)
+    if router is not None:  # region rows whose image row another write batch held
+        summary.parts += place_orphans(store, pending.staging, router)
     summary.seconds = time.perf_counter() - started
     if first_n:
         summary.first_batch_seconds = first - started_wall

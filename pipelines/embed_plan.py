@@ -27,6 +27,12 @@ read), not the time its part is written. A DELETE that arrives after the plan ha
 every replica and every rebuild, however late the part lands; a Ray Data retry that rewrites a
 part writes the same stamp.
 
+**A routed store** (``index.ann.routing``: a row's shard is its vector's, so an id may be stored
+in any shard): the inputs are still spilled and planned by their id's hash shard (a *bucket*
+here; the sidecar is spilled the same way), and the stored and deleted ids of every shard are
+first spilled into the same per-bucket local files (``RoutedIds``), so each bucket's inputs are
+compared with every id stored or deleted anywhere that hashes to it: memory stays one bucket's.
+
 Peak driver memory is one chunk of inputs plus one shard's inputs and stored ids (Arrow arrays,
 ~30 bytes a row), not a Python object per catalogue row. ``--dedup`` (content ids) needs the
 bytes first: the inputs are staged as plain URI files, hashed in Ray tasks, and the ``(uri,
@@ -53,7 +59,7 @@ import pyarrow.parquet as pq
 
 from index.rows import clock, schema
 from index.rows.sharding import shards_of
-from index.storage.manifest import ShardState, load_manifest
+from index.storage.manifest import Manifest, ShardState, load_manifest
 from index.storage.store import Store
 from index.storage.versions import TOMBSTONES_FILE
 
@@ -205,24 +211,81 @@ def stored_ids(store: Store, shard: int) -> pa.Array:
 
 def iter_stored_ids(store: Store, shard: int):
     """The same ids, a Parquet record batch at a time (flat memory for a large shard)."""
-    for path in stored_parts(store, shard):
+    yield from _iter_ids(store, stored_parts(store, shard))
+
+
+def _iter_ids(store: Store, paths: list[str]):
+    for path in paths:
         with store.fs.open(path, "rb") as f:
             for batch in pq.ParquetFile(f).iter_batches(columns=[schema.ID], batch_size=CHUNK):
                 yield batch.column(0)
 
 
-def deleted_ids(store: Store, shard: int, state: ShardState) -> pa.Array:
-    """Ids deleted in ``shard``: its tombstone parts and the deletes its live version applied
-    (kept in the version's ``tombstones.parquet`` after the parts are retired). A deleted image
-    is not new: re-running the job on its bucket does not bring it back."""
+def tombstone_files(store: Store, shard: int, state: ShardState) -> list[str]:
+    """``shard``'s tombstone parts and its live version's ``tombstones.parquet`` (the deletes
+    it applied, kept after the parts are retired)."""
     paths = [store.path(p) for p in store.list_tombstone_parts(shard)]
     if state.dir is not None:
         version_file = posixpath.join(store.index_version_dir(shard, state.dir), TOMBSTONES_FILE)
         if store.exists(version_file):
             paths.append(version_file)
+    return paths
+
+
+def deleted_ids(store: Store, shard: int, state: ShardState) -> pa.Array:
+    """Ids deleted in ``shard`` (``tombstone_files``). A deleted image is not new: re-running
+    the job on its bucket does not bring it back."""
+    paths = tombstone_files(store, shard, state)
     if not paths:
         return pa.array([], pa.string())
     return store.read_parquet(paths, columns=[schema.ID])[schema.ID].combine_chunks()
+
+
+class RoutedIds:
+    """A routed store's stored and deleted ids, from every shard, spilled to local files by
+    their id's hash shard (the plan's buckets), so a bucket's inputs meet every stored copy."""
+
+    def __init__(self, store: Store, manifest: Manifest, directory: str | None = None):
+        id_schema = pa.schema([(schema.ID, pa.string())])
+        self.stored = Spill(id_schema, directory, "routed-ids")
+        self.deleted = Spill(id_schema, directory, "routed-deletes")
+        try:
+            for shard in range(manifest.num_shards):
+                for ids in iter_stored_ids(store, shard):
+                    self._route(self.stored, ids, manifest.num_shards)
+                state = manifest.shards.get(shard, ShardState())
+                for ids in _iter_ids(store, tombstone_files(store, shard, state)):
+                    self._route(self.deleted, ids, manifest.num_shards)
+        finally:
+            self.stored.finish()
+            self.deleted.finish()
+
+    @staticmethod
+    def _route(spill: Spill, ids: pa.Array, num_shards: int) -> None:
+        if len(ids):
+            table = pa.table({schema.ID: ids}, schema=spill.schema)
+            spill.route(table, shards_of(ids.to_pylist(), num_shards))
+
+    def stored_ids(self, bucket: int) -> pa.Array:
+        return self.stored.read(bucket)[schema.ID].combine_chunks()
+
+    def iter_stored_ids(self, bucket: int):
+        if bucket in self.stored.counts:
+            for batch in self.stored.batches(bucket):
+                yield batch.column(0)
+
+    def deleted_ids(self, bucket: int) -> pa.Array:
+        """The bucket's deleted ids, each once: a delete in a routed store tombstones the id in
+        every shard, so the copies are dropped a record batch at a time as they are read."""
+        unique = pa.array([], pa.string())
+        if bucket in self.deleted.counts:
+            for batch in self.deleted.batches(bucket):
+                unique = pc.unique(pa.concat_arrays([unique, batch.column(0)]))
+        return unique
+
+    def close(self) -> None:
+        self.stored.close()
+        self.deleted.close()
 
 
 def failed_uris(store: Store) -> pa.Array:
@@ -258,53 +321,77 @@ def plan_pending(
     file per shard, joined with their ``sidecar`` metadata (``pipelines.sidecar.Sidecar.join``;
     ``every_shard`` when ids are not routed by URI). A shard is worked through in buckets of at
     most ``BUCKET_ROWS`` inputs (its inputs and its stored ids both spilled by ``bucket_of``), so
-    memory is flat whatever the shard's size."""
+    memory is flat whatever the shard's size. In a routed store the "shards" here are the ids'
+    hash shards, compared with the ids stored anywhere (``RoutedIds``)."""
     # stamped before any delete is read: a delete the plan does not see is newer than the rows
     planned_at = clock.now_ms()
     pending = PendingInputs(staging=new_staging(store), block_rows=block_rows)
     pending.planned_at = planned_at
     manifest = load_manifest(store)
     states = manifest.shards if manifest is not None else {}
-    for shard in spill.shards():
-        deleted = deleted_ids(store, shard, states.get(shard, ShardState()))
-        path = posixpath.join(pending.staging, f"shard={shard:05d}.parquet")
-        writer, rows = None, 0
-        try:
-            for table, present in _shard_buckets(store, spill, shard):
-                table = _new_inputs(table, present, deleted, failed, counts)
-                if limit is not None:
-                    room = max(0, limit - counts.pending)
-                    counts.deferred += max(0, table.num_rows - room)
-                    table = table.slice(0, room)
-                if table.num_rows == 0:
-                    continue
-                if sidecar is not None:
-                    table = sidecar.join(table, shard, every_shard)
-                if writer is None:  # (uri, id), and the store's metadata columns with a sidecar
-                    writer = pq.ParquetWriter(store.open_output(path), table.schema)
-                writer.write_table(table, row_group_size=block_rows)
-                counts.pending += table.num_rows
-                rows += table.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
-                writer.where.close()  # the store file under it
-        if rows:
-            with store.fs.open(path, "rb") as f:
-                groups = pq.ParquetFile(f).metadata.num_row_groups
-            pending.files.append((shard, path, rows, groups))
+    routed = RoutedIds(store, manifest) if manifest and manifest.layout == "routed" else None
+    try:
+        for shard in spill.shards():
+            if routed is None:
+                deleted = deleted_ids(store, shard, states.get(shard, ShardState()))
+            else:
+                deleted = routed.deleted_ids(shard)
+            staged = _stage_shard(
+                store, spill, shard, routed, deleted, pending, counts, failed, limit, sidecar,
+                every_shard,
+            )  # fmt: skip
+            if staged:
+                pending.files.append(staged)
+    finally:
+        if routed is not None:
+            routed.close()
     return pending
+
+
+def _stage_shard(
+    store, spill, shard, routed, deleted, pending, counts, failed, limit, sidecar, every_shard
+) -> tuple[int, str, int, int] | None:
+    """Stage one shard's new inputs (a bucket at a time); its ``PendingInputs.files`` entry."""
+    path = posixpath.join(pending.staging, f"shard={shard:05d}.parquet")
+    writer, rows = None, 0
+    try:
+        for table, present in _shard_buckets(store, spill, shard, routed):
+            table = _new_inputs(table, present, deleted, failed, counts)
+            if limit is not None:
+                room = max(0, limit - counts.pending)
+                counts.deferred += max(0, table.num_rows - room)
+                table = table.slice(0, room)
+            if table.num_rows == 0:
+                continue
+            if sidecar is not None:
+                table = sidecar.join(table, shard, every_shard)
+            if writer is None:  # (uri, id), and the store's metadata columns with a sidecar
+                writer = pq.ParquetWriter(store.open_output(path), table.schema)
+            writer.write_table(table, row_group_size=pending.block_rows)
+            counts.pending += table.num_rows
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+            writer.where.close()  # the store file under it
+    if not rows:
+        return None
+    with store.fs.open(path, "rb") as f:
+        groups = pq.ParquetFile(f).metadata.num_row_groups
+    return shard, path, rows, groups
 
 
 BUCKET_ROWS = 16_384  # inputs per bucket: what the anti-join holds in memory at once
 
 
-def _shard_buckets(store: Store, spill: ShardSpill, shard: int):
+def _shard_buckets(store: Store, spill: ShardSpill, shard: int, routed: RoutedIds | None = None):
     """(inputs, stored ids) of ``shard``, a bucket at a time: the whole shard when it is small,
-    else both sides spilled into ``ceil(inputs / BUCKET_ROWS)`` buckets by ``bucket_of``."""
+    else both sides spilled into ``ceil(inputs / BUCKET_ROWS)`` buckets by ``bucket_of``.
+    ``routed``: the stored ids come from its spill of the ids hashing to ``shard``."""
     buckets = -(-spill.counts.get(shard, 0) // BUCKET_ROWS)
     if buckets <= 1:
-        yield spill.read(shard), stored_ids(store, shard)
+        present = stored_ids(store, shard) if routed is None else routed.stored_ids(shard)
+        yield spill.read(shard), present
         return
     id_schema = pa.schema([(schema.ID, pa.string())])
     inputs, stored = Spill(_SPILL_SCHEMA, prefix="in"), Spill(id_schema, prefix="ids")
@@ -312,7 +399,8 @@ def _shard_buckets(store: Store, spill: ShardSpill, shard: int):
         for batch in spill.batches(shard):
             table = pa.Table.from_batches([batch])
             inputs.route(table, bucket_of(table[schema.ID].to_pylist(), buckets))
-        for ids in iter_stored_ids(store, shard):
+        source = iter_stored_ids(store, shard) if routed is None else routed.iter_stored_ids(shard)
+        for ids in source:
             table = pa.table({schema.ID: ids}, schema=id_schema)
             stored.route(table, bucket_of(ids.to_pylist(), buckets))
         inputs.finish()

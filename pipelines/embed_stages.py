@@ -18,13 +18,12 @@ while the job runs stays in force.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
 import posixpath
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +38,11 @@ from index.rows.regions import boxes as region_boxes
 from index.rows.sharding import content_id, shards_of
 from index.storage.store import Store
 from pipelines.job_metrics import embed_metrics, record
+from pipelines.shard_parts import part_key, route_write_batch, stage_orphans, write_shard_parts
 from pipelines.uris import read_uri
+
+if TYPE_CHECKING:
+    from index.ann.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +50,6 @@ CROP = "crop"  # fixed_size_list<uint8>[S*S*3]: 4x smaller than float32 on the w
 EMBEDDED_AT = "embedded_at"  # wall time the row's model batch finished (not stored)
 MODEL_SECONDS = "model_seconds"  # the row's share of its batch's model time (not stored)
 READ, DECODE, EMBED = "read", "decode", "embed"
-
-
-def part_key(values: list[str]) -> str:
-    """Deterministic part name key: the same set of ids always gives the same file name."""
-    joined = "\n".join(sorted(values)).encode("utf-8")
-    return hashlib.blake2b(joined, digest_size=12).hexdigest()
 
 
 def _describe(e: BaseException) -> str:
@@ -249,7 +246,16 @@ class EmbedBatch:
 
 
 # ---- stage 3: write (CPU tasks) ----------------------------------------------------------------
-def write_parts(batch: pa.Table, *, store: Store, num_shards: int, ingested_at: int) -> pa.Table:
+def write_parts(
+    batch: pa.Table,
+    *,
+    store: Store,
+    num_shards: int,
+    ingested_at: int,
+    router: Router | None = None,
+    staging: str | None = None,
+    regions: int = 1,
+) -> pa.Table:
     """Write a batch's vectors as one Parquet part per shard, and its failures as an errors part.
 
     Rows are stamped ``ingested_at`` (ms), the plan's time (``PendingInputs.planned_at``), not
@@ -257,6 +263,10 @@ def write_parts(batch: pa.Table, *, store: Store, num_shards: int, ingested_at: 
     keeps it hidden (``pipelines.embed_plan``), and a retried write rewrites the same part with
     the same stamp.
 
+    A row's shard is its id's (``shards_of``), or in a routed store (``router``) its vector's,
+    region rows with their image's (``pipelines.shard_parts``: with ``staging``, the run's
+    staging folder, region rows whose image row is in another batch wait there for
+    ``place_orphans``; ``regions``: the store's grid levels).
     Batches here are ``part_rows`` rows (MBs), and the driver staged the inputs in shard order,
     so a batch holds one or two shards: parts are large, not one tiny file per shard per batch.
     Returns one row of counts for the driver's summary.
@@ -268,24 +278,25 @@ def write_parts(batch: pa.Table, *, store: Store, num_shards: int, ingested_at: 
     if good.num_rows:
         ids = good[schema.ID].to_pylist()
         vectors = schema.arrow_to_vectors(good[schema.EMBEDDING])
-        shards = shards_of(ids, num_shards)
-        stamp = pa.scalar(int(ingested_at), schema.TIMESTAMP)
-        for shard in np.unique(shards):
-            rows = pa.array(np.flatnonzero(shards == shard), pa.int64())
-            part = good.take(rows)
-            shard_ids = part[schema.ID].to_pylist()
-            table = schema.embeddings_table(
-                shard_ids,
-                part[schema.URI].to_pylist(),
-                vectors[rows.to_numpy()],
-                part[schema.WIDTH].to_pylist(),
-                part[schema.HEIGHT].to_pylist(),
-                ingested_at=stamp,
-                extra={c: part[c].combine_chunks() for c in metadata_columns(part.column_names)},
-            )
-            name = store.new_part_name(part_key(shard_ids))
-            store.write_parquet(table, posixpath.join(store.embeddings_dir(int(shard)), name))
-            parts += 1
+        table = schema.embeddings_table(
+            ids,
+            good[schema.URI].to_pylist(),
+            vectors,
+            good[schema.WIDTH].to_pylist(),
+            good[schema.HEIGHT].to_pylist(),
+            ingested_at=pa.scalar(int(ingested_at), schema.TIMESTAMP),
+            extra={c: good[c].combine_chunks() for c in metadata_columns(good.column_names)},
+        )
+        if router is None:
+            shards = shards_of(ids, num_shards)
+        else:
+            all_ids = batch[schema.ID].to_pylist()
+            shards, orphan, tail = route_write_batch(ids, vectors, router, all_ids, regions)
+            if staging is not None and (orphan.any() or tail.any()):
+                tails = pa.table({schema.ID: table[schema.ID], "shard": shards})
+                stage_orphans(store, staging, table, orphan, tails.filter(pa.array(tail)))
+                table, shards = table.filter(pa.array(~orphan)), shards[~orphan]
+        parts = write_shard_parts(store, table, shards)
     images = sum(1 for i in good[schema.ID].to_pylist() if SEPARATOR not in i)
     times = good[EMBEDDED_AT].to_numpy(zero_copy_only=False) if good.num_rows else np.zeros(0)
     err_stages = bad[schema.STAGE].to_pylist()

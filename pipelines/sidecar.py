@@ -17,7 +17,8 @@ row has none.
 Memory stays flat in the catalogue size, as the job's planning does (``pipelines.embed_plan``):
 sidecar rows are streamed into one local Arrow file per (shard, table) (``embed_plan.Spill``),
 routed by the shard of their URI's id (``index.rows.sharding``: for the default URI ids, the shard
-their input lands in); the planner joins one shard's pending inputs with that shard's rows
+their input is planned in; in a routed store too, whose plan works by the ids' hash shards,
+``pipelines.embed_plan``); the planner joins one shard's pending inputs with that shard's rows
 (with ``--dedup`` ids, with every shard's rows, one at a time: each bucket of inputs reads the
 spill again). Bad rows are skipped and counted, never fatal: a row with no ``uri``
 (``skipped``), a URI given again (``duplicates``: the first row wins); inputs without a row

@@ -3,6 +3,7 @@
     visual-search embed IMAGES... --store ROOT      images -> sharded Parquet (Ray Data)
     visual-search build --store ROOT                Parquet -> per-shard FAISS indexes (Ray tasks)
     visual-search rebuild --store ROOT              fold deltas and deletes into new versions
+    visual-search route SRC DST --shards N          a routed copy: rows placed by their vectors
     visual-search serve --store ROOT                the HTTP app and search page (Ray Serve)
     visual-search search IMAGE | --id ID | --vector FILE    query a running app
     visual-search stats                             a running app's catalogue
@@ -41,6 +42,9 @@ COMMANDS = {
     ),
     "build": Command("pipelines.build_index", "main", "build the shard indexes", True),
     "rebuild": Command("pipelines.rebuild", "main", "fold deltas and deletes into new versions"),
+    "route": Command(
+        "pipelines.route_store", "main", "copy a store into shards routed by vector", True
+    ),
     "serve": Command(
         "visual_search.serve_cli", "main", "start the app on a local or running Ray", True
     ),
