@@ -27,7 +27,8 @@ Anomaly classes (each reported with the history's seed):
   ``recovered`` event after it (``/readyz`` 200 again; open-ended when it never came). With
   one replica per shard that is the API's documented answer (503 + ``Retry-After``: the data
   is durable, the only process that serves it is restarting); ``unavailable`` counts them;
-- ``unflagged_partial``: an answer with ``shards_answered < shards_total`` not flagged
+- ``unflagged_partial``: an answer with ``shards_answered`` below the shards it was sent to
+  (``shards_visited``: a routed store's probe; else ``shards_total``) not flagged
   ``partial``.
 """
 
@@ -216,7 +217,8 @@ def _status_anomalies(ops: list[Op], seed: int) -> list[Anomaly]:
                     [op.index],
                 )
             )
-        answered, total = op.outcome.get("shards_answered"), op.outcome.get("shards_total")
+        answered = op.outcome.get("shards_answered")
+        total = op.outcome.get("shards_visited") or op.outcome.get("shards_total")
         if (
             op.status == 200
             and answered is not None

@@ -242,6 +242,7 @@ class Workload:
                 top=top,
                 partial=body.get("partial"),
                 shards_answered=body.get("shards_answered"),
+                shards_visited=body.get("shards_visited"),
                 shards_total=body.get("shards_total"),
             )
             if kind == "search_id" or row_id in top:

@@ -4,7 +4,9 @@ The catalogue is split into shards, and the shards into *groups* (``serve.app``)
 answers a search for all of its shards at once (``serve.deployments.searcher``). For one query
 the planner:
 
-1. **Scatters** it to every group and **gathers** the answers before one shared deadline
+1. **Scatters** it to every group (in a routed store, ``index.ann.routing``: to the groups
+   holding the ``shards_probe`` shards nearest the query, and each of them searches only
+   those) and **gathers** the answers before one shared deadline
    (``serve.scatter.gather_with_deadline``). A group that misses the deadline or fails is left
    out: the answer is *partial* and names that group's shards in ``missing`` (with the reason,
    cut to its kind for an anonymous caller). When no group answers, the query fails (503
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from index.ann.routing import Router
 from index.query.hits import Hit
 from index.query.merge import merge_topk
 from index.query.shaping import POOL_FACTOR, Shaped, expanded_query, self_ids_of
@@ -41,7 +44,8 @@ from serve.http.errors import ApiError, redact
 from serve.http.validate import SearchParams
 from serve.scatter import gather_with_deadline
 
-# search(vector, k, nprobe, candidates, rerank, filter, fields) -> the group's merged top list:
+# search(vector, k, nprobe, candidates, rerank, filter, fields, shards) -> the group's merged top
+# list over ``shards`` (None: all the group's):
 # {"ids", "uris", "scores", "shards"} (+ "metadata": one object per hit, + "regions": the
 # matched region's box per hit in a store with regions) (``ShardSearcher.search``)
 SearchCall = Callable[..., Awaitable[dict]]
@@ -67,6 +71,7 @@ class Answer:
     pool: list[Hit]  # the first scatter's merged hits, before any shaping (the canary's sample)
     pool_missing: list[dict]  # the shards the first scatter missed
     collapsed: list[tuple[str, ...]] | None = field(default=None)  # with dedup, per hit
+    visited: int = 0  # shards the first scatter was sent to (all but in a routed store)
 
     def results(self, k: int) -> list[dict]:
         """The answer's ``results`` (``serve.http.models.Result``): plain JSON values only."""
@@ -90,12 +95,43 @@ class Answer:
 
 
 class QueryPlanner:
-    def __init__(self, groups: Sequence[ShardGroup], metric: str, deadline_s: float):
+    def __init__(
+        self,
+        groups: Sequence[ShardGroup],
+        metric: str,
+        deadline_s: float,
+        router: Router | None = None,
+    ):
         self.groups = list(groups)
         self.metric = metric
         self.deadline_s = deadline_s
         self.num_shards = sum(len(group.shards) for group in self.groups)
         self.group_of = {s: g for g, group in enumerate(self.groups) for s in group.shards}
+        self.router = router  # a routed store's (index.ann.routing); None: visit every shard
+
+    def visit(self, vector: np.ndarray, shards_probe: int | None) -> dict[int, tuple[int, ...]]:
+        """group -> the shards of it one query visits: every shard of a hashed store; in a
+        routed store the ``shards_probe`` (default: the router's) nearest the query.
+        422 when ``shards_probe`` is more than the store's shards, or given to a hashed store."""
+        if shards_probe is not None and shards_probe > self.num_shards:
+            raise ApiError(
+                422,
+                "shards_probe_out_of_range",
+                f"shards_probe must be in 1..{self.num_shards}, got {shards_probe}",
+            )
+        if self.router is None:
+            if shards_probe is not None and shards_probe < self.num_shards:
+                raise ApiError(
+                    422,
+                    "shards_probe_unsupported",
+                    "this store is hash-sharded: every query visits all "
+                    f"{self.num_shards} shards (shards_probe needs a routed store)",
+                )
+            return {g: tuple(group.shards) for g, group in enumerate(self.groups)}
+        out: dict[int, list[int]] = {}
+        for shard in sorted(self.router.probe(vector, shards_probe)):
+            out.setdefault(self.group_of[shard], []).append(shard)
+        return {g: tuple(shards) for g, shards in out.items()}
 
     async def search(
         self,
@@ -114,7 +150,8 @@ class QueryPlanner:
         # = k unless shaping needs more to choose from, and never past the caller's pool cap
         fetch = max(params.k, shape.fetch_k(params.k, min(MAX_K, params.max_pool)))
         pool, missing = await self.gather(vector, fetch, params, fields, keyed)
-        answer = Answer(pool, list(missing), pool, missing)
+        visited = sum(len(v) for v in self.visit(vector, params.shards_probe).values())
+        answer = Answer(pool, list(missing), pool, missing, visited=visited)
         if shape.active:
             hits, shaped, again = await self._shape(
                 vector, pool, fetch, params, fields, keyed, query_id
@@ -133,12 +170,15 @@ class QueryPlanner:
         fields: tuple[str, ...],
         keyed: bool = True,
     ) -> tuple[list[Hit], list[dict]]:
-        """Scatter one query to every group, gather before the deadline, merge the top ``k``;
-        returns the hits and the shards that did not answer (503 when none did)."""
+        """Scatter one query to the groups it visits (``visit``), gather before the deadline,
+        merge the top ``k``; returns the hits and the shards that did not answer (503 when none
+        did)."""
+        visit = self.visit(vector, params.shards_probe)
+        every = self.router is None  # a group searches all its shards unless told which
         gathered = await gather_with_deadline(
             {
                 g: (
-                    lambda group=group: group.search(
+                    lambda group=self.groups[g], only=None if every else shards: group.search(
                         vector,
                         k,
                         params.nprobe,
@@ -146,18 +186,20 @@ class QueryPlanner:
                         params.rerank,
                         params.filter,
                         fields,
+                        only,
                     )
                 )
-                for g, group in enumerate(self.groups)
+                for g, shards in visit.items()
             },
             self.deadline_s,
         )
-        missing = self.missing_shards(gathered.missing, keyed)
+        missing = self.missing_shards(gathered.missing, keyed, visit)
         if not gathered.answers:
+            asked = sum(len(shards) for shards in visit.values())
             raise ApiError(
                 503,
                 "no_shard_answered",
-                f"none of {self.num_shards} shards answered within {self.deadline_s * 1000:.0f} ms",
+                f"none of {asked} shards answered within {self.deadline_s * 1000:.0f} ms",
                 {"missing_shards": missing},
             )
         per_group = [
@@ -177,13 +219,18 @@ class QueryPlanner:
         ]
         return merge_topk(per_group, k, self.metric), missing
 
-    def missing_shards(self, missing: dict[int, str], keyed: bool = True) -> list[dict]:
-        """Per-shard entries for the groups that did not answer (reasons redacted when
-        anonymous)."""
+    def missing_shards(
+        self,
+        missing: dict[int, str],
+        keyed: bool = True,
+        visit: dict[int, tuple[int, ...]] | None = None,
+    ) -> list[dict]:
+        """Per-shard entries for the groups that did not answer, naming the shards they were
+        asked to search (``visit``; default all of theirs); reasons redacted when anonymous."""
         rows = [
             {"shard": s, "reason": reason}
             for g, reason in sorted(missing.items())
-            for s in self.groups[g].shards
+            for s in (visit[g] if visit is not None else self.groups[g].shards)
         ]
         return rows if keyed else redact(rows)
 

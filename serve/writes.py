@@ -16,6 +16,14 @@ whatever their clocks say: a re-add after a delete is visible, a delete after an
 ``shard_unavailable`` and nothing is written: a retry is safe, and no write lands with a stamp
 that could order it before a write it followed.
 
+**A routed store** (``index.ann.routing``) places a row by its vector, so an id no longer names
+its shard. The id's hash shard stays its clock (the stamp comes from there, as above); the row
+goes to its vector's shard, and every other shard gets a tombstone of the id at the same stamp
+(written before the row), so a copy left in another shard by an earlier write of the id (its
+vector moved) is hidden, and the hash shard always sees the write it must order later ones
+after. A delete tombstones the id in every shard. The price: one small part per shard per
+write, where the hash layout writes one; bulk loads go through the embedding job.
+
 Ids follow the store's id scheme (``Manifest.id_scheme``), the way the embedding job names rows,
 so adding a catalogue image again never duplicates it. A plain class: the hand-overs are plain
 async callables (the ingress gives it its searcher handles' methods).
@@ -29,6 +37,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pyarrow as pa
 
+from index.ann.routing import load_router
 from index.live.parts import write_rows, write_tombstones
 from index.rows import schema
 from index.rows.metadata import record_columns
@@ -82,8 +91,13 @@ class RowWriter:
         content = add.image if add.kind == "image" else np.asarray(vector, np.float32).tobytes()
         row_id, uri = self.identify(add.row_id, add.uri, content)
         manifest = self.catalog.manifest
-        shard = shard_of(row_id, manifest.num_shards)
-        ms = await self._stamp(shard, row_id)
+        home = shard_of(row_id, manifest.num_shards)  # the id's clock
+        router = load_router(self.store, manifest)
+        shard = home if router is None else int(router.shards_of(vector)[0])
+        ms = await self._stamp(home, row_id)
+        if router is not None:  # copies an earlier write left in other shards go first
+            others = [s for s in range(manifest.num_shards) if s != shard]
+            await self._tombstone(others, [row_id, *region_ids(row_id, manifest.regions)], ms)
         # every column of the schema, typed (null where not given), as the batch job writes them
         columns = record_columns([add.metadata or {}], manifest.metadata)
         extra = {name: columns[name].combine_chunks() for name in columns.column_names}
@@ -93,7 +107,7 @@ class RowWriter:
         )
         part = await asyncio.to_thread(write_rows, self.store, shard, table)
         if manifest.regions > 1:  # the id's earlier image's regions must not outlive it
-            await self._tombstone(shard, region_ids(row_id, manifest.regions), ms)
+            await self._tombstone([shard], region_ids(row_id, manifest.regions), ms)
         metadata = columns.to_pydict() if columns.num_columns else None
         ok, answer = await call_with_deadline(
             self.add_rows(shard, part, [row_id], [uri], vectors, [ms], metadata), self.deadline_s
@@ -117,7 +131,10 @@ class RowWriter:
         shard = shard_of(row_id, manifest.num_shards)
         ms = await self._stamp(shard, row_id)
         ids = [row_id, *region_ids(row_id, manifest.regions)]
-        part, ms, ok = await self._tombstone(shard, ids, ms)
+        routed = manifest.layout == "routed"  # the id may be in any shard: tombstone them all
+        part, ms, ok = await self._tombstone(
+            list(range(manifest.num_shards)) if routed else [shard], ids, ms
+        )
         return {
             "id": row_id,
             "shard": shard,
@@ -127,14 +144,20 @@ class RowWriter:
             "hidden": ok,
         }
 
-    async def _tombstone(self, shard: int, ids: list[str], ms: int) -> tuple[str, int, bool]:
-        """Write tombstones for ``ids`` at ``ms`` and hand them to the shard: (part, the stamp
-        written, whether the shard applied them in time)."""
-        part, ms = await asyncio.to_thread(write_tombstones, self.store, shard, ids, ms)
-        ok, answer = await call_with_deadline(
-            self.add_tombstones(shard, part, ids, [ms] * len(ids)), self.deadline_s
-        )
-        return part, ms, bool(ok and answer.get("applied"))
+    async def _tombstone(self, shards: list[int], ids: list[str], ms: int) -> tuple[str, int, bool]:
+        """Write tombstones for ``ids`` at ``ms`` in each of ``shards`` and hand them to those
+        shards: (the first shard's part, the stamp written, whether every shard applied them
+        in time)."""
+
+        async def one(shard: int) -> tuple[str, int, bool]:
+            part, stamp = await asyncio.to_thread(write_tombstones, self.store, shard, ids, ms)
+            ok, answer = await call_with_deadline(
+                self.add_tombstones(shard, part, ids, [stamp] * len(ids)), self.deadline_s
+            )
+            return part, stamp, bool(ok and answer.get("applied"))
+
+        done = await asyncio.gather(*(one(shard) for shard in shards))
+        return done[0][0], done[0][1], all(applied for _, _, applied in done)
 
     def identify(self, row_id: str | None, uri: str | None, content: bytes) -> tuple[str, str]:
         """(id, uri) of a new row by the store's id scheme (``Manifest.id_scheme``):

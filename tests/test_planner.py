@@ -36,7 +36,7 @@ class FakeGroup:
         self.searches: list[dict] = []
         self.lookups: list[list[tuple[int, str]]] = []
 
-    async def search(self, vector, k, nprobe, candidates, rerank, flt, fields) -> dict:
+    async def search(self, vector, k, nprobe, candidates, rerank, flt, fields, only=None) -> dict:
         self.searches.append(
             {
                 "vector": np.array(vector),
@@ -46,6 +46,7 @@ class FakeGroup:
                 "rerank": rerank,
                 "filter": flt,
                 "fields": fields,
+                "only": only,
             }  # fmt: skip
         )
         if self.behaviour == "stuck":
@@ -53,7 +54,11 @@ class FakeGroup:
         if self.behaviour == "fail":
             raise RuntimeError("replica died reading /srv/store/secret")
         scored = sorted(
-            ((float(np.dot(vector, v)), row_id, shard) for row_id, (shard, v) in self.rows.items()),
+            (
+                (float(np.dot(vector, v)), row_id, shard)
+                for row_id, (shard, v) in self.rows.items()
+                if only is None or shard in only
+            ),
             key=lambda t: (-t[0], t[1]),
         )[:k]
         return {
@@ -183,3 +188,49 @@ def test_dedup_grows_the_pool_while_near_duplicates_collapse_it_below_k():
     assert len(rows[0]["collapsed"]) == 29  # the other copies, collapsed into the first
     assert all(r["id"].startswith("other-") and r["collapsed"] == [] for r in rows[1:])
     assert [h.id for h in answer.pool][:first_k] == sorted(dups)[:first_k]  # before shaping
+
+
+def test_a_routed_store_sends_a_query_only_to_the_groups_of_its_nearest_shards():
+    from index.ann.routing import Router
+
+    rng = np.random.default_rng(3)
+    centres = unit(rng.standard_normal((4, DIM)))  # one cell per shard, shard s around centre s
+    rows = {
+        f"s{s}-{i}": (s, unit(centres[s] + 0.05 * rng.standard_normal(DIM)))
+        for s in range(4)
+        for i in range(6)
+    }
+    a = FakeGroup({i: r for i, r in rows.items() if r[0] in (0, 1)})
+    b = FakeGroup({i: r for i, r in rows.items() if r[0] in (2, 3)}, behaviour="stuck")
+    router = Router(centres, np.arange(4, dtype=np.int32), "ip", 4, default_probe=1)
+    planner = QueryPlanner(
+        [ShardGroup([0, 1], a.search, a.vectors_of), ShardGroup([2, 3], b.search, b.vectors_of)],
+        "ip",
+        0.3,
+        router,
+    )
+    answer = run(planner.search(centres[1], params(k=3), ()))  # default: its nearest shard
+    assert answer.visited == 1 and answer.missing == [] and not b.searches
+    assert a.searches[-1]["only"] == (1,) and {h.shard for h in answer.hits} == {1}
+    wider = SearchParams(3, nprobe=7, rerank=True, candidates=50, shards_probe=3)
+    order = router.probe(centres[1], 3)
+    answer = run(planner.search(centres[1], wider, ()))  # group b is stuck: its shards named
+    assert answer.visited == 3
+    assert sorted(m["shard"] for m in answer.missing) == sorted(s for s in order if s >= 2)
+    assert a.searches[-1]["only"] == tuple(sorted(s for s in order if s < 2))
+    too_many = SearchParams(3, nprobe=7, rerank=True, candidates=50, shards_probe=5)
+    with pytest.raises(ApiError) as e:
+        run(planner.search(centres[1], too_many, ()))
+    assert e.value.status == 422 and e.value.error == "shards_probe_out_of_range"
+
+
+def test_a_hashed_store_refuses_a_probe_below_its_shard_count():
+    a = FakeGroup({})
+    planner = planner_of([([0, 1], a)])
+    fewer = SearchParams(3, nprobe=7, rerank=True, candidates=50, shards_probe=1)
+    with pytest.raises(ApiError) as e:
+        run(planner.search(unit(np.ones(DIM)), fewer, ()))
+    assert e.value.status == 422 and e.value.error == "shards_probe_unsupported"
+    every = SearchParams(3, nprobe=7, rerank=True, candidates=50, shards_probe=2)
+    assert run(planner.search(unit(np.ones(DIM)), every, ())).visited == 2
+    assert a.searches[-1]["only"] is None  # a group searches all its shards

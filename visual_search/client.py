@@ -106,6 +106,7 @@ class SearchClient:
         nprobe: int | None = None,
         rerank: bool | None = None,
         candidates: int | None = None,
+        shards_probe: int | None = None,
         expand: bool | None = None,
         expand_m: int | None = None,
         expand_alpha: float | None = None,
@@ -122,6 +123,7 @@ class SearchClient:
         ``text`` (models with a text tower); ``text`` beside one of the others is a mixed query
         (``text_weight`` in 0..1, the app's default 0.5).
 
+        ``shards_probe``: in a routed store, the shards visited (nearest the query first).
         Answer shaping (``index.query.shaping``; the app's defaults when None): ``expand`` (query
         expansion with the top ``expand_m`` results, weights ``score ** expand_alpha``),
         ``diversify`` (MMR: True or a lambda in 0..1), ``dedup`` (collapse near-duplicates: True
@@ -147,6 +149,7 @@ class SearchClient:
                 ("k", k),
                 ("nprobe", nprobe),
                 ("candidates", candidates),
+                ("shards_probe", shards_probe),
                 ("expand_m", expand_m),
                 ("expand_alpha", expand_alpha),
                 ("min_score", min_score),

@@ -97,6 +97,11 @@ def format_results(body: dict) -> str:
     lines.append(
         f"{len(results)} results in {body.get('took_ms', 0):.1f} ms, "
         f"{body.get('shards_answered')}/{body.get('shards_total')} shards"
+        + (
+            f" ({body['shards_visited']} visited: a routed store)"
+            if body.get("shards_visited", body.get("shards_total")) != body.get("shards_total")
+            else ""
+        )
     )
     return "\n".join(lines)
 
@@ -119,6 +124,9 @@ def search_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, help="results (1..1000; default the app's, 10)")
     parser.add_argument("--nprobe", type=int, help="IVF lists probed per shard")
     parser.add_argument("--candidates", type=int, help="per-shard candidates for rerank")
+    parser.add_argument(
+        "--shards-probe", type=int, help="a routed store's shards to visit (the app's default)"
+    )
     parser.add_argument("--no-rerank", dest="rerank", action="store_false", default=None)
     shaping = parser.add_argument_group("answer shaping (all off unless given)")
     shaping.add_argument(
@@ -181,6 +189,7 @@ def search_main(argv: list[str] | None = None) -> int:
                 nprobe=args.nprobe,
                 rerank=args.rerank,
                 candidates=args.candidates,
+                shards_probe=args.shards_probe,
                 expand=args.expand,
                 expand_m=args.expand_m,
                 expand_alpha=args.expand_alpha,

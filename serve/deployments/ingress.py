@@ -34,6 +34,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from embedding.config import has_text_tower
+from index.ann.routing import load_router
 from index.query.facets import merge_facets
 from index.rows import clock
 from index.rows.regions import per_image
@@ -42,8 +43,8 @@ from index.storage.manifest import Manifest, load_manifest
 from serve.catalog import Catalog
 from serve.config import ServeConfig
 from serve.deployments.canary import hand_to_canary
+from serve.deployments.local_group import LocalGroup
 from serve.deployments.query_model import QueryModel
-from serve.deployments.searcher import LocalGroup
 from serve.http import openapi
 from serve.http.answers import json_response, search_response
 from serve.http.errors import (
@@ -124,6 +125,7 @@ class Ingress:
         self.groups = groups
         self.group_of = {s: g for g, shards in enumerate(groups) for s in shards}
         self.num_shards = manifest.num_shards
+        self.all_shards = list(range(self.num_shards))
         self.dim = manifest.dim
         self.metric = manifest.metric
         if config.handle_transport == "grpc" and embedder is not None:
@@ -139,10 +141,12 @@ class Ingress:
         # what GET /images/{id}/thumbnail may read: a stored uri grants no access by itself
         self.sources = Sources(config.thumbnail_roots, config.thumbnail_timeout_s)
         self.catalog = Catalog(self.store, manifest, on_change=self._publish_openapi)
+        self.router = load_router(self.store, manifest)  # None: a hash-sharded store
         self.planner = QueryPlanner(
             [_group(h, shards) for h, shards in zip(searchers, groups, strict=True)],
             self.metric,
             self.shard_timeout_s,
+            self.router,
         )
         self.writer = RowWriter(
             self.store,
@@ -160,6 +164,7 @@ class Ingress:
                 dim=self.dim,
                 metric=self.metric,
                 num_shards=self.num_shards,
+                routed=self.router is not None,
                 metadata=dict(manifest.metadata),
                 image_queries=self.embedder is not None,
                 # the store's model kind has a text tower (open_clip); a tokenizer that cannot
@@ -213,6 +218,9 @@ class Ingress:
             "dim": self.dim,
             "metric": self.metric,
             "num_shards": self.num_shards,
+            # "hash", or "routed": a query visits default_shards_probe shards (index.ann.routing)
+            "layout": self.catalog.manifest.layout,
+            "default_shards_probe": self.router.default_probe if self.router else self.num_shards,
             "total_count": sum(row.get("count", 0) for row in shards),  # rows: regions too
             "regions": self.catalog.manifest.regions,  # grid levels per image (1: none)
             "rows_per_image": per_image(self.catalog.manifest.regions),
@@ -329,19 +337,39 @@ class Ingress:
         took_ms = (time.perf_counter() - start) * 1000
         # a Response, sent as is (``serve.http.answers``); response_model stays for OpenAPI
         return search_response(
-            results, answer.missing, took_ms, self.num_shards, verification=verification
+            results,
+            answer.missing,
+            took_ms,
+            self.num_shards,
+            verification=verification,
+            shards_visited=answer.visited,
         )
+
+    async def _by_id(self, row_id: str, method: str, *args):
+        """``method(shard, row_id, *args)`` of the shard holding ``row_id``: its hash shard, or
+        in a routed store (where an id does not name its shard) every shard, the first answer
+        that is not None winning. 503 ``shard_unavailable`` when a shard that may hold it did
+        not answer and none found it; None when every shard asked said it has no such row."""
+        owners = [shard_of(row_id, self.num_shards)] if self.router is None else self.all_shards
+        gathered = await gather_with_deadline(
+            {
+                s: (lambda s=s: getattr(self._searcher(s), method).remote(s, row_id, *args))
+                for s in owners
+            },
+            self.shard_timeout_s,
+        )
+        found = [answer for _, answer in sorted(gathered.answers.items()) if answer is not None]
+        if found:
+            return found[0]
+        if gathered.missing:
+            which = "owner of the id" if len(owners) == 1 else "one that may hold the id"
+            shard = min(gathered.missing)
+            raise ApiError(503, "shard_unavailable", f"shard {shard} ({which}) did not answer")
+        return None
 
     async def _vector_of(self, row_id: str) -> np.ndarray:
         """The vector of the catalogue row ``row_id`` (an ``id`` query), from its shard."""
-        shard = shard_of(row_id, self.num_shards)
-        ok, vector = await call_with_deadline(
-            self._searcher(shard).vector_of.remote(shard, row_id), self.shard_timeout_s
-        )
-        if not ok:
-            raise ApiError(
-                503, "shard_unavailable", f"shard {shard} (owner of the id) did not answer"
-            )
+        vector = await self._by_id(row_id, "vector_of")
         if vector is None:
             raise ApiError(404, "unknown_id", f"no catalogue row has id {row_id!r}")
         return np.asarray(vector, dtype=np.float32)
@@ -378,14 +406,7 @@ class Ingress:
         """The visible row ``image_id`` from the shard that owns it, with the metadata
         ``fields`` (None: all); 404 ``unknown_id``."""
         row_id = validate_id(image_id)
-        shard = shard_of(row_id, self.num_shards)
-        ok, record = await call_with_deadline(
-            self._searcher(shard).record.remote(shard, row_id, fields), self.shard_timeout_s
-        )
-        if not ok:
-            raise ApiError(
-                503, "shard_unavailable", f"shard {shard} (owner of the id) did not answer"
-            )
+        record = await self._by_id(row_id, "record", fields)
         if record is None:
             raise ApiError(404, "unknown_id", f"no catalogue row has id {row_id!r}")
         return record

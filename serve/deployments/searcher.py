@@ -242,10 +242,12 @@ class ShardSearcher:
         rerank: bool = True,
         filter: Filter | None = None,  # noqa: A002 (the API's word)
         fields: Sequence[str] | None = None,
+        shards: Sequence[int] | None = None,
     ) -> dict:
-        """Top-k over the group's shards for one query: ``{"ids", "uris", "scores", "shards",
-        "answered", "batch"}`` (``answered``: the shards searched; ``batch``: how many queries
-        were searched together), plus ``"metadata"`` (one object per hit: the ``fields``
+        """Top-k over the group's shards for one query (``shards``: those of them a routed
+        store's planner chose, None: all): ``{"ids", "uris", "scores", "shards", "answered",
+        "batch"}`` (``answered``: the shards searched; ``batch``: how many queries were
+        searched together), plus ``"metadata"`` (one object per hit: the ``fields``
         asked) and ``"plans"`` (shard -> how a ``filter`` was searched there,
         ``index.ann.filter_plan``). ``filter`` arrives parsed and checked by the ingress
         (``index.query.filters``); each shard evaluates it on its own columns. Batched with
@@ -253,15 +255,17 @@ class ShardSearcher:
         self._used()
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
         names = tuple(fields) if fields else ()
+        only = None if shards is None else tuple(sorted(int(s) for s in shards))
         return await self.batcher.submit(
-            (query, int(k), nprobe, candidates, bool(rerank), filter, names)
+            (query, int(k), nprobe, candidates, bool(rerank), filter, names, only)
         )
 
     def _search_batch(self, requests: list[tuple]) -> list[dict]:
         """One FAISS batch per shard for the queued requests that share search parameters,
-        filter and fields (runs in the batcher's worker thread)."""
+        filter and fields (runs in the batcher's worker thread). In a routed store requests
+        visit different shards: each shard searches the requests that visit it, as one batch."""
         out: list[dict | Failed | None] = [None] * len(requests)
-        for members in sub_batches([(request[1], request[2:]) for request in requests]):
+        for members in sub_batches([(request[1], request[2:7]) for request in requests]):
             try:
                 self._search_members(requests, members, out)
             except Exception as e:
@@ -277,10 +281,11 @@ class ShardSearcher:
 
     def _search_members(self, requests: list[tuple], members: list[int], out: list) -> None:
         """Search ``requests[i] for i in members`` (same parameters) as one batch into ``out``."""
-        nprobe, candidates, rerank, flt, fields = requests[members[0]][2:]
+        nprobe, candidates, rerank, flt, fields = requests[members[0]][2:7]
         queries = np.stack([requests[i][0] for i in members])
         k = max(requests[i][1] for i in members)
-        merged = self._search_all(queries, k, nprobe, candidates, rerank, flt, fields)
+        visits = [requests[i][7] for i in members]
+        merged = self._search_all(queries, k, nprobe, candidates, rerank, flt, fields, visits)
         for row, i in enumerate(members):
             hits = merged["hits"][row][: requests[i][1]]
             answer = {
@@ -288,7 +293,7 @@ class ShardSearcher:
                 "uris": [h.uri for h in hits],
                 "scores": [float(h.score) for h in hits],
                 "shards": [h.shard for h in hits],
-                "answered": merged["answered"],
+                "answered": merged["answered"][row],
                 "batch": len(members),
             }
             if fields:
@@ -299,17 +304,29 @@ class ShardSearcher:
                 answer["plans"] = merged["plans"]
             out[i] = answer
 
-    def _search_all(self, queries, k, nprobe, candidates, rerank, flt=None, fields=()) -> dict:
-        """Every shard of the group over the batch (in the pool), merged per query."""
+    def _search_all(
+        self, queries, k, nprobe, candidates, rerank, flt=None, fields=(), visits=None
+    ) -> dict:
+        """The group's shards over the batch (in the pool), merged per query: every shard for
+        every query, or (``visits``: per query, the shards it visits, None: all) each shard over
+        the queries that visit it. ``answered``: per query, the shards that searched it."""
         rows = fetch_rows(k, self.per_image)  # k, or more in a store with region rows
+        n = len(queries)
+        visits = visits or [None] * n
+        asking = {
+            holder.shard: [q for q in range(n) if visits[q] is None or holder.shard in visits[q]]
+            for holder in self.holders.values()
+        }
+        for shard in {s for visit in visits if visit for s in visit}:
+            self._holder(shard)  # a shard this group does not serve: ValueError
 
-        def one(holder: ShardHolder) -> tuple[int, list[list[Hit]] | None, dict | None]:
-            view = holder.view
+        def one(holder: ShardHolder) -> tuple[int, list[int], list[list[Hit]] | None, dict | None]:
+            view, who = holder.view, asking[holder.shard]
             if view is None:
-                return holder.shard, None, None
+                return holder.shard, who, None, None
             start = time.perf_counter()
             hits, plan = view.search_with_plan(
-                queries,
+                queries if len(who) == n else queries[who],
                 rows,
                 nprobe=nprobe,
                 candidates=candidates,
@@ -319,20 +336,24 @@ class ShardSearcher:
             )
             ms = (time.perf_counter() - start) * 1000
             searcher_metrics().observe_search(
-                holder.shard, ms / len(queries), view.fetch_size(rows, candidates, rerank)
+                holder.shard, ms / len(who), view.fetch_size(rows, candidates, rerank)
             )
             if self.per_image > 1:  # region rows -> their images (merged below: best cell wins)
                 hits = [to_images(h) for h in hits]
-            return holder.shard, hits, None if plan is None else plan.to_dict()
+            return holder.shard, who, hits, None if plan is None else plan.to_dict()
 
-        holders = list(self.holders.values())
+        holders = [h for h in self.holders.values() if asking[h.shard]]
         results = [one(holders[0])] if len(holders) == 1 else list(self._pool.map(one, holders))
-        answered = [shard for shard, hits, _ in results if hits is not None]
-        per_shard = [hits for _, hits, _ in results if hits is not None]
-        merged = [
-            merge_topk([hits[q] for hits in per_shard], k, self.metric) for q in range(len(queries))
-        ]
-        plans = {shard: plan for shard, _, plan in results if plan is not None}
+        per_query: list[list[list[Hit]]] = [[] for _ in range(n)]
+        answered: list[list[int]] = [[] for _ in range(n)]
+        for shard, who, hits, _ in results:
+            if hits is None:
+                continue
+            for row, q in enumerate(who):
+                per_query[q].append(hits[row])
+                answered[q].append(shard)
+        merged = [merge_topk(per_query[q], k, self.metric) for q in range(n)]
+        plans = {shard: plan for shard, _, _, plan in results if plan is not None}
         return {"hits": merged, "answered": answered, "plans": plans}
 
     # ---- writes and lookups -------------------------------------------------------------------
@@ -459,28 +480,3 @@ def searcher_args(config, shards: list[int]) -> tuple:
         config.reload_idle_max_s,
         config.poll_idle_after_s,
     )
-
-
-class LocalGroup:
-    """A shard group searched inside the calling replica (``colocate_shards``): the same
-    ``ShardSearcher`` code, called directly, behind the ``handle.method.remote(...)`` interface
-    the ingress uses for a deployment. No actor hop per query: for one box with one ingress
-    replica (each ingress replica holds its own copy of the shards)."""
-
-    def __init__(self, config, shards: list[int]):
-        self._searcher = ShardSearcher.func_or_class(*searcher_args(config, shards))
-
-    def __getattr__(self, name: str) -> _LocalMethod:
-        return _LocalMethod(getattr(self._searcher, name))
-
-
-class _LocalMethod:
-    def __init__(self, method):
-        self._method = method
-
-    def remote(self, *args, **kwargs):
-        return self._call(*args, **kwargs)
-
-    async def _call(self, *args, **kwargs):
-        result = self._method(*args, **kwargs)
-        return await result if asyncio.iscoroutine(result) else result

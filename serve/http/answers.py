@@ -23,12 +23,16 @@ def search_response(
     took_ms: float,
     shards_total: int,
     verification: dict | None = None,
+    shards_visited: int | None = None,
 ) -> Response:
-    """``SearchResponse`` as JSON text (as JSONResponse would encode it: compact, UTF-8)."""
+    """``SearchResponse`` as JSON text (as JSONResponse would encode it: compact, UTF-8).
+    ``shards_visited``: the shards a routed store's query was sent to (default all)."""
+    visited = shards_total if shards_visited is None else shards_visited
     body = {
         "results": results,
         "took_ms": round(took_ms, 3),
-        "shards_answered": shards_total - len(missing),
+        "shards_answered": visited - len(missing),
+        "shards_visited": visited,
         "shards_total": shards_total,
         "partial": bool(missing),
         "missing_shards": missing,

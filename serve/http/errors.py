@@ -32,6 +32,9 @@ status  error                      when
 422     k_out_of_range             ``k`` is not in 1..1000 (1..``anon_max_k`` without the key)
 422     nprobe_out_of_range        ``nprobe`` is not in 1..max_nprobe
 422     candidates_out_of_range    ``candidates`` is not in 1..max_candidates
+422     shards_probe_out_of_range  ``shards_probe`` is not in 1..the store's shards
+422     shards_probe_unsupported   ``shards_probe`` below the shard count for a hash-sharded store
+                                   (every query visits every shard there)
 422     invalid_parameter          a parameter of the wrong type (``k=abc``, ``rerank=maybe``)
 422     expand_m_out_of_range      ``expand_m`` is not in 1..100
 422     expand_alpha_out_of_range  ``expand_alpha`` is not in 0..10

@@ -64,6 +64,9 @@ class SearchResponse(BaseModel):
     results: list[Result]
     took_ms: float
     shards_answered: int
+    shards_visited: int = Field(
+        description="shards the query was sent to: all, or a routed store's shards_probe nearest"
+    )
     shards_total: int
     partial: bool = Field(description="true when some shard did not answer before the deadline")
     missing_shards: list[MissingShard] = Field(default_factory=list)
@@ -115,6 +118,9 @@ class SearchBody(BaseModel):
     nprobe: int | None = Field(None, description="IVF lists probed per shard (index default)")
     rerank: bool | None = Field(None, description="exact rerank of candidates (default true)")
     candidates: int | None = Field(None, description="per-shard candidates before rerank")
+    shards_probe: int | None = Field(
+        None, description="a routed store's shards visited, nearest first (router's default)"
+    )
     expand: bool | None = Field(
         None, description="average query expansion: search again with the query + top results"
     )
@@ -178,6 +184,7 @@ SEARCH_OPENAPI_EXTRA = {
                         "nprobe": {"type": "integer", "minimum": 1},
                         "rerank": {"type": "boolean"},
                         "candidates": {"type": "integer", "minimum": 1},
+                        "shards_probe": {"type": "integer", "minimum": 1},
                         "expand": {"type": "boolean"},
                         "expand_m": {"type": "integer", "minimum": 1},
                         "expand_alpha": {"type": "number", "minimum": 0},

@@ -102,6 +102,7 @@ class OpenApiContext:
     dim: int | None = None
     metric: str = "ip"
     num_shards: int | None = None
+    routed: bool = False  # a routed store (index.ann.routing): ``shards_probe`` is a parameter
     metadata: dict[str, str] = field(default_factory=dict)
     image_queries: bool = True
     text_queries: bool = False  # the model has a text tower: ``text`` (and mixed) queries
@@ -233,6 +234,20 @@ def vector_schema(ctx: OpenApiContext) -> dict:
     return vector
 
 
+def _shards_probe(ctx: OpenApiContext) -> dict:
+    """``shards_probe`` in a routed store (1..its shards); a hashed store visits every shard."""
+    if not ctx.routed or ctx.num_shards is None:
+        return {}
+    return {
+        "shards_probe": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": ctx.num_shards,
+            "description": "shards visited, nearest the query first (default: the router's)",
+        }
+    }
+
+
 def _capped(limits: Limits, text: str) -> str:
     """A parameter's description, saying that the key lifts an anonymous caller's cap."""
     return f"{text}; callers with the API key may ask more" if limits.hint else text
@@ -255,6 +270,7 @@ def _params(ctx: OpenApiContext) -> dict:
             "description": _capped(limits, f"IVF lists probed, at most {limits.max_nprobe}"),
         },
         "rerank": {"type": "boolean"},
+        **_shards_probe(ctx),
         "candidates": {
             "type": "integer",
             "minimum": 1,

@@ -215,6 +215,7 @@ _PARAM_KEYS = (
     "nprobe",
     "rerank",
     "candidates",
+    "shards_probe",
     *("expand", "expand_m", "expand_alpha", "diversify", "dedup", "exclude_self", "min_score"),
     "verify",
 )

@@ -45,6 +45,8 @@ class SearchParams:
     # the most merged hits shaping may fetch and compare (the caller's ``max_shape_pool``)
     max_pool: int = MAX_K
     verify: bool = False  # image queries: re-order by geometric verification (verification.py)
+    # a routed store's shards a query visits (None: the router's default; serve.planner.visit)
+    shards_probe: int | None = None
 
 
 def _int_param(name: str, value: Any) -> int | None:
@@ -98,6 +100,11 @@ def validate_params(raw: dict[str, Any], limits: Limits) -> SearchParams:
             limits.over(f"candidates must be in 1..{limits.max_candidates}, got {candidates}"),
         )
     rerank = _bool_param("rerank", raw.get("rerank"))
+    shards_probe = _int_param("shards_probe", raw.get("shards_probe"))
+    if shards_probe is not None and shards_probe < 1:  # the top end is the store's (planner)
+        raise ApiError(
+            422, "shards_probe_out_of_range", f"shards_probe must be >= 1, got {shards_probe}"
+        )
     return SearchParams(
         k,
         limits.default_nprobe if nprobe is None else nprobe,
@@ -106,6 +113,7 @@ def validate_params(raw: dict[str, Any], limits: Limits) -> SearchParams:
         shape=validate_shape(raw),
         max_pool=limits.max_shape_pool,
         verify=bool(_bool_param("verify", raw.get("verify"))),
+        shards_probe=shards_probe,
     )
 
 
