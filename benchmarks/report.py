@@ -38,6 +38,7 @@ def render() -> str:
         jobs.section_build(),
         capacity.section_bytes_per_vector(),
         capacity.section_scale(),
+        capacity.section_routing(),
         jobs.section_control_plane(),
         jobs.section_embed(),
         capacity.section_models(),

@@ -27,6 +27,7 @@ import psutil
 
 from harness.closed_loop import HttpClient, run_load
 from harness.polling import wait_for
+from harness.samplers import CpuSampler
 from harness.serving import serving
 from harness.synthetic import recall_of_rows
 from pipelines.local_ray import init_local_ray
@@ -36,15 +37,27 @@ from serve.local import SERVE_MODES, direct_ingress_port
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
 ENTRIES = ("proxy", "direct_ingress")
+# the server's processes, by a part of their titles (harness.samplers.CpuSampler)
+SERVER_ROLES = (
+    ("ray::", "server"),
+    ("raylet", "server"),
+    ("gcs_server", "server"),
+    ("ray/", "server"),
+    ("haproxy", "server"),
+)
 
 
 def measure_http(call: HttpClient, label, concurrency, requests, with_recall, n_queries) -> dict:
-    """Latency and QPS at each concurrency level (and the ids found for every query)."""
+    """Latency and QPS at each concurrency level (and the ids found for every query), and the
+    CPU the server's processes spent per query (``server_cpu_ms_per_query``: every Ray process
+    and HAProxy, summed; this process is the load generator and is left out)."""
     rows = {}
     for c in concurrency:
         call.server_ms.clear()
-        stats, _ = run_load(call, requests, c, loadavg=True, errors_ok=True)
+        with CpuSampler(SERVER_ROLES, "load generator", interval_s=0.5) as cpu:
+            stats, _ = run_load(call, requests, c, loadavg=True, errors_ok=True)
         stats["ingress_took_p50_ms"] = round(statistics.median(call.server_ms), 3)
+        stats["server_cpu_ms_per_query"] = round(1000 * cpu.seconds.get("server", 0) / requests, 3)
         rows[str(c)] = stats
         print(f"HTTP {label} c={c:>2}: {stats}", flush=True)
     if with_recall:

@@ -120,3 +120,38 @@ def section_scale() -> str:
         + "; ".join(f"`{c}`" for c in s.get("commands", [s["command"]]))
         + ".\n\n![10M vectors](results/scale.png)\n"
     )
+
+
+def section_routing() -> str:
+    r = load("routing")
+    if not r:
+        return ""
+    rows = []
+    for shards, both in r["layouts"].items():
+        h = both["hash"]
+        rows.append([f"hash, {shards}", "all", h["recall_at_10"], h["cpu_ms_per_query"],
+                     h["qps_c16"], f"{h['p50_ms_c16']:.0f} / {h['p99_ms_c16']:.0f}"])  # fmt: skip
+        for p in both["routed"]["points"]:
+            mark = " (chosen)" if p["probe"] == both["routed"].get("chosen_probe") else ""
+            rows.append([f"routed, {shards}", f"{p['probe']}{mark}", p["recall_at_10"],
+                         p["cpu_ms_per_query"], p["qps_c16"],
+                         f"{p['p50_ms_c16']:.0f} / {p['p99_ms_c16']:.0f}"])  # fmt: skip
+    ratios = ", ".join(
+        f"{s} shards **{r[f'routed_over_hash_cpu_{s}']}**"
+        for s in r["layouts"]
+        if f"routed_over_hash_cpu_{s}" in r
+    )
+    return (
+        f"### Queries that visit a few shards: routed vs hash (`routing.json`)\n\n"
+        f"The same {fmt(r['n_vectors'])} x {r['dim']} vectors hash-sharded and routed "
+        "(`visual-search route`, then the index job), each served in the default mode on "
+        "Serve's port; c=16 figures, CPU summed over every server process per query (the load "
+        "generator left out). Routed CPU per query over hash, at the fewest shards visited "
+        f"within 0.01 of the hash store's recall@10: {ratios or 'none reached it'}.\n\n"
+        + md_table(
+            rows,
+            "layout, shards | shards visited | recall@10 | server CPU ms/query | "
+            "QPS | p50 / p99 ms",
+        )  # fmt: skip
+        + f"\n\nCommand: `{r['command']}`.\n\n![routing](results/routing.png)\n"
+    )

@@ -29,6 +29,27 @@ def fit_power(xs, ys) -> tuple[float, float]:
     return float(math.exp(logc)), float(alpha)
 
 
+def routed_share() -> dict | None:
+    """The measured share of shards a routed query visits (``routing.json``, its most shards
+    with a chosen probe): what the routed column of the table scales."""
+    r = load("routing") or {}
+    measured = [
+        (int(s), both["routed"]["chosen_probe"])
+        for s, both in r.get("layouts", {}).items()
+        if both["routed"].get("chosen_probe")
+    ]
+    if not measured:
+        return None
+    shards, probe = max(measured)
+    return {
+        "shards": shards,
+        "probe": probe,
+        "share": probe / shards,
+        "cpu_ratio": r.get(f"routed_over_hash_cpu_{shards}"),
+        "recall": r.get(f"recall_at_10_routed_{shards}"),
+    }
+
+
 def section_extrapolation() -> str:
     q, b = load("query_scaling"), load("index_build")
     if not q or not b:
@@ -86,6 +107,16 @@ def section_extrapolation() -> str:
         f"{dim_in}-d: {c:.3g} x ({a['shard_vectors']:.0e})^{alpha:.2f} = **{cost_at:.2f} ms**.\n"
     )
     table, replicas_1b = [], 1
+    routed = routed_share()
+    if routed:
+        lines.append(
+            f"Routed layout (`routing.json`): at {routed['shards']} shards a query visited "
+            f"**{routed['probe']}** (recall@10 {routed['recall']}; server CPU per query "
+            f"{routed['cpu_ratio']}x the hash layout's, ingress and HTTP included). The routed "
+            "column assumes the same share of shards holds a query's neighbours at S shards; "
+            "it depends on how the data clusters (real CNN embeddings needed 4 of 16 shards for "
+            "97 % of the top-10 where this mixture needs 1, `docs/indexes.md`).\n"
+        )
     for total in (100_000_000, 1_000_000_000):
         for dim, label, code in (
             (512, "512-d, DESIGN's PQ64", 64),
@@ -100,6 +131,8 @@ def section_extrapolation() -> str:
             ms = target_ms * dim / dim_in
             core_s = a["target_qps"] * shards * ms / 1000  # each query touches every shard
             cores = core_s / a["utilisation"]
+            visits = math.ceil(routed["share"] * shards) if routed else shards
+            routed_cores = cores * visits / shards
             replicas = max(1, math.ceil(cores / shards))
             per_node = a["node_cores"] - a["node_reserved_cores"]
             shard_gb = a["shard_vectors"] * bpv / 1e9
@@ -120,6 +153,7 @@ def section_extrapolation() -> str:
                     f"{ms:.2f} ms",
                     f"{a['target_qps']} x {shards} x {ms:.2f} ms / {a['utilisation']} = "
                     f"{cores:,.0f} cores",
+                    f"{visits} of {shards}: {routed_cores:,.0f} cores" if routed else "-",
                     replicas,
                     f"{nodes} ({nodes_cpu} by cores, {nodes_ram} by RAM)",
                     f"{sg:,.0f} ms",
@@ -129,7 +163,8 @@ def section_extrapolation() -> str:
         md_table(
             table,
             "N | vectors | codes + ids in RAM | rerank vectors float16 / SQ8 | shards S | one "
-            "shard's search | cores for the QPS | replicas R per shard | nodes | scatter-gather "
+            "shard's search | cores for the QPS (hash: every shard) | routed: shards visited, "
+            "cores | replicas R per shard (hash) | nodes | scatter-gather "
             "add-on (this box's fit)",
         )
     )

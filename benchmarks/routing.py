@@ -1,0 +1,205 @@
+"""Queries that visit a few shards: the routed layout against hash sharding, same vectors (#24.2)
+
+    flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/routing.py [--n 10000000] [--shards 16 64]
+
+For each shard count S, two stores of the same ``--n`` mixture vectors (``harness.big_store``:
+the same draws, queries and exact top-10 whatever S):
+
+- ``store-N-D-S``, hash-sharded: written and built as ``scale.py`` does (reused when there);
+- ``routed-N-D-S``: the first hash store laid out again by ``pipelines.route_store`` (a router
+  trained on ``--sample-rows`` of its rows) and built by the same index job.
+
+Each is served in the default mode on Serve's own port (``harness.serve_runs``) and queried at
+c=1 and c=16: p50/p99, QPS, recall@10, and the CPU every server process spent per query (Ray's
+replicas, proxy and daemons, HAProxy; the load generator left out): the cost that grows with
+the cluster when every query visits every shard. The routed store is measured at several
+``shards_probe``, its router's default among them; ``routed_over_hash_cpu_S`` compares the
+fewest shards whose recall@10 is within ``--recall-slack`` of the hash store's (and >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
+
+from benchmarks import common  # noqa: E402
+from harness import big_store, serve_runs  # noqa: E402
+from index.storage.store import Store  # noqa: E402
+
+NAME, K, TARGET = "routing", 10, 0.95
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_scale_args(
+        p,
+        workdir=Path("/tmp/vs-bench-10m"),
+        requests=400,
+        quick="200k vectors, 4 and 8 shards, fewer requests",
+        shards=[16, 64],
+    )
+    p.set_defaults(n=10_000_000)
+    p.add_argument("--block", type=int, default=500_000, help="rows drawn and written at a time")
+    p.add_argument("--sample-rows", type=int, default=100_000, help="the router's sample")
+    p.add_argument("--probes", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--recall-slack", type=float, default=0.01)
+    p.add_argument("--plot-only", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.shards, args.requests = min(args.n, 200_000), [4, 8], 200
+    args.name = "routing_quick" if args.quick else NAME
+    return args
+
+
+def routed_store(args, source: str, shards: int, rss) -> tuple[str, dict]:
+    """``routed-N-D-S``: ``source`` laid out by a router of ``shards`` shards, then built."""
+    from pipelines.build_index import BuildConfig, run
+    from pipelines.local_ray import init_local_ray
+    from pipelines.route_store import route_store
+
+    uri = str(args.workdir / f"routed-{args.n}-{args.dim}-{shards}")
+    if Store(uri).exists(Store(uri).manifest_path):
+        return uri, {"reused": True}
+    ray = init_local_ray(args.workdir / "ray", num_cpus=2)
+    try:
+        with rss.stage(f"route-{shards}"):
+            t = time.perf_counter()
+            routed = route_store(Store(source), Store(uri), shards, sample_rows=args.sample_rows)
+            routed_s = time.perf_counter() - t
+        with rss.stage(f"build-routed-{shards}"):
+            summary = run(BuildConfig(store=uri, memory_budget=args.memory_budget))
+    finally:
+        ray.shutdown()
+    if summary.failed or summary.superseded:
+        raise SystemExit(f"build failed: {summary.line()}")
+    return uri, {
+        "route_seconds": round(routed_s, 1),
+        "build": summary.line(),
+        "default_probe": routed.default_probe,
+        "coverage": [round(c, 4) for c in routed.coverage],
+        "shard_rows": routed.shard_rows,
+    }
+
+
+def served(args, uri: str, shards: int, points: list | None) -> dict:
+    """The store over HTTP in the default mode (``serve_runs``), recall against the truth."""
+    run = copy.copy(args)
+    run.modes, run.entries, run.candidates, run.shards = ["haproxy"], ["proxy"], None, shards
+    run.concurrency, run.points = [1, 16], points
+    truth = json.loads((args.workdir / "truth.json").read_text())
+    ids = [i for row in truth for i in row]
+    rows = np.arange(len(ids)).reshape(len(truth), K)
+    body = serve_runs.over_http(run, uri, np.load(args.workdir / "queries.npy"), rows, ids)
+    return body["haproxy"]
+
+
+def figures(level: dict) -> dict:
+    """What one operating point measured, flat."""
+    return {
+        "recall_at_10": level.get("recall_at_10"),
+        "qps_c16": level["16"]["qps"],
+        "p50_ms_c16": level["16"]["p50_ms"],
+        "p99_ms_c16": level["16"]["p99_ms"],
+        "p50_ms_c1": level["1"]["p50_ms"],
+        "cpu_ms_per_query": level["16"]["server_cpu_ms_per_query"],
+        "errors_c16": level["16"].get("errors", 0),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.plot_only:
+        return common.replot(args.name, plot)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rss = big_store.PeakRss()
+    result: dict = {"command": common.command(NAME, argv if argv is not None else sys.argv[1:])}
+    per: dict = {}
+    source = None
+    for shards in args.shards:
+        uri = str(args.workdir / f"store-{args.n}-{args.dim}-{shards}")
+        if not Store(uri).exists(Store(uri).manifest_path):
+            one = copy.copy(args)
+            one.shards = shards
+            big_store.write_and_build(one, uri, rss, K)
+        source = source or uri
+        routed, how = routed_store(args, source, shards, rss)
+        hashed = served(args, uri, shards, None)
+        probes = sorted({p for p in args.probes if p <= shards} | {how.get("default_probe", 1)})
+        points = [
+            {"label": f"shards_probe={p}", "body": {"shards_probe": p}, "probe": p} for p in probes
+        ]
+        routed_http = served(args, routed, shards, points)
+        per[str(shards)] = {
+            "hash": {**figures(hashed["proxy"]), "first_query_s": hashed["first_query_s"]},
+            "routed": {
+                **how,
+                "first_query_s": routed_http["first_query_s"],
+                "points": [
+                    {"probe": pt["probe"], **figures(pt)} for pt in routed_http["proxy"]["points"]
+                ],
+            },
+        }
+        print(json.dumps(per[str(shards)]), flush=True)
+    rss.close()
+    result.update(
+        n_vectors=args.n, dim=args.dim, shards=args.shards, layouts=per, stages=rss.stages
+    )
+    for shards, both in per.items():
+        floor = max(TARGET, (both["hash"]["recall_at_10"] or 0) - args.recall_slack)
+        good = [pt for pt in both["routed"]["points"] if (pt["recall_at_10"] or 0) >= floor]
+        chosen = min(good, key=lambda pt: pt["probe"]) if good else None
+        both["routed"]["chosen_probe"] = chosen and chosen["probe"]
+        result[f"cpu_ms_per_query_hash_{shards}"] = both["hash"]["cpu_ms_per_query"]
+        result[f"recall_at_10_hash_{shards}"] = both["hash"]["recall_at_10"]
+        if chosen:
+            result[f"cpu_ms_per_query_routed_{shards}"] = chosen["cpu_ms_per_query"]
+            result[f"recall_at_10_routed_{shards}"] = chosen["recall_at_10"]
+            result[f"routed_over_hash_cpu_{shards}"] = round(
+                chosen["cpu_ms_per_query"] / both["hash"]["cpu_ms_per_query"], 3
+            )
+            result[f"routed_over_hash_qps_c16_{shards}"] = round(
+                chosen["qps_c16"] / both["hash"]["qps_c16"], 2
+            )
+    common.write_and_plot(args.name, result, plot, headline=True)
+    return 0
+
+
+def plot(result: dict, out: Path) -> None:
+    plt = common.pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for shards, both in result["layouts"].items():
+        pts = both["routed"]["points"]
+        line = a.plot(
+            [p["recall_at_10"] for p in pts],
+            [p["cpu_ms_per_query"] for p in pts],
+            "o-",
+            label=f"routed, {shards} shards (shards_probe)",
+        )[0]
+        for p in pts:
+            a.annotate(str(p["probe"]), (p["recall_at_10"], p["cpu_ms_per_query"]), fontsize=8)
+        h = both["hash"]
+        a.plot([h["recall_at_10"]], [h["cpu_ms_per_query"]], "s", color=line.get_color(),
+               label=f"hash, {shards} shards (every shard)")  # fmt: skip
+        b.plot([p["probe"] for p in pts], [p["qps_c16"] for p in pts], "o-", color=line.get_color())
+        b.axhline(h["qps_c16"], ls="--", color=line.get_color(), label=f"hash, {shards} shards")
+    a.set_xlabel("recall@10")
+    a.set_ylabel("server CPU ms per query (every process, c=16)")
+    a.set_yscale("log")
+    a.legend(fontsize=8)
+    b.set_xlabel("shards_probe (routed)")
+    b.set_ylabel("QPS at c=16 (Serve's port)")
+    b.legend(fontsize=8)
+    common.machine_title(fig, f"routed vs hash, {result['n_vectors']:,} x {result['dim']}", result)
+    common.save_figure(fig, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
