@@ -6,7 +6,8 @@ Three things make up the live view of one shard (``LiveShard``): the **base**, t
 (``index.storage.coverage.covered_parts``: rows written by ``POST /images`` through
 ``index.live.parts``, or by a re-run of the embedding job), held in memory as float32 (rounded
 through float16 as the base stores them, so a row scores the same before and after the rebuild
-that folds it in) and searched exactly (``index.ann.exact``); the **tombstones**,
+that folds it in), searched exactly (``index.ann.exact``) until ``block_rows`` of them are
+frozen into indexed blocks (``index.live.delta_blocks``); the **tombstones**,
 ``tombstones/shard=NNNNN/part-*.parquet`` rows ``(id, deleted_at)`` and the deletes the base
 applied (its ``tombstones.parquet``).
 
@@ -15,24 +16,24 @@ tombstone hides rows it is at least as new as), applied here one part at a time:
 hides the base row of its id when it is at least as new; a tombstone the base did not apply
 hides the base row it is at least as new as, and any tombstone hides the delta rows it is at
 least as new as. Hidden base rows are excluded inside FAISS with an ``IDSelector`` over their row
-keys, so a search still returns ``k`` visible rows. Base hits (reranked) and delta hits (exact)
-are merged by ``index.query.merge.merge_topk``.
+keys, so a search still returns ``k`` visible rows. Base hits (reranked) and delta hits (exact
+scores) are merged by ``index.query.merge.merge_topk``.
 
 Refreshing is incremental: ``refresh`` lists the two folders (fresh listings,
 ``index.storage.store``) and reads only part files it has not seen, each on its own: a part
 that cannot be read is retried by the next refresh while the others are published (a failed
 tombstone part holds back new row parts only, never other deletes); a writer in the same
 process hands its rows over directly (``add_rows``, ``add_tombstones``) so they are searchable
-before its HTTP response returns. ``rebased`` carries the delta rows and tombstones over to a
-newly built base version, dropping rows it covers.
+before its HTTP response returns. ``rebased`` carries the delta rows, their blocks and the
+tombstones over to a newly built base version, dropping rows it covers.
 
 Metadata: delta rows keep their columns in ``index.rows.columns.GrowingColumns``. A filtered
 ``search`` evaluates the filter on the base's columns (``ShardIndex.search_filtered``) and on the
-delta's (exact search over the live rows it allows); ``fields`` names the columns each hit
-carries, ``record_of`` returns all of them, ``facets`` what each column holds. Mutations hold a
-lock; searches read one immutable ``Snapshot`` (``index.live.snapshot``), so a search never sees
-a half-applied change nor waits for a refresh; each checks its queries and ``k`` as ``ShardIndex``
-does (``index.ann.queries``).
+delta's (masking the rows it rejects); ``fields`` names the columns each hit carries,
+``record_of`` returns all of them, ``facets`` what each column holds. Mutations hold a lock;
+searches read one immutable ``Snapshot`` (``index.live.snapshot``), so a search never sees a
+half-applied change nor waits for a refresh or a block build; each checks its queries and ``k``
+as ``ShardIndex`` does (``index.ann.queries``).
 """
 
 from __future__ import annotations
@@ -47,11 +48,18 @@ import pyarrow as pa
 from index.ann.filter_plan import FilterPlan
 from index.ann.queries import check_k, check_queries
 from index.ann.shard_index import ShardIndex
+from index.live.delta_blocks import Freezer, block_rows_for
 from index.live.parts import read_each, read_rows, read_tombstones
-from index.live.snapshot import Snapshot, exclude_selector, search_delta, snapshot_facets
+from index.live.snapshot import (
+    Snapshot,
+    exclude_selector,
+    merged,
+    search_base,
+    search_delta,
+    snapshot_facets,
+)
 from index.query.filters import Filter
 from index.query.hits import Hit
-from index.query.merge import merge_topk
 from index.rows.columns import GrowingColumns, rows_table
 from index.rows.visibility import hides, supersedes
 from index.storage.coverage import applied_tombstones, covered_parts
@@ -71,7 +79,13 @@ class LiveShard:
     """One shard's base version + delta + tombstones; ``search`` and ``vector_of`` see them all."""
 
     def __init__(
-        self, store: Store, shard: int, base: ShardIndex | None, dim: int, metric: str
+        self,
+        store: Store,
+        shard: int,
+        base: ShardIndex | None,
+        dim: int,
+        metric: str,
+        block_rows: int | None = None,  # tail rows frozen into a block; None: block_rows_for(dim)
     ) -> None:
         if base is not None and (base.dim != dim or base.metric != metric):
             raise ValueError(f"base is {base.dim}-d {base.metric}, shard is {dim}-d {metric}")
@@ -99,6 +113,8 @@ class LiveShard:
         self._tomb_parts: dict[str, tuple[list[str], np.ndarray]] = {}
         self._hidden_keys: set[int] = set()
         self._unreadable: dict[str, str] = {}  # part -> why the last refresh could not read it
+        rows = block_rows_for(dim) if block_rows is None else block_rows
+        self._freezer = Freezer(metric, self._lock, self._publish, rows)
         self._snap = self._snapshot(rebuild_selector=True)
         if base is not None and TOMBSTONES_FILE in (meta.get("files") or {}):
             ids, deleted = read_tombstones(None, str(base.directory / TOMBSTONES_FILE))
@@ -180,7 +196,8 @@ class LiveShard:
     def rebased(self, base: ShardIndex) -> LiveShard:
         """A view over a new base version with what it does not cover (delta rows of parts it was
         not built from) and every tombstone (``carry_into``); the caller swaps it in."""
-        new = LiveShard(self.store, self.shard, base, self.dim, self.metric)
+        block_rows = self._freezer.block_rows
+        new = LiveShard(self.store, self.shard, base, self.dim, self.metric, block_rows)
         self.carry_into(new)
         return new
 
@@ -188,7 +205,8 @@ class LiveShard:
         """Apply to unpublished ``new`` the parts it lacks (none its base covers, nor the old base's
         deletes); returns how many. Only copying slices holds this lock: stamps never wait."""
         with self._lock:
-            meta = self._meta.snapshot(self._n)
+            meta, parts = self._meta.snapshot(self._n), dict(self._part_rows)
+            blocks = self._freezer.blocks
             rows = [
                 (part, a, b, self._ids[a:b], self._uris[a:b], self._buf[a:b], self._ingested[a:b])
                 for part, (a, b) in self._part_rows.items()
@@ -200,11 +218,14 @@ class LiveShard:
                 if "/" + TOMBSTONES_FILE not in part and part not in new._tomb_parts
             ]
         with new._lock:
+            fresh = new._n == 0  # the old blocks' rows will be its first: they keep their index
             for part, a, b, ids, uris, vectors, t in rows:
                 t, metadata = np.asarray(t, np.int64), rows_table(meta, a, b)
                 new._add_rows(part, ids, uris, vectors, t, metadata)
             for part, ids, deleted in tombs:
                 new._add_tombstones(part, ids, deleted, part in new.applied_tombstones)
+            if fresh:
+                new._freezer.adopt(blocks, parts, new._part_rows)
             new._publish()
         return len(rows) + len(tombs)
 
@@ -282,6 +303,7 @@ class LiveShard:
         self._snap = self._snapshot(
             rebuild_selector=len(self._hidden_keys) != self._snap.hidden_base_count
         )
+        self._freezer.due(self._buf, self._n)  # a block of the tail, built off this lock
 
     def _snapshot(self, rebuild_selector: bool) -> Snapshot:
         exclude = None if rebuild_selector else self._snap.exclude
@@ -303,6 +325,8 @@ class LiveShard:
             alive=alive,
             alive_count=int(alive.sum()),
             meta=self._meta.snapshot(self._n),
+            blocks=self._freezer.blocks,
+            frozen=self._freezer.frozen,
         )
 
     # ---- reading ------------------------------------------------------------------------------
@@ -329,37 +353,15 @@ class LiveShard:
         snap = self._snap
         q = check_queries(queries, self.dim)
         check_k(k)
-        plan = None
-        if snap.base is None:
-            base_hits = [[] for _ in range(len(q))]
-        elif filter is None:
-            base_hits = snap.base.search(
-                q,
-                k,
-                nprobe=nprobe,
-                candidates=candidates,
-                rerank=rerank,
-                exclude=snap.exclude,
-                fields=fields,
-            )
-        else:
-            base_hits, plan = snap.base.search_filtered(
-                q,
-                k,
-                filter,
-                hidden=snap.hidden,
-                nprobe=nprobe,
-                candidates=candidates,
-                rerank=rerank,
-                fields=fields,
-            )
+        options = {"nprobe": nprobe, "candidates": candidates, "rerank": rerank}
+        base_hits, plan = search_base(snap, q, k, filter, fields, **options)
         delta_hits = search_delta(snap, q, k, self.metric, self.shard, filter, fields)
-        return self._merged(base_hits, delta_hits, k), plan
+        return merged(base_hits, delta_hits, k, self.metric), plan
 
     def search_exact(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Brute-force top ``k`` of the visible rows (base rows not hidden + live delta): what
         ``search`` answers with a perfect index. The recall canary's reference
-        (``serve.deployments.canary``); costs a scan of every vector of the shard."""
+        (``serve.deployments.canary``): scans every vector of the shard, never the delta blocks."""
         snap = self._snap
         q = check_queries(queries, self.dim)
         check_k(k)
@@ -369,15 +371,8 @@ class LiveShard:
                 hidden = {snap.base.id_of(key) for key in self._hidden_keys}
             found = snap.base.search_exact(q, k + len(hidden))
             base_hits = [[h for h in hits if h.id not in hidden][:k] for hits in found]
-        delta_hits = search_delta(snap, q, k, self.metric, self.shard)
-        return self._merged(base_hits, delta_hits, k)
-
-    def _merged(
-        self, base_hits: list[list[Hit]], delta_hits: list[list[Hit]], k: int
-    ) -> list[list[Hit]]:
-        """Each query's base and delta hits as one top ``k``."""
-        pairs = zip(base_hits, delta_hits, strict=True)
-        return [merge_topk([b, d], k, self.metric) for b, d in pairs]
+        delta_hits = search_delta(snap, q, k, self.metric, self.shard, blocks=False)
+        return merged(base_hits, delta_hits, k, self.metric)
 
     def vector_of(self, row_id: str) -> np.ndarray | None:
         """The visible vector of ``row_id`` (delta first, then base), or None."""
@@ -459,9 +454,9 @@ class LiveShard:
         return {} if self.base is None else self.base.meta
 
     def memory_bytes(self) -> int:
-        """The base version's RAM (``ShardIndex.memory_bytes``) plus the delta buffers."""
+        """The base version's RAM (``ShardIndex.memory_bytes``), the delta's buffers and blocks."""
         base = 0 if self.base is None else self.base.memory_bytes()
-        return base + int(self._buf.nbytes) + self._meta.nbytes
+        return base + int(self._buf.nbytes) + self._meta.nbytes + self._freezer.nbytes
 
     def fetch_size(self, k: int, candidates: int | None = None, rerank: bool = True) -> int:
         """Rows taken from the compressed base index for a top-``k`` search (0 without one)."""
@@ -484,6 +479,9 @@ class LiveShard:
             "delta_rows": len(snap.alive),
             "delta_parts": len(self._part_rows),
             "delta_bytes": int(snap.vectors.nbytes),
+            "delta_blocks": len(snap.blocks),  # indexed blocks (index.live.delta_blocks)
+            "delta_frozen_rows": snap.frozen,  # delta rows in them; the rest are scanned
+            "delta_block_error": self._freezer.error,  # a failed build: no more blocks, exact
             "tombstones": len(self._deleted),
             "hidden_base_rows": snap.hidden_base_count,
             "unreadable_parts": dict(self._unreadable),  # retried by every refresh

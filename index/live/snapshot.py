@@ -7,8 +7,11 @@ keys are hidden (as a sorted array for filtered search and as a FAISS selector f
 and views of the first ``n`` delta rows: later appends write past ``n`` or into new arrays, so
 what a snapshot sees never changes.
 
-The delta is searched exactly (``index.ann.exact``) over its live rows, restricted by a filter
-(``index.query.filters``) evaluated on the delta's own metadata columns.
+The delta is searched over its live rows, restricted by a filter (``index.query.filters``)
+evaluated on the delta's own metadata columns: exactly (``index.ann.exact``) until its first rows
+are frozen into blocks, then through the blocks' indexes and exactly over the rows after them
+(``index.live.delta_blocks``). ``blocks=False`` asks for the exact scan however many blocks there
+are: the recall canary's reference (``LiveShard.search_exact``) must not share the index it checks.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import faiss
 import numpy as np
 
 from index.ann.exact import exact_search
+from index.ann.filter_plan import FilterPlan
 from index.ann.shard_index import ShardIndex
+from index.live.delta_blocks import DeltaBlock, search_frozen
 from index.query.facets import column_facets, merge_facets
 from index.query.filters import Filter, evaluate
 from index.query.hits import Hit
+from index.query.merge import merge_topk
 from index.rows.columns import Columns
 
 
@@ -39,6 +45,8 @@ class Snapshot:
     alive: np.ndarray  # (n,) bool, a private copy
     alive_count: int
     meta: Columns  # the delta rows' metadata columns (views of the first n rows)
+    blocks: tuple[DeltaBlock, ...] = ()  # indexes over the delta rows [0, frozen)
+    frozen: int = 0
 
 
 def exclude_selector(keys: np.ndarray) -> faiss.IDSelector:
@@ -49,6 +57,24 @@ def exclude_selector(keys: np.ndarray) -> faiss.IDSelector:
     return exclude
 
 
+def search_base(
+    snap: Snapshot,
+    q: np.ndarray,
+    k: int,
+    flt: Filter | None,
+    fields: Sequence[str] | None,
+    **options,
+) -> tuple[list[list[Hit]], FilterPlan | None]:
+    """The base version's top ``k`` per query less its hidden row keys (``options``: nprobe,
+    candidates, rerank, as ``ShardIndex.search`` takes them), and the plan of its filtered
+    search (``ShardIndex.search_filtered``; None without ``flt``)."""
+    if snap.base is None:
+        return [[] for _ in range(len(q))], None
+    if flt is None:
+        return snap.base.search(q, k, exclude=snap.exclude, fields=fields, **options), None
+    return snap.base.search_filtered(q, k, flt, hidden=snap.hidden, fields=fields, **options)
+
+
 def search_delta(
     snap: Snapshot,
     q: np.ndarray,
@@ -57,9 +83,12 @@ def search_delta(
     shard: int,
     flt: Filter | None = None,
     fields: Sequence[str] | None = None,
+    *,
+    blocks: bool = True,
 ) -> list[list[Hit]]:
-    """Exact top ``k`` per query over the snapshot's live delta rows (those ``flt`` allows);
-    ``fields`` names the metadata columns each hit carries."""
+    """Top ``k`` per query over the snapshot's live delta rows (those ``flt`` allows), through
+    its blocks' indexes when it has any and ``blocks``, else exactly; ``fields`` names the
+    metadata columns each hit carries."""
     if snap.alive_count == 0:
         return [[] for _ in range(len(q))]
     valid, count = snap.alive, snap.alive_count
@@ -68,7 +97,11 @@ def search_delta(
         count = int(np.count_nonzero(valid))
         if count == 0:
             return [[] for _ in range(len(q))]
-    scores, rows = exact_search(q, snap.vectors, min(k, count), metric, valid=valid)
+    if blocks and snap.blocks:
+        args = (snap.blocks, snap.frozen, snap.vectors, q, min(k, count), metric, valid)
+        scores, rows = search_frozen(*args)
+    else:
+        scores, rows = exact_search(q, snap.vectors, min(k, count), metric, valid=valid)
     out = []
     for i in range(len(q)):
         found = [(float(s), int(j)) for s, j in zip(scores[i], rows[i], strict=True) if j >= 0]
@@ -80,6 +113,14 @@ def search_delta(
             ]
         )
     return out
+
+
+def merged(
+    base_hits: list[list[Hit]], delta_hits: list[list[Hit]], k: int, metric: str
+) -> list[list[Hit]]:
+    """Each query's base and delta hits as one top ``k`` (``index.query.merge``)."""
+    pairs = zip(base_hits, delta_hits, strict=True)
+    return [merge_topk([b, d], k, metric) for b, d in pairs]
 
 
 def snapshot_facets(snap: Snapshot) -> dict:
