@@ -45,7 +45,7 @@ vectors                recall@10 >= 0.95 after float16 rerank): IVF-RaBitQ 1-bit
                        mixture (0.985 / 0.964 on the CNN embeddings): float16 stays.
 default nprobe         ``clamp(nlist / NPROBE_DIVISOR, NPROBE_MIN, nlist)`` as the starting
                        point; the build then measures the index (``index.ann.tune``): recall@10
-                       after rerank over nprobe <= 4x that and 50..1600 candidates, on sample
+                       after rerank over nprobe <= 4x that and 50..6400 candidates, on sample
                        rows with exact ground truth, and records the cheapest defaults reaching
                        recall 0.98 (fewest candidates first, then the smallest nprobe, but at
                        least 8 lists).
