@@ -51,12 +51,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-rows", type=int, default=100_000, help="the router's sample")
     p.add_argument("--probes", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--recall-slack", type=float, default=0.01)
+    p.add_argument("--build-only", action="store_true", help="write and build the stores only")
+    p.add_argument("--remeasure", action="store_true", help="serve again what is measured")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--name", help="results/<name>.json (default routing)")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.shards, args.requests = min(args.n, 200_000), [4, 8], 200
-    args.name = "routing_quick" if args.quick else NAME
+    args.name = args.name or ("routing_quick" if args.quick else NAME)
     return args
+
+
+def router_info(uri: str) -> dict:
+    """What a routed store's router measured when it was trained, and its shards' rows."""
+    from index.ann.routing import load_router
+    from index.storage.manifest import load_manifest
+
+    manifest = load_manifest(Store(uri))
+    router = load_router(Store(uri), manifest)
+    return {
+        "default_probe": router.default_probe,
+        "coverage": [round(c, 4) for c in router.coverage],
+        "shard_rows": [manifest.shards[s].count for s in range(manifest.num_shards)],
+    }
 
 
 def routed_store(args, source: str, shards: int, rss) -> tuple[str, dict]:
@@ -67,7 +84,7 @@ def routed_store(args, source: str, shards: int, rss) -> tuple[str, dict]:
 
     uri = str(args.workdir / f"routed-{args.n}-{args.dim}-{shards}")
     if Store(uri).exists(Store(uri).manifest_path):
-        return uri, {"reused": True}
+        return uri, router_info(uri)
     ray = init_local_ray(args.workdir / "ray", num_cpus=2)
     try:
         with rss.stage(f"route-{shards}"):
@@ -131,6 +148,13 @@ def main(argv=None) -> int:
             big_store.write_and_build(one, uri, rss, K)
         source = source or uri
         routed, how = routed_store(args, source, shards, rss)
+        # each shard count's figures are kept beside its stores: a later run reuses them
+        done = args.workdir / f"routing-{args.n}-{args.dim}-{shards}.json"
+        if args.build_only or (done.exists() and not args.remeasure):
+            if done.exists():  # figures kept from an earlier run; the router's from the store
+                per[str(shards)] = json.loads(done.read_text())
+                per[str(shards)]["routed"].update(router_info(routed))
+            continue
         hashed = served(args, uri, shards, None)
         probes = sorted({p for p in args.probes if p <= shards} | {how.get("default_probe", 1)})
         points = [
@@ -147,8 +171,11 @@ def main(argv=None) -> int:
                 ],
             },
         }
+        done.write_text(json.dumps(per[str(shards)]))
         print(json.dumps(per[str(shards)]), flush=True)
     rss.close()
+    if args.build_only:
+        return 0
     result.update(
         n_vectors=args.n, dim=args.dim, shards=args.shards, layouts=per, stages=rss.stages
     )

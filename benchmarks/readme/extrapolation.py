@@ -115,7 +115,11 @@ def section_extrapolation() -> str:
             f"{routed['cpu_ratio']}x the hash layout's, ingress and HTTP included). The routed "
             "column assumes the same share of shards holds a query's neighbours at S shards; "
             "it depends on how the data clusters (real CNN embeddings needed 4 of 16 shards for "
-            "97 % of the top-10 where this mixture needs 1, `docs/indexes.md`).\n"
+            "97 % of the top-10 where this mixture needs 1, `docs/indexes.md`). It leaves out "
+            "that a routed shard's search costs more than a hash shard's of the same size: its "
+            "cells are dense, so its build tunes deeper rerank (6,400 candidates where hash "
+            "shards took 400; on one 625k-row routed shard of the 10M store 15 ms against "
+            "~3 ms), so read the routed column as a lower bound, up to ~5x low.\n"
         )
     for total in (100_000_000, 1_000_000_000):
         for dim, label, code in (
