@@ -7,6 +7,7 @@ what it was waiting for and the last value seen.
 
 from __future__ import annotations
 
+import threading
 import time
 
 from pipelines.local_ray import free_port  # noqa: F401  (re-exported for the tests)
@@ -22,3 +23,13 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
             return last
         time.sleep(interval_s)  # pacing between polls, not synchronisation
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last: {last!r}")
+
+
+def finishes_within(timeout_s: float, fn, *args) -> tuple[bool, object]:
+    """``fn(*args)`` on a daemon thread: (whether it returned within ``timeout_s``, its result
+    or None). For tests that a call does not wait on something held elsewhere."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return not thread.is_alive(), (out[0] if out else None)

@@ -149,8 +149,9 @@ class QueryPlanner:
         shape = params.shape
         # = k unless shaping needs more to choose from, and never past the caller's pool cap
         fetch = max(params.k, shape.fetch_k(params.k, min(MAX_K, params.max_pool)))
-        pool, missing = await self.gather(vector, fetch, params, fields, keyed)
-        visited = sum(len(v) for v in self.visit(vector, params.shards_probe).values())
+        visit = self.visit(vector, params.shards_probe)  # once: scatter and count
+        pool, missing = await self.gather(vector, fetch, params, fields, keyed, visit)
+        visited = sum(len(shards) for shards in visit.values())
         answer = Answer(pool, list(missing), pool, missing, visited=visited)
         if shape.active:
             hits, shaped, again = await self._shape(
@@ -169,11 +170,12 @@ class QueryPlanner:
         params: SearchParams,
         fields: tuple[str, ...],
         keyed: bool = True,
+        visit: dict[int, tuple[int, ...]] | None = None,
     ) -> tuple[list[Hit], list[dict]]:
-        """Scatter one query to the groups it visits (``visit``), gather before the deadline,
-        merge the top ``k``; returns the hits and the shards that did not answer (503 when none
-        did)."""
-        visit = self.visit(vector, params.shards_probe)
+        """Scatter one query to the groups it visits (``visit``, worked out here when not
+        given), gather before the deadline, merge the top ``k``; returns the hits and the
+        shards that did not answer (503 when none did)."""
+        visit = self.visit(vector, params.shards_probe) if visit is None else visit
         every = self.router is None  # a group searches all its shards unless told which
         gathered = await gather_with_deadline(
             {

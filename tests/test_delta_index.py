@@ -11,13 +11,13 @@ dims, a few thousand rows and a low ``block_rows``; no Ray.
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
 
 import index.live.delta_blocks as delta_blocks
 import index.live.snapshot as snapshot
+from harness.polling import finishes_within, wait_for
 from harness.stores import write_store
 from harness.synthetic import gaussian_mixture
 from index.ann.exact import exact_search
@@ -62,13 +62,12 @@ def _add(view: LiveShard, x: np.ndarray, start: int, labels=None, stamp: int = 1
 def _settled(view: LiveShard) -> dict:
     """Stats once no build runs: one only starts with ``block_rows`` unfrozen rows, and it keeps
     them unfrozen until it publishes, so fewer unfrozen rows means none is building."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
+
+    def settled() -> dict | None:
         stats = view.stats()
-        if stats["delta_rows"] - stats["delta_frozen_rows"] < BLOCK:
-            return stats
-        assert time.monotonic() < deadline, f"blocks not built in {WAIT_S} s: {stats}"
-        time.sleep(0.01)
+        return stats if stats["delta_rows"] - stats["delta_frozen_rows"] < BLOCK else None
+
+    return wait_for(settled, WAIT_S, "the delta's blocks built", 0.01)
 
 
 def _recall(got: list[list], want: list[list]) -> float:
@@ -78,11 +77,7 @@ def _recall(got: list[list], want: list[list]) -> float:
 
 def _prompt(fn, *args):
     """``fn(*args)`` on a thread; (finished within PROMPT_S, its result)."""
-    out: list = []
-    thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
-    thread.start()
-    thread.join(PROMPT_S)
-    return not thread.is_alive(), (out[0] if out else None)
+    return finishes_within(PROMPT_S, fn, *args)
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from harness.polling import finishes_within
 from harness.stores import write_store
 from index.live.delta import LiveShard
 from index.live.parts import write_rows, write_tombstones
@@ -35,11 +36,7 @@ def _write(store, row_id: str, vector: np.ndarray) -> str:
 
 def _prompt(fn, *args):
     """``fn(*args)`` on a thread; (finished within PROMPT_S, its result)."""
-    out: list = []
-    thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
-    thread.start()
-    thread.join(PROMPT_S)
-    return not thread.is_alive(), (out[0] if out else None)
+    return finishes_within(PROMPT_S, fn, *args)
 
 
 def test_stamps_lookups_and_hand_overs_do_not_wait_out_a_swap(tmp_path, monkeypatch):
