@@ -144,10 +144,16 @@ def _remove_dir(path: Path) -> None:
 _NODE_CACHE: LocalCache | None = None
 
 
+def cache_root() -> Path:
+    """The node cache's folder: ``$VISUAL_SEARCH_CACHE`` (else the temp folder) /
+    ``visual-search-cache``."""
+    return Path(os.environ.get(ENV_CACHE_DIR) or tempfile.gettempdir()) / "visual-search-cache"
+
+
 def node_cache() -> LocalCache:
     """This process's view of the node cache, configured from the environment."""
     global _NODE_CACHE
-    root = Path(os.environ.get(ENV_CACHE_DIR) or tempfile.gettempdir()) / "visual-search-cache"
+    root = cache_root()
     max_bytes = parse_bytes(os.environ.get(ENV_CACHE_BYTES) or DEFAULT_MAX_BYTES)
     if _NODE_CACHE is None or _NODE_CACHE.root != root or _NODE_CACHE.max_bytes != max_bytes:
         _NODE_CACHE = LocalCache(root, max_bytes)

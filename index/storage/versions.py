@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from index.storage.digests import sha256_of
 from index.storage.store import Store
 
 INDEX_FILE = "index.faiss"
@@ -89,14 +90,15 @@ def check_meta(meta: dict, where: str) -> None:
 
 
 def check_files(directory: Path, meta: dict, verify: bool) -> None:
-    """Every data file present with the size meta.json records (and its SHA-256 if ``verify``)."""
+    """Every data file present with the size meta.json records (and its SHA-256 if ``verify``:
+    hashed once per unchanged file per node, ``index.storage.digests``)."""
 
     def size_of(name: str) -> int | None:
         path = directory / name
         return path.stat().st_size if path.exists() else None
 
-    def digest_of(name: str) -> str:
-        return file_digest(directory / name)["sha256"]
+    def digest_of(name: str) -> str:  # remembered per node for an unchanged file
+        return sha256_of(directory / name)
 
     _check_files(str(directory), meta, size_of, digest_of if verify else None)
 
