@@ -53,6 +53,7 @@ SERIES = {
     "index_rows": "Gauge",
     "index_memory_bytes": "Gauge",
     "delta_rows": "Gauge",
+    "delta_indexed_rows": "Gauge",
     "canary_recall_at_k": "Gauge",
     "canary_samples": "Counter",
     "canary_dropped": "Counter",
@@ -134,7 +135,12 @@ class SearcherMetrics:
         )
         self.delta = make(
             "delta_rows",
-            "Rows of the shard not yet in its live index, searched exactly.",
+            "Rows of the shard not yet in its live index (scanned, or in indexed delta blocks).",
+            tag_keys=("shard",),
+        )
+        self.delta_indexed = make(
+            "delta_indexed_rows",
+            "Delta rows frozen into indexed blocks (searched through HNSW, not scanned).",
             tag_keys=("shard",),
         )
 
@@ -155,6 +161,7 @@ class SearcherMetrics:
         if isinstance(delta, dict):
             delta = delta.get("rows", delta.get("count"))
         self.delta.set(delta or 0, tags=tags)
+        self.delta_indexed.set(stats.get("delta_frozen_rows") or 0, tags=tags)
 
 
 class RebuilderMetrics:

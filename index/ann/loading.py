@@ -14,7 +14,8 @@ what this returns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -43,6 +44,9 @@ class LoadedVersion:
     index: faiss.Index
     rows: RowTable
     vectors: np.ndarray  # float16 (count, dim), memory-mapped
+    # seconds: fetch_s (copy into the node cache; 0 on a local store), verify_s (sizes and
+    # SHA-256s), open_s (the FAISS index, the row table, the vectors' mapping)
+    timings: dict = field(default_factory=dict)
 
 
 def resolve_version(store: Store, shard: int, version: str | int | None) -> str:
@@ -71,12 +75,16 @@ def fetch_version(store: Store, shard: int, name: str, *, verify: bool = True) -
     if not store.exists(remote):
         raise IndexLoadError(f"index version {remote} does not exist")
     for attempt in (1, 2):
+        start = time.perf_counter()
         try:
             directory = store.local_dir(remote)
         except (OSError, FileNotFoundError) as e:
             raise IndexLoadError(f"could not fetch {remote}: {e}") from e
+        fetched = time.perf_counter() - start
         try:
-            return open_version(directory, verify=verify)
+            loaded = open_version(directory, verify=verify)
+            loaded.timings["fetch_s"] = round(fetched, 3)
+            return loaded
         except IndexLoadError:
             if store.is_local or attempt == 2:
                 raise
@@ -87,7 +95,9 @@ def fetch_version(store: Store, shard: int, name: str, *, verify: bool = True) -
 def open_version(directory: str | Path, *, verify: bool = True) -> LoadedVersion:
     """A version directory on the local filesystem, checked and opened."""
     directory = Path(directory)
+    start = time.perf_counter()
     meta = check_version_dir(directory, verify)
+    checked = time.perf_counter()
     try:
         index = faiss.read_index(str(directory / INDEX_FILE))
     except RuntimeError as e:
@@ -104,4 +114,9 @@ def open_version(directory: str | Path, *, verify: bool = True) -> LoadedVersion
     if vectors.shape != (count, dim) or vectors.dtype != np.float16:
         raise IndexLoadError(f"{directory / VECTORS_FILE}: {vectors.shape} {vectors.dtype}")
     rows = read_row_table(directory / ROWS_FILE, count)
-    return LoadedVersion(directory, meta, index, rows, vectors)
+    timings = {
+        "fetch_s": 0.0,
+        "verify_s": round(checked - start, 3),
+        "open_s": round(time.perf_counter() - checked, 3),
+    }
+    return LoadedVersion(directory, meta, index, rows, vectors, timings)

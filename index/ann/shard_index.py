@@ -96,6 +96,7 @@ class ShardIndex:
         self.dim = int(meta["dim"])
         self.metric = meta["metric"]
         self.directory = directory
+        self.load_timings: dict = {}  # index.ann.loading.LoadedVersion.timings, when loaded
         self._index = index
         self._rows = rows
         self._vectors = vectors
@@ -145,7 +146,7 @@ class ShardIndex:
     @classmethod
     def _of(cls, loaded: LoadedVersion, shard: int, version: str | None) -> ShardIndex:
         meta = loaded.meta
-        return cls(
+        out = cls(
             meta.get("shard", shard) if shard < 0 else shard,
             version or meta.get("dir") or loaded.directory.name,
             meta,
@@ -154,6 +155,8 @@ class ShardIndex:
             loaded.vectors,
             loaded.directory,
         )
+        out.load_timings = dict(loaded.timings)
+        return out
 
     # ---- search -------------------------------------------------------------------------------
     @property

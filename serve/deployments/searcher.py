@@ -313,8 +313,11 @@ class ShardSearcher:
         rows = fetch_rows(k, self.per_image)  # k, or more in a store with region rows
         n = len(queries)
         visits = visits or [None] * n
-        asking = {
-            holder.shard: [q for q in range(n) if visits[q] is None or holder.shard in visits[q]]
+        everyone = list(range(n))
+        asking = {  # shard -> the queries that visit it (all of them unless the store is routed)
+            holder.shard: everyone
+            if all(v is None for v in visits)
+            else [q for q in everyone if visits[q] is None or holder.shard in visits[q]]
             for holder in self.holders.values()
         }
         for shard in {s for visit in visits if visit for s in visit}:

@@ -338,6 +338,8 @@ class ShardHolder:
                 memory_bytes=int(view.memory_bytes()),
                 kind=meta.get("kind"),
                 factory=meta.get("factory"),
+                # what loading the version took (fetch, verify, open): a replica's start-up cost
+                load_timings=getattr(view.base, "load_timings", None),
                 **view.stats(),  # delta, delta_rows, tombstones, hidden_base_rows
             )
         return body
