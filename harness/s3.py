@@ -1,6 +1,7 @@
 """A real S3 API on 127.0.0.1 for the object-store tests: moto's server, no mocks of our code.
 
-``S3Server`` runs moto's threaded server on a free loopback port. Stores reach it the way s3fs
+``S3Server`` runs moto's threaded server on a free loopback port, its conditional PUTs made
+atomic as S3's are (``conditional_puts_atomic``). Stores reach it the way s3fs
 users point at MinIO or any S3-compatible endpoint: fsspec ``storage_options`` (``Store(...,
 storage_options)``, the serve config's ``storage_options``, the jobs' ``--storage-option``) or,
 for another process, ``$VISUAL_SEARCH_STORAGE_OPTIONS``. Each test takes a bucket of its own.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import uuid
 
 from harness.polling import free_port
@@ -19,11 +21,38 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 REGION = "us-east-1"
 
 
+_CONDITIONAL_PUTS = threading.Lock()
+
+
+def conditional_puts_atomic() -> None:
+    """Make moto's conditional PUT one step, as S3's is. moto checks ``If-None-Match: *`` (or
+    ``If-Match``) and then writes: two steps, and its threaded server lets a second create of
+    the same key fall between them, so both creates succeed and one is lost (six threads
+    committing manifests lost one commit in about one run of five). S3 answers the second 412.
+    Conditional PUTs are serialised here; other requests are untouched."""
+    from moto.s3.responses import S3Response
+
+    plain = S3Response.put_object
+    if getattr(plain, "conditional_puts_atomic", False):
+        return
+
+    def put_object(self):
+        if self.headers.get("If-None-Match") or self.headers.get("If-Match"):
+            with _CONDITIONAL_PUTS:
+                return plain(self)
+        return plain(self)
+
+    put_object.conditional_puts_atomic = True
+    S3Response.put_object = put_object
+
+
 class S3Server:
     def __init__(self) -> None:
         os.environ.update(CREDENTIALS)  # boto reads them; moto accepts any
         os.environ.setdefault("AWS_DEFAULT_REGION", REGION)
         from moto.server import ThreadedMotoServer
+
+        conditional_puts_atomic()
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
 
