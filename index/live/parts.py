@@ -24,9 +24,7 @@ import pyarrow.parquet as pq
 from index.rows import schema
 from index.rows.metadata import metadata_columns
 from index.rows.visibility import ms_of
-from index.storage.store import Store
-
-READERS = 8  # parts read at once by read_each (a replica starting on an object store)
+from index.storage.store import PARALLEL_READS, Store
 
 
 def part_name(kind: str, ms: int) -> str:
@@ -58,10 +56,7 @@ def write_tombstones(
 def read_tombstones(store: Store | None, path: str) -> tuple[list[str], np.ndarray]:
     """(ids, deleted_at ms) of a tombstone part (relative to ``store``), or of a local file
     (``store`` None: a version's ``tombstones.parquet`` in its local directory)."""
-    if store is None:
-        table = pq.read_table(path)
-    else:
-        table = pq.read_table(store.path(path), filesystem=store.fs)
+    table = pq.read_table(path) if store is None else store.read_table(store.path(path))
     return table[schema.ID].to_pylist(), ms_of(table[schema.DELETED_AT])
 
 
@@ -69,7 +64,7 @@ def read_rows(
     store: Store, part: str
 ) -> tuple[list[str], list[str], np.ndarray, np.ndarray, pa.Table | None]:
     """(ids, uris, float32 vectors, ingested_at ms, metadata columns or None) of one part."""
-    table = pq.read_table(store.path(part), filesystem=store.fs)
+    table = store.read_table(store.path(part))
     meta = metadata_columns(table.column_names)
     return (
         table[schema.ID].to_pylist(),
@@ -83,9 +78,9 @@ def read_rows(
 def read_each(
     store: Store, parts: list[str], read: Callable, failed: dict[str, str]
 ) -> list[tuple[str, tuple]]:
-    """``(part, read(store, part))`` of each part that reads, in order, up to ``READERS`` at a
-    time (a replica starting on an object store has many small parts, each a round trip); each
-    part that cannot be read goes to ``failed`` (part -> why) alone."""
+    """``(part, read(store, part))`` of each part that reads, in order, ``PARALLEL_READS`` at
+    a time (a replica starting on an object store has many small parts, each a round trip);
+    each part that cannot be read goes to ``failed`` (part -> why) alone."""
 
     def one(part: str) -> tuple[str, tuple | None, str | None]:
         try:
@@ -94,7 +89,7 @@ def read_each(
             return part, None, f"{type(e).__name__}: {e}"
 
     if len(parts) > 1:
-        with ThreadPoolExecutor(min(READERS, len(parts)), "read-part") as pool:
+        with ThreadPoolExecutor(min(PARALLEL_READS, len(parts)), "read-part") as pool:
             done = list(pool.map(one, parts))
     else:
         done = [one(part) for part in parts]

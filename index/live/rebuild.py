@@ -189,12 +189,9 @@ def read_tombstones(store: Store, plan: ShardPlan) -> pa.Table | None:
     parts = plan.tombstone_parts
     if plan.meta is not None and TOMBSTONES_FILE in (plan.meta.get("files") or {}):
         path = posixpath.join(store.index_version_dir(plan.shard, plan.state.dir), TOMBSTONES_FILE)
-        tables.append(pq.read_table(path, filesystem=store.fs, schema=schema.TOMBSTONES_SCHEMA))
+        tables.append(store.read_table(path, schema=schema.TOMBSTONES_SCHEMA))
         parts = plan.new_tombstones
-    tables += [
-        pq.read_table(store.path(p), filesystem=store.fs, schema=schema.TOMBSTONES_SCHEMA)
-        for p in parts
-    ]
+    tables += [store.read_table(store.path(p), schema=schema.TOMBSTONES_SCHEMA) for p in parts]
     return pa.concat_tables(tables) if tables else None
 
 
