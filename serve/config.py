@@ -85,6 +85,9 @@ class ServeConfig:
     search_batch_wait_ms: float = 0.0
     search_max_batch: int = 64
     shard_deadline_ms: float = 1000.0  # a shard slower than this is left out: partial answer
+    # how long a call waits for a shard it cannot do without: a write's stamp and hand-over, a
+    # read by id, and a search none of whose shards answered within shard_deadline_ms (then 503)
+    needed_shard_deadline_ms: float = 5000.0
     embed_deadline_ms: float = 15000.0  # embedding a query image on a busy CPU can take a while
     verify_budget_ms: float = 2000.0  # verify's wait for its checks (serve.http.verification)
     default_k: int = 10
@@ -228,9 +231,14 @@ class ServeConfig:
             raise ConfigError(
                 f"default_candidates must be in 1..max_candidates, got {self.default_candidates}"
             )
-        for name in ("shard_deadline_ms", "embed_deadline_ms"):
+        for name in ("shard_deadline_ms", "embed_deadline_ms", "needed_shard_deadline_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.needed_shard_deadline_ms < self.shard_deadline_ms:
+            raise ConfigError(
+                f"needed_shard_deadline_ms ({self.needed_shard_deadline_ms}) must be at least "
+                f"shard_deadline_ms ({self.shard_deadline_ms})"
+            )
         if self.open_writes and self.api_key:
             raise ConfigError(
                 "open_writes: true opens writes to anyone, but an api_key is set too: "

@@ -9,8 +9,9 @@ the planner:
    those) and **gathers** the answers before one shared deadline
    (``serve.scatter.gather_with_deadline``). A group that misses the deadline or fails is left
    out: the answer is *partial* and names that group's shards in ``missing`` (with the reason,
-   cut to its kind for an anonymous caller). When no group answers, the query fails (503
-   ``no_shard_answered``).
+   cut to its kind for an anonymous caller). When no group has answered by then, the planner
+   waits on for the first one up to ``first_answer_s`` (``needed_shard_deadline_ms``); when
+   none answers by then either, the query fails (503 ``no_shard_answered``).
 2. **Merges** the groups' top lists (``index.query.merge.merge_topk``, the same merge the groups
    and the in-process search use) into the best ``k``; more when shaping needs a pool to choose
    from (``ShapeOptions.fetch_k``).
@@ -101,10 +102,13 @@ class QueryPlanner:
         metric: str,
         deadline_s: float,
         router: Router | None = None,
+        first_answer_s: float | None = None,
     ):
         self.groups = list(groups)
         self.metric = metric
         self.deadline_s = deadline_s
+        # when no group answered within deadline_s, wait for the first one until this long
+        self.first_answer_s = first_answer_s
         self.num_shards = sum(len(group.shards) for group in self.groups)
         self.group_of = {s: g for g, group in enumerate(self.groups) for s in group.shards}
         self.router = router  # a routed store's (index.ann.routing); None: visit every shard
@@ -194,6 +198,7 @@ class QueryPlanner:
                 for g, shards in visit.items()
             },
             self.deadline_s,
+            self.first_answer_s,
         )
         missing = self.missing_shards(gathered.missing, keyed, visit)
         if not gathered.answers:
@@ -201,7 +206,8 @@ class QueryPlanner:
             raise ApiError(
                 503,
                 "no_shard_answered",
-                f"none of {asked} shards answered within {self.deadline_s * 1000:.0f} ms",
+                f"none of {asked} shards answered within "
+                f"{max(self.deadline_s, self.first_answer_s or 0) * 1000:.0f} ms",
                 {"missing_shards": missing},
             )
         per_group = [

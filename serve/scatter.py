@@ -47,10 +47,23 @@ async def call_with_deadline(awaitable: Awaitable[Any], timeout_s: float) -> tup
         return False, _reason(e)
 
 
+def _answered(done: set) -> bool:
+    """Whether any of the finished calls ``done`` answered (rather than failed)."""
+    return any(not t.cancelled() and t.exception() is None for t in done)
+
+
 async def gather_with_deadline(
-    calls: Mapping[int, Callable[[], Awaitable[Any]]], timeout_s: float
+    calls: Mapping[int, Callable[[], Awaitable[Any]]],
+    timeout_s: float,
+    first_answer_s: float | None = None,
 ) -> Gathered:
     """Start every call at once; each gets the same ``timeout_s`` from now.
+
+    ``first_answer_s`` (longer than ``timeout_s``): when no call has answered by ``timeout_s``,
+    wait on until the first one does, up to ``first_answer_s`` from the start; the others are
+    then left out as usual. A busy moment (a swap, a replica starting beside it, a saturated
+    box) then costs latency, not a 503 with nothing; once one shard has answered, stragglers
+    are still cut at ``timeout_s``.
 
     One task per call and one ``asyncio.wait`` for all of them: the shared deadline is applied
     once, not by a ``wait_for`` (and its extra task) per shard, which is on every query's path.
@@ -66,7 +79,15 @@ async def gather_with_deadline(
     pending: set = set()
     if tasks:
         try:
-            _, pending = await asyncio.wait(tasks.values(), timeout=timeout_s)
+            done, pending = await asyncio.wait(tasks.values(), timeout=timeout_s)
+            while pending and first_answer_s is not None and not _answered(done):
+                left = first_answer_s - (time.perf_counter() - start)
+                if left <= 0:
+                    break
+                more, pending = await asyncio.wait(
+                    pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                done |= more
         except asyncio.CancelledError:  # our own cancellation: take the shard calls with us
             for task in tasks.values():
                 task.cancel()

@@ -20,6 +20,7 @@ from serve.http.validate import SearchParams
 from serve.planner import QueryPlanner, ShardGroup
 
 DIM = 16
+SLOW_S = 0.4  # a slow group's answer: past the 0.1 s deadlines below, well inside 10 s
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -32,7 +33,7 @@ class FakeGroup:
 
     def __init__(self, rows: dict[str, tuple[int, np.ndarray]], behaviour: str = "answer"):
         self.rows = rows  # id -> (shard, vector)
-        self.behaviour = behaviour  # "answer", "stuck" (never answers), "fail"
+        self.behaviour = behaviour  # "answer", "stuck" (never answers), "fail", "slow"
         self.searches: list[dict] = []
         self.lookups: list[list[tuple[int, str]]] = []
 
@@ -51,6 +52,8 @@ class FakeGroup:
         )
         if self.behaviour == "stuck":
             await asyncio.Event().wait()  # never set: only the planner's deadline ends it
+        if self.behaviour == "slow":  # a busy replica: answers, but past the shard deadline
+            await asyncio.sleep(SLOW_S)
         if self.behaviour == "fail":
             raise RuntimeError("replica died reading /srv/store/secret")
         scored = sorted(
@@ -74,9 +77,16 @@ class FakeGroup:
         return [self.rows[row_id][1] if row_id in self.rows else None for _, row_id in pairs]
 
 
-def planner_of(groups: list[tuple[list[int], FakeGroup]], deadline_s: float = 5.0):
+def planner_of(
+    groups: list[tuple[list[int], FakeGroup]],
+    deadline_s: float = 5.0,
+    first_answer_s: float | None = None,
+):
     return QueryPlanner(
-        [ShardGroup(shards, g.search, g.vectors_of) for shards, g in groups], "ip", deadline_s
+        [ShardGroup(shards, g.search, g.vectors_of) for shards, g in groups],
+        "ip",
+        deadline_s,
+        first_answer_s=first_answer_s,
     )
 
 
@@ -143,6 +153,30 @@ def test_groups_that_miss_the_deadline_or_fail_are_named_and_the_rest_answer():
     assert (e.status, e.error) == (503, "no_shard_answered")
     assert "3 shards" in e.detail and "100 ms" in e.detail
     assert [m["shard"] for m in e.extra["missing_shards"]] == [0, 1, 2]
+
+
+def test_a_search_no_shard_answered_in_time_waits_for_the_first_answer():
+    """needed_shard_deadline_ms: when no group answered by the shard deadline, the first answer
+    up to the longer deadline is taken (the rest left out); stragglers behind an answer in time
+    are still cut at the shard deadline; without the longer deadline it is a 503."""
+    rng = np.random.default_rng(2)
+    slow = FakeGroup(spread_rows(rng, 1, 8), "slow")
+    stuck = FakeGroup(spread_rows(rng, 1, 8, first_shard=1), "stuck")
+    query = unit(rng.standard_normal(DIM))
+
+    waited = planner_of([([0], slow), ([1], stuck)], deadline_s=0.1, first_answer_s=10.0)
+    answer = run(waited.search(query, params(k=3), ()))
+    assert [h.shard for h in answer.hits] == [0, 0, 0]
+    assert answer.missing == [{"shard": 1, "reason": "timeout"}]
+
+    good = FakeGroup(spread_rows(rng, 1, 8, first_shard=2))
+    behind = planner_of([([2], good), ([0], slow)], deadline_s=0.1, first_answer_s=10.0)
+    answer = run(behind.search(query, params(k=3), ()))
+    assert answer.missing == [{"shard": 0, "reason": "timeout"}]  # not waited for
+
+    with pytest.raises(ApiError) as info:
+        run(planner_of([([0], slow), ([1], stuck)], deadline_s=0.1).search(query, params(k=3), ()))
+    assert info.value.error == "no_shard_answered"
 
 
 def test_expansion_scatters_again_with_the_expanded_query_and_the_same_filter():

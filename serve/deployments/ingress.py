@@ -138,6 +138,7 @@ class Ingress:
         self.anon_limits = limits_for(config, keyed=False)  # serve.http.limits: lower caps
         self.shard_timeout_s = config.shard_deadline_ms / 1000
         self.embed_timeout_s = config.embed_deadline_ms / 1000
+        self.needed_timeout_s = config.needed_shard_deadline_ms / 1000
         # what GET /images/{id}/thumbnail may read: a stored uri grants no access by itself
         self.sources = Sources(config.thumbnail_roots, config.thumbnail_timeout_s)
         self.catalog = Catalog(self.store, manifest, on_change=self._publish_openapi)
@@ -147,6 +148,7 @@ class Ingress:
             self.metric,
             self.shard_timeout_s,
             self.router,
+            self.needed_timeout_s,
         )
         self.writer = RowWriter(
             self.store,
@@ -154,7 +156,7 @@ class Ingress:
             lambda shard, *args: self._searcher(shard).add_rows.remote(shard, *args),
             lambda shard, *args: self._searcher(shard).add_tombstones.remote(shard, *args),
             lambda shard, ids: self._searcher(shard).stamp.remote(shard, ids),
-            self.shard_timeout_s,
+            self.needed_timeout_s,
         )
         self._publish_openapi(manifest)
 
@@ -357,6 +359,7 @@ class Ingress:
                 for s in owners
             },
             self.shard_timeout_s,
+            self.needed_timeout_s,  # a busy owner is waited for (up to this), not refused
         )
         found = [answer for _, answer in sorted(gathered.answers.items()) if answer is not None]
         if found:
