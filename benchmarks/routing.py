@@ -67,8 +67,9 @@ def router_info(uri: str) -> dict:
     from index.ann.routing import load_router
     from index.storage.manifest import load_manifest
 
-    manifest = load_manifest(Store(uri))
-    router = load_router(Store(uri), manifest)
+    store = Store(uri)
+    manifest = load_manifest(store)
+    router = load_router(store, manifest)
     return {
         "default_probe": router.default_probe,
         "coverage": [round(c, 4) for c in router.coverage],

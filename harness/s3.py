@@ -28,7 +28,7 @@ def conditional_puts_atomic() -> None:
     """Make moto's conditional PUT one step, as S3's is. moto checks ``If-None-Match: *`` (or
     ``If-Match``) and then writes: two steps, and its threaded server lets a second create of
     the same key fall between them, so both creates succeed and one is lost (six threads
-    committing manifests lost one commit in about one run of five). S3 answers the second 412.
+    committing manifests lost one commit in about one run of six). S3 answers the second 412.
     Conditional PUTs are serialised here; other requests are untouched."""
     from moto.s3.responses import S3Response
 

@@ -314,9 +314,10 @@ class ShardSearcher:
         n = len(queries)
         visits = visits or [None] * n
         everyone = list(range(n))
-        asking = {  # shard -> the queries that visit it (all of them unless the store is routed)
+        every_shard = all(v is None for v in visits)  # a hash store: each shard takes them all
+        asking = {  # shard -> the queries that visit it
             holder.shard: everyone
-            if all(v is None for v in visits)
+            if every_shard
             else [q for q in everyone if visits[q] is None or holder.shard in visits[q]]
             for holder in self.holders.values()
         }
