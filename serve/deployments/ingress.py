@@ -353,13 +353,14 @@ class Ingress:
         that is not None winning. 503 ``shard_unavailable`` when a shard that may hold it did
         not answer and none found it; None when every shard asked said it has no such row."""
         owners = [shard_of(row_id, self.num_shards)] if self.router is None else self.all_shards
+        # every shard asked may be the owner, so each gets the needed deadline: a busy owner is
+        # waited for, not cut at the scatter deadline because another shard said "not here"
         gathered = await gather_with_deadline(
             {
                 s: (lambda s=s: getattr(self._searcher(s), method).remote(s, row_id, *args))
                 for s in owners
             },
-            self.shard_timeout_s,
-            self.needed_timeout_s,  # a busy owner is waited for (up to this), not refused
+            self.needed_timeout_s,
         )
         found = [answer for _, answer in sorted(gathered.answers.items()) if answer is not None]
         if found:
