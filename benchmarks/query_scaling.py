@@ -67,6 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nprobes", type=int, nargs="*", default=[8, 32])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--sweep-requests", type=int, default=200, help="per nprobe point")
+    p.add_argument(
+        "--wrk-seconds",
+        type=float,
+        default=20.0,
+        help="each level of the defaults again from wrk (a C load generator) for this long, "
+        "where wrk is installed; 0: not",
+    )
     p.add_argument("--keep-stores", action="store_true", help="keep stores other than 4 shards")
     p.add_argument("--fresh", action="store_true", help="do not merge with an earlier result")
     p.add_argument("--name", default=None)
@@ -128,7 +135,7 @@ def http(args, store_uri: str, layout: str, candidates: int, queries, truth, ids
     run = copy.copy(args)
     run.searcher_replicas, run.candidates = 1, candidates
     run.shards_per_group = LAYOUTS[layout]
-    points = [{"label": "defaults", "body": {}, "requests": args.requests}]
+    points = [{"label": "defaults", "body": {}, "requests": args.requests, "wrk": True}]
     points += [
         {
             "label": f"nprobe={p}",
@@ -166,6 +173,10 @@ def main(argv=None) -> int:
         same = (old.get("n_vectors"), old.get("dim")) == (args.n, args.dim)
         if same and "layouts" in old:  # results before shard groups are not merged
             rows = {int(s): r for s, r in old["by_shards"].items()}
+            for r in rows.values():  # runs from before runs were dated: the old file's date
+                for h in r["http"].values():
+                    h.setdefault("measured_at", old["machine"]["when"])
+    now = common.machine_info()["when"]  # this run's rows, so that ratios never mix two runs
     for num_shards in args.shards:
         run = copy.copy(args)
         run.shards = num_shards
@@ -181,6 +192,7 @@ def main(argv=None) -> int:
         candidates = max(c for c in row["inprocess"]["default_candidates"] if c) or 400
         for layout in args.layouts:
             row["http"][layout] = http(run, build["store"], layout, candidates, queries, truth, ids)
+            row["http"][layout]["measured_at"] = now
         old_http = rows.get(num_shards, {}).get("http", {})
         row["http"] = {**old_http, **row["http"]}
         rows[num_shards] = row
@@ -194,12 +206,31 @@ def main(argv=None) -> int:
         for layout in LAYOUTS
     }
     group = by_shards["group"]
+    same_run = {x["shards"]: x["measured_at"] for x in lines if x["layout"] == "group"}
+    tails = {  # p99 over p50 at the top level, from wrk where it ran (the Python client's beside)
+        x["shards"]: {
+            "wrk": round(x[f"wrk_p99_ms_c{top}"] / x[f"wrk_p50_ms_c{top}"], 2),
+            "python_client": round(x[f"p99_ms_c{top}"] / x[f"p50_ms_c{top}"], 2),
+        }
+        for x in lines
+        if x["layout"] == "group" and f"wrk_p50_ms_c{top}" in x
+    }
+    wrk_qps = {s: x[f"wrk_qps_c{top}"] for x in lines for s in [x["shards"]]
+               if x["layout"] == "group" and f"wrk_qps_c{top}" in x}  # fmt: skip
     result = {
         f"qps_c{top}_by_shards": group,
         f"qps_c{top}_{max(group)}_over_1_shards": round(group[max(group)] / group[min(group)], 3)
-        if group and min(group) == 1
+        if group and min(group) == 1 and same_run[1] == same_run[max(group)]
         else None,
         f"qps_c{top}_by_shards_per_shard_layout": by_shards["per_shard"],
+        # the worst shard count's tail, group layout, from wrk (harness.wrk_load: why not threads)
+        f"p99_over_p50_c{top}": max((t["wrk"] for t in tails.values()), default=None),
+        f"p99_over_p50_c{top}_by_shards": tails,
+        f"qps_c{top}_{max(wrk_qps, default=0)}_over_1_shards_wrk": round(
+            wrk_qps[max(wrk_qps)] / wrk_qps[1], 3
+        )
+        if wrk_qps and 1 in wrk_qps and same_run[1] == same_run[max(wrk_qps)]
+        else None,
         "n_vectors": args.n,
         "dim": args.dim,
         "k": K,
@@ -228,6 +259,7 @@ def table(rows: dict, levels: list[int]) -> list[dict]:
             line = {
                 "shards": s,
                 "layout": layout,
+                "measured_at": h.get("measured_at"),
                 "rows_per_shard": max(row["inprocess"]["rows_per_shard"]),
                 "recall_at_10": d.get("recall_at_10"),
                 "per_shard_p50_ms": row["inprocess"]["per_shard_p50_ms"],
@@ -238,6 +270,10 @@ def table(rows: dict, levels: list[int]) -> list[dict]:
                     line[f"p50_ms_c{c}"] = d[str(c)]["p50_ms"]
                     line[f"p99_ms_c{c}"] = d[str(c)]["p99_ms"]
                     line[f"qps_c{c}"] = d[str(c)]["qps"]
+                if f"wrk_{c}" in d:  # the same server from wrk: no Python client's waits
+                    line[f"wrk_p50_ms_c{c}"] = d[f"wrk_{c}"]["p50_ms"]
+                    line[f"wrk_p99_ms_c{c}"] = d[f"wrk_{c}"]["p99_ms"]
+                    line[f"wrk_qps_c{c}"] = d[f"wrk_{c}"]["qps"]
             line["overhead_p50_ms_c1"] = round(
                 line.get("p50_ms_c1", float("nan")) - line["per_shard_p50_ms"], 3
             )

@@ -30,6 +30,7 @@ from harness.polling import wait_for
 from harness.samplers import CpuSampler
 from harness.serving import serving
 from harness.synthetic import recall_of_rows
+from harness.wrk_load import run_wrk, wrk_path
 from pipelines.local_ray import init_local_ray
 from serve.config import DeploymentSettings, ServeConfig
 from serve.local import SERVE_MODES, direct_ingress_port
@@ -47,31 +48,43 @@ SERVER_ROLES = (
 )
 
 
-def measure_http(call: HttpClient, label, concurrency, requests, with_recall, n_queries) -> dict:
+def measure_http(
+    call: HttpClient, label, concurrency, requests, with_recall, n_queries, wrk_s: float = 0
+) -> dict:
     """Latency and QPS at each concurrency level (and the ids found for every query), and the
     CPU the server's processes spent per query (``server_cpu_ms_per_query``: every Ray process
-    and HAProxy, summed; this process is the load generator and is left out)."""
+    and HAProxy, summed; this process is the load generator and is left out). With ``wrk_s``
+    and ``wrk`` installed, each level again from ``wrk`` for that many seconds (``wrk_<c>``:
+    the tail without the Python load generator's own waits, ``harness.wrk_load``)."""
     rows = {}
     for c in concurrency:
         call.server_ms.clear()
         with CpuSampler(SERVER_ROLES, "load generator", interval_s=0.5) as cpu:
             stats, _ = run_load(call, requests, c, loadavg=True, errors_ok=True)
         stats["ingress_took_p50_ms"] = round(statistics.median(call.server_ms), 3)
+        stats["ingress_took_p99_ms"] = round(float(np.percentile(call.server_ms, 99)), 3)
         stats["server_cpu_ms_per_query"] = round(1000 * cpu.seconds.get("server", 0) / requests, 3)
         rows[str(c)] = stats
         print(f"HTTP {label} c={c:>2}: {stats}", flush=True)
+        if wrk_s and wrk_path():
+            bodies = [b.decode() for b in call.bodies[:200]]
+            rows[f"wrk_{c}"] = run_wrk(call.url, bodies, c, wrk_s)
+            print(f"HTTP {label} c={c:>2} wrk: {rows[f'wrk_{c}']}", flush=True)
     if with_recall:
         _, found = run_load(call, n_queries, 1, errors_ok=True)  # an error: no ids, a miss
         rows["found"] = [found[i] or [] for i in range(n_queries)]
     return rows
 
 
-def measure_points(url, queries, points: list | None, label: str, concurrency, requests) -> dict:
-    """After a warm-up, the defaults at every level (``points`` None) or each point's body."""
+def measure_points(
+    url, queries, points: list | None, label: str, concurrency, requests, wrk_s: float = 0
+) -> dict:
+    """After a warm-up, the defaults at every level (``points`` None) or each point's body;
+    ``wrk_s``: the defaults (or a point with ``"wrk": true``) from ``wrk`` too."""
     warm = HttpClient(url, queries)
     run_load(warm, 100, 1, errors_ok=True)  # warm-up: connections, replicas' first calls
     if points is None:
-        return measure_http(warm, label, concurrency, requests, True, len(queries))
+        return measure_http(warm, label, concurrency, requests, True, len(queries), wrk_s)
     out = []
     for point in points:
         rows = measure_http(
@@ -81,6 +94,7 @@ def measure_points(url, queries, points: list | None, label: str, concurrency, r
             point.get("requests", requests),
             point.get("recall", True),
             len(queries),
+            wrk_s if point.get("wrk") else 0,
         )
         out.append({**point, **rows})
     return {"points": out}
@@ -132,8 +146,9 @@ def worker(spec: dict) -> None:
             for entry, port in entries.items():
                 url = f"http://127.0.0.1:{port}/search"
                 measured = measure_points(
-                    url, queries, spec["points"], entry, spec["concurrency"], spec["requests"]
-                )
+                    url, queries, spec["points"], entry, spec["concurrency"], spec["requests"],
+                    spec.get("wrk_s", 0),
+                )  # fmt: skip
                 out[entry] = {"port": port, **measured}
             out["stats"] = httpx.get(f"{served.url}/stats", timeout=30).json()
             out["processes_rss_mb"] = {
@@ -165,6 +180,7 @@ def spec_of(args, mode: str, store_uri: str, out: Path) -> dict:
         "entries": getattr(args, "entries", list(ENTRIES)),
         "nprobe": getattr(args, "nprobe", None) or None,
         "points": getattr(args, "points", None),
+        "wrk_s": getattr(args, "wrk_seconds", 0),
     }
 
 

@@ -146,12 +146,13 @@ def section_scaling() -> str:
     for r in sorted(q["table"], key=lambda r: (r.get("layout", ""), r["shards"])):
         rows.append(
             [r["shards"], layouts.get(r.get("layout"), r.get("layout", "-"))]
+            + [(r.get("measured_at") or "-")[:10]]
             + [fmt(r["rows_per_shard"]), fmt(r["recall_at_10"], 3), fmt(r["per_shard_p50_ms"], 2)]
             + [f"{fmt(r.get(f'p50_ms_c{c}'), 1)} / {fmt(r.get(f'p99_ms_c{c}'), 1)}" for c in levels]
             + [fmt(r.get(f"qps_c{c}"), 0) for c in levels]
         )
     header = " | ".join(
-        ["shards | layout | rows/shard | recall@10 | one shard in-process p50 ms"]
+        ["shards | layout | run | rows/shard | recall@10 | one shard in-process p50 ms"]
         + [f"p50 / p99 ms c={c}" for c in levels]
         + [f"QPS c={c}" for c in levels]
     )
@@ -165,25 +166,61 @@ def section_scaling() -> str:
                 [s, pt["nprobe"], fmt(pt["recall_at_10"], 3), fmt(pt["per_shard_p50_ms"], 2)]
                 + [fmt(h["1"]["p50_ms"], 1) if h else "-", fmt(h["1"]["p99_ms"], 1) if h else "-"]
             )
-    group = q.get("qps_c16_by_shards", {})
-    per_shard = q.get("qps_c16_by_shards_per_shard_layout", {})
+    runs: dict = {}  # (layout, run date) -> {shards: QPS at c=16}: ratios only within a run
+    for r in q["table"]:
+        key = (r.get("layout"), (r.get("measured_at") or "-")[:16])
+        runs.setdefault(key, {})[r["shards"]] = r.get("qps_c16")
     headline = ""
-    if group:
+    if runs:
         headline = (
-            "\n\nHeadline: QPS at concurrency 16 with every shard in one group (the default): "
-            + ", ".join(f"{s} shards {v}" for s, v in group.items())
-            + f"; 16 shards over 1 shard **{q.get('qps_c16_16_over_1_shards')}x**. One deployment "
-            "per shard: "
-            + ", ".join(f"{s} shards {v}" for s, v in per_shard.items())
-            + ". On one 2-core box every layout shares the same cores; what the group layout "
-            "removes is the per-shard actor call, so query cost stops growing with the shard "
-            "count."
+            "\n\nHeadline: QPS at concurrency 16 by run (the box's speed differs between days: "
+            "compare within a run): "
+            + "; ".join(
+                f"{layouts.get(layout, layout)} ({when.replace('T', ' ')}): "
+                + ", ".join(f"{s} shards {v}" for s, v in sorted(by.items()))
+                for (layout, when), by in sorted(runs.items(), key=lambda kv: kv[0][1] or "")
+            )
+            + f". 16 shards over 1 shard in one group (the default), one run: "
+            f"**{q.get('qps_c16_16_over_1_shards')}x** from the Python client threads, "
+            f"**{q.get('qps_c16_16_over_1_shards_wrk')}x** from `wrk`. On one 2-core box every "
+            "layout shares the same cores; what the group layout removes is the per-shard actor "
+            "call, so query cost stops growing with the shard count."
+        )
+    top = max(levels)
+    tails = q.get(f"p99_over_p50_c{top}_by_shards") or {}
+    tail = ""
+    if tails:
+        wrk = {int(s): r for s, r in q["by_shards"].items() if "wrk_" + str(top) in
+               r["http"].get("group", {}).get("defaults", {})}  # fmt: skip
+        tail = (
+            f"\n\nThe tail at concurrency {top}, group layout, from `wrk` (a C load generator, "
+            "`harness/wrk_load.py`) beside the Python client threads the table uses: "
+            + "; ".join(
+                f"{s} shards p50 / p99 "
+                f"{fmt(wrk[int(s)]['http']['group']['defaults'][f'wrk_{top}']['p50_ms'], 1)} / "
+                f"{fmt(wrk[int(s)]['http']['group']['defaults'][f'wrk_{top}']['p99_ms'], 1)} ms, "
+                f"**{t['wrk']}x** (threads {t['python_client']}x)"
+                for s, t in sorted(tails.items(), key=lambda kv: int(kv[0]))
+                if int(s) in wrk
+            )
+            + f". Worst p99 over p50: **{q.get(f'p99_over_p50_c{top}')}x** (goal <= 3). Where the "
+            "threads' queries waited: the ingress's own time per query (`took_ms`, p50 / p99) was "
+            + "; ".join(
+                f"{s} shards {fmt(d.get('ingress_took_p50_ms'), 1)} / "
+                f"{fmt(d.get('ingress_took_p99_ms'), 1)} ms"
+                for s in sorted(wrk)
+                for d in [wrk[s]["http"]["group"]["defaults"][str(top)]]
+            )
+            + f" in the threads' run: {top} Python threads in one process on 2 cores shared with "
+            "the server also wait for the GIL and the CPU, and that wait is in their latencies, "
+            "not the server's."
         )
     return (
         f"### Query scaling (`query_scaling.json`, {q['n_vectors']:,} x {q['dim']}, "
         f"{q['serve_path']}, each index's tuned nprobe and rerank candidates)\n\n"
         + md_table(rows, header)
         + headline
+        + tail
         + "\n\nnprobe sweep (concurrency 1, the group layout; tuned rerank candidates):\n\n"
         + md_table(
             sweep_rows, "shards | nprobe | recall@10 | one shard p50 ms | HTTP p50 ms | HTTP p99 ms"
