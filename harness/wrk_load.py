@@ -2,8 +2,8 @@
 
 ``closed_loop.run_load`` sends from Python threads in one process; on a 2-core box shared with
 the server, 16 of them wait for the GIL and the CPU as well as for the server, and that wait is
-in their latencies: at c=16 their p99 was 6-8x their p50 where ``wrk`` against the same server
-saw 2.2-2.4x and the ingress's own ``took_ms`` 1.9x (200k x 256 in 4 shards, this box). The
+in their latencies: at c=16 their p99 was 8x their p50 where ``wrk`` against the same server
+saw 2.1-2.4x and the ingress's own ``took_ms`` 1.9-2.1x (200k x 256 in 4 shards, this box). The
 benchmarks that quote a tail measure it here too, when ``wrk`` is installed (``apt-get install
 wrk``; not needed by the tests).
 
