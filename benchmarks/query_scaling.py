@@ -193,8 +193,11 @@ def main(argv=None) -> int:
         for layout in args.layouts:
             row["http"][layout] = http(run, build["store"], layout, candidates, queries, truth, ids)
             row["http"][layout]["measured_at"] = now
-        old_http = rows.get(num_shards, {}).get("http", {})
-        row["http"] = {**old_http, **row["http"]}
+        old = rows.get(num_shards, {})
+        for h in old.get("http", {}).values():  # a layout not rerun keeps its run's in-process
+            h.setdefault("inprocess_per_shard_p50_ms", old["inprocess"]["per_shard_p50_ms"])
+            h.setdefault("sequential_scatter_p50_ms", old["inprocess"]["sequential_scatter_p50_ms"])
+        row["http"] = {**old.get("http", {}), **row["http"]}
         rows[num_shards] = row
         print(summary_line(row, args.concurrency), flush=True)
         if num_shards != 4 and not args.keep_stores:  # peers.py reuses the 4-shard store
@@ -262,8 +265,12 @@ def table(rows: dict, levels: list[int]) -> list[dict]:
                 "measured_at": h.get("measured_at"),
                 "rows_per_shard": max(row["inprocess"]["rows_per_shard"]),
                 "recall_at_10": d.get("recall_at_10"),
-                "per_shard_p50_ms": row["inprocess"]["per_shard_p50_ms"],
-                "sequential_scatter_p50_ms": row["inprocess"]["sequential_scatter_p50_ms"],
+                "per_shard_p50_ms": h.get(
+                    "inprocess_per_shard_p50_ms", row["inprocess"]["per_shard_p50_ms"]
+                ),
+                "sequential_scatter_p50_ms": h.get(
+                    "sequential_scatter_p50_ms", row["inprocess"]["sequential_scatter_p50_ms"]
+                ),
             }
             for c in levels:
                 if str(c) in d:
