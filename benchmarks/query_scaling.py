@@ -195,8 +195,7 @@ def main(argv=None) -> int:
             row["http"][layout]["measured_at"] = now
         old = rows.get(num_shards, {})
         for h in old.get("http", {}).values():  # a layout not rerun keeps its run's in-process
-            h.setdefault("inprocess_per_shard_p50_ms", old["inprocess"]["per_shard_p50_ms"])
-            h.setdefault("sequential_scatter_p50_ms", old["inprocess"]["sequential_scatter_p50_ms"])
+            h.setdefault("inprocess", old["inprocess"])
         row["http"] = {**old.get("http", {}), **row["http"]}
         rows[num_shards] = row
         print(summary_line(row, args.concurrency), flush=True)
@@ -210,16 +209,15 @@ def main(argv=None) -> int:
     }
     group = by_shards["group"]
     same_run = {x["shards"]: x["measured_at"] for x in lines if x["layout"] == "group"}
-    tails = {  # p99 over p50 at the top level, from wrk where it ran (the Python client's beside)
+    from_wrk = [x for x in lines if x["layout"] == "group" and f"wrk_p50_ms_c{top}" in x]
+    tails = {  # p99 over p50 at the top level, from wrk (the Python client's beside)
         x["shards"]: {
             "wrk": round(x[f"wrk_p99_ms_c{top}"] / x[f"wrk_p50_ms_c{top}"], 2),
             "python_client": round(x[f"p99_ms_c{top}"] / x[f"p50_ms_c{top}"], 2),
         }
-        for x in lines
-        if x["layout"] == "group" and f"wrk_p50_ms_c{top}" in x
+        for x in from_wrk
     }
-    wrk_qps = {s: x[f"wrk_qps_c{top}"] for x in lines for s in [x["shards"]]
-               if x["layout"] == "group" and f"wrk_qps_c{top}" in x}  # fmt: skip
+    wrk_qps = {x["shards"]: x[f"wrk_qps_c{top}"] for x in from_wrk}
     result = {
         f"qps_c{top}_by_shards": group,
         f"qps_c{top}_{max(group)}_over_1_shards": round(group[max(group)] / group[min(group)], 3)
@@ -259,18 +257,15 @@ def table(rows: dict, levels: list[int]) -> list[dict]:
         row = rows[s]
         for layout, h in sorted(row["http"].items()):
             d = h["defaults"]
+            inprocess = h.get("inprocess", row["inprocess"])  # a layout's own run (main)
             line = {
                 "shards": s,
                 "layout": layout,
                 "measured_at": h.get("measured_at"),
                 "rows_per_shard": max(row["inprocess"]["rows_per_shard"]),
                 "recall_at_10": d.get("recall_at_10"),
-                "per_shard_p50_ms": h.get(
-                    "inprocess_per_shard_p50_ms", row["inprocess"]["per_shard_p50_ms"]
-                ),
-                "sequential_scatter_p50_ms": h.get(
-                    "sequential_scatter_p50_ms", row["inprocess"]["sequential_scatter_p50_ms"]
-                ),
+                "per_shard_p50_ms": inprocess["per_shard_p50_ms"],
+                "sequential_scatter_p50_ms": inprocess["sequential_scatter_p50_ms"],
             }
             for c in levels:
                 if str(c) in d:

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 PERCENTILE = re.compile(r"^\s*(50|75|90|99)%\s+([\d.]+)(us|ms|s|m)\s*$", re.M)
@@ -72,15 +73,14 @@ def run_wrk(url: str, bodies: list[str], concurrency: int, duration_s: float = 2
     wrk = wrk_path()
     if wrk is None:
         raise FileNotFoundError("wrk is not installed (apt-get install wrk)")
-    base, _, path = url.partition("://")[2].partition("/")
-    scheme = url.partition("://")[0]
+    parts = urlsplit(url)
     with tempfile.TemporaryDirectory(prefix="vs-wrk-") as tmp:
         script = Path(tmp) / "bodies.lua"
-        script.write_text(lua_script("/" + path, bodies))
+        script.write_text(lua_script(parts.path or "/", bodies))
         threads = 1 if concurrency == 1 else 2
         done = subprocess.run(
             [wrk, f"-t{threads}", f"-c{concurrency}", f"-d{duration_s:g}s", "--latency",
-             "--timeout", "30s", "-s", str(script), f"{scheme}://{base}"],
+             "--timeout", "30s", "-s", str(script), f"{parts.scheme}://{parts.netloc}"],
             capture_output=True, text=True, timeout=duration_s + 120,
         )  # fmt: skip
     if done.returncode != 0:

@@ -190,26 +190,28 @@ def section_scaling() -> str:
     tails = q.get(f"p99_over_p50_c{top}_by_shards") or {}
     tail = ""
     if tails:
-        wrk = {int(s): r for s, r in q["by_shards"].items() if "wrk_" + str(top) in
-               r["http"].get("group", {}).get("defaults", {})}  # fmt: skip
+        defaults = {  # shards -> the group layout's defaults, where wrk measured them too
+            int(s): r["http"]["group"]["defaults"]
+            for s, r in q["by_shards"].items()
+            if f"wrk_{top}" in r["http"].get("group", {}).get("defaults", {})
+        }
         tail = (
             f"\n\nThe tail at concurrency {top}, group layout, from `wrk` (a C load generator, "
             "`harness/wrk_load.py`) beside the Python client threads the table uses: "
             + "; ".join(
-                f"{s} shards p50 / p99 "
-                f"{fmt(wrk[int(s)]['http']['group']['defaults'][f'wrk_{top}']['p50_ms'], 1)} / "
-                f"{fmt(wrk[int(s)]['http']['group']['defaults'][f'wrk_{top}']['p99_ms'], 1)} ms, "
-                f"**{t['wrk']}x** (threads {t['python_client']}x)"
-                for s, t in sorted(tails.items(), key=lambda kv: int(kv[0]))
-                if int(s) in wrk
+                f"{s} shards p50 / p99 {fmt(d[f'wrk_{top}']['p50_ms'], 1)} / "
+                f"{fmt(d[f'wrk_{top}']['p99_ms'], 1)} ms, "
+                f"**{tails[str(s)]['wrk']}x** (threads {tails[str(s)]['python_client']}x)"
+                for s, d in sorted(defaults.items())
+                if str(s) in tails
             )
             + f". Worst p99 over p50: **{q.get(f'p99_over_p50_c{top}')}x** (goal <= 3). Where the "
             "threads' queries waited: the ingress's own time per query (`took_ms`, p50 / p99) was "
             + "; ".join(
                 f"{s} shards {fmt(d.get('ingress_took_p50_ms'), 1)} / "
                 f"{fmt(d.get('ingress_took_p99_ms'), 1)} ms"
-                for s in sorted(wrk)
-                for d in [wrk[s]["http"]["group"]["defaults"][str(top)]]
+                for s, by_level in sorted(defaults.items())
+                for d in [by_level[str(top)]]
             )
             + f" in the threads' run: {top} Python threads in one process on 2 cores shared with "
             "the server also wait for the GIL and the CPU, and that wait is in their latencies, "
