@@ -2,15 +2,16 @@
 
     flock /tmp/vs-heavy.lock .venv/bin/python benchmarks/whitening.py
 
-PCA-whitening (Jégou and Chum, "Negative evidence and co-occurrences in image retrieval", 2012;
-the standard post-processing of CNN descriptors for *instance* retrieval) is learned on the
-catalogue's own vectors, as a build would learn it per store: centre on the catalogue mean,
+PCA-whitening (Jégou and Chum, "Negative evidence and co-occurrences in image retrieval", 2012; the
+standard post-processing of CNN descriptors for *instance* retrieval) is learned on the catalogue's
+own vectors, as a store's first build learns it (``index.ann.transform``, the same code; its rule
+``choose_transform`` is written from this benchmark's results): centre on the catalogue mean,
 project on the top ``d`` principal directions, scale each by ``eigenvalue ** power`` (``-0.5``:
-full whitening, ``-0.25``: half, ``0``: PCA reduction only), L2-normalise; queries get the
-same transform. Measured by exact search on Caltech-101 (queries: test photos, catalogue: train
-photos, the class as relevance; precision@10 and mAP@100 as ``benchmarks/quality.py``), for the
-default backbone (EfficientNet-Lite0, embedded here with the query path's crop; the vectors are
-cached in ``--workdir``) and for the MobileNetV2 vectors of ``../shared/data/ann``.
+full whitening, ``-0.25``: half, ``0``: PCA reduction only), L2-normalise; queries get the same
+transform. Measured by exact search on Caltech-101 (queries: test photos, catalogue: train photos,
+the class as relevance; precision@10 and mAP@100 as ``benchmarks/quality.py``), for the default
+backbone (EfficientNet-Lite0, embedded here with the query path's crop; the vectors are cached in
+``--workdir``) and for the MobileNetV2 vectors of ``../shared/data/ann``.
 
 The written rules (``choose``): whitening is on only when a whitened setting beats the plain
 vectors, and PCA reduction alone at the same ``d``, by ``WHITEN_MARGIN`` mAP@100; PCA reduction
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script,
 
 from benchmarks import common  # noqa: E402
 from benchmarks.answer_scores import exact_labels, scores_of  # noqa: E402
+from index.ann.transform import TransformSpec, learn_transform  # noqa: E402
 
 NAME = "whitening"
 DIMS = (None, 512, 256, 128, 64)  # None: every dimension
@@ -45,31 +47,15 @@ WHITEN_MARGIN = 0.01  # mAP@100 a whitened setting must gain to be switched on
 PCA_LOSS = 0.005  # mAP@100 a PCA reduction may cost to count as "the same"
 
 
-def learn(vectors: np.ndarray, dim: int | None, power: float) -> tuple[np.ndarray, np.ndarray]:
-    """The catalogue's mean and the (D, d) projection: principal directions x eigenvalue**power."""
-    mean = vectors.mean(axis=0)
-    values, directions = np.linalg.eigh(np.cov((vectors - mean).T))
-    order = np.argsort(-values)[: dim or len(values)]
-    values = np.maximum(values[order], 1e-6 * values[order[0]])  # no blow-up of null directions
-    return mean, directions[:, order] * values**power
-
-
-def apply(vectors: np.ndarray, mean: np.ndarray, projection: np.ndarray) -> np.ndarray:
-    out = (vectors - mean) @ projection
-    return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
-
-
 def evaluate(train, test, train_labels, test_labels) -> dict:
     relevant = {c: train_labels.count(c) for c in set(train_labels)}
     plain = scores_of(exact_labels(test, train, train_labels), test_labels, relevant)
     rows = []
     for dim in DIMS:
         for power in POWERS:
-            mean, projection = learn(train, dim, power)
-            answers = exact_labels(
-                apply(test, mean, projection), apply(train, mean, projection), train_labels
-            )
-            d = projection.shape[1]
+            d = dim or train.shape[1]
+            transform = learn_transform(train, TransformSpec(d, power), "ip")
+            answers = exact_labels(transform.apply(test), transform.apply(train), train_labels)
             rows.append(
                 {
                     "dim": d,

@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from index.ann.transform import load_transform
 from index.live.delta import load_live_shard
 from index.query.merge import merge_topk
 from index.storage.manifest import load_manifest
@@ -39,8 +40,9 @@ def make_app(store_uri: str, threads: int = 1) -> Starlette:
     faiss.omp_set_num_threads(threads)
     store = Store(store_uri)
     manifest = load_manifest(store)
+    transform = load_transform(store, manifest)  # the store's space (index.ann.transform)
     shards = [
-        load_live_shard(store, s, manifest.shards[s].dir, manifest.dim, manifest.metric)
+        load_live_shard(store, s, manifest.shards[s].dir, manifest.dim, manifest.metric, transform)
         for s in range(manifest.num_shards)
     ]
     limits = Limits()

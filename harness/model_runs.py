@@ -45,8 +45,10 @@ def embed_and_build(
     root: Path,
     num_shards: int = 2,
     metadata: list[str] | None = None,
+    transform: str = "auto",
 ) -> BuiltStore:
-    """``metadata``: sidecar tables (a ``uri`` column and typed columns) stored with the rows."""
+    """``metadata``: sidecar tables (a ``uri`` column and typed columns) stored with the rows;
+    ``transform``: the build's (``index.ann.transform``: auto, none, pca:D, whiten:D)."""
     config = EmbedJobConfig(
         metadata=metadata or [],
         input=[str(p) for p in photos],
@@ -60,7 +62,7 @@ def embed_and_build(
     summary = run_job(config)
     if summary.errors or summary.embedded != len(photos):
         raise RuntimeError(f"{model}: {summary.line()}")
-    build(BuildConfig(store=str(root), num_cpus=0.5))
+    build(BuildConfig(store=str(root), num_cpus=0.5, transform=transform))
     store = Store(root)
     shards = [ShardIndex.load(store, s) for s in range(num_shards)]
     embedder = Embedder(ModelConfig(name=model, weights=weights, threads=1))

@@ -25,6 +25,12 @@ per-shard commits make each shard live as soon as it is ready and keep finished 
 shard fails or the job is killed (the re-run skips it). Each commit is an atomic create, and a
 crash before it leaves the previous version live: a version directory nobody names is invisible.
 
+Before any shard of a new store is built, the driver decides the store's transform
+(``--transform``, default ``auto``: the written rule of ``index.ann.transform.choose_transform``)
+and, when there is one, learns it on a sample of the rows and commits it
+(``index.live.transform_fit``): every shard then indexes, reranks and scores in that reduced
+space. Later builds keep the store's choice; asking another one is refused.
+
 The store must be readable by every node (a shared path, or an object store URI).
 YAML config keys are the ``BuildConfig`` field names; command-line flags override them.
 """
@@ -50,7 +56,9 @@ if __name__ == "__main__":  # a job under a Python without the project: say so, 
 import yaml  # noqa: E402
 
 from index.ann.policy import estimate_build_memory  # noqa: E402
+from index.ann.transform import check_asked  # noqa: E402
 from index.live.rebuild import RebuildOptions, rebuild_shard, source_rows  # noqa: E402
+from index.live.transform_fit import ensure_transform  # noqa: E402
 from index.storage.coverage import plan_shard  # noqa: E402
 from index.storage.manifest import load_manifest  # noqa: E402
 from index.storage.store import Store, parse_storage_options  # noqa: E402
@@ -78,6 +86,9 @@ class BuildConfig:
     # has nodes with it (cluster.yaml's memory nodes), "" = none
     node_resource: str = "auto"
     progress: bool = True
+    # the store's learned transform, chosen by its first build (index.ann.transform): "auto"
+    # (the written rule), "none", "pca:D" or "whiten:D"; later builds keep the store's
+    transform: str = "auto"
 
     def validate(self) -> BuildConfig:
         if not self.store:
@@ -89,6 +100,7 @@ class BuildConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.shards is not None and any(s < 0 for s in self.shards):
             raise ValueError(f"shards must be >= 0, got {self.shards}")
+        self.transform = check_asked(self.transform)
         return self
 
     @property
@@ -107,6 +119,7 @@ class BuildSummary:
     vectors: int = 0
     seconds: float = 0.0
     shard_seconds: dict[int, float] = field(default_factory=dict)
+    transform: str = ""  # what the store's transform is, and why (ensure_transform)
 
     def line(self) -> str:
         text = (
@@ -117,6 +130,8 @@ class BuildSummary:
             text += f"; {len(self.superseded)} superseded by other builds (run again)"
         if self.built:
             text += "; versions " + ", ".join(f"{s}:v{v}" for s, v in sorted(self.built.items()))
+        if self.transform:
+            text += f"; transform: {self.transform}"
         return text
 
 
@@ -156,6 +171,8 @@ def run(config: BuildConfig) -> BuildSummary:
     if not todo:
         summary.seconds = time.perf_counter() - t0
         return summary
+    # before any shard is built: every shard indexes in the space the first build chose
+    _, summary.transform = ensure_transform(store, config.transform, config.seed)
 
     import ray
 
@@ -249,6 +266,11 @@ def load_config(argv: list[str] | None = None) -> BuildConfig:
     parser.add_argument("--num-cpus", type=float, help="Ray CPUs per shard task")
     parser.add_argument("--threads", type=int, help="FAISS threads per task")
     parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--transform",
+        help="the store's learned transform, chosen by its first build: auto (default: the "
+        "written rule, index.ann.transform), none, pca:D or whiten:D",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     args = parser.parse_args(argv)
 
@@ -261,7 +283,7 @@ def load_config(argv: list[str] | None = None) -> BuildConfig:
             parser.error(f"unknown keys in {args.config}: {sorted(unknown)}")
         values.update(loaded)
     names = ("store", "memory_budget", "force", "retrain", "address", "num_cpus", "threads")
-    for name in (*names, "seed", "node_resource"):
+    for name in (*names, "seed", "node_resource", "transform"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.progress is not None:

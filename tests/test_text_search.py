@@ -8,6 +8,11 @@ nowhere in particular, so what is checked is the path: the vector the app search
 model's own text vector (the same top-k as an exact search by it), and mixing follows the
 documented formula. The refusal for a model without a text tower (422 ``no_text_encoder``) is
 in ``tests/test_serve_http.py``'s bad-input test.
+
+The store is built with a learned transform (``--transform pca:8``, ``index.ann.transform``,
+#25.5), so the same path shows a transformed store served: image and text queries arrive in the
+model's space and the shards reduce them, an id's vector is already in the store's (the text is
+brought there to mix with it), and every score is an inner product in the reduced space.
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ from harness.model_runs import embed_and_build, query_vectors
 from harness.serve_app import running_app
 from harness.serve_store import caltech_sample
 from harness.tiny_models import open_clip_tiny
+from index.ann.transform import load_transform
 from index.live.recall import exact_all
 from index.rows.sharding import uri_id
+from index.storage.manifest import load_manifest
 from index.storage.store import Store
 from serve.deployments.query_model import mix
 from visual_search.query_cli import search_main
 
 pytestmark = pytest.mark.slow
+REDUCED = 8  # the store's transform: PCA to 8 dimensions (24 photos: at least 2 x 8 rows)
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +45,28 @@ def app(ray_local, scratch_root, caltech_dir):
     sidecar = scratch_root / "text-classes.csv"
     sidecar.write_text("uri,cls\n" + "".join(f"{p},{p.parent.name}\n" for p in paths))
     root = scratch_root / "text-store"
-    built = embed_and_build(model, "none", paths, root, metadata=[str(sidecar)])
+    built = embed_and_build(
+        model, "none", paths, root, metadata=[str(sidecar)], transform=f"pca:{REDUCED}"
+    )
     vectors = dict(zip(paths, query_vectors(built.embedder, paths), strict=True))
     with running_app(
         Store(root), paths, vectors, model=model, weights="none", shards_per_group=None
     ) as running:
-        running.extra.update(embedder=built.embedder, shards=built.shards)
+        transform = load_transform(Store(root), load_manifest(Store(root)))
+        running.extra.update(embedder=built.embedder, shards=built.shards, transform=transform)
         yield running
 
 
+def reduced(app, vector: np.ndarray) -> np.ndarray:
+    """A model-space vector in the store's space (a vector already there stays)."""
+    transform = app.extra["transform"]
+    if len(vector) == transform.out_dim:
+        return np.asarray(vector, np.float32)
+    return transform.apply(np.asarray(vector, np.float32)[None])[0]
+
+
 def exact_top(app, vector: np.ndarray, k: int) -> list[str]:
-    return exact_all(app.extra["shards"], vector[None].astype(np.float32), k)[0]
+    return exact_all(app.extra["shards"], reduced(app, vector)[None], k)[0]
 
 
 def stored(app, row_id: str) -> np.ndarray:
@@ -67,7 +86,7 @@ def test_text_mixed_and_filtered_queries(app, capsys):
         body = client.post("/search", json={"text": "red shoes", "k": 5, "rerank": True}).json()
         assert ids(body) == exact_top(app, text_vector, 5)
         assert body["results"][0]["score"] == pytest.approx(
-            float(stored(app, body["results"][0]["id"]) @ text_vector), abs=1e-4
+            float(stored(app, body["results"][0]["id"]) @ reduced(app, text_vector)), abs=1e-3
         )
         photo = app.paths[0]
         image_vector = app.vectors[photo]
@@ -80,7 +99,9 @@ def test_text_mixed_and_filtered_queries(app, capsys):
             "/search", json={"id": uri_id(str(photo)), "text": "red shoes", "k": 5}
         ).json()
         row = uri_id(str(photo))
-        assert ids(by_id) == exact_top(app, mix(stored(app, row), text_vector, 0.5), 5)
+        assert stored(app, row).shape == (REDUCED,)  # an id's vector is in the store's space
+        mixed_in_store = mix(stored(app, row), reduced(app, text_vector), 0.5)
+        assert ids(by_id) == exact_top(app, mixed_in_store, 5)
         wanted = app.paths[-1].parent.name
         only = client.post(
             "/search",

@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import posixpath
 from dataclasses import dataclass
 
 import faiss
@@ -41,6 +40,7 @@ import numpy as np
 
 from index.ann.exact import exact_search
 from index.rows.regions import parent_of
+from index.storage.digest_files import read_by_digest, save_by_digest
 from index.storage.manifest import Manifest
 from index.storage.store import Store
 
@@ -276,20 +276,12 @@ ROUTING_DIR = "_routing"
 def save_router(store: Store, router: Router) -> str:
     """Write ``router`` to the store (``_routing/router-<digest>.npz``, created once: the name
     is its content's digest) and return the path the manifest records."""
-    path = posixpath.join(ROUTING_DIR, f"router-{router.digest}.npz")
-    try:
-        store.create_bytes(store.path(path), router.to_bytes())
-    except FileExistsError:
-        pass  # the same bytes: the name is their digest
-    return path
+    return save_by_digest(store, ROUTING_DIR, "router", router)
 
 
 @functools.lru_cache(maxsize=16)
 def _read_router(store: Store, path: str) -> Router:
-    router = Router.from_bytes(store.read_bytes(store.path(path)))
-    if not posixpath.basename(path) == f"router-{router.digest}.npz":
-        raise RoutingError(f"{path} does not hold the router its name promises (torn or edited)")
-    return router
+    return read_by_digest(store, path, "router", Router, RoutingError)
 
 
 def load_router(store: Store, manifest: Manifest) -> Router | None:

@@ -27,6 +27,8 @@ process hands its rows over directly (``add_rows``, ``add_tombstones``) so they 
 before its HTTP response returns. ``rebased`` carries the delta rows, their blocks and the
 tombstones over to a newly built base version, dropping rows it covers.
 
+With a store transform (``index.ann.transform``) rows and queries are reduced as they arrive.
+
 Metadata: delta rows keep their columns in ``index.rows.columns.GrowingColumns``. A filtered
 ``search`` evaluates the filter on the base's columns (``ShardIndex.search_filtered``) and on the
 delta's (masking the rows it rejects); ``fields`` names the columns each hit carries,
@@ -48,15 +50,18 @@ import pyarrow as pa
 from index.ann.filter_plan import FilterPlan
 from index.ann.queries import check_k, check_queries
 from index.ann.shard_index import ShardIndex
+from index.ann.transform import Transform, in_store_space
 from index.live.delta_blocks import Freezer, block_rows_for
 from index.live.parts import read_each, read_rows, read_tombstones
 from index.live.snapshot import (
     Snapshot,
     exclude_selector,
     merged,
+    row_record,
     search_base,
     search_delta,
     snapshot_facets,
+    snapshot_stats,
 )
 from index.query.filters import Filter
 from index.query.hits import Hit
@@ -86,7 +91,11 @@ class LiveShard:
         dim: int,
         metric: str,
         block_rows: int | None = None,  # tail rows frozen into a block; None: block_rows_for(dim)
+        transform: Transform | None = None,  # the store's (index.ann.transform); None: none
     ) -> None:
+        self.source_dim = dim  # the model's: rows and queries arrive in it (load_transform checks)
+        self.transform = transform
+        dim = dim if transform is None else transform.out_dim  # the space rows are indexed in
         if base is not None and (base.dim != dim or base.metric != metric):
             raise ValueError(f"base is {base.dim}-d {base.metric}, shard is {dim}-d {metric}")
         self.store = store
@@ -149,7 +158,9 @@ class LiveShard:
                 applied += 1
             for part, (ids, uris, vectors, ingested, meta) in loaded_rows:
                 try:
-                    self._add_rows(part, ids, uris, vectors, ingested, meta)
+                    self._add_rows(
+                        part, ids, uris, in_store_space(vectors, self.transform), ingested, meta
+                    )
                 except ValueError as e:  # rows that do not fit (lengths, metadata): this part
                     failed[part] = f"{type(e).__name__}: {e}"
                     continue
@@ -182,6 +193,7 @@ class LiveShard:
             metadata = pa.table(dict(metadata)) if metadata else None
         with self._lock:
             ingested = np.asarray(ingested_at_ms, np.int64)
+            vectors = in_store_space(vectors, self.transform)
             self._add_rows(part, ids, uris, vectors, ingested, metadata)
             self._publish()
 
@@ -197,7 +209,9 @@ class LiveShard:
         """A view over a new base version with what it does not cover (delta rows of parts it was
         not built from) and every tombstone (``carry_into``); the caller swaps it in."""
         block_rows = self._freezer.block_rows
-        new = LiveShard(self.store, self.shard, base, self.dim, self.metric, block_rows)
+        new = LiveShard(
+            self.store, self.shard, base, self.source_dim, self.metric, block_rows, self.transform
+        )
         self.carry_into(new)
         return new
 
@@ -351,7 +365,7 @@ class LiveShard:
         schema) restricts the hits to the rows it matches; ``fields`` names the metadata columns
         each hit carries (``Hit.metadata``)."""
         snap = self._snap
-        q = check_queries(queries, self.dim)
+        q = check_queries(in_store_space(queries, self.transform), self.dim)
         check_k(k)
         options = {"nprobe": nprobe, "candidates": candidates, "rerank": rerank}
         base_hits, plan = search_base(snap, q, k, filter, fields, **options)
@@ -363,7 +377,7 @@ class LiveShard:
         ``search`` answers with a perfect index. The recall canary's reference
         (``serve.deployments.canary``): scans every vector of the shard, never the delta blocks."""
         snap = self._snap
-        q = check_queries(queries, self.dim)
+        q = check_queries(in_store_space(queries, self.transform), self.dim)
         check_k(k)
         base_hits: list[list[Hit]] = [[] for _ in range(len(q))]
         if snap.base is not None:
@@ -375,7 +389,8 @@ class LiveShard:
         return merged(base_hits, delta_hits, k, self.metric)
 
     def vector_of(self, row_id: str) -> np.ndarray | None:
-        """The visible vector of ``row_id`` (delta first, then base), or None."""
+        """The visible vector of ``row_id`` (delta first, then base), or None: in the store's
+        space (reduced, with a transform), which ``search`` takes as it is."""
         found = self._locate(row_id)
         if found is None:
             return None
@@ -410,22 +425,8 @@ class LiveShard:
         if found is None:
             return None
         snap, where, index = found
-        if where == "delta":
-            uri, ingested = snap.uris[index], self._ingested[index]
-            names = list(snap.meta.columns) if fields is None else list(fields)
-            metadata = snap.meta.records(np.asarray([index]), names)[0]
-        else:
-            uri, ingested = snap.base.uri_of(index), snap.base.ingested_at(index)
-            metadata = snap.base.metadata_of(np.asarray([index]), fields)[0]
-        return {
-            "id": row_id,
-            "uri": uri,
-            "shard": self.shard,
-            "version": self.version,
-            "source": "delta" if where == "delta" else "index",
-            "ingested_at_ms": int(ingested),
-            "metadata": metadata,
-        }
+        ingested = self._ingested[index] if where == "delta" else None
+        return row_record(snap, row_id, where, index, ingested, fields, self.shard, self.version)
 
     def _locate(self, row_id: str) -> tuple[Snapshot, str, int] | None:
         """Where the visible copy of ``row_id`` is: (snapshot, "delta" or "base", row)."""
@@ -473,26 +474,26 @@ class LiveShard:
         return snapshot_facets(self._snap)  # index.query.facets over the visible rows
 
     def stats(self) -> dict:
-        snap = self._snap
         return {
-            "delta": snap.alive_count,
-            "delta_rows": len(snap.alive),
+            **snapshot_stats(self._snap),
             "delta_parts": len(self._part_rows),
-            "delta_bytes": int(snap.vectors.nbytes),
-            "delta_blocks": len(snap.blocks),  # indexed blocks (index.live.delta_blocks)
-            "delta_frozen_rows": snap.frozen,  # delta rows in them; the rest are scanned
             "delta_block_error": self._freezer.error,  # a failed build: no more blocks, exact
             "tombstones": len(self._deleted),
-            "hidden_base_rows": snap.hidden_base_count,
             "unreadable_parts": dict(self._unreadable),  # retried by every refresh
         }
 
 
 def load_live_shard(
-    store: Store, shard: int, version: str | int | None, dim: int, metric: str
+    store: Store,
+    shard: int,
+    version: str | int | None,
+    dim: int,
+    metric: str,
+    transform: Transform | None = None,
 ) -> LiveShard:
-    """The live view of ``shard`` at ``version`` (a name or number; None: delta only), read."""
+    """The live view of ``shard`` at ``version`` (a name or number; None: delta only), read;
+    ``dim`` is the model's, ``transform`` the store's (``index.ann.transform``)."""
     base = ShardIndex.load(store, shard, version) if version is not None else None
-    view = LiveShard(store, shard, base, dim, metric)
+    view = LiveShard(store, shard, base, dim, metric, transform=transform)
     view.refresh()
     return view

@@ -13,7 +13,9 @@ when the
 3. reads the live version's base parts, the new parts and its tombstones (the live version's
    ``tombstones.parquet`` and the tombstone parts it did not apply), keeps the visible rows
    (``index.rows.visibility``: newest copy of an id, deletes applied), sorted by id;
-4. builds the index from those arrays (``index.ann.build.build_arrays``) into a local directory,
+4. builds the index from those arrays (``index.ann.build.build_arrays``), passed through the
+   store's transform when it has one (``index.ann.transform``: the version then holds the
+   reduced vectors; the base parts keep the model's), into a local directory,
    with ``tombstones.parquet`` (the deletes it applied: all of them by default, or those of the
    last ``tombstone_keep_s``);
 5. **compacts**: writes the rows as a few large ``base-<version dir>-NNNNN.parquet`` parts
@@ -59,6 +61,7 @@ import pyarrow.parquet as pq
 
 from index.ann.build import build_arrays
 from index.ann.policy import IndexSpec, choose_index
+from index.ann.transform import Transform, load_transform
 from index.rows import schema
 from index.rows.metadata import TYPES
 from index.rows.visibility import newest_deletes, read_visible
@@ -244,11 +247,17 @@ def build_shard(
     table = read_rows(store, plan, manifest.dim)
     read_count = table.num_rows
     table, dropped = read_visible(table, tombstones)
-    vectors = schema.arrow_to_vectors(table[schema.EMBEDDING])
+    transform = load_transform(store, manifest)  # None: indexed in the model's space
+    vectors = _indexed(schema.arrow_to_vectors(table[schema.EMBEDDING]), transform)
+    dim = manifest.dim if transform is None else transform.out_dim
     n_base = len(base_parts_of(plan.meta))
-    new_vectors = _rows_of_parts(store, plan.new_parts, manifest.dim) if n_base else vectors
+    new_vectors = (
+        _indexed(_rows_of_parts(store, plan.new_parts, manifest.dim), transform)
+        if n_base
+        else vectors
+    )
     trained, spec, reason = drift_decision(
-        store, plan, new_vectors, len(vectors), manifest.dim, manifest.metric, options
+        store, plan, new_vectors, len(vectors), dim, manifest.metric, options
     )
     log.info("shard %d: %s", shard, reason)
     if on_stage is not None:
@@ -289,6 +298,7 @@ def build_shard(
                 # the live version this build read (None: none yet); the commit needs it live
                 "parent": plan.state.dir,
                 "model": manifest.model_tag,
+                "transform": manifest.transform,  # the space its vectors are in (None: model's)
                 "metadata": {c: t for c, t in manifest.metadata.items() if c in extra_columns},
                 "base_parts": base_parts,
                 # every part-* listed: its rows are in the base parts now (read from the live
@@ -400,6 +410,11 @@ def _typed_metadata(table: pa.Table, columns: dict[str, str]) -> pa.Table:
             i = table.column_names.index(name)
             table = table.set_column(i, pa.field(name, TYPES[kind]), table[name].cast(TYPES[kind]))
     return table
+
+
+def _indexed(vectors: np.ndarray, transform: Transform | None) -> np.ndarray:
+    """Rows as the store indexes them: through its transform, when it has one."""
+    return vectors if transform is None else transform.apply(vectors)
 
 
 def _rows_of_parts(store: Store, parts: list[str], dim: int) -> np.ndarray:

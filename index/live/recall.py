@@ -30,6 +30,7 @@ import numpy as np
 
 from index.ann.exact import exact_search
 from index.ann.shard_index import ShardIndex
+from index.ann.transform import load_transform
 from index.live.rebuild import read_rows, read_tombstones
 from index.query.hits import Hit
 from index.query.merge import merge_topk
@@ -65,11 +66,15 @@ def load_queries(path: str | Path, id_template: str = "{}") -> tuple[np.ndarray,
 
 def exact_truth(store: Store, queries: np.ndarray, k: int) -> list[list[str]]:
     """Exact float32 top-k ids over every visible row of the store's Parquet (the rows a build
-    of each shard would read: ``index.live.rebuild``), merged over shards."""
+    of each shard would read: ``index.live.rebuild``), merged over shards. ``queries`` are in
+    the model's space; with a store transform (``index.ann.transform``) rows and queries are
+    compared in the store's space, the one its indexes approximate."""
     manifest = load_manifest(store)
     if manifest is None:
         raise ValueError(f"{store} has no manifest")
+    transform = load_transform(store, manifest)
     q = np.ascontiguousarray(queries, dtype=np.float32)
+    q = q if transform is None else transform.apply(q)
     per_shard = []
     for shard in range(manifest.num_shards):
         plan = plan_shard(store, shard, manifest)
@@ -77,6 +82,7 @@ def exact_truth(store: Store, queries: np.ndarray, k: int) -> list[list[str]]:
         if table.num_rows == 0:
             continue
         vectors = schema.arrow_to_vectors(table[schema.EMBEDDING])
+        vectors = vectors if transform is None else transform.apply(vectors)
         ids = table[schema.ID].combine_chunks()
         scores, rows = exact_search(q, vectors, min(k, len(vectors)), manifest.metric)
         per_shard.append(
@@ -234,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if truth is None:
         truth = exact_truth(store, queries, args.k)
     shards = [ShardIndex.load(store, s) for s in range(manifest.num_shards)]
+    transform = load_transform(store, manifest)  # the versions hold the store's space
+    queries = queries if transform is None else transform.apply(queries)
     result = sweep(
         shards,
         queries,

@@ -135,3 +135,45 @@ def snapshot_facets(snap: Snapshot) -> dict:
         parts.append((snap.meta, snap.alive))
     kinds = {name: kind for columns, _ in parts for name, kind in columns.schema.items()}
     return merge_facets(column_facets(columns, rows, kinds=kinds) for columns, rows in parts)
+
+
+def snapshot_stats(snap: Snapshot) -> dict:
+    """The delta's and the hidden rows' counts (``LiveShard.stats`` adds the rest)."""
+    return {
+        "delta": snap.alive_count,
+        "delta_rows": len(snap.alive),
+        "delta_bytes": int(snap.vectors.nbytes),
+        "delta_blocks": len(snap.blocks),  # indexed blocks (index.live.delta_blocks)
+        "delta_frozen_rows": snap.frozen,  # delta rows in them; the rest are scanned
+        "hidden_base_rows": snap.hidden_base_count,
+    }
+
+
+def row_record(
+    snap: Snapshot,
+    row_id: str,
+    where: str,
+    index: int,
+    delta_ingested: int | None,
+    fields: Sequence[str] | None,
+    shard: int,
+    version: int | None,
+) -> dict:
+    """``LiveShard.record_of``'s answer for the row at ``index`` of the delta or the base
+    (``where``); a delta row's ``ingested_at`` is the shard's (``delta_ingested``)."""
+    if where == "delta":
+        uri, ingested = snap.uris[index], delta_ingested
+        names = list(snap.meta.columns) if fields is None else list(fields)
+        metadata = snap.meta.records(np.asarray([index]), names)[0]
+    else:
+        uri, ingested = snap.base.uri_of(index), snap.base.ingested_at(index)
+        metadata = snap.base.metadata_of(np.asarray([index]), fields)[0]
+    return {
+        "id": row_id,
+        "uri": uri,
+        "shard": shard,
+        "version": version,
+        "source": "delta" if where == "delta" else "index",
+        "ingested_at_ms": int(ingested),
+        "metadata": metadata,
+    }

@@ -10,7 +10,8 @@ proposes one past the highest *name* listed, so a torn or foreign file never blo
 ``manifest.json`` at the root is a convenience copy for humans and tools; nothing trusts it.
 
 The manifest is O(shards), whatever the number of rows or writes: model, dimension, metric, the
-id scheme, the region grid (``index.rows.regions``), the metadata schema (column -> type, at
+id scheme, the region grid (``index.rows.regions``), the layout and its router file, the
+learned transform's file (``index.ann.transform``: set once by the first build, never changed), the metadata schema (column -> type, at
 most ``index.rows.metadata.MAX_COLUMNS``; every writer merges its columns in by
 ``index.rows.metadata.merge_schema`` or is refused), and per shard the live version (its number
 and directory name), its row count and when it was built and made live. What a version was
@@ -68,6 +69,9 @@ class Manifest:
     regions: int = 1  # grid levels of region rows per image (index.rows.regions); 1: none
     layout: str = "hash"  # LAYOUTS; "routed": rows placed by ``router`` (index.ann.routing)
     router: str | None = None  # the routed layout's router file, relative to the store root
+    # the store's learned transform (index.ann.transform), relative to the root; None: vectors
+    # are indexed as the model makes them. Set once, by the first build, never changed.
+    transform: str | None = None
     sequence: int = 0
     written_at: float = 0.0
 
@@ -119,6 +123,7 @@ class Manifest:
             regions=body.get("regions", 1),
             layout=body.get("layout", "hash"),
             router=body.get("router"),
+            transform=body.get("transform"),
             sequence=body["sequence"],
             written_at=body["written_at"],
         )

@@ -23,6 +23,7 @@ DeploymentHandles to the QueryEmbedder, to one ShardSearcher deployment per *gro
 (``LocalGroup``). It never imports torch: the embedder replica runs the model.
 """
 
+import asyncio
 import logging
 import os
 import time
@@ -35,6 +36,7 @@ from ray.serve.handle import DeploymentHandle
 
 from embedding.config import has_text_tower
 from index.ann.routing import load_router
+from index.ann.transform import load_transform
 from index.query.facets import merge_facets
 from index.rows import clock
 from index.rows.regions import per_image
@@ -313,7 +315,9 @@ class Ingress:
         elif query.kind == "image":
             vector = await self.query_model.image(query.image, limits, "send a JSON vector or id")
         if query.text is not None:  # alone, or mixed into the query at text_weight
-            vector = await self.query_model.with_text(vector, query.text, query.text_weight)
+            vector = await self.query_model.with_text(
+                vector, query.text, query.text_weight, self._into_store_space
+            )
         answer = await self.planner.search(
             vector,
             params,
@@ -370,6 +374,15 @@ class Ingress:
             shard = min(gathered.missing)
             raise ApiError(503, "shard_unavailable", f"shard {shard} ({which}) did not answer")
         return None
+
+    async def _into_store_space(self, vector: np.ndarray) -> np.ndarray:
+        """``vector`` (the model's space) through the store's transform (``index.ann.transform``),
+        to mix it with a vector read back by id; shards transform every other query themselves."""
+        manifest = await asyncio.to_thread(load_manifest, self.store)
+        transform = None if manifest is None else load_transform(self.store, manifest)
+        if transform is None:
+            raise ApiError(422, "invalid_parameter", "the id's and the text's vectors differ")
+        return transform.apply(np.asarray(vector, np.float32)[None])[0]
 
     async def _vector_of(self, row_id: str) -> np.ndarray:
         """The vector of the catalogue row ``row_id`` (an ``id`` query), from its shard."""

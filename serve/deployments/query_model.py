@@ -11,7 +11,7 @@ tower. A mixed query (``text`` with an image, an id or a vector) is
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -79,12 +79,20 @@ class QueryModel:
         return await self._call(self.handle.embed_text.remote(text))
 
     async def with_text(
-        self, query: np.ndarray | None, text: str, weight: float | None
+        self,
+        query: np.ndarray | None,
+        text: str,
+        weight: float | None,
+        into_store_space: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None,
     ) -> np.ndarray:
-        """``text``'s vector, mixed into ``query`` (when there is one) at ``weight``."""
+        """``text``'s vector, mixed into ``query`` (when there is one) at ``weight``. A query
+        read back by id from a store with a transform (``index.ann.transform``) is in the
+        store's reduced space: the text's vector is brought there (``into_store_space``)."""
         vector = await self.text(text)
         if query is None:
             return vector
+        if len(vector) != len(query) and into_store_space is not None:
+            vector = await into_store_space(vector)
         return mix(query, vector, DEFAULT_TEXT_WEIGHT if weight is None else weight)
 
     async def _call(self, call) -> np.ndarray:

@@ -265,7 +265,10 @@ class ShardSearcher:
         filter and fields (runs in the batcher's worker thread). In a routed store requests
         visit different shards: each shard searches the requests that visit it, as one batch."""
         out: list[dict | Failed | None] = [None] * len(requests)
-        for members in sub_batches([(request[1], request[2:7]) for request in requests]):
+        # the query's length too: in a store with a transform an id's vector is in the store's
+        # space, other queries in the model's (index.ann.transform); one batch holds one size
+        keys = [(request[1], (len(request[0]), *request[2:7])) for request in requests]
+        for members in sub_batches(keys):
             try:
                 self._search_members(requests, members, out)
             except Exception as e:

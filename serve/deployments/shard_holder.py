@@ -26,6 +26,7 @@ import threading
 import time
 
 from index.ann.shard_index import IndexLoadError, ShardIndex
+from index.ann.transform import Transform, load_transform
 from index.live.delta import LiveShard, load_live_shard
 from index.rows import clock
 from index.storage.leases import drop_lease, write_lease
@@ -111,14 +112,19 @@ class ShardHolder:
         (exact)."""
         state = manifest.shards.get(self.shard)
         self.live_dir = None if state is None else state.dir
+        transform = load_transform(self.store, manifest)
         if state is None or state.dir is None:  # no index yet: the delta alone
-            view = load_live_shard(self.store, self.shard, None, manifest.dim, manifest.metric)
+            view = load_live_shard(
+                self.store, self.shard, None, manifest.dim, manifest.metric, transform
+            )
             self._install(view)
             return
 
         def attempt(name: str) -> LiveShard:
             self._loading(name)  # leased before a byte is fetched
-            return load_live_shard(self.store, self.shard, name, manifest.dim, manifest.metric)
+            return load_live_shard(
+                self.store, self.shard, name, manifest.dim, manifest.metric, transform
+            )
 
         found = newest_loadable(
             fallback_order(state.dir, state.version, lambda: list_versions(self.store, self.shard)),
@@ -157,9 +163,12 @@ class ShardHolder:
                 return False
             try:
                 self._loading(state.dir)  # leased before a byte is fetched
-                if current is None:
+                transform = load_transform(self.store, manifest)
+                if current is None or _digest(current.transform) != _digest(transform):
+                    # first, or the store's first build learned a transform while this view
+                    # served its delta in the model's space: read it all again in the new one
                     view = load_live_shard(
-                        self.store, self.shard, state.dir, manifest.dim, manifest.metric
+                        self.store, self.shard, state.dir, manifest.dim, manifest.metric, transform
                     )
                     self._install(view)
                 else:
@@ -343,3 +352,7 @@ class ShardHolder:
                 **view.stats(),  # delta, delta_rows, tombstones, hidden_base_rows
             )
         return body
+
+
+def _digest(transform: Transform | None) -> str | None:
+    return None if transform is None else transform.digest
