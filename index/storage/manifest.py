@@ -9,13 +9,13 @@ Readers take the highest-numbered file that parses and says ``"complete": true``
 proposes one past the highest *name* listed, so a torn or foreign file never blocks commits.
 ``manifest.json`` at the root is a convenience copy for humans and tools; nothing trusts it.
 
-The manifest is O(shards), whatever the number of rows or writes: model, dimension, metric, the
-id scheme, the region grid (``index.rows.regions``), the layout and its router file, the
-learned transform's file (``index.ann.transform``: set once by the first build, never changed), the metadata schema (column -> type, at
-most ``index.rows.metadata.MAX_COLUMNS``; every writer merges its columns in by
-``index.rows.metadata.merge_schema`` or is refused), and per shard the live version (its number
-and directory name), its row count and when it was built and made live. What a version was
-built from (parts, applied tombstones) is in that version's own ``meta.json``
+The manifest is O(shards), whatever the number of rows or writes: model, dimension, metric, the id
+scheme, the region grid (``index.rows.regions``), the layout and its router file, the learned
+transform's file (``index.ann.transform``: set once by the first build, never changed), the
+metadata schema (column -> type, at most ``index.rows.metadata.MAX_COLUMNS``; every writer merges
+its columns in by ``index.rows.metadata.merge_schema`` or is refused), and per shard the live
+version (its number and directory name), its row count and when it was built and made live. What a
+version was built from (parts, applied tombstones) is in that version's own ``meta.json``
 (``index.storage.publish``), read once per swap.
 """
 
