@@ -265,7 +265,9 @@ class QueryPlanner:
         if shape.expand and hits:
             top = hits[: shape.expand_m]
             found = await self.vectors_of(top)
-            kept = [h for h in top if h.id in found]
+            # (an ingress started before its store's first build learned a transform sends the
+            # model's vectors, while rows come back reduced: no expansion then, index.ann.transform)
+            kept = [h for h in top if h.id in found and len(found[h.id]) == len(vector)]
             if kept:
                 expanded = expanded_query(
                     vector,

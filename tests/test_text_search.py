@@ -28,6 +28,7 @@ from harness.serve_store import caltech_sample
 from harness.tiny_models import open_clip_tiny
 from index.ann.transform import load_transform
 from index.live.recall import exact_all
+from index.query.shaping import EXPAND_ALPHA, EXPAND_M, expanded_query
 from index.rows.sharding import uri_id
 from index.storage.manifest import load_manifest
 from index.storage.store import Store
@@ -102,6 +103,17 @@ def test_text_mixed_and_filtered_queries(app, capsys):
         assert stored(app, row).shape == (REDUCED,)  # an id's vector is in the store's space
         mixed_in_store = mix(stored(app, row), reduced(app, text_vector), 0.5)
         assert ids(by_id) == exact_top(app, mixed_in_store, 5)
+        # shaping reads rows back (in the store's space) beside the reduced query
+        for shaping in ("expand=true", "dedup=0.95", "diversify=0.5"):
+            shaped = client.post(f"/search?k=5&{shaping}", json={"text": "red shoes"})
+            assert shaped.status_code == 200 and len(ids(shaped.json())) == 5, shaping
+        expanded = client.post("/search?k=5&expand=true", json={"id": row}).json()
+        top = client.post(f"/search?k={EXPAND_M}", json={"id": row}).json()["results"]
+        neighbours = np.stack([stored(app, r["id"]) for r in top])
+        query = expanded_query(
+            stored(app, row), neighbours, [r["score"] for r in top], EXPAND_ALPHA
+        )
+        assert ids(expanded) == exact_top(app, query, 5)  # expanded in the store's space
         wanted = app.paths[-1].parent.name
         only = client.post(
             "/search",

@@ -36,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 
 from embedding.config import has_text_tower
 from index.ann.routing import load_router
-from index.ann.transform import load_transform
+from index.ann.transform import in_store_space, load_transform
 from index.query.facets import merge_facets
 from index.rows import clock
 from index.rows.regions import per_image
@@ -145,6 +145,7 @@ class Ingress:
         self.sources = Sources(config.thumbnail_roots, config.thumbnail_timeout_s)
         self.catalog = Catalog(self.store, manifest, on_change=self._publish_openapi)
         self.router = load_router(self.store, manifest)  # None: a hash-sharded store
+        self.transform = load_transform(self.store, manifest)  # queries go reduced (_into_...)
         self.planner = QueryPlanner(
             [_group(h, shards) for h, shards in zip(searchers, groups, strict=True)],
             self.metric,
@@ -318,6 +319,7 @@ class Ingress:
             vector = await self.query_model.with_text(
                 vector, query.text, query.text_weight, self._into_store_space
             )
+        vector = in_store_space(vector, self.transform).reshape(-1)  # an id's is there already
         answer = await self.planner.search(
             vector,
             params,
@@ -377,12 +379,15 @@ class Ingress:
 
     async def _into_store_space(self, vector: np.ndarray) -> np.ndarray:
         """``vector`` (the model's space) through the store's transform (``index.ann.transform``),
-        to mix it with a vector read back by id; shards transform every other query themselves."""
-        manifest = await asyncio.to_thread(load_manifest, self.store)
-        transform = None if manifest is None else load_transform(self.store, manifest)
+        to mix with an id's vector. Queries go to the shards reduced (10x fewer floats at 128-d);
+        if the store learned one after this replica started, its shards reduce queries."""
+        transform = self.transform
+        if transform is None:  # learned since this replica started (the store's first build)
+            manifest = await asyncio.to_thread(load_manifest, self.store)
+            transform = None if manifest is None else load_transform(self.store, manifest)
         if transform is None:
             raise ApiError(422, "invalid_parameter", "the id's and the text's vectors differ")
-        return transform.apply(np.asarray(vector, np.float32)[None])[0]
+        return in_store_space(vector, transform).reshape(-1)
 
     async def _vector_of(self, row_id: str) -> np.ndarray:
         """The vector of the catalogue row ``row_id`` (an ``id`` query), from its shard."""
