@@ -147,6 +147,18 @@ def replot(name: str, plot) -> None:
     plot(json.loads(path.read_text()), path.with_suffix(".png"))
 
 
+def parse_or_replot(parser, argv: list[str] | None, name: str, plot):
+    """The benchmark's arguments, with ``--plot-only`` (added here) and ``--workdir`` (the
+    parser's); None when only the plot was redrawn (``replot``), else after ``work_in``."""
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
+    args = parser.parse_args(argv)
+    if args.plot_only:
+        replot(name, plot)
+        return None
+    work_in(args.workdir)
+    return args
+
+
 def print_headline(result: dict) -> None:
     """A result's scalar figures, one a line (each JSON puts its headline keys first)."""
     for key, value in result.items():

@@ -159,11 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         "--ann", type=Path, default=common.DATA / "ann" / "caltech101-mnv2-1280-angular.hdf5"
     )
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vs-bench-quality"))
-    p.add_argument("--plot-only", action="store_true")
-    args = p.parse_args(argv)
-    if args.plot_only:
-        return common.replot(NAME, plot)
-    common.work_in(args.workdir)
+    args = common.parse_or_replot(p, argv, NAME, plot)
+    if args is None:
+        return
     started = time.perf_counter()
     backbones = {}
     print("efficientnet_lite0 (the default backbone):", flush=True)
