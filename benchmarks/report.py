@@ -46,6 +46,7 @@ def render() -> str:
         instance.section_verify(),
         instance.section_regions(),
         instance.section_whitening(),
+        instance.section_transform(),
         reliability.section_histories(),
         reliability.section_soak(),
         section_extrapolation(),

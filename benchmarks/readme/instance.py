@@ -1,6 +1,7 @@
 """The sections on finding *the same* object and on the vectors' own geometry: geometric
 verification of an image query's results (``verify.json``), region rows that let a crop find
-its photo (``regions.json``) and learned PCA-whitening (``whitening.json``)."""
+its photo (``regions.json``), learned PCA-whitening (``whitening.json``) and the store transform
+it led to, through the system (``transform_http.json``)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,41 @@ def section_whitening() -> str:
         f"Command: `{w['command']}`.\n\n"
         + md_table(rows, header)
         + "\n\n![whitening](results/whitening.png)\n"
+    )
+
+
+def section_transform() -> str:
+    t = load("transform_http")
+    if not t:
+        return ""
+    rows = []
+    for mode, run in t["stores"].items():
+        foot, http, exact = run["footprint"], run["http"], run["exact"]
+        rows.append(
+            [
+                f"`--transform {mode}` ({foot['indexed_dim'][0]}-d)",
+                f"**{fmt(http['map_at_100'], 4)}** / {fmt(http['precision_at_10'], 4)}",
+                f"{fmt(exact['map_at_100'], 4)} / {fmt(exact['precision_at_10'], 4)}",
+                fmt(foot["rerank_bytes_per_vector"]),
+                fmt(foot["ram_bytes_per_vector"]),
+                fmt(foot["disk_bytes_per_vector"]),
+                f"{fmt(http['p50_ms'], 1)} / {fmt(http['p99_ms'], 1)}",
+                fmt(http["qps"], 1),
+                fmt(run["build_seconds"], 1),
+            ]
+        )
+    header = (
+        "store | HTTP mAP@100 / P@10 | exact mAP@100 / P@10 | float16 rerank B/vector | RAM "
+        "B/vector (codes, ids, rows) | disk B/vector | HTTP p50 / p99 ms | QPS | build s"
+    )
+    return (
+        "### The store's transform through the system (`transform_http.json`)\n\n"
+        f"{fmt(t['catalogue'])} Caltech-101 train photos ({t['model']}) in two 4-shard stores "
+        f"built by the build job and served by the app; {fmt(t['queries'])} test photos' vectors "
+        "sent to `POST /search` (k=100, concurrency 4, the client on the same 2 cores). The "
+        f"rule's choice for `auto`: {t['transform_auto']}. Command: `{t['command']}`.\n\n"
+        + md_table(rows, header)
+        + "\n\n![transform](results/transform_http.png)\n"
     )
 
 
