@@ -18,7 +18,11 @@ Stages, each with its wall time and the peak summed RSS of every process it ran
 4. ``http``: the Serve app in the default mode (HAProxy on Serve's HTTP port) in a fresh
    process: the time from ``serve.run`` to the first query answered whole
    (``replica_first_query_s``: every shard loaded and mapped), then JSON vector queries at
-   concurrency 1 and 16 (p50/p99, QPS, recall@10).
+   concurrency 1 and 16 (p50/p99, QPS, recall@10);
+5. ``s3`` (with ``--s3``): the store's manifests and live versions uploaded to moto's S3 server
+   and served from ``s3://`` by a replica on a new node (cold: download, hash, map) and by one
+   restarting on that node (warm): ``harness.s3_stage``. ``replica_first_query_s`` is then the
+   cold start from S3 (``replica_first_query_local_s``: from the local store).
 
 With ``--cost-sizes 1000000 3000000``, stage ``build-N`` builds one shard of the first N rows
 (``build_arrays`` under the policy, 2 FAISS threads); then those and a shard of the store are
@@ -42,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script,
 
 from benchmarks import common  # noqa: E402
 from harness import big_store  # noqa: E402
+from harness.s3_stage import s3_first_query  # noqa: E402
 
 NAME, K = "scale", 10  # results/scale.json; recall@K
 
@@ -60,6 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block", type=int, default=500_000, help="rows drawn and written at a time")
     p.add_argument("--reuse", action="store_true", help="the store and truth of an earlier run")
     p.add_argument("--cost-sizes", type=int, nargs="*", default=[])
+    p.add_argument(
+        "--s3",
+        action="store_true",
+        help="also serve the store from moto's S3: a cold and a warm replica's first query",
+    )
     p.add_argument("--plot-only", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -91,6 +101,9 @@ def main(argv=None) -> int:
         result["inprocess"] = big_store.loaded_report(store_uri, args.shards, queries, truth, K)
     with rss.stage("http"):  # before the one-shard builds: they churn the page cache
         http = big_store.http_report(args, store_uri, queries, truth, K)
+    if args.s3:
+        with rss.stage("s3"):
+            result["s3"] = s3_first_query(args, store_uri, queries, truth, K)
     built = []
     for n in args.cost_sizes:
         with rss.stage(f"build-{n}"):
@@ -111,7 +124,11 @@ def main(argv=None) -> int:
         ram_bytes_per_vector=result["inprocess"]["ram_bytes_per_vector"],
         build_seconds=stages.get("build", {}).get("seconds"),
         peak_rss_gib=max(s["peak_rss_gib"] for s in stages.values()),
-        replica_first_query_s=http["first_query_s"],
+        # from S3 when measured (a new node: download, verify, map), else the local store's
+        replica_first_query_s=result["s3"]["cold"]["first_query_s"]
+        if "s3" in result
+        else http["first_query_s"],
+        replica_first_query_local_s=http["first_query_s"],
         cost_curve=curve,
         stages=stages,
         http=http,

@@ -119,6 +119,7 @@ def worker(spec: dict) -> None:
     ray = init_local_ray(workdir / "ray", num_cpus=max(4, int(0.25 * replicas + 2)))
     config = ServeConfig(
         store=spec["store"],
+        storage_options=spec.get("storage_options"),  # an s3:// store's endpoint and keys
         image_queries=False,
         reload_interval_s=0,
         default_candidates=spec["candidates"],
@@ -181,6 +182,7 @@ def spec_of(args, mode: str, store_uri: str, out: Path) -> dict:
         "nprobe": getattr(args, "nprobe", None) or None,
         "points": getattr(args, "points", None),
         "wrk_s": getattr(args, "wrk_seconds", 0),
+        "storage_options": getattr(args, "storage_options", None),
     }
 
 
