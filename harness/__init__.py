@@ -7,7 +7,8 @@
 - stores and data: rows written and read without the model (``stores``), generated vectors and
   their cached store and ground truth (``synthetic``), real photos embedded in-process
   (``serve_store``) or by the real job (``caltech_catalogue``), sample and broken images
-  (``embed_samples``), the bad-input table (``bad_inputs``);
+  (``embed_samples``), the bad-input table (``bad_inputs``), stores too big for RAM
+  (``big_store``) and a built store served from S3 by a new replica (``s3_stage``);
 - load: closed-loop requests from client threads (``closed_loop``), background traffic that
   records every answer (``traffic``), waiting with a deadline (``polling``);
 - histories: seeded concurrent clients that record every operation (``workload``) and the checker
