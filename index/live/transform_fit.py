@@ -53,8 +53,8 @@ def ensure_transform(store: Store, asked: str = AUTO, seed: int = 0) -> tuple[st
         raise ValueError(f"{store} has no manifest: embed some images first")
     if manifest.transform is not None:
         current = load_transform(store, manifest)
-        if asked not in (AUTO, NONE) and str(TransformSpec.parse(asked)) != str(
-            TransformSpec(current.out_dim, current.power)
+        if asked not in (AUTO, NONE) and TransformSpec.parse(asked) != TransformSpec(
+            current.out_dim, current.power
         ):
             raise TransformError(
                 f"the store indexes in {current.describe()} since its first build; "
