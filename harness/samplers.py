@@ -14,15 +14,31 @@ import time
 import psutil
 
 
+def title_of(cmdline: str) -> str:
+    """A process's short title: a Ray worker's ``ray::<actor or task>`` (a Serve replica's
+    ``ray::ServeReplica:<app>:<deployment>``), else its program's file name."""
+    first = cmdline.split(" ", 1)[0] if cmdline else "?"
+    if first.startswith("ray::"):  # not the method it runs now: ray::Actor.method
+        return first.split(".", 1)[0]
+    return os.path.basename(first) + (
+        " " + os.path.basename(cmdline.split(" ")[1])
+        if first.endswith("python") and " " in cmdline
+        else ""
+    )
+
+
 class CpuSampler:
     """CPU seconds of every process on the machine while it runs, by role: ``roles`` pairs a
     part of a process's title with its role (the first that matches wins), this process is
-    ``driver_role``; ``wall_s`` and ``machine_busy_s`` (all cores) once it has stopped."""
+    ``driver_role``; ``wall_s`` and ``machine_busy_s`` (all cores) once it has stopped.
+    ``by_title``: the same seconds by each process's short title (``title_of``), to see which
+    process of a role spent them (a Serve replica of which deployment, the proxy, the raylet)."""
 
     def __init__(self, roles: tuple[tuple[str, str], ...], driver_role: str, interval_s=1.0):
         self.roles, self.driver_role = roles, driver_role
         self.interval_s = interval_s
         self.seconds: dict[str, float] = {}
+        self.by_title: dict[str, float] = {}
         self._last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -54,7 +70,10 @@ class CpuSampler:
             if count:
                 title = " ".join(info.get("cmdline") or [info.get("name") or ""])
                 role = self.role(info["pid"], title)
-                self.seconds[role] = self.seconds.get(role, 0.0) + max(0.0, used - before)
+                spent = max(0.0, used - before)
+                self.seconds[role] = self.seconds.get(role, 0.0) + spent
+                short = title_of(title)
+                self.by_title[short] = self.by_title.get(short, 0.0) + spent
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

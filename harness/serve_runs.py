@@ -64,6 +64,12 @@ def measure_http(
         stats["ingress_took_p50_ms"] = round(statistics.median(call.server_ms), 3)
         stats["ingress_took_p99_ms"] = round(float(np.percentile(call.server_ms, 99)), 3)
         stats["server_cpu_ms_per_query"] = round(1000 * cpu.seconds.get("server", 0) / requests, 3)
+        # by process (ms per query), the ones above 0.1 ms: where the server's CPU went
+        stats["cpu_ms_per_query_by_process"] = {
+            title: round(1000 * seconds / requests, 3)
+            for title, seconds in sorted(cpu.by_title.items(), key=lambda kv: -kv[1])
+            if 1000 * seconds / requests >= 0.1
+        }
         rows[str(c)] = stats
         print(f"HTTP {label} c={c:>2}: {stats}", flush=True)
         if wrk_s and wrk_path():
