@@ -52,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from ray import serve
 
+from index.ann.threads import use_threads
 from index.query.filters import Filter
 from index.query.hits import Hit
 from index.query.merge import merge_topk
@@ -94,9 +95,8 @@ class ShardSearcher:
         reload_idle_max_s: float | None = None,
         poll_idle_after_s: float = 10.0,
     ):
-        import faiss
-
-        faiss.omp_set_num_threads(threads)  # several replicas share the CPUs
+        self.threads = threads  # FAISS's per searching thread (index.ann.threads)
+        use_threads(threads)
         self.store = Store(store_uri, storage_options)
         self.shards = [shards] if isinstance(shards, int) else list(shards)
         self.replica = _replica_id()
@@ -122,6 +122,8 @@ class ShardSearcher:
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, min(parallel_shards, len(self.shards))),
             thread_name_prefix="shard-search",
+            initializer=use_threads,
+            initargs=(threads,),
         )
         self.batcher = QueryBatcher(self._search_batch, max_batch=max_batch, wait_s=batch_wait_s)
         self._publish()
@@ -264,6 +266,7 @@ class ShardSearcher:
         """One FAISS batch per shard for the queued requests that share search parameters,
         filter and fields (runs in the batcher's worker thread). In a routed store requests
         visit different shards: each shard searches the requests that visit it, as one batch."""
+        use_threads(self.threads)  # the batcher's thread: OpenMP's count is per thread
         out: list[dict | Failed | None] = [None] * len(requests)
         # the query's length too: in a store with a transform an id's vector is in the store's
         # space, other queries in the model's (index.ann.transform); one batch holds one size
@@ -423,6 +426,7 @@ class ShardSearcher:
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
 
         def run() -> dict:
+            use_threads(self.threads)
             per_shard, answered = [], []
             for holder in self.holders.values():
                 view = holder.view
