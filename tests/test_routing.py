@@ -105,3 +105,16 @@ def test_a_manifest_names_its_layout_and_a_routed_one_its_router():
 def test_too_small_a_sample_is_refused_with_what_it_needs():
     with pytest.raises(RoutingError, match="need at least"):
         train_router(np.ones((50, 4), np.float32), 4)
+
+
+def test_probe_ranks_shards_by_their_nearest_cell_as_an_exact_search_of_the_cells(trained):
+    from index.ann.exact import exact_search
+
+    x, router = trained
+    for q in x[::997][:20]:
+        cells = exact_search(q, router.centroids, len(router.centroids), router.metric)[1][0]
+        first: list[int] = []
+        for shard in router.cell_shard[cells].tolist():
+            if shard not in first:
+                first.append(shard)
+        assert router.probe(q, SHARDS) == first

@@ -97,7 +97,26 @@ class Router:
         want = self.default_probe if shards_probe is None else int(shards_probe)
         if not 1 <= want <= self.num_shards:
             raise RoutingError(f"shards_probe must be in [1, {self.num_shards}], got {want}")
-        return _first_distinct(self.cell_shard[self.cells_of(vector, len(self.centroids))[0]], want)
+        # on every query's path: each shard's best cell (one product, one max per shard), then
+        # the shards by it (ties to the lower shard); |q|^2 is the same for every cell in l2
+        q = np.asarray(vector, np.float32).reshape(self.dim)
+        dots = self.centroids @ q
+        score = dots if self.metric == "ip" else 2 * dots - self._squared_norms
+        order, starts, owners = self._cells_by_shard
+        best = np.maximum.reduceat(score[order], starts)
+        return owners[np.argsort(-best, kind="stable")[:want]].tolist()
+
+    @functools.cached_property
+    def _squared_norms(self) -> np.ndarray:
+        return np.square(self.centroids).sum(axis=1)
+
+    @functools.cached_property
+    def _cells_by_shard(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The cells ordered by shard, where each shard's run starts, and the shards that own
+        a cell (a shard without one is never visited)."""
+        order = np.argsort(self.cell_shard, kind="stable")
+        owners, starts = np.unique(self.cell_shard[order], return_index=True)
+        return order, starts, owners
 
     @property
     def digest(self) -> str:
