@@ -131,9 +131,10 @@ def build_app(config: ServeConfig | dict[str, Any], *, verify_model: bool = True
             config.canary_max_per_s,
             config.canary_queue,
         )
-    return Ingress.options(**config.ingress.deployment_options(gpus), **common).bind(
-        config, embedder, searchers, rebuilder, groups, canary
-    )
+    # the ingress's own line per request is its access log (serve.metrics): not Serve's too
+    ingress_logs = {"enable_access_log": False, "encoding": config.log_encoding}
+    ingress = {**config.ingress.deployment_options(gpus), **common, "logging_config": ingress_logs}
+    return Ingress.options(**ingress).bind(config, embedder, searchers, rebuilder, groups, canary)
 
 
 def config_from_args(args: dict[str, Any] | None) -> ServeConfig:

@@ -154,7 +154,7 @@ class ServeConfig:
     canary_window: int = 200
     canary_queue: int = 16
     canary_num_cpus: float = 0.05
-    access_log: bool = True  # Serve's per-request access log lines (every replica, every call)
+    access_log: bool = True  # a line per HTTP request (ingress) and per call (replicas): metrics
     # Serve's log encoding: "JSON" = one JSON object per line with request_id, deployment,
     # replica and our endpoint/status/latency_ms fields; "TEXT" = Serve's plain lines
     log_encoding: str = "JSON"

@@ -4,10 +4,9 @@ A route reads its request with ``serve.http`` (parse, validate, check who may do
 job through a plain object, and answers:
 
 - ``POST /search``: the query's vector (embedded by the QueryEmbedder, looked up for an ``id``,
-  or given), then ``serve.planner.QueryPlanner`` (scatter to every shard group, gather before
-  ``shard_deadline_ms``, merge, shape; a group that misses the deadline or whose replica died
-  is named in ``missing_shards``, ``partial: true``); a sample of full answers goes to the recall
-  canary (``serve.deployments.canary``).
+  or given), then ``serve.planner.QueryPlanner`` (scatter to the groups it visits, gather by
+  ``shard_deadline_ms``, merge, shape; a group late or dead is named in ``missing_shards``,
+  ``partial: true``); a sample of full answers goes to the canary (``serve.deployments.canary``).
 - ``POST /images``, ``DELETE /images/{id}``: ``serve.writes.RowWriter`` (durable, then
   searchable); ``POST /admin/rebuild``: the Rebuilder deployment. All need the API key.
 - ``GET /images/{id}`` (+ ``/thumbnail``): the row from the shard that owns it; a thumbnail
@@ -29,7 +28,7 @@ import os
 import time
 
 import numpy as np
-from fastapi import Header, Query, Request
+from fastapi import Header, Request
 from fastapi.responses import Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -67,7 +66,7 @@ from serve.http.security import authorize_write, is_keyed
 from serve.http.thumbnails import Sources, thumbnail_response
 from serve.http.validate import validate_id
 from serve.http.verification import verify_results
-from serve.metrics import RequestMetrics, ingress_metrics
+from serve.metrics import RequestMetrics, ingress_metrics, log_requests
 from serve.planner import QueryPlanner, ShardGroup
 from serve.scatter import call_with_deadline, gather_with_deadline
 from serve.writes import RowWriter
@@ -106,6 +105,7 @@ class Ingress:
         canary: DeploymentHandle | None = None,
     ):
         self.config = config
+        log_requests(config.access_log)  # the app's access log: the middleware's line
         clock.skew_for(f"ingress-{os.getpid()}", config.clock_skew_ms)  # tests only
         self.store = config.open_store()
         self.rebuilder = rebuilder
@@ -295,13 +295,8 @@ class Ingress:
     async def search(
         self,
         request: Request,
-        k: int | None = None,
-        nprobe: int | None = None,
-        rerank: bool | None = None,
-        candidates: int | None = None,
-        fields: str | None = None,
-        # still read (``?id=``), but not documented: it is the JSON body's ``id``
-        id: str | None = Query(None, include_in_schema=False),
+        # no declared parameters: parse_search reads the query string and the body by our rules
+        # (the OpenAPI parameters are serve.http.openapi's), FastAPI need not validate them too
     ) -> dict:
         start = time.perf_counter()
         limits = self._caller(request)

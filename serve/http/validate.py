@@ -183,11 +183,14 @@ def validate_shape(raw: dict[str, Any]) -> ShapeOptions:
     )
 
 
+_NUMBER_TYPES = {int, float}
+
+
 def validate_vector(value: Any, dim: int, normalise: bool) -> np.ndarray:
     """A JSON list -> (dim,) float32; unit length when the metric is inner product (cosine)."""
-    if not isinstance(value, list) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in value
-    ):
+    # the checks run in C (a set of the values' types, then numpy): they are on every vector
+    # query's path; JSON gives exact int and float (bool is its own type, refused)
+    if not isinstance(value, list) or not {*map(type, value)} <= _NUMBER_TYPES:
         raise ApiError(422, "invalid_vector", "vector must be a flat JSON list of numbers")
     if len(value) != dim:
         raise ApiError(
@@ -195,10 +198,13 @@ def validate_vector(value: Any, dim: int, normalise: bool) -> np.ndarray:
             "wrong_vector_length",
             f"vector has {len(value)} values; this catalogue's embeddings have {dim}",
         )
+    try:
+        exact = np.asarray(value, dtype=np.float64)
+    except OverflowError:  # an integer past float64 (10**400)
+        raise ApiError(422, "non_finite_vector", "vector values overflow float32") from None
     # Python's json reads NaN/Infinity (and 1e999 -> inf); float32 overflow is non-finite too
-    if not all(math.isfinite(v) for v in value):
+    if not np.isfinite(exact).all():
         raise ApiError(422, "non_finite_vector", "vector holds NaN or Infinity")
-    exact = np.asarray(value, dtype=np.float64)
     if np.abs(exact).max(initial=0.0) > FLOAT32_MAX:
         raise ApiError(422, "non_finite_vector", "vector values overflow float32")
     if normalise:
