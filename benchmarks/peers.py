@@ -83,7 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--phase", choices=("build", "measure", "all"), default="all")
     p.add_argument("--milvus-n", type=int, default=0, help="rows Milvus Lite gets (0: all N)")
-    p.add_argument("--skip-milvus", action="store_true")
+    p.add_argument(
+        "--skip-milvus",
+        action="store_true",
+        help="no Milvus Lite in this run: its figures are carried from the last results of the "
+        "same N and dim, marked with that run's date (they do not depend on this project's code)",
+    )
     p.add_argument("--name", default="peers")
     args = p.parse_args(argv)
     if args.quick:
@@ -266,6 +271,19 @@ def measure_milvus(args, queries, truth, ids) -> dict:
     return out
 
 
+def carried_milvus(args) -> dict:
+    """The last results' Milvus Lite systems (same N and dim) and when they were measured."""
+    path = common.RESULTS_DIR / f"{args.name}.json"
+    if not path.exists():
+        return {}
+    last = json.loads(path.read_text())
+    if (last.get("n_vectors"), last.get("dim")) != (args.n, args.dim):
+        return {}
+    systems_ = {k: v for k, v in last.get("systems", {}).items() if k.startswith("milvus_lite_")}
+    when = last.get("milvus_carried_from") or last.get("machine", {}).get("when")
+    return {"systems": systems_, "when": when} if systems_ else {}
+
+
 def best_milvus(result: dict) -> str | None:
     """The Milvus Lite index with the lowest p99 among those reaching the target recall (else
     the most accurate one)."""
@@ -406,6 +424,8 @@ def main(argv=None) -> int:
         print(json.dumps(build, indent=1))
         return 0
     measured = measure_all(args, build, queries, truth, ids)
+    carried = carried_milvus(args) if args.skip_milvus else {}
+    measured.update(carried.get("systems", {}))
     ours_build = build["ours"].get("build_s", {})
     result = {
         "n_vectors": args.n,
@@ -439,6 +459,12 @@ def main(argv=None) -> int:
         ],
         "command": common.command("peers", argv),
     }
+    if carried:
+        result["milvus_carried_from"] = carried["when"]
+        result["notes"].append(
+            f"milvus_lite_*: carried from the run of {carried['when']} (--skip-milvus); every "
+            "other system was measured in this run"
+        )
     result = {**headline({**result, **measured}), **result}
     common.write_and_plot(args.name, result, plot)
     print(json.dumps({k: v for k, v in result.items() if k not in ("systems", "build")}, indent=1))
