@@ -9,7 +9,8 @@ rebuilds, exactly as a one-shard replica did; what the group adds:
 
 - **One call per group.** ``search`` searches every shard of the group (in a small thread pool:
   FAISS releases the GIL) and merges their top-k (``index.query.merge.merge_topk``), so the ingress
-  makes one call per group and merges groups, not shards.
+  makes one call per group and merges groups, not shards. In a hash store each shard is asked
+  for its share of the top k, not all k (``index.query.share``).
 - **Batching across requests.** Queries that reach the replica while it is searching are
   searched together next, as one FAISS batch per shard, and split back per request
   (``serve.deployments.batching.QueryBatcher``; requests with other search parameters, or a
@@ -18,8 +19,7 @@ rebuilds, exactly as a one-shard replica did; what the group adds:
 
 Background threads, so that nothing slow on one shard holds up another shard or the leases:
 
-- **Manifest** (one per replica): reads the manifest once for the whole group every
-  ``reload_interval_s`` and hands it to each shard's poll thread.
+- **Manifest** (one per replica): read for the whole group every ``reload_interval_s``.
 - **One poll thread per shard**: a shard whose live version changed loads it beside the old one
   and swaps one reference, so no query sees a half-loaded index or fails during the swap; and
   every ``delta_poll_s`` it lists the shard's parts and tombstones (other writers' rows). A swap
@@ -30,8 +30,8 @@ Background threads, so that nothing slow on one shard holds up another shard or 
   each holder also writes its lease before fetching a version ("loading") and after a swap.
   Garbage collection never deletes a version a lease names as served or loading.
 
-Writes routed to the replica (``add_rows``, ``add_tombstones``) are searchable when they return.
-On an object store, the node-cache copy of a version a shard swapped away from is evicted.
+Writes routed to the replica (``add_rows``, ``add_tombstones``) are searchable when they return;
+on an object store, the node-cache copy of a version a shard swapped away from is evicted.
 
 **One request fails alone.** ``_search_batch`` searches each sub-batch of requests that share
 parameters together; when that call raises, each request of the sub-batch is searched again on
@@ -57,6 +57,7 @@ from index.query.filters import Filter
 from index.query.hits import Hit
 from index.query.merge import merge_topk
 from index.query.region_hits import fetch_rows, to_images
+from index.query.share import share_candidates, share_k
 from index.rows import clock
 from index.rows.regions import per_image
 from index.storage.manifest import load_manifest
@@ -104,7 +105,7 @@ class ShardSearcher:
         manifest = load_manifest(self.store)
         if manifest is None:
             raise RuntimeError(f"store {store_uri} has no manifest")
-        self.metric = manifest.metric
+        self.metric, self.num_shards = manifest.metric, manifest.num_shards
         # rows per image (index.rows.regions): fixed when the store was made
         self.per_image = per_image(manifest.regions)
         self._stop = threading.Event()
@@ -321,6 +322,8 @@ class ShardSearcher:
         visits = visits or [None] * n
         everyone = list(range(n))
         every_shard = all(v is None for v in visits)  # a hash store: each shard takes them all
+        # there a shard is asked for its share of the top k, not all k (index.query.share)
+        share = fetch_rows(share_k(k, self.num_shards), self.per_image) if every_shard else rows
         asking = {  # shard -> the queries that visit it
             holder.shard: everyone
             if every_shard
@@ -334,19 +337,21 @@ class ShardSearcher:
             view, who = holder.view, asking[holder.shard]
             if view is None:
                 return holder.shard, who, None, None
-            start = time.perf_counter()
+            start, cands = time.perf_counter(), candidates
+            if share < rows and candidates is None and rerank:
+                cands = share_candidates(view.fetch_size(rows, None, True), rows, share)
             hits, plan = view.search_with_plan(
                 queries if len(who) == n else queries[who],
-                rows,
+                share,
                 nprobe=nprobe,
-                candidates=candidates,
+                candidates=cands,
                 rerank=rerank,
                 filter=flt,
                 fields=fields,
             )
             ms = (time.perf_counter() - start) * 1000
             searcher_metrics().observe_search(
-                holder.shard, ms / len(who), view.fetch_size(rows, candidates, rerank)
+                holder.shard, ms / len(who), view.fetch_size(share, cands, rerank)
             )
             if self.per_image > 1:  # region rows -> their images (merged below: best cell wins)
                 hits = [to_images(h) for h in hits]
