@@ -42,4 +42,5 @@ def test_a_random_hash_placement_puts_more_than_the_share_in_a_shard_about_as_of
 def test_candidates_shrink_with_the_share():
     assert share_candidates(800, 10, 10) == 800
     assert share_candidates(800, 10, 5) == 400
-    assert share_candidates(7, 10, 3) == 3  # never fewer than the results asked
+    assert share_candidates(100, 10, 3) == 50  # never below what the tuning measured
+    assert share_candidates(30, 10, 3) == 30  # nor above what the shard was tuned to

@@ -8,7 +8,8 @@ shard with probability 1.7e-4. ``share_k`` is the smallest m whose chance of bei
 shard is at most ``MISS``: asking each shard for m instead of k loses, in expectation, at most
 ``S * MISS`` results per query (1.6e-4 of recall@10 at 16 shards); with ``m * S >= k`` the merge
 still has k to choose from. The rerank candidates shrink with it (``share_candidates``): the
-build tuned them to find a shard's top 10 (``index.ann.tune``); its top 5 needs about half.
+build tuned them to find a shard's top 10 (``index.ann.tune``); its top 5 needs about half,
+never fewer than the tuning measured.
 
 Only for a query that visits every shard of a hash store: in a routed store
 (``index.ann.routing``) neighbours gather in the shards a query visits, so a visited shard is
@@ -21,6 +22,10 @@ import math
 from functools import lru_cache
 
 MISS = 1e-4  # the chance, per shard and query, that its share of the top k exceeds share_k
+# the fewest rerank candidates a share is given: the build's tuning measures recall from 50 up
+# (index.ann.tune.CANDIDATE_LADDER); below it, measured on 8 shards of 200k x 256 whose tuned 50
+# shrank to 30 for a share of 6, recall@10 fell from 0.994 to 0.990
+MIN_CANDIDATES = 50
 
 
 @lru_cache(maxsize=4096)
@@ -38,7 +43,8 @@ def share_k(k: int, shards: int, miss: float = MISS) -> int:
 
 
 def share_candidates(candidates: int, k: int, share: int) -> int:
-    """Rerank candidates for a shard's ``share`` of the top ``k``, from those for all ``k``."""
+    """Rerank candidates for a shard's ``share`` of the top ``k``, from those for all ``k``:
+    in proportion, but not below ``MIN_CANDIDATES`` (fewer were never measured)."""
     if share >= k:
         return candidates
-    return max(share, -(-candidates * share // k))
+    return max(share, min(candidates, MIN_CANDIDATES), -(-candidates * share // k))
