@@ -19,12 +19,12 @@ import json
 import sys
 import time
 
-import faiss
 import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from index.ann.threads import use_threads
 from index.ann.transform import load_transform
 from index.live.delta import load_live_shard
 from index.query.merge import merge_topk
@@ -37,7 +37,7 @@ from serve.http.parse import parse_search
 
 def make_app(store_uri: str, threads: int = 1) -> Starlette:
     """The store's shards behind ``POST /search`` and ``GET /healthz``."""
-    faiss.omp_set_num_threads(threads)
+    use_threads(threads)
     store = Store(store_uri)
     manifest = load_manifest(store)
     transform = load_transform(store, manifest)  # the store's space (index.ann.transform)
@@ -48,6 +48,7 @@ def make_app(store_uri: str, threads: int = 1) -> Starlette:
     limits = Limits()
 
     def search_all(q, params):
+        use_threads(threads)  # runs in asyncio's worker threads: OpenMP's count is per thread
         per_shard = [
             s.search(
                 q,
