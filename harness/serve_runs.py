@@ -64,7 +64,8 @@ def measure_http(
         stats["ingress_took_p50_ms"] = round(statistics.median(call.server_ms), 3)
         stats["ingress_took_p99_ms"] = round(float(np.percentile(call.server_ms, 99)), 3)
         stats["server_cpu_ms_per_query"] = round(1000 * cpu.seconds.get("server", 0) / requests, 3)
-        # by process (ms per query), the ones above 0.1 ms: where the server's CPU went
+        # by process (ms per query, the ones above 0.1 ms), every process on the machine: the
+        # server's, and the load generator's and others' that server_cpu_ms_per_query leaves out
         stats["cpu_ms_per_query_by_process"] = {
             title: round(1000 * seconds / requests, 3)
             for title, seconds in sorted(cpu.by_title.items(), key=lambda kv: -kv[1])
