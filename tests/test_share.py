@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from index.query.share import MISS, share_candidates, share_k
+from index.query.share import MISS, share_k
 
 
 def exceeded(k: int, shards: int, m: int) -> float:
@@ -37,10 +37,3 @@ def test_a_random_hash_placement_puts_more_than_the_share_in_a_shard_about_as_of
     np.add.at(counts, (np.repeat(np.arange(trials), k), rng.integers(0, shards, trials * k)), 1)
     rate = (counts > m).mean()  # per (query, shard)
     assert rate <= 3 * MISS and abs(rate - exceeded(k, shards, m)) < 3e-5
-
-
-def test_candidates_shrink_with_the_share():
-    assert share_candidates(800, 10, 10) == 800
-    assert share_candidates(800, 10, 5) == 400
-    assert share_candidates(100, 10, 3) == 50  # never below what the tuning measured
-    assert share_candidates(30, 10, 3) == 30  # nor above what the shard was tuned to

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow as pa
 
 from index.ann.exact import exact_search
 from index.ann.filter_plan import FilterPlan, batch_nprobe, prefer_exact
@@ -39,7 +38,7 @@ from index.ann.ivf_lists import FILTER_CACHE, FilterMasks, IvfLists
 from index.ann.loading import LoadedVersion, fetch_version, open_version, resolve_version
 from index.ann.memory import index_memory
 from index.ann.queries import check_k, check_queries
-from index.ann.rerank import rerank
+from index.ann.rerank import exact_scores, rerank
 from index.ann.row_table import RowTable
 from index.ann.tune import find_ivf
 from index.query.filters import Filter
@@ -100,9 +99,12 @@ class ShardIndex:
         self._index = index
         self._rows = rows
         self._vectors = vectors
+        # the same memory map as a plain array: numpy's memmap adds ~15 us to every gather
+        self._rows_f16 = vectors.view(np.ndarray) if isinstance(vectors, np.memmap) else vectors
         self._ivf = find_ivf(index)
         self._lists = None if self._ivf is None else IvfLists(index, self._ivf, self.count)
         self._masks = FilterMasks(rows.columns(), self._lists)
+        self._plain_params: dict[int | None, faiss.SearchParameters] = {}  # nprobe -> shared
 
     def __repr__(self) -> str:
         return (
@@ -197,6 +199,40 @@ class ShardIndex:
         # a Flat index's scores are already exact: nothing to rerank
         return self._best(q, scores, keys, k, rerank and self._ivf is not None, fields)
 
+    def scored_candidates(
+        self,
+        q: np.ndarray,
+        k: int,
+        *,
+        nprobe: int | None = None,
+        candidates: int | None = None,
+        rerank: bool = True,
+        exclude: faiss.IDSelector | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every candidate of a top-``k`` search, scored, not ranked nor read: ``(scores, keys)``
+        of shape ``(len(q), fetch_size(k, candidates, rerank))``, -1 keys padding short lists.
+        With ``rerank`` the scores are exact (``index.ann.rerank.exact_scores``), so candidates
+        of many shards can be ranked together once (``index.live.group_search``). ``q`` is
+        checked already (``index.ann.queries.check_queries``); the options are ``search``'s."""
+        if self.count == 0 or len(q) == 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        scores, keys = self._candidates(q, self.fetch_size(k, candidates, rerank), nprobe, exclude)
+        if rerank and self._ivf is not None:  # a Flat index's scores are exact already
+            scores = exact_scores(self._rows_f16, self.metric, q, keys)
+        return scores, keys
+
+    def hits_at(
+        self, keys: np.ndarray, scores: Sequence[float], fields: Sequence[str] | None = None
+    ) -> list[Hit]:
+        """The hits of row ``keys`` (valid ones) with their ``scores``: only an answer's rows
+        are read from the row table (``RowTable.ids_uris``)."""
+        ids, uris = self._rows.ids_uris(keys)
+        metas = self.metadata_of(keys, fields) if fields else [None] * len(ids)
+        return [
+            Hit(i, u, float(s), self.shard, m)
+            for i, u, s, m in zip(ids, uris, scores, metas, strict=True)
+        ]
+
     # ---- filtered search ----------------------------------------------------------------------
     def filter_mask(self, flt: Filter) -> np.ndarray:
         """Which rows of this version match ``flt`` (read-only; cached per filter)."""
@@ -277,6 +313,20 @@ class ShardIndex:
     def _params(
         self, nprobe: int | None, exclude: faiss.IDSelector | None = None
     ) -> faiss.SearchParameters | None:
+        """A search's parameters; without ``exclude`` made once per nprobe and shared (FAISS
+        only reads them: ~20 us a search saved, per shard of a group)."""
+        if exclude is None and self._ivf is not None:
+            cached = self._plain_params.get(nprobe)
+            if cached is None:
+                cached = self._make_params(nprobe, None)
+                if len(self._plain_params) < 16:  # a few nprobes are ever asked for
+                    self._plain_params[nprobe] = cached
+            return cached
+        return self._make_params(nprobe, exclude)
+
+    def _make_params(
+        self, nprobe: int | None, exclude: faiss.IDSelector | None
+    ) -> faiss.SearchParameters | None:
         if self._ivf is None:
             return None if exclude is None else faiss.SearchParameters(sel=exclude)
         nprobe = self.default_nprobe if nprobe is None else int(nprobe)
@@ -310,7 +360,7 @@ class ShardIndex:
     def rerank(self, q: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of candidate row keys from the float16 vectors; best ``k`` per query
         (``index.ann.rerank``: row-by-row arithmetic, ties by row key = id order)."""
-        return rerank(self._vectors, self.metric, q, keys, k)
+        return rerank(self._rows_f16, self.metric, q, keys, k)
 
     def search_exact(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Brute-force top ``k`` over every stored (float16) vector (``index.ann.exact``): the
@@ -327,9 +377,7 @@ class ShardIndex:
     ) -> list[list[Hit]]:
         valid = keys >= 0
         flat = keys[valid]
-        flat_keys = pa.array(flat)
-        ids = self._rows.ids.take(flat_keys).to_pylist()
-        uris = self._rows.uris.take(flat_keys).to_pylist()
+        ids, uris = self._rows.ids_uris(flat)
         flat_scores = scores[valid].tolist()
         metas = self.metadata_of(flat, fields) if fields else [None] * len(ids)
         out: list[list[Hit]] = []

@@ -25,17 +25,16 @@ that cannot be read is retried by the next refresh while the others are publishe
 tombstone part holds back new row parts only, never other deletes); a writer in the same
 process hands its rows over directly (``add_rows``, ``add_tombstones``) so they are searchable
 before its HTTP response returns. ``rebased`` carries the delta rows, their blocks and the
-tombstones over to a newly built base version, dropping rows it covers.
-
-With a store transform (``index.ann.transform``) rows and queries are reduced as they arrive.
+tombstones over to a newly built base version, dropping rows it covers. With a store transform
+(``index.ann.transform``) rows and queries are reduced as they arrive.
 
 Metadata: delta rows keep their columns in ``index.rows.columns.GrowingColumns``. A filtered
 ``search`` evaluates the filter on the base's columns (``ShardIndex.search_filtered``) and on the
 delta's (masking the rows it rejects); ``fields`` names the columns each hit carries,
 ``record_of`` returns all of them, ``facets`` what each column holds. Mutations hold a lock;
-searches read one immutable ``Snapshot`` (``index.live.snapshot``), so a search never sees a
-half-applied change nor waits for a refresh or a block build; each checks its queries and ``k``
-as ``ShardIndex`` does (``index.ann.queries``).
+searches read one immutable ``Snapshot`` (``snapshot()``, ``index.live.snapshot``; a group's
+search too, ``index.live.group_search``), so a search never sees a half-applied change nor waits
+for a refresh or a block build; each checks its queries and ``k`` (``index.ann.queries``).
 """
 
 from __future__ import annotations
@@ -344,6 +343,9 @@ class LiveShard:
         )
 
     # ---- reading ------------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        return self._snap
+
     def search(self, queries: np.ndarray, k: int, **options) -> list[list[Hit]]:
         """Top ``k`` visible rows per query over base (reranked) and delta (exact), merged;
         ``options`` are ``search_with_plan``'s (nprobe, candidates, rerank, filter, fields)."""
@@ -408,12 +410,9 @@ class LiveShard:
             for row_id in ids:
                 row = self._newest.get(row_id)
                 key = snap.base.row_key(row_id) if snap.base is not None else None
-                newest = max(
-                    newest,
-                    -1 if row is None else self._ingested[row],
-                    self._deleted.get(row_id, -1),
-                    -1 if key is None else int(snap.base.ingested_at(key)),
-                )
+                row_ms = -1 if row is None else self._ingested[row]
+                base_ms = -1 if key is None else int(snap.base.ingested_at(key))
+                newest = max(newest, row_ms, self._deleted.get(row_id, -1), base_ms)
         return newest
 
     def record_of(self, row_id: str, fields: Sequence[str] | None = None) -> dict | None:

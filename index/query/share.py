@@ -7,9 +7,15 @@ works for results the merge throws away: at 16 shards a query's top 10 has more 
 shard with probability 1.7e-4. ``share_k`` is the smallest m whose chance of being exceeded in a
 shard is at most ``MISS``: asking each shard for m instead of k loses, in expectation, at most
 ``S * MISS`` results per query (1.6e-4 of recall@10 at 16 shards); with ``m * S >= k`` the merge
-still has k to choose from. The rerank candidates shrink with it (``share_candidates``): the
-build tuned them to find a shard's top 10 (``index.ann.tune``); its top 5 needs about half,
-never fewer than the tuning measured.
+still has k to choose from.
+
+A shard's rerank candidates do not shrink with its share: the build tuned them to find its top
+10 (``index.ann.tune``), and which rows a shard's compressed index ranks first is as noisy for
+its top 5 as for its top 10. Measured (1M x 256 in 16 shards tuned to 100, the default serving
+path): 50 candidates for a share of 5 gave recall@10 0.958, 100 gave 0.994. A group searched as
+one (``index.live.group_search``) ranks every shard's reranked candidates together, so there the
+share only bounds what a shard answers without rerank; a shard searched on its own (filters,
+regions) answers its share.
 
 Only for a query that visits every shard of a hash store: in a routed store
 (``index.ann.routing``) neighbours gather in the shards a query visits, so a visited shard is
@@ -22,10 +28,6 @@ import math
 from functools import lru_cache
 
 MISS = 1e-4  # the chance, per shard and query, that its share of the top k exceeds share_k
-# the fewest rerank candidates a share is given: the build's tuning measures recall from 50 up
-# (index.ann.tune.CANDIDATE_LADDER); below it, measured on 8 shards of 200k x 256 whose tuned 50
-# shrank to 30 for a share of 6, recall@10 fell from 0.994 to 0.990
-MIN_CANDIDATES = 50
 
 
 @lru_cache(maxsize=4096)
@@ -40,11 +42,3 @@ def share_k(k: int, shards: int, miss: float = MISS) -> int:
         if tail <= miss and m * shards >= k:
             return max(m, 1)
     return k
-
-
-def share_candidates(candidates: int, k: int, share: int) -> int:
-    """Rerank candidates for a shard's ``share`` of the top ``k``, from those for all ``k``:
-    in proportion, but not below ``MIN_CANDIDATES`` (fewer were never measured)."""
-    if share >= k:
-        return candidates
-    return max(share, min(candidates, MIN_CANDIDATES), -(-candidates * share // k))

@@ -7,10 +7,11 @@ shard). A replica holds one ``ShardHolder`` per shard of its group
 (``index.live.delta.LiveShard``: live version + delta - tombstones), swaps, lease and
 rebuilds, exactly as a one-shard replica did; what the group adds:
 
-- **One call per group.** ``search`` searches every shard of the group (in a small thread pool:
-  FAISS releases the GIL) and merges their top-k (``index.query.merge.merge_topk``), so the ingress
-  makes one call per group and merges groups, not shards. In a hash store each shard is asked
-  for its share of the top k, not all k (``index.query.share``).
+- **One call per group.** ``search`` searches every shard of the group
+  (``index.live.group_search``: each shard proposes its exactly scored candidates, in a small
+  thread pool since FAISS releases the GIL; the group ranks them once and reads only the
+  answer's rows), so the ingress makes one call per group and merges groups, not shards. In a
+  hash store each shard reranks candidates for its share of the top k (``index.query.share``).
 - **Batching across requests.** Queries that reach the replica while it is searching are
   searched together next, as one FAISS batch per shard, and split back per request
   (``serve.deployments.batching.QueryBatcher``; requests with other search parameters, or a
@@ -44,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,11 +53,11 @@ import numpy as np
 from ray import serve
 
 from index.ann.threads import use_threads
+from index.live.group_search import GroupQuery, search_group
 from index.query.filters import Filter
-from index.query.hits import Hit
 from index.query.merge import merge_topk
 from index.query.region_hits import fetch_rows, to_images
-from index.query.share import share_candidates, share_k
+from index.query.share import share_k
 from index.rows import clock
 from index.rows.regions import per_image
 from index.storage.manifest import load_manifest
@@ -314,62 +314,34 @@ class ShardSearcher:
     def _search_all(
         self, queries, k, nprobe, candidates, rerank, flt=None, fields=(), visits=None
     ) -> dict:
-        """The group's shards over the batch (in the pool), merged per query: every shard for
-        every query, or (``visits``: per query, the shards it visits, None: all) each shard over
-        the queries that visit it. ``answered``: per query, the shards that searched it."""
-        rows = fetch_rows(k, self.per_image)  # k, or more in a store with region rows
+        """The group's shards over the batch (``index.live.group_search``: each shard proposes
+        in the pool, the group ranks once), per query: every shard, or (``visits``: per query,
+        the shards it visits, None: all) each shard over the queries that visit it.
+        ``answered``: per query, the shards that searched it."""
         n = len(queries)
         visits = visits or [None] * n
         everyone = list(range(n))
         every_shard = all(v is None for v in visits)  # a hash store: each shard takes them all
-        # there a shard is asked for its share of the top k, not all k (index.query.share)
-        share = fetch_rows(share_k(k, self.num_shards), self.per_image) if every_shard else rows
-        asking = {  # shard -> the queries that visit it
-            holder.shard: everyone
-            if every_shard
-            else [q for q in everyone if visits[q] is None or holder.shard in visits[q]]
-            for holder in self.holders.values()
-        }
         for shard in {s for visit in visits if visit for s in visit}:
             self._holder(shard)  # a shard this group does not serve: ValueError
-
-        def one(holder: ShardHolder) -> tuple[int, list[int], list[list[Hit]] | None, dict | None]:
-            view, who = holder.view, asking[holder.shard]
-            if view is None:
-                return holder.shard, who, None, None
-            start, cands = time.perf_counter(), candidates
-            if share < rows and candidates is None and rerank:
-                cands = share_candidates(view.fetch_size(rows, None, True), rows, share)
-            hits, plan = view.search_with_plan(
-                queries if len(who) == n else queries[who],
-                share,
-                nprobe=nprobe,
-                candidates=cands,
-                rerank=rerank,
-                filter=flt,
-                fields=fields,
-            )
-            ms = (time.perf_counter() - start) * 1000
-            searcher_metrics().observe_search(
-                holder.shard, ms / len(who), view.fetch_size(share, cands, rerank)
-            )
-            if self.per_image > 1:  # region rows -> their images (merged below: best cell wins)
-                hits = [to_images(h) for h in hits]
-            return holder.shard, who, hits, None if plan is None else plan.to_dict()
-
-        holders = [h for h in self.holders.values() if asking[h.shard]]
-        results = [one(holders[0])] if len(holders) == 1 else list(self._pool.map(one, holders))
-        per_query: list[list[list[Hit]]] = [[] for _ in range(n)]
-        answered: list[list[int]] = [[] for _ in range(n)]
-        for shard, who, hits, _ in results:
-            if hits is None:
-                continue
-            for row, q in enumerate(who):
-                per_query[q].append(hits[row])
-                answered[q].append(shard)
-        merged = [merge_topk(per_query[q], k, self.metric) for q in range(n)]
-        plans = {shard: plan for shard, _, _, plan in results if plan is not None}
-        return {"hits": merged, "answered": answered, "plans": plans}
+        asked = []
+        for holder in self.holders.values():
+            who = [q for q in everyone if visits[q] is None or holder.shard in visits[q]]
+            if who:
+                asked.append((holder.view, holder.shard, who))
+        ask = GroupQuery(
+            k=k,  # a hash shard is asked for its share of the top k, not all k
+            share=share_k(k, self.num_shards) if every_shard else k,
+            nprobe=nprobe,
+            candidates=candidates,
+            rerank=rerank,
+            filter=flt,
+            fields=tuple(fields or ()),
+            per_image=self.per_image,
+        )
+        observe = searcher_metrics().observe_search
+        found = search_group(asked, queries, ask, self.metric, self._pool.map, observe)
+        return {"hits": found.hits, "answered": found.answered, "plans": found.plans}
 
     # ---- writes and lookups -------------------------------------------------------------------
     def _holder(self, shard: int) -> ShardHolder:
