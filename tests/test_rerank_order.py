@@ -34,3 +34,13 @@ def test_best_k_equals_sorting_every_candidate_with_ties_and_missing_rows(metric
         got, want = best_k(scores, keys, metric, k), sorted_whole(scores, keys, metric, k)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_float16_vectors_become_the_same_float32_bits_as_numpy_makes_them():
+    from index.ann.rerank import as_float32
+
+    every = np.arange(65536, dtype=np.uint16).view(np.float16).reshape(256, 256)  # inf, NaN too
+    got = as_float32(every)
+    assert got.dtype == np.float32 and got.shape == every.shape
+    assert np.array_equal(got.view(np.uint32), every.astype(np.float32).view(np.uint32))
+    assert as_float32(np.ones(3, np.float64)).dtype == np.float32

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 CHUNK_ELEMENTS = 4_000_000  # float32 elements gathered per step (~16 MB)
+HALF_TO_FLOAT = np.float32(2.0**112)  # 2^(127 - 15): a half's exponent bias to a float's
 
 
 def exact_scores(
@@ -26,12 +27,37 @@ def exact_scores(
         block = keys[start : start + step]
         valid = block >= 0
         gathered = vectors[np.where(valid, block, 0).ravel()]
-        x = gathered.astype(np.float32).reshape(len(block), n, dim)
+        x = as_float32(gathered).reshape(len(block), n, dim)
         qb = queries[start : start + step, None, :]
         s = (x * qb).sum(axis=2) if metric == "ip" else np.square(x - qb).sum(axis=2)
         s[~valid] = worst
         out[start : start + step] = s
     return out
+
+
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32, the same values (and bits) as ``x.astype(np.float32)``.
+
+    numpy converts float16 one element at a time here (~2 ns each: for 16 shards x 100
+    candidates x 256-d, 0.9 ms a query, more than the FAISS searches); this builds the float32
+    bits with whole-array integer operations instead (about half the time): a half's exponent
+    and mantissa shifted into a float's place and rescaled by 2^112 (exact, subnormals too), its
+    sign put back; the rare infinities and NaNs are converted by numpy."""
+    if x.dtype != np.float16:
+        return x.astype(np.float32, copy=False)
+    bits = x.view(np.uint16)
+    out = bits.astype(np.uint32)
+    sign = out & 0x8000
+    sign <<= 16
+    out &= 0x7FFF
+    out <<= 13
+    values = out.view(np.float32)
+    values *= HALF_TO_FLOAT
+    out |= sign
+    special = (bits & 0x7C00) == 0x7C00  # a float16 exponent of all ones: inf or NaN
+    if special.any():
+        values[special] = x[special].astype(np.float32)
+    return values
 
 
 def best_k(
