@@ -126,7 +126,7 @@ def in_process(store_uri: str, num_shards: int, queries, truth, ids, nprobes) ->
         ),
         # what a searcher replica runs: the group's shards propose, the group ranks once
         "group_search_p50_ms": single_query_p50(
-            lambda q: search_group(asked, q[None], ask, "ip"), queries
+            lambda q: search_group(asked, q.reshape(1, -1), ask, "ip"), queries
         ),
         "recall_at_10": recall(),
         "nprobe_sweep": [
