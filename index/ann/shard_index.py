@@ -105,6 +105,7 @@ class ShardIndex:
         self._lists = None if self._ivf is None else IvfLists(index, self._ivf, self.count)
         self._masks = FilterMasks(rows.columns(), self._lists)
         self._plain_params: dict[int | None, faiss.SearchParameters] = {}  # nprobe -> shared
+        self._memory_bytes: int | None = None
 
     def __repr__(self) -> str:
         return (
@@ -437,8 +438,11 @@ class ShardIndex:
     # ---- accounting (index.ann.memory) --------------------------------------------------------
     def memory_bytes(self) -> int:
         """Bytes this version holds in RAM: the index (codes, ids, centroids, tables) and the
-        row ids/uris/metadata. The memory-mapped float16 vectors are not counted (page cache)."""
-        return index_memory(self._index)["total"] + self._rows.nbytes
+        row ids/uris/metadata. The memory-mapped float16 vectors are not counted (page cache).
+        Counted once: a version never changes, and the count walks every inverted list."""
+        if self._memory_bytes is None:
+            self._memory_bytes = index_memory(self._index)["total"] + self._rows.nbytes
+        return self._memory_bytes
 
     def memory_breakdown(self) -> dict:
         """``index_memory`` of the FAISS index plus the row table and mapped vectors sizes."""
