@@ -10,7 +10,7 @@ What is measured, by whom:
 - Ingress (``RequestMetrics`` middleware): requests by endpoint (the route template, so
   ``/images/{id}`` is one series) and status, and their latency; partial answers.
 - ShardSearcher: per-shard search latency and rerank candidates, and gauges of the live index:
-  version, rows, memory, delta rows.
+  version, rows, memory, delta rows (set when a poll or a write changed them, else every 10 s).
 - RecallCanary (``serve.deployments.canary``): the live recall@k and its samples.
 - Rebuilder: rebuilds by outcome and their duration, builds in flight, what garbage collection
   removed and the shards still waiting for it (``RebuilderMetrics``).
