@@ -172,6 +172,8 @@ def section_scaling() -> str:
         runs.setdefault(key, {})[r["shards"]] = r.get("qps_c16")
     headline = ""
     if runs:
+        # runs before 2026-12-04 11:00 named the client's ratio without a suffix
+        client = q.get("qps_c16_16_over_1_shards_python_client", q.get("qps_c16_16_over_1_shards"))
         headline = (
             "\n\nHeadline: QPS at concurrency 16 by run (the box's speed differs between days: "
             "compare within a run): "
@@ -181,8 +183,8 @@ def section_scaling() -> str:
                 for (layout, when), by in sorted(runs.items(), key=lambda kv: kv[0][1] or "")
             )
             + f". 16 shards over 1 shard in one group (the default), one run: "
-            f"**{q.get('qps_c16_16_over_1_shards')}x** from the Python client threads, "
-            f"**{q.get('qps_c16_16_over_1_shards_wrk')}x** from `wrk`. On one 2-core box every "
+            f"**{q.get('qps_c16_16_over_1_shards_wrk')}x** from `wrk` (the headline), "
+            f"{client}x from the Python client threads. On one 2-core box every "
             "layout shares the same cores; what the group layout removes is the per-shard actor "
             "call, so query cost stops growing with the shard count."
         )
@@ -259,6 +261,17 @@ def section_findings() -> str:
                 for s in shards
                 if str(s) in q["by_shards"]
             )
+            grouped = ", ".join(
+                f"S={s}: {q['by_shards'][str(s)]['inprocess']['group_search_p50_ms']} ms"
+                for s in shards
+                if q["by_shards"].get(str(s), {}).get("inprocess", {}).get("group_search_p50_ms")
+            )
+            if grouped:
+                seq += (
+                    "; as a replica searches them since 2026-12-04 (each shard proposes its "
+                    f"reranked candidates, the group ranks once, `index/live/group_search.py`): "
+                    f"{grouped}"
+                )
             out.append(
                 f"- Fan-out: QPS at concurrency {top} with a deployment per shard: "
                 f"{row('per_shard')}; with the shards in one group (the default): "
