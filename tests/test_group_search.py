@@ -162,3 +162,25 @@ def test_an_id_proposed_by_two_bases_is_read_once_and_the_next_candidate_fills_i
     proposals = [proposal(0, ["a", "b", "c"], [0.9, 0.5, 0.1]), proposal(1, ["a", "d"], [0.9, 0.4])]
     for k, expected in [(1, ["a"]), (2, ["a", "b"]), (3, ["a", "b", "d"]), (9, list("abdc"))]:
         assert [h.id for h in _rank(proposals, 1, k, "ip", ())[0]] == expected
+
+
+@pytest.mark.parametrize("parallel", [2, 3, 5])
+def test_runs_of_shards_in_a_pool_answer_as_one_thread_does(views, parallel):
+    from concurrent.futures import ThreadPoolExecutor
+
+    views, x, metric = views
+    queries = x[500:508] + 0.05
+    alone = search_group(asked_of(views, 8), queries, GroupQuery(k=10, share=10), metric)
+    observed: list[int] = []
+    with ThreadPoolExecutor(parallel) as pool:
+        pooled = search_group(
+            asked_of(views, 8),
+            queries,
+            GroupQuery(k=10, share=10),
+            metric,
+            pool.map,
+            lambda shard, ms, rows: observed.append(shard),
+            parallel,
+        )
+    same(pooled.hits, alone.hits)
+    assert pooled.answered == alone.answered and sorted(observed) == list(range(SHARDS))

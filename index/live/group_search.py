@@ -80,12 +80,14 @@ def search_group(
     metric: str,
     map_shards: MapShards = map,
     observe: Observe | None = None,
+    parallel: int = 1,
 ) -> GroupAnswer:
     """``asked``: per shard of the group, (its view or None when not loaded, the shard, the
-    rows of ``queries`` that visit it). Each shard is searched in ``map_shards`` (a thread
-    pool's ``map``: FAISS and numpy's gathers release the GIL)."""
+    rows of ``queries`` that visit it). The shards are searched in ``parallel`` runs of
+    consecutive shards through ``map_shards`` (a thread pool's ``map`` of that many threads:
+    FAISS and numpy release the GIL), or one after another in this thread (``parallel`` 1)."""
     if ask.filter is not None or ask.per_image > 1:
-        return search_each(asked, queries, ask, metric, map_shards, observe)
+        return search_each(asked, queries, ask, metric, map_shards, observe, parallel)
     n = len(queries)
     spaces: dict[int, np.ndarray] = {}  # one check and reduction per store transform
 
@@ -108,7 +110,7 @@ def search_group(
             observe(shard, ms / max(1, len(who)), keys.shape[1])
         return _Proposal(shard, who, snap.base, scores, keys, delta)
 
-    proposals = [p for p in _map(map_shards, propose, asked) if p is not None]
+    proposals = [p for p in _map(map_shards, propose, asked, parallel) if p is not None]
     answered: list[list[int]] = [[] for _ in range(n)]
     for p in proposals:
         for q in p.who:
@@ -191,6 +193,7 @@ def search_each(
     metric: str,
     map_shards: MapShards = map,
     observe: Observe | None = None,
+    parallel: int = 1,
 ) -> GroupAnswer:
     """Each shard searched on its own (``LiveShard.search_with_plan``: a filter's plan, region
     rows renamed to images) and the shards' hits merged per query."""
@@ -219,7 +222,7 @@ def search_each(
             hits = [to_images(h) for h in hits]
         return shard, who, hits, None if plan is None else plan.to_dict()
 
-    results = list(_map(map_shards, one, asked))
+    results = _map(map_shards, one, asked, parallel)
     per_query: list[list[list[Hit]]] = [[] for _ in range(n)]
     answered: list[list[int]] = [[] for _ in range(n)]
     for shard, who, hits, _ in results:
@@ -241,6 +244,12 @@ def _in_space(view: LiveShard, queries: np.ndarray, spaces: dict) -> np.ndarray:
     return spaces[key]
 
 
-def _map(map_shards: MapShards, fn, items: Sequence) -> list:
-    """One item in the calling thread (no hand-off to the pool); more in ``map_shards``."""
-    return [fn(items[0])] if len(items) == 1 else list(map_shards(fn, items))
+def _map(map_shards: MapShards, fn, items: Sequence, parallel: int) -> list:
+    """``fn`` of every item, in order: in ``parallel`` runs of consecutive items handed to
+    ``map_shards``, or here when one run does it all. One task per run, not per shard: a task
+    per shard cost a query 4.7 ms against 3.8 over 16 shards of 1M x 256 in a pool of 2."""
+    if parallel <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    size = -(-len(items) // parallel)
+    runs = [items[i : i + size] for i in range(0, len(items), size)]
+    return [out for run in map_shards(lambda run: [fn(item) for item in run], runs) for out in run]

@@ -124,8 +124,9 @@ class ShardSearcher:
         except BaseException:
             self._close()
             raise
+        self._parallel = max(1, min(parallel_shards, len(self.shards)))
         self._pool = ThreadPoolExecutor(
-            max_workers=max(1, min(parallel_shards, len(self.shards))),
+            max_workers=self._parallel,
             thread_name_prefix="shard-search",
             initializer=use_threads,
             initargs=(threads,),
@@ -346,7 +347,9 @@ class ShardSearcher:
             per_image=self.per_image,
         )
         observe = searcher_metrics().observe_search
-        found = search_group(asked, queries, ask, self.metric, self._pool.map, observe)
+        found = search_group(
+            asked, queries, ask, self.metric, self._pool.map, observe, self._parallel
+        )
         return {"hits": found.hits, "answered": found.answered, "plans": found.plans}
 
     # ---- writes and lookups -------------------------------------------------------------------
