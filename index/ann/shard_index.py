@@ -376,21 +376,13 @@ class ShardIndex:
     def _hits(
         self, scores: np.ndarray, keys: np.ndarray, fields: Sequence[str] | None = None
     ) -> list[list[Hit]]:
+        """Per query, the hits of its valid keys (``hits_at`` once for the whole batch)."""
         valid = keys >= 0
-        flat = keys[valid]
-        ids, uris = self._rows.ids_uris(flat)
-        flat_scores = scores[valid].tolist()
-        metas = self.metadata_of(flat, fields) if fields else [None] * len(ids)
+        flat = self.hits_at(keys[valid], scores[valid].tolist(), fields)
         out: list[list[Hit]] = []
         pos = 0
-        for row in valid:
-            count = int(row.sum())
-            out.append(
-                [
-                    Hit(ids[i], uris[i], flat_scores[i], self.shard, metas[i])
-                    for i in range(pos, pos + count)
-                ]
-            )
+        for count in valid.sum(axis=1).tolist():
+            out.append(flat[pos : pos + count])
             pos += count
         return out
 

@@ -98,7 +98,7 @@ def search_group(
         start, snap = time.perf_counter(), view.snapshot()
         q = _in_space(view, queries, spaces)
         q = q if len(who) == n else q[who]
-        scores = keys = np.zeros((len(q), 0), np.float32)
+        scores, keys = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         if snap.base is not None:
             scores, keys = snap.base.scored_candidates(
                 q, ask.share, nprobe=ask.nprobe, candidates=ask.candidates, rerank=ask.rerank,
@@ -205,19 +205,19 @@ def search_each(
         if view is None:
             return shard, who, None, None
         start = time.perf_counter()
-        cands = ask.candidates
         hits, plan = view.search_with_plan(
             queries if len(who) == n else queries[who],
             share,
             nprobe=ask.nprobe,
-            candidates=cands,
+            candidates=ask.candidates,
             rerank=ask.rerank,
             filter=ask.filter,
             fields=ask.fields,
         )
         if observe is not None:
             ms = (time.perf_counter() - start) * 1000
-            observe(shard, ms / max(1, len(who)), view.fetch_size(share, cands, ask.rerank))
+            fetched = view.fetch_size(share, ask.candidates, ask.rerank)
+            observe(shard, ms / max(1, len(who)), fetched)
         if ask.per_image > 1:  # region rows -> their images (merged below: best cell wins)
             hits = [to_images(h) for h in hits]
         return shard, who, hits, None if plan is None else plan.to_dict()
