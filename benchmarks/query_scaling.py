@@ -105,7 +105,7 @@ def in_process(store_uri: str, num_shards: int, queries, truth, ids, nprobes) ->
     shards = [ShardIndex.load(Store(store_uri), s) for s in range(num_shards)]
     views = [LiveShard(Store(store_uri), s.shard, s, s.dim, s.metric) for s in shards]
     asked = [(view, view.shard, [0]) for view in views]
-    ask = GroupQuery(k=K, share=share_k(K, num_shards))
+    ask = GroupQuery(k=K, share=share_k(K, num_shards), visits=num_shards)
 
     def recall(**kwargs) -> float:
         return round(
@@ -119,6 +119,8 @@ def in_process(store_uri: str, num_shards: int, queries, truth, ids, nprobes) ->
         "rows_per_shard": [s.count for s in shards],
         "factory": sorted({s.meta["factory"] for s in shards}),
         "default_nprobe": sorted({s.default_nprobe for s in shards}),
+        # what a shard probes when every query visits all of them (policy.visit_nprobe)
+        "group_nprobe": sorted({s.nprobe_visiting(num_shards) for s in shards}),
         "default_candidates": sorted({s.meta.get("candidates") for s in shards}),
         "per_shard_p50_ms": round(float(np.mean([one_shard_p50(s) for s in shards])), 3),
         "sequential_scatter_p50_ms": single_query_p50(

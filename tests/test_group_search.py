@@ -184,3 +184,28 @@ def test_runs_of_shards_in_a_pool_answer_as_one_thread_does(views, parallel):
         )
     same(pooled.hits, alone.hits)
     assert pooled.answered == alone.answered and sorted(observed) == list(range(SHARDS))
+
+
+def test_a_hash_group_probes_each_shard_at_its_share_of_the_floor(tmp_path):
+    rng = np.random.default_rng(3)
+    centers = rng.standard_normal((40, DIM)).astype(np.float32)
+    x = centers[rng.integers(0, 40, 6000)] + 0.1 * rng.standard_normal((6000, DIM))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = [f"c{i:05d}" for i in range(len(x))]
+    store = write_store(tmp_path / "s", ids, ids, x, SHARDS, "ip")
+    for shard in range(SHARDS):
+        rebuild_shard(store, shard)
+    manifest = load_manifest(store)
+    views = [load_live_shard(store, s, manifest.shards[s].dir, DIM, "ip") for s in range(SHARDS)]
+    base = views[0].base
+    lowered = base.nprobe_visiting(SHARDS)  # clusters: tuned to fewer lists than the floor
+    assert lowered < base.default_nprobe and lowered == views[1].base.nprobe_visiting(SHARDS)
+    # without rerank the index's own ranking shows which lists were probed
+    queries = x[:40] + 0.3 * rng.standard_normal((40, DIM)).astype(np.float32)
+    visiting = GroupQuery(k=10, share=10, rerank=False, visits=SHARDS)
+    got = search_group(asked_of(views, 40), queries, visiting, "ip").hits
+    at_lowered = GroupQuery(k=10, share=10, rerank=False, nprobe=lowered)
+    same(got, search_group(asked_of(views, 40), queries, at_lowered, "ip").hits)
+    at_default = GroupQuery(k=10, share=10, rerank=False)  # visits=1: each shard's floor
+    alone = search_group(asked_of(views, 40), queries, at_default, "ip").hits
+    assert [[h.id for h in hs] for hs in got] != [[h.id for h in hs] for hs in alone]

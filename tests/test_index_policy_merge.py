@@ -12,8 +12,10 @@ from index.ann.policy import (
     FASTSCAN_MIN_LIST,
     ID_BYTES,
     MIN_NLIST,
+    NPROBE_MIN,
     IndexSpec,
     choose_index,
+    visit_nprobe,
 )
 from index.query.hits import Hit
 from index.query.merge import merge_topk
@@ -89,6 +91,21 @@ def test_budget_shrinks_the_code_and_refuses_the_impossible():
 def test_the_benchmark_shape_stays_under_80_bytes_per_vector():
     spec = choose_index(1_000_000, 256, "ip", "4G")
     assert spec.code_bytes + ID_BYTES <= 80
+
+
+def test_a_query_visiting_many_hash_shards_shares_the_nprobe_floor_among_them():
+    one = choose_index(1_000_000, 256)  # one index of the whole: IVF4096, floor 8 lists
+    part = choose_index(62_500, 256)  # one of 16 hash shards of it: IVF256
+    assert (one.nlist, part.nlist) == (4096, 256)
+    # the shard's 1 list of 256 is the share of the catalogue 8 lists of 4096 are, over 16
+    assert visit_nprobe(NPROBE_MIN, 1, part.nlist, 62_500, 16) == 1
+    assert visit_nprobe(NPROBE_MIN, 1, part.nlist, 62_500, 4) == 2  # the whole: 250k, IVF2048
+    assert visit_nprobe(NPROBE_MIN, 3, part.nlist, 62_500, 16) == 3  # never below the measured
+    assert visit_nprobe(NPROBE_MIN, 1, part.nlist, 62_500, 2) == 4  # the whole: IVF512
+    assert visit_nprobe(2, 1, part.nlist, 62_500, 2) == 2  # never above the tuned default
+    assert visit_nprobe(NPROBE_MIN, 1, part.nlist, 62_500, 1) == NPROBE_MIN  # alone: the floor
+    assert visit_nprobe(NPROBE_MIN, None, part.nlist, 62_500, 16) == NPROBE_MIN  # untuned
+    assert visit_nprobe(1, 1, 0, 500, 16) == 1  # a Flat version has no lists
 
 
 # ---- merge ------------------------------------------------------------------------------------

@@ -37,10 +37,11 @@ from index.ann.filter_plan import FilterPlan, batch_nprobe, prefer_exact
 from index.ann.ivf_lists import FILTER_CACHE, FilterMasks, IvfLists
 from index.ann.loading import LoadedVersion, fetch_version, open_version, resolve_version
 from index.ann.memory import index_memory
+from index.ann.policy import visit_nprobe
 from index.ann.queries import check_k, check_queries
 from index.ann.rerank import exact_scores, rerank
 from index.ann.row_table import RowTable
-from index.ann.tune import find_ivf
+from index.ann.tune import find_ivf, measured_nprobe
 from index.query.filters import Filter
 from index.query.hits import Hit
 from index.rows.columns import Columns
@@ -102,6 +103,7 @@ class ShardIndex:
         # the same memory map as a plain array: numpy's memmap adds ~15 us to every gather
         self._rows_f16 = vectors.view(np.ndarray) if isinstance(vectors, np.memmap) else vectors
         self._ivf = find_ivf(index)
+        self._measured_nprobe = measured_nprobe(meta) if self._ivf is not None else None
         self._lists = None if self._ivf is None else IvfLists(index, self._ivf, self.count)
         self._masks = FilterMasks(rows.columns(), self._lists)
         self._plain_params: dict[int | None, faiss.SearchParameters] = {}  # nprobe -> shared
@@ -165,6 +167,13 @@ class ShardIndex:
     @property
     def default_nprobe(self) -> int:
         return int(self.meta.get("nprobe") or 1)
+
+    def nprobe_visiting(self, visits: int) -> int:
+        """The default nprobe when each query visits ``visits`` shards of a hash store at once:
+        the tuning's floor shared among them (``index.ann.policy.visit_nprobe``)."""
+        return visit_nprobe(
+            self.default_nprobe, self._measured_nprobe, self.nlist, self.count, visits
+        )
 
     @property
     def nlist(self) -> int:

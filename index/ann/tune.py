@@ -16,7 +16,9 @@ So every build measures it, autofaiss-style:
 - the defaults are the fewest candidates that reach ``target`` at some measured nprobe, then
   the smallest such nprobe, raised to at least ``NPROBE_MIN`` (8) lists: probing a few more
   lists of 4-bit codes is cheap insurance for queries less like the catalogue than its own rows
-  (on well-separated data one list measures enough). If nothing reaches the target, the best
+  (on well-separated data one list measures enough; the measured value is kept as
+  ``measured_nprobe``: a query visiting many hash shards shares the floor among them,
+  ``index.ann.policy.visit_nprobe``). If nothing reaches the target, the best
   measured pair, and the reason says so.
 
 Per-shard recall@k is a conservative proxy for the merged answer: a shard that finds its own true
@@ -105,12 +107,13 @@ def tune_defaults(
     recall = next(
         t["recall"] for t in table if t["nprobe"] == nprobe and t["candidates"] == candidates
     )
-    floor = min(ivf.nlist, NPROBE_MIN)
+    measured_nprobe, floor = nprobe, min(ivf.nlist, NPROBE_MIN)
     if nprobe < floor:  # cheap insurance for queries less like the catalogue than its own rows
         reason += f"; nprobe raised from the measured {nprobe} to the floor {floor}"
         nprobe = floor
     return {
         "nprobe": nprobe,
+        "measured_nprobe": measured_nprobe,  # before the floor (policy.visit_nprobe lowers it)
         "candidates": candidates,
         "recall": round(recall, 4),
         "target": target,
@@ -124,6 +127,22 @@ def tune_defaults(
         "table": [{**t, "recall": round(t["recall"], 4)} for t in table],
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def measured_nprobe(meta: dict) -> int | None:
+    """The nprobe a version's tuning measured before the floor was applied, or None (untuned).
+
+    Versions built before it was recorded carry the table: the smallest nprobe that reached the
+    target at the chosen candidates, else the chosen pair's (the tuning's own choice)."""
+    tuning = meta.get("tuning") or {}
+    if not tuning:
+        return None
+    if tuning.get("measured_nprobe"):
+        return int(tuning["measured_nprobe"])
+    chosen, target = tuning.get("candidates"), tuning.get("target", TARGET_RECALL)
+    rows = [t for t in tuning.get("table", []) if t.get("candidates") == chosen]
+    reached = [t["nprobe"] for t in rows if t["recall"] >= target]
+    return int(min(reached)) if reached else int(tuning.get("nprobe") or 1)
 
 
 def _drop_self(found: np.ndarray, row: int) -> np.ndarray:

@@ -54,6 +54,9 @@ class GroupQuery:
     filter: Filter | None = None
     fields: tuple[str, ...] = ()
     per_image: int = 1  # rows per image (index.rows.regions)
+    # shards each query of a hash store visits (all of them): without ``nprobe``, a shard
+    # probes its share of the tuning's floor (ShardIndex.nprobe_visiting); 1: its own default
+    visits: int = 1
 
 
 @dataclass
@@ -100,8 +103,9 @@ def search_group(
         q = q if len(who) == n else q[who]
         scores, keys = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         if snap.base is not None:
+            nprobe = snap.base.nprobe_visiting(ask.visits) if ask.nprobe is None else ask.nprobe
             scores, keys = snap.base.scored_candidates(
-                q, ask.share, nprobe=ask.nprobe, candidates=ask.candidates, rerank=ask.rerank,
+                q, ask.share, nprobe=nprobe, candidates=ask.candidates, rerank=ask.rerank,
                 exclude=snap.exclude,
             )  # fmt: skip
         delta = search_delta(snap, q, ask.k, metric, shard, None, ask.fields)

@@ -345,6 +345,7 @@ class ShardSearcher:
             filter=flt,
             fields=tuple(fields or ()),
             per_image=self.per_image,
+            visits=self.num_shards if every_shard else 1,  # routed: each shard's own floor
         )
         observe = searcher_metrics().observe_search
         found = search_group(
