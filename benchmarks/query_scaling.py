@@ -20,6 +20,12 @@ Per (S, layout):
 - an nprobe sweep at concurrency 1 (HTTP latency; recall measured in-process on the same shard
   indexes: the searchers run the same ``ShardIndex.search``).
 
+The headline, the most shards' QPS at the top concurrency over one shard's, is also measured in
+*pairs* (``--paired-rounds``): one shard and the most shards served in turn, a short ``wrk`` run
+each, the order alternating by round; the ratio is the median of the rounds'. This box's speed
+drifts by up to 2x within the hour (the same server's QPS moved 385 -> 478 between two runs), so
+two levels measured minutes apart in the main run can differ by more than what they measure.
+
 Per S, in-process: one shard's single-query search cost at its size N/S (the per-shard cost
 curve of the billion-vector extrapolation) and the whole scatter done sequentially; the HTTP p50
 minus one shard's cost is what scatter-gather, HTTP and Serve add at S shards.
@@ -48,6 +54,7 @@ from harness import (
     synthetic,  # noqa: E402
 )
 from harness.closed_loop import single_query_p50  # noqa: E402
+from harness.wrk_load import wrk_path  # noqa: E402
 
 K = 10
 LAYOUTS = {"per_shard": 1, "group": 0}  # shards_per_group (0: all shards in one group)
@@ -74,6 +81,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="each level of the defaults again from wrk (a C load generator) for this long, "
         "where wrk is installed; 0: not",
     )
+    p.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=3,
+        help="rounds of 1 and the most shards served in turn, wrk at the top level; 0: none",
+    )
+    p.add_argument("--paired-seconds", type=float, default=15.0, help="wrk's run per pair side")
     p.add_argument("--keep-stores", action="store_true", help="keep stores other than 4 shards")
     p.add_argument("--fresh", action="store_true", help="do not merge with an earlier result")
     p.add_argument("--name", default=None)
@@ -169,6 +183,36 @@ def http(args, store_uri: str, layout: str, candidates: int, queries, truth, ids
     }
 
 
+def paired(args, stores: dict[int, tuple[str, int]], queries, truth, ids) -> dict | None:
+    """``stores``: shards -> (store, rerank candidates), for 1 and the most shards. Each round
+    serves both in turn (the order alternating) and runs ``wrk`` at the top concurrency on each;
+    the ratio is the median of the rounds' (most over 1), so the box's drift cancels."""
+    top, most = max(args.concurrency), max(stores)
+    if args.paired_rounds <= 0 or 1 not in stores or most <= 1 or not wrk_path():
+        return None
+    rounds = []
+    for r in range(args.paired_rounds):
+        qps = {}
+        for shards in (1, most) if r % 2 == 0 else (most, 1):
+            run = copy.copy(args)
+            run.shards, run.wrk_seconds = shards, args.paired_seconds
+            run.searcher_replicas, run.candidates = 1, stores[shards][1]
+            run.shards_per_group = LAYOUTS["group"]
+            run.points = [
+                {"label": f"paired {r}", "body": {}, "concurrency": [top], "requests": 100,
+                 "recall": False, "wrk": True}
+            ]  # fmt: skip
+            body = serve_runs.over_http(run, stores[shards][0], queries, truth, ids)
+            qps[shards] = body["throughput"]["direct_ingress"]["points"][0][f"wrk_{top}"]["qps"]
+        rounds.append({"qps_1": qps[1], f"qps_{most}": qps[most], "ratio": qps[most] / qps[1]})
+    return {
+        "rounds": [{k: round(v, 3) for k, v in x.items()} for x in rounds],
+        "median_ratio": round(float(np.median([x["ratio"] for x in rounds])), 3),
+        "wrk_seconds": args.paired_seconds,
+        "concurrency": top,
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     path = common.RESULTS_DIR / f"{args.name}.json"
@@ -189,6 +233,7 @@ def main(argv=None) -> int:
                 for h in r["http"].values():
                     h.setdefault("measured_at", old["machine"]["when"])
     now = common.machine_info()["when"]  # this run's rows, so that ratios never mix two runs
+    built = {}  # shards -> (store, candidates): the paired rounds serve 1 and the most again
     for num_shards in args.shards:
         run = copy.copy(args)
         run.shards = num_shards
@@ -211,8 +256,12 @@ def main(argv=None) -> int:
         row["http"] = {**old.get("http", {}), **row["http"]}
         rows[num_shards] = row
         print(summary_line(row, args.concurrency), flush=True)
+        built[num_shards] = (build["store"], candidates)
+    ends = {s: built[s] for s in built if s in (1, max(built))}
+    pairs = paired(args, ends, queries, truth, ids) if "group" in args.layouts else None
+    for num_shards, (store, _) in built.items():
         if num_shards != 4 and not args.keep_stores:  # peers.py reuses the 4-shard store
-            shutil.rmtree(build["store"], ignore_errors=True)
+            shutil.rmtree(store, ignore_errors=True)
     lines = table(rows, args.concurrency)
     top = max(args.concurrency)
     by_shards = {
@@ -239,11 +288,18 @@ def main(argv=None) -> int:
 
     most = max(group, default=0)
     client, from_c = ratio(group), ratio(wrk_qps)
+    paired_ratio = pairs["median_ratio"] if pairs else None
     result = {
         f"qps_c{top}_by_shards": group,
-        # the headline from wrk, a C load generator: the Python client's own CPU on these 2
-        # cores varies by 3x between runs (harness.wrk_load), the client's ratio is beside it
-        f"qps_c{top}_{most}_over_1_shards": from_c if from_c is not None else client,
+        # the headline from wrk, a C load generator, in pairs (1 and the most shards served in
+        # turn, the median of the rounds: the box's drift cancels); else the main run's wrk
+        # ratio; the Python client's own CPU on these 2 cores varies by 3x between runs
+        # (harness.wrk_load), its ratio is beside it
+        f"qps_c{top}_{most}_over_1_shards": next(
+            (x for x in (paired_ratio, from_c, client) if x is not None), None
+        ),
+        f"qps_c{top}_{most}_over_1_shards_paired": paired_ratio,
+        "paired": pairs,
         f"qps_c{top}_{most}_over_1_shards_python_client": client,
         f"qps_c{top}_{most}_over_1_shards_wrk": from_c,
         f"qps_c{top}_by_shards_per_shard_layout": by_shards["per_shard"],

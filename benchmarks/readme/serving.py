@@ -182,9 +182,11 @@ def section_scaling() -> str:
                 + ", ".join(f"{s} shards {v}" for s, v in sorted(by.items()))
                 for (layout, when), by in sorted(runs.items(), key=lambda kv: kv[0][1] or "")
             )
-            + f". 16 shards over 1 shard in one group (the default), one run: "
-            f"**{q.get('qps_c16_16_over_1_shards_wrk')}x** from `wrk` (the headline), "
-            f"{client}x from the Python client threads. On one 2-core box every "
+            + ". 16 shards over 1 shard in one group (the default), one run: "
+            + paired_text(q.get("paired"))
+            + f"**{q.get('qps_c16_16_over_1_shards_wrk')}x** from `wrk` in the main run "
+            f"(each level once, minutes apart), {client}x from the Python client threads. "
+            "On one 2-core box every "
             "layout shares the same cores; what the group layout removes is the per-shard actor "
             "call, so query cost stops growing with the shard count."
         )
@@ -306,3 +308,18 @@ def section_findings() -> str:
     if not out:
         return ""
     return "### What the numbers say\n\n" + "\n".join(out) + "\n"
+
+
+def paired_text(pairs: dict | None) -> str:
+    """The paired rounds' ratio (the headline when measured) and each round's QPS."""
+    if not pairs:
+        return ""
+    rounds = ", ".join(
+        " vs ".join(f"{v:g}" for k, v in sorted(r.items()) if k.startswith("qps_"))
+        for r in pairs["rounds"]
+    )
+    return (
+        f"**{pairs['median_ratio']}x** from `wrk` in {len(pairs['rounds'])} paired rounds "
+        f"(the headline: 1 and 16 shards served in turn, {pairs['wrk_seconds']:g} s each, "
+        f"the median round; QPS 1 vs 16 shards by round: {rounds}), "
+    )
