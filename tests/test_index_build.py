@@ -22,7 +22,7 @@ from harness.stores import write_store
 from harness.synthetic import gaussian_mixture
 from index.ann.build import build_arrays
 from index.ann.shard_index import IndexLoadError, ShardIndex, default_candidates
-from index.ann.tune import measured_nprobe
+from index.ann.tune import SATURATED, saturated_nprobe
 from index.live.rebuild import RebuildOptions, build_shard
 from index.storage.manifest import load_manifest
 from index.storage.publish import commit_results, list_versions
@@ -290,12 +290,16 @@ def test_build_measures_default_nprobe_and_candidates(tmp_path):
     assert tuning["candidates"] == fewest
     smallest = min(t["nprobe"] for t in reached if t["candidates"] == fewest)
     assert tuning["nprobe"] == max(smallest, min(8, meta["nlist"]))  # floor of 8 lists
-    assert tuning["measured_nprobe"] == smallest  # before the floor
+    at_chosen = [t for t in tuning["table"] if t["candidates"] == fewest]
+    best = max(t["recall"] for t in at_chosen)  # what more lists stop adding, before the floor
+    saturated = min(t["nprobe"] for t in at_chosen if t["recall"] >= best - SATURATED)
+    enough = max(saturated, smallest)
+    assert tuning["saturated_nprobe"] == enough
     shard = ShardIndex.open_dir(tmp_path / "tuned")
     assert shard.default_nprobe == tuning["nprobe"]
-    # a version built before ``measured_nprobe`` was recorded: read from the tuning's table
-    older = {**meta, "tuning": {k: v for k, v in tuning.items() if k != "measured_nprobe"}}
-    assert measured_nprobe(older) == smallest and measured_nprobe({"tuning": None}) is None
+    # a version built before ``saturated_nprobe`` was recorded: read from the tuning's table
+    older = {**meta, "tuning": {k: v for k, v in tuning.items() if k != "saturated_nprobe"}}
+    assert saturated_nprobe(older) == enough and saturated_nprobe({"tuning": None}) is None
 
     plain = build_arrays(vectors, ids, uris, tmp_path / "plain", None, "ip", tune=False)
     assert plain["tuning"] is None and plain["candidates"] == 0

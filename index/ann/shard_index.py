@@ -41,7 +41,7 @@ from index.ann.policy import visit_nprobe
 from index.ann.queries import check_k, check_queries
 from index.ann.rerank import exact_scores, rerank
 from index.ann.row_table import RowTable
-from index.ann.tune import find_ivf, measured_nprobe
+from index.ann.tune import find_ivf, saturated_nprobe
 from index.query.filters import Filter
 from index.query.hits import Hit
 from index.rows.columns import Columns
@@ -103,7 +103,7 @@ class ShardIndex:
         # the same memory map as a plain array: numpy's memmap adds ~15 us to every gather
         self._rows_f16 = vectors.view(np.ndarray) if isinstance(vectors, np.memmap) else vectors
         self._ivf = find_ivf(index)
-        self._measured_nprobe = measured_nprobe(meta) if self._ivf is not None else None
+        self._saturated_nprobe = saturated_nprobe(meta) if self._ivf is not None else None
         self._lists = None if self._ivf is None else IvfLists(index, self._ivf, self.count)
         self._masks = FilterMasks(rows.columns(), self._lists)
         self._plain_params: dict[int | None, faiss.SearchParameters] = {}  # nprobe -> shared
@@ -172,7 +172,7 @@ class ShardIndex:
         """The default nprobe when each query visits ``visits`` shards of a hash store at once:
         the tuning's floor shared among them (``index.ann.policy.visit_nprobe``)."""
         return visit_nprobe(
-            self.default_nprobe, self._measured_nprobe, self.nlist, self.count, visits
+            self.default_nprobe, self._saturated_nprobe, self.nlist, self.count, visits
         )
 
     @property
