@@ -10,10 +10,12 @@ x 256-d, without the product's temporary array.)
 
 from __future__ import annotations
 
+import functools
+
+import faiss
 import numpy as np
 
 CHUNK_ELEMENTS = 4_000_000  # float32 elements gathered per step (~16 MB)
-HALF_TO_FLOAT = np.float32(2.0**112)  # 2^(127 - 15): a half's exponent bias to a float's
 
 
 def exact_scores(
@@ -44,26 +46,22 @@ def exact_scores(
 def as_float32(x: np.ndarray) -> np.ndarray:
     """``x`` as float32, the same values (and bits) as ``x.astype(np.float32)``.
 
-    numpy converts float16 one element at a time here (~2 ns each: for 16 shards x 100
-    candidates x 256-d, 0.9 ms a query, more than the FAISS searches); this builds the float32
-    bits with whole-array integer operations instead (about half the time): a half's exponent
-    and mantissa shifted into a float's place and rescaled by 2^112 (exact, subnormals too), its
-    sign put back; the rare infinities and NaNs are converted by numpy."""
+    numpy converts float16 one element at a time here (~1.7 ns each: for 16 shards x 100
+    candidates x 256-d, 0.7 ms a query, more than the FAISS searches); FAISS's float16 scalar
+    quantizer decodes the same bits in C++ (``sa_decode`` of the rows' bytes as its codes): 4.5
+    against 10.9 ms for 25,600 rows of 256-d (numpy), 9.2 for whole-array integer operations."""
     if x.dtype != np.float16:
         return x.astype(np.float32, copy=False)
-    bits = x.view(np.uint16)
-    out = bits.astype(np.uint32)
-    sign = out & 0x8000
-    sign <<= 16
-    out &= 0x7FFF
-    out <<= 13
-    values = out.view(np.float32)
-    values *= HALF_TO_FLOAT
-    out |= sign
-    special = (bits & 0x7C00) == 0x7C00  # a float16 exponent of all ones: inf or NaN
-    if special.any():
-        values[special] = x[special].astype(np.float32)
-    return values
+    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1] if x.ndim else 1)
+    decoded = _half_decoder(rows.shape[1]).sa_decode(rows.view(np.uint8))
+    return decoded.reshape(x.shape)
+
+
+@functools.cache
+def _half_decoder(dim: int) -> faiss.IndexScalarQuantizer:
+    """A float16 scalar quantizer of ``dim`` (no training: its codes are the halves' bytes);
+    FAISS only reads it to decode, so one is shared by every thread."""
+    return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16)
 
 
 def best_k(
