@@ -79,11 +79,12 @@ class ServeConfig:
     # search the shard groups inside the ingress replica (no actor hop per query): the lowest
     # latency on one box with one ingress replica; every ingress replica holds the shards then
     colocate_shards: bool = False  # (then without the recall canary, which needs deployments)
-    # shards of a group searched at once (threads). Threads cut one query's latency only where
-    # cores sit idle; where the ingress and the searchers share the cores, one is faster: 16
-    # shards of 1M x 256 on this 2-core box, wrk, QPS at c=1 67 / 93 with one thread vs 53 / 71
-    # with two (two rounds), at c=16 the same within noise (197 / 186 vs 209 / 174)
-    search_parallel_shards: int = 1
+    # shards of a group searched at once (threads). Measured on this 2-core box (wrk, c=1, QPS,
+    # two alternating rounds): 4 shards of 250k rows 107 / 130 with two vs 99 / 116 with one;
+    # 16 shards of 62k 53 / 71 with two vs 67 / 93 with one (their per-shard Python contends
+    # for the GIL); c=16 the same within noise. Two stay the default (4 shards is the default
+    # store's shape; the peers latency goal is measured there); many small shards: set 1
+    search_parallel_shards: int = 2
     # queries arriving while a group replica searches are searched together next (one FAISS
     # batch); a lone query waits this long for company first (0: none; batches form under load)
     search_batch_wait_ms: float = 0.0
