@@ -80,10 +80,10 @@ class ServeConfig:
     # latency on one box with one ingress replica; every ingress replica holds the shards then
     colocate_shards: bool = False  # (then without the recall canary, which needs deployments)
     # shards of a group searched at once (threads). Measured on this 2-core box, where the
-    # ingress shares the cores: 16 shards of 1M x 256 at c=16, wrk, paired rounds, 16 over 1
-    # shard 0.77x with one thread vs 0.63x with two; c=1 QPS 67 / 93 vs 53 / 71; peers' c=1
-    # p50 over the floor (4 shards) 1.53x with one vs 2.12x with two (runs 20 min apart; an
-    # A/B at 4 shards c=1 gave two threads ~10 % more QPS). More threads pay where cores idle
+    # ingress shares the cores: 16 shards of 1M x 256, wrk, c=1 QPS 67 / 93 with one thread vs
+    # 53 / 71 with two; 4 shards of 250k 99 / 116 vs 107 / 130; at c=16 the difference is
+    # inside the run-to-run spread (paired 16-over-1 ratios 0.57-0.80 with either). More
+    # threads pay where cores sit idle
     search_parallel_shards: int = 1
     # queries arriving while a group replica searches are searched together next (one FAISS
     # batch); a lone query waits this long for company first (0: none; batches form under load)
