@@ -107,6 +107,7 @@ class ShardIndex:
         self._lists = None if self._ivf is None else IvfLists(index, self._ivf, self.count)
         self._masks = FilterMasks(rows.columns(), self._lists)
         self._plain_params: dict[int | None, faiss.SearchParameters] = {}  # nprobe -> shared
+        self._visiting: dict[int, int] = {}  # visits -> nprobe (nprobe_visiting, per batch)
         self._memory_bytes: int | None = None
 
     def __repr__(self) -> str:
@@ -170,10 +171,15 @@ class ShardIndex:
 
     def nprobe_visiting(self, visits: int) -> int:
         """The default nprobe when each query visits ``visits`` shards of a hash store at once:
-        the tuning's floor shared among them (``index.ann.policy.visit_nprobe``)."""
-        return visit_nprobe(
-            self.default_nprobe, self._saturated_nprobe, self.nlist, self.count, visits
-        )
+        the tuning's floor shared among them (``index.ann.policy.visit_nprobe``). Fixed for a
+        version and a shard count, so worked out once: every batch asks, for every shard."""
+        nprobe = self._visiting.get(visits)
+        if nprobe is None:
+            nprobe = visit_nprobe(
+                self.default_nprobe, self._saturated_nprobe, self.nlist, self.count, visits
+            )
+            self._visiting[visits] = nprobe
+        return nprobe
 
     @property
     def nlist(self) -> int:
