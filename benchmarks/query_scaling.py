@@ -158,9 +158,6 @@ def in_process(store_uri: str, num_shards: int, queries, truth, ids, nprobes) ->
 
 def http(args, store_uri: str, layout: str, candidates: int, queries, truth, ids) -> dict:
     """The Serve app in ``layout``: defaults at every level, then the nprobe sweep."""
-    run = copy.copy(args)
-    run.searcher_replicas, run.candidates = 1, candidates
-    run.shards_per_group = LAYOUTS[layout]
     points = [{"label": "defaults", "body": {}, "requests": args.requests, "wrk": True}]
     points += [
         {
@@ -172,8 +169,7 @@ def http(args, store_uri: str, layout: str, candidates: int, queries, truth, ids
         }
         for p in args.nprobes
     ]
-    run.points = points
-    body = serve_runs.over_http(run, store_uri, queries, truth, ids)["throughput"]
+    body = served(args, store_uri, layout, candidates, points, queries, truth, ids)
     measured = body["direct_ingress"]["points"]
     return {
         "defaults": measured[0],
@@ -181,6 +177,15 @@ def http(args, store_uri: str, layout: str, candidates: int, queries, truth, ids
         "serve_start_s": body.get("serve_start_s"),
         "processes_rss_mb": body.get("processes_rss_mb"),
     }
+
+
+def served(args, store_uri, layout: str, candidates: int, points, queries, truth, ids) -> dict:
+    """``points`` measured against the Serve app in ``layout`` (one searcher replica, the
+    store's rerank ``candidates``): ``serve_runs.over_http``'s throughput-mode body."""
+    run = copy.copy(args)
+    run.searcher_replicas, run.candidates = 1, candidates
+    run.shards_per_group, run.points = LAYOUTS[layout], points
+    return serve_runs.over_http(run, store_uri, queries, truth, ids)["throughput"]
 
 
 def paired(args, stores: dict[int, tuple[str, int]], queries, truth, ids) -> dict | None:
@@ -196,14 +201,13 @@ def paired(args, stores: dict[int, tuple[str, int]], queries, truth, ids) -> dic
         for shards in (1, most) if r % 2 == 0 else (most, 1):
             run = copy.copy(args)
             run.shards, run.wrk_seconds = shards, args.paired_seconds
-            run.searcher_replicas, run.candidates = 1, stores[shards][1]
-            run.shards_per_group = LAYOUTS["group"]
-            run.points = [
+            points = [
                 {"label": f"paired {r}", "body": {}, "concurrency": [top], "requests": 100,
                  "recall": False, "wrk": True}
             ]  # fmt: skip
-            body = serve_runs.over_http(run, stores[shards][0], queries, truth, ids)
-            qps[shards] = body["throughput"]["direct_ingress"]["points"][0][f"wrk_{top}"]["qps"]
+            store, candidates = stores[shards]
+            body = served(run, store, "group", candidates, points, queries, truth, ids)
+            qps[shards] = body["direct_ingress"]["points"][0][f"wrk_{top}"]["qps"]
         rounds.append({"qps_1": qps[1], f"qps_{most}": qps[most], "ratio": qps[most] / qps[1]})
     return {
         "rounds": [{k: round(v, 3) for k, v in x.items()} for x in rounds],
