@@ -190,6 +190,42 @@ def test_gather_keeps_answers_and_names_slow_and_failed_shards():
     assert gathered.took_ms < 2000  # the slow shard did not hold the answer back
 
 
+def test_a_search_answer_over_grpcs_cap_is_asked_again_as_an_actor_task():
+    """The gRPC transport's one fallback: an answer larger than the message cap (the real
+    error grpc raises) is fetched again over the uncapped path; other errors are the shard's."""
+    import grpc
+
+    from serve.deployments.ingress import search_over_grpc
+
+    def rpc_error(code):
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "x")
+
+    class Group:
+        def __init__(self, outcome):
+            self.outcome, self.calls = outcome, []
+            self.search = self
+
+        def remote(self, *args):
+            self.calls.append(args)
+            return self._answer()
+
+        async def _answer(self):
+            if isinstance(self.outcome, BaseException):
+                raise self.outcome
+            return self.outcome
+
+    quick, slow = Group(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED)), Group({"ids": ["a"]})
+    assert asyncio.run(search_over_grpc(quick, slow, "v", 10)) == {"ids": ["a"]}
+    assert quick.calls == slow.calls == [("v", 10)]
+    quick, slow = Group(rpc_error(grpc.StatusCode.UNAVAILABLE)), Group({"ids": ["a"]})
+    with pytest.raises(grpc.aio.AioRpcError):  # a dead replica: the scatter names the shard
+        asyncio.run(search_over_grpc(quick, slow, "v", 10))
+    assert slow.calls == []
+    fine = Group({"ids": ["b"]})
+    assert asyncio.run(search_over_grpc(fine, slow, "v", 10)) == {"ids": ["b"]}
+    assert slow.calls == []
+
+
 def test_query_crop_is_the_batch_jobs_crop(caltech_dir):
     """Same bytes, same pixels: the query path and the embedding job prepare images alike."""
     import pyarrow as pa

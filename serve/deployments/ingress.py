@@ -23,10 +23,12 @@ DeploymentHandles to the QueryEmbedder, to one ShardSearcher deployment per *gro
 """
 
 import asyncio
+import functools
 import logging
 import os
 import time
 
+import grpc
 import numpy as np
 from fastapi import Header, Request
 from fastapi.responses import Response
@@ -83,13 +85,29 @@ add_page_routes(api)  # GET / (the search page) and its static files
 openapi.install(api)
 
 
-def _group(handle, shards: list[int]) -> ShardGroup:
-    """The planner's view of a group deployment's handle (or of a ``LocalGroup``)."""
+def _group(handle, shards: list[int], transport: str) -> ShardGroup:
+    """The planner's view of a group deployment's handle (or of a ``LocalGroup``): a search
+    over gRPC with the "grpc" ``transport`` (``search_over_grpc``), everything else as an actor
+    task (``ServeConfig.handle_transport``)."""
+    search = handle.search.remote
+    if transport == "grpc" and isinstance(handle, DeploymentHandle):
+        search = functools.partial(search_over_grpc, handle.options(_by_reference=False), handle)
     return ShardGroup(
-        shards,
-        search=lambda *args: handle.search.remote(*args),
-        vectors_of=lambda pairs: handle.vectors_of.remote(pairs),
+        shards, search=search, vectors_of=lambda pairs: handle.vectors_of.remote(pairs)
     )
+
+
+async def search_over_grpc(quick, slow, *args):
+    """A group's search sent straight to the replica's gRPC server (``quick``); an answer over
+    gRPC's message cap (``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``, 4 MiB: 1,000 hits with
+    kilobytes of metadata each) is asked again as an actor task (``slow``), whose answers have
+    no such cap. Other failures are the shard's, as over either transport."""
+    try:
+        return await quick.search.remote(*args)
+    except grpc.aio.AioRpcError as e:
+        if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        return await slow.search.remote(*args)
 
 
 @serve.deployment(name="Ingress")
@@ -116,8 +134,8 @@ class Ingress:
         groups = groups or [[s] for s in range(manifest.num_shards)]
         if config.colocate_shards:  # the groups live in this replica: no actor hop per query
             searchers = [LocalGroup(config, shards) for shards in groups]
-        elif config.handle_transport == "grpc":
-            searchers = [h.options(_by_reference=False) for h in searchers]
+        else:  # actor tasks, whatever Serve's mode defaults to (_group: a search's gRPC handle)
+            searchers = [h.options(_by_reference=True) for h in searchers]
         if len(searchers) != len(groups) or sorted(sum(groups, [])) != list(
             range(manifest.num_shards)
         ):
@@ -130,9 +148,7 @@ class Ingress:
         self.all_shards = list(range(self.num_shards))
         self.dim = manifest.dim
         self.metric = manifest.metric
-        if config.handle_transport == "grpc" and embedder is not None:
-            embedder = embedder.options(_by_reference=False)
-        self.embedder = embedder
+        self.embedder = embedder if embedder is None else embedder.options(_by_reference=True)
         # images cropped as the batch job crops them, texts, mixed queries (query_model)
         self.query_model = QueryModel(embedder, config.embed_deadline_ms / 1000)
         self.searchers = searchers
@@ -147,7 +163,10 @@ class Ingress:
         self.router = load_router(self.store, manifest)  # None: a hash-sharded store
         self.transform = load_transform(self.store, manifest)  # queries go reduced (_into_...)
         self.planner = QueryPlanner(
-            [_group(h, shards) for h, shards in zip(searchers, groups, strict=True)],
+            [
+                _group(h, shards, config.handle_transport)
+                for h, shards in zip(searchers, groups, strict=True)
+            ],
             self.metric,
             self.shard_timeout_s,
             self.router,
