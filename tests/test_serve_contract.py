@@ -195,7 +195,7 @@ def test_a_search_answer_over_grpcs_cap_is_asked_again_as_an_actor_task():
     error grpc raises) is fetched again over the uncapped path; other errors are the shard's."""
     import grpc
 
-    from serve.deployments.ingress import search_over_grpc
+    from serve.deployments.group_calls import search_over_grpc
 
     def rpc_error(code):
         return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "x")

@@ -23,12 +23,10 @@ DeploymentHandles to the QueryEmbedder, to one ShardSearcher deployment per *gro
 """
 
 import asyncio
-import functools
 import logging
 import os
 import time
 
-import grpc
 import numpy as np
 from fastapi import Header, Request
 from fastapi.responses import Response
@@ -46,6 +44,7 @@ from index.storage.manifest import Manifest, load_manifest
 from serve.catalog import Catalog
 from serve.config import ServeConfig
 from serve.deployments.canary import hand_to_canary
+from serve.deployments.group_calls import group_of_handle
 from serve.deployments.local_group import LocalGroup
 from serve.deployments.query_model import QueryModel
 from serve.http import openapi
@@ -69,7 +68,7 @@ from serve.http.thumbnails import Sources, thumbnail_response
 from serve.http.validate import validate_id
 from serve.http.verification import verify_results
 from serve.metrics import RequestMetrics, ingress_metrics, log_requests
-from serve.planner import QueryPlanner, ShardGroup
+from serve.planner import QueryPlanner
 from serve.scatter import call_with_deadline, gather_with_deadline
 from serve.writes import RowWriter
 
@@ -83,31 +82,6 @@ add_page_routes(api)  # GET / (the search page) and its static files
 # The OpenAPI document depends on the store (dimension, metadata columns), which only the
 # Ingress replica knows: it sets the context (``_publish_openapi``), the document builds from it.
 openapi.install(api)
-
-
-def _group(handle, shards: list[int], transport: str) -> ShardGroup:
-    """The planner's view of a group deployment's handle (or of a ``LocalGroup``): a search
-    over gRPC with the "grpc" ``transport`` (``search_over_grpc``), everything else as an actor
-    task (``ServeConfig.handle_transport``)."""
-    search = handle.search.remote
-    if transport == "grpc" and isinstance(handle, DeploymentHandle):
-        search = functools.partial(search_over_grpc, handle.options(_by_reference=False), handle)
-    return ShardGroup(
-        shards, search=search, vectors_of=lambda pairs: handle.vectors_of.remote(pairs)
-    )
-
-
-async def search_over_grpc(quick, slow, *args):
-    """A group's search sent straight to the replica's gRPC server (``quick``); an answer over
-    gRPC's message cap (``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``, 4 MiB: 1,000 hits with
-    kilobytes of metadata each) is asked again as an actor task (``slow``), whose answers have
-    no such cap. Other failures are the shard's, as over either transport."""
-    try:
-        return await quick.search.remote(*args)
-    except grpc.aio.AioRpcError as e:
-        if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-            raise
-        return await slow.search.remote(*args)
 
 
 @serve.deployment(name="Ingress")
@@ -164,7 +138,7 @@ class Ingress:
         self.transform = load_transform(self.store, manifest)  # queries go reduced (_into_...)
         self.planner = QueryPlanner(
             [
-                _group(h, shards, config.handle_transport)
+                group_of_handle(h, shards, config.handle_transport)
                 for h, shards in zip(searchers, groups, strict=True)
             ],
             self.metric,
