@@ -52,6 +52,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks import peer_systems as systems  # noqa: E402
 from harness import (
     milvus_lite,  # noqa: E402
+    serve_floor,  # noqa: E402
     synthetic,  # noqa: E402
 )
 from harness.closed_loop import run_load  # noqa: E402
@@ -466,6 +467,14 @@ def main(argv=None) -> int:
             "other system was measured in this run"
         )
     result = {**headline({**result, **measured}), **result}
+    floor = serve_floor.measure_floor(args.workdir / "serve-floor", args.dim)
+    if floor:  # Serve's own cost of a query on this box, measured in this run (wrk installed)
+        result.update(serve_floor=floor, serve_noop_http_p50_ms=floor["1"]["p50_ms"])
+        result["notes"].append(
+            "serve_noop_http_p50_ms: a no-op app of our app's shape in the same Serve mode "
+            "(harness.serve_floor: HAProxy, an ingress, one gRPC call to a deployment that "
+            "answers ten fixed hits), wrk at c=1: what any answer through Serve costs here"
+        )
     common.write_and_plot(args.name, result, plot)
     print(json.dumps({k: v for k, v in result.items() if k not in ("systems", "build")}, indent=1))
     return 0

@@ -12,9 +12,15 @@ the same draws, queries and exact top-10 whatever S):
 Each is served in the default mode on Serve's own port (``harness.serve_runs``) and queried at
 c=1 and c=16: p50/p99, QPS, recall@10, and the CPU every server process spent per query (Ray's
 replicas, proxy and daemons, HAProxy; the load generator left out): the cost that grows with
-the cluster when every query visits every shard. The routed store is measured at several
+the cluster when every query visits every shard. With ``wrk`` installed the figures are
+``wrk``'s (``--wrk-seconds`` a level: a C load generator that leaves the box's two cores to the
+server, over a longer window than the Python client's ``--requests``, whose figures are kept
+beside as ``*_python``); recall is the Python client's. The routed store is measured at several
 ``shards_probe``, its router's default among them; ``routed_over_hash_cpu_S`` compares the
 fewest shards whose recall@10 is within ``--recall-slack`` of the hash store's (and >= 0.95).
+``serve_noop_over_hash_cpu_S``: a no-op app of the same shape through Serve
+(``harness.serve_floor``) against the hash store, measured in the same run: the lowest
+``routed_over_hash_cpu_S`` any routed query could reach on this box.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
 from benchmarks import common  # noqa: E402
-from harness import big_store, serve_runs  # noqa: E402
+from harness import big_store, serve_floor, serve_runs  # noqa: E402
 from index.storage.store import Store  # noqa: E402
 
 NAME, K, TARGET = "routing", 10, 0.95
@@ -51,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-rows", type=int, default=100_000, help="the router's sample")
     p.add_argument("--probes", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--recall-slack", type=float, default=0.01)
+    p.add_argument("--wrk-seconds", type=float, default=10, help="wrk's run a level (0: none)")
     p.add_argument("--build-only", action="store_true", help="write and build the stores only")
     p.add_argument("--remeasure", action="store_true", help="serve again what is measured")
     p.add_argument("--plot-only", action="store_true")
@@ -111,7 +118,7 @@ def served(args, uri: str, shards: int, points: list | None) -> dict:
     """The store over HTTP in the default mode (``serve_runs``), recall against the truth."""
     run = copy.copy(args)
     run.modes, run.entries, run.candidates, run.shards = ["haproxy"], ["proxy"], None, shards
-    run.concurrency, run.points = [1, 16], points
+    run.concurrency, run.points = [1, 16], points and [{**pt, "wrk": True} for pt in points]
     truth = json.loads((args.workdir / "truth.json").read_text())
     ids = [i for row in truth for i in row]
     rows = np.arange(len(ids)).reshape(len(truth), K)
@@ -120,16 +127,25 @@ def served(args, uri: str, shards: int, points: list | None) -> dict:
 
 
 def figures(level: dict) -> dict:
-    """What one operating point measured, flat."""
-    return {
-        "recall_at_10": level.get("recall_at_10"),
-        "qps_c16": level["16"]["qps"],
-        "p50_ms_c16": level["16"]["p50_ms"],
-        "p99_ms_c16": level["16"]["p99_ms"],
-        "p50_ms_c1": level["1"]["p50_ms"],
-        "cpu_ms_per_query": level["16"]["server_cpu_ms_per_query"],
-        "errors_c16": level["16"].get("errors", 0),
-    }
+    """What one operating point measured, flat: ``wrk``'s figures where it ran (the Python
+    client's beside, ``*_python``), else the Python client's."""
+
+    def flat(c1: dict, c16: dict) -> dict:
+        return {
+            "qps_c16": c16["qps"],
+            "p50_ms_c16": c16["p50_ms"],
+            "p99_ms_c16": c16["p99_ms"],
+            "p50_ms_c1": c1["p50_ms"],
+            "cpu_ms_per_query": c16["server_cpu_ms_per_query"],
+            "errors_c16": c16.get("errors", 0) + c16.get("non_2xx", 0),
+        }
+
+    python = flat(level["1"], level["16"])
+    out = {"recall_at_10": level.get("recall_at_10"), **python, "load_generator": "python"}
+    if "wrk_16" in level and "wrk_1" in level:
+        out.update(flat(level["wrk_1"], level["wrk_16"]), load_generator="wrk")
+        out.update({f"{key}_python": value for key, value in python.items()})
+    return out
 
 
 def main(argv=None) -> int:
@@ -196,6 +212,13 @@ def main(argv=None) -> int:
             result[f"routed_over_hash_qps_c16_{shards}"] = round(
                 chosen["qps_c16"] / both["hash"]["qps_c16"], 2
             )
+    floor = serve_floor.measure_floor(args.workdir / "serve-floor", args.dim, args.wrk_seconds)
+    if floor:  # what a query through Serve costs with no search at all, in this run
+        cpu = floor["16"]["server_cpu_ms_per_query"]
+        result.update(serve_floor=floor, serve_noop_cpu_ms_per_query=cpu)
+        for shards in per:
+            hashed = result[f"cpu_ms_per_query_hash_{shards}"]
+            result[f"serve_noop_over_hash_cpu_{shards}"] = round(cpu / hashed, 3)
     common.write_and_plot(args.name, result, plot, headline=True)
     return 0
 

@@ -55,7 +55,9 @@ def measure_http(
     CPU the server's processes spent per query (``server_cpu_ms_per_query``: every Ray process
     and HAProxy, summed; this process is the load generator and is left out). With ``wrk_s``
     and ``wrk`` installed, each level again from ``wrk`` for that many seconds (``wrk_<c>``:
-    the tail without the Python load generator's own waits, ``harness.wrk_load``)."""
+    the tail without the Python load generator's own waits, ``harness.wrk_load``; and the
+    server's CPU per query under it, over a longer window, with a load generator that takes
+    little of the box's CPU: ~0.1 ms a query against the Python client's ~2)."""
     rows = {}
     for c in concurrency:
         call.server_ms.clear()
@@ -63,24 +65,34 @@ def measure_http(
             stats, _ = run_load(call, requests, c, loadavg=True, errors_ok=True)
         stats["ingress_took_p50_ms"] = round(statistics.median(call.server_ms), 3)
         stats["ingress_took_p99_ms"] = round(float(np.percentile(call.server_ms, 99)), 3)
-        stats["server_cpu_ms_per_query"] = round(1000 * cpu.seconds.get("server", 0) / requests, 3)
-        # by process (ms per query, the ones above 0.1 ms), every process on the machine: the
-        # server's, and the load generator's and others' that server_cpu_ms_per_query leaves out
-        stats["cpu_ms_per_query_by_process"] = {
-            title: round(1000 * seconds / requests, 3)
-            for title, seconds in sorted(cpu.by_title.items(), key=lambda kv: -kv[1])
-            if 1000 * seconds / requests >= 0.1
-        }
+        stats.update(cpu_per_query(cpu, requests))
         rows[str(c)] = stats
         print(f"HTTP {label} c={c:>2}: {stats}", flush=True)
         if wrk_s and wrk_path():
             bodies = [b.decode() for b in call.bodies[:200]]
-            rows[f"wrk_{c}"] = run_wrk(call.url, bodies, c, wrk_s)
+            with CpuSampler(SERVER_ROLES, "driver", interval_s=0.5) as cpu:
+                loaded = run_wrk(call.url, bodies, c, wrk_s)
+            rows[f"wrk_{c}"] = {**loaded, **cpu_per_query(cpu, loaded["requests"])}
             print(f"HTTP {label} c={c:>2} wrk: {rows[f'wrk_{c}']}", flush=True)
     if with_recall:
         _, found = run_load(call, n_queries, 1, errors_ok=True)  # an error: no ids, a miss
         rows["found"] = [found[i] or [] for i in range(n_queries)]
     return rows
+
+
+def cpu_per_query(cpu: CpuSampler, requests: int) -> dict:
+    """The server's CPU ms per query (``server_cpu_ms_per_query``), and by process (the ones
+    above 0.1 ms), every process on the machine: the server's, and the load generator's and
+    others' that ``server_cpu_ms_per_query`` leaves out."""
+    requests = max(1, requests)
+    return {
+        "server_cpu_ms_per_query": round(1000 * cpu.seconds.get("server", 0) / requests, 3),
+        "cpu_ms_per_query_by_process": {
+            title: round(1000 * seconds / requests, 3)
+            for title, seconds in sorted(cpu.by_title.items(), key=lambda kv: -kv[1])
+            if 1000 * seconds / requests >= 0.1
+        },
+    }
 
 
 def measure_points(

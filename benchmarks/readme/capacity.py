@@ -141,13 +141,28 @@ def section_routing() -> str:
         for s in r["layouts"]
         if f"routed_over_hash_cpu_{s}" in r
     )
+    floor = ""
+    if r.get("serve_noop_cpu_ms_per_query") is not None:
+        shares = ", ".join(
+            f"{s} shards {r[f'serve_noop_over_hash_cpu_{s}']}"
+            for s in r["layouts"]
+            if f"serve_noop_over_hash_cpu_{s}" in r
+        )
+        floor = (
+            f" A no-op app of the same shape through Serve (`harness.serve_floor`: HAProxy, "
+            f"an ingress, one gRPC call to a deployment that answers fixed hits) cost "
+            f"{r['serve_noop_cpu_ms_per_query']} ms of server CPU a query in the same run: over "
+            f"the hash store's, {shares}, the lowest ratio any routed query could reach here."
+        )
+    generator = r["layouts"][next(iter(r["layouts"]))]["hash"].get("load_generator", "python")
     return (
         f"### Queries that visit a few shards: routed vs hash (`routing.json`)\n\n"
         f"The same {fmt(r['n_vectors'])} x {r['dim']} vectors hash-sharded and routed "
         "(`visual-search route`, then the index job), each served in the default mode on "
-        "Serve's port; c=16 figures, CPU summed over every server process per query (the load "
-        "generator left out). Routed CPU per query over hash, at the fewest shards visited "
-        f"within 0.01 of the hash store's recall@10: {ratios or 'none reached it'}.\n\n"
+        f"Serve's port; c=16 figures ({generator}), CPU summed over every server process per "
+        "query (the load generator left out). Routed CPU per query over hash, at the fewest "
+        f"shards visited within 0.01 of the hash store's recall@10: "
+        f"{ratios or 'none reached it'}.{floor}\n\n"
         + md_table(
             rows,
             "layout, shards | shards visited | recall@10 | server CPU ms/query | "
