@@ -154,6 +154,15 @@ def section_routing() -> str:
             f"{r['serve_noop_cpu_ms_per_query']} ms of server CPU a query in the same run: over "
             f"the hash store's, {shares}, the lowest ratio any routed query could reach here."
         )
+    for s, both in r["layouts"].items():
+        pair = both.get("paired")
+        if pair:
+            each = " / ".join(f"{x['ratio']:.3f}" for x in pair["rounds"])
+            floor += (
+                f" At {s} shards the ratio is the median of {len(pair['rounds'])} rounds that "
+                f"served the two stores in turn ({each}; wrk {pair['wrk_seconds']:g} s a side); "
+                f"the main run's was {r.get(f'routed_over_hash_cpu_{s}_main_run')}."
+            )
     generator = r["layouts"][next(iter(r["layouts"]))]["hash"].get("load_generator", "python")
     return (
         f"### Queries that visit a few shards: routed vs hash (`routing.json`)\n\n"
