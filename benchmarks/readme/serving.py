@@ -35,6 +35,11 @@ def floor_line(p: dict) -> str:
         f" and {p['ours_qps_over_inprocess_shards']}x our in-process QPS (goal >= 0.5x: "
         f"{met(goal.get('ours_qps_at_least_half_inprocess_shards'))})."
     )
+    if "serve_noop_http_p50_ms" in p:
+        line += (
+            f" A no-op app of our app's shape through Serve (`harness.serve_floor`) answered at "
+            f"p50 {p['serve_noop_http_p50_ms']} ms in the same run: Serve's own share."
+        )
     if "milvus_lite_qps" in p:
         line += (
             f" Milvus Lite's best index ({p['milvus_lite_index']}, {p['milvus_lite_rows']:,} "
