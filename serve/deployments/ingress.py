@@ -108,7 +108,7 @@ class Ingress:
         groups = groups or [[s] for s in range(manifest.num_shards)]
         if config.colocate_shards:  # the groups live in this replica: no actor hop per query
             searchers = [LocalGroup(config, shards) for shards in groups]
-        else:  # actor tasks, whatever Serve's mode defaults to (_group: a search's gRPC handle)
+        else:  # actor tasks, whatever Serve's mode defaults to (group_of_handle: a search's gRPC)
             searchers = [h.options(_by_reference=True) for h in searchers]
         if len(searchers) != len(groups) or sorted(sum(groups, [])) != list(
             range(manifest.num_shards)
@@ -122,7 +122,9 @@ class Ingress:
         self.all_shards = list(range(self.num_shards))
         self.dim = manifest.dim
         self.metric = manifest.metric
-        self.embedder = embedder if embedder is None else embedder.options(_by_reference=True)
+        if embedder is not None:  # images: actor tasks, whose payloads have no message cap
+            embedder = embedder.options(_by_reference=True)
+        self.embedder = embedder
         # images cropped as the batch job crops them, texts, mixed queries (query_model)
         self.query_model = QueryModel(embedder, config.embed_deadline_ms / 1000)
         self.searchers = searchers
