@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     rss = big_store.PeakRss()
     result: dict = {"command": common.command(NAME, argv if argv is not None else sys.argv[1:])}
     per: dict = {}
+    stores: dict[str, tuple[str, str]] = {}  # shards -> (hash store, routed store)
     source = None
     for shards in args.shards:
         uri = str(args.workdir / f"store-{args.n}-{args.dim}-{shards}")
@@ -201,6 +202,7 @@ def main(argv=None) -> int:
             big_store.write_and_build(one, uri, rss, K)
         source = source or uri
         routed, how = routed_store(args, source, shards, rss)
+        stores[str(shards)] = (uri, routed)
         # each shard count's figures are kept beside its stores: a later run reuses them
         done = args.workdir / f"routing-{args.n}-{args.dim}-{shards}.json"
         if args.build_only or (done.exists() and not args.remeasure):
@@ -245,10 +247,8 @@ def main(argv=None) -> int:
             result[f"routed_over_hash_cpu_{shards}"] = round(
                 chosen["cpu_ms_per_query"] / both["hash"]["cpu_ms_per_query"], 3
             )
-            if int(shards) == max(args.shards) and not args.build_only:
-                stores = [str(args.workdir / f"{kind}-{args.n}-{args.dim}-{shards}")
-                          for kind in ("store", "routed")]  # fmt: skip
-                pair = paired(args, int(shards), *stores, chosen["probe"])
+            if int(shards) == max(args.shards):
+                pair = paired(args, int(shards), *stores[shards], chosen["probe"])
                 if pair:  # the headline: the median of rounds measured side by side
                     result[f"routed_over_hash_cpu_{shards}_main_run"] = result[
                         f"routed_over_hash_cpu_{shards}"

@@ -13,16 +13,15 @@ in the same run as their figures and quote them against it.
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from harness.wrk_load import wrk_path
-
-ROOT = Path(__file__).resolve().parents[1]
+from harness.samplers import CpuSampler
+from harness.serve_runs import SERVER_ROLES, cpu_per_query, run_in_mode
+from harness.wrk_load import run_wrk, wrk_path
+from serve.local import DEFAULT_MODE
 
 
 def measure_floor(
@@ -32,8 +31,6 @@ def measure_floor(
     in a fresh process in the default Serve mode; ``{}`` without ``wrk``."""
     if wrk_path() is None:
         return {}
-    from serve.local import DEFAULT_MODE, SERVE_MODES
-
     workdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((queries, dim)).astype(np.float32)
@@ -51,9 +48,7 @@ def measure_floor(
             }
         )
     )
-    env = {**os.environ, **SERVE_MODES[DEFAULT_MODE], "RAY_worker_niceness": "0"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    subprocess.run([sys.executable, "-m", "harness.serve_floor", str(spec)], env=env, check=True)
+    run_in_mode("harness.serve_floor", spec, DEFAULT_MODE)
     return {"mode": DEFAULT_MODE, **json.loads(out.read_text())}
 
 
@@ -90,10 +85,7 @@ def worker(spec: dict) -> None:
     from ray import serve
 
     from harness.polling import wait_for
-    from harness.samplers import CpuSampler
-    from harness.serve_runs import SERVER_ROLES, cpu_per_query
     from harness.serving import serve_port
-    from harness.wrk_load import run_wrk
     from pipelines.local_ray import init_local_ray
 
     ray = init_local_ray(spec["ray_dir"], num_cpus=4)

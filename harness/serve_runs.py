@@ -205,6 +205,14 @@ def spec_of(args, mode: str, store_uri: str, out: Path) -> dict:
     }
 
 
+def run_in_mode(module: str, spec: Path, mode: str) -> None:
+    """``python -m <module> <spec>`` in a fresh process with Serve ``mode``'s flags (read at
+    import and start) and Ray's workers at nice 0, as the in-process baselines run."""
+    env = {**os.environ, **SERVE_MODES[mode], "RAY_worker_niceness": "0"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    subprocess.run([sys.executable, "-m", module, str(spec)], env=env, check=True)
+
+
 def over_http(args, store_uri: str, queries: np.ndarray, truth, ids, point_truths=None) -> dict:
     """Run each of ``args.modes`` in its own process; recall from the ids it found (against
     ``point_truths[i]`` for operating point ``i`` when given, e.g. one per filter)."""
@@ -214,9 +222,7 @@ def over_http(args, store_uri: str, queries: np.ndarray, truth, ids, point_truth
         out = args.workdir / f"http-{mode}.json"
         spec = args.workdir / f"http-{mode}-spec.json"
         spec.write_text(json.dumps(spec_of(args, mode, store_uri, out)))
-        env = {**os.environ, **SERVE_MODES[mode], "RAY_worker_niceness": "0"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        subprocess.run([sys.executable, "-m", "harness.serve_runs", str(spec)], env=env, check=True)
+        run_in_mode("harness.serve_runs", spec, mode)
         body = json.loads(out.read_text())
         for entry in ENTRIES:
             points = body[entry].get("points", []) if entry in body else []
