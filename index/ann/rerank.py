@@ -6,6 +6,11 @@ shard or process it is scored: per-shard results then merge exactly, and sharded
 searches that retrieve the same rows rank them identically. Ties are broken by row key. (einsum
 against the elementwise product and ``sum``: 64 against 191 us for 16 queries x 100 candidates
 x 256-d, without the product's temporary array.)
+
+A shard's own search does its rerank in FAISS instead (``index.ann.refine``: the candidates and
+their float16 rescoring in one C++ call, the same scores to float32 rounding, and likewise one
+score per pair in any batch); this module serves the rest (a delta's blocks, the build's
+tuning, rows a FAISS view cannot wrap) and ranks (``best_k``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Search is two steps. The compressed index (IVF+PQ, or Flat for tiny shards) proposes
 ``candidates`` row keys per query; with ``rerank`` those are rescored exactly against the shard's
-float16 vectors (memory-mapped, so only the candidates' pages are read) and the best ``k`` kept.
+float16 vectors (memory-mapped, so only the candidates' pages are read) and the best ``k`` kept;
+both steps are one FAISS call (``index.ann.refine``: the rows are its float16 codes, not copied).
 Exact rescoring is what makes per-shard scores comparable, so ``index.query.merge.merge_topk`` over
 shards gives the same answer as one big index whose candidates contain the same true neighbours.
 
@@ -39,7 +40,8 @@ from index.ann.loading import LoadedVersion, fetch_version, open_version, resolv
 from index.ann.memory import index_memory
 from index.ann.policy import visit_nprobe
 from index.ann.queries import check_k, check_queries
-from index.ann.rerank import exact_scores, rerank
+from index.ann.refine import RefinedSearch
+from index.ann.rerank import best_k, exact_scores
 from index.ann.row_table import RowTable
 from index.ann.tune import find_ivf, saturated_nprobe
 from index.query.filters import Filter
@@ -103,6 +105,11 @@ class ShardIndex:
         # the same memory map as a plain array: numpy's memmap adds ~15 us to every gather
         self._rows_f16 = vectors.view(np.ndarray) if isinstance(vectors, np.memmap) else vectors
         self._ivf = find_ivf(index)
+        # candidates and their rerank in one FAISS call (index.ann.refine); None: numpy rerank
+        self._refined = (
+            None if self._ivf is None else RefinedSearch.over(index, self._rows_f16, self.metric)
+        )
+        self._refine_params: dict[int | None, faiss.SearchParameters] = {}  # nprobe -> shared
         self._saturated_nprobe = saturated_nprobe(meta) if self._ivf is not None else None
         self._lists = None if self._ivf is None else IvfLists(index, self._ivf, self.count)
         self._masks = FilterMasks(rows.columns(), self._lists)
@@ -211,9 +218,9 @@ class ShardIndex:
         if self.count == 0 or len(q) == 0:
             return [[] for _ in range(len(q))]
         fetch = self.fetch_size(k, candidates, rerank)
-        scores, keys = self._candidates(q, fetch, nprobe, exclude)
+        scores, keys = self._scored(q, fetch, nprobe, exclude, rerank)
         # a Flat index's scores are already exact: nothing to rerank
-        return self._best(q, scores, keys, k, rerank and self._ivf is not None, fields)
+        return self._best(scores, keys, k, rerank and self._ivf is not None, fields)
 
     def scored_candidates(
         self,
@@ -232,10 +239,7 @@ class ShardIndex:
         checked already (``index.ann.queries.check_queries``); the options are ``search``'s."""
         if self.count == 0 or len(q) == 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        scores, keys = self._candidates(q, self.fetch_size(k, candidates, rerank), nprobe, exclude)
-        if rerank and self._ivf is not None:  # a Flat index's scores are exact already
-            scores = exact_scores(self._rows_f16, self.metric, q, keys)
-        return scores, keys
+        return self._scored(q, self.fetch_size(k, candidates, rerank), nprobe, exclude, rerank)
 
     def hits_at(
         self, keys: np.ndarray, scores: Sequence[float], fields: Sequence[str] | None = None
@@ -293,10 +297,10 @@ class ShardIndex:
         bitmap = np.packbits(mask, bitorder="little")
         selector = faiss.IDSelectorBitmap(self.count, faiss.swig_ptr(bitmap))
         fetch = self.fetch_size(k, candidates, rerank)
-        scores, keys = self._candidates(q, fetch, chosen, selector)
+        scores, keys = self._scored(q, fetch, chosen, selector, rerank)
         del selector, bitmap  # the search is done with them (they lived until here)
         plan = FilterPlan("ivf", count, self.count, chosen, scanned)
-        return self._best(q, scores, keys, k, rerank, fields), plan
+        return self._best(scores, keys, k, rerank, fields), plan
 
     def _search_rows(
         self, q: np.ndarray, k: int, mask: np.ndarray, count: int, fields
@@ -316,15 +320,32 @@ class ShardIndex:
             fetch = k
         return min(fetch, self.count)
 
-    def _candidates(
+    def _scored(
         self,
         q: np.ndarray,
         n: int,
         nprobe: int | None,
-        exclude: faiss.IDSelector | None = None,
+        exclude: faiss.IDSelector | None,
+        rerank: bool,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate (scores, row keys) from the compressed index; -1 keys pad short lists."""
-        return self._index.search(q, n, params=self._params(nprobe, exclude))
+        """(scores, row keys) of ``n`` candidates per query from the compressed index, -1 keys
+        padding short lists; with ``rerank`` the scores are exact (float16 rows): rescored in
+        the same FAISS call (``index.ann.refine``), or in numpy (``index.ann.rerank``) where
+        the rows do not allow it. A Flat index's scores are exact already."""
+        if not rerank or self._ivf is None:
+            return self._index.search(q, n, params=self._params(nprobe, exclude))
+        if self._refined is None:
+            scores, keys = self._index.search(q, n, params=self._params(nprobe, exclude))
+            return exact_scores(self._rows_f16, self.metric, q, keys), keys
+        if exclude is not None:
+            params = RefinedSearch.params(self._params(nprobe, exclude))
+        else:  # shared per nprobe, as _params's
+            params = self._refine_params.get(nprobe)
+            if params is None:
+                params = RefinedSearch.params(self._params(nprobe))
+                if len(self._refine_params) < 16:
+                    self._refine_params[nprobe] = params
+        return self._refined.search(q, n, params)
 
     def _params(
         self, nprobe: int | None, exclude: faiss.IDSelector | None = None
@@ -359,24 +380,19 @@ class ShardIndex:
 
     def _best(
         self,
-        q: np.ndarray,
         scores: np.ndarray,
         keys: np.ndarray,
         k: int,
         rerank: bool,
         fields: Sequence[str] | None,
     ) -> list[list[Hit]]:
-        """The hits of the best ``k`` candidates: reranked exactly, or as the index scored them."""
+        """The hits of the best ``k`` candidates (``_scored``'s): by exact score, ties by row
+        key (= id order, ``index.ann.rerank.best_k``), or as the index ranked them."""
         if rerank:
-            scores, keys = self.rerank(q, keys, k)
+            scores, keys = best_k(scores, keys, self.metric, k)
         else:
             scores, keys = scores[:, :k], keys[:, :k]
         return self._hits(scores, keys, fields)
-
-    def rerank(self, q: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores of candidate row keys from the float16 vectors; best ``k`` per query
-        (``index.ann.rerank``: row-by-row arithmetic, ties by row key = id order)."""
-        return rerank(self._rows_f16, self.metric, q, keys, k)
 
     def search_exact(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Brute-force top ``k`` over every stored (float16) vector (``index.ann.exact``): the
