@@ -155,13 +155,24 @@ def test_an_id_proposed_by_two_bases_is_read_once_and_the_next_candidate_fills_i
         def hits_at(self, keys, scores, fields=None):
             return [Hit(self.ids[k], "u", s, self.shard) for k, s in zip(keys, scores, strict=True)]
 
-    def proposal(shard, ids, scores):
-        keys = np.arange(len(ids), dtype=np.int64)[None]
-        return _Proposal(shard, [0], Base(shard, ids), np.asarray([scores], np.float32), keys, [[]])
+    def proposal(shard, ids, scores, who=(0,)):
+        keys = np.tile(np.arange(len(ids), dtype=np.int64), (len(who), 1))
+        scores = np.tile(np.asarray(scores, np.float32), (len(who), 1))
+        return _Proposal(shard, list(who), Base(shard, ids), scores, keys, [[]] * len(who))
 
     proposals = [proposal(0, ["a", "b", "c"], [0.9, 0.5, 0.1]), proposal(1, ["a", "d"], [0.9, 0.4])]
     for k, expected in [(1, ["a"]), (2, ["a", "b"]), (3, ["a", "b", "d"]), (9, list("abdc"))]:
         assert [h.id for h in _rank(proposals, 1, k, "ip", ())[0]] == expected
+    # the same in a routed batch (each query ranks the proposals that searched it): query 1
+    # was searched by both shards, query 0 by shard 1 alone
+    routed = [
+        proposal(0, ["a", "b", "c"], [0.9, 0.5, 0.1], who=(1,)),
+        proposal(1, ["a", "d"], [0.9, 0.4], who=(0, 1)),
+    ]
+    for k, expected in [(1, ["a"]), (2, ["a", "b"]), (3, ["a", "b", "d"]), (9, list("abdc"))]:
+        hits = _rank(routed, 2, k, "ip", ())
+        assert [h.id for h in hits[1]] == expected
+        assert [h.id for h in hits[0]] == ["a", "d"][:k]
 
 
 @pytest.mark.parametrize("parallel", [2, 3, 5])

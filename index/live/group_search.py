@@ -7,7 +7,11 @@ hit objects, merge base and delta) and then merging the shards costs, per (query
 16 shards answered at a third of one shard's rate. Here a shard only *proposes*: its compressed
 index's candidates with exact scores (``ShardIndex.scored_candidates``) and its delta's hits
 (exact already, ``index.live.snapshot.search_delta``). The group then ranks every candidate of a
-query at once and reads only the rows of the answer, from the shards that hold them.
+query at once and reads only the rows of the answer, from the shards that hold them. In a hash
+store every shard searched every query of the batch, so the proposals rank side by side as one
+array; in a routed one a query ranks only the proposals of the shards it visited (an array over
+every proposal, padded for the shards a query did not visit, cost a routed batch as much as its
+searches: 16 queries visiting 2 of 64 shards, 2.0 against 1.2 ms a query).
 
 The answer is the per-shard one's, or better: exact scores ranked best first, ties by id (every
 candidate tied with the k-th is read, and ``index.query.merge.merge_topk`` orders them and keeps
@@ -123,71 +127,126 @@ def search_group(
 
 
 def _rank(proposals: list[_Proposal], n: int, k: int, metric: str, fields) -> list[list[Hit]]:
-    """Per query, the ``k`` best of every proposal: the base candidates ranked as one array,
-    the rows of the best (and their ties) read, merged with the deltas' hits."""
+    """Per query, the ``k`` best of every proposal: the base candidates that visited it ranked
+    at once, the rows of the best (and their ties) read, merged with the deltas' hits."""
     found: list[list[Hit]] = [[] for _ in range(n)]
     for p in proposals:  # delta hits: exact scores, few (a delta's top k)
         for row, q in enumerate(p.who):
             found[q].extend(p.delta[row])
-    scores, keys, owner = _columns(proposals, n, metric)
-    primary = np.where(keys >= 0, -scores if metric == "ip" else scores, np.inf)
-    primary[np.isnan(primary)] = np.inf
-    take = min(k, primary.shape[1])
-    chosen = np.zeros(primary.shape, bool)
-    if take:
-        kth = np.partition(primary, take - 1, axis=1)[:, take - 1 : take]
-        chosen = (primary <= kth) & np.isfinite(primary)  # the k best and the k-th's ties
-    _read(proposals, chosen, scores, keys, owner, fields, found)
+    every = all(len(p.who) == n for p in proposals)  # a hash store: all shards, all queries
+    chosen = (
+        _choose_dense(proposals, n, k, metric) if every else _choose_each(proposals, n, k, metric)
+    )
+    _read(proposals, chosen, fields, found)
     out = [merge_topk([hits], k, metric) for hits in found]
+    read = np.zeros(n, np.int64)  # candidates read per query
+    for i, (rows, _) in chosen.items():
+        np.add.at(read, np.asarray(proposals[i].who)[rows], 1)
     for q in range(n):  # an id proposed twice (rare: a row moving shards) left fewer than k
-        more = np.isfinite(primary[q]) & ~chosen[q]
-        if len(out[q]) < k and more.any():
+        if len(out[q]) < k and _finite(proposals, q, metric) > read[q]:
             rest: list[list[Hit]] = [[] for _ in range(n)]
-            only = np.zeros(primary.shape, bool)
-            only[q] = more
-            _read(proposals, only, scores, keys, owner, fields, rest)
+            _read(proposals, _choose_each(proposals, n, None, metric, only=q), fields, rest)
             out[q] = merge_topk([out[q], rest[q]], k, metric)
     return out
 
 
-def _columns(proposals: list[_Proposal], n: int, metric: str):
-    """Every proposal's candidates side by side: (scores, keys, owning proposal per column)."""
-    worst = -np.inf if metric == "ip" else np.inf
-    scores, keys, owner = [], [], []
+def _finite(proposals: list[_Proposal], q: int, metric: str) -> int:
+    """How many candidates query ``q`` has in all (missing ones not counted)."""
+    return sum(
+        int(np.isfinite(_primary(p.scores[row], p.keys[row], metric)).sum())
+        for p in proposals
+        for row, who in enumerate(p.who)
+        if who == q
+    )
+
+
+# the chosen cells: per proposal index, (rows of its ``who``, columns of its candidates)
+Chosen = dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+def _primary(scores: np.ndarray, keys: np.ndarray, metric: str) -> np.ndarray:
+    """Smaller is better; missing candidates (-1 keys, NaN scores) are +inf."""
+    primary = np.where(keys >= 0, -scores if metric == "ip" else scores, np.inf)
+    primary[np.isnan(primary)] = np.inf
+    return primary
+
+
+def _best_cells(primary: np.ndarray, k: int | None) -> np.ndarray:
+    """Which cells of each row are among its ``k`` best, the k-th's ties included (every
+    finite one with ``k`` None)."""
+    finite = np.isfinite(primary)
+    take = primary.shape[-1] if k is None else min(k, primary.shape[-1])
+    if not take or k is None:
+        return finite if take else np.zeros(primary.shape, bool)
+    kth = np.partition(primary, take - 1, axis=-1)[..., take - 1 : take]
+    return (primary <= kth) & finite
+
+
+def _choose_dense(proposals: list[_Proposal], n: int, k: int, metric: str) -> Chosen:
+    """A hash store's batch, where every proposal covers every query in order: the proposals
+    side by side as one (n, total candidates) array, ranked row by row at once."""
+    widths = [p.keys.shape[1] for p in proposals]
+    if not sum(widths):
+        return {}
+    scores = np.concatenate([p.scores for p in proposals], axis=1)
+    keys = np.concatenate([p.keys for p in proposals], axis=1)
+    rows, cols = np.nonzero(_best_cells(_primary(scores, keys, metric), k))
+    starts = np.cumsum([0, *widths])
+    owner = np.searchsorted(starts, cols, side="right") - 1
+    chosen: Chosen = {}
+    for i in np.unique(owner).tolist():
+        mine = owner == i
+        chosen[i] = (rows[mine], cols[mine] - starts[i])
+    return chosen
+
+
+def _choose_each(
+    proposals: list[_Proposal], n: int, k: int | None, metric: str, only: int | None = None
+) -> Chosen:
+    """A routed store's batch, where each query visited a few of the group's shards: each
+    query ranks only the candidates of the proposals that searched it (no (n, total) array
+    padded for the shards it did not visit: 16 queries over 25 of 64 shards made one of
+    640,000 cells for 51,200 candidates). ``only``: that query alone."""
+    visits: list[list[tuple[int, int]]] = [[] for _ in range(n)]  # query -> (proposal, row)
     for i, p in enumerate(proposals):
-        width = p.keys.shape[1]
-        if width == 0:
+        if p.keys.shape[1]:
+            for row, q in enumerate(p.who):
+                visits[q].append((i, row))
+    picked: dict[int, tuple[list[int], list[np.ndarray]]] = {}
+    for q in range(n) if only is None else (only,):
+        if not visits[q]:
             continue
-        s, kk = p.scores, p.keys
-        if len(p.who) != n:  # a routed store: this shard searched some of the queries
-            s = np.full((n, width), worst, np.float32)
-            kk = np.full((n, width), -1, np.int64)
-            s[p.who], kk[p.who] = p.scores, p.keys
-        scores.append(s)
-        keys.append(kk)
-        owner.append(np.full(width, i, np.int32))
-    if not scores:
-        empty = np.zeros((n, 0))
-        return empty.astype(np.float32), empty.astype(np.int64), np.zeros(0, np.int32)
-    return np.concatenate(scores, axis=1), np.concatenate(keys, axis=1), np.concatenate(owner)
+        primary = np.concatenate(
+            [
+                _primary(proposals[i].scores[row], proposals[i].keys[row], metric)
+                for i, row in visits[q]
+            ]
+        )
+        best = _best_cells(primary, k)
+        pos = 0
+        for i, row in visits[q]:
+            width = proposals[i].keys.shape[1]
+            cols = np.flatnonzero(best[pos : pos + width])
+            pos += width
+            if len(cols):
+                rows, colls = picked.setdefault(i, ([], []))
+                rows.extend([row] * len(cols))
+                colls.append(cols)
+    return {
+        i: (np.asarray(rows, np.int64), np.concatenate(colls))
+        for i, (rows, colls) in picked.items()
+    }
 
 
-def _read(proposals, chosen, scores, keys, owner, fields, found) -> None:
-    """The hits of the ``chosen`` (query, column) cells, appended to ``found[query]``: one row
-    table read per shard that holds any of them."""
-    rows, cols = np.nonzero(chosen)
-    if not len(rows):
-        return
-    by = owner[cols]
-    order = np.argsort(by, kind="stable")
-    rows, cols, by = rows[order], cols[order], by[order]
-    starts = np.flatnonzero(np.r_[True, by[1:] != by[:-1]])
-    for start, stop in zip(starts, [*starts[1:], len(by)], strict=True):
-        r, c = rows[start:stop], cols[start:stop]
-        base = proposals[by[start]].base
-        hits = base.hits_at(keys[r, c], scores[r, c].tolist(), fields or None)
-        for q, hit in zip(r.tolist(), hits, strict=True):
-            found[q].append(hit)
+def _read(proposals: list[_Proposal], chosen: Chosen, fields, found) -> None:
+    """The hits of the ``chosen`` cells, appended to ``found[query]``: one row table read per
+    shard that holds any of them."""
+    for i, (rows, cols) in chosen.items():
+        p = proposals[i]
+        keys, scores = p.keys[rows, cols], p.scores[rows, cols]
+        hits = p.base.hits_at(keys, scores.tolist(), fields or None)
+        for row, hit in zip(rows.tolist(), hits, strict=True):
+            found[p.who[row]].append(hit)
 
 
 def search_each(
