@@ -107,17 +107,3 @@ def _order(primary: np.ndarray, tie_key: np.ndarray, k: int) -> np.ndarray:
     if tied.any():
         order[tied] = np.lexsort((tie_key[tied], primary[tied]), axis=1)[:, :k]
     return order
-
-
-def rerank(
-    vectors: np.ndarray, metric: str, queries: np.ndarray, keys: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Best ``k`` of each query's candidate row ``keys`` (-1 = none) by exact score.
-
-    ``vectors`` is (n, dim), any float dtype (the float16 memory map in production). Returns
-    (scores, keys), each (nq, min(k, candidates)); missing results have key -1. Scores are inner
-    products (``"ip"``, best = highest) or squared L2 distances (``"l2"``, best = lowest).
-    """
-    if metric not in ("ip", "l2"):
-        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-    return best_k(exact_scores(vectors, metric, queries, keys), keys, metric, k)
