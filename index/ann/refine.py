@@ -27,7 +27,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+from index.ann.build import faiss_metric
 
 
 def half_rows_index(rows: np.ndarray, metric: str) -> faiss.IndexScalarQuantizer | None:
@@ -36,7 +36,7 @@ def half_rows_index(rows: np.ndarray, metric: str) -> faiss.IndexScalarQuantizer
     if rows.dtype != np.float16 or rows.ndim != 2 or not rows.flags.c_contiguous:
         return None
     n, dim = rows.shape
-    index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, METRICS[metric])
+    index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss_metric(metric))
     data = rows.reshape(-1).view(np.uint8)
     codes = index.codes
     codes.is_owned = False
@@ -51,7 +51,6 @@ class RefinedSearch:
     one FAISS call: ``search`` returns every candidate, best first, with its exact score."""
 
     def __init__(self, base: faiss.Index, rows: np.ndarray, metric: str):
-        self.metric = metric
         self._rows = rows  # the float16 index's codes are this array's memory
         self._half = half_rows_index(rows, metric)
         if self._half is None or len(rows) != base.ntotal or rows.shape[1] != base.d:

@@ -109,11 +109,10 @@ class ShardIndex:
         self._refined = (
             None if self._ivf is None else RefinedSearch.over(index, self._rows_f16, self.metric)
         )
-        self._refine_params: dict[int | None, faiss.SearchParameters] = {}  # nprobe -> shared
         self._saturated_nprobe = saturated_nprobe(meta) if self._ivf is not None else None
         self._lists = None if self._ivf is None else IvfLists(index, self._ivf, self.count)
         self._masks = FilterMasks(rows.columns(), self._lists)
-        self._plain_params: dict[int | None, faiss.SearchParameters] = {}  # nprobe -> shared
+        self._plain_params: dict[tuple, faiss.SearchParameters] = {}  # (nprobe, refined) -> shared
         self._visiting: dict[int, int] = {}  # visits -> nprobe (nprobe_visiting, per batch)
         self._memory_bytes: int | None = None
 
@@ -337,32 +336,25 @@ class ShardIndex:
         if self._refined is None:
             scores, keys = self._index.search(q, n, params=self._params(nprobe, exclude))
             return exact_scores(self._rows_f16, self.metric, q, keys), keys
-        if exclude is not None:
-            params = RefinedSearch.params(self._params(nprobe, exclude))
-        else:  # shared per nprobe, as _params's
-            params = self._refine_params.get(nprobe)
-            if params is None:
-                params = RefinedSearch.params(self._params(nprobe))
-                if len(self._refine_params) < 16:
-                    self._refine_params[nprobe] = params
-        return self._refined.search(q, n, params)
+        return self._refined.search(q, n, self._params(nprobe, exclude, refined=True))
 
     def _params(
-        self, nprobe: int | None, exclude: faiss.IDSelector | None = None
+        self, nprobe: int | None, exclude: faiss.IDSelector | None = None, refined: bool = False
     ) -> faiss.SearchParameters | None:
-        """A search's parameters; without ``exclude`` made once per nprobe and shared (FAISS
-        only reads them: ~20 us a search saved, per shard of a group)."""
+        """A search's parameters (``refined``: for ``self._refined``, the base's inside); without
+        ``exclude`` made once per nprobe and shared (FAISS only reads them: ~20 us a search
+        saved, per shard of a group)."""
         if exclude is None and self._ivf is not None:
-            cached = self._plain_params.get(nprobe)
+            cached = self._plain_params.get((nprobe, refined))
             if cached is None:
-                cached = self._make_params(nprobe, None)
+                cached = self._make_params(nprobe, None, refined)
                 if len(self._plain_params) < 16:  # a few nprobes are ever asked for
-                    self._plain_params[nprobe] = cached
+                    self._plain_params[(nprobe, refined)] = cached
             return cached
-        return self._make_params(nprobe, exclude)
+        return self._make_params(nprobe, exclude, refined)
 
     def _make_params(
-        self, nprobe: int | None, exclude: faiss.IDSelector | None
+        self, nprobe: int | None, exclude: faiss.IDSelector | None, refined: bool = False
     ) -> faiss.SearchParameters | None:
         if self._ivf is None:
             return None if exclude is None else faiss.SearchParameters(sel=exclude)
@@ -375,8 +367,8 @@ class ShardIndex:
         if isinstance(self._index, faiss.IndexPreTransform):
             wrapper = faiss.SearchParametersPreTransform(index_params=params)
             wrapper.referenced = params  # keep the inner object alive as long as the wrapper
-            return wrapper
-        return params
+            params = wrapper
+        return RefinedSearch.params(params) if refined else params
 
     def _best(
         self,

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from index.ann.build import faiss_metric
 from index.ann.exact import exact_search
 from index.ann.rerank import best_k, exact_scores
 
@@ -69,7 +70,6 @@ HNSW_M = 32
 EF_CONSTRUCTION = 40
 EF_SEARCH = 64
 MIN_FRACTION = 0.5  # below: the block's allowed rows are scanned exactly
-_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class DeltaBlock:
 def build_block(vectors: np.ndarray, metric: str) -> faiss.Index:
     """An HNSW index over ``vectors`` (float32 rows, already float16-exact); slow, unlocked."""
     index = faiss.IndexHNSWSQ(
-        vectors.shape[1], faiss.ScalarQuantizer.QT_fp16, HNSW_M, _METRICS[metric]
+        vectors.shape[1], faiss.ScalarQuantizer.QT_fp16, HNSW_M, faiss_metric(metric)
     )
     index.hnsw.efConstruction = EF_CONSTRUCTION
     x = np.ascontiguousarray(vectors, np.float32)

@@ -139,24 +139,20 @@ def _rank(proposals: list[_Proposal], n: int, k: int, metric: str, fields) -> li
     )
     _read(proposals, chosen, fields, found)
     out = [merge_topk([hits], k, metric) for hits in found]
-    read = np.zeros(n, np.int64)  # candidates read per query
-    for i, (rows, _) in chosen.items():
-        np.add.at(read, np.asarray(proposals[i].who)[rows], 1)
     for q in range(n):  # an id proposed twice (rare: a row moving shards) left fewer than k
-        if len(out[q]) < k and _finite(proposals, q, metric) > read[q]:
-            rest: list[list[Hit]] = [[] for _ in range(n)]
-            _read(proposals, _choose_each(proposals, n, None, metric, only=q), fields, rest)
-            out[q] = merge_topk([out[q], rest[q]], k, metric)
+        if len(out[q]) < k:
+            every_cell = _choose_each(proposals, n, None, metric, only=q)
+            if _cells_of(proposals, every_cell, q) > _cells_of(proposals, chosen, q):
+                rest: list[list[Hit]] = [[] for _ in range(n)]
+                _read(proposals, every_cell, fields, rest)
+                out[q] = merge_topk([out[q], rest[q]], k, metric)
     return out
 
 
-def _finite(proposals: list[_Proposal], q: int, metric: str) -> int:
-    """How many candidates query ``q`` has in all (missing ones not counted)."""
+def _cells_of(proposals: list[_Proposal], chosen: Chosen, q: int) -> int:
+    """How many of the ``chosen`` cells are query ``q``'s."""
     return sum(
-        int(np.isfinite(_primary(p.scores[row], p.keys[row], metric)).sum())
-        for p in proposals
-        for row, who in enumerate(p.who)
-        if who == q
+        int((np.asarray(proposals[i].who)[rows] == q).sum()) for i, (rows, _) in chosen.items()
     )
 
 
@@ -175,9 +171,9 @@ def _best_cells(primary: np.ndarray, k: int | None) -> np.ndarray:
     """Which cells of each row are among its ``k`` best, the k-th's ties included (every
     finite one with ``k`` None)."""
     finite = np.isfinite(primary)
-    take = primary.shape[-1] if k is None else min(k, primary.shape[-1])
-    if not take or k is None:
-        return finite if take else np.zeros(primary.shape, bool)
+    if k is None or not primary.shape[-1]:
+        return finite
+    take = min(k, primary.shape[-1])
     kth = np.partition(primary, take - 1, axis=-1)[..., take - 1 : take]
     return (primary <= kth) & finite
 
