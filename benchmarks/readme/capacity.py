@@ -110,8 +110,8 @@ def section_scale() -> str:
         f"p50 / p99 at concurrency 1 **{http['1']['p50_ms']:.1f} / {s['http_p99_ms_c1']:.1f} "
         f"ms**, **{s['qps_c16']} QPS** at 16 (p50 / p99 {http['16']['p50_ms']:.0f} / "
         f"{http['16']['p99_ms']:.0f} ms, {http['16'].get('errors', 0)} errors); first query "
-        f"answered whole **{s['replica_first_query_s']} s** after `serve.run` began (local "
-        f"disk); RAM **{s['ram_bytes_per_vector']} B/vector** (codes {parts['codes']:.1f}, ids "
+        f"answered whole after `serve.run` began: {first_query(s)}; "
+        f"RAM **{s['ram_bytes_per_vector']} B/vector** (codes {parts['codes']:.1f}, ids "
         f"{parts['ids']:.0f}, row table {parts['rows']:.1f}, float16 rerank "
         f"{parts['vectors_mmap']:.0f} memory-mapped). Stages (wall, peak RSS of every process "
         f"they ran): {stages}. One shard's warm single-query search (1 thread), a shard of "
@@ -119,6 +119,19 @@ def section_scale() -> str:
         "Commands: "
         + "; ".join(f"`{c}`" for c in s.get("commands", [s["command"]]))
         + ".\n\n![10M vectors](results/scale.png)\n"
+    )
+
+
+def first_query(s: dict) -> str:
+    """The replica start figures: from the local store, and cold / warm from S3 when measured."""
+    local = s.get("replica_first_query_local_s", s["replica_first_query_s"])
+    s3 = s.get("s3") or {}
+    if not s3:
+        return f"**{local} s** (local store)"
+    return (
+        f"**{local} s** from the local store, **{s3['cold']['first_query_s']} s** by a replica "
+        f"on a new node from S3 (moto; downloading, hashing, mapping), "
+        f"{s3['warm']['first_query_s']} s restarting on that node"
     )
 
 
