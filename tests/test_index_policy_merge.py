@@ -10,6 +10,7 @@ import pytest
 
 from index.ann.policy import (
     FASTSCAN_MIN_LIST,
+    HNSW_QUANTIZER_MIN_NLIST,
     ID_BYTES,
     MIN_NLIST,
     NPROBE_MIN,
@@ -70,7 +71,8 @@ def test_ivfpq_rules_hold(n, dim):
         assert 4 * math.sqrt(n) <= spec.nlist < 8 * math.sqrt(n)
     # PQ: m divides dim, the code fits the factory string, the shard fits the budget
     assert dim % spec.pq_m == 0
-    assert f"PQ{spec.pq_m}x{spec.nbits}" in spec.factory and f"IVF{spec.nlist}," in spec.factory
+    coarse = f"IVF{spec.nlist}" + ("_HNSW32" if spec.nlist >= HNSW_QUANTIZER_MIN_NLIST else "")
+    assert spec.factory == f"{coarse},PQ{spec.pq_m}x{spec.nbits}fsr"
     assert n * (spec.code_bytes + ID_BYTES) + spec.nlist * dim * 4 <= parse_bytes("4G")
     assert 1 <= spec.nprobe <= spec.nlist
     assert IndexSpec.from_dict(spec.to_dict()) == spec

@@ -71,8 +71,17 @@ class IvfLists:
             for i in range(index.chain.size()):
                 x = index.chain.at(i).apply(x)
             index = faiss.downcast_index(index.index)
-        _, order = self._ivf.quantizer.search(np.ascontiguousarray(x), self._ivf.nlist)
+        _, order = exact_quantizer(self._ivf).search(np.ascontiguousarray(x), self._ivf.nlist)
         return order
+
+
+def exact_quantizer(ivf: faiss.IndexIVF) -> faiss.Index:
+    """The IVF's centroids as a flat index: its quantizer, or the storage under an HNSW quantizer
+    (``index.ann.policy``), whose graph finds a query's nearest lists but need not rank all."""
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        return faiss.downcast_index(quantizer.storage)
+    return quantizer
 
 
 @dataclass(frozen=True)
