@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -80,10 +81,15 @@ def write_mixture_store(
 
 def write_and_build(args, store_uri: str, rss: PeakRss, k: int = 10) -> dict:
     """Stages ``write`` and ``build`` of ``args.n`` x ``args.dim`` in ``args.shards`` shards (the
-    queries and their truth kept in ``args.workdir``); the build job's summary."""
+    queries and their truth kept in ``args.workdir``) into an empty store, an earlier run's
+    removed first (its shards, built and up to date, would be measured again); the build job's
+    summary."""
     from pipelines.build_index import BuildConfig, run
     from pipelines.local_ray import init_local_ray
 
+    if Path(store_uri).exists():  # an earlier run's: its built shards would pass for this one's
+        print(f"removing the earlier run's store {store_uri} (--reuse keeps it)")
+        shutil.rmtree(store_uri)
     with rss.stage("write"):
         queries, truth = write_mixture_store(
             Store(store_uri), args.n, args.dim, args.shards, args.queries, k, args.block
