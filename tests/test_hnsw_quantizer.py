@@ -9,7 +9,12 @@ import numpy as np
 from index.ann.build import build_arrays
 from index.ann.ivf_lists import exact_quantizer
 from index.ann.memory import index_memory
-from index.ann.policy import HNSW_QUANTIZER_MIN_NLIST, IndexSpec, choose_index
+from index.ann.policy import (
+    HNSW_QUANTIZER_EF_CONSTRUCTION,
+    HNSW_QUANTIZER_MIN_NLIST,
+    IndexSpec,
+    choose_index,
+)
 from index.ann.shard_index import ShardIndex
 
 DIM = 32
@@ -82,6 +87,27 @@ def test_k_means_assigns_the_training_rows_exactly_not_through_the_graph():
         index.train(x)
         centroids[coarse] = exact_quantizer(ivf).reconstruct_n(0, 256)
     np.testing.assert_allclose(centroids["IVF256_HNSW4"], centroids["IVF256"], atol=1e-5)
+
+
+def test_every_row_sits_in_its_nearest_list_not_where_the_graph_guesses(tmp_path):
+    x = _rows(256 * 39, seed=4)
+    ids = [f"r{i}" for i in range(len(x))]
+    spec = IndexSpec(
+        "ivfpq", "IVF256_HNSW4,PQ16x4fsr", nlist=256, pq_m=16, nbits=4, train_size=len(x),
+        nprobe=8,
+    )  # fmt: skip
+    build_arrays(x, ids, ids, tmp_path / "v1", spec, "ip", tune=False)
+    trained = ShardIndex.open_dir(tmp_path / "v1")._index
+    graph = faiss.downcast_index(faiss.extract_index_ivf(trained).quantizer)
+    assert isinstance(graph, faiss.IndexHNSW) and graph.ntotal == 256
+    assert graph.hnsw.efConstruction == HNSW_QUANTIZER_EF_CONSTRUCTION
+    graph.hnsw.efSearch = 1  # a graph that guesses badly: filling through it would misplace rows
+    _, nearest = exact_quantizer(faiss.extract_index_ivf(trained)).search(x, 1)
+    _, guessed = graph.search(x, 1)
+    assert np.mean(guessed[:, 0] == nearest[:, 0]) < 0.99
+    build_arrays(x, ids, ids, tmp_path / "v2", spec, "ip", tune=False, trained=trained)
+    list_of, _ = ShardIndex.open_dir(tmp_path / "v2")._lists.assignment()
+    assert np.mean(list_of == nearest[:, 0]) > 0.999
 
 
 def test_a_rebuild_reuses_the_graph_quantizer_untrained(tmp_path):

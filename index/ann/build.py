@@ -17,6 +17,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -24,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from index.ann.policy import IndexSpec, choose_index
+from index.ann.policy import HNSW_QUANTIZER_EF_CONSTRUCTION, IndexSpec, choose_index
 from index.ann.tune import tune_defaults
 from index.rows import schema
 from index.storage.store import fsync_path
@@ -111,22 +112,23 @@ def build_arrays(
         index.reset()  # keeps the coarse quantizer and PQ codebooks, drops the codes
     else:
         index = faiss.index_factory(dim, spec.factory, faiss_metric(metric))
-    t_train = time.perf_counter()
-    if not index.is_trained:
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(n, size=min(spec.train_size, n), replace=False))
-        index.train(vectors[sample])
-    train_s = time.perf_counter() - t_train
-    stage("trained")
+    with exact_lists(index):
+        t_train = time.perf_counter()
+        if not index.is_trained:
+            rng = np.random.default_rng(seed)
+            sample = np.sort(rng.choice(n, size=min(spec.train_size, n), replace=False))
+            index.train(vectors[sample])
+        train_s = time.perf_counter() - t_train
+        stage("trained")
 
-    t_add = time.perf_counter()
-    for start in range(0, n, ADD_CHUNK):
-        block = vectors[start : start + ADD_CHUNK]
-        if spec.kind == "flat":
-            index.add(block)  # flat ids are positions, which are the row keys
-        else:
-            index.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
-    add_s = time.perf_counter() - t_add
+        t_add = time.perf_counter()
+        for start in range(0, n, ADD_CHUNK):
+            block = vectors[start : start + ADD_CHUNK]
+            if spec.kind == "flat":
+                index.add(block)  # flat ids are positions, which are the row keys
+            else:
+                index.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
+        add_s = time.perf_counter() - t_add
     stage("added")
 
     tuning = tune_defaults(index, vectors, vectors16, metric, spec, seed=seed) if tune else None
@@ -178,6 +180,39 @@ def build_arrays(
     }
     write_json(out / META_FILE, meta)  # last: a directory without it is not a version
     return meta
+
+
+@contextmanager
+def exact_lists(index: faiss.Index):
+    """Train and fill an IVF whose coarse quantizer is an HNSW graph (``index.ann.policy``)
+    with the exact scan of its centroids in the graph's place; the graph is built (or kept, for
+    an index already trained) when they are, and serves the searches only. Rows put in the
+    list the graph guesses for them, not their nearest, are lost to every query that probes the
+    right lists: on the 10M x 256 store, filled through the graph (efSearch 16), recall@10 at
+    400 candidates fell to 0.9825 even with exact list choice at search (0.9892 filled by scan).
+    """
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # a flat index
+        ivf = None
+    graph = None if ivf is None else faiss.downcast_index(ivf.quantizer)
+    if not isinstance(graph, faiss.IndexHNSW):
+        yield
+        return
+    scan = faiss.IndexFlat(ivf.d, graph.metric_type)
+    if graph.ntotal:  # trained already (a rebuild reusing the live version's quantizer)
+        scan.add(graph.storage.reconstruct_n(0, graph.ntotal))
+    owns = ivf.own_fields
+    ivf.own_fields = False  # the scan is Python's; the graph stays alive under ``graph``
+    ivf.quantizer = scan
+    try:
+        yield
+    finally:
+        if not graph.ntotal and scan.ntotal:  # trained here: the graph gets k-means's centroids
+            graph.hnsw.efConstruction = HNSW_QUANTIZER_EF_CONSTRUCTION
+            graph.add(scan.reconstruct_n(0, scan.ntotal))
+        ivf.quantizer = graph
+        ivf.own_fields = owns
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -60,6 +60,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from index.ann.build import build_arrays
+from index.ann.ivf_lists import exact_quantizer
 from index.ann.policy import IndexSpec, choose_index
 from index.ann.transform import Transform, load_transform
 from index.rows import schema
@@ -132,8 +133,9 @@ def delta_rows(store: Store, plan: ShardPlan, known: dict[str, int] | None = Non
 # ---- the drift rule -----------------------------------------------------------------------------
 def _mean_residual(ivf, x: np.ndarray) -> float:
     """Mean squared L2 distance of rows to their nearest coarse centroid (any metric)."""
-    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    _, assign = ivf.quantizer.search(np.ascontiguousarray(x, np.float32), 1)
+    scan = exact_quantizer(ivf)  # an HNSW quantizer's nearest is a guess (index.ann.policy)
+    centroids = scan.reconstruct_n(0, ivf.nlist)
+    _, assign = scan.search(np.ascontiguousarray(x, np.float32), 1)
     return float(np.square(x - centroids[assign[:, 0]]).sum(axis=1).mean())
 
 
