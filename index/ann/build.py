@@ -25,8 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from index.ann.ivf_lists import exact_quantizer, graph_quantizer
 from index.ann.policy import HNSW_QUANTIZER_EF_CONSTRUCTION, IndexSpec, choose_index
-from index.ann.tune import tune_defaults
+from index.ann.tune import find_ivf, tune_defaults
 from index.rows import schema
 from index.storage.store import fsync_path
 from index.storage.versions import (
@@ -191,24 +192,21 @@ def exact_lists(index: faiss.Index):
     right lists: on the 10M x 256 store, filled through the graph (efSearch 16), recall@10 at
     400 candidates fell to 0.9825 even with exact list choice at search (0.9892 filled by scan).
     """
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:  # a flat index
-        ivf = None
-    graph = None if ivf is None else faiss.downcast_index(ivf.quantizer)
-    if not isinstance(graph, faiss.IndexHNSW):
+    ivf = find_ivf(index)
+    graph = None if ivf is None else graph_quantizer(ivf)
+    if graph is None:
         yield
         return
-    scan = faiss.IndexFlat(ivf.d, graph.metric_type)
-    if graph.ntotal:  # trained already (a rebuild reusing the live version's quantizer)
-        scan.add(graph.storage.reconstruct_n(0, graph.ntotal))
+    # trained already (a rebuild reusing the live version's quantizer): the graph's own centroids
+    trained = graph.ntotal > 0
+    scan = exact_quantizer(ivf) if trained else faiss.IndexFlat(ivf.d, graph.metric_type)
     owns = ivf.own_fields
-    ivf.own_fields = False  # the scan is Python's; the graph stays alive under ``graph``
+    ivf.own_fields = False  # neither is the IVF's to free meanwhile; ``graph`` keeps the graph
     ivf.quantizer = scan
     try:
         yield
     finally:
-        if not graph.ntotal and scan.ntotal:  # trained here: the graph gets k-means's centroids
+        if not trained and scan.ntotal:  # trained here: the graph gets k-means's centroids
             graph.hnsw.efConstruction = HNSW_QUANTIZER_EF_CONSTRUCTION
             graph.add(scan.reconstruct_n(0, scan.ntotal))
         ivf.quantizer = graph

@@ -75,13 +75,18 @@ class IvfLists:
         return order
 
 
-def exact_quantizer(ivf: faiss.IndexIVF) -> faiss.Index:
-    """The IVF's centroids as a flat index: its quantizer, or the storage under an HNSW quantizer
-    (``index.ann.policy``), whose graph finds a query's nearest lists but need not rank all."""
+def graph_quantizer(ivf: faiss.IndexIVF) -> faiss.IndexHNSW | None:
+    """The IVF's coarse quantizer when it is an HNSW graph over the centroids (large shards,
+    ``index.ann.policy``), else None (an exact scan)."""
     quantizer = faiss.downcast_index(ivf.quantizer)
-    if isinstance(quantizer, faiss.IndexHNSW):
-        return faiss.downcast_index(quantizer.storage)
-    return quantizer
+    return quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
+
+
+def exact_quantizer(ivf: faiss.IndexIVF) -> faiss.Index:
+    """The IVF's centroids as a flat index: its quantizer, or the storage under an HNSW quantizer,
+    whose graph finds a query's nearest lists but need not rank all."""
+    graph = graph_quantizer(ivf)
+    return faiss.downcast_index(ivf.quantizer if graph is None else graph.storage)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from index.ann.ivf_lists import graph_quantizer
 from index.ann.tune import find_ivf
 
 
@@ -24,9 +25,9 @@ def index_memory(index: faiss.Index) -> dict:
         out["other"] += index.ntotal * index.d * 4 if hasattr(index, "get_xb") else 0
     else:
         out["centroids"] += ivf.quantizer.ntotal * ivf.d * 4
-        quantizer = faiss.downcast_index(ivf.quantizer)
-        if isinstance(quantizer, faiss.IndexHNSW):  # its graph's links (index.ann.policy)
-            out["centroids"] += quantizer.hnsw.neighbors.size() * 4
+        graph = graph_quantizer(ivf)
+        if graph is not None:  # its links (index.ann.policy)
+            out["centroids"] += graph.hnsw.neighbors.size() * 4
         pq = getattr(ivf, "pq", None)
         out["other"] += pq.centroids.size() * 4 if pq is not None else 0  # PQ codebooks
         invlists = ivf.invlists

@@ -112,7 +112,7 @@ class ShardIndex:
         self._saturated_nprobe = saturated_nprobe(meta) if self._ivf is not None else None
         self._lists = None if self._ivf is None else IvfLists(index, self._ivf, self.count)
         self._masks = FilterMasks(rows.columns(), self._lists)
-        self._plain_params: dict[tuple, faiss.SearchParameters] = {}  # (nprobe, refined) -> shared
+        self._shared_params: dict[tuple, faiss.SearchParameters] = {}  # (nprobe, refined) -> shared
         self._visiting: dict[int, int] = {}  # visits -> nprobe (nprobe_visiting, per batch)
         self._memory_bytes: int | None = None
 
@@ -345,11 +345,11 @@ class ShardIndex:
         ``exclude`` made once per nprobe and shared (FAISS only reads them: ~20 us a search
         saved, per shard of a group)."""
         if exclude is None and self._ivf is not None:
-            cached = self._plain_params.get((nprobe, refined))
+            cached = self._shared_params.get((nprobe, refined))
             if cached is None:
                 cached = self._make_params(nprobe, None, refined)
-                if len(self._plain_params) < 16:  # a few nprobes are ever asked for
-                    self._plain_params[(nprobe, refined)] = cached
+                if len(self._shared_params) < 16:  # a few nprobes are ever asked for
+                    self._shared_params[(nprobe, refined)] = cached
             return cached
         return self._make_params(nprobe, exclude, refined)
 
