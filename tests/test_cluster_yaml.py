@@ -30,6 +30,8 @@ from typing import Any
 import pytest
 import yaml
 
+from serve.local import LOG_BUFFER
+
 ROOT = Path(__file__).resolve().parents[1]
 REMOTE_REPO = "~/visual-search"  # where file_mounts put the repository on every node
 SHARD_RESOURCE = "shard_host"  # custom resource of the memory nodes; ShardSearcher asks for 1
@@ -252,7 +254,8 @@ def test_on_prem_resources_file_reaches_ray_start(tmp_path):
 @pytest.mark.parametrize("name", ["cluster.yaml", "cluster-local.yaml"])
 def test_ray_starts_with_serves_throughput_mode_and_haproxy(name, tmp_path):
     """Every node's `ray start` sees the flags of Serve's HAProxy throughput mode (the measured
-    winner, serve/local.py): run each start command with a stub `ray` that prints them."""
+    winner, serve/local.py) and its request-log batch (``LOG_BUFFER``, as the local modes set it):
+    run each start command with a stub `ray` that prints them."""
     raw = load(ROOT / name)
     starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
     starts = [c for c in starts if re.search(r"\bray start\b", c)]
@@ -260,14 +263,15 @@ def test_ray_starts_with_serves_throughput_mode_and_haproxy(name, tmp_path):
     stub = tmp_path / "visual-search" / ".venv" / "bin" / "ray"
     stub.parent.mkdir(parents=True)
     stub.write_text(
-        '#!/bin/sh\necho "$RAY_SERVE_THROUGHPUT_OPTIMIZED $RAY_SERVE_ENABLE_HA_PROXY"\n'
+        '#!/bin/sh\necho "$RAY_SERVE_THROUGHPUT_OPTIMIZED $RAY_SERVE_ENABLE_HA_PROXY'
+        ' $RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"\n'
     )
     stub.chmod(0o755)
     env = {"HOME": str(tmp_path), "PATH": f"{stub.parent}:/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.1"}
     for command in starts:
         done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
-        assert done.stdout.split() == ["1", "1"], (command, done.stdout)
+        assert done.stdout.split() == ["1", "1", LOG_BUFFER], (command, done.stdout)
 
 
 def test_fake_cluster_is_cluster_yaml_in_small():
