@@ -50,6 +50,8 @@ scale)
     # room for BUNDLE (JSON) x COUNT now, e.g. scale '{"CPU": 2, "shard_host": 1}' 1; no
     # argument withdraws it. Needed before `build_index.py` here: its tasks ask for memory=,
     # which the fake provider cannot advertise, so they never make the autoscaler add a node.
+    # After an embed job, Ray Data's coordinator actor replaces this request within 20 s (it
+    # sends its own): run it right before the build, again if `status` shows the worker gone.
     "${PYTHON:-$PWD/.venv/bin/python}" - "${2:-}" "${3:-1}" "127.0.0.1:$PORT" <<'PY'
 import json, sys
 import ray
