@@ -22,9 +22,7 @@ resources.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import re
 import signal
 import subprocess
@@ -40,6 +38,7 @@ import yaml
 
 from harness.polling import free_port, wait_for
 from harness.ray_head import ROOT, RayHead
+from harness.resource_requests import holding_resources
 from harness.serve_app import RunningApp
 from harness.stores import read_store
 from harness.traffic import Traffic, Writer, recovery, wait_for_full_answers
@@ -87,46 +86,6 @@ class FakeCluster(RayHead):
         ]
         super().start()
         return self
-
-    @contextlib.contextmanager
-    def holding_resources(self, bundles: list[dict[str, float]], every_s: float = 5.0):
-        """Room for ``bundles`` asked for on entry and asked for again every ``every_s`` until
-        the block ends, then withdrawn, from one helper driver. Asked once, the request does not
-        hold: Ray Data's autoscaling coordinator (an actor the embed job leaves in the cluster)
-        sends its merged requests every 20 s through the same ``request_resources``, replacing
-        any other driver's; in 2 of ~11 fresh runs of the suite the shard worker started for the
-        build then idled away (15 s here) while the build job's runtime env was set up (47 s in
-        one), and its tasks, which ask for ``memory=``, could not start another (``ray status``:
-        no worker, no pending node, ``From request_resources: (none)``)."""
-        code = (
-            "import json, select, sys, ray\n"
-            "from ray.autoscaler.sdk import request_resources\n"
-            f"ray.init(address='127.0.0.1:{self.gcs_port}', log_to_driver=False)\n"
-            "bundles = json.loads(sys.argv[1])\n"
-            "while True:\n"
-            "    request_resources(bundles=bundles)\n"
-            "    print('asked', flush=True)\n"
-            f"    if select.select([sys.stdin], [], [], {every_s})[0]:\n"
-            "        break\n"
-            "request_resources(bundles=[])\n"
-        )
-        helper = subprocess.Popen(
-            ["python", "-c", code, json.dumps(bundles)],
-            cwd=ROOT, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            assert helper.stdout is not None and helper.stdout.readline().strip() == "asked", (
-                "the resource request helper did not start"
-            )
-            yield
-        finally:
-            if helper.stdin is not None:
-                helper.stdin.close()  # end of input: the helper withdraws the request and exits
-            try:
-                helper.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                helper.kill()
-                helper.wait()
 
     # ---- what runs where (Ray's state API over the dashboard) -----------------------------------
     def nodes(self) -> list[dict]:
@@ -241,14 +200,14 @@ def embed_and_build(cluster: FakeCluster, photos: Path, store: Path) -> dict[str
     asks for ``memory=`` never makes it start a node; on AWS, ``ray up`` fills each worker
     type's memory in from its instance type. So the shard pool is scaled up for the build first
     (``request_resources``, as an operator would before a large build), held while it runs
-    (``FakeCluster.holding_resources``: Ray Data's coordinator replaces a request made once) and
+    (``harness.resource_requests``: Ray Data's coordinator replaces a request made once) and
     released after."""
     embed = cluster.submit(
         "python", "pipelines/embed.py", "--input", str(photos), "--store", str(store),
         "--num-shards", str(SHARDS), "--num-gpus", "1", "--actors", "1", "--batch-size", "8",
         timeout_s=600,
     )  # fmt: skip
-    with cluster.holding_resources([{"CPU": 2, "shard_host": 1}]):
+    with holding_resources(cluster, [{"CPU": 2, "shard_host": 1}]):
         wait_for(
             lambda: any(n["role"] == "shard" for n in cluster.workers("ALIVE")),
             180,
