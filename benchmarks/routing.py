@@ -48,7 +48,6 @@ from index.ann.tune import TARGET_RECALL  # noqa: E402
 from index.storage.store import Store  # noqa: E402
 
 NAME, K, TARGET = "routing", 10, 0.95
-TUNED = TARGET_RECALL  # what every shard's build tunes its recall@10 to (index.ann.tune)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -242,7 +241,8 @@ def main(argv=None) -> int:
     for shards, both in per.items():
         # within the slack of the hash store's recall, or at the recall both stores' builds
         # were tuned to (the hash store's merge of 16-64 shards, each tuned alone, delivers more)
-        floor = max(TARGET, min((both["hash"]["recall_at_10"] or 0) - args.recall_slack, TUNED))
+        near_hash = (both["hash"]["recall_at_10"] or 0) - args.recall_slack
+        floor = max(TARGET, min(near_hash, TARGET_RECALL))
         good = [pt for pt in both["routed"]["points"] if (pt["recall_at_10"] or 0) >= floor]
         chosen = min(good, key=lambda pt: pt["probe"]) if good else None
         both["routed"]["chosen_probe"] = chosen and chosen["probe"]

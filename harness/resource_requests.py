@@ -20,17 +20,17 @@ from collections.abc import Iterator
 
 from harness.ray_head import ROOT, RayHead
 
-# the helper: ask, then again every EVERY seconds until its stdin ends, then withdraw
+# the helper: ask (and say so once), then again every ``every`` seconds until its stdin ends,
+# then withdraw
 _HELPER = """\
 import json, select, sys, ray
 from ray.autoscaler.sdk import request_resources
 ray.init(address=sys.argv[1], log_to_driver=False)
 bundles, every = json.loads(sys.argv[2]), float(sys.argv[3])
-while True:
+request_resources(bundles=bundles)
+print("asked", flush=True)
+while not select.select([sys.stdin], [], [], every)[0]:
     request_resources(bundles=bundles)
-    print("asked", flush=True)
-    if select.select([sys.stdin], [], [], every)[0]:
-        break
 request_resources(bundles=[])
 """
 

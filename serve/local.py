@@ -16,13 +16,12 @@ be in the environment of ``ray start`` / the driver that starts a local Ray.
 **Request logs flush in small batches** (``RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE``:
 ``LOG_BUFFER``). Throughput mode buffers each replica's request-path log records (our access
 line in the ingress, Serve's line per call in the shard replicas) and writes them when 1,000
-have gathered:
-formatting and writing 1,000 JSON lines on the replica's event loop stalled every request in
-flight for ~50 ms, every ~2 s at 500 QPS. Measured with per-request timestamps (1M x 256 in one
-shard, c=16, 15 s, this 2-core box): the top 1 % of latencies came in bursts of 15-25 requests
-started at the same instant, ~2 s apart, while the replicas logged; p99 80-84 ms at p50 28-33 ms
-(3 runs), 55 ms at p50 28 with a buffer of 64, 66 ms at 30 with 1 (a write per record), 61 ms at
-28 with ``access_log: false``. 64 keeps the writes batched and each flush to a few ms.
+have gathered: formatting and writing 1,000 JSON lines on the replica's event loop stalled every
+request in flight for ~50 ms, every ~2 s at 500 QPS. Measured with per-request timestamps (1M x
+256 in one shard, c=16, 15 s, this 2-core box): the top 1 % of latencies came in bursts of 15-25
+requests started at the same instant, ~2 s apart, while the replicas logged; p99 80-84 ms at p50
+28-33 ms (3 runs), 55 ms at p50 28 with a buffer of 64, 66 ms at 30 with 1 (a write per record),
+61 ms at 28 with ``access_log: false``. 64 keeps the writes batched and each flush to a few ms.
 """
 
 from __future__ import annotations
